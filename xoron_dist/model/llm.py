@@ -1,0 +1,226 @@
+"""The Xoron LLM backbone: a DeepSeek-V3-family decoder (MLA + MoE, RMSNorm, SwiGLU).
+
+    tokens ─► embed ─► [ RMSNorm ─► MLA ─► + ─► RMSNorm ─► MoE (top-k of 8 + shared) ─► + ] × L ─► RMSNorm ─► LM head
+
+The first ``dense_layers`` layers use a dense SwiGLU instead of the MoE (DeepSeek's
+``first_k_dense_replace``; Xoron uses MoE in every layer). Names of submodules are
+ours; ``hf_adapter`` maps them to and from HF ``DeepseekV3ForCausalLM``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from xoron_dist.config import LLMConfig
+from xoron_dist.model.attention import LatentKVCache, MultiLatentAttention
+from xoron_dist.model.layers import LayerBuilder, RMSNorm, SwiGLU
+from xoron_dist.model.moe import ExpertBiasRouter, MoEFeedForward, RoutedExperts
+from xoron_dist.model.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LLMOutput:
+    logits: torch.Tensor  # (batch, seq, padded_vocab)
+    loss: torch.Tensor | None = None  # mean token cross-entropy over labels != IGNORE_INDEX
+    num_tokens: int = 0  # labelled tokens the loss averages over
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, index: int, builder: LayerBuilder, softmax_scale_multiplier: float) -> None:
+        super().__init__()
+        self.index = index
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MultiLatentAttention(cfg, builder, softmax_scale_multiplier)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if index < cfg.dense_layers:
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size, builder)
+        else:
+            self.ffn = MoEFeedForward(cfg.hidden_size, cfg.moe, builder)
+
+    def forward(self, x, rope, positions, document_ids=None, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, positions, document_ids, cache, self.index)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class XoronLLM(nn.Module):
+    """Decoder-only MoE language model. ``forward`` trains; ``generate_text`` decodes with the latent cache."""
+
+    def __init__(self, cfg: LLMConfig, builder: LayerBuilder | None = None) -> None:
+        super().__init__()
+        builder = builder or LayerBuilder()
+        self.cfg = cfg
+        self.vocab_rows = cfg.padded_vocab_size
+        self.rope = RotaryEmbedding(cfg)
+        self.embed_tokens = builder.embedding(self.vocab_rows, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, builder, self.rope.softmax_scale_multiplier) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = builder.output_layer(cfg.hidden_size, self.vocab_rows)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.activation_checkpointing = False
+        self._routers = [m for m in self.modules() if isinstance(m, ExpertBiasRouter)]  # not registered twice
+        # Tokens per expert since the last bias update, one row per MoE layer (see update_expert_biases).
+        self.register_buffer("expert_load", torch.zeros(len(self._routers), cfg.moe.num_experts), persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ set-up
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, ExpertBiasRouter):
+                nn.init.normal_(module.weight, std=std)
+                module.expert_bias.zero_()
+            elif isinstance(module, RoutedExperts):
+                nn.init.normal_(module.gate_up, std=std)
+                nn.init.normal_(module.down, std=std)
+
+    def routers(self) -> list[ExpertBiasRouter]:
+        """The MoE routers, in layer order (dense layers have none)."""
+        return self._routers
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: LatentKVCache | None = None,
+    ) -> LLMOutput:
+        """input_ids (batch, seq) or inputs_embeds (batch, seq, hidden); labels (batch, seq) already shifted.
+
+        ``position_ids`` default to 0..seq-1 (offset by the cache length when decoding);
+        ``document_ids`` (batch, seq) keep packed documents from attending to each other.
+        """
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = x.shape[:2]
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + seq, device=x.device).expand(batch, -1)
+        cos, sin = self.rope(position_ids)
+        rope = (cos.to(x.dtype), sin.to(x.dtype))
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, rope, position_ids, document_ids, use_reentrant=False)
+            else:
+                x = layer(x, rope, position_ids, document_ids, cache)
+        if cache is not None:
+            cache.length += seq
+        if self.training and torch.is_grad_enabled() and self._routers:
+            # Harvest after the layer loop: activation-checkpoint recompute re-runs the routers in
+            # backward, and must not count the same tokens twice.
+            self.expert_load += torch.stack([r.last_load for r in self._routers])
+        logits = self.lm_head(self.norm(x))
+        if labels is None:
+            return LLMOutput(logits=logits)
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        return LLMOutput(logits=logits, loss=loss, num_tokens=int((labels != IGNORE_INDEX).sum()))
+
+    # ------------------------------------------------------------------ expert balancing
+
+    @torch.no_grad()
+    def update_expert_biases(self, group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+        """Apply the auxiliary-loss-free bias update from the load since the last call; returns that load.
+
+        ``group``: the ranks whose tokens go through the same experts (data/sequence parallel);
+        loads are summed over it first so every replica moves its biases identically.
+        """
+        load = self.expert_load.clone()
+        if group is not None and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load, group=group)
+        if self.cfg.moe.bias_update:
+            for router, layer_load in zip(self.routers(), load, strict=True):
+                router.update_bias(layer_load, self.cfg.moe.bias_update_rate)
+        self.expert_load.zero_()
+        return load
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Autoregressive decoding. input_ids (batch, prompt) -> (batch, prompt + new).
+
+        ``temperature=0`` is greedy. With ``use_cache`` the prompt is prefilled once and every
+        step attends against the latent KV cache; without it, every step re-runs the whole
+        sequence (the reference the cache is tested against). Rows that emitted
+        ``eos_token_id`` keep emitting it.
+        """
+        was_training = self.training
+        self.eval()
+        batch, prompt = input_ids.shape
+        if prompt + max_new_tokens > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings "
+                f"({self.cfg.max_position_embeddings})"
+            )
+        cache = None
+        if use_cache:
+            dtype = self.embed_tokens.weight.dtype
+            cache = LatentKVCache.allocate(self.cfg, batch, prompt + max_new_tokens, input_ids.device, dtype)
+        tokens, step_input = input_ids, input_ids
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else tokens, cache=cache).logits[:, -1, : self._vocab_limit()]
+            nxt = sample_next_token(logits.float(), temperature, top_p, top_k, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            tokens = torch.cat((tokens, nxt[:, None]), dim=1)
+            step_input = nxt[:, None]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        self.train(was_training)
+        return tokens
+
+    def _vocab_limit(self) -> int:
+        """Never sample the padding rows of the embedding (ids >= vocab + special slots)."""
+        return self.cfg.vocab_size + self.cfg.special_token_slots
+
+
+def sample_next_token(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits (batch, vocab) -> ids (batch,). Greedy at temperature 0; else top-k, then nucleus (top-p)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the mass *before* it already reaches top_p (the first token always stays).
+        drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_ids, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
