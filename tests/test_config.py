@@ -1,0 +1,81 @@
+"""The config tree: full-size defaults, presets, YAML + overrides, and errors that name the field."""
+
+import pytest
+
+from xoron_dist.config import ConfigError, XoronConfig, available_presets, load_config
+
+
+def test_default_is_the_full_size_model_of_the_seed():
+    llm = XoronConfig().model.llm
+    assert (llm.num_layers, llm.hidden_size, llm.num_heads) == (12, 1024, 16)
+    assert (llm.moe.num_experts, llm.moe.num_shared_experts, llm.moe.top_k) == (8, 1, 2)
+    assert llm.max_position_embeddings == 131_072 and llm.vocab_size == 151_643
+    assert llm.rope.type == "yarn" and llm.rope.original_max_positions * llm.rope.factor == 131_072
+    assert llm.padded_vocab_size == 151_936  # Qwen2.5's embedding rows
+    assert XoronConfig().model.vision.image_size == 384 and XoronConfig().model.audio.sample_rate == 16_000
+
+
+def test_tiny_preset_and_yaml_round_trip(tmp_path):
+    assert "tiny" in available_presets()
+    tiny = XoronConfig.preset("tiny")
+    assert tiny.llm.hidden_size < 256 and tiny.llm.moe.num_experts == 8
+    path = tmp_path / "run.yaml"
+    path.write_text(tiny.to_yaml())
+    assert load_config(path) == tiny
+
+
+def test_overrides_beat_file_and_preset(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\ntrain:\n  lr: 0.01\n  steps: 7\n")
+    cfg = load_config(path, ["train.lr=2e-4", "model.llm.rope.type=default", "stages=[{name: a, steps: 3}]"])
+    assert cfg.train.lr == 2e-4 and cfg.train.steps == 7
+    assert cfg.llm.rope.type == "default" and cfg.llm.hidden_size == XoronConfig.preset("tiny").llm.hidden_size
+    assert cfg.stages[0].name == "a" and cfg.stages[0].steps == 3
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.llm.hiden_size=8", "unknown config key 'model.llm.hiden_size'; did you mean 'hidden_size'?"),
+        ("train.lr=fast", "'train.lr' = 'fast' is invalid: expected a number"),
+        ("train.steps=1.5", "'train.steps' = 1.5 is invalid: expected an integer"),
+        ("train.tensorboard=3", "'train.tensorboard' = 3 is invalid: expected true or false"),
+        ("train.precision=fp8", "allowed values are 'auto', 'fp32', 'bf16', 'fp16'"),
+        ("parallel.zero_stage=4", "'parallel.zero_stage' = 4 is invalid: allowed values are 0, 1, 2, 3"),
+        ("model.llm.num_heads=0", "'model.llm.num_heads' = 0 is invalid: must be > 0"),
+        ("model.llm.moe.top_k=9", "'model.llm.moe.top_k' = 9 is invalid: must be <= num_experts (8)"),
+        ("model.llm.qk_rope_head_dim=7", "must be even"),
+        ("model.llm.rope.type=longrope", "needs both long_factor and short_factor"),
+        ("model.llm.rope.long_factor=[1.0]", "'model.llm.rope.long_factor' = '<1 values>' is invalid"),
+        ("parallel.sequence_parallel=true", "needs tp > 1"),
+        ("stages=[{name: a, mix: {text: -1}}]", "'stages[0].mix.text' = -1.0 is invalid"),
+        ("train.lr", "must look like key.sub=value"),
+        ("train..lr=1", "empty key part"),
+        ("preset=huge", "unknown preset 'huge'"),
+        ("train.steps.x=1", "'steps' is a value, not a section"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["preset=tiny", override])
+    assert message in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+
+
+def test_direct_construction_is_validated():
+    from xoron_dist.config import ModelConfig, LLMConfig
+
+    with pytest.raises(ConfigError, match="'model.llm.dense_layers' = 20"):
+        XoronConfig(model=ModelConfig(llm=LLMConfig(dense_layers=20)))
