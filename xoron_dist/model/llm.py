@@ -68,6 +68,7 @@ class XoronLLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
         self._routers = [m for m in self.modules() if isinstance(m, ExpertBiasRouter)]  # not registered twice
+        self.moe_layer_ids = [layer.index for layer in self.layers if isinstance(layer.ffn, MoEFeedForward)]
         # Tokens per expert since the last bias update, one row per MoE layer (see update_expert_biases).
         self.register_buffer("expert_load", torch.zeros(len(self._routers), cfg.moe.num_experts), persistent=False)
         self.reset_parameters()
@@ -87,6 +88,14 @@ class XoronLLM(nn.Module):
             elif isinstance(module, RoutedExperts):
                 nn.init.normal_(module.gate_up, std=std)
                 nn.init.normal_(module.down, std=std)
+
+    def keep_router_state_fp32(self) -> None:
+        """Cast the expert biases back to fp32 after an engine cast the model to bf16/fp16: updates
+        of 1e-3 would round away in bf16 (8 mantissa bits), as HF keeps them fp32 too."""
+        for router in self._routers:
+            router.expert_bias.data = router.expert_bias.data.float()
+            router.last_load.data = router.last_load.data.float()
+        self.expert_load.data = self.expert_load.data.float()
 
     def routers(self) -> list[ExpertBiasRouter]:
         """The MoE routers, in layer order (dense layers have none)."""

@@ -1,0 +1,124 @@
+"""The trainer end to end, through the real entry points (subprocesses, gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xoron_dist.parallel.launcher_env import free_port
+from xoron_dist.train.tensorboard import read_scalars, read_text
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "pipelines" / "smoke.yaml"
+
+
+def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...] = (),
+              launcher: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable, "-m", "xoron_dist.train"]) + [
+        "--config", str(SMOKE), *flags, f"train.output_dir={tmp_path}", f"train.name={name}", *overrides,
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode not in (0, 3):
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(tmp_path: Path, name: str) -> dict[int, float]:
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+
+
+def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path):
+    """The README's main job: loss falls, events and a checkpoint are written, --resume continues."""
+    proc = subprocess.run(
+        [shutil.which("xoron") or "xoron", "train", "--config", str(SMOKE), f"train.output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    run = tmp_path / "smoke"
+    scalars = read_scalars(run / "tensorboard")
+    loss = dict(scalars["train/loss"])
+    steps = sorted(loss)
+    assert steps[-1] == 40 and len(steps) == 8
+    assert loss[40] < loss[steps[0]] - 1.5, loss  # visibly learning, not noise
+    for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "moe/layer0/max_over_mean",
+                "moe/layer1/expert7/tokens", "moe/layer1/expert7/bias"):
+        assert tag in scalars, tag
+    tokens = sum(scalars[f"moe/layer0/expert{j}/tokens"][-1][1] for j in range(8))
+    assert tokens == 8 * 128 * 2  # every token of the step routed to top-2 experts
+    assert "model:" in read_text(run / "tensorboard")["config"][0][1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000040"
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+
+    again = subprocess.run(
+        [shutil.which("xoron") or "xoron", "train", "--config", str(SMOKE), f"train.output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )
+    assert again.returncode == 2 and "Pass --resume to continue it" in again.stderr
+
+    run_train(tmp_path, "smoke", "train.steps=45", flags=("--resume",))
+    assert sorted(losses(tmp_path, "smoke")) == list(range(1, 46))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000045"
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    common = ("train.save_every=3", "train.log_every=1", "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    run_train(tmp_path, "straight", "train.steps=6", *common)
+    run_train(tmp_path, "split", "train.steps=3", *common)
+    run_train(tmp_path, "split", "train.steps=6", *common, flags=("--resume",))
+    straight, split = losses(tmp_path, "straight"), losses(tmp_path, "split")
+    assert sorted(split) == list(range(1, 7))
+    for step in range(4, 7):
+        assert split[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), (step, split, straight)
+
+
+@pytest.mark.multirank
+def test_two_rank_data_parallel_matches_single_rank(tmp_path):
+    """deepspeed launcher, 2 CPU ranks, ZeRO-1, micro batch 4 each == 1 rank, micro batch 8."""
+    common = ("train.steps=3", "train.log_every=1", "train.save_every=100")
+    run_train(tmp_path, "single", "train.micro_batch_size=8", *common)
+    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+                "--module", "xoron_dist.train"]
+    proc = run_train(tmp_path, "dp2", "train.micro_batch_size=4", *common, launcher=launcher)
+    assert "world 2 = dp 2" in proc.stderr
+    single, dp2 = losses(tmp_path, "single"), losses(tmp_path, "dp2")
+    assert sorted(dp2) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert dp2[step] == pytest.approx(single[step], rel=1e-5), (single, dp2)
+    assert single[3] < single[1]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
+           "train.name=sig", "train.steps=100000", "train.save_every=100000", "train.log_every=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    last = max(losses(tmp_path, "sig"))
+    assert (tmp_path / "sig" / "checkpoints" / "latest").read_text().strip() == f"step{last:08d}"
+    assert "continue with --resume" in err
+
+
+def test_build_prints_the_full_model_on_meta():
+    proc = subprocess.run([shutil.which("xoron") or "xoron", "build"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "12 layers, hidden 1024, 16 heads, 8+1 experts (top-2)" in proc.stdout
+    total = next(line for line in proc.stdout.splitlines() if line.startswith("total"))
+    assert int(total.split()[-1].replace(",", "")) > 500_000_000

@@ -1,0 +1,88 @@
+"""``xoron <verb>``: the one command line of the project. Each verb parses, then calls a function.
+
+    xoron train --config pipelines/smoke.yaml [--nproc N] [--resume] [key.sub=value ...]
+    xoron build --config pipelines/xoron_full.yaml [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from xoron_dist.config import ConfigError, load_config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """One process: train in this process. N processes: hand over to the DeepSpeed launcher."""
+    flags = [f for f, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on]
+    if args.nproc == 1:
+        from xoron_dist.train.__main__ import main as train_main
+
+        return train_main(["--config", args.config, *flags, *args.overrides])
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        print("error: --nproc > 1 needs the 'deepspeed' launcher on PATH (pip install deepspeed)", file=sys.stderr)
+        return 2
+    cmd = [launcher, "--num_gpus", str(args.nproc), "--master_port", str(args.master_port),
+           "--module", "xoron_dist.train", "--config", args.config, *flags, *args.overrides]
+    print("+ " + " ".join(cmd), file=sys.stderr)
+    os.execv(launcher, cmd)
+    return 0  # not reached
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Print the model's parameters per component; the model is built on the meta device."""
+    from xoron_dist.model.summary import build_on_meta, summarize
+
+    cfg = load_config(args.config, args.overrides)
+    llm = cfg.model.llm
+    model = build_on_meta(llm)
+    summary = summarize(model, llm)
+    print(f"Xoron LLM: {llm.num_layers} layers, hidden {llm.hidden_size}, {llm.num_heads} heads, "
+          f"{llm.moe.num_experts}+{llm.moe.num_shared_experts} experts (top-{llm.moe.top_k}), "
+          f"vocabulary {llm.vocab_size} (+{llm.special_token_slots} special, {llm.padded_vocab_size} rows)")
+    print(summary.format())
+    built = {"vision": cfg.model.vision, "video": cfg.model.video, "audio": cfg.model.audio,
+             "image_gen": cfg.model.image_gen, "video_gen": cfg.model.video_gen}
+    enabled = [name for name, part in built.items() if part.enabled]
+    if enabled:
+        print(f"note: {', '.join(enabled)} enabled in the config but not built yet by this version of xoron_dist")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xoron", description="Train, inspect and run Xoron.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="train a run config (the smoke run: pipelines/smoke.yaml)")
+    train.add_argument("--config", required=True)
+    train.add_argument("--nproc", type=int, default=1, help="processes on this machine (GPUs, or CPU ranks)")
+    train.add_argument("--master-port", type=int, default=29500)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="start again, deleting old checkpoints")
+    train.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    train.set_defaults(func=cmd_train)
+
+    build = verbs.add_parser("build", help="parameter count per component (no memory: meta device)")
+    build.add_argument("--config", default=None, help="run YAML; default: the full-size model")
+    build.add_argument("overrides", nargs="*")
+    build.set_defaults(func=cmd_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) < 1:
+        print("error: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

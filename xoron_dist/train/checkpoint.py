@@ -1,0 +1,324 @@
+"""Checkpoints: DeepSpeed's engine state plus ours (step, tokens, stage, data position, RNG).
+
+Layout of ``ckpt_root`` (one run):
+
+    latest                         the tag of the newest complete checkpoint (DeepSpeed's format)
+    step00000020/                  one tag = one checkpoint
+        mp_rank_00_model_states.pt           DeepSpeed: module (+ lr scheduler) state, ZeRO-0/1/2
+        zero_pp_rank_{d}_mp_rank_00_model_states.pt   DeepSpeed ZeRO-3: per DP rank
+        *_optim_states.pt                    DeepSpeed: ZeRO optimizer partitions, per DP rank
+        rng_rank{r}.pt                       ours, every rank: its RNG states and data position
+        trainer_state.json                   ours, rank 0, written last: TrainerState + file manifest
+    zero_to_fp32.py, zero_to_torch.py        DeepSpeed's recovery scripts
+
+Why a per-rank file: DeepSpeed stores ``client_state`` only inside the model-states file,
+which under ZeRO-0/1/2 only DP rank 0 (of each model-parallel rank) writes, so the other
+ranks' RNG states would be lost. Every rank writes ``rng_rank{r}.pt`` itself.
+
+Crash safety. DeepSpeed writes straight into ``<root>/<tag>/`` and rank 0 writes
+``latest`` before the final barrier, i.e. possibly while other ranks are still writing
+their optimizer partitions. So we save under the tag ``<tag>.partial`` with
+``save_latest=False``; after a barrier (every rank done), rank 0 records the manifest
+(every file and its size) in ``trainer_state.json``, renames ``<tag>.partial`` to
+``<tag>`` (atomic on POSIX), then replaces ``latest`` atomically (write + ``os.replace``).
+A crash at any point leaves ``latest`` on the previous complete checkpoint; a stale
+``.partial`` directory is removed by the next save. Loading checks the manifest (missing
+or truncated files) before DeepSpeed reads anything. ``ckpt_root`` must be a filesystem
+shared by all ranks (DeepSpeed's default, not ``use_node_local_storage``).
+
+Pruning (rank 0, after the new checkpoint is complete): keep the one just written and the
+``keep - 1`` newest complete tags before it. Tags with a higher step (left by a run that
+was resumed from an earlier checkpoint) are not pruned: saving that step again replaces
+them, and until then they are still there if the resume was a mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import deepspeed.comm as dist
+import numpy as np
+import torch
+
+from xoron_dist.config import XoronConfig
+from xoron_dist.train.schedule import WarmupCosineSchedule
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
+_TAG_RE = re.compile(r"^step(\d{8})$")
+
+# What DeepSpeed or torch.load raise on a damaged file; re-raised as CheckpointError.
+_LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, AssertionError, pickle.UnpicklingError)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used; the message names the path and what is wrong."""
+
+
+@dataclass
+class TrainerState:
+    """What the trainer needs besides DeepSpeed's state to continue a run exactly.
+
+    step: optimizer updates done. tokens_seen: tokens consumed, all ranks. stage_index /
+    stage_name: the curriculum stage. data_position: the loader's opaque resume state of
+    THIS rank (saved per rank). wall_time_s: training seconds so far, over all resumes.
+    config_hash: ``config_hash(cfg)`` of the run that saved it.
+    """
+
+    step: int
+    tokens_seen: int = 0
+    stage_index: int = 0
+    stage_name: str = ""
+    data_position: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    config_hash: str = ""
+
+
+def tag_for_step(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def config_hash(cfg: XoronConfig) -> str:
+    """sha256 (16 hex) of the model and parallel config: what a checkpoint's tensors depend on.
+
+    Training settings (steps, lr, logging) may change between resumes and are left out.
+    """
+    blob = json.dumps({"model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states: python ``random``, numpy, torch CPU, the current CUDA device, and
+    Megatron-core's tensor-parallel RNG tracker when the model uses it."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    tracker = _megatron_rng_tracker()
+    if tracker is not None and tracker.get_states():
+        state["megatron_tracker"] = tracker.get_states()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "megatron_tracker" in state:
+        tracker = _megatron_rng_tracker()
+        if tracker is None:
+            raise CheckpointError("the checkpoint holds Megatron-core tensor-parallel RNG states, but "
+                                  "megatron.core.tensor_parallel is not in use in this run")
+        tracker.set_states(state["megatron_tracker"])
+
+
+def _megatron_rng_tracker() -> Any:
+    """Megatron-core's model-parallel CUDA RNG tracker (TP dropout), if the model has imported it."""
+    module = sys.modules.get("megatron.core.tensor_parallel.random")
+    return None if module is None else module.get_cuda_rng_tracker()
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(engine: Any, ckpt_root: str | os.PathLike[str], state: TrainerState, *, keep: int) -> Path:
+    """Save a checkpoint tagged ``step{state.step:08d}``; every rank must call it. Returns the tag directory.
+
+    engine: the ``deepspeed.DeepSpeedEngine``. keep: complete checkpoints to keep (>= 1).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(ckpt_root)
+    tag = tag_for_step(state.step)
+    partial = root / (tag + PARTIAL_SUFFIX)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    if rank == 0 and partial.exists():
+        logger.warning("removing %s, left by an interrupted save", partial)
+        shutil.rmtree(partial)
+    dist.barrier()
+
+    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+    partial.mkdir(parents=True, exist_ok=True)  # DeepSpeed makes it on every rank today; don't depend on it
+    torch.save({"rng": capture_rng_state(), "data_position": state.data_position}, partial / f"rng_rank{rank}.pt")
+    dist.barrier()
+
+    final = root / tag
+    if rank == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tag": tag,
+            "world_size": world,
+            "saved_unix_time": time.time(),
+            "state": asdict(state),
+            "files": {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()},
+        }
+        _write_atomic(partial / STATE_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+        replaced = root / (tag + REPLACED_SUFFIX)
+        if final.exists():
+            # Same step saved before, on a timeline abandoned by resuming from an earlier tag.
+            shutil.rmtree(replaced, ignore_errors=True)
+            final.rename(replaced)
+        partial.rename(final)
+        _write_atomic(root / LATEST_FILE, tag)
+        shutil.rmtree(replaced, ignore_errors=True)
+        _prune(root, keep=keep, current=tag)
+        logger.info("saved checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_root: str | os.PathLike[str]) -> list[str]:
+    """Tags under ``ckpt_root`` that finished saving (have ``trainer_state.json``), oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if _TAG_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(tags, key=_step_of)
+
+
+def _step_of(tag: str) -> int:
+    return int(tag[len("step"):])
+
+
+def _prune(root: Path, *, keep: int, current: str) -> None:
+    step = _step_of(current)
+    older = [t for t in complete_tags(root) if _step_of(t) < step]
+    doomed = older[: max(len(older) - (keep - 1), 0)]
+    for leftover in root.iterdir():
+        if leftover.is_dir() and leftover.name.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)):
+            doomed.append(leftover.name)
+    for name in doomed:
+        logger.info("pruning checkpoint %s", root / name)
+        shutil.rmtree(root / name)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def latest_tag(ckpt_root: str | os.PathLike[str]) -> str | None:
+    """The tag ``latest`` names, or None when there is no ``latest`` file."""
+    path = Path(ckpt_root) / LATEST_FILE
+    if not path.is_file():
+        return None
+    return path.read_text().strip()
+
+
+def load_checkpoint(
+    engine: Any,
+    ckpt_root: str | os.PathLike[str],
+    tag: str | None = None,
+    *,
+    expected_config_hash: str | None = None,
+) -> TrainerState | None:
+    """Restore the engine, this rank's RNG and the trainer state; every rank must call it.
+
+    tag None: the one ``latest`` names (or, if ``latest`` is missing, the newest complete
+    tag). Returns None when there is nothing to resume: no ``ckpt_root``, or no complete
+    checkpoint in it. Raises ``CheckpointError`` (naming the path and what is missing or
+    damaged) when a checkpoint was asked for or ``latest`` points at one that is unusable.
+    Under ZeRO-3, load into a freshly built engine (DeepSpeed's requirement).
+    """
+    root = Path(ckpt_root)
+    if tag is None:
+        tag = latest_tag(root)
+        if tag is None:
+            tags = complete_tags(root)
+            if not tags:
+                if root.is_dir() and any(root.iterdir()):
+                    logger.warning("%s holds no complete checkpoint (no '%s' file, no tag with %s); starting fresh",
+                                   root, LATEST_FILE, STATE_FILE)
+                return None
+            tag = tags[-1]
+            logger.warning("%s has no '%s' file; resuming from the newest complete checkpoint %s",
+                           root, LATEST_FILE, tag)
+    ckpt_dir = root / tag
+    meta = _read_verified_meta(ckpt_dir)
+
+    world = dist.get_world_size()
+    if meta["world_size"] != world:
+        raise CheckpointError(
+            f"{ckpt_dir} was saved by {meta['world_size']} ranks, this run has {world}: "
+            "DeepSpeed ZeRO partitions and per-rank RNG states need the same world size"
+        )
+    rank_file = ckpt_dir / f"rng_rank{dist.get_rank()}.pt"
+    try:
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+    except _LOAD_ERRORS as err:
+        raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+    if load_path is None:
+        raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no model-states file to load")
+    if isinstance(engine.lr_scheduler, WarmupCosineSchedule):
+        engine.lr_scheduler.apply()
+
+    known = {f.name for f in fields(TrainerState)}
+    state = TrainerState(**{k: v for k, v in meta["state"].items() if k in known})
+    state.data_position = rank_state["data_position"]
+    if expected_config_hash is not None and state.config_hash and state.config_hash != expected_config_hash:
+        logger.warning("%s was saved with model/parallel config hash %s, this run has %s",
+                       ckpt_dir, state.config_hash, expected_config_hash)
+    restore_rng_state(rank_state["rng"])
+    logger.info("resumed from %s (step %d)", ckpt_dir, state.step)
+    return state
+
+
+def _read_verified_meta(ckpt_dir: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a tag, after checking that every file it lists is there, whole."""
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not exist")
+    state_path = ckpt_dir / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {STATE_FILE} is missing "
+                              "(the save did not finish)")
+    try:
+        meta = json.loads(state_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{state_path} is damaged (not JSON: {err})") from err
+    missing = [key for key in ("files", "world_size", "state") if key not in meta]
+    if missing or "step" not in meta["state"]:
+        raise CheckpointError(f"{state_path} is damaged: missing {', '.join(missing) or 'state.step'}")
+    problems = []
+    for name, size in meta["files"].items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, {size} were written")
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete or damaged: {'; '.join(problems)}")
+    return meta

@@ -1,0 +1,187 @@
+"""The DeepSpeed config of a run: a JSON from ``ds_configs/`` plus the values our config owns.
+
+The JSON (``train.ds_config``) holds what is DeepSpeed's concern: ZeRO bucket sizes,
+overlap, stage-3 prefetch and persistence thresholds, offload, fp16 loss scaling.
+``build_ds_config`` fills what ``XoronConfig`` owns and DeepSpeed must agree with:
+
+    train_micro_batch_size_per_gpu = train.micro_batch_size
+    gradient_accumulation_steps    = train.grad_accum_steps
+    train_batch_size               = micro_batch_size * grad_accum_steps * dp_size
+    gradient_clipping              = train.grad_clip
+    zero_optimization.stage        = parallel.zero_stage
+    bf16.enabled / fp16.enabled    from the compute dtype
+    optimizer                      from train.optimizer, lr / betas / eps / weight_decay
+
+A JSON value of ``"auto"`` means "filled here". A JSON value that differs from ours is
+overridden, with a warning. There is no ``scheduler`` section: the trainer passes its
+own ``WarmupCosineSchedule`` to ``deepspeed.initialize``.
+
+Optimizer choice (``train.optimizer``), as DeepSpeed 0.19.8 builds it
+(``DeepSpeedEngine.get_optimizer_configuration``):
+
+    "adamw"      ``{"type": "AdamW", "params": {"torch_adam": true}}`` -> ``torch.optim.AdamW``;
+                 no DeepSpeed op is compiled.
+    "fused_adam" ``{"type": "AdamW"}`` -> ``deepspeed.ops.adam.FusedAdam`` (adam_w_mode). On a CPU
+                 accelerator this JIT-compiles the ``fused_adam`` op (~1.5 min the first time).
+    "cpu_adam"   ``{"type": "AdamW"}`` with ``zero_optimization.offload_optimizer.device = "cpu"``
+                 -> ``DeepSpeedCPUAdam`` (JIT-compiles ``cpu_adam`` unless prebuilt). DeepSpeed picks
+                 CPU Adam only when the optimizer is offloaded, so this needs an offload JSON
+                 such as ``ds_configs/zero3_offload.json``.
+    "auto"       device_kind "cpu": as "adamw" (nothing to compile). Otherwise as "fused_adam",
+                 which DeepSpeed turns into CPU Adam when the JSON offloads the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xoron_dist.config import XoronConfig
+from xoron_dist.utils.typed_config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_PRECISION_SECTIONS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_ds_config_path(name: str | os.PathLike[str]) -> Path:
+    """Find a DeepSpeed JSON: as given (absolute, or relative to the working directory), else
+    relative to the repository root (the parent of the ``xoron_dist`` package)."""
+    path = Path(name)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+    raise ConfigError(
+        f"train.ds_config='{name}': file not found (looked at {', '.join(str(c) for c in candidates)}); "
+        f"shipped configs: {', '.join('ds_configs/' + s for s in shipped) or 'none'}"
+    )
+
+
+def load_ds_json(path: Path) -> dict[str, Any]:
+    """Parse a DeepSpeed JSON file; a ``ConfigError`` names the file and the position of a syntax error."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"train.ds_config: {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from err
+    except OSError as err:
+        raise ConfigError(f"train.ds_config: cannot read {path} ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.ds_config: {path} must hold a JSON object at the top level, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def build_ds_config(cfg: XoronConfig, dp_size: int, dtype: torch.dtype, device_kind: str) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``deepspeed.initialize(config=...)``.
+
+    dp_size: data-parallel world size (the ranks that split the global batch).
+    dtype: compute dtype of the model (torch.float32 / bfloat16 / float16).
+    device_kind: accelerator kind, ``"cuda"`` or ``"cpu"`` (``torch.device(...).type``).
+    """
+    if dp_size <= 0:
+        raise ValueError(f"dp_size must be > 0, got {dp_size}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    train = cfg.train
+    path = resolve_ds_config_path(train.ds_config)
+    ds = load_ds_json(path)
+    where = str(path)
+
+    _own(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size", where)
+    _own(ds, "gradient_accumulation_steps", train.grad_accum_steps, "train.grad_accum_steps", where)
+    _own(ds, "train_batch_size", train.micro_batch_size * train.grad_accum_steps * dp_size,
+         f"train.micro_batch_size * train.grad_accum_steps * dp_size ({dp_size})", where)
+    _own(ds, "gradient_clipping", train.grad_clip, "train.grad_clip", where)
+
+    zero = _section(ds, "zero_optimization", where)
+    _own(zero, "stage", cfg.parallel.zero_stage, "parallel.zero_stage", where, prefix="zero_optimization.")
+
+    for section_dtype, name in _PRECISION_SECTIONS.items():
+        section = _section(ds, name, where)
+        _own(section, "enabled", dtype == section_dtype, f"the compute dtype ({dtype})", where, prefix=f"{name}.")
+
+    if "scheduler" in ds:
+        logger.warning("%s: dropping its 'scheduler' section; the trainer steps its own WarmupCosineSchedule "
+                       "(train.lr / warmup_steps / min_lr_ratio)", where)
+        del ds["scheduler"]
+    if "optimizer" in ds:
+        logger.warning("%s: replacing its 'optimizer' section with the one train.optimizer=%s selects",
+                       where, train.optimizer)
+    ds["optimizer"] = _optimizer_section(cfg, zero, device_kind, where)
+
+    for key in _leftover_auto(ds):
+        logger.warning("%s: '%s' is \"auto\" but xoron_dist does not fill it; DeepSpeed will use its default",
+                       where, key)
+    return ds
+
+
+def write_ds_config(path: str | os.PathLike[str], ds_config: dict[str, Any]) -> Path:
+    """Write the resolved config next to the run (``<run>/ds_config.json``), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ds_config, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _optimizer_section(cfg: XoronConfig, zero: dict[str, Any], device_kind: str, where: str) -> dict[str, Any]:
+    train = cfg.train
+    params: dict[str, Any] = {
+        "lr": train.lr,
+        "betas": [train.beta1, train.beta2],
+        "eps": train.eps,
+        "weight_decay": train.weight_decay,
+    }
+    choice = train.optimizer
+    if choice == "auto":
+        choice = "adamw" if device_kind == "cpu" else "fused_adam"
+    offloaded = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if choice == "adamw":
+        params["torch_adam"] = True
+    elif choice == "fused_adam" and offloaded:
+        raise ConfigError(
+            f"train.optimizer='fused_adam' but {where} offloads the optimizer to "
+            f"{zero['offload_optimizer']['device']}, where DeepSpeed runs CPU Adam instead; "
+            "use train.optimizer=cpu_adam (or auto), or a ds_config without offload_optimizer"
+        )
+    elif choice == "cpu_adam" and not offloaded:
+        raise ConfigError(
+            f"train.optimizer='cpu_adam' needs zero_optimization.offload_optimizer.device='cpu' in the ds_config "
+            f"({where} has none): DeepSpeed builds CPU Adam only for an offloaded optimizer; "
+            "use train.ds_config=ds_configs/zero3_offload.json, or train.optimizer=adamw"
+        )
+    # "AdamW" makes the decoupled weight decay explicit for every backend (torch AdamW,
+    # FusedAdam(adam_w_mode=True), DeepSpeedCPUAdam(adamw_mode=True)).
+    return {"type": "AdamW", "params": params}
+
+
+def _section(ds: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    section = ds.setdefault(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: '{name}' must be a JSON object, got {section!r}")
+    return section
+
+
+def _own(section: dict[str, Any], key: str, value: Any, owner: str, where: str, prefix: str = "") -> None:
+    """Set a value our config owns; warn when the JSON said something else (not "auto")."""
+    if key in section and section[key] != "auto" and section[key] != value:
+        logger.warning("%s sets %s%s=%r; using %r from %s", where, prefix, key, section[key], value, owner)
+    section[key] = value
+
+
+def _leftover_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [key for k, v in node.items() for key in _leftover_auto(v, f"{prefix}{k}.")]
+    return [prefix[:-1]] if node == "auto" else []

@@ -1,0 +1,207 @@
+"""Throughput, ETA and the periodic progress line of the training loop.
+
+    timer = StepTimer(window=20)
+    progress = ProgressLog(total_steps=cfg.train.steps, log_every=cfg.train.log_every, start_step=step)
+    for step in range(start, total):
+        ...                                    # forward / backward / engine.step()
+        timer.step(tokens=tokens_in_this_step)
+        progress.update(step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
+                        tokens_per_s=timer.tokens_per_s, eta_s=timer.eta(total - step - 1))
+        with timer.excluded():                 # a checkpoint save does not count as step time
+            save_checkpoint(...)
+    progress.close()
+
+Only rank 0 logs and draws a bar; a tqdm bar is drawn only when stdout is a terminal,
+so CI logs and redirected output get the plain log lines alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import torch.distributed
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def global_rank() -> int:
+    """This process's rank: torch.distributed's when initialized, else the launcher's RANK, else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+class StepTimer:
+    """Step time and tokens/s over the last ``window`` steps, measured with ``time.perf_counter``.
+
+    ``step(tokens)`` closes a step: its duration is the time since the previous ``step``
+    (or since construction / ``reset``), so data loading and logging count too, minus
+    time spent inside ``excluded()``. The first step after construction or ``reset``
+    (compilation, allocator and communicator warm-up) is kept out of the averages.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        if window <= 0:
+            raise ValueError(f"window must be > 0, got {window}")
+        self.window = window
+        self.reset()
+
+    def reset(self) -> None:
+        """Start afresh (after a resume or a stage change): the next step is a warm-up step again."""
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.window)
+        self._last = time.perf_counter()
+        self._excluded_s = 0.0
+        self.steps = 0
+        self.first_step_s: float | None = None
+        self.last_step_s: float | None = None
+
+    def step(self, tokens: int) -> float:
+        """Close the current step, which processed ``tokens`` tokens (global, all ranks); returns its seconds."""
+        now = time.perf_counter()
+        seconds = max(now - self._last - self._excluded_s, 0.0)
+        self._last = now
+        self._excluded_s = 0.0
+        self.steps += 1
+        self.last_step_s = seconds
+        if self.steps == 1:
+            self.first_step_s = seconds
+        else:
+            self._samples.append((seconds, tokens))
+        return seconds
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time spent in this block (checkpointing, evaluation) is not counted as step time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded_s += time.perf_counter() - start
+
+    @property
+    def mean_step_s(self) -> float | None:
+        """Mean seconds per step over the window; None until a step after the first has finished."""
+        if not self._samples:
+            return None
+        return sum(s for s, _ in self._samples) / len(self._samples)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Tokens per second over the window; None until a step after the first has finished."""
+        seconds = sum(s for s, _ in self._samples)
+        if not self._samples or seconds <= 0.0:
+            return None
+        return sum(t for _, t in self._samples) / seconds
+
+    def eta(self, remaining_steps: int) -> float | None:
+        """Seconds left for ``remaining_steps`` at the window's mean step time."""
+        mean = self.mean_step_s
+        return None if mean is None else mean * max(remaining_steps, 0)
+
+
+def format_eta(seconds: float | None) -> str:
+    """``0:00:42``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def format_count(value: float | None) -> str:
+    """``5.1k``, ``1.2M``: a rate or a count in three significant characters; ``-`` when unknown."""
+    if value is None:
+        return "-"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def format_lr(lr: float) -> str:
+    """``2.9e-3`` (``f"{lr:.1e}"`` without the exponent's padding zero)."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+class ProgressLog:
+    """The periodic one-line log of training (rank 0 only), plus a tqdm bar on a terminal.
+
+    ``update(step, ...)`` is called after each optimizer step with ``step`` = updates done
+    so far (1-based); every ``log_every`` steps and at the last step it logs
+
+        step 20/40 | loss 3.412 | lr 2.9e-3 | grad 1.23 | 5.1k tok/s | eta 0:00:42
+
+    through ``logging`` (logger ``xoron_dist.train.metrics``). ``extra`` values are appended
+    as ``name value``. ``use_bar=None`` draws the bar when stdout is a TTY.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        *,
+        log_every: int,
+        start_step: int = 0,
+        rank: int | None = None,
+        use_bar: bool | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
+        if log_every <= 0:
+            raise ValueError(f"log_every must be > 0, got {log_every}")
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.enabled = (global_rank() if rank is None else rank) == 0
+        self.log = log or logger
+        if use_bar is None:
+            use_bar = sys.stdout.isatty()
+        self.bar: tqdm | None = None
+        if self.enabled and use_bar:
+            self.bar = tqdm(total=total_steps, initial=start_step, file=sys.stdout, unit="step",
+                            dynamic_ncols=True, leave=True)
+
+    def update(
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        grad_norm: float | None = None,
+        tokens_per_s: float | None = None,
+        eta_s: float | None = None,
+        **extra: float,
+    ) -> str | None:
+        """Advance the bar to ``step``; on a log step write the line and return it (else None)."""
+        if not self.enabled:
+            return None
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {loss:.3f} | lr {format_lr(lr)} | {format_count(tokens_per_s)} tok/s",
+                                     refresh=False)
+        if step % self.log_every and step != self.total_steps:
+            return None
+        parts = [f"step {step}/{self.total_steps}", f"loss {loss:.3f}", f"lr {format_lr(lr)}"]
+        if grad_norm is not None:
+            parts.append(f"grad {grad_norm:.2f}")
+        parts.append(f"{format_count(tokens_per_s)} tok/s")
+        parts.extend(f"{name} {value:.4g}" for name, value in extra.items())
+        parts.append(f"eta {format_eta(eta_s)}")
+        line = " | ".join(parts)
+        if self.bar is not None:
+            # Route console handlers through tqdm.write so the line does not tear the bar.
+            with logging_redirect_tqdm():
+                self.log.info(line)
+        else:
+            self.log.info(line)
+        return line
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

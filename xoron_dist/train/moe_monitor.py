@@ -1,0 +1,49 @@
+"""Watches the expert load of every MoE layer: TensorBoard scalars and starved-expert warnings."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from xoron_dist.train.tensorboard import moe_scalars
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertLoadMonitor:
+    """Fed the (layers, experts) token counts of each optimizer step (summed over all ranks).
+
+    An expert that receives no token for ``warn_after`` consecutive steps is *starved*: the
+    bias balancing should pull tokens to it within a few hundred steps at the usual rate;
+    if it does not, the router has collapsed or the rate is too small. Warned once per
+    starvation spell, so a long run's log is not flooded.
+    """
+
+    def __init__(self, layer_ids: list[int], num_experts: int, warn_after: int) -> None:
+        self.layer_ids = layer_ids  # model layer index of each MoE layer (dense layers have no router)
+        self.warn_after = warn_after
+        self.idle_steps = torch.zeros(len(layer_ids), num_experts, dtype=torch.long)
+        self.warned = torch.zeros(len(layer_ids), num_experts, dtype=torch.bool)
+
+    def update(self, step: int, load: torch.Tensor) -> list[tuple[int, int]]:
+        """Record one step's load; return the (layer, expert) pairs that just became starved."""
+        idle = load.cpu() == 0
+        self.idle_steps = torch.where(idle, self.idle_steps + 1, torch.zeros_like(self.idle_steps))
+        self.warned &= idle  # a fed expert may be warned about again later
+        newly = (self.idle_steps >= self.warn_after) & ~self.warned
+        self.warned |= newly
+        starved = [(self.layer_ids[int(row)], int(expert)) for row, expert in newly.nonzero()]
+        for layer, expert in starved:
+            logger.warning(
+                "step %d: MoE layer %d expert %d has received no tokens for %d steps; check "
+                "moe/layer%d/* in TensorBoard, and raise model.llm.moe.bias_update_rate if the bias "
+                "is not pulling tokens back", step, layer, expert, self.warn_after, layer,
+            )
+        return starved
+
+    def scalars(self, load: torch.Tensor, biases: list[torch.Tensor]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for layer, tokens, bias in zip(self.layer_ids, load.tolist(), biases, strict=True):
+            out.update(moe_scalars(layer, tokens, bias.tolist()))
+        return out
