@@ -75,7 +75,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_direct_construction_is_validated():
-    from xoron_dist.config import ModelConfig, LLMConfig
+    from xoron_dist.config import LLMConfig, ModelConfig
 
     with pytest.raises(ConfigError, match="'model.llm.dense_layers' = 20"):
         XoronConfig(model=ModelConfig(llm=LLMConfig(dense_layers=20)))

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from xoron_dist.config import MoEConfig, XoronConfig
+from xoron_dist.model.layers import LayerBuilder
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.model.moe import ExpertBiasRouter, MoEFeedForward, RoutedExperts
-from xoron_dist.model.layers import LayerBuilder
 
 
 def test_overloaded_expert_bias_goes_down():
