@@ -20,14 +20,20 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "pipelines" / "smoke.yaml"
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without launcher variables, so a child is a fresh job."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+
+
 def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...] = (),
               launcher: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable, "-m", "xoron_dist.train"]) + [
         "--config", str(SMOKE), *flags, f"train.output_dir={tmp_path}", f"train.name={name}", *overrides,
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode not in (0, 3):
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc
@@ -42,7 +48,7 @@ def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path):
     """The README's main job: loss falls, events and a checkpoint are written, --resume continues."""
     proc = subprocess.run(
         [shutil.which("xoron") or "xoron", "train", "--config", str(SMOKE), f"train.output_dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=400,
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     run = tmp_path / "smoke"
@@ -62,7 +68,7 @@ def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path):
 
     again = subprocess.run(
         [shutil.which("xoron") or "xoron", "train", "--config", str(SMOKE), f"train.output_dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=400,
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400,
     )
     assert again.returncode == 2 and "Pass --resume to continue it" in again.stderr
 
@@ -99,10 +105,9 @@ def test_two_rank_data_parallel_matches_single_rank(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
            "train.name=sig", "train.steps=100000", "train.save_every=100000", "train.log_every=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "sig" / "metrics.jsonl"
     deadline = time.time() + 180
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -117,7 +122,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 
 
 def test_build_prints_the_full_model_on_meta():
-    proc = subprocess.run([shutil.which("xoron") or "xoron", "build"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([shutil.which("xoron") or "xoron", "build"], env=clean_env(), capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "12 layers, hidden 1024, 16 heads, 8+1 experts (top-2)" in proc.stdout
     total = next(line for line in proc.stdout.splitlines() if line.startswith("total"))

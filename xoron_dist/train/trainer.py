@@ -108,6 +108,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def train(cfg: XoronConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run (or continue) ``cfg``'s training on this rank; every rank calls this."""
+    if cfg.stages:
+        raise ConfigError(
+            f"config has {len(cfg.stages)} curriculum stage(s), but staged runs (per-stage data mix, sequence "
+            "length and freezing) arrive with the Arrow data loader (issue #3); remove 'stages' and set train.* "
+            "for a single-stage run"
+        )
     ctx = parallel_state.initialize(cfg)
     try:
         return _train(cfg, ctx, resume=resume, overwrite=overwrite)
@@ -242,6 +248,7 @@ def _train(cfg: XoronConfig, ctx, *, resume: bool, overwrite: bool) -> TrainResu
                 break
     progress.close()
     tb.close()
+    dist.barrier()  # rank 0 hosts the rendezvous store: nobody tears down while others still talk
     return TrainResult(state.step, loss_value, paths.root, interrupted)
 
 

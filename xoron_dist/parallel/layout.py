@@ -1,0 +1,223 @@
+"""Does a parallel layout fit the world size and the model? Checked before any process group exists.
+
+world = dp * tp * pp * sp; experts spread over ``ep`` ranks carved out of dp * sp. One table
+(``SUPPORTED`` for the dimensions, ``RULES`` for the arithmetic) drives both the checks and the
+compatibility table the README embeds (``compatibility_markdown``), so the docs cannot drift
+from what the code accepts.
+
+    layout = validate_layout(cfg, world_size=8)    # LayoutError says what is wrong and what to change
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from xoron_dist.config import ConfigError, XoronConfig
+
+
+class LayoutError(ConfigError):
+    """The parallel sizes do not fit the world size or the model. The message lists each problem."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of every parallel dimension for one run; ``dp`` is what the world size leaves."""
+
+    world: int
+    dp: int
+    tp: int
+    pp: int
+    sp: int
+    ep: int
+    zero_stage: int
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the expert weights (Megatron-core: world / (tp * ep * pp))."""
+        return self.world // (self.tp * self.ep * self.pp)
+
+    def describe(self) -> str:
+        return (f"world {self.world} = dp {self.dp} x tp {self.tp} x pp {self.pp} x sp {self.sp}; "
+                f"ep {self.ep}; ZeRO-{self.zero_stage}")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One parallel dimension: who implements it and, while it is not built, which issue brings it."""
+
+    key: str
+    title: str
+    engine: str
+    issue: int | None = None
+    refusal: str = ""
+
+    @property
+    def built(self) -> bool:
+        return self.issue is None
+
+
+class _Sizes(NamedTuple):
+    world: int
+    tp: int
+    pp: int
+    sp: int
+    ep: int
+    zero_stage: int
+    dp: int | None  # None when the world size does not divide
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An arithmetic requirement. ``check`` returns None when it holds, else the problem and its fix."""
+
+    dimension: str
+    requirement: str  # markdown, as the compatibility table shows it
+    check: Callable[[XoronConfig, _Sizes], str | None]
+
+
+SUPPORTED: tuple[Dimension, ...] = (
+    Dimension("dp", "Data parallel + ZeRO", "DeepSpeed ZeRO 0/1/2/3 (`parallel.zero_stage`)"),
+    Dimension("tp", "Tensor parallel", "Megatron-core `tensor_parallel` layers", 4,
+              "tensor parallel layers land with issue #4"),
+    Dimension("sp", "Sequence parallel (ring attention)", "ring attention over Megatron's context-parallel group", 4,
+              "ring attention (sequence parallel) lands with issue #4"),
+    Dimension("ep", "Expert parallel", "expert groups + all-to-all dispatch", 5,
+              "expert parallel dispatch lands with issue #5"),
+    Dimension("pp", "Pipeline parallel", "DeepSpeed pipeline engine", 6,
+              "pipeline stages land with issue #6"),
+)
+DIMENSIONS = {d.key: d for d in SUPPORTED}
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _world_divides(cfg: XoronConfig, s: _Sizes) -> str | None:
+    model = s.tp * s.pp * s.sp
+    if s.dp is not None:
+        return None
+    return (f"world size {s.world} is not divisible by tp*pp*sp = {model} (tp={s.tp}, pp={s.pp}, sp={s.sp}); "
+            f"launch a multiple of {model} ranks, or pick tp, pp, sp whose product divides {s.world} "
+            f"(divisors: {_divisors(s.world)})")
+
+
+def _heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
+    heads = cfg.llm.num_heads
+    if heads % s.tp == 0:
+        return None
+    return (f"model.llm.num_heads = {heads} is not divisible by parallel.tp = {s.tp}: each TP rank holds "
+            f"num_heads/tp attention heads; pick tp from {_divisors(heads)}")
+
+
+def _seq_len_chunks(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.sp == 1:
+        return None
+    chunks = 2 * s.sp
+    lengths = [("train.seq_len", cfg.train.seq_len)]
+    lengths += [(f"stages[{i}].seq_len ({st.name})", st.seq_len) for i, st in enumerate(cfg.stages) if st.seq_len]
+    bad = [(field, n) for field, n in lengths if n % chunks]
+    if not bad:
+        return None
+    field, n = bad[0]
+    below, above = n // chunks * chunks, (n // chunks + 1) * chunks
+    near = f"{below} or {above}" if below else f"{above}"
+    others = f" (also {', '.join(f for f, _ in bad[1:])})" if len(bad) > 1 else ""
+    return (f"{field} = {n} is not divisible by 2*sp = {chunks}{others}: ring attention cuts every sequence "
+            f"into 2*sp chunks (zig-zag causal load balancing); use a multiple of {chunks}, e.g. {near}")
+
+
+def _layers_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
+    layers = cfg.llm.num_layers
+    if layers % s.pp == 0:
+        return None
+    return (f"model.llm.num_layers = {layers} is not divisible by parallel.pp = {s.pp}: every pipeline stage "
+            f"holds the same number of layers (at least one); pick pp from {_divisors(layers)}")
+
+
+def _pipeline_zero(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.pp == 1 or s.zero_stage <= 1:
+        return None
+    return (f"parallel.zero_stage = {s.zero_stage} with parallel.pp = {s.pp}: DeepSpeed's pipeline engine refuses "
+            f"it (\"ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism\"); use parallel.zero_stage=1")
+
+
+def _experts_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
+    experts = cfg.llm.moe.num_experts
+    if experts % s.ep == 0:
+        return None
+    return (f"model.llm.moe.num_experts = {experts} is not divisible by parallel.ep = {s.ep}: each EP rank holds "
+            f"num_experts/ep experts; pick ep from {_divisors(experts)}")
+
+
+def _experts_carved_from_dp(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.dp is None:
+        return None  # the world-size rule already reports this layout
+    room = s.dp * s.sp
+    if room % s.ep == 0:
+        return None
+    fits = _divisors(math.gcd(room, cfg.llm.moe.num_experts))
+    return (f"parallel.ep = {s.ep} does not divide dp*sp = {room} (dp={s.dp}, sp={s.sp}): expert-parallel groups "
+            f"are carved out of the data/sequence-parallel ranks (Megatron-core needs world % (tp*ep*pp) == 0, "
+            f"here {s.world} % {s.tp * s.ep * s.pp}); use ep from {fits}, or launch more ranks")
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("dp", "world size divisible by tp·pp·sp; dp = world / (tp·pp·sp)", _world_divides),
+    Rule("tp", "`model.llm.num_heads` divisible by tp", _heads_divide),
+    Rule("sp", "`train.seq_len` (and every stage's `seq_len`) divisible by 2·sp (zig-zag chunks)", _seq_len_chunks),
+    Rule("ep", "`model.llm.moe.num_experts` divisible by ep", _experts_divide),
+    Rule("ep", "ep divides dp·sp (expert groups are carved out of the data/sequence-parallel ranks)",
+         _experts_carved_from_dp),
+    Rule("pp", "`model.llm.num_layers` divisible by pp (every stage at least one layer)", _layers_divide),
+    Rule("pp", "`parallel.zero_stage` ≤ 1 when pp > 1 (DeepSpeed's pipeline engine refuses ZeRO-2/3)",
+         _pipeline_zero),
+)
+
+
+def validate_layout(cfg: XoronConfig, world_size: int, *, allow_unbuilt: bool = False) -> Layout:
+    """Check ``cfg.parallel`` against ``world_size`` and the model; return the ``Layout`` or raise ``LayoutError``.
+
+    Every problem is reported at once. ``allow_unbuilt`` skips only the refusals of dimensions that
+    are not built yet (so group creation for TP/PP/SP/EP can be tested ahead of them); the
+    arithmetic is always checked.
+    """
+    if world_size < 1:
+        raise LayoutError(f"world size {world_size}: a run needs at least one rank")
+    p = cfg.parallel
+    model = p.tp * p.pp * p.sp
+    dp = world_size // model if world_size % model == 0 else None
+    sizes = _Sizes(world_size, p.tp, p.pp, p.sp, p.ep, p.zero_stage, dp)
+    problems = [msg for rule in RULES if (msg := rule.check(cfg, sizes)) is not None]
+    if not allow_unbuilt:
+        for dim in SUPPORTED:
+            size = getattr(p, dim.key, 1)
+            if not dim.built and size > 1:
+                problems.append(f"parallel.{dim.key} = {size}: {dim.refusal}; use parallel.{dim.key}=1 until then")
+    if problems:
+        head = (f"parallel layout (tp={p.tp}, pp={p.pp}, sp={p.sp}, ep={p.ep}, zero_stage={p.zero_stage}) "
+                f"does not fit a world of {world_size} rank(s):")
+        raise LayoutError("\n  - ".join([head, *problems]))
+    assert dp is not None  # the world-size rule passed
+    return Layout(world_size, dp, p.tp, p.pp, p.sp, p.ep, p.zero_stage)
+
+
+def compatibility_markdown() -> str:
+    """The compatibility table the README embeds: one row per dimension, its status and its rules."""
+    lines = [
+        "| Dimension | Setting | Status | Engine | Requirements |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for dim in SUPPORTED:
+        setting = "world / (tp·pp·sp)" if dim.key == "dp" else f"`parallel.{dim.key}`"
+        status = "built" if dim.built else f"refused when > 1: {dim.refusal}"
+        rules = "<br>".join(rule.requirement for rule in RULES if rule.dimension == dim.key)
+        lines.append(f"| {dim.title} | {setting} | {status} | {dim.engine} | {rules} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["DIMENSIONS", "RULES", "SUPPORTED", "Dimension", "Layout", "LayoutError", "Rule",
+           "compatibility_markdown", "validate_layout"]
