@@ -1,15 +1,23 @@
 """Training-step throughput of the Xoron LLM backbone vs HF transformers DeepseekV3ForCausalLM.
 
 Same config, same weights (copied through the HF adapter), same batches, same optimizer
-(torch AdamW), same process; the two alternate round by round. A step is
-forward + cross-entropy + backward + optimizer step. Writes bench/out/llm_step.json.
+(torch AdamW), same process; ours and HF's two experts implementations alternate round by
+round. A step is forward + cross-entropy + backward + optimizer step.
 
-    python -m bench.llm_step [--model tiny|small] [--seq N --batch N --rounds 5]
+Cases (model @ tokens per row x rows):
+    tiny@128x8     the smoke run's model and batch shape, the headline
+    tiny@1024x2    the same model on longer rows (attention-heavy)
+    small@512x2    4x wider, 2x deeper, 4x the vocabulary
+
+    python -m bench.llm_step [--cases tiny@128x8,small@512x2] [--rounds 5]
+
+Writes bench/out/llm_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +28,20 @@ from xoron_dist.config import load_config
 from xoron_dist.model.hf_adapter import from_hf_state_dict, hf_config_kwargs
 from xoron_dist.model.llm import XoronLLM
 
-# --model tiny: the smoke run's model, as it is. --model small: 4x wider and 2x deeper, longer rows.
 MODELS = {
     "tiny": ["preset=tiny"],
     "small": [
-    "preset=tiny",
-    "model.llm.vocab_size=4000", "model.llm.hidden_size=256", "model.llm.num_layers=4", "model.llm.num_heads=8",
-    "model.llm.q_lora_rank=128", "model.llm.kv_lora_rank=64", "model.llm.qk_nope_head_dim=32",
-    "model.llm.qk_rope_head_dim=16", "model.llm.v_head_dim=32", "model.llm.moe.expert_intermediate_size=256",
+        "preset=tiny",
+        "model.llm.vocab_size=4000", "model.llm.hidden_size=256", "model.llm.num_layers=4", "model.llm.num_heads=8",
+        "model.llm.q_lora_rank=128", "model.llm.kv_lora_rank=64", "model.llm.qk_nope_head_dim=32",
+        "model.llm.qk_rope_head_dim=16", "model.llm.v_head_dim=32", "model.llm.moe.expert_intermediate_size=256",
     ],
 }
+DEFAULT_CASES = "tiny@128x8,tiny@1024x2,small@512x2"
+HEADLINE = "tiny@128x8"
 
 
-def make_step(model: torch.nn.Module, batches: list[torch.Tensor], hf: bool):
+def make_step(model: torch.nn.Module, batches: list[torch.Tensor]):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     state = {"i": 0}
 
@@ -48,63 +57,59 @@ def make_step(model: torch.nn.Module, batches: list[torch.Tensor], hf: bool):
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    parser.add_argument("--seq", type=int, default=None, help="default: 128 (tiny), 512 (small)")
-    parser.add_argument("--batch", type=int, default=None, help="default: 8 (tiny), 2 (small)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=2)
-    args = parser.parse_args()
-
-    args.seq = args.seq or {"tiny": 128, "small": 512}[args.model]
-    args.batch = args.batch or {"tiny": 8, "small": 2}[args.model]
-    cfg = load_config(None, MODELS[args.model]).llm
-    torch.manual_seed(0)
+def run_case(case: str, rounds: int) -> dict:
+    match = re.fullmatch(r"(\w+)@(\d+)x(\d+)", case)
+    if not match or match.group(1) not in MODELS:
+        raise SystemExit(f"case '{case}' must look like MODEL@SEQxBATCH with MODEL in {sorted(MODELS)}")
+    model_name, seq, batch = match.group(1), int(match.group(2)), int(match.group(3))
+    cfg = load_config(None, MODELS[model_name]).llm
     peers = {}
     for impl in ("grouped_mm", "eager"):
         hf_cfg = transformers.DeepseekV3Config(**hf_config_kwargs(cfg))
         hf_cfg._experts_implementation = impl
         torch.manual_seed(0)
-        peers[impl] = transformers.DeepseekV3ForCausalLM(hf_cfg).train()
+        peers[f"hf_{impl}"] = transformers.DeepseekV3ForCausalLM(hf_cfg).train()
     ours = XoronLLM(cfg).train()
-    ours.load_state_dict(from_hf_state_dict(peers["eager"].state_dict()))
-    batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1)) for _ in range(4)]
-    with torch.no_grad():  # same weights -> same loss before timing
-        a = ours(batches[0][:, :-1]).logits
-        b = peers["eager"](batches[0][:, :-1]).logits
-        assert (a - b).abs().max() < 1e-3, "models differ; the comparison would be meaningless"
-
-    fns = {"ours": make_step(ours, batches, False)}
-    fns.update({f"hf_{impl}": make_step(m, batches, True) for impl, m in peers.items()})
-    seconds = time_alternating(fns, rounds=args.rounds, reps=args.reps)
-    tokens = args.batch * args.seq
-    tps = {name: tokens / s for name, s in seconds.items()}
+    ours.load_state_dict(from_hf_state_dict(peers["hf_eager"].state_dict()))
+    batches = [torch.randint(0, cfg.vocab_size, (batch, seq + 1)) for _ in range(4)]
+    with torch.no_grad():  # same weights -> same logits, else the comparison would be meaningless
+        diff = (ours(batches[0][:, :-1]).logits - peers["hf_eager"](batches[0][:, :-1]).logits).abs().max()
+        assert diff < 1e-3, f"models differ by {diff}"
+    fns = {"ours": make_step(ours, batches)} | {name: make_step(m, batches) for name, m in peers.items()}
+    reps = max(1, 8192 // (seq * batch))  # about 8K tokens per timed sample
+    seconds = time_alternating(fns, rounds=rounds, reps=reps)
+    tps = {name: batch * seq / s for name, s in seconds.items()}
     best_peer = max((n for n in tps if n != "ours"), key=tps.get)
-    print(f"{'model':<16} {'s/step':>8} {'tokens/s':>10}")
+    print(f"\n{case}: {batch} x {seq} tokens per step")
     for name in fns:
-        print(f"{name:<16} {seconds[name]:>8.4f} {tps[name]:>10.0f}")
+        print(f"  {name:<14} {seconds[name] * 1e3:>9.1f} ms/step {tps[name]:>10.0f} tokens/s")
+    print(f"  ours / {best_peer} = {tps['ours'] / tps[best_peer]:.3f}")
+    return {"tokens_per_s": {k: round(v, 1) for k, v in tps.items()}, "best_peer": best_peer,
+            "ratio": round(tps["ours"] / tps[best_peer], 3), "config": MODELS[model_name]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=DEFAULT_CASES)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cases = {case: run_case(case, args.rounds) for case in args.cases.split(",")}
+    head = cases.get(HEADLINE) or next(iter(cases.values()))
+    head_name = HEADLINE if HEADLINE in cases else next(iter(cases))
     result = {
-        "metric": "training-step tokens/s (fwd+bwd+AdamW), higher is better",
+        "metric": f"training-step tokens/s (fwd+bwd+AdamW), case {head_name}, higher is better",
         "unit": "tokens/s",
-        "ours": round(tps["ours"], 1),
-        "peer": round(tps[best_peer], 1),
-        "peer_name": f"transformers {transformers.__version__} DeepseekV3ForCausalLM "
-                     f"({best_peer}, the faster HF setting)",
-        "ratio": round(tps["ours"] / tps[best_peer], 3),
+        "ours": head["tokens_per_s"]["ours"],
+        "peer": head["tokens_per_s"][head["best_peer"]],
+        "peer_name": f"transformers {transformers.__version__} DeepseekV3ForCausalLM, {head['best_peer']} "
+                     "(the faster of its two experts implementations)",
+        "ratio": head["ratio"],
         "goal": 1.5,
         "machine": machine(),
-        "details": {
-            "tokens_per_step": tokens,
-            "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
-            "ratio_vs_each": {k: round(tps["ours"] / v, 3) for k, v in tps.items() if k != "ours"},
-            "model": args.model,
-            "config": MODELS[args.model],
-            "seq": args.seq,
-            "batch": args.batch,
-        },
+        "cases": cases,
     }
-    print(f"ratio vs {best_peer}: {result['ratio']}x -> {write_result(f'llm_step_{args.model}', result)}")
+    print(f"\n-> {write_result('llm_step', result)}")
 
 
 if __name__ == "__main__":

@@ -75,12 +75,15 @@ class RoutedExperts(nn.Module):
         token_of = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         grouped = x[token_of]
+        # unbind once: indexing the stacked weight per expert would make autograd build one
+        # full-size zero gradient per expert and add them up; unbind's backward stacks once.
+        gate_ups, downs = self.gate_up.unbind(0), self.down.unbind(0)
         outputs = []
         for expert, rows in enumerate(grouped.split(counts)):
             if rows.shape[0] == 0:
                 continue
-            gate, up = F.linear(rows, self.gate_up[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, self.down[expert]))
+            gate, up = F.linear(rows, gate_ups[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
         combined = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, combined)
 
