@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from xoron_dist.parallel.launcher_env import free_port
 from xoron_dist.train.tensorboard import read_scalars, read_text
@@ -83,20 +84,52 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     run_train(tmp_path, "split", "train.steps=3", *common)
     run_train(tmp_path, "split", "train.steps=6", *common, flags=("--resume",))
     straight, split = losses(tmp_path, "straight"), losses(tmp_path, "split")
+    # The expert biases travel in the checkpoint (module buffers) and have moved from zero.
+    states = torch.load(tmp_path / "split" / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    assert states["layers.0.ffn.router.expert_bias"].abs().sum() > 0
     assert sorted(split) == list(range(1, 7))
     for step in range(4, 7):
         assert split[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), (step, split, straight)
 
 
+def launch_two_ranks(launcher: str, tmp_path: Path, name: str, *overrides: str) -> str:
+    """Start a 2-rank CPU training job the way ``launcher`` would; return rank 0's stderr."""
+    args = ["--config", str(SMOKE), f"train.output_dir={tmp_path}", f"train.name={name}", *overrides]
+    port = str(free_port())
+    commands = {
+        "deepspeed": [[shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", port, "--module",
+                       "xoron_dist.train", *args]],
+        "torchrun": [[shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m",
+                      "xoron_dist.train", *args]],
+        "mpiexec": [[shutil.which("mpiexec") or "mpiexec", "-n", "2", sys.executable, "-m", "xoron_dist.train", *args]],
+        # srun starts each task itself with these variables; no launcher process in between.
+        "srun": [[sys.executable, "-m", "xoron_dist.train", *args] for _ in range(2)],
+    }[launcher]
+    procs = []
+    for task, cmd in enumerate(commands):
+        env = clean_env()
+        if launcher == "srun":
+            env.update(SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+                       SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=port)
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, f"{launcher} run failed:\n{err[-5000:]}"
+    return outputs[0][1]
+
+
 @pytest.mark.multirank
-def test_two_rank_data_parallel_matches_single_rank(tmp_path):
-    """deepspeed launcher, 2 CPU ranks, ZeRO-1, micro batch 4 each == 1 rank, micro batch 8."""
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "mpiexec", "srun"])
+def test_two_rank_data_parallel_matches_single_rank(tmp_path, launcher):
+    """Every launcher: 2 CPU ranks, ZeRO-1, micro batch 4 each == 1 rank with micro batch 8."""
+    if launcher == "mpiexec" and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec (pip install mpich)")
     common = ("train.steps=3", "train.log_every=1", "train.save_every=100")
     run_train(tmp_path, "single", "train.micro_batch_size=8", *common)
-    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                "--module", "xoron_dist.train"]
-    proc = run_train(tmp_path, "dp2", "train.micro_batch_size=4", *common, launcher=launcher)
-    assert "world 2 = dp 2" in proc.stderr
+    err = launch_two_ranks(launcher, tmp_path, "dp2", "train.micro_batch_size=4", *common)
+    assert "world 2 = dp 2" in err
     single, dp2 = losses(tmp_path, "single"), losses(tmp_path, "dp2")
     assert sorted(dp2) == [1, 2, 3]
     for step in (1, 2, 3):
