@@ -43,6 +43,11 @@ def _positive(obj: Any, where: str, *names: str) -> None:
             raise field_error(f"{where}.{name}" if where else name, value, "must be > 0")
 
 
+def _ordered(obj: Any, where: str, low: str, high: str) -> None:
+    if getattr(obj, low) > getattr(obj, high):
+        raise field_error(f"{where}.{low}", getattr(obj, low), f"must be <= {high} ({getattr(obj, high)})")
+
+
 def _non_negative(obj: Any, where: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -110,8 +115,7 @@ class MoEConfig:
         _positive(self, where, "num_experts", "top_k", "expert_intermediate_size", "routed_scaling_factor",
                   "starved_expert_warn_steps")
         _non_negative(self, where, "num_shared_experts", "bias_update_rate")
-        if self.top_k > self.num_experts:
-            raise field_error(f"{where}.top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
+        _ordered(self, where, "top_k", "num_experts")
 
 
 @dataclass
@@ -207,11 +211,8 @@ class VideoConfig:
 
     def validate(self, where: str) -> None:
         _positive(self, where, "min_frames", "max_frames", "min_resolution", "max_resolution", "temporal_experts")
-        if self.min_frames > self.max_frames:
-            raise field_error(f"{where}.min_frames", self.min_frames, f"must be <= max_frames ({self.max_frames})")
-        if self.min_resolution > self.max_resolution:
-            raise field_error(f"{where}.min_resolution", self.min_resolution,
-                              f"must be <= max_resolution ({self.max_resolution})")
+        _ordered(self, where, "min_frames", "max_frames")
+        _ordered(self, where, "min_resolution", "max_resolution")
 
 
 @dataclass
@@ -238,9 +239,7 @@ class GeneratorConfig:
 
     def validate(self, where: str) -> None:
         _positive(self, where, "num_experts", "min_resolution", "max_resolution")
-        if self.min_resolution > self.max_resolution:
-            raise field_error(f"{where}.min_resolution", self.min_resolution,
-                              f"must be <= max_resolution ({self.max_resolution})")
+        _ordered(self, where, "min_resolution", "max_resolution")
 
 
 @dataclass
