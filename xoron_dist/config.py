@@ -318,16 +318,97 @@ class TrainConfig:
             raise field_error(f"{where}.name", self.name, "a non-empty run name without '/'")
 
 
-@dataclass
-class DataConfig:
-    """Where batches come from. ``synthetic_text``: the built-in deterministic generator."""
+ResizePolicy = Literal["crop", "pad", "squash", "max_side"]
 
-    source: Literal["synthetic_text"] = "synthetic_text"
-    num_documents: int = 4096
-    seed: int = 0
+
+@dataclass
+class PrepConfig:
+    """How ``xoron prep`` turns raw media into training-ready arrays (recorded in the manifest).
+
+    Resize policies: ``crop`` (shorter side to size, centre crop: square), ``pad`` (longer side
+    to size, pad to square), ``squash`` (to size x size, aspect ignored), ``max_side`` (longer
+    side to size, aspect kept, both sides rounded down to multiples of ``patch_multiple``; for
+    native-resolution encoders).
+    """
+
+    image_size: int = 384
+    image_resize: ResizePolicy = "crop"
+    video_frames: int = 16
+    video_size: int = 256
+    video_resize: ResizePolicy = "crop"
+    patch_multiple: int = 14
+    audio_sample_rate: int = 16_000
+    max_audio_seconds: float = 30.0
+    max_text_tokens: int = 8192
+    shard_bytes: int = 256 * 1024 * 1024
+    samples_per_unit: int = 1000
 
     def validate(self, where: str) -> None:
-        _positive(self, where, "num_documents")
+        _positive(self, where, "image_size", "video_frames", "video_size", "patch_multiple", "audio_sample_rate",
+                  "max_audio_seconds", "max_text_tokens", "shard_bytes", "samples_per_unit")
+
+
+@dataclass
+class SynthConfig:
+    """What ``xoron synth`` generates: samples per kind, and the media sizes (seeded, deterministic)."""
+
+    seed: int = 0
+    text: int = 2000
+    image_caption: int = 400
+    video_caption: int = 60
+    audio_transcript: int = 200
+    text_to_image: int = 200
+    text_to_video: int = 40
+    text_to_speech: int = 100
+    min_image_size: int = 128
+    max_image_size: int = 512
+    min_video_frames: int = 8
+    max_video_frames: int = 32
+    video_size: int = 128
+    audio_sample_rate: int = 22_050
+
+    def validate(self, where: str) -> None:
+        _non_negative(self, where, "text", "image_caption", "video_caption", "audio_transcript", "text_to_image",
+                      "text_to_video", "text_to_speech")
+        _positive(self, where, "min_image_size", "max_image_size", "min_video_frames", "max_video_frames",
+                  "video_size", "audio_sample_rate")
+        _ordered(self, where, "min_image_size", "max_image_size")
+        _ordered(self, where, "min_video_frames", "max_video_frames")
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from.
+
+    ``synthetic_text``: the built-in deterministic text generator (no files).
+    ``arrow``: prepared shards in ``path`` (``xoron prep``). With ``synth`` set, a missing
+    ``path`` is first filled by ``xoron synth`` + ``xoron prep`` (rank 0; cached by content).
+    ``mix``: dataset (kind) -> blend weight; empty = every dataset in proportion to its rows.
+    ``image_tokens``/``video_tokens``/``audio_tokens_per_second``: length of the placeholder
+    span each medium occupies in the token stream (what the encoder + projector emit).
+    """
+
+    source: Literal["synthetic_text", "arrow"] = "synthetic_text"
+    num_documents: int = 4096
+    seed: int = 0
+    path: str | None = None
+    mix: dict[str, float] = field(default_factory=dict)
+    num_workers: int = 1
+    verify_checksums: bool = True
+    image_tokens: int = 64
+    video_tokens: int = 64
+    audio_tokens_per_second: float = 12.5
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    synth: SynthConfig | None = None
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "num_documents", "image_tokens", "video_tokens", "audio_tokens_per_second")
+        _non_negative(self, where, "num_workers")
+        if self.source == "arrow" and not self.path:
+            raise field_error(f"{where}.path", self.path, "data.source=arrow needs the prepared dataset folder")
+        for key, weight in self.mix.items():
+            if weight < 0:
+                raise field_error(f"{where}.mix.{key}", weight, "blend weights must be >= 0")
 
 
 @dataclass
@@ -355,6 +436,7 @@ class StageConfig:
     seq_len: int | None = None
     lr: float | None = None
     mix: dict[str, float] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)
     freeze: list[str] = field(default_factory=list)
     expert_bias_update: bool | None = None
 
@@ -455,8 +537,10 @@ __all__ = [
     "MoEConfig",
     "ModelConfig",
     "ParallelConfig",
+    "PrepConfig",
     "RopeConfig",
     "StageConfig",
+    "SynthConfig",
     "TokenizerConfig",
     "TrainConfig",
     "VideoConfig",

@@ -161,3 +161,53 @@ def test_build_prints_the_full_model_on_meta():
     assert "12 layers, hidden 1024, 16 heads, 8+1 experts (top-2)" in proc.stdout
     total = next(line for line in proc.stdout.splitlines() if line.startswith("total"))
     assert int(total.split()[-1].replace(",", "")) > 500_000_000
+
+
+def module_state(run: Path, step: int) -> dict:
+    path = run / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+STAGES = ("train.steps=7", "train.save_every=1", "train.log_every=1", "train.keep_checkpoints=10",
+          "stages=[{name: warm, steps: 4, lr: 0.003}, "
+          "{name: frozen, steps: 3, lr: 0.001, seq_len: 64, freeze: [embed_tokens], expert_bias_update: false}]")
+
+
+def test_curriculum_stages_freeze_and_resume_across_the_boundary(tmp_path):
+    run_train(tmp_path, "staged", *STAGES)
+    records = [json.loads(line) for line in (tmp_path / "staged" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["warm"] * 4 + ["frozen"] * 3
+    assert records[4]["label_tokens"] == records[0]["label_tokens"] // 2  # stage 2 trains on 64-token rows
+    warm_end, frozen_end = module_state(tmp_path / "staged", 4), module_state(tmp_path / "staged", 7)
+    assert torch.equal(warm_end["embed_tokens.weight"], frozen_end["embed_tokens.weight"])
+    assert torch.equal(warm_end["layers.0.ffn.router.expert_bias"], frozen_end["layers.0.ffn.router.expert_bias"])
+    assert not torch.equal(warm_end["lm_head.weight"], frozen_end["lm_head.weight"])
+
+    # A crash right after the checkpoint at the stage boundary (step 4), or inside stage 2 (step 6):
+    # keep only the checkpoints up to there, resume, and get the straight run's losses.
+    straight = losses(tmp_path, "staged")
+    for crash_after in (4, 6):
+        name = f"crash{crash_after}"
+        shutil.copytree(tmp_path / "staged", tmp_path / name)
+        ckpts = tmp_path / name / "checkpoints"
+        for tag in ckpts.glob("step*"):
+            if int(tag.name[4:]) > crash_after:
+                shutil.rmtree(tag)
+        (ckpts / "latest").write_text(f"step{crash_after:08d}")
+        run_train(tmp_path, name, *STAGES, flags=("--resume",))
+        resumed = losses(tmp_path, name)
+        assert sorted(resumed) == list(range(1, 8))
+        for step in range(crash_after + 1, 8):
+            assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), (crash_after, step)
+
+
+def test_stage_config_errors_come_before_training(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
+         "train.steps=5", "stages=[{name: a, steps: 2}, {name: b, steps: 2}]"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert ("'train.steps' = 5 is invalid: with curriculum stages it must equal the sum of stages[*].steps (4)"
+            in proc.stderr)
+    assert "joined" not in proc.stderr  # refused before any process group

@@ -146,16 +146,19 @@ class XoronLLM(nn.Module):
     # ------------------------------------------------------------------ expert balancing
 
     @torch.no_grad()
-    def update_expert_biases(self, group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+    def update_expert_biases(
+        self, group: torch.distributed.ProcessGroup | None = None, enabled: bool | None = None
+    ) -> torch.Tensor:
         """Apply the auxiliary-loss-free bias update from the load since the last call; returns that load.
 
         ``group``: the ranks whose tokens go through the same experts (data/sequence parallel);
         loads are summed over it first so every replica moves its biases identically.
+        ``enabled``: overrides ``moe.bias_update`` (a curriculum stage may freeze the biases).
         """
         load = self.expert_load.clone()
         if group is not None and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load, group=group)
-        if self.cfg.moe.bias_update:
+        if self.cfg.moe.bias_update if enabled is None else enabled:
             for router, layer_load in zip(self.routers(), load, strict=True):
                 router.update_bias(layer_load, self.cfg.moe.bias_update_rate)
         self.expert_load.zero_()

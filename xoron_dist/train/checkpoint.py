@@ -238,12 +238,43 @@ def latest_tag(ckpt_root: str | os.PathLike[str]) -> str | None:
     return path.read_text().strip()
 
 
+def resolve_tag(ckpt_root: str | os.PathLike[str]) -> str | None:
+    """The tag to resume from: the one ``latest`` names, else the newest complete tag, else None."""
+    root = Path(ckpt_root)
+    tag = latest_tag(root)
+    if tag is not None:
+        return tag
+    tags = complete_tags(root)
+    if not tags:
+        if root.is_dir() and any(root.iterdir()):
+            logger.warning("%s holds no complete checkpoint (no '%s' file, no tag with %s); starting fresh",
+                           root, LATEST_FILE, STATE_FILE)
+        return None
+    logger.warning("%s has no '%s' file; resuming from the newest complete checkpoint %s", root, LATEST_FILE, tags[-1])
+    return tags[-1]
+
+
+def peek_state(ckpt_root: str | os.PathLike[str], tag: str | None = None) -> TrainerState | None:
+    """The trainer state of a checkpoint (default: the one to resume from) without loading tensors.
+
+    The trainer reads it before building an engine: the curriculum stage it names decides which
+    engine (trainable parameters, data mix) the checkpoint is loaded into.
+    """
+    tag = tag or resolve_tag(ckpt_root)
+    if tag is None:
+        return None
+    meta = _read_verified_meta(Path(ckpt_root) / tag)
+    known = {f.name for f in fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in meta["state"].items() if k in known})
+
+
 def load_checkpoint(
     engine: Any,
     ckpt_root: str | os.PathLike[str],
     tag: str | None = None,
     *,
     expected_config_hash: str | None = None,
+    module_only: bool = False,
 ) -> TrainerState | None:
     """Restore the engine, this rank's RNG and the trainer state; every rank must call it.
 
@@ -252,20 +283,13 @@ def load_checkpoint(
     checkpoint in it. Raises ``CheckpointError`` (naming the path and what is missing or
     damaged) when a checkpoint was asked for or ``latest`` points at one that is unusable.
     Under ZeRO-3, load into a freshly built engine (DeepSpeed's requirement).
+    ``module_only``: restore the weights (and buffers: expert biases) but not the optimizer or LR
+    schedule: a new curriculum stage starts its own optimizer from the previous stage's weights.
     """
     root = Path(ckpt_root)
+    tag = tag or resolve_tag(root)
     if tag is None:
-        tag = latest_tag(root)
-        if tag is None:
-            tags = complete_tags(root)
-            if not tags:
-                if root.is_dir() and any(root.iterdir()):
-                    logger.warning("%s holds no complete checkpoint (no '%s' file, no tag with %s); starting fresh",
-                                   root, LATEST_FILE, STATE_FILE)
-                return None
-            tag = tags[-1]
-            logger.warning("%s has no '%s' file; resuming from the newest complete checkpoint %s",
-                           root, LATEST_FILE, tag)
+        return None
     ckpt_dir = root / tag
     meta = _read_verified_meta(ckpt_dir)
 
@@ -278,12 +302,14 @@ def load_checkpoint(
     rank_file = ckpt_dir / f"rng_rank{dist.get_rank()}.pt"
     try:
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-        load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
+                                              load_optimizer_states=not module_only,
+                                              load_lr_scheduler_states=not module_only)
     except _LOAD_ERRORS as err:
         raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     if load_path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no model-states file to load")
-    if isinstance(engine.lr_scheduler, WarmupCosineSchedule):
+    if isinstance(engine.lr_scheduler, WarmupCosineSchedule) and not module_only:
         engine.lr_scheduler.apply()
 
     known = {f.name for f in fields(TrainerState)}

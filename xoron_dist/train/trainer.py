@@ -1,19 +1,25 @@
 """The training loop. Everything else a run needs lives beside it:
 
     parallel/state.py   ranks, device, layout, process groups     ds_config.py   DeepSpeed JSON
+    stages.py           curriculum stages                         batches.py     batch sources, data cache
     schedule.py         warmup + cosine LR                        checkpoint.py  save / resume
     tensorboard.py      events (rank 0)                           metrics.py     throughput, progress line
     moe_monitor.py      expert load scalars, starved experts
 
-One step = ``grad_accum_steps`` micro-batches through the DeepSpeed engine, one optimizer
-update, then the expert-bias update from the load of all ranks (so every replica keeps
-identical biases), then logging and, every ``save_every`` steps, a checkpoint.
+A run is a sequence of stages (one, ``main``, without ``stages:``). Each stage builds its own
+engine (its trainable parameters and optimizer) and batch source (its data mix and sequence
+length) and starts from the weights the previous stage left. One step = ``grad_accum_steps``
+micro-batches, one optimizer update, then the expert-bias update from the load of all ranks
+(so every replica keeps identical biases), then logging and, every ``save_every`` steps and at
+the end of every stage, a checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,21 +30,23 @@ import torch
 import torch.distributed as dist
 
 from xoron_dist.config import ConfigError, XoronConfig
-from xoron_dist.data.synthetic_text import SyntheticTextDataset
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.parallel import state as parallel_state
 from xoron_dist.tokenizer import build_tokenizer
+from xoron_dist.train.batches import build_source, ensure_prepared
 from xoron_dist.train.checkpoint import (
     TrainerState,
     config_hash,
     latest_tag,
     load_checkpoint,
+    peek_state,
     save_checkpoint,
 )
 from xoron_dist.train.ds_config import build_ds_config, write_ds_config
 from xoron_dist.train.metrics import ProgressLog, StepTimer
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
 from xoron_dist.train.schedule import WarmupCosineSchedule
+from xoron_dist.train.stages import StagePlan, freeze_parameters, plan_stages, stage_at
 from xoron_dist.train.tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
@@ -108,15 +116,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def train(cfg: XoronConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run (or continue) ``cfg``'s training on this rank; every rank calls this."""
-    if cfg.stages:
-        raise ConfigError(
-            f"config has {len(cfg.stages)} curriculum stage(s), but staged runs (per-stage data mix, sequence "
-            "length and freezing) arrive with the Arrow data loader (issue #3); remove 'stages' and set train.* "
-            "for a single-stage run"
-        )
+    plans = plan_stages(cfg)  # config errors surface before any process group exists
     ctx = parallel_state.initialize(cfg)
     try:
-        return _train(cfg, ctx, resume=resume, overwrite=overwrite)
+        return _train(cfg, ctx, plans, resume=resume, overwrite=overwrite)
     finally:
         parallel_state.destroy()
 
@@ -130,8 +133,6 @@ def _prepare_run_dir(cfg: XoronConfig, paths: RunPaths, ctx, resume: bool, overw
         )
     if ctx.is_main:
         if overwrite and paths.root.exists():
-            import shutil
-
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
             shutil.rmtree(paths.tensorboard, ignore_errors=True)
             paths.metrics.unlink(missing_ok=True)
@@ -140,20 +141,82 @@ def _prepare_run_dir(cfg: XoronConfig, paths: RunPaths, ctx, resume: bool, overw
     dist.barrier()
 
 
-def _train(cfg: XoronConfig, ctx, *, resume: bool, overwrite: bool) -> TrainResult:
-    tc = cfg.train
-    paths = RunPaths(Path(tc.output_dir) / tc.name)
-    _prepare_run_dir(cfg, paths, ctx, resume, overwrite)
-
-    # Rank 0 trains/saves the tokenizer; the others then load the saved one.
+def _shared_tokenizer(cfg: XoronConfig, paths: RunPaths, ctx):
+    """Rank 0 trains/saves the tokenizer; the others then load the saved one."""
     tokenizer = build_tokenizer(cfg, paths.tokenizer) if ctx.is_main else None
     dist.barrier()
-    if tokenizer is None:
-        tokenizer = build_tokenizer(cfg, paths.tokenizer)
+    return tokenizer or build_tokenizer(cfg, paths.tokenizer)
 
+
+@dataclass
+class RunLogs:
+    """What a run reports through, across its stages: events, metrics.jsonl, progress line, throughput."""
+
+    tb: TensorBoardWriter
+    metrics: MetricsLog
+    progress: ProgressLog
+    timer: StepTimer
+
+    @classmethod
+    def open(cls, cfg: XoronConfig, paths: RunPaths, ctx, start_step: int) -> RunLogs:
+        tc = cfg.train
+        tb = TensorBoardWriter(paths.tensorboard, tc.tensorboard and ctx.is_main, purge_step=start_step + 1)
+        if start_step == 0:
+            tb.text("config", f"```\n{cfg.to_yaml()}\n```")
+        return cls(tb, MetricsLog(paths.metrics, ctx.is_main, keep_up_to=start_step),
+                   ProgressLog(tc.steps, log_every=tc.log_every, start_step=start_step, rank=ctx.rank), StepTimer())
+
+    def close(self) -> None:
+        self.progress.close()
+        self.tb.close()
+
+
+def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], *, resume: bool, overwrite: bool) -> TrainResult:
+    paths = RunPaths(Path(cfg.train.output_dir) / cfg.train.name)
+    _prepare_run_dir(cfg, paths, ctx, resume, overwrite)
+    tokenizer = _shared_tokenizer(cfg, paths, ctx)
+    if cfg.data.source == "arrow":
+        if ctx.is_main:
+            ensure_prepared(cfg, paths.tokenizer)
+        dist.barrier()
+
+    state = TrainerState(step=0, config_hash=config_hash(cfg))
+    if resume:
+        found = peek_state(paths.checkpoints)
+        if found is None:
+            logger.info("--resume: no checkpoint in %s yet, starting from step 0", paths.checkpoints)
+        elif found.config_hash != state.config_hash:
+            raise ConfigError(
+                f"checkpoint {paths.checkpoints} was written by a run with a different model/parallel config "
+                f"(hash {found.config_hash}, now {state.config_hash}); resume with the run's own "
+                f"{paths.root / 'config.yaml'} or start a new train.name"
+            )
+        else:
+            state = found
+    if stage_at(plans, state.step) is None:
+        logger.info("run already complete at step %d (train.steps=%d); raise train.steps to continue",
+                    state.step, cfg.train.steps)
+        return TrainResult(state.step, None, paths.root)
+
+    logs = RunLogs.open(cfg, paths, ctx, state.step)
+    loss, interrupted = None, False
+    with StopRequest() as stop:
+        while not interrupted and (plan := stage_at(plans, state.step)) is not None:
+            state, loss, interrupted = _run_stage(cfg, ctx, plan, tokenizer, paths, logs, stop, state,
+                                                  load=resume or plan.index > 0)
+    logs.close()
+    dist.barrier()  # rank 0 hosts the rendezvous store: nobody tears down while others still talk
+    return TrainResult(state.step, loss, paths.root, interrupted)
+
+
+def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPaths, logs: RunLogs,
+               stop: StopRequest, state: TrainerState, *, load: bool) -> tuple[TrainerState, float | None, bool]:
+    """Train one curriculum stage from ``state`` to its last step (or until a stop is requested)."""
+    tc = cfg.train
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = XoronLLM(cfg.llm).to(ctx.device)
     model.activation_checkpointing = tc.activation_checkpointing
+    frozen = freeze_parameters(model, plan)
     ds_config = build_ds_config(cfg, ctx.dp_size, ctx.device_info.dtype, ctx.device_info.kind)
     if ctx.is_main:
         write_ds_config(paths.root / "ds_config.json", ds_config)
@@ -161,95 +224,80 @@ def _train(cfg: XoronConfig, ctx, *, resume: bool, overwrite: bool) -> TrainResu
         model=model,
         model_parameters=parameter_groups(model, tc.weight_decay),
         config=ds_config,
-        lr_scheduler=WarmupCosineSchedule.factory(tc),
+        lr_scheduler=WarmupCosineSchedule.factory(plan.train),
         mpu=parallel_state.mpu(),
     )
     model.keep_router_state_fp32()
+    source = build_source(cfg, tokenizer, plan, ctx.dp_rank, ctx.dp_size)
 
-    state = TrainerState(step=0, config_hash=config_hash(cfg))
-    if resume:
-        loaded = load_checkpoint(engine, paths.checkpoints)
-        if loaded is None:
-            logger.info("--resume: no checkpoint in %s yet, starting from step 0", paths.checkpoints)
-        else:
-            state = loaded
-            if state.config_hash != config_hash(cfg):
-                raise ConfigError(
-                    f"checkpoint {paths.checkpoints} was written by a run with a different model/parallel config "
-                    f"(hash {state.config_hash}, now {config_hash(cfg)}); resume with the run's own "
-                    f"{paths.root / 'config.yaml'} or start a new train.name"
-                )
-            logger.info("resumed from step %d (%d tokens seen)", state.step, state.tokens_seen)
-    if state.step >= tc.steps:
-        logger.info("run already complete at step %d (train.steps=%d); raise train.steps to continue",
-                    state.step, tc.steps)
-        return TrainResult(state.step, None, paths.root)
+    found = peek_state(paths.checkpoints) if load else None
+    if found is not None and found.stage_index == plan.index:  # resume inside this stage
+        state = load_checkpoint(engine, paths.checkpoints)
+        source.load_state_dict(state.data_position["source"])
+    elif found is not None:  # a new stage starts from the previous stage's weights and expert biases
+        carried = load_checkpoint(engine, paths.checkpoints, module_only=True)
+        state = dataclasses.replace(carried, step=plan.first_step, data_position={})
+    state.stage_index, state.stage_name = plan.index, plan.name
+    logger.info("stage %d '%s': steps %d..%d, seq_len %d, lr %.2e%s; data: %s", plan.index, plan.name,
+                state.step + 1, plan.last_step, plan.seq_len, plan.train.lr,
+                f", {frozen:,} parameters frozen" if frozen else "", source.describe())
 
-    dataset = SyntheticTextDataset(tokenizer, cfg.data.num_documents, cfg.data.seed, tc.seq_len)
-    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * ctx.dp_size * tc.seq_len
-    tb = TensorBoardWriter(paths.tensorboard, tc.tensorboard and ctx.is_main, purge_step=state.step + 1)
-    if state.step == 0:
-        tb.text("config", f"```\n{cfg.to_yaml()}\n```")
-    metrics_log = MetricsLog(paths.metrics, ctx.is_main, keep_up_to=state.step)
     monitor = ExpertLoadMonitor(model.moe_layer_ids, cfg.llm.moe.num_experts, cfg.llm.moe.starved_expert_warn_steps)
-    progress = ProgressLog(tc.steps, log_every=tc.log_every, start_step=state.step, rank=ctx.rank)
-    timer = StepTimer()
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * ctx.dp_size * plan.seq_len
     loss_value = None
-    interrupted = False
-    logger.info("training %s: steps %d..%d, %d tokens/step over %d data-parallel ranks, device %s (%s)", tc.name,
-                state.step + 1, tc.steps, tokens_per_step, ctx.dp_size, ctx.device_info.kind, ctx.device_info.dtype)
+    while state.step < plan.last_step:
+        wall_start = time.perf_counter()
+        batches = [source.next_batch().to(ctx.device) for _ in range(tc.grad_accum_steps)]
+        # The loss is the mean over every labelled token of the step on all data-parallel ranks:
+        # weight each micro-batch's sum so DeepSpeed's 1/accum and 1/dp averaging yield exactly that.
+        label_tokens = torch.tensor([float(sum(b.num_label_tokens for b in batches))], device=ctx.device)
+        dist.all_reduce(label_tokens, group=ctx.dp_group)
+        scale = ctx.dp_size * tc.grad_accum_steps / max(label_tokens.item(), 1.0)
+        loss_sum = torch.zeros((), device=ctx.device)
+        for batch in batches:
+            out = engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
+                         document_ids=batch.document_ids)
+            micro_sum = out.loss * out.num_tokens
+            engine.backward(micro_sum * scale)
+            engine.step()
+            loss_sum += micro_sum.detach().float()
+        load = model.update_expert_biases(ctx.dp_group, enabled=plan.bias_update)
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+        state.data_position = {"source": source.state_dict()}
 
-    with StopRequest() as stop:
-        while state.step < tc.steps:
-            wall_start = time.perf_counter()
-            step_loss = torch.zeros((), device=ctx.device)
-            for micro in range(tc.grad_accum_steps):
-                batch = dataset.batch(state.step, micro, ctx.dp_rank, ctx.dp_size, tc.micro_batch_size,
-                                      grad_accum_steps=tc.grad_accum_steps).to(ctx.device)
-                out = engine(batch[:, :-1], labels=batch[:, 1:])
-                engine.backward(out.loss)
-                engine.step()
-                step_loss += out.loss.detach().float() / tc.grad_accum_steps
-            load = model.update_expert_biases(ctx.dp_group)
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            state.data_position = {"step": state.step}
+        dist.all_reduce(loss_sum, group=ctx.dp_group)
+        loss_value = loss_sum.item() / max(label_tokens.item(), 1.0)
+        stop_flag = torch.tensor([float(stop.requested)], device=ctx.device)
+        dist.all_reduce(stop_flag)  # all ranks stop together, whichever got the signal
+        stop_now = stop_flag.item() > 0
 
-            # One collective per step: the mean loss over data-parallel ranks and whether any rank was signalled.
-            reduced = torch.stack([step_loss, torch.tensor(float(stop.requested), device=step_loss.device)])
-            dist.all_reduce(reduced)
-            loss_value = reduced[0].item() / ctx.world_size
-            stop_now = reduced[1].item() > 0
-
-            timer.step(tokens_per_step)
-            state.wall_time_s += time.perf_counter() - wall_start
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = _grad_norm(engine)
-            monitor.update(state.step, load)
-            record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": timer.tokens_per_s, "tokens_seen": state.tokens_seen}
-            metrics_log.write(record)
-            if state.step % tc.log_every == 0 or state.step == tc.steps:
-                scalars = {"train/loss": loss_value, "train/lr": lr, "train/tokens_seen": state.tokens_seen}
-                if grad_norm is not None:
-                    scalars["train/grad_norm"] = grad_norm
-                if timer.tokens_per_s is not None:
-                    scalars["perf/tokens_per_s"] = timer.tokens_per_s
-                    scalars["perf/step_s"] = timer.mean_step_s
-                scalars.update(monitor.scalars(load, [r.expert_bias for r in model.routers()]))
-                tb.scalars(state.step, scalars)
-            progress.update(state.step, loss=loss_value, lr=lr, grad_norm=grad_norm,
-                            tokens_per_s=timer.tokens_per_s, eta_s=timer.eta(tc.steps - state.step))
-            if state.step % tc.save_every == 0 or state.step == tc.steps or stop_now:
-                save_checkpoint(engine, paths.checkpoints, state, keep=tc.keep_checkpoints)
-            if stop_now:
-                interrupted = True
-                logger.warning("stopped at step %d after a signal; continue with --resume", state.step)
-                break
-    progress.close()
-    tb.close()
-    dist.barrier()  # rank 0 hosts the rendezvous store: nobody tears down while others still talk
-    return TrainResult(state.step, loss_value, paths.root, interrupted)
+        logs.timer.step(tokens_per_step)
+        state.wall_time_s += time.perf_counter() - wall_start
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = _grad_norm(engine)
+        monitor.update(state.step, load)
+        logs.metrics.write({"step": state.step, "stage": plan.name, "loss": loss_value, "lr": lr,
+                            "grad_norm": grad_norm, "label_tokens": int(label_tokens.item()),
+                            "tokens_per_s": logs.timer.tokens_per_s, "tokens_seen": state.tokens_seen})
+        if state.step % tc.log_every == 0 or state.step == plan.last_step:
+            scalars = {"train/loss": loss_value, "train/lr": lr, "train/tokens_seen": state.tokens_seen,
+                       "train/stage": plan.index}
+            if grad_norm is not None:
+                scalars["train/grad_norm"] = grad_norm
+            if logs.timer.tokens_per_s is not None:
+                scalars["perf/tokens_per_s"] = logs.timer.tokens_per_s
+                scalars["perf/step_s"] = logs.timer.mean_step_s
+            scalars.update(monitor.scalars(load, [r.expert_bias for r in model.routers()]))
+            logs.tb.scalars(state.step, scalars)
+        logs.progress.update(state.step, loss=loss_value, lr=lr, grad_norm=grad_norm,
+                             tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step))
+        if state.step % tc.save_every == 0 or state.step == plan.last_step or stop_now:
+            save_checkpoint(engine, paths.checkpoints, state, keep=tc.keep_checkpoints)
+        if stop_now:
+            logger.warning("stopped at step %d after a signal; continue with --resume", state.step)
+            return state, loss_value, True
+    return state, loss_value, False
 
 
 def _grad_norm(engine) -> float | None:
