@@ -13,6 +13,7 @@ line, media paths relative to the JSONL file's folder::
     prompt   optional, understanding kinds           instruction before the media (no loss on it)
     image    image_caption, text_to_image            PNG/JPEG path
     video    video_caption, text_to_video            MP4 path, or a folder of frame images (sorted by name)
+    fps      optional, with video                    frame rate of a frame folder (MP4s carry their own)
     audio    audio_transcript, text_to_speech        WAV/FLAC path (any rate/channels; prep converts)
 
 Webdataset ``.tar`` input carries the same samples: per key a ``json`` member with the fields
