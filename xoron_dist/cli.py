@@ -2,11 +2,14 @@
 
     xoron train --config pipelines/smoke.yaml [--nproc N] [--resume] [key.sub=value ...]
     xoron build --config pipelines/xoron_full.yaml [key.sub=value ...]
+    xoron synth --out DIR [--config RUN.yaml]          (xoron_dist/synth/cli.py)
+    xoron prep --config RUN.yaml --out DIR INPUT...    (data_prep/cli.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
@@ -52,6 +55,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+# Verbs whose arguments and work live with their code: each module has ``add_arguments(parser)``
+# and ``run(args) -> int``, and imports its heavy dependencies inside ``run``.
+DELEGATED_VERBS = {
+    "synth": ("xoron_dist.synth.cli", "generate the synthetic multimodal corpus (media files + JSONL)"),
+    "prep": ("data_prep.cli", "raw media / webdataset tars -> Arrow shards + manifest (MPI aware)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xoron", description="Train, inspect and run Xoron.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -69,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--config", default=None, help="run YAML; default: the full-size model")
     build.add_argument("overrides", nargs="*")
     build.set_defaults(func=cmd_build)
+
+    for verb, (module, description) in DELEGATED_VERBS.items():
+        impl = importlib.import_module(module)
+        sub = verbs.add_parser(verb, help=description, description=description)
+        impl.add_arguments(sub)
+        sub.set_defaults(func=impl.run)
     return parser
 
 

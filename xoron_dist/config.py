@@ -341,7 +341,7 @@ class PrepConfig:
     max_audio_seconds: float = 30.0
     max_text_tokens: int = 8192
     shard_bytes: int = 256 * 1024 * 1024
-    samples_per_unit: int = 1000
+    samples_per_unit: int = 256
 
     def validate(self, where: str) -> None:
         _positive(self, where, "image_size", "video_frames", "video_size", "patch_multiple", "audio_sample_rate",

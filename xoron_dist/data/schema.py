@@ -57,7 +57,7 @@ GENERATION_KINDS = frozenset({"text_to_image", "text_to_video", "text_to_speech"
 _COMMON = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("kind", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),  # the input file (relative) the sample came from
+    pa.field("source", pa.string(), nullable=False),  # stem of the input file (JSONL or tar) it came from
     pa.field("prompt_tokens", pa.list_(pa.int32()), nullable=False),  # tokenized "prompt" (may be empty)
     pa.field("text_tokens", pa.list_(pa.int32()), nullable=False),  # tokenized "text"
 ]
