@@ -40,17 +40,34 @@ def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...]
     return proc
 
 
+# Trainer mechanics (resume, launchers, stages, signals) run on the built-in synthetic text: it is
+# the one source where N ranks see exactly the global batch one rank sees.
+TEXT = "data.source=synthetic_text"
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    """The smoke run's synthetic corpus, prepared once (synth -> prep) through the trainer's own cache code."""
+    from xoron_dist.config import load_config
+    from xoron_dist.tokenizer import build_tokenizer
+    from xoron_dist.train.batches import ensure_prepared
+
+    root = tmp_path_factory.mktemp("smoke-data")
+    cfg = load_config(SMOKE, [f"data.path={root / 'prepared'}"])
+    build_tokenizer(cfg, root / "tokenizer")
+    return ensure_prepared(cfg, root / "tokenizer")
+
+
 def losses(tmp_path: Path, name: str) -> dict[int, float]:
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
 
 
-def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path):
+def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path, smoke_data):
     """The README's main job: loss falls, events and a checkpoint are written, --resume continues."""
-    proc = subprocess.run(
-        [shutil.which("xoron") or "xoron", "train", "--config", str(SMOKE), f"train.output_dir={tmp_path}"],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400,
-    )
+    cmd = [shutil.which("xoron") or "xoron", "train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
+           f"data.path={smoke_data}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-5000:]
     run = tmp_path / "smoke"
     scalars = read_scalars(run / "tensorboard")
@@ -62,24 +79,23 @@ def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path):
                 "moe/layer1/expert7/tokens", "moe/layer1/expert7/bias"):
         assert tag in scalars, tag
     tokens = sum(scalars[f"moe/layer0/expert{j}/tokens"][-1][1] for j in range(8))
-    assert tokens == 8 * 128 * 2  # every token of the step routed to top-2 experts
+    assert tokens == 4 * 256 * 2  # every token of the step routed to top-2 experts
     assert "model:" in read_text(run / "tensorboard")["config"][0][1]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000120"
     assert (run / "tokenizer" / "tokenizer.json").is_file()
 
-    again = subprocess.run(
-        [shutil.which("xoron") or "xoron", "train", "--config", str(SMOKE), f"train.output_dir={tmp_path}"],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400,
-    )
+    assert "using cached prepared data" in proc.stderr
+    again = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400)
     assert again.returncode == 2 and "Pass --resume to continue it" in again.stderr
 
-    run_train(tmp_path, "smoke", "train.steps=125", flags=("--resume",))
+    run_train(tmp_path, "smoke", f"data.path={smoke_data}", "train.steps=125", flags=("--resume",))
     assert sorted(losses(tmp_path, "smoke")) == list(range(1, 126))
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000125"
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
-    common = ("train.save_every=3", "train.log_every=1", "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    common = (TEXT, "train.save_every=3", "train.log_every=1", "train.micro_batch_size=2",
+              "train.grad_accum_steps=2")
     run_train(tmp_path, "straight", "train.steps=6", *common)
     run_train(tmp_path, "split", "train.steps=3", *common)
     run_train(tmp_path, "split", "train.steps=6", *common, flags=("--resume",))
@@ -95,7 +111,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
 
 def launch_two_ranks(launcher: str, tmp_path: Path, name: str, *overrides: str) -> str:
     """Start a 2-rank CPU training job the way ``launcher`` would; return rank 0's stderr."""
-    args = ["--config", str(SMOKE), f"train.output_dir={tmp_path}", f"train.name={name}", *overrides]
+    args = ["--config", str(SMOKE), f"train.output_dir={tmp_path}", f"train.name={name}", TEXT, *overrides]
     port = str(free_port())
     commands = {
         "deepspeed": [[shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", port, "--module",
@@ -127,7 +143,7 @@ def test_two_rank_data_parallel_matches_single_rank(tmp_path, launcher):
     if launcher == "mpiexec" and shutil.which("mpiexec") is None:
         pytest.skip("no mpiexec (pip install mpich)")
     common = ("train.steps=3", "train.log_every=1", "train.save_every=100")
-    run_train(tmp_path, "single", "train.micro_batch_size=8", *common)
+    run_train(tmp_path, "single", TEXT, "train.micro_batch_size=8", *common)
     err = launch_two_ranks(launcher, tmp_path, "dp2", "train.micro_batch_size=4", *common)
     assert "world 2 = dp 2" in err
     single, dp2 = losses(tmp_path, "single"), losses(tmp_path, "dp2")
@@ -139,7 +155,7 @@ def test_two_rank_data_parallel_matches_single_rank(tmp_path, launcher):
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     cmd = [sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
-           "train.name=sig", "train.steps=100000", "train.save_every=100000", "train.log_every=1"]
+           "train.name=sig", TEXT, "train.steps=100000", "train.save_every=100000", "train.log_every=1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "sig" / "metrics.jsonl"
     deadline = time.time() + 180
@@ -168,16 +184,16 @@ def module_state(run: Path, step: int) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
-STAGES = ("train.steps=7", "train.save_every=1", "train.log_every=1", "train.keep_checkpoints=10",
+STAGES = (TEXT, "train.steps=7", "train.save_every=1", "train.log_every=1", "train.keep_checkpoints=10",
           "stages=[{name: warm, steps: 4, lr: 0.003}, "
-          "{name: frozen, steps: 3, lr: 0.001, seq_len: 64, freeze: [embed_tokens], expert_bias_update: false}]")
+          "{name: frozen, steps: 3, lr: 0.001, seq_len: 128, freeze: [embed_tokens], expert_bias_update: false}]")
 
 
 def test_curriculum_stages_freeze_and_resume_across_the_boundary(tmp_path):
     run_train(tmp_path, "staged", *STAGES)
     records = [json.loads(line) for line in (tmp_path / "staged" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == ["warm"] * 4 + ["frozen"] * 3
-    assert records[4]["label_tokens"] == records[0]["label_tokens"] // 2  # stage 2 trains on 64-token rows
+    assert records[4]["label_tokens"] == records[0]["label_tokens"] // 2  # stage 2 trains on 128-token rows
     warm_end, frozen_end = module_state(tmp_path / "staged", 4), module_state(tmp_path / "staged", 7)
     assert torch.equal(warm_end["embed_tokens.weight"], frozen_end["embed_tokens.weight"])
     assert torch.equal(warm_end["layers.0.ffn.router.expert_bias"], frozen_end["layers.0.ffn.router.expert_bias"])
@@ -204,10 +220,22 @@ def test_curriculum_stages_freeze_and_resume_across_the_boundary(tmp_path):
 def test_stage_config_errors_come_before_training(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
-         "train.steps=5", "stages=[{name: a, steps: 2}, {name: b, steps: 2}]"],
+         TEXT, "train.steps=5", "stages=[{name: a, steps: 2}, {name: b, steps: 2}]"],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     assert ("'train.steps' = 5 is invalid: with curriculum stages it must equal the sum of stages[*].steps (4)"
             in proc.stderr)
     assert "joined" not in proc.stderr  # refused before any process group
+
+
+def test_arrow_data_resume_is_exact_with_loader_workers(tmp_path, smoke_data):
+    """Mid-epoch resume on prepared shards with a loader worker and gradient accumulation."""
+    common = (f"data.path={smoke_data}", "data.num_workers=1", "train.save_every=3", "train.log_every=1",
+              "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    run_train(tmp_path, "straight", "train.steps=6", *common)
+    run_train(tmp_path, "split", "train.steps=3", *common)
+    run_train(tmp_path, "split", "train.steps=6", *common, flags=("--resume",))
+    straight, split = losses(tmp_path, "straight"), losses(tmp_path, "split")
+    for step in range(4, 7):
+        assert split[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), (step, split, straight)

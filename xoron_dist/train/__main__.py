@@ -37,11 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         info = discover_ranks()
         configure_logging(info.rank, info.world_size)
         cfg = load_config(args.config, args.overrides)
-        from xoron_dist.train.trainer import train  # heavy imports (deepspeed) after the cheap checks
-
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, LaunchError) as err:
         logging.getLogger("xoron_dist").error("%s", err)
+        return 2
+    from xoron_dist.train.trainer import USER_ERRORS, train  # heavy imports (deepspeed) after the cheap checks
+
+    try:
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except USER_ERRORS as err:
+        # Wrong config, data or checkpoint: the message says what and where; a traceback would bury it.
+        logging.getLogger("xoron_dist").error("%s: %s", type(err).__name__, err)
         return 2
     logging.getLogger("xoron_dist").info(
         "done: %d steps, final loss %s, run directory %s", result.steps_done,

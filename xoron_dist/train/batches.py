@@ -77,15 +77,21 @@ class SyntheticTextSource:
         return f"synthetic text: {len(self.dataset)} samples of {self.dataset.seq_len} tokens"
 
 
-def build_source(cfg: XoronConfig, tokenizer, plan: StagePlan, dp_rank: int, dp_size: int):
+def build_source(cfg: XoronConfig, tokenizer, plan: StagePlan, dp_rank: int, dp_size: int, *,
+                 pin_memory: bool = False):
     if cfg.data.source == "synthetic_text":
         return SyntheticTextSource(cfg, tokenizer, plan, dp_rank, dp_size)
     from xoron_dist.data.loader import ArrowDataLoader
 
+    staged = bool(cfg.stages)
+    where = f"stages[{plan.index}]"
     return ArrowDataLoader(
         cfg.data.path, cfg.data, tokenizer, seq_len=plan.seq_len, micro_batch_size=cfg.train.micro_batch_size,
         dp_rank=dp_rank, dp_size=dp_size, seed=cfg.data.seed + plan.index, kinds=plan.kinds or None,
-        mix=plan.mix or None,
+        mix=plan.mix or None, pin_memory=pin_memory,
+        kinds_field=f"{where}.kinds",
+        mix_field=f"{where}.mix" if staged and cfg.stages[plan.index].mix else "data.mix",
+        seq_len_field=f"{where}.seq_len" if staged and cfg.stages[plan.index].seq_len else "train.seq_len",
     )
 
 
@@ -102,7 +108,8 @@ def ensure_prepared(cfg: XoronConfig, tokenizer_dir: Path) -> Path:
     """Make sure ``data.path`` holds prepared shards; build them from ``data.synth`` when it does not.
 
     Rank 0 only (callers barrier after). Reuses an existing folder whose recorded synth settings,
-    preprocessing and tokenizer match; otherwise regenerates it (the corpus under ``raw/``).
+    preprocessing and tokenizer match; otherwise regenerates it (the raw corpus beside it, in
+    ``<path>-raw/``).
     """
     from xoron_dist.data.schema import MANIFEST_FILE, sha256_file
 
@@ -125,8 +132,10 @@ def ensure_prepared(cfg: XoronConfig, tokenizer_dir: Path) -> Path:
     if out.exists():
         logger.info("prepared data in %s is stale (settings or tokenizer changed); rebuilding", out)
         shutil.rmtree(out)
-    logger.info("generating the synthetic corpus and preparing shards in %s", out)
-    inputs = synthesize(cfg.data.synth, out / "raw", progress=False)
-    prepare(inputs, out, cfg, workers=1, progress=False)
+    raw = out.with_name(out.name + "-raw")
+    logger.info("generating the synthetic corpus in %s and preparing shards in %s", raw, out)
+    inputs = synthesize(cfg.data.synth, raw, progress=False)
+    manifest = prepare(inputs, out, cfg, workers=1, progress=False)
     record.write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+    logger.info("prepared %s", ", ".join(f"{name}: {d.rows} rows" for name, d in manifest.datasets.items()))
     return out

@@ -29,12 +29,18 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from data_prep.errors import PrepError
 from xoron_dist.config import ConfigError, XoronConfig
+from xoron_dist.data.loader import LoaderStateError
+from xoron_dist.data.schema import CorruptShardError
+from xoron_dist.data.shards import TokenizerMismatchError
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.parallel import state as parallel_state
+from xoron_dist.parallel.launcher_env import LaunchError
 from xoron_dist.tokenizer import build_tokenizer
 from xoron_dist.train.batches import build_source, ensure_prepared
 from xoron_dist.train.checkpoint import (
+    CheckpointError,
     TrainerState,
     config_hash,
     latest_tag,
@@ -50,6 +56,13 @@ from xoron_dist.train.stages import StagePlan, freeze_parameters, plan_stages, s
 from xoron_dist.train.tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
+
+# Errors about the user's config, data or checkpoints (not bugs): the entry point prints their
+# message, which names what is wrong and where, instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, LaunchError, CheckpointError, CorruptShardError, LoaderStateError, TokenizerMismatchError,
+    PrepError, FileNotFoundError,
+)
 
 
 @dataclass
@@ -228,7 +241,7 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
         mpu=parallel_state.mpu(),
     )
     model.keep_router_state_fp32()
-    source = build_source(cfg, tokenizer, plan, ctx.dp_rank, ctx.dp_size)
+    source = build_source(cfg, tokenizer, plan, ctx.dp_rank, ctx.dp_size, pin_memory=ctx.device.type == "cuda")
 
     found = peek_state(paths.checkpoints) if load else None
     if found is not None and found.stage_index == plan.index:  # resume inside this stage

@@ -1,0 +1,228 @@
+"""Reading prepared Arrow shards: verify against the manifest, memory-map, random access to rows.
+
+``PreparedData(root)`` opens a folder written by ``xoron prep`` (``manifest.json`` + per-kind Arrow
+IPC file shards, see ``schema.py``). Each dataset (``ArrowDataset``) is the concatenation of its
+shards in manifest order; row ``i`` is found by the cumulative row counts of the shards, then by
+the record-batch offsets inside the shard. A shard is checked against its manifest entry the first
+time a process opens it (size always, sha256 when asked, row count and kind always) and
+memory-mapped (``pa.memory_map`` + ``pa.ipc.open_file``): reading a row touches only the pages of
+that row, never the whole table. Token lists and media come back as read-only numpy views into the
+mapping (zero-copy); whoever needs a tensor copies once (``packing`` does, into the batch).
+
+A worker process inherits the set of shards its parent already hashed, so the sha256 pass runs
+once per process tree (the loader hashes in the trainer's process before it starts workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from xoron_dist.data.schema import (
+    MANIFEST_FILE,
+    CorruptShardError,
+    DatasetInfo,
+    Manifest,
+    ShardInfo,
+    media_of,
+    verify_shard,
+)
+
+
+class MalformedSampleError(ValueError):
+    """A row whose media bytes do not match its recorded dimensions (the loader skips and counts it)."""
+
+
+class TokenizerMismatchError(ValueError):
+    """The shards were tokenized by another tokenizer than the run's."""
+
+
+@dataclass
+class ArrowSample:
+    """One row of a prepared dataset. Arrays are read-only views into the memory-mapped shard."""
+
+    dataset: str
+    kind: str
+    id: str
+    prompt_tokens: np.ndarray  # (prompt_len,) int32
+    text_tokens: np.ndarray  # (text_len,) int32
+    medium: str | None = None  # "image" | "video" | "audio" | None (text)
+    media: np.ndarray | None = None  # image (H, W, 3) uint8 | video (T, H, W, 3) uint8 | audio (samples,) int16
+    sample_rate: int | None = None  # audio only
+    fps: float | None = None  # video only
+
+    @property
+    def audio_seconds(self) -> float:
+        return len(self.media) / self.sample_rate
+
+
+class _Columns:
+    """Numpy views of one record batch's columns, built once per batch and reused for its rows."""
+
+    def __init__(self, batch: pa.RecordBatch, medium: str | None) -> None:
+        self.ids = batch.column("id")
+        self.prompt = _list_views(batch.column("prompt_tokens"))
+        self.text = _list_views(batch.column("text_tokens"))
+        self.medium = medium
+        if medium is not None:
+            self.media = _binary_views(batch.column(medium))
+            names = {"image": ("image_height", "image_width"),
+                     "video": ("video_frames", "video_height", "video_width", "video_fps"),
+                     "audio": ("audio_samples", "sample_rate")}[medium]
+            self.dims = {name: batch.column(name).to_numpy() for name in names}
+
+
+def _list_views(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    # offsets index into .values and already include the array's slice offset
+    return column.offsets.to_numpy(), column.values.to_numpy(zero_copy_only=True)
+
+
+def _binary_views(column: pa.BinaryArray) -> tuple[np.ndarray, np.ndarray]:
+    _, offsets, data = column.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+    return offsets, np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+
+
+class _OpenShard:
+    """A memory-mapped shard: its record batches and their first-row offsets."""
+
+    def __init__(self, path: Path, info: ShardInfo, kind: str) -> None:
+        self.path = path
+        self.mapping = pa.memory_map(str(path), "r")
+        try:
+            reader = pa.ipc.open_file(self.mapping)
+        except pa.ArrowInvalid as err:
+            raise CorruptShardError(
+                f"shard {path} is not a readable Arrow IPC file ({err}); re-run xoron prep"
+            ) from err
+        found_kind = (reader.schema.metadata or {}).get(b"xoron_kind", b"").decode()
+        if found_kind != kind:
+            raise CorruptShardError(f"shard {path} holds kind '{found_kind}' but is listed under a '{kind}' dataset")
+        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])  # (num_batches + 1,)
+        if self.starts[-1] != info.rows:
+            raise CorruptShardError(f"shard {path} has {self.starts[-1]} rows, the manifest says {info.rows}")
+        self.columns: list[_Columns | None] = [None] * len(self.batches)
+
+
+class ArrowDataset:
+    """All shards of one dataset (one kind) as one row-addressable table."""
+
+    def __init__(self, root: Path, name: str, info: DatasetInfo, *, verify_checksums: bool) -> None:
+        self.root, self.name, self.info = Path(root), name, info
+        self.kind = info.kind
+        self.medium = media_of(info.kind)
+        self.verify_checksums = verify_checksums
+        self.starts = np.cumsum([0] + [s.rows for s in info.shards])  # first row of each shard, then the total
+        self._hashed: set[int] = set()  # shards whose sha256 this process (or its parent) checked
+        self._open: dict[int, _OpenShard] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Mappings do not cross process boundaries; a worker reopens what it reads.
+        return {**self.__dict__, "_open": {}}
+
+    def verify(self) -> None:
+        """Check every shard now (size; sha256 if ``verify_checksums``): fail at start, not mid-run."""
+        for index, shard in enumerate(self.info.shards):
+            self._verify(index, shard)
+
+    def _verify(self, index: int, shard: ShardInfo) -> Path:
+        checksum = self.verify_checksums and index not in self._hashed
+        path = verify_shard(self.root, shard, checksum=checksum)
+        if checksum:
+            self._hashed.add(index)
+        return path
+
+    def _shard(self, index: int) -> _OpenShard:
+        if index not in self._open:
+            shard = self.info.shards[index]
+            self._open[index] = _OpenShard(self._verify(index, shard), shard, self.kind)
+        return self._open[index]
+
+    def sample(self, row: int) -> ArrowSample:
+        """Row ``row`` (0 <= row < len) across the shards."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} is outside dataset '{self.name}' ({len(self)} rows)")
+        shard_index = int(np.searchsorted(self.starts, row, side="right")) - 1
+        shard = self._shard(shard_index)
+        local = row - int(self.starts[shard_index])
+        batch_index = int(np.searchsorted(shard.starts, local, side="right")) - 1
+        columns = shard.columns[batch_index]
+        if columns is None:
+            columns = shard.columns[batch_index] = _Columns(shard.batches[batch_index], self.medium)
+        i = local - int(shard.starts[batch_index])
+        offsets, values = columns.prompt
+        prompt = values[offsets[i] : offsets[i + 1]]
+        offsets, values = columns.text
+        sample = ArrowSample(self.name, self.kind, columns.ids[i].as_py(), prompt, values[offsets[i] : offsets[i + 1]])
+        if self.medium is not None:
+            self._attach_media(sample, columns, i, shard.path)
+        return sample
+
+    def _attach_media(self, sample: ArrowSample, columns: _Columns, i: int, path: Path) -> None:
+        offsets, data = columns.media
+        raw = data[offsets[i] : offsets[i + 1]]
+        dims = {name: values[i].item() for name, values in columns.dims.items()}
+        if self.medium == "image":
+            shape = (dims["image_height"], dims["image_width"], 3)
+        elif self.medium == "video":
+            shape = (dims["video_frames"], dims["video_height"], dims["video_width"], 3)
+            sample.fps = float(dims["video_fps"])
+        else:
+            shape = (dims["audio_samples"] * 2,)
+            sample.sample_rate = int(dims["sample_rate"])
+        if int(np.prod(shape)) != raw.size or min(shape) <= 0:
+            raise MalformedSampleError(
+                f"sample '{sample.id}' in {path}: {self.medium} has {raw.size} bytes, its dimensions "
+                f"{dims} need {int(np.prod(shape))}"
+            )
+        sample.medium = self.medium
+        sample.media = raw.view(np.int16) if self.medium == "audio" else raw.reshape(shape)
+
+
+def tokenizer_sha256(tokenizer: Any) -> str | None:
+    """sha256 of the ``tokenizer.json`` that ``XoronTokenizer.save`` writes for ``tokenizer``
+    (what the manifest records); None for a tokenizer object without a ``tokenizers`` backend."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str(pretty=True).encode("utf-8")).hexdigest()
+
+
+class PreparedData:
+    """A prepared folder: its manifest and one ``ArrowDataset`` per dataset it lists."""
+
+    def __init__(self, root: str | Path, *, verify_checksums: bool = True) -> None:
+        self.root = Path(root)
+        self.manifest = Manifest.read(self.root)
+        self.datasets = {
+            name: ArrowDataset(self.root, name, info, verify_checksums=verify_checksums)
+            for name, info in sorted(self.manifest.datasets.items())
+        }
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise ``TokenizerMismatchError`` unless the shards were tokenized by ``tokenizer``."""
+        recorded = self.manifest.tokenizer
+        where = self.root / MANIFEST_FILE
+        fix = ("re-run xoron prep with the run's tokenizer (or point tokenizer.path at the one prep used); "
+               "token ids from another tokenizer mean nothing to this model")
+        vocab = recorded.get("vocab_size")
+        if vocab is not None and vocab != tokenizer.vocab_size:
+            raise TokenizerMismatchError(
+                f"{where}: the shards were tokenized by a tokenizer with {vocab} ids, this run's has "
+                f"{tokenizer.vocab_size}; {fix}"
+            )
+        sha, ours = recorded.get("sha256"), tokenizer_sha256(tokenizer)
+        if sha is not None and ours is not None and sha != ours:
+            raise TokenizerMismatchError(
+                f"{where}: the shards were tokenized by tokenizer.json with sha256 {sha[:12]}..., this run's "
+                f"tokenizer has {ours[:12]}...; {fix}"
+            )
