@@ -1,5 +1,7 @@
 """The config tree: full-size defaults, presets, YAML + overrides, and errors that name the field."""
 
+from pathlib import Path
+
 import pytest
 
 from xoron_dist.config import ConfigError, XoronConfig, available_presets, load_config
@@ -79,3 +81,12 @@ def test_direct_construction_is_validated():
 
     with pytest.raises(ConfigError, match="'model.llm.dense_layers' = 20"):
         XoronConfig(model=ModelConfig(llm=LLMConfig(dense_layers=20)))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_pipelines_load(path):
+    cfg = load_config(path)
+    assert cfg.train.name
+    if cfg.stages:
+        assert sum(stage.steps for stage in cfg.stages) == cfg.train.steps
