@@ -239,3 +239,23 @@ def test_arrow_data_resume_is_exact_with_loader_workers(tmp_path, smoke_data):
     straight, split = losses(tmp_path, "straight"), losses(tmp_path, "split")
     for step in range(4, 7):
         assert split[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), (step, split, straight)
+
+
+def test_arrow_stages_choose_kinds_and_a_corrupt_shard_is_named(tmp_path, smoke_data):
+    run_train(tmp_path, "kinds", f"data.path={smoke_data}", "train.steps=4", "train.save_every=2",
+              "stages=[{name: all, steps: 2}, {name: captions, steps: 2, kinds: [image_caption, video_caption], "
+              "mix: {image_caption: 3, video_caption: 1}}]")
+    state = torch.load(tmp_path / "kinds" / "checkpoints" / "step00000004" / "rng_rank0.pt", weights_only=False)
+    assert set(state["data_position"]["source"]["datasets"]) == {"image_caption", "video_caption"}
+
+    broken = tmp_path / "broken-data"
+    shutil.copytree(smoke_data, broken)
+    shard = next((broken / "text").glob("*.arrow"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    proc = subprocess.run(
+        [sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
+         "train.name=broken", f"data.path={broken}"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"CorruptShardError: shard {shard}" in proc.stderr and "truncated or replaced" in proc.stderr
