@@ -153,8 +153,18 @@ class LLMConfig:
 
         For the full preset this is 151,936, the embedding size of Qwen2.5 models.
         """
-        rows = self.vocab_size + self.special_token_slots
-        return int(math.ceil(rows / self.pad_vocab_multiple) * self.pad_vocab_multiple)
+        return self.vocab_rows(tp=1)
+
+    @property
+    def usable_vocab_size(self) -> int:
+        """Ids a tokenizer may use; rows beyond are padding that is never predicted."""
+        return self.vocab_size + self.special_token_slots
+
+    def vocab_rows(self, tp: int) -> int:
+        """Embedding rows when the vocabulary is split over ``tp`` ranks: a multiple of
+        ``pad_vocab_multiple * tp`` (Megatron's rule), so every rank holds the same number."""
+        multiple = self.pad_vocab_multiple * tp
+        return int(math.ceil(self.usable_vocab_size / multiple) * multiple)
 
     def validate(self, where: str) -> None:
         _positive(self, where, "vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads",
@@ -268,6 +278,8 @@ class ParallelConfig:
     ep: int = 1
     zero_stage: int = 1
     sequence_parallel: bool = False
+    tp_experts: bool = True  # split routed experts on their FFN dim over TP; False: whole experts per rank
+    ring_latent: bool = True  # ring attention passes MLA's latent + rope key instead of full K/V
 
     def validate(self, where: str) -> None:
         _positive(self, where, "tp", "pp", "sp", "ep")

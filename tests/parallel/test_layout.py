@@ -74,15 +74,14 @@ def test_stage_seq_len_is_checked_too():
 
 def test_all_problems_reported_at_once():
     message = _error(6, "parallel.tp=3", "parallel.ep=3", allow_unbuilt=False)
-    # heads, experts, ep vs dp*sp = 2, and the two unbuilt refusals
+    # heads, FFN dims, experts, ep vs dp*sp = 2, and the unbuilt EP refusal
     assert message.count("\n  - ") == 5
     assert message.startswith("parallel layout (tp=3, pp=1, sp=1, ep=3, zero_stage=1) does not fit a world of 6")
 
 
 @pytest.mark.parametrize(
     ("key", "issue_text"),
-    [("tp", "tensor parallel layers land with issue #4"), ("sp", "issue #4"), ("ep", "issue #5"),
-     ("pp", "issue #6")],
+    [("sp", "issue #4"), ("ep", "issue #5"), ("pp", "issue #6")],
 )
 def test_unbuilt_dimensions_are_refused_naming_their_issue(key, issue_text):
     message = _error(2, f"parallel.{key}=2", allow_unbuilt=False)
@@ -110,3 +109,13 @@ def test_compatibility_table_lists_every_dimension_rule_and_refusal():
         if not dim.built:
             refusal = _error(2, f"parallel.{dim.key}=2", allow_unbuilt=False).split(": ", 1)[1]
             assert refusal.split(";")[0] in table
+
+
+def test_tensor_parallel_rules():
+    assert "expert_intermediate_size = 64 is not divisible by parallel.tp = 3" in _error(
+        3, "parallel.tp=3", "model.llm.num_heads=3", "model.llm.moe.num_shared_experts=0")
+    assert "tp_experts=false keeps routed experts whole" in _error(
+        3, "parallel.tp=3", "model.llm.num_heads=3", "model.llm.moe.num_shared_experts=0")
+    validate_layout(_cfg("parallel.tp=2"), 2)  # built: accepted without allow_unbuilt
+    message = _error(2, "parallel.tp=2", "parallel.sequence_parallel=true", allow_unbuilt=False)
+    assert "parallel.sequence_parallel = true" in message and "not built yet" in message

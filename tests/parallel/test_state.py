@@ -214,8 +214,8 @@ def single_process_env(monkeypatch):
 def test_single_process_refuses_unbuilt_dimension_before_any_group(single_process_env):
     from xoron_dist.parallel import state
 
-    with pytest.raises(LayoutError, match="tensor parallel layers land with issue #4"):
-        state.initialize(_cfg("parallel.tp=2"))
+    with pytest.raises(LayoutError, match="expert parallel dispatch lands with issue #5"):
+        state.initialize(_cfg("parallel.ep=2"))
     assert not torch.distributed.is_initialized() and not state.is_initialized()
 
 

@@ -259,3 +259,24 @@ def test_arrow_stages_choose_kinds_and_a_corrupt_shard_is_named(tmp_path, smoke_
     )
     assert proc.returncode == 2
     assert f"CorruptShardError: shard {shard}" in proc.stderr and "truncated or replaced" in proc.stderr
+
+
+@pytest.mark.multirank
+def test_tensor_parallel_run_and_resume_match_single_rank(tmp_path):
+    """TP=2 through DeepSpeed (mpu, ZeRO-1, grad clipping): the logged losses and grad norms equal one
+    rank's, unscaled by TP; a resumed TP run (per-rank mp_rank_XX checkpoint files) continues exactly."""
+    common = (TEXT, "model.llm.pad_vocab_multiple=32", "train.log_every=1", "train.save_every=3")
+    run_train(tmp_path, "single", "train.steps=5", *common)
+    launcher = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                "xoron_dist.train"]
+    proc = run_train(tmp_path, "tp2", "train.steps=3", "parallel.tp=2", *common, launcher=launcher)
+    assert "world 2 = dp 1 x tp 2" in proc.stderr
+    launcher[4] = str(free_port())
+    run_train(tmp_path, "tp2", "train.steps=5", "parallel.tp=2", *common, launcher=launcher, flags=("--resume",))
+    single = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    tp2 = [json.loads(line) for line in (tmp_path / "tp2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in tp2] == [1, 2, 3, 4, 5]
+    for a, b in zip(single, tp2, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
+    assert (tmp_path / "tp2" / "checkpoints" / "step00000003" / "mp_rank_01_model_states.pt").is_file()

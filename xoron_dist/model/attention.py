@@ -90,6 +90,7 @@ class MultiLatentAttention(nn.Module):
         self.out_proj = builder.row_linear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size)
         self.softmax_scale = qk_dim**-0.5 * softmax_scale_multiplier
         self.dropout = cfg.attention_dropout
+        self.builder = builder
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_up(self.q_norm(self.q_down(x)))
@@ -113,7 +114,9 @@ class MultiLatentAttention(nn.Module):
 
         latent, k_rope = self.kv_down(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)  # (b, s, kv_rank): the cached c_kv
-        k_rope = apply_rotary(k_rope, cos, sin)  # (b, s, rope): one key shared by all heads
+        # One rope key shared by all heads; with heads split over TP ranks, each rank's use of it
+        # yields a partial gradient, summed over the ranks by copy_to's backward.
+        k_rope = self.builder.copy_to_tp(apply_rotary(k_rope, cos, sin))  # (b, s, rope)
 
         if cache is None:
             out = self._expanded(q_nope, q_rope, latent, k_rope, document_ids)

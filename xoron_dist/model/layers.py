@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 
 class RMSNorm(nn.Module):
@@ -30,31 +31,79 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def mark_tp_split(param: torch.Tensor, dim: int, stride: int = 1) -> torch.Tensor:
+    """Record that ``param`` is this rank's slice of a tensor split over tensor-parallel ranks.
+
+    ``dim``: the split dimension; ``stride``: how many equal blocks the full dimension holds
+    that are split separately (2 for a fused [gate; up] weight, so each rank gets half of both).
+    Megatron's attribute names, which DeepSpeed reads to count the slice once in grad norms.
+    """
+    param.tensor_model_parallel = True
+    param.partition_dim, param.partition_stride = dim, stride
+    return param
+
+
+def tp_slice(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full`` along ``dim`` (see ``mark_tp_split`` for ``stride``)."""
+    blocks = full.chunk(stride, dim=dim)
+    return torch.cat([block.chunk(size, dim=dim)[rank] for block in blocks], dim=dim)
+
+
+def _uninitialized(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """``cls(*args)`` with storage but no initialisation, on the current default device (meta too)."""
+    return skip_init(cls, *args, device=torch.get_default_device(), **kwargs)
+
+
 class LayerBuilder:
-    """Makes the linear/embedding layers of a model; this one is single-rank.
+    """Makes the linear/embedding layers of a model, and the few operations that depend on how
+    they are split; this one is single-rank (``xoron_dist.parallel.tensor`` has the TP one).
 
     ``column_linear``: output features may be split across tensor-parallel ranks.
     ``row_linear``: input features may be split (its output is then reduced).
     ``replicated_linear``: identical on every rank (small down-projections, routers).
     A column layer's caller sizes what follows by ``out_features // tp_size``.
+    ``copy_to_tp``/``reduce_from_tp``: where a replicated tensor enters a split computation
+    (backward sums its gradient over the ranks) / where split partial sums leave one.
     """
 
     tp_size: int = 1
+    tp_rank: int = 0
+    split_experts: bool = True  # routed experts split on their FFN dim over TP (else whole on every rank)
 
+    # Layers are made uninitialised (skip_init): the model initialises every weight itself, in
+    # one order, so that the random stream, and thus the weights, do not depend on the builder.
     def column_linear(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+        return _uninitialized(nn.Linear, in_features, out_features, bias=False)
 
     def row_linear(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+        return _uninitialized(nn.Linear, in_features, out_features, bias=False)
 
     def replicated_linear(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=False)
+        return _uninitialized(nn.Linear, in_features, out_features, bias=False)
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
-        return nn.Embedding(num_embeddings, dim)
+        return _uninitialized(nn.Embedding, num_embeddings, dim)
 
     def output_layer(self, dim: int, vocab: int) -> nn.Module:
-        return nn.Linear(dim, vocab, bias=False)
+        return _uninitialized(nn.Linear, dim, vocab, bias=False)
+
+    def copy_to_tp(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def reduce_from_tp(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits from this rank's (batch, seq, vocab/tp) slice."""
+        return logits
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (fp32) of logits (..., vocab/tp) against ids (...)."""
+        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
+
+    def vocab_offset(self, rows: int) -> int:
+        """Global id of this rank's first vocabulary row."""
+        return self.tp_rank * (rows // self.tp_size)
 
 
 class SwiGLU(nn.Module):

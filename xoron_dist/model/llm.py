@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from xoron_dist.config import LLMConfig
 from xoron_dist.model.attention import LatentKVCache, MultiLatentAttention
-from xoron_dist.model.layers import LayerBuilder, RMSNorm, SwiGLU
+from xoron_dist.model.layers import LayerBuilder, RMSNorm, SwiGLU, tp_slice
 from xoron_dist.model.moe import ExpertBiasRouter, MoEFeedForward, RoutedExperts
 from xoron_dist.model.rope import RotaryEmbedding
 
@@ -56,7 +55,8 @@ class XoronLLM(nn.Module):
         super().__init__()
         builder = builder or LayerBuilder()
         self.cfg = cfg
-        self.vocab_rows = cfg.padded_vocab_size
+        self.builder = builder
+        self.vocab_rows = cfg.vocab_rows(builder.tp_size)
         self.rope = RotaryEmbedding(cfg)
         self.embed_tokens = builder.embedding(self.vocab_rows, cfg.hidden_size)
         self.layers = nn.ModuleList(
@@ -75,19 +75,31 @@ class XoronLLM(nn.Module):
 
     # ------------------------------------------------------------------ set-up
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
+        """Normal(0, init_std) matrices, unit norms, zero expert biases. A tensor-parallel slice is
+        cut from a full tensor drawn in the same order, so any TP size starts from the same weights."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
+            if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, ExpertBiasRouter):
-                nn.init.normal_(module.weight, std=std)
+                self._normal_(module.weight)
                 module.expert_bias.zero_()
             elif isinstance(module, RoutedExperts):
-                nn.init.normal_(module.gate_up, std=std)
-                nn.init.normal_(module.down, std=std)
+                self._normal_(module.gate_up)
+                self._normal_(module.down)
+            elif not list(module.children()) and isinstance(getattr(module, "weight", None), nn.Parameter):
+                self._normal_(module.weight)
+
+    def _normal_(self, param: nn.Parameter) -> None:
+        if not getattr(param, "tensor_model_parallel", False):
+            nn.init.normal_(param, std=self.cfg.init_std)
+            return
+        dim, stride = param.partition_dim, param.partition_stride
+        shape = list(param.shape)
+        shape[dim] *= self.builder.tp_size
+        full = torch.empty(shape, dtype=param.dtype, device=param.device).normal_(std=self.cfg.init_std)
+        param.copy_(tp_slice(full, dim, stride, self.builder.tp_rank, self.builder.tp_size))
 
     def keep_router_state_fp32(self) -> None:
         """Cast the expert biases back to fp32 after an engine cast the model to bf16/fp16: updates
@@ -135,13 +147,22 @@ class XoronLLM(nn.Module):
             # Harvest after the layer loop: activation-checkpoint recompute re-runs the routers in
             # backward, and must not count the same tokens twice.
             self.expert_load += torch.stack([r.last_load for r in self._routers])
-        logits = self.lm_head(self.norm(x))
+        logits = self._mask_padding_rows(self.lm_head(self.norm(x)))  # (batch, seq, vocab_rows / tp)
         if labels is None:
             return LLMOutput(logits=logits)
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
-        )
-        return LLMOutput(logits=logits, loss=loss, num_tokens=int((labels != IGNORE_INDEX).sum()))
+        labelled = labels != IGNORE_INDEX
+        num_tokens = int(labelled.sum())
+        loss = (self.builder.token_losses(logits, labels) * labelled).sum() / max(num_tokens, 1)
+        return LLMOutput(logits=logits, loss=loss, num_tokens=num_tokens)
+
+    def _mask_padding_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf on the embedding's padding rows: never predicted, and the loss is then the same
+        however many padding rows a TP size adds."""
+        usable = self.cfg.usable_vocab_size
+        if self.vocab_rows == usable:
+            return logits
+        ids = torch.arange(logits.shape[-1], device=logits.device) + self.builder.vocab_offset(self.vocab_rows)
+        return logits.masked_fill(ids >= usable, float("-inf"))
 
     # ------------------------------------------------------------------ expert balancing
 
@@ -200,7 +221,8 @@ class XoronLLM(nn.Module):
         tokens, step_input = input_ids, input_ids
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            logits = self(step_input if use_cache else tokens, cache=cache).logits[:, -1, : self._vocab_limit()]
+            logits = self(step_input if use_cache else tokens, cache=cache).logits[:, -1]
+            logits = self.builder.gather_logits(logits)[:, : self.cfg.usable_vocab_size]
             nxt = sample_next_token(logits.float(), temperature, top_p, top_k, generator)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
@@ -212,9 +234,6 @@ class XoronLLM(nn.Module):
         self.train(was_training)
         return tokens
 
-    def _vocab_limit(self) -> int:
-        """Never sample the padding rows of the embedding (ids >= vocab + special slots)."""
-        return self.cfg.vocab_size + self.cfg.special_token_slots
 
 
 def sample_next_token(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import MoEConfig
-from xoron_dist.model.layers import LayerBuilder, SwiGLU
+from xoron_dist.model.layers import LayerBuilder, SwiGLU, mark_tp_split
 
 
 class ExpertBiasRouter(nn.Module):
@@ -59,13 +59,25 @@ class RoutedExperts(nn.Module):
 
     gate_up: (experts, 2·intermediate, hidden) — gate rows first, then up rows.
     down:    (experts, hidden, intermediate).
+    With a tensor-parallel ``builder`` whose ``split_experts`` is set, each rank holds 1/tp of every expert's
+    intermediate dim (of both gate and up) and the experts' partial outputs are summed over the
+    ranks before the combine weights apply, so the router's gradient is complete on every rank.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, builder: LayerBuilder | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        split = builder is not None and builder.split_experts and builder.tp_size > 1
+        self.builder = builder if split else LayerBuilder()
+        local = intermediate // self.builder.tp_size
+        if local * self.builder.tp_size != intermediate:
+            raise ValueError(f"expert_intermediate_size {intermediate} is not divisible by TP size "
+                             f"{self.builder.tp_size}")
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * local, hidden))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, local))
+        if self.builder.tp_size > 1:
+            mark_tp_split(self.gate_up, dim=1, stride=2)
+            mark_tp_split(self.down, dim=2)
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (tokens, hidden), chosen/weights (tokens, k) -> (tokens, hidden)."""
@@ -74,7 +86,7 @@ class RoutedExperts(nn.Module):
         order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
         token_of = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        grouped = x[token_of]
+        grouped = self.builder.copy_to_tp(x)[token_of]
         # unbind once: indexing the stacked weight per expert would make autograd build one
         # full-size zero gradient per expert and add them up; unbind's backward stacks once.
         gate_ups, downs = self.gate_up.unbind(0), self.down.unbind(0)
@@ -84,7 +96,7 @@ class RoutedExperts(nn.Module):
                 continue
             gate, up = F.linear(rows, gate_ups[expert]).chunk(2, dim=-1)
             outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
-        combined = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)
+        combined = self.builder.reduce_from_tp(torch.cat(outputs)) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, combined)
 
 
@@ -94,7 +106,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, hidden: int, cfg: MoEConfig, builder: LayerBuilder) -> None:
         super().__init__()
         self.router = ExpertBiasRouter(hidden, cfg)
-        self.experts = RoutedExperts(cfg.num_experts, hidden, cfg.expert_intermediate_size)
+        self.experts = RoutedExperts(cfg.num_experts, hidden, cfg.expert_intermediate_size, builder)
         self.shared = (
             SwiGLU(hidden, cfg.expert_intermediate_size * cfg.num_shared_experts, builder)
             if cfg.num_shared_experts > 0

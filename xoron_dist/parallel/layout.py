@@ -80,8 +80,8 @@ class Rule:
 
 SUPPORTED: tuple[Dimension, ...] = (
     Dimension("dp", "Data parallel + ZeRO", "DeepSpeed ZeRO 0/1/2/3 (`parallel.zero_stage`)"),
-    Dimension("tp", "Tensor parallel", "Megatron-core `tensor_parallel` layers", 4,
-              "tensor parallel layers land with issue #4"),
+    Dimension("tp", "Tensor parallel", "Megatron-core `tensor_parallel` primitives (column/row-parallel "
+              "linears, vocab-parallel embedding and cross-entropy)"),
     Dimension("sp", "Sequence parallel (ring attention)", "ring attention over Megatron's context-parallel group", 4,
               "ring attention (sequence parallel) lands with issue #4"),
     Dimension("ep", "Expert parallel", "expert groups + all-to-all dispatch", 5,
@@ -130,6 +130,30 @@ def _seq_len_chunks(cfg: XoronConfig, s: _Sizes) -> str | None:
             f"into 2*sp chunks (zig-zag causal load balancing); use a multiple of {chunks}, e.g. {near}")
 
 
+def _ffn_dims_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
+    llm = cfg.llm
+    dims = [("model.llm.moe.expert_intermediate_size * num_shared_experts",
+             llm.moe.expert_intermediate_size * llm.moe.num_shared_experts)]
+    if cfg.parallel.tp_experts:
+        dims.append(("model.llm.moe.expert_intermediate_size", llm.moe.expert_intermediate_size))
+    if llm.dense_layers:
+        dims.append(("model.llm.dense_intermediate_size", llm.dense_intermediate_size))
+    bad = [(name, n) for name, n in dims if n and n % s.tp]
+    if not bad:
+        return None
+    name, n = bad[0]
+    return (f"{name} = {n} is not divisible by parallel.tp = {s.tp}: TP splits the FFN's intermediate dim; "
+            f"pick tp from {_divisors(n)}" + (" (or parallel.tp_experts=false keeps routed experts whole)"
+                                               if "num_shared" not in name and "dense" not in name else ""))
+
+
+def _megatron_sequence_parallel(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if not cfg.parallel.sequence_parallel:
+        return None
+    return ("parallel.sequence_parallel = true (Megatron's split of the norm/residual regions over the TP group) "
+            "is not built yet; set it to false (long sequences: use parallel.sp, ring attention)")
+
+
 def _layers_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
     layers = cfg.llm.num_layers
     if layers % s.pp == 0:
@@ -168,6 +192,11 @@ def _experts_carved_from_dp(cfg: XoronConfig, s: _Sizes) -> str | None:
 RULES: tuple[Rule, ...] = (
     Rule("dp", "world size divisible by tp·pp·sp; dp = world / (tp·pp·sp)", _world_divides),
     Rule("tp", "`model.llm.num_heads` divisible by tp", _heads_divide),
+    Rule("tp", "FFN intermediate sizes (shared expert, dense layers, routed experts unless "
+               "`parallel.tp_experts=false`) divisible by tp; the vocabulary is padded to a multiple of tp",
+         _ffn_dims_divide),
+    Rule("tp", "`parallel.sequence_parallel` (Megatron's norm-region split) not built yet: false",
+         _megatron_sequence_parallel),
     Rule("sp", "`train.seq_len` (and every stage's `seq_len`) divisible by 2·sp (zig-zag chunks)", _seq_len_chunks),
     Rule("ep", "`model.llm.moe.num_experts` divisible by ep", _experts_divide),
     Rule("ep", "ep divides dp·sp (expert groups are carved out of the data/sequence-parallel ranks)",

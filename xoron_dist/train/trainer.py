@@ -37,6 +37,7 @@ from xoron_dist.data.shards import TokenizerMismatchError
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.parallel import state as parallel_state
 from xoron_dist.parallel.launcher_env import LaunchError
+from xoron_dist.parallel.tensor import layer_builder
 from xoron_dist.tokenizer import build_tokenizer
 from xoron_dist.train.batches import build_source, ensure_prepared
 from xoron_dist.train.checkpoint import (
@@ -227,7 +228,7 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
     """Train one curriculum stage from ``state`` to its last step (or until a stop is requested)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = XoronLLM(cfg.llm).to(ctx.device)
+    model = XoronLLM(cfg.llm, layer_builder(cfg)).to(ctx.device)
     model.activation_checkpointing = tc.activation_checkpointing
     frozen = freeze_parameters(model, plan)
     ds_config = build_ds_config(cfg, ctx.dp_size, ctx.device_info.dtype, ctx.device_info.kind)
