@@ -118,7 +118,9 @@ class MultiLatentAttention(nn.Module):
         # yields a partial gradient, summed over the ranks by copy_to's backward.
         k_rope = self.builder.copy_to_tp(apply_rotary(k_rope, cos, sin))  # (b, s, rope)
 
-        if cache is None:
+        if cache is None and self.builder.sequence is not None:
+            out = self._ring(q_nope, q_rope, latent, k_rope, document_ids)
+        elif cache is None:
             out = self._expanded(q_nope, q_rope, latent, k_rope, document_ids)
         else:
             if document_ids is not None:
@@ -131,9 +133,7 @@ class MultiLatentAttention(nn.Module):
     def _expanded(self, q_nope, q_rope, latent, k_rope, document_ids) -> torch.Tensor:
         """Up-project the latent to per-head keys/values; fused SDPA. Returns (b, s, h, v_dim)."""
         batch, seq = latent.shape[:2]
-        kv = self.kv_up(latent).view(batch, seq, self.num_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        k, v = self._expand_kv(latent, k_rope)
         q = torch.cat((q_nope, q_rope), dim=-1)
         mask, causal = None, True
         if document_ids is not None:
@@ -150,6 +150,30 @@ class MultiLatentAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
         )
         return out.transpose(1, 2)[..., : self.v_dim]
+
+    def _ring(self, q_nope, q_rope, latent, k_rope, document_ids) -> torch.Tensor:
+        """Sequence parallel: this rank holds its zig-zag rows; keys travel around the SP ring."""
+        from xoron_dist.parallel.ring_attention import ring_attention, ring_attention_latent, zigzag_positions
+
+        split = self.builder.sequence
+        seq = latent.shape[1]
+        order = zigzag_positions(seq * split.size, split.rank, split.size, device=latent.device)[None]
+        common = dict(group=split.group, scale=self.softmax_scale, causal=True, positions=order,
+                      document_ids=document_ids)
+        if split.latent:
+            # The ring uses kv_up's weight directly, bypassing the column layer's copy_to: the
+            # latent's gradient (partial over this rank's heads) must still be summed over TP.
+            return ring_attention_latent(q_nope, q_rope, self.builder.copy_to_tp(latent), k_rope, self.kv_up.weight,
+                                         num_heads=self.num_heads, nope_dim=self.nope_dim, v_dim=self.v_dim, **common)
+        k, v = self._expand_kv(latent, k_rope)
+        return ring_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, **common)
+
+    def _expand_kv(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent (b, s, kv_rank), k_rope (b, s, rope) -> keys (b, s, h, nope+rope), values (b, s, h, v)."""
+        batch, seq = latent.shape[:2]
+        kv = self.kv_up(latent).view(batch, seq, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        return torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1), v
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         """Attend against cached latents (b, t, kv_rank) without expanding them. Returns (b, s, h, v_dim)."""

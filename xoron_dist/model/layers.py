@@ -10,6 +10,8 @@ property of the layers and not a second model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,17 @@ def _uninitialized(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
     return skip_init(cls, *args, device=torch.get_default_device(), **kwargs)
 
 
+@dataclass(frozen=True)
+class SequenceSplit:
+    """This rank's place in the sequence-parallel group: it holds rows ``zigzag_positions(...)``
+    of every sequence, and attention runs as ring attention over ``group``."""
+
+    group: object  # torch.distributed.ProcessGroup
+    rank: int
+    size: int
+    latent: bool  # MLA: pass the latent + rope key around the ring instead of full K/V
+
+
 class LayerBuilder:
     """Makes the linear/embedding layers of a model, and the few operations that depend on how
     they are split; this one is single-rank (``xoron_dist.parallel.tensor`` has the TP one).
@@ -69,6 +82,7 @@ class LayerBuilder:
     tp_size: int = 1
     tp_rank: int = 0
     split_experts: bool = True  # routed experts split on their FFN dim over TP (else whole on every rank)
+    sequence: SequenceSplit | None = None  # set when the sequence is split over SP ranks (ring attention)
 
     # Layers are made uninitialised (skip_init): the model initialises every weight itself, in
     # one order, so that the random stream, and thus the weights, do not depend on the builder.

@@ -82,8 +82,8 @@ SUPPORTED: tuple[Dimension, ...] = (
     Dimension("dp", "Data parallel + ZeRO", "DeepSpeed ZeRO 0/1/2/3 (`parallel.zero_stage`)"),
     Dimension("tp", "Tensor parallel", "Megatron-core `tensor_parallel` primitives (column/row-parallel "
               "linears, vocab-parallel embedding and cross-entropy)"),
-    Dimension("sp", "Sequence parallel (ring attention)", "ring attention over Megatron's context-parallel group", 4,
-              "ring attention (sequence parallel) lands with issue #4"),
+    Dimension("sp", "Sequence parallel (ring attention)", "ring attention over Megatron's context-parallel group "
+              "(zig-zag rows; MLA latent + rope key on the ring with `parallel.ring_latent`)"),
     Dimension("ep", "Expert parallel", "expert groups + all-to-all dispatch", 5,
               "expert parallel dispatch lands with issue #5"),
     Dimension("pp", "Pipeline parallel", "DeepSpeed pipeline engine", 6,

@@ -79,6 +79,20 @@ class ParallelContext:
     def dp_group(self) -> dist.ProcessGroup:
         return parallel_state.get_data_parallel_group()
 
+    @property
+    def sp_rank(self) -> int:
+        return parallel_state.get_context_parallel_rank()
+
+    @property
+    def sp_size(self) -> int:
+        return parallel_state.get_context_parallel_world_size()
+
+    @property
+    def token_group(self) -> dist.ProcessGroup:
+        """The ranks that hold distinct tokens of a step (data x sequence parallel): token counts,
+        losses and expert loads are summed over it."""
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
 
 _CONTEXT: ParallelContext | None = None
 

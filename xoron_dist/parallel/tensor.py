@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xoron_dist.model.layers import LayerBuilder, mark_tp_split
+from xoron_dist.model.layers import LayerBuilder, SequenceSplit, mark_tp_split
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -110,5 +110,11 @@ class TensorParallelBuilder(LayerBuilder):
 
 
 def layer_builder(cfg) -> LayerBuilder:
-    """The builder for a run (``cfg``: XoronConfig): single-rank layers, or layers split over TP."""
-    return TensorParallelBuilder(cfg.parallel.tp_experts) if cfg.parallel.tp > 1 else LayerBuilder()
+    """The builder for a run (``cfg``: XoronConfig): layers split over TP when tp > 1, and the
+    sequence split over the context-parallel group (ring attention) when sp > 1."""
+    builder = TensorParallelBuilder(cfg.parallel.tp_experts) if cfg.parallel.tp > 1 else LayerBuilder()
+    if cfg.parallel.sp > 1:
+        builder.sequence = SequenceSplit(parallel_state.get_context_parallel_group(),
+                                         parallel_state.get_context_parallel_rank(),
+                                         parallel_state.get_context_parallel_world_size(), cfg.parallel.ring_latent)
+    return builder

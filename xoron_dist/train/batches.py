@@ -47,7 +47,24 @@ class TextBatch:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device) -> TextBatch:
-        return TextBatch(self.input_ids.to(device), self.labels.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TextBatch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.document_ids))
+
+
+def shard_sequence(batch, rank: int, size: int) -> TextBatch:
+    """This sequence-parallel rank's zig-zag rows of a batch (token tensors only).
+
+    Every SP rank of a replica reads the same batch and keeps rows ``zigzag_positions``; position
+    ids are kept from the full rows (RoPE needs the global positions). Media are not carried:
+    the LLM consumes only token tensors until the encoders land (issue #7).
+    """
+    from xoron_dist.parallel.ring_attention import zigzag_split
+
+    positions = batch.position_ids
+    if positions is None:
+        positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device).expand_as(batch.input_ids)
+    split = lambda t: None if t is None else zigzag_split(t, 1, rank, size)  # noqa: E731
+    return TextBatch(split(batch.input_ids), split(batch.labels), split(positions), split(batch.document_ids))
 
 
 class SyntheticTextSource:

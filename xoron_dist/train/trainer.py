@@ -39,7 +39,7 @@ from xoron_dist.parallel import state as parallel_state
 from xoron_dist.parallel.launcher_env import LaunchError
 from xoron_dist.parallel.tensor import layer_builder
 from xoron_dist.tokenizer import build_tokenizer
-from xoron_dist.train.batches import build_source, ensure_prepared
+from xoron_dist.train.batches import build_source, ensure_prepared, shard_sequence
 from xoron_dist.train.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -262,10 +262,13 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
     while state.step < plan.last_step:
         wall_start = time.perf_counter()
         batches = [source.next_batch().to(ctx.device) for _ in range(tc.grad_accum_steps)]
-        # The loss is the mean over every labelled token of the step on all data-parallel ranks:
-        # weight each micro-batch's sum so DeepSpeed's 1/accum and 1/dp averaging yield exactly that.
+        if ctx.sp_size > 1:
+            batches = [shard_sequence(b, ctx.sp_rank, ctx.sp_size) for b in batches]
+        # The loss is the mean over every labelled token of the step on all data-parallel (and
+        # sequence-parallel) ranks: weight each micro-batch's sum so that DeepSpeed's 1/accum and
+        # 1/dp averaging of the gradients summed over dp x sp yield exactly that.
         label_tokens = torch.tensor([float(sum(b.num_label_tokens for b in batches))], device=ctx.device)
-        dist.all_reduce(label_tokens, group=ctx.dp_group)
+        dist.all_reduce(label_tokens, group=ctx.token_group)
         scale = ctx.dp_size * tc.grad_accum_steps / max(label_tokens.item(), 1.0)
         loss_sum = torch.zeros((), device=ctx.device)
         for batch in batches:
@@ -275,12 +278,12 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
             engine.backward(micro_sum * scale)
             engine.step()
             loss_sum += micro_sum.detach().float()
-        load = model.update_expert_biases(ctx.dp_group, enabled=plan.bias_update)
+        load = model.update_expert_biases(ctx.token_group, enabled=plan.bias_update)
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.data_position = {"source": source.state_dict()}
 
-        dist.all_reduce(loss_sum, group=ctx.dp_group)
+        dist.all_reduce(loss_sum, group=ctx.token_group)
         loss_value = loss_sum.item() / max(label_tokens.item(), 1.0)
         stop_flag = torch.tensor([float(stop.requested)], device=ctx.device)
         dist.all_reduce(stop_flag)  # all ranks stop together, whichever got the signal
