@@ -147,6 +147,13 @@ def _ffn_dims_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
                                                if "num_shared" not in name and "dense" not in name else ""))
 
 
+def _ring_without_dropout(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.sp == 1 or cfg.llm.attention_dropout == 0:
+        return None
+    return (f"model.llm.attention_dropout = {cfg.llm.attention_dropout} with parallel.sp = {s.sp}: ring attention "
+            "has no attention dropout; set model.llm.attention_dropout=0")
+
+
 def _megatron_sequence_parallel(cfg: XoronConfig, s: _Sizes) -> str | None:
     if not cfg.parallel.sequence_parallel:
         return None
@@ -198,6 +205,7 @@ RULES: tuple[Rule, ...] = (
     Rule("tp", "`parallel.sequence_parallel` (Megatron's norm-region split) not built yet: false",
          _megatron_sequence_parallel),
     Rule("sp", "`train.seq_len` (and every stage's `seq_len`) divisible by 2·sp (zig-zag chunks)", _seq_len_chunks),
+    Rule("sp", "`model.llm.attention_dropout` = 0 (the ring has no attention dropout)", _ring_without_dropout),
     Rule("ep", "`model.llm.moe.num_experts` divisible by ep", _experts_divide),
     Rule("ep", "ep divides dp·sp (expert groups are carved out of the data/sequence-parallel ranks)",
          _experts_carved_from_dp),
