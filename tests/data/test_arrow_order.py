@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from xoron_dist.config import ConfigError
-from xoron_dist.data.blend import BlendEntry, BlendSampler, resolve_blend
+from xoron_dist.data.blend import BLOCK, BlendEntry, BlendSampler, resolve_blend
 from xoron_dist.data.order import EpochOrder, derive_seed, slot_index, slot_position
 from xoron_dist.data.schema import DatasetInfo, ShardInfo
 
@@ -101,3 +101,20 @@ def test_blend_proportions_and_small_dataset_cycles():
     assert [resumed.next() for _ in range(100)] == draws[1234:1334]
     other_slot = BlendSampler(entries, seed=5, slot=2, num_slots=4)
     assert [other_slot.pick(k) for k in range(200)] != [sampler.pick(k) for k in range(200)]
+
+
+def test_resolved_draws_match_the_draws_one_by_one():
+    # draw() resolves a block of draws at once (vectorised); it must equal pick + cursor + row_at,
+    # across a block boundary, through many epochs of a tiny dataset, and after a resume mid-block
+    entries = [BlendEntry("big", "text", 5_000, 0.6), BlendEntry("tiny", "image_caption", 7, 0.3),
+               BlendEntry("mid", "audio_transcript", 300, 0.1)]
+    sampler = BlendSampler(entries, seed=3, slot=2, num_slots=3)
+    cursors = [0, 0, 0]
+    for draw in range(BLOCK + 500):
+        dataset = sampler.pick(draw)
+        position = slot_position(cursors[dataset], 2, 3)
+        cursors[dataset] += 1
+        assert sampler.draw() == (dataset, position, sampler.row_at(dataset, position))
+    resumed = BlendSampler(entries, seed=3, slot=2, num_slots=3)
+    resumed.load_state_dict(sampler.state_dict())
+    assert [resumed.draw() for _ in range(300)] == [sampler.draw() for _ in range(300)]

@@ -114,7 +114,7 @@ def _check_batch(batch: PackedBatch, tok, seq_len, rows_by_id, layout):
         assert count == len(spans[medium]) == len(getattr(batch, f"{medium}s"))
 
 
-@pytest.mark.parametrize("workers", [0, 2])  # 2: media cross the process boundary (loader._to_wire)
+@pytest.mark.parametrize("workers", [0, 2])  # 2: batches cross the process boundary (shared_blocks.py)
 def test_packed_batches_of_every_kind(tmp_path, arrow_tokenizer, workers):
     rows = {kind: make_rows(kind, 12, seed=i) for i, kind in enumerate(KINDS)}
     write_prepared(tmp_path, rows, arrow_tokenizer)
@@ -219,6 +219,8 @@ def test_batch_moves_with_its_media(arrow_tokenizer):
     batch = collate([docs, []], SEQ, arrow_tokenizer.pad_id)
     assert batch.sample_ids == [["s1"], []] and batch.num_label_tokens == 3
     assert (batch.document_ids[1] == -1).all() and (batch.input_ids[1] == arrow_tokenizer.pad_id).all()
+    empty = collate([], SEQ, arrow_tokenizer.pad_id)
+    assert empty.input_ids.shape == (0, SEQ) and empty.sample_ids == [] and empty.num_label_tokens == 0
     moved = batch.to("cpu")
     assert torch.equal(moved.images[0], torch.from_numpy(image)) and moved.image_spans.tolist() == [[0, 1, 6]]
     if torch.cuda.is_available():

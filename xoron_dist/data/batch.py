@@ -9,12 +9,22 @@ given by its span ``(row, start, length)``; the encoder's output replaces those 
 
 Padding: ``input_ids`` = the tokenizer's pad id, ``labels`` = -100, ``position_ids`` = 0,
 ``document_ids`` = -1.
+
+``BatchBlock`` is the same batch laid out in *one* flat byte buffer (every tensor at a 64-byte
+aligned offset): ``collate`` writes straight into it and ``to_batch()`` turns it into a
+``PackedBatch`` of views without copying. A loader worker hands the trainer's process one
+shared-memory block per batch, one file descriptor, instead of a dozen tensors (each its own
+shared-memory segment and descriptor hand-over, most of a batch's cost) and several media copies.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from xoron_dist.model.llm import IGNORE_INDEX  # -100: the label of positions without loss
@@ -72,4 +82,92 @@ class PackedBatch:
         return self._map(lambda t: t.pin_memory())
 
 
-__all__ = ["IGNORE_INDEX", "PAD_DOCUMENT", "PackedBatch"]
+ALIGN = 64  # bytes: each tensor of a block starts on a cache line, aligned for every dtype
+
+# A block's entries: (PackedBatch field, numpy dtype, shape, byte offset); a list field
+# (images, videos, audios) has one entry per tensor, in order.
+Entry = tuple[str, np.dtype, tuple[int, ...], int]
+
+
+class BlockLayout:
+    """Assigns each tensor of a batch its aligned place in one buffer; the first ``ALIGN`` bytes
+    are the header (byte 0: the busy flag of a pooled block)."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.nbytes = ALIGN
+
+    def add(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> int:
+        """Reserve room for one tensor; its byte offset."""
+        return self.add_run(name, dtype, [shape])
+
+    def add_run(self, name: str, dtype: np.dtype, shapes: list[tuple[int, ...]]) -> int:
+        """Reserve one region for tensors of one dtype back to back (each stays aligned for its
+        dtype), so that a single copy can fill them all; the region's byte offset."""
+        start = offset = self.nbytes
+        for shape in shapes:
+            self.entries.append((name, dtype, shape, offset))
+            offset += math.prod(shape) * dtype.itemsize
+        self.nbytes = start + -(-(offset - start) // ALIGN) * ALIGN
+        return start
+
+
+def view(buffer: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], offset: int) -> np.ndarray:
+    """The tensor at ``offset`` of a uint8 ``buffer``, as a numpy view (whose base is ``buffer``)."""
+    return np.ndarray(shape, dtype, buffer, offset)
+
+
+@dataclass
+class BatchBlock:
+    """A ``PackedBatch`` in one uint8 buffer (see the module docstring); what crosses processes.
+
+    ``pool_id``: the buffer is block ``pool_id`` of a worker's ``SharedBlockPool``, whose byte 0
+    is its busy flag: the trainer's process clears it once every tensor of the batch is gone
+    (``to_batch``), and the worker then writes a later batch there. Such a block crosses the
+    process boundary once; later batches in it travel without ``buffer`` (``BlockRegistry``).
+    """
+
+    buffer: torch.Tensor | None  # (>= nbytes,) uint8; None: pool block ``pool_id``, which the receiver holds
+    entries: list[Entry]
+    sample_ids: list[list[str]]
+    num_label_tokens: int
+    nbytes: int  # bytes of the buffer in use
+    pool_id: int | None = None
+    retired: tuple[int, ...] = ()  # pool blocks the worker has dropped: the receiver forgets them
+
+    def to_batch(self) -> PackedBatch:
+        """The batch as views of the buffer (no copy)."""
+        data = self.buffer.numpy()
+        fields: dict[str, object] = {name: [] for name in _TENSOR_LISTS}
+        for name, dtype, shape, offset in self.entries:
+            tensor = torch.from_numpy(view(data, dtype, shape, offset))
+            if name in _TENSOR_LISTS:
+                fields[name].append(tensor)
+            else:
+                fields[name] = tensor
+        if self.pool_id is not None:
+            # every view holds ``data`` (through numpy's base): it dies with the batch's last tensor
+            weakref.finalize(data, _release, self.buffer[:1].numpy())
+        return PackedBatch(sample_ids=self.sample_ids, num_label_tokens=self.num_label_tokens, **fields)
+
+    def pin_memory(self) -> BatchBlock:
+        """A page-locked copy (``DataLoader(pin_memory=True)`` calls this); frees a pool block at once."""
+        pinned = replace(self, buffer=self.buffer[: self.nbytes].pin_memory(), pool_id=None)
+        if self.pool_id is not None:
+            _release(self.buffer[:1].numpy())
+        return pinned
+
+
+def _release(flag: np.ndarray) -> None:
+    flag[0] = 0
+
+
+Allocate = Callable[[int], tuple[torch.Tensor, "int | None"]]  # nbytes -> ((>= nbytes,) uint8 buffer, pool id)
+
+
+def allocate_local(nbytes: int) -> tuple[torch.Tensor, None]:
+    """A private buffer of the trainer's process (no workers)."""
+    return torch.empty(nbytes, dtype=torch.uint8), None
+
+
+__all__ = ["IGNORE_INDEX", "PAD_DOCUMENT", "Allocate", "BatchBlock", "BlockLayout", "PackedBatch", "allocate_local"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xoron_dist.data.order import EpochOrder, derive_seed, slot_position
+from xoron_dist.data.order import EpochOrder, derive_seed
 from xoron_dist.data.schema import KINDS, DatasetInfo
 from xoron_dist.utils.typed_config import field_error
 
@@ -89,24 +89,52 @@ class BlendSampler:
         self.draws = 0
         self.cursors = [0] * len(self.entries)
         self._block: tuple[int, np.ndarray] | None = None
+        # the draws from ``_resolved_from`` to the end of its block, resolved at once:
+        # (dataset, stream position, row) each, which one by one cost ~0.5 us a draw
+        self._resolved: list[tuple[int, int, int]] = []
+        self._resolved_from = 0
+
+    def _picks(self, block: int) -> np.ndarray:
+        """(BLOCK,) the dataset indices of the draws of block ``block``."""
+        if len(self.entries) == 1:
+            return np.zeros(BLOCK, np.int64)
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng(derive_seed("xoron-blend", self.seed, self.slot, block))
+            picks = np.searchsorted(self._bounds, rng.random(BLOCK), side="right")
+            self._block = (block, np.minimum(picks, len(self.entries) - 1))
+        return self._block[1]
 
     def pick(self, draw: int) -> int:
         """The dataset index of draw ``draw``: a pure function of (seed, slot, draw)."""
-        if len(self.entries) == 1:
-            return 0
         block, offset = divmod(draw, BLOCK)
-        if self._block is None or self._block[0] != block:
-            rng = np.random.default_rng(derive_seed("xoron-blend", self.seed, self.slot, block))
-            self._block = (block, rng.random(BLOCK))
-        index = int(np.searchsorted(self._bounds, self._block[1][offset], side="right"))
-        return min(index, len(self.entries) - 1)
+        return int(self._picks(block)[offset])
+
+    def _resolve(self) -> None:
+        block, offset = divmod(self.draws, BLOCK)
+        datasets = self._picks(block)[offset:]
+        positions, rows = np.empty(len(datasets), np.int64), np.empty(len(datasets), np.int64)
+        for dataset in np.unique(datasets).tolist():
+            where = np.flatnonzero(datasets == dataset)
+            counts = self.cursors[dataset] + np.arange(len(where))
+            positions[where] = counts * self.num_slots + self.slot  # slot_position(count, slot, num_slots)
+            rows[where] = self.orders[dataset].rows_at(positions[where])
+        self._resolved = list(zip(datasets.tolist(), positions.tolist(), rows.tolist(), strict=True))
+        self._resolved_from = self.draws
+
+    def draw(self) -> tuple[int, int, int]:
+        """The next draw: (dataset index, stream position, row of the dataset)."""
+        index = self.draws - self._resolved_from
+        if index >= len(self._resolved):
+            self._resolve()
+            index = 0
+        drawn = self._resolved[index]
+        self.draws += 1
+        self.cursors[drawn[0]] += 1
+        return drawn
 
     def next(self) -> tuple[int, int]:
-        dataset = self.pick(self.draws)
-        position = slot_position(self.cursors[dataset], self.slot, self.num_slots)
-        self.draws += 1
-        self.cursors[dataset] += 1
-        return dataset, position
+        """The next draw: (dataset index, stream position)."""
+        return self.draw()[:2]
 
     def row_at(self, dataset: int, position: int) -> int:
         return self.orders[dataset].row_at(position)[1]
@@ -119,3 +147,4 @@ class BlendSampler:
         if len(cursors) != len(self.entries):
             raise ValueError(f"blend state has {len(cursors)} cursors for {len(self.entries)} datasets")
         self.draws, self.cursors = int(state["draws"]), cursors
+        self._resolved = []

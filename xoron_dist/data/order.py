@@ -73,3 +73,12 @@ class EpochOrder:
         """(epoch, row) of stream position ``position``."""
         epoch, index = divmod(position, self.rows)
         return epoch, int(self.permutation(epoch)[index])
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """The rows of increasing stream ``positions`` (int64 array), as ``row_at`` gives them one by one."""
+        epochs, index = np.divmod(positions, self.rows)
+        rows = np.empty(len(positions), np.int64)
+        for epoch in np.unique(epochs).tolist():
+            where = epochs == epoch
+            rows[where] = self.permutation(epoch)[index[where]]
+        return rows

@@ -36,27 +36,37 @@ Everything is deterministic given the stream.
 
 from __future__ import annotations
 
-import math
+from bisect import bisect_right, insort
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
-import torch
 
-from xoron_dist.data.batch import IGNORE_INDEX, PAD_DOCUMENT, PackedBatch
+from xoron_dist.data.batch import (
+    IGNORE_INDEX,
+    PAD_DOCUMENT,
+    Allocate,
+    BatchBlock,
+    BlockLayout,
+    PackedBatch,
+    allocate_local,
+    view,
+)
 from xoron_dist.data.schema import GENERATION_KINDS, media_of
 from xoron_dist.data.shards import ArrowSample
 from xoron_dist.utils.typed_config import field_error
 
 GENERATION_TOKEN = {"image": "gen_image", "video": "gen_video", "audio": "gen_speech"}
+_MEDIA = ("image", "video", "audio")
+_INT64, _BOOL = np.dtype(np.int64), np.dtype(np.bool_)
 
 
 class SampleTooLongError(ValueError):
     """A multimodal sample whose medium and text together exceed ``seq_len``."""
 
 
-@dataclass
+@dataclass(slots=True)
 class MediaSpan:
     medium: str  # "image" | "video" | "audio"
     start: int  # first placeholder, as an offset into the document
@@ -65,21 +75,38 @@ class MediaSpan:
     is_target: bool  # True: the generator's target (generation kinds); False: encoder input
 
 
-@dataclass
 class Document:
     """One packable unit: a whole sample or a piece of a long text.
 
+    Its tokens are not assembled here: ``parts`` are the arrays whose concatenation they are
+    (views of the shard's token lists and small constant arrays of special ids), so packing works on
+    ``length`` alone and ``collate`` writes every row with one concatenation. Its targets are one
+    run, positions ``[target_start, target_end)`` (true for every kind and every piece).
     ``ref`` = (dataset index, stream position, piece) locates it again after a resume.
     """
 
-    sample_id: str
-    tokens: np.ndarray  # (length,) int64
-    targets: np.ndarray  # (length,) bool: token t is predicted from token t-1
-    media: MediaSpan | None = None
-    ref: tuple[int, int, int] = (0, 0, 0)
+    __slots__ = ("sample_id", "length", "parts", "target_start", "target_end", "media", "ref")
+
+    def __init__(self, sample_id: str, length: int, parts: tuple[np.ndarray, ...], target_start: int,
+                 target_end: int, media: MediaSpan | None = None, ref: tuple[int, int, int] = (0, 0, 0)) -> None:
+        self.sample_id, self.length, self.parts = sample_id, length, parts
+        self.target_start, self.target_end = target_start, target_end
+        self.media, self.ref = media, ref
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return self.length
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """(length,) int64"""
+        return np.concatenate(self.parts, dtype=np.int64)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """(length,) bool: token t is predicted from token t-1"""
+        targets = np.zeros(self.length, bool)
+        targets[self.target_start : self.target_end] = True
+        return targets
 
 
 class TokenLayout:
@@ -94,6 +121,8 @@ class TokenLayout:
         self.image_tokens, self.video_tokens = image_tokens, video_tokens
         # decimal value of the setting, so 12.5 tokens/s over 0.08 s is exactly 1, not 1.0000000001
         self.audio_rate = Fraction(str(audio_tokens_per_second))
+        self._eos = np.array([self.ids["endoftext"]], np.int64)
+        self._spans: dict[tuple[str, int, bool], np.ndarray] = {}
 
     @classmethod
     def from_config(cls, data_cfg, special_ids: Mapping[str, int], seq_len: int) -> TokenLayout:
@@ -105,8 +134,9 @@ class TokenLayout:
             return self.image_tokens
         if sample.medium == "video":
             return self.video_tokens
-        seconds = Fraction(len(sample.media), sample.sample_rate)
-        return max(1, math.ceil(seconds * self.audio_rate))
+        # ceil(samples / rate * tokens_per_second) in integers: exact like the Fraction, ~10x cheaper
+        rate = self.audio_rate
+        return max(1, -(-len(sample.media) * rate.numerator // (sample.sample_rate * rate.denominator)))
 
     @staticmethod
     def fixed_tokens(kind: str, placeholders: int) -> int:
@@ -130,119 +160,197 @@ class TokenLayout:
                     f"markers, <eos> and one text token); raise the sequence length or lower data.{medium}_tokens",
                 )
 
-    def documents(self, sample: ArrowSample) -> list[Document]:
-        """The documents of ``sample``: one, or several pieces for a long text."""
-        prompt = sample.prompt_tokens.astype(np.int64)
-        text = sample.text_tokens.astype(np.int64)
-        eos = self.ids["endoftext"]
-        if sample.medium is None:
-            tokens = np.concatenate([prompt, text, [eos]])
-            targets = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(text) + 1, bool)])
-            return self._split(sample.id, tokens, targets)
-        n = self.placeholders(sample)
+    def _span(self, medium: str, n: int, generation: bool) -> np.ndarray:
+        """The special tokens around a medium: ``<|x_start|> <|x_pad|>*n <|x_end|>``, for generation
+        preceded by ``<|gen_x|>`` and followed by <eos> (built once per medium and length)."""
+        key = (medium, n, generation)
+        if key not in self._spans:
+            start, end, pad = (self.ids[f"{medium}_{part}"] for part in ("start", "end", "pad"))
+            span = [start, *[pad] * n, end]
+            if generation:
+                span = [self.ids[GENERATION_TOKEN[medium]], *span, self.ids["endoftext"]]
+            self._spans[key] = np.array(span, np.int64)
+        return self._spans[key]
+
+    def documents(self, sample: ArrowSample, dataset: int = 0, position: int = 0) -> list[Document]:
+        """The documents of ``sample``: one, or several pieces for a long text. They carry the
+        reference ``(dataset, position, piece)`` (the sample's place in a ``SlotStream``)."""
+        prompt, text = sample.prompt_tokens, sample.text_tokens
+        p, t = len(prompt), len(text)
         medium = sample.medium
-        start, end, pad = (self.ids[f"{medium}_{part}"] for part in ("start", "end", "pad"))
-        span = np.concatenate([[start], np.full(n, pad), [end]])
+        if medium is None:
+            if p + t + 1 > self.seq_len:
+                tokens = np.concatenate((prompt, text, self._eos), dtype=np.int64)
+                return self._split(sample.id, tokens, p, dataset, position)
+            return [Document(sample.id, p + t + 1, (prompt, text, self._eos), p, p + t + 1, None,
+                             (dataset, position, 0))]
+        n = self.placeholders(sample)
         if sample.kind in GENERATION_KINDS:
-            gen = self.ids[GENERATION_TOKEN[medium]]
-            head = np.concatenate([prompt, text, [gen]])
-            tokens = np.concatenate([head, span, [eos]])
-            targets = np.zeros(len(tokens), bool)
-            targets[len(head) - 1] = True
-            media = MediaSpan(medium, len(head) + 1, n, sample.media, True)
+            # prompt + text <|gen_x|> <|x_start|> pads <|x_end|> <eos>: the one target is <|gen_x|>
+            length = p + t + n + 4
+            doc = Document(sample.id, length, (prompt, text, self._span(medium, n, True)), p + t, p + t + 1,
+                           MediaSpan(medium, p + t + 2, n, sample.media, True), (dataset, position, 0))
         else:
-            tokens = np.concatenate([span, prompt, text, [eos]])
-            targets = np.zeros(len(tokens), bool)
-            targets[len(span) + len(prompt):] = True
-            media = MediaSpan(medium, 1, n, sample.media, False)
-        if len(tokens) > self.seq_len:
+            # <|x_start|> pads <|x_end|> prompt + text <eos>: targets are the text and <eos>
+            length = n + p + t + 3
+            doc = Document(sample.id, length, (self._span(medium, n, False), prompt, text, self._eos), n + 2 + p,
+                           length, MediaSpan(medium, 1, n, sample.media, False), (dataset, position, 0))
+        if length > self.seq_len:
             raise SampleTooLongError(
-                f"sample '{sample.id}' of dataset '{sample.dataset}' ({sample.kind}) needs {len(tokens)} tokens "
-                f"({n} {medium} placeholders, {len(prompt)} prompt and {len(text)} text tokens, "
+                f"sample '{sample.id}' of dataset '{sample.dataset}' ({sample.kind}) needs {length} tokens "
+                f"({n} {medium} placeholders, {p} prompt and {t} text tokens, "
                 f"{self.fixed_tokens(sample.kind, n) - n} markers/eos) but seq_len is {self.seq_len}"
             )
-        return [Document(sample.id, tokens, targets, media)]
+        return [doc]
 
-    def _split(self, sample_id: str, tokens: np.ndarray, targets: np.ndarray) -> list[Document]:
-        if len(tokens) <= self.seq_len:
-            return [Document(sample_id, tokens, targets)]
-        stride = self.seq_len - 1
+    def _split(self, sample_id: str, tokens: np.ndarray, prompt: int, dataset: int, position: int) -> list[Document]:
+        """Pieces of a long text whose targets start at ``prompt`` (see the module docstring)."""
+        stride, total = self.seq_len - 1, len(tokens)
         pieces = []
-        for k, begin in enumerate(range(0, len(tokens) - 1, stride)):
-            piece = slice(begin, begin + self.seq_len)
-            if targets[piece][1:].any():  # else no label in the piece: drop it
-                pieces.append(Document(f"{sample_id}#{k}", tokens[piece], targets[piece]))
+        for k, begin in enumerate(range(0, total - 1, stride)):
+            end = min(begin + self.seq_len, total)
+            if max(prompt, begin + 1) < end:  # else no label in the piece: drop it
+                pieces.append(Document(f"{sample_id}#{k}", end - begin, (tokens[begin:end],),
+                                       max(prompt - begin, 0), end - begin, None, (dataset, position, len(pieces))))
         return pieces
 
 
 class SequencePacker:
-    """Best-fit packing over a look-ahead window of documents drawn from ``source``."""
+    """Best-fit packing over a look-ahead window of documents drawn from ``source``.
+
+    Beside the window (arrival order) it keeps the lengths in arrival order and sorted: the best
+    fit is a bisect in the sorted lengths, its oldest holder a C-level ``list.index`` (a Python
+    scan of the window per take cost ~1 us a document).
+    """
 
     def __init__(self, seq_len: int, lookahead: int, source: Callable[[], Document]) -> None:
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {lookahead}")
         self.seq_len, self.lookahead, self.source = seq_len, lookahead, source
-        self.window: list[Document] = []
+        self.window = []
+
+    @property
+    def window(self) -> list[Document]:
+        """The documents drawn but not yet packed, oldest first."""
+        return self._window
+
+    @window.setter
+    def window(self, docs: Sequence[Document]) -> None:
+        self._window = list(docs)
+        self._lengths = [doc.length for doc in self._window]
+        self._sorted = sorted(self._lengths)
 
     def _fill(self) -> None:
-        while len(self.window) < self.lookahead:
-            self.window.append(self.source())
+        window, lengths = self._window, self._lengths
+        while len(window) < self.lookahead:
+            doc = self.source()
+            window.append(doc)
+            lengths.append(doc.length)
+            insort(self._sorted, doc.length)
 
     def next_row(self) -> list[Document]:
+        window, lengths, ordered = self._window, self._lengths, self._sorted
         self._fill()
-        row = [self.window.pop(0)]
-        space = self.seq_len - len(row[0])
+        row = [window.pop(0)]
+        ordered.remove(lengths.pop(0))
+        space = self.seq_len - row[0].length
         while space > 0:
             self._fill()
-            best = -1
-            for i, doc in enumerate(self.window):
-                if len(doc) <= space and (best < 0 or len(doc) > len(self.window[best])):
-                    best = i
-            if best < 0:
+            fits = bisect_right(ordered, space)  # lengths <= space: ordered[:fits]
+            if fits == 0:
                 break
-            row.append(self.window.pop(best))
-            space -= len(row[-1])
+            best = ordered.pop(fits - 1)  # the longest that fits ...
+            i = lengths.index(best)  # ... the oldest among equals
+            del lengths[i]
+            row.append(window.pop(i))
+            space -= best
         return row
 
 
 def collate(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int) -> PackedBatch:
     """Rows of documents -> ``PackedBatch`` (batch = len(rows)); media are copied out of the shards."""
-    shape = (len(rows), seq_len)
-    input_ids = np.full(shape, pad_id, np.int64)
-    labels = np.full(shape, IGNORE_INDEX, np.int64)
-    position_ids = np.zeros(shape, np.int64)
-    document_ids = np.full(shape, PAD_DOCUMENT, np.int64)
-    media: dict[str, tuple[list, list, list]] = {m: ([], [], []) for m in ("image", "video", "audio")}
+    return collate_block(rows, seq_len, pad_id, allocate_local).to_batch()
+
+
+def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int, allocate: Allocate) -> BatchBlock:
+    """``collate`` into one buffer from ``allocate`` (see ``batch.BatchBlock``).
+
+    One pass over the documents gathers their token parts (each row closed by padding), and per
+    segment (document or padding) its length and document id, and each document's label run; then
+    whole-batch numpy operations fill the four token tensors, and each medium is copied once, from
+    the mapped shard into its place in the buffer.
+    """
+    batch, total = len(rows), len(rows) * seq_len
+    padding = np.full(seq_len, pad_id, np.int64)
+    parts: list[np.ndarray] = []
+    seg_lengths: list[int] = []  # per segment, in order: rows of (documents..., padding)
+    seg_ids: list[int] = []  # document index within its row, PAD_DOCUMENT for padding
+    label_starts: list[int] = []  # flat position runs [start, end) whose label is the next token
+    label_ends: list[int] = []
+    media: dict[str, list[tuple[int, int, MediaSpan]]] = {m: [] for m in _MEDIA}  # (row, offset, span)
+    pads: list[int] = []  # flat position where each row's padding starts
     sample_ids = []
     for b, row in enumerate(rows):
-        offset = 0
+        base = offset = b * seq_len
         for d, doc in enumerate(row):
-            n = len(doc)
-            end = offset + n
-            if end > seq_len:
-                raise ValueError(f"documents of row {b} take more than seq_len = {seq_len} tokens")
-            input_ids[b, offset:end] = doc.tokens
-            labels[b, offset : end - 1] = np.where(doc.targets[1:], doc.tokens[1:], IGNORE_INDEX)
-            position_ids[b, offset:end] = np.arange(n)
-            document_ids[b, offset:end] = d
+            parts.extend(doc.parts)
+            seg_lengths.append(doc.length)
+            seg_ids.append(d)
+            # token t is a target -> label at t - 1 (not before the document's first token)
+            start, end = offset + max(doc.target_start, 1) - 1, offset + doc.target_end - 1
+            if start < end:
+                label_starts.append(start)
+                label_ends.append(end)
             if doc.media is not None:
-                tensors, spans, flags = media[doc.media.medium]
-                tensors.append(torch.from_numpy(np.array(doc.media.data)))  # copy out of the mapped shard
-                spans.append((b, offset + doc.media.start, doc.media.length))
-                flags.append(doc.media.is_target)
-            offset = end
+                media[doc.media.medium].append((b, offset - base, doc.media))
+            offset += doc.length
+        used = offset - base
+        if used > seq_len:
+            raise ValueError(f"documents of row {b} take more than seq_len = {seq_len} tokens")
+        parts.append(padding[: seq_len - used])
+        seg_lengths.append(seq_len - used)
+        seg_ids.append(PAD_DOCUMENT)
+        pads.append(offset)
         sample_ids.append([doc.sample_id for doc in row])
-    fields = {}
-    for medium, (tensors, spans, flags) in media.items():
-        fields[f"{medium}s"] = tensors
-        fields[f"{medium}_spans"] = torch.tensor(spans, dtype=torch.long).reshape(-1, 3)
-        fields[f"{medium}_is_target"] = torch.tensor(flags, dtype=torch.bool)
-    return PackedBatch(
-        input_ids=torch.from_numpy(input_ids),
-        labels=torch.from_numpy(labels),
-        position_ids=torch.from_numpy(position_ids),
-        document_ids=torch.from_numpy(document_ids),
-        sample_ids=sample_ids,
-        num_label_tokens=int((labels != IGNORE_INDEX).sum()),
-        **fields,
-    )
+
+    layout = BlockLayout()
+    for name in ("input_ids", "labels", "position_ids", "document_ids"):
+        layout.add(name, _INT64, (batch, seq_len))
+    media_runs = []
+    for medium, found in media.items():
+        spans = layout.add(f"{medium}_spans", _INT64, (len(found), 3))
+        flags = layout.add(f"{medium}_is_target", _BOOL, (len(found),))
+        arrays = [span.data for _, _, span in found]
+        dtype = arrays[0].dtype if arrays else np.dtype(np.uint8)
+        run = layout.add_run(f"{medium}s", dtype, [array.shape for array in arrays])
+        media_runs.append((found, spans, flags, arrays, dtype, run))
+    buffer, pool_id = allocate(layout.nbytes)
+    data = buffer.numpy()
+    input_ids, labels, position_ids, document_ids = (view(data, dtype, (total,), offset)
+                                                     for _, dtype, _, offset in layout.entries[:4])
+
+    if parts:  # else an empty batch (no rows)
+        np.concatenate(parts, out=input_ids)
+    lengths = np.array(seg_lengths, np.int64)
+    document_ids[:] = np.repeat(np.array(seg_ids, np.int64), lengths)
+    seg_starts = np.cumsum(lengths) - lengths
+    np.subtract(np.arange(total), np.repeat(seg_starts, lengths), out=position_ids)
+    for b, start in enumerate(pads):
+        position_ids[start : (b + 1) * seq_len] = 0
+    runs = np.zeros(total + 1, np.int32)  # +1 at a run's start, -1 at its end: the cumsum is 1 inside runs
+    runs[label_starts] = 1
+    runs[label_ends] -= 1
+    has_label = np.cumsum(runs[:-1], dtype=np.int32).astype(bool)
+    labels.fill(IGNORE_INDEX)
+    np.copyto(labels[:-1], input_ids[1:], where=has_label[:-1])
+
+    for found, spans, flags, arrays, dtype, run in media_runs:
+        if found:
+            view(data, _INT64, (len(found), 3), spans)[:] = [(b, offset + span.start, span.length)
+                                                              for b, offset, span in found]
+            view(data, _BOOL, (len(found),), flags)[:] = [span.is_target for _, _, span in found]
+            # the one copy of the media out of the mapped shards, all of a medium in one call
+            flat = [array.reshape(-1) for array in arrays]
+            np.concatenate(flat, out=view(data, dtype, (sum(len(f) for f in flat),), run))
+    num_labels = sum(label_ends) - sum(label_starts)
+    return BatchBlock(buffer, layout.entries, sample_ids, num_labels, layout.nbytes, pool_id)

@@ -2,7 +2,8 @@
 
 A slot (one loader worker of one DP rank, see ``order.py``) chains: blend draw -> row of the
 dataset's epoch permutation -> ``ArrowSample`` -> documents (``TokenLayout``) -> look-ahead window
-(``SequencePacker``) -> rows -> ``PackedBatch``. Its state after any batch is::
+(``SequencePacker``) -> rows -> ``BatchBlock`` (a ``PackedBatch`` in one buffer). Its state after
+any batch is::
 
     {"draws": int, "cursors": [int per dataset],            # blend position (BlendSampler)
      "window": [[dataset, position, piece], ...],           # documents drawn but not yet packed
@@ -25,9 +26,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from xoron_dist.data.batch import PackedBatch
+from xoron_dist.data.batch import Allocate, BatchBlock, allocate_local
 from xoron_dist.data.blend import BlendEntry, BlendSampler
-from xoron_dist.data.packing import Document, SampleTooLongError, SequencePacker, TokenLayout, collate
+from xoron_dist.data.packing import Document, SampleTooLongError, SequencePacker, TokenLayout, collate_block
 from xoron_dist.data.shards import ArrowDataset, MalformedSampleError
 
 logger = logging.getLogger(__name__)
@@ -58,35 +59,36 @@ class SlotStream:
 
     # ------------------------------------------------------------------ documents
 
-    def _documents(self, dataset: int, position: int) -> list[Document]:
-        """The documents of the sample at ``position`` of dataset ``dataset``'s stream, with refs."""
-        sample = self.datasets[dataset].sample(self.blend.row_at(dataset, position))
-        docs = self.layout.documents(sample)
-        for piece, doc in enumerate(docs):
-            doc.ref = (dataset, position, piece)
-        return docs
+    def _documents(self, dataset: int, position: int, row: int | None = None) -> list[Document]:
+        """The documents of the sample at ``position`` of dataset ``dataset``'s stream (its ``row``,
+        when known), with refs."""
+        if row is None:
+            row = self.blend.row_at(dataset, position)
+        return self.layout.documents(self.datasets[dataset].sample(row), dataset, position)
 
     def _next_document(self) -> Document:
-        if self.pending is None:
-            self._draw()
-        dataset, position, index = self.pending
-        doc = self._pieces[index]
-        self.pending = [dataset, position, index + 1] if index + 1 < len(self._pieces) else None
-        return doc
+        if self.pending is not None:  # the rest of a long text being split
+            dataset, position, index = self.pending
+            self.pending = [dataset, position, index + 1] if index + 1 < len(self._pieces) else None
+            return self._pieces[index]
+        docs = self._draw()
+        if len(docs) > 1:
+            self._pieces = docs
+            self.pending = [*docs[0].ref[:2], 1]
+        return docs[0]
 
-    def _draw(self) -> None:
-        """Draw samples until one yields documents; set ``pending`` to its first."""
+    def _draw(self) -> list[Document]:
+        """Draw samples until one yields documents."""
         while True:
-            dataset, position = self.blend.next()
+            dataset, position, row = self.blend.draw()
             try:
-                docs = self._documents(dataset, position)
+                docs = self._documents(dataset, position, row)
             except (SampleTooLongError, MalformedSampleError) as err:
                 self._skip(dataset, err)
                 continue
             self.consecutive_skips[dataset] = 0
             if docs:
-                self._pieces, self.pending = docs, [dataset, position, 0]
-                return
+                return docs
 
     def _skip(self, dataset: int, err: Exception) -> None:
         reason = "too_long" if isinstance(err, SampleTooLongError) else "malformed"
@@ -105,10 +107,11 @@ class SlotStream:
 
     # ------------------------------------------------------------------ batches
 
-    def next_batch(self) -> PackedBatch:
+    def next_block(self, allocate: Allocate = allocate_local) -> BatchBlock:
+        """The next batch, collated into a buffer from ``allocate`` (``BatchBlock.to_batch()`` reads it)."""
         rows = [self.packer.next_row() for _ in range(self.micro_batch_size)]
         self.batches += 1
-        return collate(rows, self.layout.seq_len, self.pad_id)
+        return collate_block(rows, self.layout.seq_len, self.pad_id, allocate)
 
     def state_dict(self) -> dict[str, Any]:
         return {
