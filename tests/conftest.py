@@ -21,3 +21,21 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group():
+    """A test that leaves torch.distributed initialised in the pytest process would change what the
+    next one sees (a single-rank test would suddenly run inside a world): tear it down and fail.
+    (A process group that a wider-scoped fixture made before the test is that fixture's business.)"""
+    import torch.distributed as dist
+
+    before = dist.is_available() and dist.is_initialized()
+    yield
+    if not before and dist.is_available() and dist.is_initialized():
+        from xoron_dist.parallel import state
+
+        state.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        pytest.fail("this test left torch.distributed initialised; destroy its process group before returning")

@@ -211,10 +211,10 @@ def single_process_env(monkeypatch):
     os.environ.update(saved)
 
 
-def test_single_process_refuses_unbuilt_dimension_before_any_group(single_process_env):
+def test_single_process_refuses_a_layout_before_any_group(single_process_env):
     from xoron_dist.parallel import state
 
-    with pytest.raises(LayoutError, match="expert parallel dispatch lands with issue #5"):
+    with pytest.raises(LayoutError, match=r"parallel.ep = 2 does not divide dp\*sp = 1"):
         state.initialize(_cfg("parallel.ep=2"))
     assert not torch.distributed.is_initialized() and not state.is_initialized()
 

@@ -67,6 +67,20 @@ class SequenceSplit:
     latent: bool  # MLA: pass the latent + rope key around the ring instead of full K/V
 
 
+@dataclass(frozen=True)
+class ExpertSplit:
+    """This rank's place in the expert-parallel group: it holds experts ``rank * (num_experts / size)``
+    onwards, and tokens travel to them by all-to-all over ``group`` (``xoron_dist.parallel.experts``)."""
+
+    group: object  # torch.distributed.ProcessGroup
+    rank: int
+    size: int
+    group_name: str  # DeepSpeed's name for the EP group (``ep_size_<size>``)
+    data_group: object  # the expert-data-parallel group: the ranks holding replicas of the same experts
+    capacity_factor: float | None = None  # None: dropless
+    zero3: bool = False  # the run uses ZeRO-3 (expert parameters marked for stage-3 placement)
+
+
 class LayerBuilder:
     """Makes the linear/embedding layers of a model, and the few operations that depend on how
     they are split; this one is single-rank (``xoron_dist.parallel.tensor`` has the TP one).
@@ -83,6 +97,7 @@ class LayerBuilder:
     tp_rank: int = 0
     split_experts: bool = True  # routed experts split on their FFN dim over TP (else whole on every rank)
     sequence: SequenceSplit | None = None  # set when the sequence is split over SP ranks (ring attention)
+    experts: ExpertSplit | None = None  # set when routed experts are spread over EP ranks
 
     # Layers are made uninitialised (skip_init): the model initialises every weight itself, in
     # one order, so that the random stream, and thus the weights, do not depend on the builder.

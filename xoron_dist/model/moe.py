@@ -11,7 +11,8 @@ routes tokens, so every replica applies the same update); the mean of the update
 subtracted so the biases do not drift together (as torchtitan does).
 
 Experts compute with a *sorted* dropless dispatch: the (token, choice) pairs are sorted
-by expert once, each expert runs one matmul over its contiguous slice, and the results
+by expert once, each expert runs one matmul over its contiguous slice (``grouped_swiglu``,
+with a hand-written backward that avoids autograd's per-expert copies), and the results
 are scattered back with one ``index_add_`` — no per-expert masks over all tokens.
 """
 
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import MoEConfig
+from xoron_dist.model.grouped_swiglu import grouped_swiglu
 from xoron_dist.model.layers import LayerBuilder, SwiGLU, mark_tp_split
+from xoron_dist.parallel.experts import build_expert_parallel_experts
 
 
 class ExpertBiasRouter(nn.Module):
@@ -87,16 +90,8 @@ class RoutedExperts(nn.Module):
         token_of = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         grouped = self.builder.copy_to_tp(x)[token_of]
-        # unbind once: indexing the stacked weight per expert would make autograd build one
-        # full-size zero gradient per expert and add them up; unbind's backward stacks once.
-        gate_ups, downs = self.gate_up.unbind(0), self.down.unbind(0)
-        outputs = []
-        for expert, rows in enumerate(grouped.split(counts)):
-            if rows.shape[0] == 0:
-                continue
-            gate, up = F.linear(rows, gate_ups[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
-        combined = self.builder.reduce_from_tp(torch.cat(outputs)) * weights.flatten()[order, None].to(x.dtype)
+        out = grouped_swiglu(grouped, counts, self.gate_up, self.down)
+        combined = self.builder.reduce_from_tp(out) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, combined)
 
 
@@ -106,7 +101,10 @@ class MoEFeedForward(nn.Module):
     def __init__(self, hidden: int, cfg: MoEConfig, builder: LayerBuilder) -> None:
         super().__init__()
         self.router = ExpertBiasRouter(hidden, cfg)
-        self.experts = RoutedExperts(cfg.num_experts, hidden, cfg.expert_intermediate_size, builder)
+        if builder.experts is not None:  # spread over expert-parallel ranks, tokens moved by all-to-all
+            self.experts = build_expert_parallel_experts(cfg.num_experts, hidden, cfg.expert_intermediate_size, builder)
+        else:
+            self.experts = RoutedExperts(cfg.num_experts, hidden, cfg.expert_intermediate_size, builder)
         self.shared = (
             SwiGLU(hidden, cfg.expert_intermediate_size * cfg.num_shared_experts, builder)
             if cfg.num_shared_experts > 0

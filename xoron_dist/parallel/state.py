@@ -28,6 +28,7 @@ from deepspeed.accelerator import get_accelerator
 
 from xoron_dist.config import XoronConfig
 from xoron_dist.parallel.device import DeviceInfo, detect_device
+from xoron_dist.parallel.experts import register_expert_groups
 from xoron_dist.parallel.launcher_env import LaunchError, RankInfo, discover_ranks
 from xoron_dist.parallel.layout import Layout, LayoutError, validate_layout
 
@@ -150,6 +151,8 @@ def initialize(cfg: XoronConfig, *, allow_unbuilt: bool = False) -> ParallelCont
             expert_model_parallel_size=layout.ep,
             distributed_timeout_minutes=cfg.train.dist_timeout_minutes,
         )
+        if layout.ep > 1:
+            register_expert_groups(layout.ep)  # DeepSpeed uses Megatron's expert groups, builds none
         _seed(cfg.train.seed, device_info)
     except BaseException:
         destroy()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.model.layers import LayerBuilder, SequenceSplit, mark_tp_split
+from xoron_dist.parallel.experts import expert_split
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -110,9 +111,11 @@ class TensorParallelBuilder(LayerBuilder):
 
 
 def layer_builder(cfg) -> LayerBuilder:
-    """The builder for a run (``cfg``: XoronConfig): layers split over TP when tp > 1, and the
-    sequence split over the context-parallel group (ring attention) when sp > 1."""
+    """The builder for a run (``cfg``: XoronConfig): layers split over TP when tp > 1, routed experts
+    spread over the expert-parallel group when ep > 1, and the sequence split over the
+    context-parallel group (ring attention) when sp > 1."""
     builder = TensorParallelBuilder(cfg.parallel.tp_experts) if cfg.parallel.tp > 1 else LayerBuilder()
+    builder.experts = expert_split(cfg)
     if cfg.parallel.sp > 1:
         builder.sequence = SequenceSplit(parallel_state.get_context_parallel_group(),
                                          parallel_state.get_context_parallel_rank(),

@@ -106,6 +106,10 @@ def build_ds_config(cfg: XoronConfig, dp_size: int, dtype: torch.dtype, device_k
 
     zero = _section(ds, "zero_optimization", where)
     _own(zero, "stage", cfg.parallel.zero_stage, "parallel.zero_stage", where, prefix="zero_optimization.")
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.sp > 1:
+        # ZeRO-3 then averages gradients over data x sequence ranks on its reduce-scatter path, which
+        # the trainer's loss scale cancels (parallel/engine.py); its all-reduce path divides differently.
+        _own(zero, "reduce_scatter", True, "parallel.sp > 1 with ZeRO-3", where, prefix="zero_optimization.")
 
     for section_dtype, name in _PRECISION_SECTIONS.items():
         section = _section(ds, name, where)

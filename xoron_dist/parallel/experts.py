@@ -1,0 +1,269 @@
+"""Expert parallelism: routed experts spread over the expert-parallel (EP) group, tokens moved by all-to-all.
+
+Each EP rank holds ``num_experts / ep`` whole experts (expert ``e`` lives on EP rank ``e // local``) and
+routes its *own* tokens (EP ranks are data/sequence-parallel peers: they hold different tokens). One
+MoE step on every rank:
+
+1. the router (ours: sigmoid scores + expert bias, top-k) picks experts for the local tokens;
+2. the (token, choice) pairs are sorted by expert, so the rows bound for each EP rank are contiguous;
+3. the per-expert counts are exchanged (one small all-to-all), then the rows themselves (an all-to-all
+   with uneven splits: *dropless*, no token is dropped and nothing is padded);
+4. the received rows are regrouped by local expert (they arrive grouped by source rank), each local
+   expert runs one matmul over its rows, and the results travel back by the inverse all-to-all;
+5. the combine weights apply and the rows are summed into their tokens (``index_add_``).
+
+Autograd runs the same all-to-alls backwards (``torch.distributed.nn.functional.all_to_all_single``),
+so an expert's gradient holds the contributions of every EP rank's tokens; the data-parallel
+reduction then sums it over the expert's replicas (the expert-data-parallel group, ``world / (tp·ep·pp)``
+ranks) and divides by the *dense* data-parallel size, exactly as for dense weights, so the result does
+not depend on ``ep``.
+
+``capacity_factor`` (optional) gives fixed shapes instead: every expert takes at most
+``ceil(capacity_factor · tokens · k / num_experts)`` rows from each rank (the earliest tokens win, as in
+GShard); the rest of a token's choices are dropped (its other choice and the shared expert still
+apply), and each expert's block is padded to that capacity, so the all-to-all splits are equal.
+
+With tensor parallelism the experts may also be split on their FFN dim (``parallel.tp_experts``): each
+TP rank exchanges the same rows inside its own EP group (TP peers hold the same tokens) and the
+partial outputs are summed over TP after the return trip.
+
+DeepSpeed integration (``deepspeed.utils.groups`` and parameter attributes):
+
+* ``register_expert_groups`` hands DeepSpeed Megatron-core's expert-parallel and expert-data-parallel
+  groups under DeepSpeed's name ``ep_size_<ep>`` (DeepSpeed never builds a second set);
+* expert parameters carry ``allreduce=False`` and ``group_name`` (DeepSpeed's marks of an expert
+  parameter: reduced over the expert-data-parallel group, optimizer state per EP rank);
+* ZeRO 0-2: the container is a ``deepspeed.moe.layer.MoE`` (the engine's switch for expert-aware
+  gradient reduction, optimizer groups and per-expert checkpoint files), with DeepSpeed's parameter
+  names ``deepspeed_moe.experts.deepspeed_experts.<i>``;
+* ZeRO-3: DeepSpeed refuses its native MoE class there, so the container is a plain module whose
+  parameters carry DeepSpeed's stage-3 placement marks (``ds_zero_placement_family="autoep_expert"``,
+  the expert-data-parallel group as their partition group): ZeRO-3 partitions expert weights over
+  their replicas only and averages their gradients by the dense data-parallel size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from xoron_dist.model.layers import ExpertSplit, LayerBuilder, mark_tp_split, tp_slice
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with uneven splits whose backward is the inverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.apply(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """Rows ``x`` (``send[r]`` of them for rank r, in rank order) -> the rows every rank sent here."""
+    return _AllToAll.apply(x, send, recv, group)
+
+
+def group_name(ep: int) -> str:
+    """DeepSpeed's name of the expert-parallel group of size ``ep``."""
+    return f"ep_size_{ep}"
+
+
+def register_expert_groups(ep: int) -> str:
+    """Give DeepSpeed Megatron-core's expert groups (call after ``parallel_state.initialize_model_parallel``)."""
+    from deepspeed.utils import groups
+    from megatron.core import parallel_state
+
+    name = group_name(ep)
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    edp_group = parallel_state.get_expert_data_parallel_group()
+    groups._EXPERT_PARALLEL_GROUP[name] = ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(ep_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(edp_group)
+    return name
+
+
+def expert_split(cfg) -> ExpertSplit | None:
+    """The ``ExpertSplit`` for a run (``cfg``: XoronConfig) once the groups exist; None when ep == 1."""
+    from megatron.core import parallel_state
+
+    p = cfg.parallel
+    if p.ep == 1:
+        return None
+    return ExpertSplit(parallel_state.get_expert_model_parallel_group(),
+                       parallel_state.get_expert_model_parallel_rank(), p.ep, group_name(p.ep),
+                       parallel_state.get_expert_data_parallel_group(), p.expert_capacity_factor, p.zero_stage == 3)
+
+
+class LocalExpert(nn.Module):
+    """One routed SwiGLU expert: ``gate_up`` (2·intermediate, hidden; gate rows first) and ``down``
+    (hidden, intermediate)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden))
+        self.down = nn.Parameter(torch.empty(hidden, intermediate))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rows, self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)
+
+
+class _Holder(nn.Module):
+    """A plain attribute holder, so parameter names follow DeepSpeed's MoE layout."""
+
+
+class ExpertParallelExperts(nn.Module):
+    """This EP rank's ``num_experts / ep`` experts and the all-to-all dispatch (see the module docstring).
+
+    Same call as ``model.moe.RoutedExperts``: ``forward(x (tokens, hidden), chosen (tokens, k), weights (tokens, k))``.
+    Parameters: ``deepspeed_moe.experts.deepspeed_experts.<local id>.{gate_up, down}``.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, builder: LayerBuilder) -> None:
+        nn.Module.__init__(self)  # not super(): the DeepSpeed subclass must not run MoE.__init__
+        split: ExpertSplit = builder.experts
+        if num_experts % split.size:
+            raise ValueError(f"num_experts {num_experts} is not divisible by the expert-parallel size {split.size}")
+        self.split = split
+        self.num_experts, self.ep_size = num_experts, split.size
+        self.num_local_experts = num_experts // split.size
+        self.first_expert = split.rank * self.num_local_experts
+        self.expert_group_name = split.group_name
+        tp_split = builder.split_experts and builder.tp_size > 1
+        self.builder = builder if tp_split else LayerBuilder()
+        local = intermediate // self.builder.tp_size
+        if local * self.builder.tp_size != intermediate:
+            raise ValueError(f"expert_intermediate_size {intermediate} is not divisible by TP size "
+                             f"{self.builder.tp_size}")
+        self.deepspeed_moe = _Holder()
+        self.deepspeed_moe.experts = _Holder()
+        self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(
+            LocalExpert(hidden, local) for _ in range(self.num_local_experts))
+        for expert in self.local_experts:
+            for param in expert.parameters():
+                param.allreduce = False  # DeepSpeed: an expert parameter, reduced over its replicas only
+                param.group_name = split.group_name
+                if split.zero3:  # partitioned over the expert's replicas; gradients averaged by dense dp size
+                    param.ds_zero_placement_family = "autoep_expert"
+                    param.ds_zero_partition_group_name = split.group_name
+                    param.ds_zero_partition_process_group = split.data_group
+            if self.builder.tp_size > 1:
+                mark_tp_split(expert.gate_up, dim=0, stride=2)
+                mark_tp_split(expert.down, dim=1)
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's engine calls this to create expert groups; ours exist already (``register_expert_groups``)."""
+        from deepspeed.utils import groups
+
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            raise RuntimeError(f"expert group {self.expert_group_name} is not registered with DeepSpeed; "
+                               "xoron_dist.parallel.state.initialize registers it when parallel.ep > 1")
+
+    @torch.no_grad()
+    def load_full(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Copy this rank's experts (and TP slice) out of full stacked weights (experts, 2·I, H) / (experts, H, I)."""
+        b = self.builder
+        for i, expert in enumerate(self.local_experts):
+            e = self.first_expert + i
+            expert.gate_up.copy_(tp_slice(gate_up[e], 0, 2, b.tp_rank, b.tp_size))
+            expert.down.copy_(tp_slice(down[e], 1, 1, b.tp_rank, b.tp_size))
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        tokens, k = chosen.shape
+        flat = chosen.flatten()
+        order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert, tokens in order
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        pair_weights = weights.flatten()[order, None].to(x.dtype)
+        token_of = order // k
+        if self.split.capacity_factor is None:
+            out = self._exchange_and_compute(self.builder.copy_to_tp(x)[token_of], counts)
+        else:
+            rows, kept, keep = self._capacity_rows(x, flat[order], counts, token_of, tokens * k)
+            token_of, pair_weights = token_of[keep], pair_weights[keep]
+            out = self._exchange_and_compute(rows, torch.full_like(counts, rows.shape[0] // self.num_experts))
+            out = out.view(self.num_experts, -1, out.shape[-1])
+            out = torch.cat([out[e, :n] for e, n in enumerate(kept)])  # drop the padding, keep expert order
+        combined = self.builder.reduce_from_tp(out) * pair_weights
+        return torch.zeros_like(x).index_add_(0, token_of, combined)
+
+    def capacity(self, pairs: int) -> int:
+        """Rows each expert takes from one rank under ``capacity_factor``."""
+        return max(1, math.ceil(self.split.capacity_factor * pairs / self.num_experts))
+
+    def _capacity_rows(self, x, sorted_experts, counts, token_of, pairs):
+        """Rows padded to ``capacity`` per expert (the earliest tokens kept), rows kept per expert, and
+        which of the expert-sorted pairs survive."""
+        cap = self.capacity(pairs)
+        starts = torch.cumsum(counts, 0) - counts
+        rank_in_expert = torch.arange(sorted_experts.numel(), device=x.device) - starts[sorted_experts]
+        keep = rank_in_expert < cap
+        slot = sorted_experts[keep] * cap + rank_in_expert[keep]
+        rows = x.new_zeros(self.num_experts * cap, x.shape[-1]).index_copy(
+            0, slot, self.builder.copy_to_tp(x)[token_of[keep]])
+        return rows, counts.clamp(max=cap).tolist(), keep
+
+    def _exchange_and_compute(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Send ``rows`` (grouped by global expert, ``counts`` each) to their experts' ranks, run them,
+        bring the results back in the same order."""
+        ep, local = self.ep_size, self.num_local_experts
+        group = self.split.group
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=group)  # received[src * local + i]: rows for my expert i
+        send_splits = counts.view(ep, local).sum(1).tolist()
+        recv_matrix = received.view(ep, local)
+        recv_splits = recv_matrix.sum(1).tolist()
+        inbound = all_to_all(rows, send_splits, recv_splits, group)
+        # inbound is grouped by (source rank, local expert); regroup by (local expert, source rank).
+        by_source = recv_matrix.flatten().tolist()
+        starts = [0]
+        for n in by_source:
+            starts.append(starts[-1] + n)
+        regroup = [torch.arange(starts[src * local + i], starts[src * local + i + 1], device=rows.device)
+                   for i in range(local) for src in range(ep)]
+        perm = torch.cat(regroup) if regroup else torch.zeros(0, dtype=torch.long, device=rows.device)
+        grouped = inbound[perm]
+        per_expert = recv_matrix.sum(0).tolist()
+        # Each local expert runs through its own module call, not ``grouped_swiglu`` on its weights: under
+        # ZeRO-3 the parity test drifts (~1e-6 at step 2, 1e-4 by step 4) when the weights are used
+        # outside their module's forward, and is exact this way.
+        parts = grouped.split(per_expert)
+        computed = torch.cat([expert(part) for expert, part in zip(self.local_experts, parts, strict=True)])
+        outbound = torch.empty_like(computed).index_copy(0, perm, computed)  # back to (source, expert) order
+        return all_to_all(outbound, recv_splits, send_splits, group)
+
+
+def _deepspeed_moe_class() -> type:
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedExpertParallelExperts(ExpertParallelExperts, MoE):
+        """``ExpertParallelExperts`` that DeepSpeed's engine recognises as an MoE layer (ZeRO 0-2):
+        expert-aware gradient reduction, MoE optimizer groups, per-expert checkpoint files."""
+
+    return DeepSpeedExpertParallelExperts
+
+
+def build_expert_parallel_experts(num_experts: int, hidden: int, intermediate: int,
+                                  builder: LayerBuilder) -> ExpertParallelExperts:
+    """The EP container DeepSpeed needs for the run's ZeRO stage (see the module docstring)."""
+    cls = ExpertParallelExperts if builder.experts.zero3 else _deepspeed_moe_class()
+    return cls(num_experts, hidden, intermediate, builder)
+
+
+__all__ = ["ExpertParallelExperts", "ExpertSplit", "LocalExpert", "build_expert_parallel_experts",
+           "expert_split", "group_name", "register_expert_groups"]
