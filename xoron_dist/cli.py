@@ -4,6 +4,7 @@
     xoron build --config pipelines/xoron_full.yaml [key.sub=value ...]
     xoron synth --out DIR [--config RUN.yaml]          (xoron_dist/synth/cli.py)
     xoron prep --config RUN.yaml --out DIR INPUT...    (data_prep/cli.py)
+    xoron plan --config RUN.yaml --cluster h100x8 --nodes 4 --out plans/   (xoron_dist/plan/cli.py)
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 DELEGATED_VERBS = {
     "synth": ("xoron_dist.synth.cli", "generate the synthetic multimodal corpus (media files + JSONL)"),
     "prep": ("data_prep.cli", "raw media / webdataset tars -> Arrow shards + manifest (MPI aware)"),
+    "plan": ("xoron_dist.plan.cli", "rank parallel layouts for a cluster by memory and step time; write the best"),
 }
 
 

@@ -1,0 +1,336 @@
+"""Per-rank memory of a training layout: parameters, gradients, optimizer states, activations.
+
+Parameters are counted exactly from the LLM config, split as the layer builders split them
+(``xoron_dist.parallel.tensor``: column/row linears and the vocabulary over TP; routed experts
+over EP, and on their FFN dim over TP when ``parallel.tp_experts``; layers over PP stages by
+``xoron_dist.parallel.pipeline.partition_layers`` on parameter counts, as ``build_stage`` does).
+A test checks the counts against the real model built on the meta device for several layouts.
+
+Bytes per parameter (Ψ: this rank's parameters; ZeRO divides over the data-parallel ranks, which
+DeepSpeed takes as dp·sp for dense weights and dp·sp/ep for routed experts):
+
+    precision  weights  grads  optimizer                                   ZeRO-1/2         ZeRO-3
+    bf16       2        2      12 (fp32 master + Adam m, v)                grads, opt / dp  all / dp
+    fp32       4        4      8 (m, v) + 4 fp32 partition copy (ZeRO>=1)  "                "
+
+(ZeRO paper, Rajbhandari et al. 2020, §3: K = 12 for mixed-precision Adam. DeepSpeed's ZeRO-1/2
+optimizer clones its fp32 partition even from fp32 weights, hence the extra 4. DeepSpeed's ZeRO-1
+reduces gradients bucket by bucket into each rank's partition as ZeRO-2 does: on CPU both
+measured the same peak.) DeepSpeed's
+gradient buckets add ``reduce_bucket_size`` elements once or twice (``overlap_comm``) under
+ZeRO-1/2; ZeRO-3 adds its reduce bucket and its prefetch bucket. Not modelled: ZeRO-3 keeps
+tensors below ``stage3_param_persistence_threshold`` (1e5 elements in ``ds_configs/zero3.json``)
+whole on every rank; in Xoron those are the norm vectors and routers, under 1% of a layer.
+
+Activations are what autograd saves, tensor by tensor as the model code makes them (see
+``layer_activation_bytes``), per token: ``micro_batch_size · seq_len / sp`` tokens on a rank,
+head-sized tensors divided by tp, hidden-sized ones replicated over TP (Megatron's norm-region
+sequence parallelism is not built). With activation checkpointing a layer keeps only its input
+and one layer at a time is recomputed. The LM head's logits (vocabulary/tp wide) and the
+cross-entropy's buffers come on top on the last stage; 1F1B keeps ``pp - stage`` micro-batches in
+flight on stage ``stage``. The peak is the larger of the step's forward/backward peak and the
+optimizer step, which on CPU (``torch.optim.AdamW``, one tensor at a time) allocates two
+temporaries the size of the largest tensor it steps (DeepSpeed's flat partition under ZeRO>=1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xoron_dist.config import LLMConfig, XoronConfig
+from xoron_dist.parallel.layout import Layout
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameters on one rank: ``dense`` (replicated over dp·sp) and routed ``expert`` weights
+    (replicated over the expert-data-parallel ranks, dp·sp/ep)."""
+
+    dense: int = 0
+    expert: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+    def __add__(self, other: ParameterCount) -> ParameterCount:
+        return ParameterCount(self.dense + other.dense, self.expert + other.expert)
+
+
+def _linear(i: int, o: int) -> int:
+    return i * o
+
+
+def attention_parameters(llm: LLMConfig, tp: int) -> int:
+    """MLA on one TP rank: replicated down-projections and norms, head-split up/out projections."""
+    heads = llm.num_heads // tp
+    n = 2 * llm.hidden_size  # attn_norm, ffn_norm of the layer
+    if llm.q_lora_rank is None:
+        n += _linear(llm.hidden_size, heads * llm.qk_head_dim)
+    else:
+        n += _linear(llm.hidden_size, llm.q_lora_rank) + llm.q_lora_rank + _linear(llm.q_lora_rank,
+                                                                                   heads * llm.qk_head_dim)
+    n += _linear(llm.hidden_size, llm.kv_lora_rank + llm.qk_rope_head_dim) + llm.kv_lora_rank
+    n += _linear(llm.kv_lora_rank, heads * (llm.qk_nope_head_dim + llm.v_head_dim))
+    n += _linear(heads * llm.v_head_dim, llm.hidden_size)
+    return n
+
+
+def layer_parameters(llm: LLMConfig, index: int, tp: int, ep: int, tp_experts: bool) -> ParameterCount:
+    """Decoder layer ``index`` on one rank (attention + norms + dense FFN or MoE)."""
+    dense = attention_parameters(llm, tp)
+    if index < llm.dense_layers:
+        return ParameterCount(dense + 3 * llm.hidden_size * llm.dense_intermediate_size // tp)
+    moe = llm.moe
+    dense += moe.num_experts * llm.hidden_size  # router
+    dense += 3 * llm.hidden_size * moe.expert_intermediate_size * moe.num_shared_experts // tp
+    expert_split = tp if tp_experts else 1
+    expert = moe.num_experts // ep * 3 * llm.hidden_size * moe.expert_intermediate_size // expert_split
+    return ParameterCount(dense, expert)
+
+
+def embedding_parameters(llm: LLMConfig, tp: int) -> int:
+    return llm.vocab_rows(tp) // tp * llm.hidden_size
+
+
+def head_parameters(llm: LLMConfig, tp: int) -> int:
+    """Final norm + LM head (nothing extra for the head when it is tied to the embedding)."""
+    lm_head = 0 if llm.tie_word_embeddings else llm.vocab_rows(tp) // tp * llm.hidden_size
+    return llm.hidden_size + lm_head
+
+
+@dataclass(frozen=True)
+class StageParameters:
+    """One pipeline stage on one rank: its layers, and whether it holds the embedding / the head."""
+
+    layers: range
+    params: ParameterCount
+    first: bool
+    last: bool
+
+
+def stage_parameters(cfg: XoronConfig, tp: int, pp: int, ep: int) -> list[StageParameters]:
+    """Per-rank parameters of every pipeline stage, layers split as ``build_stage`` splits them."""
+    from xoron_dist.parallel.pipeline import StageCosts, partition_layers
+
+    llm = cfg.llm
+    per_layer = [layer_parameters(llm, i, tp, ep, cfg.parallel.tp_experts) for i in range(llm.num_layers)]
+    embed, head = embedding_parameters(llm, tp), head_parameters(llm, tp)
+    if pp == 1:
+        total = sum(per_layer, ParameterCount()) + ParameterCount(embed + head)
+        return [StageParameters(range(llm.num_layers), total, True, True)]
+    partition = partition_layers(StageCosts(tuple(float(p.total) for p in per_layer), float(embed), float(head)), pp)
+    stages = []
+    for s in range(pp):
+        layers = partition.layers_of(s)
+        params = sum((per_layer[i] for i in layers), ParameterCount())
+        params += ParameterCount((embed if s == 0 else 0) + (head if s == pp - 1 else 0))
+        stages.append(StageParameters(layers, params, s == 0, s == pp - 1))
+    return stages
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _norm_bytes(width: int, b: int) -> int:
+    """RMSNorm (computed in fp32): fp32 input copy (mixed only), normed fp32, its cast, the output."""
+    return (FP32 * width + FP32 * width + b * width + b * width) if b < FP32 else 2 * FP32 * width
+
+
+def layer_activation_bytes(llm: LLMConfig, index: int, tp: int, tp_experts: bool, b: int,
+                           expert_rows: float = 1.0) -> int:
+    """Bytes autograd saves per token in decoder layer ``index`` (its output included, input not).
+
+    b: bytes of the activation dtype. expert_rows: rows the routed experts process per (token,
+    choice): 1 when dropless (balanced load), the capacity factor when EP pads to a fixed capacity.
+
+    Following ``MultiLatentAttention``/``MoEFeedForward``:
+    norms; q (low-rank path), the fused kv down-projection and its normed latent, the expanded
+    k/v, the concatenated q and k and the zero-padded v the fused SDPA kernel takes, its output and
+    log-sum-exp, the reshaped attention output; the router's fp32 scores and top-k bookkeeping
+    (int64), the rows gathered per (token, choice), the experts' gate/up projections and their
+    outputs (``grouped_swiglu`` keeps only these); the shared expert's four intermediate tensors
+    (autograd SwiGLU: gate, up, SiLU, product); the residual.
+    """
+    hidden, heads = llm.hidden_size, llm.num_heads // tp
+    qk, v = llm.qk_head_dim, llm.v_head_dim
+    width = max(qk, v)  # SDPA's common head dim (v zero-padded)
+    mixed = b < FP32
+    n = _norm_bytes(hidden, b)
+    if llm.q_lora_rank is not None:
+        n += b * llm.q_lora_rank + _norm_bytes(llm.q_lora_rank, b)
+    n += b * heads * qk  # q
+    n += b * (llm.kv_lora_rank + llm.qk_rope_head_dim) + _norm_bytes(llm.kv_lora_rank, b)
+    if mixed:  # apply_rotary computes in fp32: the float copies of q's and k's rope halves are saved
+        n += FP32 * (heads + 1) * llm.qk_rope_head_dim
+    n += b * heads * (llm.qk_nope_head_dim + v)  # kv_up output: k_nope and v
+    n += b * heads * width * (2 + (v < width) + (qk < width))  # q, k concatenated (+ padding), v padded
+    n += b * heads * width + FP32 * heads  # SDPA output, log-sum-exp
+    n += b * heads * v  # attention output made contiguous for out_proj
+    n += b * hidden  # residual after attention
+    n += _norm_bytes(hidden, b)
+    if index < llm.dense_layers:
+        n += 4 * b * llm.dense_intermediate_size // tp
+    else:
+        moe = llm.moe
+        k = moe.top_k
+        ie = moe.expert_intermediate_size // (tp if tp_experts else 1)
+        n += (FP32 * hidden if mixed else 0) + FP32 * moe.num_experts  # router input in fp32, sigmoid scores
+        n += 8 * k * 3 + FP32 * 3 * k  # top-k ids, sort order, token index (int64); combine weights
+        rows = k * expert_rows
+        n += int(b * rows * hidden)  # rows gathered per (token, choice)
+        n += int(2 * b * rows * ie)  # gate+up (``grouped_swiglu`` recomputes SiLU·up in backward)
+        n += int(b * rows * hidden) + b * k  # expert outputs concatenated (or returned by EP), weights per row
+        n += 4 * b * moe.expert_intermediate_size * moe.num_shared_experts // tp  # shared expert
+    n += b * hidden  # residual after the FFN: the next layer's input
+    return n
+
+
+def head_activation_bytes(llm: LLMConfig, tp: int, b: int) -> tuple[int, int]:
+    """(saved, backward extra) bytes per token of the final norm, LM head and loss.
+
+    Saved: the norm, the logits (held by the step until backward), the fp32 softmax.
+    Backward extra: single-rank ``F.cross_entropy`` allocates the NLL gradient and the
+    log-softmax gradient (two fp32 vocab-wide tensors); Megatron's vocab-parallel
+    cross-entropy (tp > 1) reuses its saved softmax in place.
+    """
+    vocab = llm.vocab_rows(tp) // tp
+    padded = llm.vocab_rows(tp) != llm.usable_vocab_size
+    saved = _norm_bytes(llm.hidden_size, b) + b * vocab * (1 + padded) + FP32 * vocab
+    extra = (2 * FP32 * vocab if tp == 1 else 0) + (b * vocab if b < FP32 else 0)
+    return saved, extra
+
+
+# --------------------------------------------------------------------------- totals
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """The per-rank work of one micro-batch: what the activations scale with."""
+
+    micro_batch_size: int
+    seq_len: int
+    grad_accum_steps: int
+    activation_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the busiest rank (the pipeline stage with the largest total)."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    buffers: int
+    latent_cache: int  # inference: MLA latent KV cache for micro_batch_size x seq_len, this stage's layers
+    stage: int = 0
+    params: ParameterCount = field(default_factory=ParameterCount)
+
+    @property
+    def total(self) -> int:
+        """Training peak: everything but the inference cache."""
+        return self.weights + self.grads + self.optimizer + self.activations + self.buffers
+
+    def components(self) -> dict[str, int]:
+        return {"weights": self.weights, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "buffers": self.buffers}
+
+
+def _zero_bytes(zero_stage: int, count: int, shards: int, mixed: bool) -> tuple[int, int, int]:
+    """(weights, grads, optimizer) bytes of ``count`` parameters partitioned over ``shards`` ranks."""
+    weight_b, grad_b = (2, 2) if mixed else (FP32, FP32)
+    opt_b = 12 if mixed else (8 + (4 if zero_stage >= 1 else 0))
+    weights = weight_b * count / (shards if zero_stage >= 3 else 1)
+    grads = grad_b * count / (shards if zero_stage >= 1 else 1)
+    optimizer = opt_b * count / (shards if zero_stage >= 1 else 1)
+    return int(weights), int(grads), int(optimizer)
+
+
+def deepspeed_buffer_bytes(ds_config: dict, zero_stage: int, mixed: bool) -> int:
+    """DeepSpeed's gradient-reduction (and ZeRO-3 prefetch) buckets, from the run's DeepSpeed JSON."""
+    zero = ds_config.get("zero_optimization", {})
+    grad_b = 2 if mixed else FP32
+    if zero_stage in (1, 2):
+        if not zero.get("contiguous_gradients", True):
+            return 0
+        copies = 2 if zero.get("overlap_comm", False) else 1
+        return copies * int(zero.get("reduce_bucket_size", 5e8)) * grad_b
+    if zero_stage == 3:
+        return int(zero.get("reduce_bucket_size", 5e8)) * grad_b + \
+            int(zero.get("stage3_prefetch_bucket_size", 5e7)) * (2 if mixed else FP32)
+    return 0
+
+
+def estimate_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape, ds_config: dict,
+                    mixed: bool, cpu_optimizer_temporaries: bool = False) -> MemoryEstimate:
+    """Peak bytes per rank of ``layout`` training ``cfg`` with ``shape``: the busiest pipeline stage.
+
+    ``mixed``: bf16 weights/activations with fp32 optimizer states (GPU); else fp32 throughout.
+    ``cpu_optimizer_temporaries``: count torch AdamW's per-tensor temporaries (CPU runs).
+    """
+    stages = estimate_stage_memory(cfg, layout, shape, ds_config, mixed, cpu_optimizer_temporaries)
+    return max(stages, key=lambda e: e.total)
+
+
+def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape, ds_config: dict,
+                          mixed: bool, cpu_optimizer_temporaries: bool = False) -> list[MemoryEstimate]:
+    """Peak bytes per rank of every pipeline stage (one entry when pp = 1); see ``estimate_memory``."""
+    llm = cfg.llm
+    b = 2 if mixed else FP32
+    tp, pp, ep = layout.tp, layout.pp, layout.ep
+    dense_shards = layout.dp * layout.sp
+    expert_shards = max(1, dense_shards // ep)
+    tokens = shape.micro_batch_size * shape.seq_len // layout.sp
+    tp_experts = cfg.parallel.tp_experts
+    capacity = cfg.parallel.expert_capacity_factor
+    expert_rows = capacity if ep > 1 and capacity is not None else 1.0
+    buffers = deepspeed_buffer_bytes(ds_config, layout.zero_stage, mixed)
+    estimates = []
+    for s, stage in enumerate(stage_parameters(cfg, tp, pp, ep)):
+        dw, dg, do = _zero_bytes(layout.zero_stage, stage.params.dense, dense_shards, mixed)
+        ew, eg, eo = _zero_bytes(layout.zero_stage, stage.params.expert, expert_shards, mixed)
+        weights, grads, optimizer = dw + ew, dg + eg, do + eo
+        per_layer = [layer_activation_bytes(llm, i, tp, tp_experts, b, expert_rows) for i in stage.layers]
+        in_flight = min(pp - s, shape.grad_accum_steps)  # 1F1B: stage s holds pp - s micro-batches
+        head_saved, head_extra = head_activation_bytes(llm, tp, b) if stage.last else (0, 0)
+        embed_out = b * llm.hidden_size if stage.first else 0  # the first layer's input
+        received = b * llm.hidden_size if not stage.first else 0  # activation received from the stage before
+        if shape.activation_checkpointing:  # inputs kept; one layer recomputed at a time in backward
+            kept = len(per_layer) * b * llm.hidden_size + embed_out + received
+            acts = tokens * (in_flight * kept + head_saved + max(head_extra, max(per_layer, default=0)))
+        else:
+            kept = sum(per_layer) + embed_out + received
+            acts = tokens * (in_flight * kept + head_saved + head_extra)
+        if cpu_optimizer_temporaries:
+            largest = _largest_optimizer_tensor(llm, stage, layout, dense_shards, expert_shards)
+            acts = max(acts, 2 * FP32 * largest - grads)  # the step runs after backward freed the activations
+        latent = latent_cache_bytes(llm, shape.micro_batch_size, shape.seq_len, len(stage.layers), b)
+        estimates.append(MemoryEstimate(weights, grads, optimizer, int(acts), buffers, latent, s, stage.params))
+    return estimates
+
+
+def _largest_optimizer_tensor(llm: LLMConfig, stage: StageParameters, layout: Layout, dense_shards: int,
+                              expert_shards: int) -> int:
+    """Elements of the largest tensor the optimizer steps at once: a parameter (ZeRO-0) or
+    DeepSpeed's flat fp32 partition of all parameters (ZeRO>=1)."""
+    if layout.zero_stage >= 1:
+        return stage.params.dense // dense_shards + stage.params.expert // expert_shards
+    vocab = llm.vocab_rows(layout.tp) // layout.tp * llm.hidden_size
+    moe = llm.moe
+    stacked = 1 if layout.ep > 1 else moe.num_experts  # EP keeps one tensor per expert; else stacked
+    gate_up = stacked * 2 * moe.expert_intermediate_size * llm.hidden_size
+    return max(vocab, gate_up // layout.tp)
+
+
+def latent_cache_bytes(llm: LLMConfig, batch: int, max_len: int, layers: int, dtype_bytes: int) -> int:
+    """The MLA latent KV cache (``LatentKVCache``) for ``layers`` layers: (kv_lora_rank + rope dim) per token."""
+    return layers * batch * max_len * (llm.kv_lora_rank + llm.qk_rope_head_dim) * dtype_bytes
+
+
+__all__ = ["MemoryEstimate", "ParameterCount", "StageParameters", "TrainingShape", "attention_parameters",
+           "deepspeed_buffer_bytes", "embedding_parameters", "estimate_memory", "estimate_stage_memory",
+           "head_activation_bytes", "head_parameters", "latent_cache_bytes", "layer_activation_bytes",
+           "layer_parameters", "stage_parameters"]
