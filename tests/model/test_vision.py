@@ -1,0 +1,260 @@
+"""Vision tower: HF SigLIP oracle, native-resolution padding, 2D-RoPE, TP=2 parity."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from tests.parallel.harness import run_ranks
+from xoron_dist.config import VisionConfig, load_config
+from xoron_dist.model.layers import tp_slice
+from xoron_dist.model.vision import (
+    SiglipImportError,
+    VisionTower,
+    load_siglip_vision,
+    patch_grid,
+    prepare_images,
+)
+
+# image_size 30 with patch 7: a 4x4 grid and a 2-pixel remainder SigLIP's conv drops (like 384/14).
+HF_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=30,
+                patch_size=7)
+SIGLIP_MODE = VisionConfig(rope=False, absolute_positions=True)
+TINY = VisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=32, patch_size=4,
+                    max_patches=24, rope_theta=100.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls gain nothing from intra-op threads; on a shared 2-core CPU the threads' barriers
+    made the TiTok training test 30x slower (218 s against 8 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _hf_model() -> SiglipVisionModel:
+    torch.manual_seed(0)
+    return SiglipVisionModel(SiglipVisionConfig(**HF_SIZES)).eval()
+
+
+def _images(*sizes: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen) for h, w in sizes]
+
+
+@pytest.mark.parametrize("source", ["module", "directory"])
+def test_siglip_oracle(source, tmp_path) -> None:
+    hf = _hf_model()
+    if source == "directory":
+        hf.save_pretrained(tmp_path)  # config.json + model.safetensors, as a local checkpoint
+        tower = load_siglip_vision(str(tmp_path), SIGLIP_MODE)
+    else:
+        tower = load_siglip_vision(hf, SIGLIP_MODE)
+    tower.eval()
+    assert (tower.cfg.hidden_size, tower.cfg.num_layers, tower.num_tokens) == (32, 2, 16)
+    pixels = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels).last_hidden_state
+        out = tower(pixels)
+    assert out.features.shape == ref.shape and bool(out.mask.all())
+    assert (out.features - ref).abs().max() <= 1e-4
+
+
+def test_siglip_interpolated_positions_non_square() -> None:
+    """A 21x35 image (3x5 patches): positions resized bicubically, as HF's interpolate_pos_encoding."""
+    hf = _hf_model()
+    tower = load_siglip_vision(hf, SIGLIP_MODE).eval()
+    pixels = torch.randn(1, 3, 21, 35, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+        out = tower(pixels)
+    assert out.grids.tolist() == [[3, 5]]
+    assert (out.features - ref).abs().max() <= 1e-4
+    # The same checkpoint with 2D-RoPE on top, native-resolution uint8 images of two shapes.
+    roped = load_siglip_vision(hf, replace(SIGLIP_MODE, rope=True, max_patches=20)).eval()
+    images = _images((40, 90), (60, 30))
+    with torch.no_grad():
+        batched = roped(images)
+        alone = roped(images[1:])
+    assert torch.isfinite(batched.features).all()
+    assert batched.grids.tolist() == [[3, 6], [6, 3]]
+    torch.testing.assert_close(batched.per_image()[1], alone.per_image()[0], atol=1e-5, rtol=1e-5)
+
+
+def test_siglip_import_errors() -> None:
+    hf = _hf_model()
+    state = hf.state_dict()
+    cfg = replace(SIGLIP_MODE, **{k: v for k, v in dict(hidden_size=32, num_layers=2, num_heads=4,
+                                                         intermediate_size=64, image_size=30, patch_size=7).items()})
+    load_siglip_vision(state, cfg)  # the bare state dict with the right sizes loads
+    broken = {k: v for k, v in state.items() if not k.startswith("encoder.layers.1.mlp.")}
+    broken["encoder.layers.9.self_attn.q_proj.weight"] = torch.zeros(32, 32)
+    with pytest.raises(SiglipImportError) as err:
+        load_siglip_vision(broken, cfg)
+    message = str(err.value)
+    assert "encoder.layers.1.patch.mlp.fc1.layer.weight" in message
+    assert "encoder.layers.9.self_attn.q_proj.weight" in message
+    with pytest.raises(SiglipImportError, match="cfg"):
+        load_siglip_vision(state)
+    with pytest.raises(SiglipImportError, match="config.json"):
+        load_siglip_vision("/nonexistent/siglip")
+
+
+def test_native_resize_policy() -> None:
+    assert patch_grid(384, 384, 14, 729) == (27, 27)
+    rows, cols = patch_grid(100, 200, 4, 24)
+    assert (rows, cols) == (3, 7)  # 21 of 24 patches, aspect 2.33 for 2
+    assert patch_grid(10, 1000, 4, 24) == (1, 24)
+    pixels = prepare_images(_images((40, 90)), TINY)
+    assert pixels[0].shape == (3, 12, 28) and pixels[0].min() >= -1 and pixels[0].max() <= 1
+    square = prepare_images(_images((40, 90)), replace(TINY, resize="square"))
+    assert square[0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="uint8"):
+        prepare_images([torch.zeros(8, 8, 3)], TINY)
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param({}, id="rope+abs"),
+    pytest.param({"absolute_positions": False}, id="rope-only"),
+    pytest.param({"latent_tokens": 3, "dual_stream": True}, id="dual-stream"),
+    pytest.param({"latent_tokens": 3}, id="shared-latents"),
+])
+def test_padding_never_leaks(variant) -> None:
+    """An image's features are the same batched alone or padded next to larger images."""
+    torch.manual_seed(0)
+    tower = VisionTower(replace(TINY, **variant)).eval()
+    images = _images((16, 40), (48, 48), (8, 12))
+    with torch.no_grad():
+        batched = tower(images)
+        alone = [tower([image]) for image in images]
+    assert batched.mask.sum(1).tolist() == [int(r * c) for r, c in batched.grids.tolist()]
+    assert batched.features[~batched.mask].abs().max() == 0  # padded rows zeroed
+    for i, single in enumerate(alone):
+        torch.testing.assert_close(batched.per_image()[i], single.per_image()[0], atol=1e-5, rtol=1e-5)
+        if single.latents is not None:
+            torch.testing.assert_close(batched.latents[i], single.latents[0], atol=1e-5, rtol=1e-5)
+    # Garbage in the padding rows' pixels cannot matter either: only real patches exist as keys.
+    assert batched.features.shape == (3, 24, 32)
+
+
+def test_rope_makes_features_translation_equivariant() -> None:
+    """With rope only (no absolute table), an image tiled from identical patches gives identical features
+    for every patch whose neighbourhood offsets are the same: here all patches of a constant image."""
+    torch.manual_seed(0)
+    tower = VisionTower(replace(TINY, absolute_positions=False)).eval()
+    constant = [torch.full((16, 24, 3), 77, dtype=torch.uint8)]
+    with torch.no_grad():
+        feats = tower(constant).per_image()[0]
+    torch.testing.assert_close(feats, feats[:1].expand_as(feats), atol=1e-5, rtol=1e-5)
+    with_table = VisionTower(TINY).eval()
+    with torch.no_grad():
+        feats = with_table(constant).per_image()[0]
+    assert (feats - feats[:1]).abs().max() > 1e-3  # the absolute table breaks the symmetry
+
+
+def test_activation_checkpointing_same_gradients() -> None:
+    torch.manual_seed(0)
+    tower = VisionTower(replace(TINY, latent_tokens=2, dual_stream=True))
+    images = _images((16, 40), (32, 28))
+    grads = []
+    for on in (False, True):
+        tower.zero_grad()
+        tower.activation_checkpointing = on
+        out = tower(images)
+        (out.features.sum() + out.latents.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in tower.named_parameters()})
+    assert tower.encoder.activation_checkpointing
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+# --------------------------------------------------------------------------- TP=2
+
+TP_VARIANTS = {"plain": {}, "dual": {"latent_tokens": 2, "dual_stream": True}}
+
+
+def _tp_step(tower: VisionTower, images, weights: torch.Tensor):
+    out = tower(images)
+    loss = (out.features * weights).sum()
+    if out.latents is not None:
+        # Random weights, not a sum of squares: that of a LayerNorm output is nearly constant (its
+        # gradient would be pure rounding noise).
+        loss = loss + (out.latents * weights[:, : out.latents.shape[1]]).sum()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in tower.named_parameters()}
+    return out.features.detach(), grads
+
+
+def _tp_builder():
+    from xoron_dist.parallel import state
+    from xoron_dist.parallel.tensor import layer_builder
+
+    cfg = load_config(None, ["preset=tiny", "parallel.tp=2"])
+    state.initialize(cfg, allow_unbuilt=True)
+    return layer_builder(cfg)
+
+
+def _tp_body(variant, full_state, images, weights):
+    builder = _tp_builder()
+    torch.manual_seed(0)
+    tower = VisionTower(replace(TINY, **TP_VARIANTS[variant]), builder)
+    same_init = True
+    own = tower.state_dict()
+    for name, param in tower.named_parameters():
+        full = full_state[name]
+        if getattr(param, "tensor_model_parallel", False):
+            full = tp_slice(full, param.partition_dim, param.partition_stride, builder.tp_rank, builder.tp_size)
+        same_init &= torch.equal(param.detach(), full)
+        own[name] = full
+    tower.load_state_dict(own)
+    features, grads = _tp_step(tower, images, weights)
+    meta = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0),
+                getattr(p, "partition_stride", 1)) for n, p in tower.named_parameters()}
+    return {"features": features, "grads": grads, "meta": meta, "same_init": same_init}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("variant", sorted(TP_VARIANTS))
+def test_tp2_equals_single_rank(variant) -> None:
+    torch.manual_seed(0)
+    single = VisionTower(replace(TINY, **TP_VARIANTS[variant]))
+    full_state = {k: v.clone() for k, v in single.state_dict().items()}
+    images = _images((16, 40), (32, 28))
+    weights = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(3))
+    ref_features, ref_grads = _tp_step(single, images, weights)
+    for rank, out in enumerate(run_ranks(_tp_body, 2, variant, full_state, images, weights)):
+        assert out["same_init"], rank  # the TP slices are drawn from the single-rank weights
+        torch.testing.assert_close(out["features"], ref_features, rtol=1e-5, atol=1e-5)
+        assert set(out["grads"]) == set(ref_grads)
+        for name, grad in out["grads"].items():
+            split, dim, stride = out["meta"][name]
+            ref = tp_slice(ref_grads[name], dim, stride, rank, 2) if split else ref_grads[name]
+            # fp32 sums in another order: tolerance relative to the gradient's scale, floored at 1 for
+            # gradients that are a cancellation of large terms (query biases under softmax)
+            scale = max(float(ref.abs().max()), 1.0)
+            torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m, rank=rank, name=name: f"rank {rank} grad of {name}: {m}")
+
+
+def _tp_import_body(hf_state, pixels):
+    cfg = replace(SIGLIP_MODE, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=30,
+                  patch_size=7)
+    tower = load_siglip_vision(hf_state, cfg, _tp_builder()).eval()
+    with torch.no_grad():
+        return tower(pixels).features
+
+
+@pytest.mark.multirank
+def test_siglip_import_into_tp2() -> None:
+    """The importer slices q/k/v/fc1 (and their biases) by rows, out/fc2 by columns: TP=2 equals HF."""
+    hf = _hf_model()
+    pixels = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels).last_hidden_state
+    for features in run_ranks(_tp_import_body, 2, hf.state_dict(), pixels):
+        assert (features - ref).abs().max() <= 1e-4

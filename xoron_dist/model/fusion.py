@@ -1,0 +1,146 @@
+"""Gated cross-attention fusion: text hidden states attend to the media tokens of their own document.
+
+Flamingo's GATED XATTN-DENSE block (Alayrac et al. 2022, §2.2, eq. in Fig. 4)::
+
+    x = x + tanh(α_attn) · CrossAttention(norm(x), media)
+    x = x + tanh(α_ffn)  · FFN(norm(x))
+
+with α initialised to 0, so at initialisation every fusion layer is the identity *exactly*
+(x + 0·y = x) and the multimodal model computes what the text-only LLM computes; training opens
+the gates. ``FusionConfig.layers[i]`` is the decoder layer that fusion layer i runs before
+(``XoronLLM.forward``'s ``before_layer`` hook), so fusion sits before and within the backbone as
+the seed's diagram draws it. The media are *also* in the token stream (their placeholder spans
+hold the projector's tokens); fusion gives every later layer direct access to them.
+
+**Which media a token sees** (``MediaContext``): a packed row holds several documents, so a text
+token attends only to media of its own document (``document_ids``) that start at or before it
+in the row, so a token never reads a medium placed after it, and decoding a prefix sees what
+training saw. Fusion layers run only on the tokens that see at least one medium (gathered per
+row, then written back): a text-only document, or text before its first medium, is computed
+exactly as by the text-only LLM however far the gates have opened (as in Flamingo, where text
+before the first image reads no image), and packed text-only rows cost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xoron_dist.config import FusionConfig
+from xoron_dist.model.layers import LayerBuilder, RMSNorm, SwiGLU
+from xoron_dist.model.projector import CrossAttention, init_module_
+
+NO_DOCUMENT = -2  # document id of padding slots in the media context (differs from the text's -1 padding)
+
+
+@dataclass
+class MediaContext:
+    """The media tokens each row's text may read, and which text positions read which.
+
+    Only positions that see at least one medium take part: per row, ``queries`` lists them
+    (padded to the longest row with position 0 and ``valid`` False).
+    """
+
+    tokens: torch.Tensor  # (batch, media_tokens, hidden): every medium of the row back to back, then zeros
+    queries: torch.Tensor  # (batch, n) int64: positions in the row of the tokens that fuse
+    valid: torch.Tensor  # (batch, n) bool: False = padding of ``queries``
+    mask: torch.Tensor  # (batch, n, media_tokens) bool, True = that query may attend to that media token
+
+    @classmethod
+    def build(cls, media: list[tuple[torch.Tensor, torch.Tensor]], batch: int, seq: int,
+              document_ids: torch.Tensor | None) -> MediaContext | None:
+        """``media``: (tokens (n, length, hidden), spans (n, 3) = row, start, length) per modality.
+
+        Returns None when there are no media. ``document_ids`` None = one document per row.
+        """
+        pieces = [(toks[i], int(row), int(start)) for toks, spans in media
+                  for i, (row, start, _) in enumerate(spans.tolist())]
+        if not pieces:
+            return None
+        device, hidden, dtype = pieces[0][0].device, pieces[0][0].shape[-1], pieces[0][0].dtype
+        per_row = [[p for p in pieces if p[1] == row] for row in range(batch)]
+        width = max(sum(p[0].shape[0] for p in row) for row in per_row)
+        tokens = torch.zeros(batch, width, hidden, device=device, dtype=dtype)
+        key_doc = torch.full((batch, width), NO_DOCUMENT, dtype=torch.long, device=device)
+        key_pos = torch.zeros((batch, width), dtype=torch.long, device=device)
+        docs = document_ids if document_ids is not None else torch.zeros(batch, seq, dtype=torch.long, device=device)
+        rows, cols, values = [], [], []
+        for row, row_pieces in enumerate(per_row):
+            offset = 0
+            for toks, _, start in row_pieces:
+                length = toks.shape[0]
+                rows.append(torch.full((length,), row, device=device))
+                cols.append(torch.arange(offset, offset + length, device=device))
+                values.append(toks)
+                key_doc[row, offset : offset + length] = docs[row, start]
+                key_pos[row, offset : offset + length] = start
+                offset += length
+        # one out-of-place write keeps the tokens' autograd path to the projector
+        tokens = tokens.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(values))
+        query_pos = torch.arange(seq, device=device)
+        mask = (docs[:, :, None] == key_doc[:, None, :]) & (key_pos[:, None, :] <= query_pos[None, :, None])
+        sees = mask.any(dim=-1)  # (batch, seq)
+        n = max(int(sees.sum(dim=1).max()), 1)
+        # stable sort puts each row's fusing positions first, in order
+        queries = torch.sort((~sees).to(torch.int8), dim=1, stable=True).indices[:, :n]
+        valid = sees.gather(1, queries)
+        mask = mask.gather(1, queries[..., None].expand(-1, -1, width)) & valid[..., None]
+        return cls(tokens, queries, valid, mask)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, seq, hidden) -> the fusing positions (batch, n, hidden)."""
+        return x.gather(1, self.queries[..., None].expand(-1, -1, x.shape[-1]))
+
+    def scatter(self, x: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+        """Write the valid rows of ``fused`` (batch, n, hidden) back into x (out of place)."""
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(self.queries)
+        return x.index_put((rows[self.valid], self.queries[self.valid]), fused[self.valid])
+
+
+class GatedCrossAttentionLayer(nn.Module):
+    """One fusion layer: tanh-gated cross-attention to the media, then a tanh-gated FFN."""
+
+    def __init__(self, hidden: int, cfg: FusionConfig, builder: LayerBuilder, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(hidden, eps)
+        self.attn = CrossAttention(hidden, hidden, cfg.num_heads, builder)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ffn_norm = RMSNorm(hidden, eps)
+        self.ffn = SwiGLU(hidden, cfg.intermediate_size, builder)
+        self.ffn_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, media: MediaContext) -> torch.Tensor:
+        """x (batch, n, hidden): the fusing positions (``MediaContext.gather``) -> (batch, n, hidden)."""
+        x = x + torch.tanh(self.attn_gate).to(x.dtype) * self.attn(self.attn_norm(x), media.tokens, media.mask)
+        return x + torch.tanh(self.ffn_gate).to(x.dtype) * self.ffn(self.ffn_norm(x))
+
+
+class FusionLayers(nn.Module):
+    """The fusion layers, each tied to the decoder layer it runs before (``cfg.layers``)."""
+
+    def __init__(self, hidden: int, cfg: FusionConfig, builder: LayerBuilder | None = None,
+                 init_std: float = 0.02, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.builder, self.init_std = builder or LayerBuilder(), init_std
+        self.positions = list(cfg.layers)
+        self.layers = nn.ModuleList(GatedCrossAttentionLayer(hidden, cfg, self.builder, eps) for _ in cfg.layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_module_(self, self.init_std, self.builder)
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.attn_gate.zero_()
+                layer.ffn_gate.zero_()
+
+    def before_layer(self, index: int, x: torch.Tensor, media: MediaContext) -> torch.Tensor:
+        """Run the fusion layers placed before decoder layer ``index`` (in config order)."""
+        here = [layer for position, layer in zip(self.positions, self.layers, strict=True) if position == index]
+        if not here:
+            return x
+        fused = media.gather(x)
+        for layer in here:
+            fused = layer(fused, media)
+        return media.scatter(x, fused)

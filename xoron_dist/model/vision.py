@@ -1,0 +1,527 @@
+"""Xoron's vision tower: a SigLIP-2 style ViT with 2D-RoPE, native-resolution patches and padding masks.
+
+The layer stack is SigLIP's (Zhai et al. 2023; SigLIP 2, Tschannen et al. 2025): a linear patch
+embedding (the p×p/stride-p conv written as a linear over flattened (channel, y, x) patches),
+pre-LN encoder blocks (LayerNorm → multi-head attention with q/k/v/out biases → residual,
+LayerNorm → fc1 → GELU-tanh → fc2 → residual) and a final LayerNorm. Full preset: so400m-patch14-384
+(hidden 1152, 27 layers, 16 heads, MLP 4304; a 384² image gives 27² = 729 tokens).
+
+Positions, two switchable sources (``VisionConfig.rope`` / ``absolute_positions``):
+
+* **2D-RoPE** (``xoron_dist.model.rope_nd``) over each patch's (row, col): attention depends only
+  on patch offsets, so any aspect ratio and resolution works without a table.
+* **Learned absolute positions**, SigLIP's (grid × grid) table, resized bicubically
+  (align_corners=False, as HF's ``interpolate_pos_encoding``) to each image's patch grid.
+
+``rope: false, absolute_positions: true`` is exactly SigLIP (the oracle test checks an imported
+HF checkpoint to 1e-4); both on is the default for training at native resolution.
+
+Native resolution (NaViT / SigLIP-2 NaFlex): ``prepare_images`` resizes each image, keeping its
+aspect ratio, to the largest patch grid of at most ``max_patches`` patches; a batch of different
+grids is padded to the longest patch sequence, and a key mask stops padded patches from
+influencing real ones (an image's features are the same alone or batched next to a larger one).
+
+**Dual-stream (symmetric) attention.** The seed names it for the vision encoder and, "SD3/Flux
+style", for the image generator. Its faithful meaning is SD3's MMDiT block (Esser et al. 2024,
+§3.2): two token streams keep separate weights (norms, q/k/v/out projections, MLP) and attend
+*jointly* over their concatenation, each stream reading the other symmetrically. A vision encoder
+has one input stream, so the second stream here is a set of ``latent_tokens`` learned tokens
+(registers / TiTok's latent tokens, which read the image): with ``dual_stream: true`` they get
+their own weights (MMDiT); with ``dual_stream: false`` they share the patch weights (a single
+stream, as ViT registers and TiTok do). The patch stream keeps SigLIP's weights either way, but
+the joint attention lets patches attend to the new tokens, which changes an imported
+checkpoint's features; hence both are off by default (``latent_tokens: 0``).
+
+Tensor parallelism: q/k/v and fc1 are column layers (heads and MLP units split over TP, their
+biases split alike); out_proj and fc2 are row layers (partial sums reduced, then the whole bias
+added once). Norms, patch embedding and position tables are replicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from xoron_dist.config import VisionConfig
+from xoron_dist.model.layers import LayerBuilder, mark_tp_split, tp_slice
+from xoron_dist.model.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
+
+log = logging.getLogger(__name__)
+
+IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean 0.5, std 0.5 (pixels to [-1, 1])
+IMAGE_STD = 0.5
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def patch_grid(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
+    """The largest (rows, cols) patch grid of at most ``max_patches`` with the image's aspect ratio."""
+    scale = (max_patches * patch * patch / (height * width)) ** 0.5
+    rows, cols = max(1, round(height * scale / patch)), max(1, round(width * scale / patch))
+    while rows * cols > max_patches:  # rounding up (or the 1-patch floor) can overshoot: shrink the longer side
+        if rows >= cols:
+            rows -= 1
+        else:
+            cols -= 1
+    return rows, cols
+
+
+def prepare_images(images: list[torch.Tensor] | torch.Tensor, cfg: VisionConfig,
+                   device: torch.device | None = None) -> list[torch.Tensor]:
+    """Images -> normalised float pixels, one (3, H, W) per image, sized for the tower.
+
+    ``images``: a list of uint8 (H, W, 3) RGB images (``PackedBatch.images``), resized by
+    ``cfg.resize`` (``native``: aspect kept, H and W multiples of the patch, at most
+    ``max_patches`` patches; ``square``: ``image_size``² like SigLIP) and scaled to [-1, 1];
+    or a float tensor (batch, 3, H, W) of pixels already normalised (HF ``pixel_values``),
+    used as is. ``device``: where to resize (the tower's device; default: where each image is).
+    """
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"float pixel values must be (batch, 3, height, width); got {tuple(images.shape)}")
+        return list(images.to(device) if device is not None else images)
+    out = []
+    for index, image in enumerate(images):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image {index}: expected uint8 (height, width, 3) RGB; got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        pixels = image.to(device).permute(2, 0, 1).float().div(255.0)
+        height, width = pixels.shape[1:]
+        if cfg.resize == "square":
+            size = (cfg.image_size, cfg.image_size)
+        else:
+            rows, cols = patch_grid(height, width, cfg.patch_size, cfg.max_patches)
+            size = (rows * cfg.patch_size, cols * cfg.patch_size)
+        if size != (height, width):
+            pixels = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False,
+                                   antialias=True)[0].clamp(0, 1)
+        out.append((pixels - IMAGE_MEAN) / IMAGE_STD)
+    return out
+
+
+def patchify(pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(3, H, W) -> patches (rows*cols, 3*patch*patch) in (channel, y, x) order, and (rows, cols).
+
+    A remainder of fewer than ``patch`` pixels at the bottom/right is dropped, like SigLIP's
+    stride-p "valid" convolution (384 px with patch 14: 27 patches, 6 px dropped).
+    """
+    channels, height, width = pixels.shape
+    rows, cols = height // patch, width // patch
+    if not rows or not cols:
+        raise ValueError(f"image of {height}x{width} px is smaller than one {patch}x{patch} patch")
+    x = pixels[:, : rows * patch, : cols * patch].reshape(channels, rows, patch, cols, patch)
+    return x.permute(1, 3, 0, 2, 4).reshape(rows * cols, channels * patch * patch), (rows, cols)
+
+
+def resize_positions(table: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A square (grid*grid, hidden) learned position table resized bicubically to (rows*cols, hidden)."""
+    grid = int(round(table.shape[0] ** 0.5))
+    if (rows, cols) == (grid, grid):
+        return table
+    square = table.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, size=(rows, cols), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(rows * cols, -1)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class BiasedLinear(nn.Module):
+    """A builder linear plus its bias: split like the output features for a column layer, whole
+    (added once, after the row layer's reduce) otherwise. ``layer.weight`` is the builder's weight."""
+
+    def __init__(self, layer: nn.Module, out_features: int, split: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        if split:
+            mark_tp_split(self.bias, dim=0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) + self.bias
+
+
+def column_linear(builder: LayerBuilder, in_features: int, out_features: int) -> BiasedLinear:
+    return BiasedLinear(builder.column_linear(in_features, out_features), out_features // builder.tp_size, True)
+
+
+def row_linear(builder: LayerBuilder, in_features: int, out_features: int) -> BiasedLinear:
+    return BiasedLinear(builder.row_linear(in_features, out_features), out_features, False)
+
+
+class AttentionProjections(nn.Module):
+    """SigLIP's q/k/v (column) and out (row) projections, all with biases."""
+
+    def __init__(self, hidden: int, builder: LayerBuilder) -> None:
+        super().__init__()
+        self.q_proj = column_linear(builder, hidden, hidden)
+        self.k_proj = column_linear(builder, hidden, hidden)
+        self.v_proj = column_linear(builder, hidden, hidden)
+        self.out_proj = row_linear(builder, hidden, hidden)
+
+
+class VisionMLP(nn.Module):
+    """``fc2(gelu_tanh(fc1(x)))``, SigLIP's MLP."""
+
+    def __init__(self, hidden: int, intermediate: int, builder: LayerBuilder) -> None:
+        super().__init__()
+        self.fc1 = column_linear(builder, hidden, intermediate)
+        self.fc2 = row_linear(builder, intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class StreamWeights(nn.Module):
+    """One stream's weights in one block (names as HF ``SiglipEncoderLayer``)."""
+
+    def __init__(self, cfg: VisionConfig, builder: LayerBuilder) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = AttentionProjections(cfg.hidden_size, builder)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size, builder)
+
+
+class VisionBlock(nn.Module):
+    """A pre-LN encoder block over [patches; latents]; with ``dual`` the latents have their own
+    weights and both streams attend jointly over the concatenation (MMDiT, see module docstring)."""
+
+    def __init__(self, cfg: VisionConfig, builder: LayerBuilder, dual: bool) -> None:
+        super().__init__()
+        if cfg.num_heads % builder.tp_size:
+            raise ValueError(f"vision num_heads={cfg.num_heads} is not divisible by tensor-parallel size "
+                             f"{builder.tp_size}")
+        self.heads = cfg.num_heads // builder.tp_size  # heads held by this rank
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.patch = StreamWeights(cfg, builder)
+        self.latent = StreamWeights(cfg, builder) if dual else None
+
+    def _streams(self, x: torch.Tensor, patches: int) -> list[tuple[StreamWeights, torch.Tensor]]:
+        if self.latent is None or patches == x.shape[1]:
+            return [(self.patch, x)]
+        return [(self.patch, x[:, :patches]), (self.latent, x[:, patches:])]
+
+    def forward(self, x: torch.Tensor, patches: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """x (batch, patches + latents, hidden); rope cos/sin (batch, n, pairs); mask (batch, 1, 1, n) keys."""
+        streams = self._streams(x, patches)
+        normed = [(w, w.layer_norm1(part)) for w, part in streams]
+
+        def heads(proj: str) -> torch.Tensor:  # (batch, heads, n, head_dim), streams concatenated
+            y = torch.cat([getattr(w.self_attn, proj)(h) for w, h in normed], dim=1)
+            return y.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+        q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
+        if rope is not None:
+            q, k = apply_axial_rope(q, *rope), apply_axial_rope(k, *rope)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+        sizes = [part.shape[1] for _, part in streams]
+        outputs = zip(streams, attended.split(sizes, dim=1), strict=True)
+        x = x + torch.cat([w.self_attn.out_proj(o) for (w, _), o in outputs], dim=1)
+        streams = self._streams(x, patches)
+        return x + torch.cat([w.mlp(w.layer_norm2(part)) for w, part in streams], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """The block stack and final norm over patch tokens (+ optional latent tokens); shared by the
+    tower and TiTok's encoder/decoder."""
+
+    def __init__(self, cfg: VisionConfig, builder: LayerBuilder) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(VisionBlock(cfg, builder, cfg.dual_stream) for _ in range(cfg.num_layers))
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.latent_post_layernorm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+                                      if cfg.dual_stream else None)
+        self.rope = AxialRoPE(cfg.hidden_size // cfg.num_heads, axes=2, theta=cfg.rope_theta) if cfg.rope else None
+        self.activation_checkpointing = False  # recompute each block in backward (training only)
+
+    def forward(self, patches: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor | None,
+                latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """patches (batch, n, hidden), coords (batch, n, 2) (row, col), mask (batch, n) True = real
+        patch (None: all real), latents (batch, L, hidden) -> (patches, latents) outputs."""
+        n = patches.shape[1]
+        x = patches if latents is None else torch.cat([patches, latents], dim=1)
+        rope = None
+        if self.rope is not None:
+            cos, sin = self.rope(coords)
+            if latents is not None:  # latent tokens have no position: identity rotation
+                cos = torch.cat([cos, cos.new_ones(cos.shape[0], latents.shape[1], cos.shape[2])], dim=1)
+                sin = torch.cat([sin, sin.new_zeros(sin.shape[0], latents.shape[1], sin.shape[2])], dim=1)
+            rope = (cos, sin)
+        key_mask = None
+        if mask is not None and not bool(mask.all()):
+            if latents is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], latents.shape[1])], dim=1)
+            key_mask = mask[:, None, None, :]
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, n, rope, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, n, rope, key_mask)
+        if latents is None:
+            return self.post_layernorm(x), None
+        latent_norm = self.post_layernorm if self.latent_post_layernorm is None else self.latent_post_layernorm
+        return self.post_layernorm(x[:, :n]), latent_norm(x[:, n:])
+
+
+@torch.no_grad()
+def init_vision_weights(module: nn.Module, std: float, builder: LayerBuilder) -> None:
+    """Normal(0, std) matrices, zero biases, unit LayerNorms. A tensor-parallel slice is cut from a
+    full tensor drawn in the same order, so any TP size starts from the same weights."""
+    inner = {id(sub.layer) for sub in module.modules() if isinstance(sub, BiasedLinear)}  # drawn by their wrapper
+    for sub in module.modules():
+        if id(sub) in inner:
+            continue
+        if isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, BiasedLinear):
+            _normal_split_(sub.layer.weight, std, builder)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+
+
+def _normal_split_(param: torch.Tensor, std: float, builder: LayerBuilder) -> None:
+    if not getattr(param, "tensor_model_parallel", False):
+        nn.init.normal_(param, std=std)
+        return
+    dim, stride = param.partition_dim, param.partition_stride
+    shape = list(param.shape)
+    shape[dim] *= builder.tp_size
+    full = torch.empty(shape, dtype=param.dtype, device=param.device).normal_(std=std)
+    param.copy_(tp_slice(full, dim, stride, builder.tp_rank, builder.tp_size))
+
+
+# --------------------------------------------------------------------------- the tower
+
+
+class VisionOutput(NamedTuple):
+    """``features`` (batch, tokens, hidden): patch features, rows padded to the longest image;
+    ``mask`` (batch, tokens) True = a real patch (padded rows are zero); ``grids`` (batch, 2) each
+    image's (rows, cols) patch grid, row-major in ``features``; ``latents`` (batch, L, hidden) the
+    latent tokens' outputs, or None. A named tuple, not a dataclass: DeepSpeed's ZeRO-3 finds the
+    tensors of a module's output (to re-gather its weights for backward) only in tuples, lists, dicts."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    grids: torch.Tensor
+    latents: torch.Tensor | None = None
+
+    def per_image(self) -> list[torch.Tensor]:
+        """The real patch features of each image: a list of (rows*cols, hidden)."""
+        counts = self.grids.prod(dim=1).tolist()
+        return [feats[:count] for feats, count in zip(self.features, counts, strict=True)]
+
+
+class VisionTower(nn.Module):
+    """SigLIP-2 style ViT: images in, patch features (+ mask and grids) out. See the module docstring."""
+
+    def __init__(self, cfg: VisionConfig, builder: LayerBuilder | None = None) -> None:
+        super().__init__()
+        builder = builder or LayerBuilder()
+        self.cfg, self.builder = cfg, builder
+        patch_dim = 3 * cfg.patch_size * cfg.patch_size
+        self.patch_embed = nn.Linear(patch_dim, cfg.hidden_size)
+        grid = cfg.image_size // cfg.patch_size
+        self.position_embedding = (nn.Parameter(torch.zeros(grid * grid, cfg.hidden_size))
+                                   if cfg.absolute_positions else None)
+        self.latent_embedding = (nn.Parameter(torch.zeros(cfg.latent_tokens, cfg.hidden_size))
+                                 if cfg.latent_tokens else None)
+        self.encoder = VisionTransformer(cfg, builder)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        init_vision_weights(self, self.cfg.init_std, self.builder)
+        for table in (self.position_embedding, self.latent_embedding):
+            if table is not None:
+                nn.init.normal_(table, std=self.cfg.init_std)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each encoder block in backward instead of keeping its activations."""
+        return self.encoder.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self.encoder.activation_checkpointing = on
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens of a ``image_size``² image (SigLIP so400m-patch14-384: 729)."""
+        return (self.cfg.image_size // self.cfg.patch_size) ** 2
+
+    def embed(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised (3, H, W) images -> tokens (batch, n, hidden) padded, coords (batch, n, 2),
+        mask (batch, n), grids (batch, 2)."""
+        weight = self.patch_embed.weight
+        rows_of, grids = [], []
+        for image in pixels:
+            patches, grid = patchify(image.to(device=weight.device, dtype=weight.dtype), self.cfg.patch_size)
+            tokens = self.patch_embed(patches)
+            if self.position_embedding is not None:
+                tokens = tokens + resize_positions(self.position_embedding, *grid)
+            rows_of.append(tokens)
+            grids.append(grid)
+        longest = max(t.shape[0] for t in rows_of)
+        batch = len(rows_of)
+        tokens = weight.new_zeros(batch, longest, self.cfg.hidden_size)
+        coords = torch.zeros(batch, longest, 2, dtype=torch.long, device=weight.device)
+        mask = torch.zeros(batch, longest, dtype=torch.bool, device=weight.device)
+        for i, (t, grid) in enumerate(zip(rows_of, grids, strict=True)):
+            tokens[i, : t.shape[0]] = t
+            coords[i, : t.shape[0]] = grid_coords(*grid, device=weight.device)
+            mask[i, : t.shape[0]] = True
+        return tokens, coords, mask, torch.tensor(grids, dtype=torch.long, device=weight.device)
+
+    def forward(self, images: list[torch.Tensor] | torch.Tensor) -> VisionOutput:
+        """``images``: a list of uint8 (H, W, 3) RGB images, or float pixels (batch, 3, H, W) already
+        normalised (see ``prepare_images``)."""
+        if len(images) == 0:
+            raise ValueError("the vision tower got no images")
+        tokens, coords, mask, grids = self.embed(prepare_images(images, self.cfg, self.patch_embed.weight.device))
+        latents = None
+        if self.latent_embedding is not None:
+            latents = self.latent_embedding.expand(tokens.shape[0], -1, -1)
+        features, latents = self.encoder(tokens, coords, mask, latents)
+        return VisionOutput(features * mask[..., None], mask, grids, latents)
+
+
+# --------------------------------------------------------------------------- HF SigLIP import
+
+
+class SiglipImportError(ValueError):
+    """An HF SigLIP checkpoint that does not map onto the tower: lists missing/unexpected keys."""
+
+
+_IGNORED_PREFIXES = ("head.",)  # SigLIP's attention-pool head: the tower returns patch features
+
+
+def vision_config_from_hf(hf_config: Any, base: VisionConfig | None = None) -> VisionConfig:
+    """``base`` with the sizes of an HF ``SiglipVisionConfig`` (object or dict; a full SigLIP config's
+    ``vision_config`` is used). Position/resize/latent choices stay ``base``'s."""
+    data = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    data = data.get("vision_config", data) or data
+    act = data.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_fast", "gelu_new"):
+        raise SiglipImportError(f"hidden_act = {act!r}: the tower uses GELU-tanh (gelu_pytorch_tanh)")
+    if data.get("num_channels", 3) != 3:
+        raise SiglipImportError(f"num_channels = {data['num_channels']}: the tower reads RGB images (3)")
+    return replace(base or VisionConfig(), hidden_size=data["hidden_size"], num_layers=data["num_hidden_layers"],
+                   num_heads=data["num_attention_heads"], intermediate_size=data["intermediate_size"],
+                   image_size=data["image_size"], patch_size=data["patch_size"],
+                   layer_norm_eps=data.get("layer_norm_eps", 1e-6))
+
+
+def _hf_key_to_ours(key: str) -> str | None:
+    """Our parameter name for an HF ``SiglipVisionModel`` key (None: not ours)."""
+    if key.startswith("embeddings.patch_embedding."):
+        return "patch_embed." + key.rsplit(".", 1)[1]
+    if key == "embeddings.position_embedding.weight":
+        return "position_embedding"
+    if key.startswith("post_layernorm."):
+        return "encoder." + key
+    if key.startswith("encoder.layers."):
+        _, _, index, rest = key.split(".", 3)
+        if rest.startswith(("self_attn.", "mlp.")) and rest.endswith(".weight"):
+            rest = rest[: -len("weight")] + "layer.weight"
+        return f"encoder.layers.{index}.patch.{rest}"
+    return None
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise SiglipImportError(f"{path}: no config.json (expected an HF SiglipVisionModel/SiglipModel directory)")
+    config = json.loads(config_file.read_text())
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        return state, config
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise SiglipImportError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
+    state = {}
+    for shard in bins:
+        state.update(torch.load(shard, map_location="cpu", weights_only=True))
+    return state, config
+
+
+def load_siglip_vision(source: str | Path | nn.Module | dict[str, torch.Tensor], cfg: VisionConfig | None = None,
+                       builder: LayerBuilder | None = None) -> VisionTower:
+    """A ``VisionTower`` holding an HF SigLIP vision checkpoint.
+
+    ``source``: a local directory (config.json + safetensors or .bin; a full ``SiglipModel``
+    works too, its text tower is skipped), an in-memory HF ``SiglipVisionModel``/``SiglipModel``,
+    or a state dict (then ``cfg`` must carry the sizes). Sizes come from the checkpoint; the
+    position, resize and latent choices from ``cfg``. Latent-stream weights are new (kept at
+    their initialisation). Raises ``SiglipImportError`` listing every missing/unexpected key.
+    """
+    if isinstance(source, (str, Path)):
+        state, hf_config = _read_checkpoint(Path(source))
+        cfg = vision_config_from_hf(hf_config, cfg)
+    elif isinstance(source, nn.Module):
+        state, cfg = source.state_dict(), vision_config_from_hf(source.config, cfg)
+    else:
+        if cfg is None:
+            raise SiglipImportError("importing a bare state dict needs cfg (a VisionConfig with its sizes)")
+        state = source
+    tower = VisionTower(cfg, builder)
+    own = tower.state_dict()
+    loaded, unexpected, ignored = {}, [], []
+    for key, value in state.items():
+        if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
+            continue  # the text half of a full SiglipModel
+        key = key.removeprefix("vision_model.")
+        if key.startswith(_IGNORED_PREFIXES):
+            ignored.append(key)
+            continue
+        ours = _hf_key_to_ours(key)
+        if ours == "position_embedding" and not cfg.absolute_positions:
+            ignored.append(key)
+            continue
+        if ours is None or ours not in own:
+            unexpected.append(key)
+            continue
+        if ours == "patch_embed.weight":
+            value = value.reshape(value.shape[0], -1)  # conv (hidden, 3, p, p) -> linear (hidden, 3*p*p)
+        loaded[ours] = value
+    new = {k for k in own if ".latent." in k or k.startswith(("latent_embedding", "encoder.latent_post_layernorm"))}
+    missing = sorted(set(own) - set(loaded) - new)
+    if missing or unexpected:
+        raise SiglipImportError(f"HF SigLIP checkpoint does not match the tower ({cfg.num_layers} layers): "
+                                f"missing {missing or 'none'}; unexpected {sorted(unexpected) or 'none'}")
+    params = dict(tower.named_parameters())
+    builder = tower.builder
+    for key, value in loaded.items():
+        param = params[key]
+        if getattr(param, "tensor_model_parallel", False):
+            value = tp_slice(value, param.partition_dim, param.partition_stride, builder.tp_rank, builder.tp_size)
+        if value.shape != param.shape:
+            raise SiglipImportError(f"{key}: checkpoint shape {tuple(value.shape)} != tower {tuple(param.shape)}")
+        own[key] = value.to(param.dtype)
+    tower.load_state_dict(own)
+    if ignored:
+        log.info("SigLIP import: ignored %d keys not used by the tower (%s ...)", len(ignored), ignored[0])
+    return tower
