@@ -51,7 +51,7 @@ def _ordered(obj: Any, where: str, low: str, high: str) -> None:
 def _non_negative(obj: Any, where: str, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value < 0:
+        if value is not None and value < 0:
             raise field_error(f"{where}.{name}" if where else name, value, "must be >= 0")
 
 
@@ -188,7 +188,16 @@ class LLMConfig:
 
 @dataclass
 class VisionConfig:
-    """SigLIP-2 style vision tower (full: so400m-patch14-384). Built by the vision issue (#7)."""
+    """SigLIP-2 style vision tower (full: so400m-patch14-384) and the TiTok 1D tokenizer (issue #7).
+
+    ``rope``/``absolute_positions``: 2D-RoPE over patch (row, col) and/or SigLIP's learned
+    position table (bicubically resized to each image's patch grid); the faithful SigLIP
+    mode is ``rope: false, absolute_positions: true``. ``resize``: ``native`` keeps each
+    image's aspect ratio at up to ``max_patches`` patches; ``square`` resizes to
+    ``image_size``² like SigLIP. ``latent_tokens`` learned tokens ride along with the patches;
+    ``dual_stream`` gives them their own weights (MMDiT-style joint attention, see
+    ``xoron_dist.model.vision``). ``titok_*``: the TiTok tokenizer (``xoron_dist.model.titok``).
+    """
 
     enabled: bool = False
     hidden_size: int = 1152
@@ -197,32 +206,130 @@ class VisionConfig:
     intermediate_size: int = 4304
     image_size: int = 384
     patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    rope: bool = True
+    rope_theta: float = 10000.0
+    absolute_positions: bool = True
+    resize: Literal["native", "square"] = "native"
+    max_patches: int = 729
+    latent_tokens: int = 0
+    dual_stream: bool = False
     titok_tokens: int = 256
+    titok_image_size: int = 256
+    titok_patch_size: int = 16
+    titok_hidden_size: int = 768
+    titok_layers: int = 12
+    titok_heads: int = 12
+    titok_intermediate_size: int = 3072
+    titok_codebook_size: int = 4096
+    titok_code_dim: int = 12
+    titok_commitment: float = 0.25
     pretrained_path: str | None = None
 
     def validate(self, where: str) -> None:
         _positive(self, where, "hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size",
-                  "patch_size", "titok_tokens")
-        if self.hidden_size % self.num_heads:
+                  "patch_size", "layer_norm_eps", "init_std", "max_patches", "titok_tokens", "titok_image_size",
+                  "titok_patch_size", "titok_hidden_size", "titok_layers", "titok_heads", "titok_intermediate_size",
+                  "titok_codebook_size", "titok_code_dim")
+        _non_negative(self, where, "latent_tokens", "titok_commitment")
+        for heads, hidden in (("num_heads", "hidden_size"), ("titok_heads", "titok_hidden_size")):
+            if getattr(self, hidden) % getattr(self, heads):
+                raise field_error(f"{where}.{heads}", getattr(self, heads),
+                                  f"must divide {hidden} ({getattr(self, hidden)})")
+        if self.patch_size > self.image_size:  # SigLIP's conv drops a remainder (384 = 27·14 + 6)
+            raise field_error(f"{where}.patch_size", self.patch_size, f"must be <= image_size ({self.image_size})")
+        if self.titok_image_size % self.titok_patch_size:
+            raise field_error(f"{where}.titok_patch_size", self.titok_patch_size,
+                              f"must divide titok_image_size ({self.titok_image_size})")
+        if self.rope and self.hidden_size // self.num_heads < 4:
             raise field_error(f"{where}.num_heads", self.num_heads,
-                              f"must divide hidden_size ({self.hidden_size})")
+                              "2D-RoPE needs a head dim (hidden_size / num_heads) of at least 4")
+        if self.rope and self.rope_theta <= 1:
+            raise field_error(f"{where}.rope_theta", self.rope_theta, "must be > 1")
+        if self.dual_stream and not self.latent_tokens:
+            raise field_error(f"{where}.dual_stream", self.dual_stream,
+                              "needs a second stream: set latent_tokens > 0 or dual_stream: false")
 
 
 @dataclass
 class VideoConfig:
-    """Video encoder (3D-RoPE, temporal MoE, causal-in-time attention). Built by issue #7."""
+    """Video encoder (``xoron_dist.model.video``): per-frame patches with 3D-RoPE over (t, y, x),
+    attention causal in time and full within a frame, and temporal MoE feed-forwards whose
+    router also sees each patch's motion (its difference from the same patch one frame back).
+
+    Frames beyond ``max_frames`` are subsampled evenly; frames whose longer side lies outside
+    [``min_resolution``, ``max_resolution``] are resized into it (aspect kept). Full size:
+    ViT-B width (768, 12 layers, 12 heads), 16-pixel patches, 4 temporal experts (top-2).
+    """
 
     enabled: bool = False
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    patch_size: int = 16
     min_frames: int = 8
     max_frames: int = 32
     min_resolution: int = 128
     max_resolution: int = 384
     temporal_experts: int = 4
+    temporal_top_k: int = 2
+    expert_intermediate_size: int = 1536
+    shared_experts: int = 1
+    motion_dim: int = 64
+    rope_theta: float = 10000.0
+    bias_update_rate: float = 1e-3
 
     def validate(self, where: str) -> None:
-        _positive(self, where, "min_frames", "max_frames", "min_resolution", "max_resolution", "temporal_experts")
+        _positive(self, where, "hidden_size", "num_layers", "num_heads", "patch_size", "min_frames", "max_frames",
+                  "min_resolution", "max_resolution", "temporal_experts", "temporal_top_k",
+                  "expert_intermediate_size", "motion_dim", "rope_theta")
+        _non_negative(self, where, "shared_experts", "bias_update_rate")
         _ordered(self, where, "min_frames", "max_frames")
         _ordered(self, where, "min_resolution", "max_resolution")
+        _ordered(self, where, "temporal_top_k", "temporal_experts")
+        if self.hidden_size % self.num_heads:
+            raise field_error(f"{where}.num_heads", self.num_heads, f"must divide hidden_size ({self.hidden_size})")
+        if self.hidden_size // self.num_heads < 6:
+            raise field_error(f"{where}.num_heads", self.num_heads,
+                              f"3D-RoPE needs a head dim (hidden_size / num_heads = "
+                              f"{self.hidden_size // self.num_heads}) of at least 6: one rotated pair per axis")
+        if self.patch_size > self.min_resolution:
+            raise field_error(f"{where}.patch_size", self.patch_size,
+                              f"must be <= min_resolution ({self.min_resolution})")
+
+
+@dataclass
+class ProjectorConfig:
+    """Perceiver resampler (Flamingo, Alayrac et al. 2022, §2.1): learned latents cross-attend to an
+    encoder's features (and to themselves) for ``num_layers`` layers; one resampler per modality
+    emits exactly ``data.image_tokens`` / ``data.video_tokens`` tokens in the LLM's width."""
+
+    num_layers: int = 2
+    num_heads: int = 8
+    intermediate_size: int = 4096
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "num_layers", "num_heads", "intermediate_size")
+
+
+@dataclass
+class FusionConfig:
+    """Gated cross-attention layers (Flamingo's GATED XATTN-DENSE, tanh gates starting at 0 so the
+    model starts as the text-only LLM): ``layers[i]`` is the decoder layer fusion layer i runs before
+    (several may share one index; they run in list order)."""
+
+    layers: list[int] = field(default_factory=lambda: [0, 3, 6, 9])
+    num_heads: int = 8
+    intermediate_size: int = 4096
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "num_heads", "intermediate_size")
+        for i, index in enumerate(self.layers):
+            if index < 0:
+                raise field_error(f"{where}.layers[{i}]", index, "a decoder layer index >= 0")
+        if self.layers != sorted(self.layers):
+            raise field_error(f"{where}.layers", self.layers, "must be in increasing order")
 
 
 @dataclass
@@ -260,6 +367,21 @@ class ModelConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     image_gen: GeneratorConfig = field(default_factory=GeneratorConfig)
     video_gen: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(min_resolution=128, max_resolution=384))
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def validate(self, where: str) -> None:
+        if not (self.vision.enabled or self.video.enabled):
+            return  # projector and fusion exist only beside an enabled encoder
+        hidden = self.llm.hidden_size
+        for name in ("projector", "fusion"):
+            heads = getattr(self, name).num_heads
+            if hidden % heads:
+                raise field_error(f"{where}.{name}.num_heads", heads, f"must divide llm.hidden_size ({hidden})")
+        for i, index in enumerate(self.fusion.layers):
+            if index >= self.llm.num_layers:
+                raise field_error(f"{where}.fusion.layers[{i}]", index,
+                                  f"must be < llm.num_layers ({self.llm.num_layers})")
 
 
 # --------------------------------------------------------------------------- run
@@ -280,9 +402,15 @@ class ParallelConfig:
     sequence_parallel: bool = False
     tp_experts: bool = True  # split routed experts on their FFN dim over TP; False: whole experts per rank
     ring_latent: bool = True  # ring attention passes MLA's latent + rope key instead of full K/V
+    # ep > 1: None = dropless dispatch (uneven all-to-all); a factor c caps every expert at
+    # ceil(c * tokens * top_k / num_experts) rows per rank (fixed shapes; overflow choices dropped).
+    expert_capacity_factor: float | None = None
 
     def validate(self, where: str) -> None:
         _positive(self, where, "tp", "pp", "sp", "ep")
+        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
+            raise field_error(f"{where}.expert_capacity_factor", self.expert_capacity_factor,
+                              "must be > 0 (or null for dropless expert dispatch)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise field_error(f"{where}.zero_stage", self.zero_stage, "allowed values are 0, 1, 2, 3")
         if self.sequence_parallel and self.tp == 1:
@@ -451,9 +579,11 @@ class StageConfig:
     kinds: list[str] = field(default_factory=list)
     freeze: list[str] = field(default_factory=list)
     expert_bias_update: bool | None = None
+    expert_bias_update_rate: float | None = None  # gamma of this stage; None: model.llm.moe.bias_update_rate
 
     def validate(self, where: str) -> None:
         _positive(self, where, "steps", "seq_len", "lr")
+        _non_negative(self, where, "expert_bias_update_rate")
         for key, weight in self.mix.items():
             if weight < 0:
                 raise field_error(f"{where}.mix.{key}", weight, "blend weights must be >= 0")
@@ -544,12 +674,14 @@ __all__ = [
     "AudioConfig",
     "ConfigError",
     "DataConfig",
+    "FusionConfig",
     "GeneratorConfig",
     "LLMConfig",
     "MoEConfig",
     "ModelConfig",
     "ParallelConfig",
     "PrepConfig",
+    "ProjectorConfig",
     "RopeConfig",
     "StageConfig",
     "SynthConfig",

@@ -48,7 +48,7 @@ def test_valid_eight_rank_layout_computes_dp():
         (6, ["parallel.tp=2", "parallel.pp=2"],
          ["world size 6 is not divisible by tp*pp*sp = 4", "launch a multiple of 4", "1, 2, 3, 6"]),
         (3, ["parallel.tp=3"], ["model.llm.num_heads = 4", "parallel.tp = 3", "pick tp from 1, 2, 4"]),
-        (3, ["parallel.pp=3"], ["model.llm.num_layers = 2", "parallel.pp = 3", "pick pp from 1, 2"]),
+        (3, ["parallel.pp=3"], ["model.llm.num_layers = 2 is fewer than parallel.pp = 3", "pick pp from 1 to 2"]),
         (3, ["parallel.ep=3"], ["model.llm.moe.num_experts = 8", "parallel.ep = 3", "pick ep from 1, 2, 4, 8"]),
         (4, ["parallel.tp=2", "parallel.ep=4"],
          ["parallel.ep = 4 does not divide dp*sp = 2", "world % (tp*ep*pp)", "use ep from 1, 2"]),
@@ -57,6 +57,10 @@ def test_valid_eight_rank_layout_computes_dp():
         (2, ["parallel.pp=2", "parallel.zero_stage=3"],
          ["parallel.zero_stage = 3 with parallel.pp = 2", "use parallel.zero_stage=1"]),
         (2, ["parallel.pp=2", "parallel.zero_stage=2"], ["ZeRO-2 and ZeRO-3 are incompatible"]),
+        (2, ["parallel.pp=2", "parallel.zero_stage=0"],
+         ["parallel.zero_stage = 0 with parallel.pp = 2", "first pipeline stage only", "use parallel.zero_stage=1"]),
+        (2, ["parallel.pp=2", "model.llm.tie_word_embeddings=true"],
+         ["model.llm.tie_word_embeddings = true with parallel.pp = 2", "set model.llm.tie_word_embeddings=false"]),
     ],
 )
 def test_each_rule_says_what_is_wrong_the_numbers_and_the_fix(world, overrides, fragments):
@@ -74,19 +78,15 @@ def test_stage_seq_len_is_checked_too():
 
 def test_all_problems_reported_at_once():
     message = _error(6, "parallel.tp=3", "parallel.ep=3", allow_unbuilt=False)
-    # heads, FFN dims, experts, ep vs dp*sp = 2, and the unbuilt EP refusal
-    assert message.count("\n  - ") == 5
+    # heads, FFN dims, experts, ep vs dp*sp = 2
+    assert message.count("\n  - ") == 4
     assert message.startswith("parallel layout (tp=3, pp=1, sp=1, ep=3, zero_stage=1) does not fit a world of 6")
 
 
-@pytest.mark.parametrize(
-    ("key", "issue_text"),
-    [("ep", "issue #5"), ("pp", "issue #6")],
-)
-def test_unbuilt_dimensions_are_refused_naming_their_issue(key, issue_text):
-    message = _error(2, f"parallel.{key}=2", allow_unbuilt=False)
-    assert issue_text in message and f"use parallel.{key}=1" in message
-    validate_layout(_cfg(f"parallel.{key}=2"), 2, allow_unbuilt=True)  # arithmetic alone is fine
+def test_pipeline_parallel_is_built_and_splits_unevenly():
+    layout = validate_layout(_cfg("parallel.pp=2", "parallel.tp=2"), 8)  # no allow_unbuilt needed
+    assert (layout.dp, layout.tp, layout.pp) == (2, 2, 2)
+    assert validate_layout(_cfg("parallel.pp=2", "model.llm.num_layers=3"), 2).pp == 2  # 3 layers on 2 stages
 
 
 def test_allow_unbuilt_still_checks_arithmetic():
@@ -119,3 +119,10 @@ def test_tensor_parallel_rules():
     validate_layout(_cfg("parallel.tp=2"), 2)  # built: accepted without allow_unbuilt
     message = _error(2, "parallel.tp=2", "parallel.sequence_parallel=true", allow_unbuilt=False)
     assert "parallel.sequence_parallel = true" in message and "not built yet" in message
+
+
+def test_expert_parallel_layouts_are_accepted():
+    assert validate_layout(_cfg("parallel.ep=2", "parallel.zero_stage=3"), 2).ep == 2  # built: no allow_unbuilt
+    assert validate_layout(_cfg("parallel.ep=2", "parallel.tp=2"), 4).expert_dp == 1
+    assert validate_layout(_cfg("parallel.ep=2", "parallel.sp=2"), 2).dp == 1  # experts over sequence ranks
+    assert validate_layout(_cfg("parallel.ep=2", "parallel.sp=2", "parallel.zero_stage=3"), 4).expert_dp == 2

@@ -9,6 +9,7 @@ ours; ``hf_adapter`` maps them to and from HF ``DeepseekV3ForCausalLM``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from xoron_dist.model.attention import LatentKVCache, MultiLatentAttention
 from xoron_dist.model.layers import LayerBuilder, RMSNorm, SwiGLU, tp_slice
 from xoron_dist.model.moe import ExpertBiasRouter, MoEFeedForward, RoutedExperts
 from xoron_dist.model.rope import RotaryEmbedding
+from xoron_dist.parallel.experts import ExpertParallelExperts
 
 IGNORE_INDEX = -100
 
@@ -88,6 +90,12 @@ class XoronLLM(nn.Module):
             elif isinstance(module, RoutedExperts):
                 self._normal_(module.gate_up)
                 self._normal_(module.down)
+            elif isinstance(module, ExpertParallelExperts):  # cut this rank's experts from the same full draw
+                moe = self.cfg.moe
+                shape = (moe.num_experts, moe.expert_intermediate_size, self.cfg.hidden_size)
+                gate_up = torch.empty(shape[0], 2 * shape[1], shape[2]).normal_(std=self.cfg.init_std)
+                down = torch.empty(shape[0], shape[2], shape[1]).normal_(std=self.cfg.init_std)
+                module.load_full(gate_up, down)
             elif not list(module.children()) and isinstance(getattr(module, "weight", None), nn.Parameter):
                 self._normal_(module.weight)
 
@@ -123,11 +131,13 @@ class XoronLLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache: LatentKVCache | None = None,
+        before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> LLMOutput:
         """input_ids (batch, seq) or inputs_embeds (batch, seq, hidden); labels (batch, seq) already shifted.
 
         ``position_ids`` default to 0..seq-1 (offset by the cache length when decoding);
         ``document_ids`` (batch, seq) keep packed documents from attending to each other.
+        ``before_layer(index, x) -> x`` runs before decoder layer ``index`` (the multimodal fusion layers).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = x.shape[:2]
@@ -137,6 +147,8 @@ class XoronLLM(nn.Module):
         cos, sin = self.rope(position_ids)
         rope = (cos.to(x.dtype), sin.to(x.dtype))
         for layer in self.layers:
+            if before_layer is not None:
+                x = before_layer(layer.index, x)
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, rope, position_ids, document_ids, use_reentrant=False)
             else:
@@ -168,20 +180,21 @@ class XoronLLM(nn.Module):
 
     @torch.no_grad()
     def update_expert_biases(
-        self, group: torch.distributed.ProcessGroup | None = None, enabled: bool | None = None
+        self, group: torch.distributed.ProcessGroup | None = None, enabled: bool | None = None,
+        rate: float | None = None,
     ) -> torch.Tensor:
         """Apply the auxiliary-loss-free bias update from the load since the last call; returns that load.
 
         ``group``: the ranks whose tokens go through the same experts (data/sequence parallel);
         loads are summed over it first so every replica moves its biases identically.
-        ``enabled``: overrides ``moe.bias_update`` (a curriculum stage may freeze the biases).
+        ``enabled``/``rate``: override ``moe.bias_update``/``moe.bias_update_rate`` (per curriculum stage).
         """
         load = self.expert_load.clone()
         if group is not None and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load, group=group)
         if self.cfg.moe.bias_update if enabled is None else enabled:
             for router, layer_load in zip(self.routers(), load, strict=True):
-                router.update_bias(layer_load, self.cfg.moe.bias_update_rate)
+                router.update_bias(layer_load, self.cfg.moe.bias_update_rate if rate is None else rate)
         self.expert_load.zero_()
         return load
 

@@ -84,10 +84,11 @@ SUPPORTED: tuple[Dimension, ...] = (
               "linears, vocab-parallel embedding and cross-entropy)"),
     Dimension("sp", "Sequence parallel (ring attention)", "ring attention over Megatron's context-parallel group "
               "(zig-zag rows; MLA latent + rope key on the ring with `parallel.ring_latent`)"),
-    Dimension("ep", "Expert parallel", "expert groups + all-to-all dispatch", 5,
-              "expert parallel dispatch lands with issue #5"),
-    Dimension("pp", "Pipeline parallel", "DeepSpeed pipeline engine", 6,
-              "pipeline stages land with issue #6"),
+    Dimension("ep", "Expert parallel", "Megatron-core expert groups handed to DeepSpeed; our all-to-all dispatch "
+              "(dropless, or `parallel.expert_capacity_factor`); ZeRO 0-2 via DeepSpeed's MoE path, ZeRO-3 via its "
+              "expert partition groups"),
+    Dimension("pp", "Pipeline parallel", "our 1F1B schedule over Megatron-core's pipeline group, one DeepSpeed "
+              "engine per stage; layers balanced by parameter count (`xoron_dist.parallel.pipeline`)"),
 )
 DIMENSIONS = {d.key: d for d in SUPPORTED}
 
@@ -161,12 +162,43 @@ def _megatron_sequence_parallel(cfg: XoronConfig, s: _Sizes) -> str | None:
             "is not built yet; set it to false (long sequences: use parallel.sp, ring attention)")
 
 
-def _layers_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
+def _layers_fill_stages(cfg: XoronConfig, s: _Sizes) -> str | None:
     layers = cfg.llm.num_layers
-    if layers % s.pp == 0:
+    if layers >= s.pp:
         return None
-    return (f"model.llm.num_layers = {layers} is not divisible by parallel.pp = {s.pp}: every pipeline stage "
-            f"holds the same number of layers (at least one); pick pp from {_divisors(layers)}")
+    return (f"model.llm.num_layers = {layers} is fewer than parallel.pp = {s.pp}: every pipeline stage holds at "
+            f"least one layer (uneven splits are balanced by parameter count); pick pp from 1 to {layers}")
+
+
+def _pipeline_zero0(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.pp == 1 or s.zero_stage != 0:
+        return None
+    return (f"parallel.zero_stage = 0 with parallel.pp = {s.pp}: DeepSpeed's non-ZeRO gradient clipping counts "
+            f"replicated parameters on model-parallel rank 0 only, i.e. on the first pipeline stage only; use "
+            f"parallel.zero_stage=1 (same memory when dp = 1)")
+
+
+def _pipeline_untied(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.pp == 1 or not cfg.llm.tie_word_embeddings:
+        return None
+    return (f"model.llm.tie_word_embeddings = true with parallel.pp = {s.pp}: the embedding (first stage) and LM "
+            f"head (last stage) would need their gradients summed across stages, which is not built; set "
+            f"model.llm.tie_word_embeddings=false")
+
+
+def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
+    encoders = [name for name in ("vision", "video") if getattr(cfg.model, name).enabled]
+    if not encoders or cfg.data.source != "arrow":  # synthetic text trains the LLM alone
+        return None
+    bad = [f"parallel.{key}={value}" for key, value in (("pp", s.pp), ("sp", s.sp)) if value > 1]
+    if s.zero_stage == 3:
+        bad.append("parallel.zero_stage=3")
+    if not bad:
+        return None
+    return (f"model.{'/'.join(encoders)} enabled with {', '.join(bad)}: the multimodal model trains with data, "
+            "tensor and expert parallelism under ZeRO 0-2 (the encoders sit outside the pipeline stages and the "
+            "ring, and run a data-dependent number of layer calls per batch, which ZeRO-3's per-call weight "
+            "gathering cannot keep in step across ranks); set parallel.pp=1, parallel.sp=1, parallel.zero_stage<=2")
 
 
 def _pipeline_zero(cfg: XoronConfig, s: _Sizes) -> str | None:
@@ -209,9 +241,15 @@ RULES: tuple[Rule, ...] = (
     Rule("ep", "`model.llm.moe.num_experts` divisible by ep", _experts_divide),
     Rule("ep", "ep divides dp·sp (expert groups are carved out of the data/sequence-parallel ranks)",
          _experts_carved_from_dp),
-    Rule("pp", "`model.llm.num_layers` divisible by pp (every stage at least one layer)", _layers_divide),
+    Rule("pp", "`model.llm.num_layers` ≥ pp (every stage at least one layer; uneven splits balanced)",
+         _layers_fill_stages),
     Rule("pp", "`parallel.zero_stage` ≤ 1 when pp > 1 (DeepSpeed's pipeline engine refuses ZeRO-2/3)",
          _pipeline_zero),
+    Rule("pp", "`parallel.zero_stage` ≠ 0 when pp > 1 (non-ZeRO clipping would miss later stages): ZeRO-1",
+         _pipeline_zero0),
+    Rule("pp", "`model.llm.tie_word_embeddings` = false when pp > 1", _pipeline_untied),
+    Rule("dp", "with `model.vision`/`model.video` enabled (Arrow data): pp = 1, sp = 1, `parallel.zero_stage` ≤ 2",
+         _multimodal_layout),
 )
 
 

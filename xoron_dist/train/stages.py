@@ -28,6 +28,7 @@ class StagePlan:
     kinds: tuple[str, ...]
     freeze: tuple[str, ...]
     bias_update: bool
+    bias_update_rate: float
 
     @property
     def last_step(self) -> int:
@@ -38,7 +39,7 @@ def plan_stages(cfg: XoronConfig) -> list[StagePlan]:
     tc = cfg.train
     if not cfg.stages:
         return [StagePlan(0, "main", 0, tc.steps, tc.seq_len, tc, dict(cfg.data.mix), (), (),
-                          cfg.llm.moe.bias_update)]
+                          cfg.llm.moe.bias_update, cfg.llm.moe.bias_update_rate)]
     total = sum(stage.steps for stage in cfg.stages)
     if total != tc.steps:
         raise field_error("train.steps", tc.steps,
@@ -56,8 +57,9 @@ def plan_stages(cfg: XoronConfig) -> list[StagePlan]:
         stage_train = dataclasses.replace(tc, steps=stage.steps, lr=stage.lr or tc.lr, seq_len=seq_len,
                                           warmup_steps=min(tc.warmup_steps, stage.steps))
         bias = cfg.llm.moe.bias_update if stage.expert_bias_update is None else stage.expert_bias_update
+        rate = cfg.llm.moe.bias_update_rate if stage.expert_bias_update_rate is None else stage.expert_bias_update_rate
         plans.append(StagePlan(i, stage.name, first, stage.steps, seq_len, stage_train,
-                               dict(stage.mix or cfg.data.mix), tuple(stage.kinds), tuple(stage.freeze), bias))
+                               dict(stage.mix or cfg.data.mix), tuple(stage.kinds), tuple(stage.freeze), bias, rate))
         first += stage.steps
     return plans
 
@@ -68,13 +70,20 @@ def stage_at(plans: list[StagePlan], step: int) -> StagePlan | None:
 
 
 def freeze_parameters(model, plan: StagePlan) -> int:
-    """Set ``requires_grad=False`` on parameters whose names start with a ``freeze`` prefix; returns how many."""
+    """Set ``requires_grad=False`` on parameters whose names start with a ``freeze`` prefix; returns how many.
+
+    In a ``XoronMultimodalModel`` the text model's names carry an ``llm.`` prefix; the LLM's own
+    names ('layers.0.attn') match them too, and 'vision', 'video', 'image_projector',
+    'video_projector', 'fusion' (or 'llm') name the other parts.
+    """
     frozen = 0
     for prefix in plan.freeze:
-        hits = [p for name, p in model.named_parameters() if name.startswith(prefix)]
+        hits = [p for name, p in model.named_parameters()
+                if name.startswith(prefix) or name.removeprefix("llm.").startswith(prefix)]
         if not hits:
             raise field_error(f"stages[{plan.index}].freeze", prefix,
-                              "matches no parameter name (e.g. 'embed_tokens', 'layers.0.attn', 'lm_head')")
+                              "matches no parameter name (e.g. 'embed_tokens', 'layers.0.attn', 'lm_head'; "
+                              "multimodal: 'llm', 'vision', 'video', 'image_projector', 'video_projector', 'fusion')")
         for param in hits:
             frozen += param.numel() if param.requires_grad else 0
             param.requires_grad_(False)

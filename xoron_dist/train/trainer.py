@@ -28,6 +28,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
 from data_prep.errors import PrepError
 from xoron_dist.config import ConfigError, XoronConfig
@@ -35,8 +36,11 @@ from xoron_dist.data.loader import LoaderStateError
 from xoron_dist.data.schema import CorruptShardError
 from xoron_dist.data.shards import TokenizerMismatchError
 from xoron_dist.model.llm import XoronLLM
+from xoron_dist.model.xoron import XoronMultimodalModel, build_model
 from xoron_dist.parallel import state as parallel_state
+from xoron_dist.parallel.engine import gradient_divisor, prepare_for_deepspeed
 from xoron_dist.parallel.launcher_env import LaunchError
+from xoron_dist.parallel.pipeline import build_stage, train_step_1f1b
 from xoron_dist.parallel.tensor import layer_builder
 from xoron_dist.tokenizer import build_tokenizer
 from xoron_dist.train.batches import build_source, ensure_prepared, shard_sequence
@@ -119,13 +123,21 @@ class StopRequest:
         logger.warning("signal %d: will save a checkpoint and stop after this step", signum)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (and stacked experts); not norms, biases or router vectors."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float, zero_stage: int = 0) -> list[dict]:
+    """Decay matrices (and stacked experts); not norms, biases or router vectors.
+
+    Expert-parallel experts under ZeRO 0-2 go into DeepSpeed's MoE groups (``moe: True``, one per
+    expert group), which it reduces and partitions over the expert-data-parallel ranks only.
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if zero_stage < 3 and any(is_moe_param(p) for p in decay + no_decay):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 def train(cfg: XoronConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -228,15 +240,22 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
     """Train one curriculum stage from ``state`` to its last step (or until a stop is requested)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = XoronLLM(cfg.llm, layer_builder(cfg)).to(ctx.device)
+    builder = layer_builder(cfg)
+    # XoronMultimodalModel when an encoder is enabled; synthetic_text batches hold no media to encode
+    model = build_model(cfg, builder) if cfg.data.source == "arrow" else XoronLLM(cfg.llm, builder)
+    multimodal = isinstance(model, XoronMultimodalModel)  # its layout limits are checked by validate_layout
     model.activation_checkpointing = tc.activation_checkpointing
     frozen = freeze_parameters(model, plan)
+    if ctx.layout.pp > 1:
+        model = build_stage(model)  # this rank's pipeline stage, cut out before it moves to the device
+    model = model.to(ctx.device)
+    prepare_for_deepspeed(model, cfg, ctx)  # ZeRO-3: MoE leaf modules, partition groups with SP
     ds_config = build_ds_config(cfg, ctx.dp_size, ctx.device_info.dtype, ctx.device_info.kind)
     if ctx.is_main:
         write_ds_config(paths.root / "ds_config.json", ds_config)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, tc.weight_decay),
+        model_parameters=parameter_groups(model, tc.weight_decay, cfg.parallel.zero_stage),
         config=ds_config,
         lr_scheduler=WarmupCosineSchedule.factory(plan.train),
         mpu=parallel_state.mpu(),
@@ -266,19 +285,24 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
             batches = [shard_sequence(b, ctx.sp_rank, ctx.sp_size) for b in batches]
         # The loss is the mean over every labelled token of the step on all data-parallel (and
         # sequence-parallel) ranks: weight each micro-batch's sum so that DeepSpeed's 1/accum and
-        # 1/dp averaging of the gradients summed over dp x sp yield exactly that.
+        # 1/divisor averaging of the gradients summed over dp x sp yield exactly that (the divisor
+        # depends on the ZeRO stage: parallel/engine.py).
         label_tokens = torch.tensor([float(sum(b.num_label_tokens for b in batches))], device=ctx.device)
         dist.all_reduce(label_tokens, group=ctx.token_group)
-        scale = ctx.dp_size * tc.grad_accum_steps / max(label_tokens.item(), 1.0)
-        loss_sum = torch.zeros((), device=ctx.device)
-        for batch in batches:
-            out = engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
-                         document_ids=batch.document_ids)
-            micro_sum = out.loss * out.num_tokens
-            engine.backward(micro_sum * scale)
-            engine.step()
-            loss_sum += micro_sum.detach().float()
-        load = model.update_expert_biases(ctx.token_group, enabled=plan.bias_update)
+        scale = gradient_divisor(ctx.layout) * tc.grad_accum_steps / max(label_tokens.item(), 1.0)
+        if ctx.layout.pp > 1:  # every micro-batch through the pipeline's stages (1F1B), same scaling
+            loss_sum = train_step_1f1b(engine, model, batches, scale)
+        else:
+            loss_sum = torch.zeros((), device=ctx.device)
+            for batch in batches:
+                media = model.media_inputs(batch) if multimodal else {}  # images/videos + spans to understand
+                out = engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
+                             document_ids=batch.document_ids, **media)
+                micro_sum = out.loss * out.num_tokens
+                engine.backward(micro_sum * scale)
+                engine.step()
+                loss_sum += micro_sum.detach().float()
+        load = model.update_expert_biases(ctx.token_group, enabled=plan.bias_update, rate=plan.bias_update_rate)
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.data_position = {"source": source.state_dict()}
