@@ -54,12 +54,13 @@ class _GroupedSwiGLU(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_rows = torch.empty_like(rows)
         grad_gu = torch.empty_like(gu)
+        # every expert's gradient is written whole by its matmuls below; only idle experts need zeros
         if stacked:
-            grad_gate_up, grad_down = torch.zeros_like(weights[0]), torch.zeros_like(weights[1])
+            grad_gate_up, grad_down = torch.empty_like(weights[0]), torch.empty_like(weights[1])
             g_gate_ups, g_downs = grad_gate_up.unbind(0), grad_down.unbind(0)
         else:
-            g_gate_ups = [torch.zeros_like(w) for w in gate_ups]
-            g_downs = [torch.zeros_like(w) for w in downs]
+            g_gate_ups = [torch.empty_like(w) for w in gate_ups]
+            g_downs = [torch.empty_like(w) for w in downs]
         start = 0
         for e, n in enumerate(counts):
             if n:
@@ -73,6 +74,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 torch.mul(d_act, silu, out=grad_gu[block, inter:])
                 torch.mm(grad_gu[block].t(), rows[block], out=g_gate_ups[e])
                 torch.mm(grad_gu[block], gate_ups[e], out=grad_rows[block])
+            else:
+                g_gate_ups[e].zero_()
+                g_downs[e].zero_()
             start += n
         grads = (grad_gate_up, grad_down) if stacked else (*g_gate_ups, *g_downs)
         return (grad_rows, None, None, *grads)
