@@ -20,14 +20,7 @@ TINY = VisionConfig(titok_image_size=32, titok_patch_size=4, titok_hidden_size=4
                     init_std=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from intra-op threads; on a shared 2-core CPU the threads' barriers
-    made the TiTok training test 30x slower (218 s against 8 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 def _scenes(n: int, size: int = 32, seed: int = 0) -> list[torch.Tensor]:

@@ -27,14 +27,7 @@ TINY = VisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size
                     max_patches=24, rope_theta=100.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from intra-op threads; on a shared 2-core CPU the threads' barriers
-    made the TiTok training test 30x slower (218 s against 8 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 def _hf_model() -> SiglipVisionModel:
