@@ -141,3 +141,13 @@ def test_write_ds_config_round_trips(tmp_path):
     out = write_ds_config(tmp_path / "run" / "ds_config.json", ds)
     assert json.loads(out.read_text()) == ds
     assert not list(out.parent.glob("*.tmp"))
+
+
+def test_comment_of_a_template_with_another_stage_is_rewritten():
+    ds = build_ds_config(_cfg(ds_config="ds_configs/zero1.json", zero_stage=3), dp_size=2,
+                         dtype=torch.float32, device_kind="cpu")
+    assert ds["zero_optimization"]["stage"] == 3
+    assert "ZeRO-1" not in ds["_comment"] and "stage=3" in ds["_comment"]
+    same = build_ds_config(_cfg(ds_config="ds_configs/zero1.json", zero_stage=1), dp_size=2,
+                           dtype=torch.float32, device_kind="cpu")
+    assert same["_comment"].startswith("ZeRO-1")

@@ -105,6 +105,10 @@ def build_ds_config(cfg: XoronConfig, dp_size: int, dtype: torch.dtype, device_k
     _own(ds, "gradient_clipping", train.grad_clip, "train.grad_clip", where)
 
     zero = _section(ds, "zero_optimization", where)
+    if zero.get("stage", cfg.parallel.zero_stage) not in ("auto", cfg.parallel.zero_stage) and "_comment" in ds:
+        # the template's comment describes its own stage, not the one this run uses
+        ds["_comment"] = (f"Built by xoron_dist from {path.name} with zero_optimization.stage="
+                          f"{cfg.parallel.zero_stage} (parallel.zero_stage); see README.md.")
     _own(zero, "stage", cfg.parallel.zero_stage, "parallel.zero_stage", where, prefix="zero_optimization.")
     if cfg.parallel.zero_stage == 3 and cfg.parallel.sp > 1:
         # ZeRO-3 then averages gradients over data x sequence ranks on its reduce-scatter path, which
