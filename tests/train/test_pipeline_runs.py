@@ -15,6 +15,7 @@ import torch
 
 from tests.train.test_trainer import TEXT, run_train
 from xoron_dist.parallel.launcher_env import free_port
+from xoron_dist.train.tensorboard import read_scalars
 
 # 3 layers, the first dense: the two stages get different numbers and kinds of layers.
 COMMON = (TEXT, "model.llm.num_layers=3", "model.llm.dense_layers=1", "model.llm.pad_vocab_multiple=32",
@@ -70,6 +71,9 @@ def test_two_stage_pipeline_and_its_resume_match_single_rank(tmp_path, single):
     assert "embed_tokens.weight" in first and "lm_head.weight" not in first
     assert {k.split(".")[1] for k in last if k.startswith("layers.")} == {"2"}
     assert last["layers.2.ffn.router.expert_bias"].abs().sum() > 0  # the bias update ran on stage 1
+    # rank 0 (stage 0) writes TensorBoard, with the expert load of both stages' MoE layers
+    tags = set(read_scalars(tmp_path / "pp2" / "tensorboard"))
+    assert "moe/layer1/max_over_mean" in tags and "moe/layer2/max_over_mean" in tags
 
 
 @pytest.mark.multirank

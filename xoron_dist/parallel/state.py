@@ -89,6 +89,11 @@ class ParallelContext:
         return parallel_state.get_context_parallel_world_size()
 
     @property
+    def pipeline_group(self) -> dist.ProcessGroup:
+        """The ranks holding the pipeline stages of one model replica."""
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    @property
     def token_group(self) -> dist.ProcessGroup:
         """The ranks that hold distinct tokens of a step (data x sequence parallel): token counts,
         losses and expert loads are summed over it."""

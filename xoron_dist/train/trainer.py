@@ -329,7 +329,8 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
             if logs.timer.tokens_per_s is not None:
                 scalars["perf/tokens_per_s"] = logs.timer.tokens_per_s
                 scalars["perf/step_s"] = logs.timer.mean_step_s
-            scalars.update(monitor.scalars(load, [r.expert_bias for r in model.routers()]))
+            pipeline_group = ctx.pipeline_group if ctx.layout.pp > 1 else None
+            scalars.update(monitor.scalars(load, [r.expert_bias for r in model.routers()], pipeline_group))
             logs.tb.scalars(state.step, scalars)
         logs.progress.update(state.step, loss=loss_value, lr=lr, grad_norm=grad_norm,
                              tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step))
