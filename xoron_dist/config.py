@@ -443,12 +443,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = True
     activation_checkpointing: bool = False
+    # > 0: the LM head and loss run on chunks of this many tokens, recomputed in backward, so the
+    # whole (tokens x vocabulary) logits never exist at once (long sequences); 0 = in one piece
+    loss_chunk_tokens: int = 0
     dist_timeout_minutes: int = 30
 
     def validate(self, where: str) -> None:
         _positive(self, where, "steps", "micro_batch_size", "grad_accum_steps", "seq_len", "lr", "eps",
                   "log_every", "save_every", "keep_checkpoints", "dist_timeout_minutes")
-        _non_negative(self, where, "warmup_steps", "weight_decay", "grad_clip")
+        _non_negative(self, where, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk_tokens")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise field_error(f"{where}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         for name in ("beta1", "beta2"):

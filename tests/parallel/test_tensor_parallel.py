@@ -114,3 +114,50 @@ def test_tp2_equals_single_rank(overrides, optimizer_name):
                     ref = torch.cat([ref, torch.zeros(pad)], dim=dim)
                 ref = tp_slice(ref, dim, stride, rank, 2)
             torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad of {name}")
+
+
+def _chunked_body(full_state):
+    from xoron_dist.parallel import state
+    from xoron_dist.parallel.tensor import layer_builder
+
+    cfg = _cfg("parallel.tp=2", "model.llm.pad_vocab_multiple=1", "model.llm.vocab_size=1023")
+    state.initialize(cfg)
+    torch.manual_seed(0)
+    model = XoronLLM(cfg.llm, layer_builder(cfg))
+    load_sharded(model, full_state)
+    ids, labels = _batches(cfg, 1)[0]
+    out = {}
+    for chunk in (0, 24):
+        model.zero_grad()
+        model.loss_chunk_tokens = chunk
+        res = model(ids, labels=labels)
+        res.loss.backward()
+        out[chunk] = (res.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, res.logits is None)
+    return out
+
+
+@pytest.mark.multirank
+def test_chunked_loss_equals_the_whole_loss_single_rank_and_tp2():
+    """``loss_chunk_tokens``: the head + loss over chunks of 24 tokens (64 tokens, a ragged last chunk),
+    recomputed in backward, give the loss and every gradient of the one-piece head; with TP=2 and a
+    vocabulary TP pads too (vocab-parallel cross-entropy per chunk)."""
+    cfg = _cfg("model.llm.pad_vocab_multiple=1", "model.llm.vocab_size=1023")
+    torch.manual_seed(0)
+    model = XoronLLM(cfg.llm)
+    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, labels = _batches(cfg, 1)[0]
+    results = {}
+    for chunk in (0, 24):
+        model.zero_grad()
+        model.loss_chunk_tokens = chunk
+        out = model(ids, labels=labels)
+        out.loss.backward()
+        results[chunk] = (out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, out.logits)
+    assert results[24][2] is None and results[0][2] is not None
+    assert results[24][0] == pytest.approx(results[0][0], rel=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[24][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    for rank, out in enumerate(run_ranks(_chunked_body, 2, full_state)):
+        assert out[24][2] and out[24][0] == pytest.approx(results[0][0], rel=1e-5), rank
+        for name, grad in out[0][1].items():
+            torch.testing.assert_close(out[24][1][name], grad, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")

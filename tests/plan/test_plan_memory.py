@@ -46,6 +46,7 @@ def _measure(overrides, toggle_checkpointing):
     ctx = state.initialize(cfg)
     torch.manual_seed(cfg.train.seed)
     model = XoronLLM(cfg.llm, layer_builder(cfg))
+    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     if ctx.layout.pp > 1:
         model = build_stage(model)
     ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
@@ -83,7 +84,8 @@ def _estimate(overrides, world, checkpointing, stages=False):
     cfg = load_config(None, overrides)
     layout = validate_layout(cfg, world)
     ds = build_ds_config(cfg, layout.dp, torch.float32, "cpu")
-    shape = TrainingShape(cfg.train.micro_batch_size, cfg.train.seq_len, cfg.train.grad_accum_steps, checkpointing)
+    shape = TrainingShape(cfg.train.micro_batch_size, cfg.train.seq_len, cfg.train.grad_accum_steps, checkpointing,
+                          cfg.train.loss_chunk_tokens)
     estimate = estimate_stage_memory if stages else estimate_memory
     return estimate(cfg, layout, shape, ds, mixed=False, cpu_optimizer_temporaries=True)
 
@@ -154,3 +156,15 @@ def test_two_stage_pipeline_each_stage(small_buckets):
     assert sorted(stage for stage, _ in results) == [0, 1]
     for stage, [peak] in results:
         _check(stages[stage], peak)
+
+
+def test_single_rank_with_the_loss_in_chunks():
+    """train.loss_chunk_tokens: the logits exist 64 tokens at a time (of 512): less memory, still
+    estimated within the tolerance."""
+    base = BASE + ["parallel.zero_stage=0", "train.ds_config=ds_configs/zero0.json"]
+    [whole] = run_ranks(_measure, 1, base, False)[0][1]
+    [chunked] = run_ranks(_measure, 1, base + ["train.loss_chunk_tokens=64"], False)[0][1]
+    estimate_whole = _estimate(base, 1, False)
+    estimate = _estimate(base + ["train.loss_chunk_tokens=64"], 1, False)
+    assert chunked < 0.9 * whole and estimate.activations < estimate_whole.activations
+    _check(estimate, chunked)

@@ -310,3 +310,17 @@ def test_sequence_that_does_not_split_is_refused_before_any_collective(tmp_path)
     assert proc.returncode != 0
     assert "train.seq_len = 250 is not divisible by 2*sp = 4" in proc.stderr
     assert "joined" not in proc.stderr  # refused before torch.distributed or any group existed
+
+
+def test_chunked_loss_run_matches_the_one_piece_run(tmp_path):
+    """train.loss_chunk_tokens: the same losses and gradient norms as the one-piece head (3 steps)."""
+    common = (TEXT, "train.steps=3", "train.log_every=1")
+    run_train(tmp_path, "whole", *common)
+    run_train(tmp_path, "chunked", *common, "train.loss_chunk_tokens=100")
+    for name in ("whole", "chunked"):
+        assert (tmp_path / name / "metrics.jsonl").is_file()
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    chunked = [json.loads(line) for line in (tmp_path / "chunked" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(whole, chunked, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)

@@ -28,7 +28,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LLMOutput:
-    logits: torch.Tensor  # (batch, seq, padded_vocab)
+    logits: torch.Tensor | None  # (batch, seq, padded_vocab); None when the loss ran in chunks
     loss: torch.Tensor | None = None  # mean token cross-entropy over labels != IGNORE_INDEX
     num_tokens: int = 0  # labelled tokens the loss averages over
 
@@ -69,6 +69,7 @@ class XoronLLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
+        self.loss_chunk_tokens = 0  # > 0: head + loss in chunks of this many tokens (see _head)
         self._routers = [m for m in self.modules() if isinstance(m, ExpertBiasRouter)]  # not registered twice
         self.moe_layer_ids = [layer.index for layer in self.layers if isinstance(layer.ffn, MoEFeedForward)]
         # Tokens per expert since the last bias update, one row per MoE layer (see update_expert_biases).
@@ -159,13 +160,35 @@ class XoronLLM(nn.Module):
             # Harvest after the layer loop: activation-checkpoint recompute re-runs the routers in
             # backward, and must not count the same tokens twice.
             self.expert_load += torch.stack([r.last_load for r in self._routers])
-        logits = self._mask_padding_rows(self.lm_head(self.norm(x)))  # (batch, seq, vocab_rows / tp)
-        if labels is None:
-            return LLMOutput(logits=logits)
-        labelled = labels != IGNORE_INDEX
-        num_tokens = int(labelled.sum())
-        loss = (self.builder.token_losses(logits, labels) * labelled).sum() / max(num_tokens, 1)
-        return LLMOutput(logits=logits, loss=loss, num_tokens=num_tokens)
+        return self._head(x, labels)
+
+    def _head(self, x: torch.Tensor, labels: torch.Tensor | None) -> LLMOutput:
+        """Final norm, LM head and (with ``labels``) the mean token loss of hidden states x (batch, seq, hidden).
+
+        With ``loss_chunk_tokens`` set, training never holds the whole (tokens, vocabulary) logits:
+        the head and the loss run on chunks of that many tokens, each recomputed in backward, so the
+        step keeps one chunk's logits and softmax instead of all of them (at 32K tokens and the full
+        152K vocabulary that is ~20 GB of fp32 per row). Same loss and gradients; ``logits`` is None.
+        """
+        chunk = self.loss_chunk_tokens
+        if labels is None or not chunk or not (self.training and torch.is_grad_enabled()):
+            logits = self._mask_padding_rows(self.lm_head(self.norm(x)))  # (batch, seq, vocab_rows / tp)
+            if labels is None:
+                return LLMOutput(logits=logits)
+            labelled = labels != IGNORE_INDEX
+            num_tokens = int(labelled.sum())
+            loss = (self.builder.token_losses(logits, labels) * labelled).sum() / max(num_tokens, 1)
+            return LLMOutput(logits=logits, loss=loss, num_tokens=num_tokens)
+        hidden, targets = self.norm(x).flatten(0, 1), labels.flatten()
+        num_tokens = int((targets != IGNORE_INDEX).sum())
+        total = sum(checkpoint(self._chunk_loss_sum, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+                    for i in range(0, hidden.shape[0], chunk))
+        return LLMOutput(logits=None, loss=total / max(num_tokens, 1), num_tokens=num_tokens)
+
+    def _chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed token loss of hidden (n, hidden) against targets (n,) (-100: no loss)."""
+        logits = self._mask_padding_rows(self.lm_head(hidden))
+        return (self.builder.token_losses(logits, targets) * (targets != IGNORE_INDEX)).sum()
 
     def _mask_padding_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """-inf on the embedding's padding rows: never predicted, and the loss is then the same

@@ -72,7 +72,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from xoron_dist.model.llm import IGNORE_INDEX, LLMOutput, XoronLLM
+from xoron_dist.model.llm import LLMOutput, XoronLLM
 from xoron_dist.model.moe import ExpertBiasRouter, MoEFeedForward
 from xoron_dist.parallel.state import get_context
 
@@ -224,6 +224,7 @@ class PipelineStage(nn.Module):
     keep_router_state_fp32 = XoronLLM.keep_router_state_fp32
     routers = XoronLLM.routers
     _mask_padding_rows = XoronLLM._mask_padding_rows
+    _head, _chunk_loss_sum = XoronLLM._head, XoronLLM._chunk_loss_sum
 
     def __init__(self, model: XoronLLM, partition: PipelinePartition, stage: int) -> None:
         super().__init__()
@@ -240,6 +241,7 @@ class PipelineStage(nn.Module):
         if self.is_last:
             self.norm, self.lm_head = model.norm, model.lm_head
         self.activation_checkpointing = model.activation_checkpointing
+        self.loss_chunk_tokens = model.loss_chunk_tokens
         self._routers = [m for m in self.layers.modules() if isinstance(m, ExpertBiasRouter)]
         self.moe_layer_ids = [layer.index for layer in self.layers.values() if isinstance(layer.ffn, MoEFeedForward)]
         self.register_buffer("expert_load", torch.zeros(len(self._routers), self.cfg.moe.num_experts,
@@ -272,13 +274,7 @@ class PipelineStage(nn.Module):
             self.expert_load += torch.stack([r.last_load for r in self._routers])
         if not self.is_last:
             return x
-        logits = self._mask_padding_rows(self.lm_head(self.norm(x)))  # (batch, seq, vocab_rows / tp)
-        if labels is None:
-            return LLMOutput(logits=logits)
-        labelled = labels != IGNORE_INDEX
-        num_tokens = int(labelled.sum())
-        loss = (self.builder.token_losses(logits, labels) * labelled).sum() / max(num_tokens, 1)
-        return LLMOutput(logits=logits, loss=loss, num_tokens=num_tokens)
+        return self._head(x, labels)
 
 
 def build_stage(model: XoronLLM, costs: StageCosts | None = None) -> PipelineStage:

@@ -214,6 +214,7 @@ class TrainingShape:
     seq_len: int
     grad_accum_steps: int
     activation_checkpointing: bool
+    loss_chunk_tokens: int = 0  # train.loss_chunk_tokens: the head's logits exist for this many tokens at a time
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,13 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
         per_layer = [layer_activation_bytes(llm, i, tp, tp_experts, b, expert_rows) for i in stage.layers]
         in_flight = min(pp - s, shape.grad_accum_steps)  # 1F1B: stage s holds pp - s micro-batches
         head_saved, head_extra = head_activation_bytes(llm, tp, b) if stage.last else (0, 0)
+        chunk = shape.loss_chunk_tokens
+        if stage.last and 0 < chunk < tokens:
+            # chunked head: every token's norm output is kept, the logits/softmax of one chunk at a time;
+            # per-token figures below are scaled so that tokens * figure gives those bytes
+            norm = _norm_bytes(llm.hidden_size, b)
+            head_saved = norm + (head_saved - norm + head_extra) * chunk / tokens
+            head_extra = 0
         embed_out = b * llm.hidden_size if stage.first else 0  # the first layer's input
         received = b * llm.hidden_size if not stage.first else 0  # activation received from the stage before
         if shape.activation_checkpointing:  # inputs kept; one layer recomputed at a time in backward

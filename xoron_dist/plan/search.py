@@ -141,7 +141,8 @@ def _judge(cfg: XoronConfig, cand: Candidate, cluster: ClusterSpec, mixed: bool,
     if layout is None or reason is not None:
         return dataclasses.replace(cand, layout=layout, refusal=reason)
     run = cand.apply(cfg, validate=False)
-    shape = TrainingShape(cand.micro_batch_size, seq_len, cand.grad_accum_steps, cand.activation_checkpointing)
+    shape = TrainingShape(cand.micro_batch_size, seq_len, cand.grad_accum_steps, cand.activation_checkpointing,
+                          cfg.train.loss_chunk_tokens)
     memory = estimate_memory(run, layout, shape, ds_for(run), mixed,
                              cpu_optimizer_temporaries=cluster.device == "cpu")
     cost = estimate_step(run, layout, shape, cluster, mixed)

@@ -245,6 +245,7 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
     model = build_model(cfg, builder) if cfg.data.source == "arrow" else XoronLLM(cfg.llm, builder)
     multimodal = isinstance(model, XoronMultimodalModel)  # its layout limits are checked by validate_layout
     model.activation_checkpointing = tc.activation_checkpointing
+    (model.llm if multimodal else model).loss_chunk_tokens = tc.loss_chunk_tokens
     frozen = freeze_parameters(model, plan)
     if ctx.layout.pp > 1:
         model = build_stage(model)  # this rank's pipeline stage, cut out before it moves to the device
