@@ -225,6 +225,10 @@ class VisionConfig:
     titok_codebook_size: int = 4096
     titok_code_dim: int = 12
     titok_commitment: float = 0.25
+    # dead-code restarts: a code whose moving-average share of the ids falls below
+    # titok_dead_code_share / codebook size is re-seeded with a latent of the current batch (0 = off)
+    titok_dead_code_share: float = 0.03
+    titok_usage_decay: float = 0.9
     pretrained_path: str | None = None
 
     def validate(self, where: str) -> None:
@@ -232,7 +236,9 @@ class VisionConfig:
                   "patch_size", "layer_norm_eps", "init_std", "max_patches", "titok_tokens", "titok_image_size",
                   "titok_patch_size", "titok_hidden_size", "titok_layers", "titok_heads", "titok_intermediate_size",
                   "titok_codebook_size", "titok_code_dim")
-        _non_negative(self, where, "latent_tokens", "titok_commitment")
+        _non_negative(self, where, "latent_tokens", "titok_commitment", "titok_dead_code_share")
+        if not 0.0 <= self.titok_usage_decay < 1.0:
+            raise field_error(f"{where}.titok_usage_decay", self.titok_usage_decay, "must be in [0, 1)")
         for heads, hidden in (("num_heads", "hidden_size"), ("titok_heads", "titok_hidden_size")):
             if getattr(self, hidden) % getattr(self, heads):
                 raise field_error(f"{where}.{heads}", getattr(self, heads),

@@ -14,7 +14,13 @@ their own weights there (MMDiT-style), otherwise they share them, as the paper d
 Quantiser: VQ-VAE (van den Oord et al. 2017) with l2-normalised codes and latents (ViT-VQGAN,
 Yu et al. 2021 §3.2, which TiTok's VQ follows): nearest code by cosine similarity, a
 straight-through estimator for the encoder gradient, the codebook loss ‖sg(z) − e‖² and the
-commitment loss β‖z − sg(e)‖² (β = ``titok_commitment``). Reconstruction loss: MSE on pixels
+commitment loss β‖z − sg(e)‖² (β = ``titok_commitment``). Dead codes are restarted (as in
+Jukebox, Dhariwal et al. 2020 §2.3, and SoundStream): a moving average of each code's share of
+the ids is kept (``code_usage``), and a code whose share falls below ``titok_dead_code_share``
+of the uniform share is re-seeded with one of the current batch's latents, so the codebook does
+not shrink to the few codes that won early. With data parallelism (``sync_group``) the usage is
+summed over the ranks and rank 0's choice of latents is broadcast: every replica keeps the same
+codebook. Reconstruction loss: MSE on pixels
 normalised to [-1, 1]. (The paper's second stage, distilling MaskGIT-VQGAN codes, and its
 perceptual/GAN losses are training recipes on top of this module, not part of it.)
 """
@@ -89,6 +95,11 @@ class TiTok(nn.Module):
         self.decoder_positions = nn.Parameter(torch.zeros(self.grid * self.grid, hidden))
         self.decoder = VisionTransformer(tower, builder)
         self.pixel_out = nn.Linear(hidden, 3 * cfg.titok_patch_size ** 2)
+        # moving-average share of the ids each code took (dead-code restarts); uniform at the start
+        self.register_buffer("code_usage", torch.full((cfg.titok_codebook_size,), 1.0 / cfg.titok_codebook_size))
+        self.sync_group = None  # the data-parallel group whose replicas must keep one codebook
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's (ids, latents)
+        self.restarts = 0  # codes re-seeded so far (for logs)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -148,7 +159,38 @@ class TiTok(nn.Module):
         pixels = self.decode_codes(self._codes()[ids])
         return ((pixels * IMAGE_STD + IMAGE_MEAN).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
+    @torch.no_grad()
+    def restart_dead_codes(self, ids: torch.Tensor, latents: torch.Tensor) -> int:
+        """Update the usage average with ``ids`` and re-seed the dead codes from ``latents``
+        (batch, K, code_dim); returns how many codes were restarted (see the module docstring)."""
+        size = self.cfg.titok_codebook_size
+        counts = torch.bincount(ids.flatten(), minlength=size).float()
+        group = self.sync_group
+        distributed = group is not None and torch.distributed.is_initialized()
+        if distributed:
+            torch.distributed.all_reduce(counts, group=group)
+        decay = self.cfg.titok_usage_decay
+        self.code_usage.mul_(decay).add_(counts / counts.sum().clamp(min=1), alpha=1 - decay)
+        if not self.cfg.titok_dead_code_share:
+            return 0
+        dead = (self.code_usage < self.cfg.titok_dead_code_share / size).nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        pool = latents.reshape(-1, latents.shape[-1])
+        picks = torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)
+        fresh = pool[picks].to(self.codebook.weight.dtype)
+        if distributed:
+            torch.distributed.broadcast(fresh, src=torch.distributed.get_global_rank(group, 0), group=group)
+        self.codebook.weight[dead] = fresh
+        self.code_usage[dead] = 1.0 / size  # a fresh code gets the uniform share to prove itself
+        self.restarts += int(dead.numel())
+        return int(dead.numel())
+
     def forward(self, images: list[torch.Tensor] | torch.Tensor) -> TiTokOutput:
+        training = self.training and torch.is_grad_enabled()
+        if training and self._pending is not None:  # the previous step's ids and latents
+            self.restart_dead_codes(*self._pending)
+            self._pending = None
         target = self.pixels(images)
         latents = self._latents(target)
         ids, codes = self.quantize(latents)
@@ -158,4 +200,6 @@ class TiTok(nn.Module):
         reconstruction = self.decode_codes(straight_through)
         reconstruction_loss = F.mse_loss(reconstruction.float(), target.float())
         loss = reconstruction_loss + codebook_loss + self.cfg.titok_commitment * commitment_loss
+        if training:  # restarts apply at the next training forward: backward still needs this codebook
+            self._pending = (ids, latents.detach())
         return TiTokOutput(loss, reconstruction_loss, codebook_loss, commitment_loss, ids, reconstruction, target)
