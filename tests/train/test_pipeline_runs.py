@@ -77,11 +77,14 @@ def test_two_stage_pipeline_and_its_resume_match_single_rank(tmp_path, single):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize(("layout", "micro"), [(("parallel.tp=2",), 2), ((), 1)], ids=["pp2xtp2", "pp2xdp2"])
-def test_four_rank_pipeline_layouts_match_single_rank(tmp_path, single, layout, micro):
-    """PP=2 x TP=2 and PP=2 x DP=2 on 4 ranks: 3 steps equal the single-rank run (DP: each data
-    rank takes half of every micro-batch)."""
+@pytest.mark.parametrize(("layout", "micro", "dp_tp"),
+                         [(("parallel.tp=2",), 2, (1, 2)), ((), 1, (2, 1)), (("parallel.ep=2",), 1, (2, 1))],
+                         ids=["pp2xtp2", "pp2xdp2", "pp2xdp2xep2"])
+def test_four_rank_pipeline_layouts_match_single_rank(tmp_path, single, layout, micro, dp_tp):
+    """PP=2 x TP=2, PP=2 x DP=2 and PP=2 x DP=2 with the experts of each stage spread over the 2 data
+    ranks (EP=2, DeepSpeed's MoE path under ZeRO-1 in each stage's engine) on 4 ranks: 3 steps equal
+    the single-rank run (DP: each data rank takes half of every micro-batch)."""
     proc = run_train(tmp_path, "pp", "train.steps=3", f"train.micro_batch_size={micro}", "parallel.pp=2", *layout,
                      *COMMON, launcher=_deepspeed(4))
-    assert "world 4 = dp {} x tp {} x pp 2".format(*((1, 2) if layout else (2, 1))) in proc.stderr
+    assert "world 4 = dp {} x tp {} x pp 2".format(*dp_tp) in proc.stderr
     _assert_same_run(single, _records(tmp_path, "pp"))
