@@ -11,8 +11,7 @@ routes tokens, so every replica applies the same update); the mean of the update
 subtracted so the biases do not drift together (as torchtitan does).
 
 Experts compute with a *sorted* dropless dispatch: the (token, choice) pairs are sorted
-by expert once, each expert runs one matmul over its contiguous slice (``grouped_swiglu``,
-with a hand-written backward that avoids autograd's per-expert copies), and the results
+by expert once, each expert runs one matmul over its contiguous slice, and the results
 are scattered back with one ``index_add_`` — no per-expert masks over all tokens.
 """
 
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import MoEConfig
-from xoron_dist.model.grouped_swiglu import grouped_swiglu
 from xoron_dist.model.layers import LayerBuilder, SwiGLU, mark_tp_split
 from xoron_dist.parallel.experts import build_expert_parallel_experts
 
@@ -90,8 +88,16 @@ class RoutedExperts(nn.Module):
         token_of = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         grouped = self.builder.copy_to_tp(x)[token_of]
-        out = grouped_swiglu(grouped, counts, self.gate_up, self.down)
-        combined = self.builder.reduce_from_tp(out) * weights.flatten()[order, None].to(x.dtype)
+        # unbind once: indexing the stacked weight per expert would make autograd build one
+        # full-size zero gradient per expert and add them up; unbind's backward stacks once.
+        gate_ups, downs = self.gate_up.unbind(0), self.down.unbind(0)
+        outputs = []
+        for expert, rows in enumerate(grouped.split(counts)):
+            if rows.shape[0] == 0:
+                continue
+            gate, up = F.linear(rows, gate_ups[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
+        combined = self.builder.reduce_from_tp(torch.cat(outputs)) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, combined)
 
 

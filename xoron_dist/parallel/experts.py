@@ -239,9 +239,9 @@ class ExpertParallelExperts(nn.Module):
         perm = torch.cat(regroup) if regroup else torch.zeros(0, dtype=torch.long, device=rows.device)
         grouped = inbound[perm]
         per_expert = recv_matrix.sum(0).tolist()
-        # Each local expert runs through its own module call, not ``grouped_swiglu`` on its weights: under
-        # ZeRO-3 the parity test drifts (~1e-6 at step 2, 1e-4 by step 4) when the weights are used
-        # outside their module's forward, and is exact this way.
+        # Each local expert runs through its own module call: under ZeRO-3 the parity test drifted
+        # (~1e-6 at step 2, 1e-4 by step 4) when the local weights were used outside their module's
+        # forward (a grouped kernel over all of them), and is exact this way.
         parts = grouped.split(per_expert)
         computed = torch.cat([expert(part) for expert, part in zip(self.local_experts, parts, strict=True)])
         outbound = torch.empty_like(computed).index_copy(0, perm, computed)  # back to (source, expert) order

@@ -150,9 +150,9 @@ def layer_activation_bytes(llm: LLMConfig, index: int, tp: int, tp_experts: bool
     norms; q (low-rank path), the fused kv down-projection and its normed latent, the expanded
     k/v, the concatenated q and k and the zero-padded v the fused SDPA kernel takes, its output and
     log-sum-exp, the reshaped attention output; the router's fp32 scores and top-k bookkeeping
-    (int64), the rows gathered per (token, choice), the experts' gate/up projections and their
-    outputs (``grouped_swiglu`` keeps only these); the shared expert's four intermediate tensors
-    (autograd SwiGLU: gate, up, SiLU, product); the residual.
+    (int64), the rows gathered per (token, choice), the experts' gate/up projections, SiLU(gate),
+    SiLU·up and their outputs; the shared expert's four intermediate tensors (autograd SwiGLU:
+    gate, up, SiLU, product); the residual.
     """
     hidden, heads = llm.hidden_size, llm.num_heads // tp
     qk, v = llm.qk_head_dim, llm.v_head_dim
@@ -181,7 +181,7 @@ def layer_activation_bytes(llm: LLMConfig, index: int, tp: int, tp_experts: bool
         n += 8 * k * 3 + FP32 * 3 * k  # top-k ids, sort order, token index (int64); combine weights
         rows = k * expert_rows
         n += int(b * rows * hidden)  # rows gathered per (token, choice)
-        n += int(2 * b * rows * ie)  # gate+up (``grouped_swiglu`` recomputes SiLU·up in backward)
+        n += int(4 * b * rows * ie)  # gate+up, SiLU(gate), SiLU·up (autograd SwiGLU per expert)
         n += int(b * rows * hidden) + b * k  # expert outputs concatenated (or returned by EP), weights per row
         n += 4 * b * moe.expert_intermediate_size * moe.num_shared_experts // tp  # shared expert
     n += b * hidden  # residual after the FFN: the next layer's input
