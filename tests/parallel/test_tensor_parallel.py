@@ -116,6 +116,18 @@ def test_tp2_equals_single_rank(overrides, optimizer_name):
             torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad of {name}")
 
 
+def _whole_and_chunked(model, ids, labels):
+    """chunk size -> (loss, every gradient, whether the logits were None) for the one-piece head (0) and 24."""
+    out = {}
+    for chunk in (0, 24):
+        model.zero_grad()
+        model.loss_chunk_tokens = chunk
+        res = model(ids, labels=labels)
+        res.loss.backward()
+        out[chunk] = (res.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, res.logits is None)
+    return out
+
+
 def _chunked_body(full_state):
     from xoron_dist.parallel import state
     from xoron_dist.parallel.tensor import layer_builder
@@ -125,15 +137,7 @@ def _chunked_body(full_state):
     torch.manual_seed(0)
     model = XoronLLM(cfg.llm, layer_builder(cfg))
     load_sharded(model, full_state)
-    ids, labels = _batches(cfg, 1)[0]
-    out = {}
-    for chunk in (0, 24):
-        model.zero_grad()
-        model.loss_chunk_tokens = chunk
-        res = model(ids, labels=labels)
-        res.loss.backward()
-        out[chunk] = (res.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, res.logits is None)
-    return out
+    return _whole_and_chunked(model, *_batches(cfg, 1)[0])
 
 
 @pytest.mark.multirank
@@ -145,15 +149,8 @@ def test_chunked_loss_equals_the_whole_loss_single_rank_and_tp2():
     torch.manual_seed(0)
     model = XoronLLM(cfg.llm)
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, labels = _batches(cfg, 1)[0]
-    results = {}
-    for chunk in (0, 24):
-        model.zero_grad()
-        model.loss_chunk_tokens = chunk
-        out = model(ids, labels=labels)
-        out.loss.backward()
-        results[chunk] = (out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, out.logits)
-    assert results[24][2] is None and results[0][2] is not None
+    results = _whole_and_chunked(model, *_batches(cfg, 1)[0])
+    assert results[24][2] and not results[0][2]  # logits None only when chunked
     assert results[24][0] == pytest.approx(results[0][0], rel=1e-6)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[24][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

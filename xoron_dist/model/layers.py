@@ -135,6 +135,18 @@ class LayerBuilder:
         return self.tp_rank * (rows // self.tp_size)
 
 
+def expert_tp_split(builder: LayerBuilder | None, intermediate: int) -> tuple[LayerBuilder, int]:
+    """The builder routed experts split with, and their per-rank FFN width: ``builder`` when it splits
+    experts over TP (``split_experts``, tp > 1), else a single-rank one (experts whole on every rank)."""
+    split = builder is not None and builder.split_experts and builder.tp_size > 1
+    expert_builder = builder if split else LayerBuilder()
+    local = intermediate // expert_builder.tp_size
+    if local * expert_builder.tp_size != intermediate:
+        raise ValueError(f"expert_intermediate_size {intermediate} is not divisible by TP size "
+                         f"{expert_builder.tp_size}")
+    return expert_builder, local
+
+
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))`` (Shazeer 2020); the dense FFN and the shared expert."""
 

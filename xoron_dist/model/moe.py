@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import MoEConfig
-from xoron_dist.model.layers import LayerBuilder, SwiGLU, mark_tp_split
+from xoron_dist.model.layers import LayerBuilder, SwiGLU, expert_tp_split, mark_tp_split
 from xoron_dist.parallel.experts import build_expert_parallel_experts
 
 
@@ -68,12 +68,7 @@ class RoutedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int, builder: LayerBuilder | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
-        split = builder is not None and builder.split_experts and builder.tp_size > 1
-        self.builder = builder if split else LayerBuilder()
-        local = intermediate // self.builder.tp_size
-        if local * self.builder.tp_size != intermediate:
-            raise ValueError(f"expert_intermediate_size {intermediate} is not divisible by TP size "
-                             f"{self.builder.tp_size}")
+        self.builder, local = expert_tp_split(builder, intermediate)
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * local, hidden))
         self.down = nn.Parameter(torch.empty(num_experts, hidden, local))
         if self.builder.tp_size > 1:

@@ -77,6 +77,14 @@ class XoronMultimodalModel(nn.Module):
         self.llm.activation_checkpointing = value
 
     @property
+    def loss_chunk_tokens(self) -> int:
+        return self.llm.loss_chunk_tokens
+
+    @loss_chunk_tokens.setter
+    def loss_chunk_tokens(self, value: int) -> None:
+        self.llm.loss_chunk_tokens = value
+
+    @property
     def moe_layer_ids(self) -> list[int]:
         return self.llm.moe_layer_ids
 

@@ -51,7 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from xoron_dist.model.layers import ExpertSplit, LayerBuilder, mark_tp_split, tp_slice
+from xoron_dist.model.layers import ExpertSplit, LayerBuilder, expert_tp_split, mark_tp_split, tp_slice
 
 
 class _AllToAll(torch.autograd.Function):
@@ -141,12 +141,7 @@ class ExpertParallelExperts(nn.Module):
         self.num_local_experts = num_experts // split.size
         self.first_expert = split.rank * self.num_local_experts
         self.expert_group_name = split.group_name
-        tp_split = builder.split_experts and builder.tp_size > 1
-        self.builder = builder if tp_split else LayerBuilder()
-        local = intermediate // self.builder.tp_size
-        if local * self.builder.tp_size != intermediate:
-            raise ValueError(f"expert_intermediate_size {intermediate} is not divisible by TP size "
-                             f"{self.builder.tp_size}")
+        self.builder, local = expert_tp_split(builder, intermediate)
         self.deepspeed_moe = _Holder()
         self.deepspeed_moe.experts = _Holder()
         self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(
@@ -229,14 +224,10 @@ class ExpertParallelExperts(nn.Module):
         recv_matrix = received.view(ep, local)
         recv_splits = recv_matrix.sum(1).tolist()
         inbound = all_to_all(rows, send_splits, recv_splits, group)
-        # inbound is grouped by (source rank, local expert); regroup by (local expert, source rank).
-        by_source = recv_matrix.flatten().tolist()
-        starts = [0]
-        for n in by_source:
-            starts.append(starts[-1] + n)
-        regroup = [torch.arange(starts[src * local + i], starts[src * local + i + 1], device=rows.device)
-                   for i in range(local) for src in range(ep)]
-        perm = torch.cat(regroup) if regroup else torch.zeros(0, dtype=torch.long, device=rows.device)
+        # inbound is grouped by (source rank, local expert); a stable sort on (local expert, source rank)
+        # regroups it by local expert, each expert's rows still in source-rank order.
+        block_key = torch.arange(local, device=rows.device) * ep + torch.arange(ep, device=rows.device)[:, None]
+        perm = torch.repeat_interleave(block_key.flatten(), recv_matrix.flatten().to(rows.device)).argsort(stable=True)
         grouped = inbound[perm]
         per_expert = recv_matrix.sum(0).tolist()
         # Each local expert runs through its own module call: under ZeRO-3 the parity test drifted

@@ -43,8 +43,8 @@ class ExpertLoadMonitor:
         return starved
 
     def scalars(self, load: torch.Tensor, biases: list[torch.Tensor], pipeline_group=None) -> dict[str, float]:
-        """TensorBoard scalars of this rank's MoE layers; with ``pipeline_group`` (pp > 1; every stage
-        must call) those of every stage's layers, so rank 0 (stage 0) writes the whole model's."""
+        """TensorBoard scalars of this rank's MoE layers; with a ``pipeline_group`` of more than one stage
+        (every stage must call) those of every stage's layers, so rank 0 (stage 0) writes the whole model's."""
         layers = [(layer, tokens, bias.tolist())
                   for layer, tokens, bias in zip(self.layer_ids, load.tolist(), biases, strict=True)]
         if pipeline_group is not None and torch.distributed.get_world_size(pipeline_group) > 1:

@@ -245,7 +245,7 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
     model = build_model(cfg, builder) if cfg.data.source == "arrow" else XoronLLM(cfg.llm, builder)
     multimodal = isinstance(model, XoronMultimodalModel)  # its layout limits are checked by validate_layout
     model.activation_checkpointing = tc.activation_checkpointing
-    (model.llm if multimodal else model).loss_chunk_tokens = tc.loss_chunk_tokens
+    model.loss_chunk_tokens = tc.loss_chunk_tokens
     frozen = freeze_parameters(model, plan)
     if ctx.layout.pp > 1:
         model = build_stage(model)  # this rank's pipeline stage, cut out before it moves to the device
@@ -330,8 +330,7 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
             if logs.timer.tokens_per_s is not None:
                 scalars["perf/tokens_per_s"] = logs.timer.tokens_per_s
                 scalars["perf/step_s"] = logs.timer.mean_step_s
-            pipeline_group = ctx.pipeline_group if ctx.layout.pp > 1 else None
-            scalars.update(monitor.scalars(load, [r.expert_bias for r in model.routers()], pipeline_group))
+            scalars.update(monitor.scalars(load, [r.expert_bias for r in model.routers()], ctx.pipeline_group))
             logs.tb.scalars(state.step, scalars)
         logs.progress.update(state.step, loss=loss_value, lr=lr, grad_norm=grad_norm,
                              tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step))
