@@ -25,8 +25,8 @@ import transformers
 
 from bench.common import machine, time_alternating, write_result
 from xoron_dist.config import load_config
-from xoron_dist.model.hf_adapter import from_hf_state_dict, hf_config_kwargs
 from xoron_dist.model.llm import XoronLLM
+from xoron_dist.model.llm.hf import from_hf_state_dict, hf_config_kwargs
 
 MODELS = {
     "tiny": ["preset=tiny"],

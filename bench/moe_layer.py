@@ -5,7 +5,7 @@ top-2, plus one shared SwiGLU expert of the same width, on the same tokens, in t
 alternating round by round (bench/common.py). One call = forward, a mean-square loss, backward
 (gradients of the input and of every weight).
 
-- ours: ``xoron_dist.model.moe.MoEFeedForward`` (sigmoid router + expert bias, sorted dropless dispatch).
+- ours: ``xoron_dist.model.common.moe.MoEFeedForward`` (sigmoid router + expert bias, sorted dropless dispatch).
 - HF: ``transformers`` ``DeepseekV3MoE`` with the same weights (its output is checked equal to ours),
   both of its experts implementations (``grouped_mm`` and ``eager``).
 - DeepSpeed: ``deepspeed.moe.layer.MoE`` (top-2 softmax gate, dropless ``drop_tokens=False``, no
@@ -32,8 +32,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from bench.common import machine, time_alternating, write_result
 from xoron_dist.config import MoEConfig
-from xoron_dist.model.layers import LayerBuilder
-from xoron_dist.model.moe import MoEFeedForward
+from xoron_dist.model.common.moe import MoEFeedForward
 from xoron_dist.parallel.launcher_env import free_port
 
 CASES = {  # name -> (hidden, expert_intermediate_size)
@@ -126,7 +125,7 @@ def run_case(case: str, rounds: int) -> dict:
         peers[f"hf_{impl}"] = module
     if impl != "grouped_mm":
         peers["hf_eager"].load_state_dict(peers["hf_grouped_mm"].state_dict())
-    ours = MoEFeedForward(hidden, moe_cfg, LayerBuilder()).train()
+    ours = MoEFeedForward(hidden, moe_cfg).train()
     ours.load_state_dict({_NAMES[k]: v for k, v in peers["hf_grouped_mm"].state_dict().items()})
     torch.manual_seed(1)
     peers["deepspeed"] = DeepSpeedMoEWithShared(hidden, inter).train()

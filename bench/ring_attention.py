@@ -5,7 +5,7 @@ One causal attention layer of the full model's MLA shape (nope 64, rope 32, v 64
 same MLA inputs (q_nope, q_rope, the normed latent, the rotated rope key, the kv_up weight) and
 returns the gradients of all of them:
 
-    single        one process, the whole machine (2 threads): ``MultiLatentAttention._expanded``'s
+    single        one process, the whole machine (2 threads): ``MLA's ExpandedAttention core``'s
                   computation on all ``--seq`` tokens (kv_up expansion, v zero-padded, fused SDPA,
                   is_causal). The peer.
     ring_latent   2 ranks x 1 thread, zig-zag halves: ``ring_attention_latent`` (latent + rope key
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from bench.common import machine, write_result
 from tests.parallel.harness import run_ranks
 from xoron_dist.parallel import ring_attention as ra
+from xoron_dist.parallel.sequence import zigzag_positions
 
 NOPE, ROPE, V_DIM, KV_RANK = 64, 32, 64, 256  # the full model's MLA head dims (heads: --heads)
 MIB = 2**20
@@ -75,7 +76,7 @@ def _expand(latent, weight, heads):
 
 
 def _single_step(x: dict[str, torch.Tensor], heads: int, scale: float) -> torch.Tensor:
-    """MultiLatentAttention._expanded on the full sequence; returns out (1, seq, h, v)."""
+    """MLA's ExpandedAttention core on the full sequence; returns out (1, seq, h, v)."""
     k_nope, v = _expand(x["latent"], x["kv_up_weight"], heads)
     k = torch.cat((k_nope, x["k_rope"][:, :, None].expand(-1, -1, heads, -1)), dim=-1)
     q = torch.cat((x["q_nope"], x["q_rope"]), dim=-1)
@@ -109,7 +110,7 @@ def _variant_body(variant: str, seq: int, heads: int, steps: int) -> dict:
     for t in x.values():
         t.requires_grad_()
     scale = (NOPE + ROPE) ** -0.5
-    positions = ra.zigzag_positions(seq, rank, sp)[None]
+    positions = zigzag_positions(seq, rank, sp)[None]
 
     def step() -> torch.Tensor:
         for t in x.values():
@@ -198,7 +199,7 @@ def main() -> None:
         "unit": "MiB",
         "ours": round(latent["peak_mib"], 1),
         "peer": round(single["peak_mib"], 1),
-        "peer_name": "single rank, full sequence, MultiLatentAttention._expanded's computation (fused SDPA)",
+        "peer_name": "single rank, full sequence, MLA's ExpandedAttention core's computation (fused SDPA)",
         "ratio": round(single["peak_mib"] / latent["peak_mib"], 3),
         "goal": round(1 / 0.6, 3),
         "machine": machine(),

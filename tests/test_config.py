@@ -14,7 +14,25 @@ def test_default_is_the_full_size_model_of_the_seed():
     assert llm.max_position_embeddings == 131_072 and llm.vocab_size == 151_643
     assert llm.rope.type == "yarn" and llm.rope.original_max_positions * llm.rope.factor == 131_072
     assert llm.padded_vocab_size == 151_936  # Qwen2.5's embedding rows
-    assert XoronConfig().model.vision.image_size == 384 and XoronConfig().model.audio.sample_rate == 16_000
+    assert XoronConfig().model.vision.image_size == 384
+
+
+def test_default_llm_follows_the_seeds_llm_page():
+    """docs/models/llm.md: MoE on every second layer (1, 3, ..., 11), FFN width 2048, kv_lora_rank 512,
+    no q low-rank, tied LM head, RoPE base 500,000 with YaRN from 8,192 to 131,072 positions."""
+    llm = XoronConfig().model.llm
+    assert llm.moe_layers == [1, 3, 5, 7, 9, 11] and llm.moe_layer_freq == 2 and llm.dense_layers == 0
+    assert llm.moe.expert_intermediate_size == llm.dense_intermediate_size == 2048
+    assert llm.kv_lora_rank == 512 and llm.q_lora_rank is None and llm.tie_word_embeddings
+    assert llm.rope.theta == 500_000 and llm.rope.original_max_positions == 8192 and llm.rope.factor == 16
+    assert llm.moe.router_score == "sigmoid" and not llm.moe.router_norm  # DeepSeek-V3's rule stays the default
+
+
+def test_moe_layer_freq_composes_with_dense_layers():
+    llm = load_config(None, ["model.llm.dense_layers=3", "model.llm.moe_layer_freq=2"]).llm
+    assert llm.moe_layers == [3, 5, 7, 9, 11]
+    assert load_config(None, ["model.llm.moe_layer_freq=1", "model.llm.dense_layers=2"]).llm.moe_layers == list(
+        range(2, 12))
 
 
 def test_tiny_preset_and_yaml_round_trip(tmp_path):

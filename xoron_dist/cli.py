@@ -38,21 +38,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Print the model's parameters per component; the model is built on the meta device."""
-    from xoron_dist.model.summary import build_on_meta, summarize
+    from xoron_dist.model.summary import build_on_meta, multimodal_parts, summarize
 
     cfg = load_config(args.config, args.overrides)
     llm = cfg.model.llm
     model = build_on_meta(llm)
     summary = summarize(model, llm)
+    moe = f"MoE on layers {', '.join(map(str, llm.moe_layers))}" if llm.moe_layers else "no MoE layer"
     print(f"Xoron LLM: {llm.num_layers} layers, hidden {llm.hidden_size}, {llm.num_heads} heads, "
-          f"{llm.moe.num_experts}+{llm.moe.num_shared_experts} experts (top-{llm.moe.top_k}), "
-          f"vocabulary {llm.vocab_size} (+{llm.special_token_slots} special, {llm.padded_vocab_size} rows)")
+          f"{llm.moe.num_experts}+{llm.moe.num_shared_experts} experts (top-{llm.moe.top_k}; {moe}), "
+          f"vocabulary {llm.vocab_size} (+{llm.special_token_slots} special, {llm.padded_vocab_size} rows)"
+          f"{', LM head tied to the embedding' if llm.tie_word_embeddings else ''}")
     print(summary.format())
-    built = {"vision": cfg.model.vision, "video": cfg.model.video, "audio": cfg.model.audio,
-             "image_gen": cfg.model.image_gen, "video_gen": cfg.model.video_gen}
-    enabled = [name for name, part in built.items() if part.enabled]
-    if enabled:
-        print(f"note: {', '.join(enabled)} enabled in the config but not built yet by this version of xoron_dist")
+    parts = multimodal_parts(cfg)
+    if parts:
+        width = max(len(name) for name, _ in parts)
+        print("\nmultimodal parts")
+        for name, count in parts:
+            print(f"{name:<{width}}  {count:>15,}")
+        print(f"{'total with the LLM':<{width}}  {summary.total + sum(c for _, c in parts):>15,}")
     return 0
 
 

@@ -94,6 +94,10 @@ class XoronTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` when the vocabulary holds it as one token (``<|im_start|>``), else None."""
+        return self.backend.token_to_id(token)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
 

@@ -99,11 +99,11 @@ def _check_batch(batch: PackedBatch, tok, seq_len, rows_by_id, layout):
             tensor = getattr(batch, f"{medium}s")[index]
             assert bool(getattr(batch, f"{medium}_is_target")[index]) == (kind in GENERATION_KINDS)
             if medium == "image":
-                assert n == layout.image_tokens and tensor.dtype == torch.uint8
+                assert n == layout.span_sizes["image"] and tensor.dtype == torch.uint8
                 assert tuple(tensor.shape) == (row["image_height"], row["image_width"], 3)
                 assert tensor.numpy().tobytes() == row["image"]
             elif medium == "video":
-                assert n == layout.video_tokens and tensor.dtype == torch.uint8
+                assert n == layout.span_sizes["video"] and tensor.dtype == torch.uint8
                 assert tuple(tensor.shape) == (row["video_frames"], row["video_height"], row["video_width"], 3)
                 assert tensor.numpy().tobytes() == row["video"]
             else:

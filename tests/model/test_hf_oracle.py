@@ -6,12 +6,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from xoron_dist.config import load_config  # noqa: E402
-from xoron_dist.model.hf_adapter import (  # noqa: E402
+from xoron_dist.model.llm import XoronLLM  # noqa: E402
+from xoron_dist.model.llm.hf import (  # noqa: E402
     from_hf_state_dict,
     hf_config_kwargs,
     to_hf_state_dict,
 )
-from xoron_dist.model.llm import XoronLLM  # noqa: E402
 
 
 def tiny_llm(*overrides: str):

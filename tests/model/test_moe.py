@@ -4,9 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from xoron_dist.config import MoEConfig, XoronConfig
-from xoron_dist.model.layers import LayerBuilder
-from xoron_dist.model.llm import XoronLLM
-from xoron_dist.model.moe import ExpertBiasRouter, MoEFeedForward, RoutedExperts
+from xoron_dist.model.common.moe import ExpertBiasRouter, MoEFeedForward, RoutedExperts, uncounted_routing
+from xoron_dist.model.llm import DecoderLayer, XoronLLM
+from xoron_dist.parallel.checkpointing import apply_activation_checkpointing
+from xoron_dist.train.expert_balance import ExpertBalancer
 
 
 def test_overloaded_expert_bias_goes_down():
@@ -49,7 +50,7 @@ def test_bias_never_changes_gradients():
 
     loss_a, grads_a = grads()
     with torch.no_grad():
-        for router in model.routers():
+        for router in ExpertBalancer(model).routers:
             router.expert_bias.add_(0.37)  # same shift for every expert: same top-k
     loss_b, grads_b = grads()
     assert torch.equal(loss_a, loss_b)
@@ -80,35 +81,103 @@ def test_expert_load_not_double_counted_with_activation_checkpointing():
     cfg = XoronConfig.preset("tiny").llm
     torch.manual_seed(0)
     model = XoronLLM(cfg)
+    balancer = ExpertBalancer(model)
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     model(ids, labels=ids).loss.backward()
-    plain = model.expert_load.clone()
-    model.expert_load.zero_()
-    model.activation_checkpointing = True
-    model(ids, labels=ids).loss.backward()
-    assert torch.equal(model.expert_load, plain)
+    plain = torch.stack(balancer.load).clone()
+    balancer.update(enabled=False)
+    assert apply_activation_checkpointing(model, (DecoderLayer,)) == cfg.num_layers
+    model(ids, labels=ids).loss.backward()  # backward recomputes every layer, routers included
+    assert torch.equal(torch.stack(balancer.load), plain)
+    assert torch.equal(torch.stack([r.load for r in balancer.routers]), 2 * plain)  # the recompute did count ...
+    model(ids, labels=ids)
+    assert torch.equal(torch.stack(balancer.load), 2 * plain)  # ... and the next forward cleared it first
     assert plain.sum().item() == cfg.num_layers * 2 * 16 * cfg.moe.top_k
+
+
+def test_balancer_counts_training_forwards_only_and_skips_uncounted_routing():
+    cfg = XoronConfig.preset("tiny").llm
+    torch.manual_seed(0)
+    model = XoronLLM(cfg)
+    balancer = ExpertBalancer(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        model(ids)
+    model.eval()
+    model(ids)
+    model.train()
+    assert all(load.sum() == 0 for load in balancer.load)
+    with uncounted_routing(model):
+        model.layers["0"].ffn(torch.randn(1, 5, cfg.hidden_size))
+    model(ids)
+    assert [load.sum().item() for load in balancer.load] == [2 * 16 * cfg.moe.top_k] * cfg.num_layers
+
+
+def test_checkpointing_every_second_block_and_equal_gradients():
+    cfg = XoronConfig.preset("tiny").llm
+    torch.manual_seed(0)
+    model = XoronLLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert apply_activation_checkpointing(model, (DecoderLayer,), every=2) == 1  # layer 0 of 2
+    model(ids, labels=ids).loss.backward()
+    for name, grad in plain.items():
+        assert torch.equal(model.get_parameter(name).grad, grad), name
 
 
 def test_bias_updates_even_out_a_skewed_load():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=8)
-    moe = MoEFeedForward(16, cfg, LayerBuilder())
+    moe = MoEFeedForward(16, cfg)
     torch.nn.init.normal_(moe.router.weight, std=0.02)
     with torch.no_grad():
         moe.router.weight[0] += 0.5  # expert 0 preferred by most tokens
     x = torch.randn(512, 16) + 1.0
 
-    def imbalance() -> float:
+    def routed_load():
+        moe.router.load.zero_()
         moe.router(x)
-        load = moe.router.last_load
+        return moe.router.load
+
+    def imbalance() -> float:
+        load = routed_load()
         return (load.max() / load.mean()).item()
 
     before = imbalance()
     for _ in range(300):
-        moe.router(x)
-        moe.router.update_bias(moe.router.last_load, rate=0.01)
+        moe.router.update_bias(routed_load(), rate=0.01)
     after = imbalance()
     assert before > 2.0
     assert after < 1.5 and after < before / 2, (before, after)
 
+
+
+def test_softmax_router_with_input_norm_is_the_seeds_router():
+    """``router_score: softmax`` + ``router_norm``: softmax over the experts of gate(RMSNorm(x)), top-k by
+    score + bias, the chosen scores normalised (the seed's AuxLosslessMoERouter, with our bias rule)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=6, top_k=2, router_score="softmax", router_norm=True)
+    router = ExpertBiasRouter(16, cfg)
+    torch.nn.init.normal_(router.weight)
+    torch.nn.init.normal_(router.input_norm.weight)
+    x = torch.randn(20, 16) * 3
+    chosen, weights = router(x)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * router.input_norm.weight
+    probs = (normed @ router.weight.T).softmax(-1)
+    top = probs.topk(2, dim=-1)
+    assert torch.equal(chosen.sort(-1).values, top.indices.sort(-1).values)
+    expected = top.values / top.values.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights.sort(-1).values, expected.sort(-1).values)
+
+
+def test_moe_every_second_layer_builds_dense_ffns_between():
+    cfg = XoronConfig.preset("tiny").llm
+    from dataclasses import replace
+
+    cfg = replace(cfg, num_layers=4, moe_layer_freq=2)
+    model = XoronLLM(cfg)
+    kinds = [type(layer.ffn).__name__ for layer in model.layers.values()]
+    assert kinds == ["SwiGLU", "MoEFeedForward", "SwiGLU", "MoEFeedForward"]
+    assert len(ExpertBalancer(model).routers) == 2

@@ -7,11 +7,12 @@ import torch
 from tests.model.test_xoron_multimodal import packed_batch, tiny_cfg
 from xoron_dist.config import FusionConfig, ProjectorConfig
 from xoron_dist.model.fusion import FusionLayers, MediaContext
+from xoron_dist.model.modalities import BY_NAME
 from xoron_dist.model.xoron import XoronMultimodalModel, fill_spans
 
 
 def test_resampler_emits_the_configured_tokens_and_ignores_padding():
-    from xoron_dist.model.projector import PerceiverResampler
+    from xoron_dist.model.common.perceiver import PerceiverResampler
 
     torch.manual_seed(0)
     proj = PerceiverResampler(in_dim=24, hidden=64, num_latents=5, cfg=ProjectorConfig(2, 4, 96))
@@ -51,8 +52,8 @@ def test_fusion_at_init_is_the_identity():
     batch = packed_batch()
     out = model(**batch)
     embeds = model.llm.embed_tokens(batch["input_ids"])
-    embeds = fill_spans(embeds, model.encode("image", batch["images"]), batch["image_spans"], "image")
-    embeds = fill_spans(embeds, model.encode("video", batch["videos"]), batch["video_spans"], "video")
+    embeds = fill_spans(embeds, model.encode("image", batch["images"]), batch["image_spans"], BY_NAME["image"])
+    embeds = fill_spans(embeds, model.encode("video", batch["videos"]), batch["video_spans"], BY_NAME["video"])
     ref = model.llm(inputs_embeds=embeds, labels=batch["labels"], position_ids=batch["position_ids"],
                     document_ids=batch["document_ids"])
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xoron_dist.model.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
+from xoron_dist.model.common.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
 
 
 def _scores(rope: AxialRoPE, q: torch.Tensor, k: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from xoron_dist.config import VisionConfig
-from xoron_dist.model.titok import TiTok, unpatchify
-from xoron_dist.model.vision import patchify
+from xoron_dist.model.vision.titok import TiTok, unpatchify
+from xoron_dist.model.vision.tower import patchify
 from xoron_dist.synth.scenes import render_scene, sample_scene
 
 # init_std 0.1 ~ 1/sqrt(width) at width 48: the full model's 0.02 is 1/sqrt(2500) and leaves a tiny ViT's

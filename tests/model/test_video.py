@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from xoron_dist.config import VideoConfig
-from xoron_dist.model.rope_nd import apply_axial_rope
+from xoron_dist.model.common.rope_nd import apply_axial_rope
 from xoron_dist.model.video import VideoEncoder, frames_to_patches
 
 CFG = VideoConfig(enabled=True, hidden_size=24, num_layers=2, num_heads=2, patch_size=4, min_frames=1, max_frames=8,
@@ -27,7 +27,7 @@ def test_3d_rope_scores_depend_only_on_relative_offsets(encoder):
     attn = encoder.layers[0].attn
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 18, CFG.hidden_size, generator=gen)
-    q, k = (proj(x).view(1, 18, attn.num_heads, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj))
+    q, k = (proj(x).view(1, 18, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj))
     coords = torch.randint(0, 6, (1, 18, 3), generator=gen)
 
     def scores(c):
@@ -104,13 +104,18 @@ def test_frames_are_subsampled_and_resized_into_the_configured_range():
 
 
 def test_expert_load_counts_real_tokens_and_balances_biases():
+    from xoron_dist.train.expert_balance import ExpertBalancer
+
     torch.manual_seed(0)
     enc = VideoEncoder(CFG).train()
+    balancer = ExpertBalancer(enc)
+    assert balancer.families == ["video"]
     enc([_video(3, 16, 12, seed=8), _video(2, 8, 8, seed=9)])  # 36 + 8 real tokens, padded to 36 each
-    assert enc.expert_load.sum(dim=1).tolist() == [44.0 * CFG.temporal_top_k] * CFG.num_layers
-    load = enc.update_expert_biases()
-    assert load.sum().item() == 44 * CFG.temporal_top_k * CFG.num_layers and enc.expert_load.sum().item() == 0
-    for router, layer_load in zip(enc.routers(), load, strict=True):
+    assert [load.sum().item() for load in balancer.load] == [44.0 * CFG.temporal_top_k] * CFG.num_layers
+    load = balancer.update()["video"]  # at the encoder's own rate (model.video.bias_update_rate)
+    assert load.sum().item() == 44 * CFG.temporal_top_k * CFG.num_layers
+    assert all(total.sum().item() == 0 for total in balancer.load)
+    for router, layer_load in zip(balancer.routers, load, strict=True):
         busiest, idlest = int(layer_load.argmax()), int(layer_load.argmin())
         if layer_load[busiest] > layer_load[idlest]:
             assert router.expert_bias[busiest] < router.expert_bias[idlest]

@@ -10,14 +10,9 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from tests.parallel.harness import run_ranks
 from xoron_dist.config import VisionConfig, load_config
-from xoron_dist.model.layers import tp_slice
-from xoron_dist.model.vision import (
-    SiglipImportError,
-    VisionTower,
-    load_siglip_vision,
-    patch_grid,
-    prepare_images,
-)
+from xoron_dist.model.vision import SiglipImportError, VisionTower, load_siglip_vision, prepare_images
+from xoron_dist.model.vision.tower import patch_grid
+from xoron_dist.parallel.tensor import tp_slice
 
 # image_size 30 with patch 7: a 4x4 grid and a 2-pixel remainder SigLIP's conv drops (like 384/14).
 HF_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=30,
@@ -90,7 +85,7 @@ def test_siglip_import_errors() -> None:
     with pytest.raises(SiglipImportError) as err:
         load_siglip_vision(broken, cfg)
     message = str(err.value)
-    assert "encoder.layers.1.patch.mlp.fc1.layer.weight" in message
+    assert "encoder.layers.1.patch.mlp.fc1.weight" in message
     assert "encoder.layers.9.self_attn.q_proj.weight" in message
     with pytest.raises(SiglipImportError, match="cfg"):
         load_siglip_vision(state)
@@ -151,17 +146,21 @@ def test_rope_makes_features_translation_equivariant() -> None:
 
 
 def test_activation_checkpointing_same_gradients() -> None:
+    from xoron_dist.model.vision.tower import VisionBlock
+    from xoron_dist.parallel.checkpointing import apply_activation_checkpointing, is_checkpointed
+
     torch.manual_seed(0)
     tower = VisionTower(replace(TINY, latent_tokens=2, dual_stream=True))
     images = _images((16, 40), (32, 28))
     grads = []
     for on in (False, True):
         tower.zero_grad()
-        tower.activation_checkpointing = on
+        if on:
+            assert apply_activation_checkpointing(tower, (VisionBlock,)) == TINY.num_layers
         out = tower(images)
         (out.features.sum() + out.latents.sum()).backward()
         grads.append({n: p.grad.clone() for n, p in tower.named_parameters()})
-    assert tower.encoder.activation_checkpointing
+    assert all(is_checkpointed(block) for block in tower.encoder.layers)
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
 
@@ -183,28 +182,27 @@ def _tp_step(tower: VisionTower, images, weights: torch.Tensor):
     return out.features.detach(), grads
 
 
-def _tp_builder():
+def _tensor_parallel(tower: VisionTower) -> VisionTower:
+    """``tower`` split over TP=2 by the vision sharding plan (the groups are created here)."""
+    from xoron_dist.model.vision.sharding import tensor_plan
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.tensor import layer_builder
+    from xoron_dist.parallel.tensor import apply_tensor_parallel
 
-    cfg = load_config(None, ["preset=tiny", "parallel.tp=2"])
-    state.initialize(cfg, allow_unbuilt=True)
-    return layer_builder(cfg)
+    ctx = state.initialize(load_config(None, ["preset=tiny", "parallel.tp=2"]))
+    apply_tensor_parallel(tower, tensor_plan(tower.cfg), ctx.rank, 2)
+    return tower
 
 
 def _tp_body(variant, full_state, images, weights):
-    builder = _tp_builder()
     torch.manual_seed(0)
-    tower = VisionTower(replace(TINY, **TP_VARIANTS[variant]), builder)
+    tower = _tensor_parallel(VisionTower(replace(TINY, **TP_VARIANTS[variant])))
+    rank = torch.distributed.get_rank()
     same_init = True
-    own = tower.state_dict()
     for name, param in tower.named_parameters():
         full = full_state[name]
         if getattr(param, "tensor_model_parallel", False):
-            full = tp_slice(full, param.partition_dim, param.partition_stride, builder.tp_rank, builder.tp_size)
+            full = tp_slice(full, param.partition_dim, param.partition_stride, rank, 2)
         same_init &= torch.equal(param.detach(), full)
-        own[name] = full
-    tower.load_state_dict(own)
     features, grads = _tp_step(tower, images, weights)
     meta = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0),
                 getattr(p, "partition_stride", 1)) for n, p in tower.named_parameters()}
@@ -237,7 +235,7 @@ def test_tp2_equals_single_rank(variant) -> None:
 def _tp_import_body(hf_state, pixels):
     cfg = replace(SIGLIP_MODE, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=30,
                   patch_size=7)
-    tower = load_siglip_vision(hf_state, cfg, _tp_builder()).eval()
+    tower = _tensor_parallel(load_siglip_vision(hf_state, cfg)).eval()
     with torch.no_grad():
         return tower(pixels).features
 

@@ -117,14 +117,19 @@ def test_generation_targets_are_skipped_and_mismatched_spans_refused():
 
 
 def test_every_parameter_gets_a_gradient_even_without_media():
+    from xoron_dist.train.expert_balance import ExpertBalancer
+
     torch.manual_seed(0)
     model = XoronMultimodalModel(tiny_cfg())
+    balancer = ExpertBalancer(model)
     batch = packed_batch()
     model(batch["input_ids"], labels=batch["labels"], document_ids=batch["document_ids"]).loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing
     assert all(float(p.grad.abs().sum()) == 0 for n, p in model.named_parameters() if n.startswith(("vision", "video")))
-    assert float(model.video.expert_load.sum()) == 0  # the dummy video's routing is not expert load
+    video = balancer.of_family("video")
+    assert video and all(float(balancer.load[i].sum()) == 0 for i in video)  # the dummy's routing is not load
+    assert all(float(balancer.load[i].sum()) > 0 for i in balancer.of_family("llm"))
     with torch.no_grad():  # nothing to keep in a graph: no dummies, and the output is the LLM's
         text = model(batch["input_ids"], document_ids=batch["document_ids"]).logits
     assert torch.equal(text, model.llm(batch["input_ids"], document_ids=batch["document_ids"]).logits)
@@ -171,8 +176,8 @@ def _engine_step(model, cfg, batch, dp_size, dp_group):
     import deepspeed
 
     from xoron_dist.parallel import state
+    from xoron_dist.train.build import parameter_groups
     from xoron_dist.train.ds_config import build_ds_config
-    from xoron_dist.train.trainer import parameter_groups
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0),
                                       config=build_ds_config(cfg, dp_size, torch.float32, "cpu"),
@@ -286,12 +291,12 @@ def test_captioning_loss_falls_well_below_the_blank_image_baseline():
 def _tp_body(full_state):
     from tests.parallel.test_tensor_parallel import load_sharded
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.tensor import layer_builder
+    from xoron_dist.parallel.parallelize import parallelize
 
     cfg = tiny_cfg("parallel.tp=2")
-    state.initialize(cfg, allow_unbuilt=True)
+    state.initialize(cfg)
     torch.manual_seed(0)
-    model = XoronMultimodalModel(cfg, layer_builder(cfg))
+    model = parallelize(XoronMultimodalModel(cfg), cfg).model
     load_sharded(model, full_state)
     out = model(**packed_batch())
     out.loss.backward()
@@ -303,7 +308,7 @@ def _tp_body(full_state):
 @pytest.mark.multirank
 def test_tensor_parallel_multimodal_step_equals_single_rank():
     """Every tower, projector and fusion layer split over TP=2 gives the single-rank loss and gradients."""
-    from xoron_dist.model.layers import tp_slice
+    from xoron_dist.parallel.tensor import tp_slice
 
     torch.manual_seed(0)
     model = XoronMultimodalModel(tiny_cfg())

@@ -15,8 +15,8 @@ import torch
 
 from tests.parallel.harness import run_ranks
 from xoron_dist.config import load_config
-from xoron_dist.model.layers import tp_slice
 from xoron_dist.model.llm import XoronLLM
+from xoron_dist.parallel.tensor import tp_slice
 
 BASE = ["preset=tiny", "model.llm.pad_vocab_multiple=32", "train.seq_len=32"]
 ROWS_PER_RANK = 2
@@ -39,9 +39,13 @@ def _batches(cfg, rows, n=3):
 
 
 def _skew(model):
-    for router in model.routers():
+    from xoron_dist.train.expert_balance import ExpertBalancer
+
+    balancer = ExpertBalancer(model)
+    for router in balancer.routers:
         for expert, bias in SKEW.items():
             router.expert_bias[expert] = bias
+    return balancer
 
 
 def _is_expert(name: str) -> bool:
@@ -63,28 +67,27 @@ def _ep_body(overrides, world, full_state, batches):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from tests.parallel.test_tensor_parallel import tensor_parallel_llm
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.tensor import layer_builder
 
     cfg = _cfg(*overrides)
     state.initialize(cfg)
-    torch.manual_seed(0)
-    model = XoronLLM(cfg.llm, layer_builder(cfg))
-    b = model.builder
-    experts = model.layers[-1].ffn.experts
-    first, eb = experts.first_expert, experts.builder  # eb: TP split of the experts (none if kept whole)
-    same_init = all(torch.equal(p, _expert_ref(n, full_state, first, eb.tp_rank, eb.tp_size))
+    model = tensor_parallel_llm(cfg)
+    tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+    experts = model.layers[str(cfg.llm.num_layers - 1)].ffn.experts
+    first = experts.first_expert
+    eb = tp if cfg.parallel.tp_experts else (0, 1)  # TP split of the experts (none if kept whole)
+    same_init = all(torch.equal(p, _expert_ref(n, full_state, first, *eb))
                     for n, p in model.named_parameters() if _is_expert(n))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if _is_expert(name):
-                param.copy_(_expert_ref(name, full_state, first, eb.tp_rank, eb.tp_size))
+                param.copy_(_expert_ref(name, full_state, first, *eb))
             elif getattr(param, "tensor_model_parallel", False):
-                param.copy_(tp_slice(full_state[name], param.partition_dim, param.partition_stride,
-                                     b.tp_rank, b.tp_size))
+                param.copy_(tp_slice(full_state[name], param.partition_dim, param.partition_stride, *tp))
             else:
                 param.copy_(full_state[name])
-    _skew(model)
+    balancer = _skew(model)
 
     dp_rank = ps.get_data_parallel_rank()
     total_tokens = [int((labels != -100).sum()) for _, labels in batches]
@@ -94,7 +97,7 @@ def _ep_body(overrides, world, full_state, batches):
         rows = slice(dp_rank * ROWS_PER_RANK, (dp_rank + 1) * ROWS_PER_RANK)
         opt.zero_grad()
         out = model(ids[rows], labels=labels[rows])
-        local_load = model.expert_load.clone()  # this rank's own tokens per expert
+        local_load = torch.stack(balancer.load).clone()  # this rank's own tokens per expert
         loss = out.loss * out.num_tokens / tokens  # this rank's share of the global token mean
         loss.backward()
         for name, p in model.named_parameters():
@@ -106,19 +109,19 @@ def _ep_body(overrides, world, full_state, batches):
             first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(summed.item())
-        loads.append(model.update_expert_biases(ps.get_data_parallel_group()))
+        loads.append(balancer.update(ps.get_data_parallel_group())["llm"])
     meta = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0),
                 getattr(p, "partition_stride", 1)) for n, p in model.named_parameters() if not _is_expert(n)}
     return {"losses": losses, "grads": first_grads, "meta": meta, "same_init": same_init, "first": first,
-            "tp": (b.tp_rank, b.tp_size), "expert_tp": (eb.tp_rank, eb.tp_size), "loads": loads,
-            "biases": torch.stack([r.expert_bias for r in model.routers()]), "local_load": local_load}
+            "tp": tp, "expert_tp": eb, "loads": loads,
+            "biases": torch.stack(balancer.biases()), "local_load": local_load}
 
 
 def _single(cfg, batches):
     torch.manual_seed(0)
     model = XoronLLM(cfg.llm)
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
-    _skew(model)
+    balancer = _skew(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, grads, loads = [], None, []
     for ids, labels in batches:
@@ -129,7 +132,7 @@ def _single(cfg, batches):
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
-        loads.append(model.update_expert_biases())
+        loads.append(balancer.update()["llm"])
     return full_state, losses, grads, loads
 
 
@@ -194,14 +197,17 @@ def _routing(seed):
 
 
 def _capacity_body(capacity_factor, xs, chosen, weights, gate_up, down):
+    from xoron_dist.model.common.moe import RoutedExperts
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.experts import build_expert_parallel_experts
-    from xoron_dist.parallel.tensor import layer_builder
+    from xoron_dist.parallel.experts import build_expert_parallel_experts, expert_split
 
     cfg = _cfg("parallel.ep=2", f"parallel.expert_capacity_factor={capacity_factor}")
     ctx = state.initialize(cfg)
-    experts = build_expert_parallel_experts(E, H, FFN, layer_builder(cfg))
-    experts.load_full(gate_up, down)
+    stacked = RoutedExperts(E, H, FFN)
+    with torch.no_grad():
+        stacked.gate_up.copy_(gate_up)
+        stacked.down.copy_(down)
+    experts = build_expert_parallel_experts(stacked, expert_split(cfg))
     x = xs[ctx.dp_rank].clone().requires_grad_()
     out = experts(x, chosen[ctx.dp_rank], weights[ctx.dp_rank])
     out.square().sum().backward()
@@ -212,7 +218,7 @@ def _capacity_body(capacity_factor, xs, chosen, weights, gate_up, down):
 def _capacity_reference(capacity, xs, chosen, weights, gate_up, down):
     """Single process: each rank's choices beyond ``capacity`` rows per expert (later tokens first) get
     weight 0, then the plain stacked experts run every rank's tokens."""
-    from xoron_dist.model.moe import RoutedExperts
+    from xoron_dist.model.common.moe import RoutedExperts
 
     experts = RoutedExperts(E, H, FFN)
     with torch.no_grad():

@@ -19,9 +19,9 @@ def _cfg(*overrides: str):
     return load_config(None, ["preset=tiny", *overrides])  # tiny: 4 heads, 2 layers, 8 experts, seq 128
 
 
-def _error(world: int, *overrides: str, allow_unbuilt: bool = True) -> str:
+def _error(world: int, *overrides: str) -> str:
     with pytest.raises(LayoutError) as err:
-        validate_layout(_cfg(*overrides), world, allow_unbuilt=allow_unbuilt)
+        validate_layout(_cfg(*overrides), world)
     return str(err.value)
 
 
@@ -34,10 +34,10 @@ def test_single_rank_default_layout():
 
 
 def test_valid_eight_rank_layout_computes_dp():
-    layout = validate_layout(_cfg("parallel.tp=2", "parallel.pp=2", "parallel.ep=2"), 8, allow_unbuilt=True)
+    layout = validate_layout(_cfg("parallel.tp=2", "parallel.pp=2", "parallel.ep=2"), 8)
     assert (layout.dp, layout.tp, layout.pp, layout.sp, layout.ep) == (2, 2, 2, 1, 2)
     assert layout.expert_dp == 1
-    layout = validate_layout(_cfg("parallel.sp=2", "parallel.ep=4"), 8, allow_unbuilt=True)
+    layout = validate_layout(_cfg("parallel.sp=2", "parallel.ep=4"), 8)
     assert (layout.dp, layout.expert_dp) == (4, 2)
     assert validate_layout(_cfg("parallel.zero_stage=3"), 8).dp == 8
 
@@ -73,42 +73,41 @@ def test_stage_seq_len_is_checked_too():
     cfg = load_config(None, ["preset=tiny", "parallel.sp=2"])
     cfg.stages = [type(cfg).from_dict({"stages": [{"name": "long", "seq_len": 1030}]}).stages[0]]
     with pytest.raises(LayoutError, match=r"stages\[0\].seq_len \(long\) = 1030"):
-        validate_layout(cfg, 2, allow_unbuilt=True)
+        validate_layout(cfg, 2)
 
 
 def test_all_problems_reported_at_once():
-    message = _error(6, "parallel.tp=3", "parallel.ep=3", allow_unbuilt=False)
+    message = _error(6, "parallel.tp=3", "parallel.ep=3")
     # heads, FFN dims, experts, ep vs dp*sp = 2
     assert message.count("\n  - ") == 4
     assert message.startswith("parallel layout (tp=3, pp=1, sp=1, ep=3, zero_stage=1) does not fit a world of 6")
 
 
 def test_pipeline_parallel_is_built_and_splits_unevenly():
-    layout = validate_layout(_cfg("parallel.pp=2", "parallel.tp=2"), 8)  # no allow_unbuilt needed
+    layout = validate_layout(_cfg("parallel.pp=2", "parallel.tp=2"), 8)
     assert (layout.dp, layout.tp, layout.pp) == (2, 2, 2)
     assert validate_layout(_cfg("parallel.pp=2", "model.llm.num_layers=3"), 2).pp == 2  # 3 layers on 2 stages
 
 
-def test_allow_unbuilt_still_checks_arithmetic():
+def test_arithmetic_problems_name_the_product():
     message = _error(4, "parallel.tp=3")
-    assert "not divisible by tp*pp*sp = 3" in message and "issue #4" not in message
+    assert "not divisible by tp*pp*sp = 3" in message
 
 
-def test_compatibility_table_lists_every_dimension_rule_and_refusal():
+def test_compatibility_table_lists_every_dimension_and_rule():
     table = compatibility_markdown()
     lines = table.strip().splitlines()
     assert lines[0].startswith("| Dimension |") and len(lines) == 2 + len(SUPPORTED)
     for dim in SUPPORTED:
-        assert dim.title in table
-        if not dim.built:
-            assert dim.refusal in table and f"issue #{dim.issue}" in table
+        assert dim.title in table and dim.engine in table
     for rule in RULES:
         assert rule.requirement in table
-    # every refusal validate_layout can raise is documented in the table
-    for dim in SUPPORTED:
-        if not dim.built:
-            refusal = _error(2, f"parallel.{dim.key}=2", allow_unbuilt=False).split(": ", 1)[1]
-            assert refusal.split(";")[0] in table
+
+
+def test_encoder_heads_must_divide_over_tp():
+    message = _error(2, "parallel.tp=2", "data.source=arrow", "data.path=x", "model.vision.enabled=true",
+                     "model.vision.num_heads=3", "model.vision.hidden_size=48", "model.fusion.layers=[0]")
+    assert "model.vision.num_heads = 3 is not divisible by parallel.tp = 2" in message
 
 
 def test_tensor_parallel_rules():
@@ -116,13 +115,13 @@ def test_tensor_parallel_rules():
         3, "parallel.tp=3", "model.llm.num_heads=3", "model.llm.moe.num_shared_experts=0")
     assert "tp_experts=false keeps routed experts whole" in _error(
         3, "parallel.tp=3", "model.llm.num_heads=3", "model.llm.moe.num_shared_experts=0")
-    validate_layout(_cfg("parallel.tp=2"), 2)  # built: accepted without allow_unbuilt
-    message = _error(2, "parallel.tp=2", "parallel.sequence_parallel=true", allow_unbuilt=False)
+    validate_layout(_cfg("parallel.tp=2"), 2)
+    message = _error(2, "parallel.tp=2", "parallel.sequence_parallel=true")
     assert "parallel.sequence_parallel = true" in message and "not built yet" in message
 
 
 def test_expert_parallel_layouts_are_accepted():
-    assert validate_layout(_cfg("parallel.ep=2", "parallel.zero_stage=3"), 2).ep == 2  # built: no allow_unbuilt
+    assert validate_layout(_cfg("parallel.ep=2", "parallel.zero_stage=3"), 2).ep == 2
     assert validate_layout(_cfg("parallel.ep=2", "parallel.tp=2"), 4).expert_dp == 1
     assert validate_layout(_cfg("parallel.ep=2", "parallel.sp=2"), 2).dp == 1  # experts over sequence ranks
     assert validate_layout(_cfg("parallel.ep=2", "parallel.sp=2", "parallel.zero_stage=3"), 4).expert_dp == 2

@@ -17,13 +17,9 @@ from tests.parallel.harness import run_ranks
 from xoron_dist.config import load_config
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.parallel.layout import LayoutError
-from xoron_dist.parallel.pipeline import (
-    PipelineStage,
-    StageCosts,
-    measured_costs,
-    parameter_costs,
-    partition_layers,
-)
+from xoron_dist.parallel.pipeline.partition import StageCosts, partition_layers
+from xoron_dist.parallel.pipeline.split import measured_costs, parameter_costs, prune_to_stage
+from xoron_dist.train.expert_balance import ExpertBalancer
 
 BASE = ["preset=tiny", "model.llm.num_layers=4", "model.llm.dense_layers=1"]
 
@@ -83,7 +79,8 @@ def test_parameter_and_measured_costs_cover_every_layer():
     assert params.last == model.norm.weight.numel() + model.lm_head.weight.numel()
     timed = measured_costs(model, micro_batch_size=1, seq_len=16, repeats=1)
     assert len(timed.layers) == 4 and all(t > 0 for t in timed.layers) and timed.last > 0
-    assert all(p.grad is None for p in model.parameters()) and model.expert_load.sum() == 0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(r.load.sum() == 0 for r in ExpertBalancer(model).routers)  # the random tokens are not load
 
 
 # --------------------------------------------------------------------------- stage modules
@@ -97,24 +94,36 @@ def _batch(cfg, seed=5):
     return ids[:, :-1], labels
 
 
+def _stages(cfg, pp):
+    """The single-rank model's ``pp`` stages: each the model (same seed) pruned to its part."""
+    torch.manual_seed(0)
+    partition = partition_layers(parameter_costs(XoronLLM(cfg)), pp)
+    stages = []
+    for s in range(pp):
+        torch.manual_seed(0)
+        stage = XoronLLM(cfg)
+        prune_to_stage(stage, partition, s)
+        stages.append(stage)
+    return stages
+
+
 @pytest.mark.parametrize("pp", [2, 3])
 def test_stage_chain_equals_the_single_rank_model(pp):
     cfg = _llm_cfg()
     torch.manual_seed(0)
     full = XoronLLM(cfg)
-    torch.manual_seed(0)
-    donor = XoronLLM(cfg)  # the same weights, cut into stages
-    partition = partition_layers(parameter_costs(donor), pp)
-    stages = [PipelineStage(donor, partition, s) for s in range(pp)]
+    full_balancer = ExpertBalancer(full)
+    stages = _stages(cfg, pp)
+    balancers = [ExpertBalancer(stage) for stage in stages]
     ids, labels = _batch(cfg)
 
     expected = full(ids, labels=labels)
     expected.loss.backward()
-    x = ids
-    for stage in stages[:-1]:
-        x = stage(x)
+    x = stages[0](ids).hidden
+    for stage in stages[1:-1]:
         assert x.shape == (2, 16, cfg.hidden_size)
-    out = stages[-1](x, labels=labels)
+        x = stage(inputs_embeds=x).hidden
+    out = stages[-1](inputs_embeds=x, labels=labels)
     out.loss.backward()
 
     assert out.num_tokens == expected.num_tokens
@@ -126,25 +135,29 @@ def test_stage_chain_equals_the_single_rank_model(pp):
         for name, param in stage.named_parameters():
             torch.testing.assert_close(param.grad, reference[name].grad, rtol=0, atol=0, msg=name)
     # each stage counts the expert load of its own MoE layers; together they are the model's
-    assert [i for s in stages for i in s.moe_layer_ids] == full.moe_layer_ids
-    torch.testing.assert_close(torch.cat([s.expert_load for s in stages]), full.expert_load)
-    loads = torch.cat([s.update_expert_biases() for s in stages])
-    torch.testing.assert_close(loads, full.update_expert_biases())
-    for a, b in zip([r for s in stages for r in s.routers()], full.routers(), strict=True):
+    assert [i for b in balancers for i in b.layer_ids()] == full_balancer.layer_ids()
+    torch.testing.assert_close(torch.cat([torch.stack(b.load) for b in balancers]), torch.stack(full_balancer.load))
+    loads = torch.cat([b.update()["llm"] for b in balancers])
+    torch.testing.assert_close(loads, full_balancer.update()["llm"])
+    for a, b in zip([r for bal in balancers for r in bal.routers], full_balancer.routers, strict=True):
         torch.testing.assert_close(a.expert_bias, b.expert_bias)
 
 
 def test_stage_with_activation_checkpointing_counts_tokens_once():
+    from xoron_dist.model.llm import DecoderLayer
+    from xoron_dist.parallel.checkpointing import apply_activation_checkpointing
+
     cfg = _llm_cfg()
-    torch.manual_seed(0)
-    model = XoronLLM(cfg)
-    model.activation_checkpointing = True
-    stage = PipelineStage(model, partition_layers(parameter_costs(model), 2), 1)
+    stage = _stages(cfg, 2)[1]
+    assert apply_activation_checkpointing(stage, (DecoderLayer,)) == len(stage.layers)
+    balancer = ExpertBalancer(stage)
     hidden = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
-    stage(hidden, labels=_batch(cfg)[1]).loss.backward()
+    stage(inputs_embeds=hidden, labels=_batch(cfg)[1]).loss.backward()
     routed = cfg.moe.top_k * 2 * 16
-    assert stage.expert_load.sum(dim=1).tolist() == [routed] * len(stage.moe_layer_ids)
+    assert [load.sum().item() for load in balancer.load] == [routed] * len(balancer.routers)
     assert hidden.grad is not None
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        stage(_batch(cfg)[0])  # a later stage has no embedding
 
 
 # --------------------------------------------------------------------------- refused layouts
@@ -182,35 +195,33 @@ def test_refused_pipeline_layouts_fail_before_any_process_group(overrides, fragm
 # --------------------------------------------------------------------------- the 1F1B schedule
 
 
-class _Batch:
-    def __init__(self, ids, labels):
-        self.input_ids, self.labels, self.position_ids, self.document_ids = ids, labels, None, None
-
-
 def _schedule_body(micro: int) -> dict:
     """Every rank: one 1F1B step of ``micro`` micro-batches through its stage's ZeRO-1 engine (SGD,
     lr 1), against the single-rank model's gradient on the same micro-batches, computed locally."""
     import deepspeed
 
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.pipeline import build_stage, train_step_1f1b
+    from xoron_dist.parallel.parallelize import parallelize
+    from xoron_dist.parallel.pipeline.schedule import train_step_1f1b
 
     cfg = load_config(None, [*BASE, "model.llm.num_layers=3", "parallel.pp=3"])
     state.initialize(cfg)
     torch.manual_seed(0)
     reference = XoronLLM(cfg.llm)
     torch.manual_seed(0)
-    stage = build_stage(XoronLLM(cfg.llm))
+    parallel = parallelize(XoronLLM(cfg.llm), cfg)
+    stage = parallel.model
     before = {name: p.detach().clone() for name, p in stage.named_parameters()}
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=stage, optimizer=torch.optim.SGD(stage.parameters(), lr=1.0),
                                       config=config, mpu=state.mpu())
-    batches = [_Batch(*_batch(cfg.llm, seed=10 + i)) for i in range(micro)]
-    tokens = sum(int((b.labels != -100).sum()) for b in batches)
-    loss_sum = train_step_1f1b(engine, stage, batches, scale=micro / tokens)
+    batches = [dict(zip(("input_ids", "labels"), _batch(cfg.llm, seed=10 + i), strict=True)) for i in range(micro)]
+    tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    loss_sum = train_step_1f1b(engine, parallel.stage, batches, scale=micro / tokens)
 
-    expected_sum = sum(reference(b.input_ids, labels=b.labels).loss * (b.labels != -100).sum() for b in batches)
+    expected_sum = sum(reference(b["input_ids"], labels=b["labels"]).loss * (b["labels"] != -100).sum()
+                       for b in batches)
     (expected_sum / tokens).backward()
     grads = dict(reference.named_parameters())
     errors = {name: float((before[name] - p.detach() - grads[name].grad).abs().max())

@@ -18,14 +18,8 @@ import torch.nn.functional as F
 
 from tests.parallel.harness import run_ranks
 from xoron_dist.parallel import ring_attention as ra
-from xoron_dist.parallel.ring_attention import (
-    RingLayoutError,
-    ring_attention,
-    ring_attention_latent,
-    zigzag_gather,
-    zigzag_positions,
-    zigzag_split,
-)
+from xoron_dist.parallel.ring_attention import RingLayoutError, ring_attention, ring_attention_latent
+from xoron_dist.parallel.sequence import zigzag_gather, zigzag_positions, zigzag_split
 
 pytestmark = pytest.mark.multirank
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.parallel.harness import run_ranks
-from tests.parallel.test_tensor_parallel import _cfg, load_sharded
-from xoron_dist.model.layers import tp_slice
+from tests.parallel.test_tensor_parallel import _cfg, load_sharded, tensor_parallel_llm
 from xoron_dist.model.llm import XoronLLM
+from xoron_dist.parallel.tensor import tp_slice
 
 
 def _batch(cfg, packed: bool):
@@ -30,7 +30,9 @@ def _batch(cfg, packed: bool):
 
 
 def _loss_and_grads(model, batch, split=None):
-    from xoron_dist.parallel.ring_attention import zigzag_split
+    from megatron.core import parallel_state as ps
+
+    from xoron_dist.parallel.sequence import zigzag_split
 
     ids, labels, positions, documents = batch
     if split is not None:
@@ -41,14 +43,14 @@ def _loss_and_grads(model, batch, split=None):
     total = torch.tensor([float(out.num_tokens)])
     local_sum = out.loss * out.num_tokens
     if split is not None:
-        torch.distributed.all_reduce(total, group=model.builder.sequence.group)
+        torch.distributed.all_reduce(total, group=ps.get_context_parallel_group())
     (local_sum / total).backward()
     loss = local_sum.detach().clone()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     if split is not None:
-        torch.distributed.all_reduce(loss, group=model.builder.sequence.group)
+        torch.distributed.all_reduce(loss, group=ps.get_context_parallel_group())
         for grad in grads.values():
-            torch.distributed.all_reduce(grad, group=model.builder.sequence.group)
+            torch.distributed.all_reduce(grad, group=ps.get_context_parallel_group())
     return (loss / total).item(), grads
 
 
@@ -71,11 +73,10 @@ def _sp_body(overrides, packed, full_state):
     from megatron.core import parallel_state as ps
 
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.tensor import layer_builder
 
     cfg = _cfg(*overrides)
-    state.initialize(cfg, allow_unbuilt=True)
-    model = XoronLLM(cfg.llm, layer_builder(cfg))
+    state.initialize(cfg)
+    model = tensor_parallel_llm(cfg)
     load_sharded(model, full_state)
     split = (ps.get_context_parallel_rank(), ps.get_context_parallel_world_size())
     loss, grads = _loss_and_grads(model, _batch(cfg, packed), split)
@@ -83,8 +84,8 @@ def _sp_body(overrides, packed, full_state):
                 getattr(p, "partition_stride", 1)) for n, p in model.named_parameters()}
     model.zero_grad()
     losses = _sgd_losses(model, cfg, packed, split)
-    return {"loss": loss, "grads": grads, "meta": meta, "tp_rank": model.builder.tp_rank,
-            "tp": model.builder.tp_size, "sgd": losses}
+    return {"loss": loss, "grads": grads, "meta": meta, "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "tp": ps.get_tensor_model_parallel_world_size(), "sgd": losses}
 
 
 @pytest.mark.multirank

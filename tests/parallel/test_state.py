@@ -96,7 +96,7 @@ def _tp2_body() -> dict:
 
     from xoron_dist.parallel import state
 
-    ctx = state.initialize(_cfg("parallel.tp=2"), allow_unbuilt=True)
+    ctx = state.initialize(_cfg("parallel.tp=2"))
     mpu = state.mpu()
     out = {
         "layout": (ctx.layout.dp, ctx.layout.tp),
@@ -129,7 +129,7 @@ def _sp_ep_body() -> dict:
 
     from xoron_dist.parallel import state
 
-    ctx = state.initialize(_cfg("parallel.sp=2", "parallel.ep=2"), allow_unbuilt=True)
+    ctx = state.initialize(_cfg("parallel.sp=2", "parallel.ep=2"))
     mpu = state.mpu()
     out = {
         "cp": _group_ranks(ps.get_context_parallel_group()),
@@ -163,7 +163,7 @@ def _pp_body() -> dict:
 
     from xoron_dist.parallel import state
 
-    state.initialize(_cfg("parallel.pp=2"), allow_unbuilt=True)
+    state.initialize(_cfg("parallel.pp=2"))
     mpu = state.mpu()
     out = {
         "pp": (mpu.get_pipe_parallel_rank(), mpu.get_pipe_parallel_world_size(),
@@ -188,7 +188,7 @@ def _invalid_layout_body() -> tuple[str, bool]:
     from xoron_dist.parallel import state
 
     try:
-        state.initialize(_cfg("parallel.tp=3"), allow_unbuilt=True)
+        state.initialize(_cfg("parallel.tp=3"))
     except LayoutError as err:
         return str(err), dist.is_initialized()
     raise AssertionError("initialize accepted tp=3 on 2 ranks")

@@ -10,8 +10,8 @@ import torch
 
 from tests.parallel.harness import run_ranks
 from xoron_dist.config import load_config
-from xoron_dist.model.layers import tp_slice
 from xoron_dist.model.llm import XoronLLM
+from xoron_dist.parallel.tensor import tp_slice
 
 BASE = ["preset=tiny", "model.llm.pad_vocab_multiple=32", "train.seq_len=32"]
 
@@ -48,37 +48,46 @@ def _train(model, cfg, optimizer_name):
 
 def load_sharded(model, full_state):
     """Copy a single-rank state dict into a (possibly TP-split, vocab-padded) model."""
-    builder = model.builder
+    from megatron.core import parallel_state as ps
+
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     own = model.state_dict()
     for name, param in model.named_parameters():
         full = full_state[name]
         if getattr(param, "tensor_model_parallel", False):
             dim, stride = param.partition_dim, param.partition_stride
-            rows = param.shape[dim] * builder.tp_size
+            rows = param.shape[dim] * size
             if full.shape[dim] < rows:  # vocabulary padded for TP: extra rows are never used
                 pad = list(full.shape)
                 pad[dim] = rows - full.shape[dim]
                 full = torch.cat([full, torch.zeros(pad)], dim=dim)
-            full = tp_slice(full, dim, stride, builder.tp_rank, builder.tp_size)
+            full = tp_slice(full, dim, stride, rank, size)
         own[name] = full
     model.load_state_dict(own)
 
 
+def tensor_parallel_llm(cfg):
+    """The tiny LLM built from seed 0 on one rank and split by ``parallelize`` (groups must exist)."""
+    from xoron_dist.parallel.parallelize import parallelize
+
+    torch.manual_seed(0)
+    return parallelize(XoronLLM(cfg.llm), cfg).model
+
+
 def _tp_body(overrides, optimizer_name, full_state):
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.tensor import layer_builder
 
     cfg = _cfg("parallel.tp=2", *overrides)
-    state.initialize(cfg, allow_unbuilt=True)
-    torch.manual_seed(0)
-    model = XoronLLM(cfg.llm, layer_builder(cfg))
+    state.initialize(cfg)
+    model = tensor_parallel_llm(cfg)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     load_sharded(model, full_state)
     same_init = all(torch.equal(initial[n], p) for n, p in model.named_parameters())
     losses, grads = _train(model, cfg, optimizer_name)
     meta = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0),
                 getattr(p, "partition_stride", 1)) for n, p in model.named_parameters()}
-    return {"losses": losses, "grads": grads, "meta": meta, "same_init": same_init}
+    return {"losses": losses, "grads": grads, "meta": meta, "same_init": same_init,
+            "tied": model.lm_head.weight is model.embed_tokens.weight}
 
 
 @pytest.mark.multirank
@@ -90,6 +99,9 @@ def _tp_body(overrides, optimizer_name, full_state):
         pytest.param(["parallel.tp_experts=false"], "sgd", id="whole-experts"),
         pytest.param(["model.llm.pad_vocab_multiple=1", "model.llm.vocab_size=1023"], "sgd", id="padded-vocab"),
         pytest.param(["model.llm.q_lora_rank=null", "model.llm.dense_layers=1"], "sgd", id="dense-no-qlora"),
+        # the full size's layout: LM head tied to the (vocab-padded) embedding, dense layers between MoE ones
+        pytest.param(["model.llm.tie_word_embeddings=true", "model.llm.moe_layer_freq=2",
+                      "model.llm.pad_vocab_multiple=1", "model.llm.vocab_size=1023"], "sgd", id="tied-alternating"),
     ],
 )
 def test_tp2_equals_single_rank(overrides, optimizer_name):
@@ -100,8 +112,9 @@ def test_tp2_equals_single_rank(overrides, optimizer_name):
     ref_losses, ref_grads = _train(single, cfg, optimizer_name)
     results = run_ranks(_tp_body, 2, overrides, optimizer_name, full_state)
     for rank, out in enumerate(results):
-        # Same seed, same vocabulary rows: the TP slices are drawn from the single-rank weights.
-        assert out["same_init"] == ("model.llm.pad_vocab_multiple=1" not in overrides), rank
+        # The TP model is cut from the single-rank weights, also where TP pads the vocabulary.
+        assert out["same_init"], rank
+        assert out["tied"] == cfg.llm.tie_word_embeddings, rank  # one parameter again after the swap
         assert out["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), (rank, out["losses"], ref_losses)
         for name, grad in out["grads"].items():
             split, dim, stride = out["meta"][name]
@@ -121,7 +134,7 @@ def _whole_and_chunked(model, ids, labels):
     out = {}
     for chunk in (0, 24):
         model.zero_grad()
-        model.loss_chunk_tokens = chunk
+        model.lm_head.chunk_tokens = chunk
         res = model(ids, labels=labels)
         res.loss.backward()
         out[chunk] = (res.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, res.logits is None)
@@ -130,12 +143,10 @@ def _whole_and_chunked(model, ids, labels):
 
 def _chunked_body(full_state):
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.tensor import layer_builder
 
     cfg = _cfg("parallel.tp=2", "model.llm.pad_vocab_multiple=1", "model.llm.vocab_size=1023")
     state.initialize(cfg)
-    torch.manual_seed(0)
-    model = XoronLLM(cfg.llm, layer_builder(cfg))
+    model = tensor_parallel_llm(cfg)
     load_sharded(model, full_state)
     return _whole_and_chunked(model, *_batches(cfg, 1)[0])
 

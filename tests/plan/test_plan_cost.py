@@ -5,8 +5,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from xoron_dist.config import load_config
-from xoron_dist.model.attention import LatentKVCache
 from xoron_dist.model.llm import XoronLLM
+from xoron_dist.model.llm.attention import LatentKVCache
 from xoron_dist.parallel.layout import validate_layout
 from xoron_dist.plan.cluster import load_cluster
 from xoron_dist.plan.cost import attention_flops, estimate_step, matmul_flops, step_flops

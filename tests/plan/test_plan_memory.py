@@ -30,25 +30,24 @@ TOLERANCE = 0.25
 def _measure(overrides, toggle_checkpointing):
     """Peak live bytes of one step after a warm-up step; twice (checkpointing off/on) when asked.
     Returns (pipeline stage of this rank, [peaks])."""
-    from types import SimpleNamespace
-
     import deepspeed
     from megatron.core import parallel_state as mps
 
     from tests.plan.memory_meter import LiveTensorMeter
-    from xoron_dist.model.llm import XoronLLM
+    from xoron_dist.model.llm import DecoderLayer, XoronLLM
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.pipeline import build_stage, train_step_1f1b
-    from xoron_dist.parallel.tensor import layer_builder
-    from xoron_dist.train.trainer import parameter_groups
+    from xoron_dist.parallel.checkpointing import apply_activation_checkpointing
+    from xoron_dist.parallel.parallelize import parallelize
+    from xoron_dist.parallel.pipeline.schedule import train_step_1f1b
+    from xoron_dist.train.build import parameter_groups
 
     cfg = load_config(None, overrides)
     ctx = state.initialize(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = XoronLLM(cfg.llm, layer_builder(cfg))
-    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
-    if ctx.layout.pp > 1:
-        model = build_stage(model)
+    model = XoronLLM(cfg.llm)
+    model.lm_head.chunk_tokens = cfg.train.loss_chunk_tokens
+    parallel = parallelize(model, cfg)  # with train.activation_checkpointing: every layer checkpointed
+    model = parallel.model
     ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
     engine, *_ = deepspeed.initialize(model=model, config=ds, mpu=state.mpu(),
                                       model_parameters=parameter_groups(model, cfg.train.weight_decay,
@@ -60,19 +59,19 @@ def _measure(overrides, toggle_checkpointing):
         batches = []
         for _ in range(tc.grad_accum_steps):  # the same on every pipeline stage (one data-parallel rank)
             ids = torch.randint(0, cfg.llm.usable_vocab_size, (tc.micro_batch_size, tc.seq_len + 1), generator=gen)
-            batches.append(SimpleNamespace(input_ids=ids[:, :-1], labels=ids[:, 1:], position_ids=None,
-                                           document_ids=None))
+            batches.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
         if ctx.layout.pp > 1:
-            train_step_1f1b(engine, model, batches, 1.0 / (tc.micro_batch_size * tc.seq_len))
+            train_step_1f1b(engine, parallel.stage, batches, 1.0 / (tc.micro_batch_size * tc.seq_len))
             return
         for batch in batches:
-            out = engine(batch.input_ids, labels=batch.labels)
+            out = engine(**batch)
             engine.backward(out.loss)
             engine.step()
 
     peaks = []
     for checkpointing in ([False, True] if toggle_checkpointing else [tc.activation_checkpointing]):
-        model.activation_checkpointing = checkpointing
+        if checkpointing and toggle_checkpointing:
+            apply_activation_checkpointing(model, (DecoderLayer,))
         step()  # warm-up: optimizer states, ZeRO buffers
         with LiveTensorMeter() as meter:
             step()

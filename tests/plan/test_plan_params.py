@@ -2,7 +2,7 @@
 
 Single rank: ``XoronLLM`` on the meta device for several model shapes. Several ranks: each rank
 builds its part of the model with the run's own builder (TP layers, EP experts) and, with pp > 1,
-cuts its pipeline stage with ``build_stage``; the counts (dense weights and routed experts apart)
+cuts its pipeline stage with ``parallelize``; the counts (dense weights and routed experts apart)
 must equal ``stage_parameters`` for that rank's stage.
 """
 
@@ -36,6 +36,7 @@ def _count(model: torch.nn.Module) -> ParameterCount:
     ["model.llm.dense_layers=1", "model.llm.num_layers=3"],
     ["model.llm.q_lora_rank=null", "model.llm.tie_word_embeddings=true"],
     ["model.llm.moe.num_shared_experts=0", "model.llm.moe.top_k=1"],
+    ["model.llm.moe_layer_freq=2", "model.llm.num_layers=4", "model.llm.moe.router_norm=true"],
 ])
 def test_single_rank_counts_equal_the_meta_build(extra):
     cfg = load_config(None, BASE + extra)
@@ -49,15 +50,12 @@ def _rank_counts(overrides):
     from megatron.core import parallel_state as mps
 
     from xoron_dist.parallel import state
-    from xoron_dist.parallel.pipeline import build_stage
-    from xoron_dist.parallel.tensor import layer_builder
+    from xoron_dist.parallel.parallelize import parallelize
 
     cfg = load_config(None, overrides)
-    ctx = state.initialize(cfg, allow_unbuilt=True)
+    state.initialize(cfg)
     with torch.device("meta"):
-        model = XoronLLM(cfg.llm, layer_builder(cfg))
-        if ctx.layout.pp > 1:
-            model = build_stage(model)
+        model = parallelize(XoronLLM(cfg.llm), cfg).model
     return mps.get_pipeline_model_parallel_rank(), _count(model)
 
 

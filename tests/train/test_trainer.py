@@ -50,7 +50,7 @@ def smoke_data(tmp_path_factory) -> Path:
     """The smoke run's synthetic corpus, prepared once (synth -> prep) through the trainer's own cache code."""
     from xoron_dist.config import load_config
     from xoron_dist.tokenizer import build_tokenizer
-    from xoron_dist.train.batches import ensure_prepared
+    from xoron_dist.train.data_cache import ensure_prepared
 
     root = tmp_path_factory.mktemp("smoke-data")
     cfg = load_config(SMOKE, [f"data.path={root / 'prepared'}"])
@@ -174,9 +174,11 @@ def test_build_prints_the_full_model_on_meta():
     proc = subprocess.run([shutil.which("xoron") or "xoron", "build"], env=clean_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "12 layers, hidden 1024, 16 heads, 8+1 experts (top-2)" in proc.stdout
+    assert "12 layers, hidden 1024, 16 heads, 8+1 experts (top-2; MoE on layers 1, 3, 5, 7, 9, 11)" in proc.stdout
     total = next(line for line in proc.stdout.splitlines() if line.startswith("total"))
-    assert int(total.split()[-1].replace(",", "")) > 500_000_000
+    # embedding 151,936 x 1024 (tied head); 12 x MLA (q 1536, kv 512 + 32 rope, up 2048, out 1024) and norms;
+    # 6 dense + 6 shared SwiGLUs of 2048, 6 x 8 routed experts of 2048, 6 routers
+    assert int(total.split()[-1].replace(",", "")) == 583_875_584
 
 
 def module_state(run: Path, step: int) -> dict:

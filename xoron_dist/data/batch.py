@@ -27,13 +27,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from xoron_dist.model.llm import IGNORE_INDEX  # -100: the label of positions without loss
+from xoron_dist.model.llm.head import IGNORE_INDEX  # -100: the label of positions without loss
+from xoron_dist.model.modalities import MODALITIES
 
 PAD_DOCUMENT = -1  # document id of padding
 
-_TENSORS = ("input_ids", "labels", "position_ids", "document_ids", "image_spans", "image_is_target",
-            "video_spans", "video_is_target", "audio_spans", "audio_is_target")
-_TENSOR_LISTS = ("images", "videos", "audios")
+# PackedBatch's fields per medium of the modality table: its tensors, and its list of media
+_TENSORS = ("input_ids", "labels", "position_ids", "document_ids",
+            *(f"{row.name}_{part}" for row in MODALITIES for part in ("spans", "is_target")))
+_TENSOR_LISTS = tuple(row.batch_field for row in MODALITIES)
 
 
 def _empty_spans() -> torch.Tensor:

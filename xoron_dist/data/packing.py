@@ -1,7 +1,8 @@
 """Packing: samples -> token documents -> rows of ``seq_len`` tokens -> ``PackedBatch``.
 
-**Token layout** of one sample (``<|x_...|>`` are the tokenizer's special tokens, x = image /
-video / audio; n = ``data.image_tokens``, ``data.video_tokens`` or
+**Token layout** of one sample (``<|x_...|>`` are the tokenizer's special tokens, x = a medium of
+the modality table, ``xoron_dist.model.modalities``: image / video / audio; n = the row's ``span``
+setting, ``data.image_tokens``, ``data.video_tokens``, or for a per-second one
 ``ceil(seconds * data.audio_tokens_per_second)``)::
 
     text                 prompt + text + <eos>                                      loss: text, <eos>
@@ -55,10 +56,10 @@ from xoron_dist.data.batch import (
 )
 from xoron_dist.data.schema import GENERATION_KINDS, media_of
 from xoron_dist.data.shards import ArrowSample
+from xoron_dist.model.modalities import BY_NAME, MODALITIES
 from xoron_dist.utils.typed_config import field_error
 
-GENERATION_TOKEN = {"image": "gen_image", "video": "gen_video", "audio": "gen_speech"}
-_MEDIA = ("image", "video", "audio")
+GENERATION_TOKEN = {row.name: row.generation_token for row in MODALITIES}
 _INT64, _BOOL = np.dtype(np.int64), np.dtype(np.bool_)
 
 
@@ -112,31 +113,33 @@ class Document:
 class TokenLayout:
     """Lays samples out as documents with the tokenizer's special ids (see the module docstring)."""
 
-    def __init__(self, special_ids: Mapping[str, int], *, seq_len: int, image_tokens: int, video_tokens: int,
-                 audio_tokens_per_second: float) -> None:
+    def __init__(self, special_ids: Mapping[str, int], *, seq_len: int, **spans: float) -> None:
+        """``spans``: each medium's ``span`` setting by its DataConfig name (``image_tokens=64``, ...)."""
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 to hold a token and its target, got {seq_len}")
+        expected = {row.span for row in MODALITIES}
+        if set(spans) != expected:
+            raise TypeError(f"TokenLayout needs the span settings {sorted(expected)}; got {sorted(spans)}")
         self.ids = dict(special_ids)
         self.seq_len = seq_len
-        self.image_tokens, self.video_tokens = image_tokens, video_tokens
-        # decimal value of the setting, so 12.5 tokens/s over 0.08 s is exactly 1, not 1.0000000001
-        self.audio_rate = Fraction(str(audio_tokens_per_second))
+        # per medium: a fixed count, or the decimal value of a per-second rate (so 12.5 tokens/s over
+        # 0.08 s is exactly 1, not 1.0000000001)
+        self.span_sizes: dict[str, int | Fraction] = {
+            row.name: Fraction(str(spans[row.span])) if row.per_second else int(spans[row.span])
+            for row in MODALITIES}
         self._eos = np.array([self.ids["endoftext"]], np.int64)
         self._spans: dict[tuple[str, int, bool], np.ndarray] = {}
 
     @classmethod
     def from_config(cls, data_cfg, special_ids: Mapping[str, int], seq_len: int) -> TokenLayout:
-        return cls(special_ids, seq_len=seq_len, image_tokens=data_cfg.image_tokens,
-                   video_tokens=data_cfg.video_tokens, audio_tokens_per_second=data_cfg.audio_tokens_per_second)
+        return cls(special_ids, seq_len=seq_len, **{row.span: getattr(data_cfg, row.span) for row in MODALITIES})
 
     def placeholders(self, sample: ArrowSample) -> int:
-        if sample.medium == "image":
-            return self.image_tokens
-        if sample.medium == "video":
-            return self.video_tokens
-        # ceil(samples / rate * tokens_per_second) in integers: exact like the Fraction, ~10x cheaper
-        rate = self.audio_rate
-        return max(1, -(-len(sample.media) * rate.numerator // (sample.sample_rate * rate.denominator)))
+        size = self.span_sizes[sample.medium]
+        if not BY_NAME[sample.medium].per_second:
+            return size
+        # ceil(samples / sample rate * tokens per second) in integers: exact like the Fraction, ~10x cheaper
+        return max(1, -(-len(sample.media) * size.numerator // (sample.sample_rate * size.denominator)))
 
     @staticmethod
     def fixed_tokens(kind: str, placeholders: int) -> int:
@@ -146,18 +149,19 @@ class TokenLayout:
         return placeholders + (4 if kind in GENERATION_KINDS else 3)
 
     def check_fits(self, kinds: Sequence[str], *, seq_len_field: str = "train.seq_len") -> None:
-        """Refuse a ``seq_len`` that no image/video sample of ``kinds`` can fit (one text token included)."""
+        """Refuse a ``seq_len`` that no sample of ``kinds`` with a fixed-size medium can fit (one text
+        token included)."""
         for kind in kinds:
             medium = media_of(kind)
-            if medium not in ("image", "video"):
+            if medium is None or BY_NAME[medium].per_second:
                 continue
-            n = self.image_tokens if medium == "image" else self.video_tokens
+            n, setting = self.span_sizes[medium], f"data.{BY_NAME[medium].span}"
             need = self.fixed_tokens(kind, n) + 1
             if need > self.seq_len:
                 raise field_error(
                     seq_len_field, self.seq_len,
-                    f"a {kind} sample needs at least {need} tokens ({n} placeholders from data.{medium}_tokens, "
-                    f"markers, <eos> and one text token); raise the sequence length or lower data.{medium}_tokens",
+                    f"a {kind} sample needs at least {need} tokens ({n} placeholders from {setting}, "
+                    f"markers, <eos> and one text token); raise the sequence length or lower {setting}",
                 )
 
     def _span(self, medium: str, n: int, generation: bool) -> np.ndarray:
@@ -287,7 +291,7 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     seg_ids: list[int] = []  # document index within its row, PAD_DOCUMENT for padding
     label_starts: list[int] = []  # flat position runs [start, end) whose label is the next token
     label_ends: list[int] = []
-    media: dict[str, list[tuple[int, int, MediaSpan]]] = {m: [] for m in _MEDIA}  # (row, offset, span)
+    media: dict[str, list[tuple[int, int, MediaSpan]]] = {m.name: [] for m in MODALITIES}  # (row, offset, span)
     pads: list[int] = []  # flat position where each row's padding starts
     sample_ids = []
     for b, row in enumerate(rows):
@@ -316,14 +320,7 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     layout = BlockLayout()
     for name in ("input_ids", "labels", "position_ids", "document_ids"):
         layout.add(name, _INT64, (batch, seq_len))
-    media_runs = []
-    for medium, found in media.items():
-        spans = layout.add(f"{medium}_spans", _INT64, (len(found), 3))
-        flags = layout.add(f"{medium}_is_target", _BOOL, (len(found),))
-        arrays = [span.data for _, _, span in found]
-        dtype = arrays[0].dtype if arrays else np.dtype(np.uint8)
-        run = layout.add_run(f"{medium}s", dtype, [array.shape for array in arrays])
-        media_runs.append((found, spans, flags, arrays, dtype, run))
+    media_runs = [_lay_out_medium(layout, medium, found) for medium, found in media.items()]
     buffer, pool_id = allocate(layout.nbytes)
     data = buffer.numpy()
     input_ids, labels, position_ids, document_ids = (view(data, dtype, (total,), offset)
@@ -344,13 +341,28 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     labels.fill(IGNORE_INDEX)
     np.copyto(labels[:-1], input_ids[1:], where=has_label[:-1])
 
-    for found, spans, flags, arrays, dtype, run in media_runs:
-        if found:
-            view(data, _INT64, (len(found), 3), spans)[:] = [(b, offset + span.start, span.length)
-                                                              for b, offset, span in found]
-            view(data, _BOOL, (len(found),), flags)[:] = [span.is_target for _, _, span in found]
-            # the one copy of the media out of the mapped shards, all of a medium in one call
-            flat = [array.reshape(-1) for array in arrays]
-            np.concatenate(flat, out=view(data, dtype, (sum(len(f) for f in flat),), run))
+    for media_run in media_runs:
+        _write_medium(data, *media_run)
     num_labels = sum(label_ends) - sum(label_starts)
     return BatchBlock(buffer, layout.entries, sample_ids, num_labels, layout.nbytes, pool_id)
+
+
+def _lay_out_medium(layout: BlockLayout, medium: str, found: list[tuple[int, int, MediaSpan]]) -> tuple:
+    """Reserve a medium's spans, flags and data in the block; returns what ``_write_medium`` needs."""
+    spans = layout.add(f"{medium}_spans", _INT64, (len(found), 3))
+    flags = layout.add(f"{medium}_is_target", _BOOL, (len(found),))
+    arrays = [span.data for _, _, span in found]
+    dtype = arrays[0].dtype if arrays else np.dtype(np.uint8)
+    run = layout.add_run(f"{medium}s", dtype, [array.shape for array in arrays])
+    return found, spans, flags, arrays, dtype, run
+
+
+def _write_medium(data: np.ndarray, found, spans: int, flags: int, arrays, dtype, run: int) -> None:
+    """Fill a medium's spans (row, start, length), flags and data (found: (row, offset, MediaSpan))."""
+    if not found:
+        return
+    view(data, _INT64, (len(found), 3), spans)[:] = [(b, offset + span.start, span.length) for b, offset, span in found]
+    view(data, _BOOL, (len(found),), flags)[:] = [span.is_target for _, _, span in found]
+    # the one copy of the media out of the mapped shards, all of a medium in one call
+    flat = [array.reshape(-1) for array in arrays]
+    np.concatenate(flat, out=view(data, dtype, (sum(len(f) for f in flat),), run))

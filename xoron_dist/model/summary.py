@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from xoron_dist.config import LLMConfig
+from xoron_dist.config import LLMConfig, XoronConfig
 from xoron_dist.model.llm import XoronLLM
+from xoron_dist.model.modalities import understood
+from xoron_dist.model.xoron import XoronMultimodalModel
 
 # Component of a parameter, by the first matching fragment of its name.
 _COMPONENTS: tuple[tuple[str, str], ...] = (
@@ -64,3 +67,17 @@ def build_on_meta(cfg: LLMConfig) -> XoronLLM:
     """The model with every tensor on the meta device: shapes only, no memory, no init cost."""
     with torch.device("meta"):
         return XoronLLM(cfg)
+
+
+def multimodal_parts(cfg: XoronConfig) -> list[tuple[str, int]]:
+    """Parameters of each part the multimodal model adds to the LLM (encoders and projectors of the
+    understood media, fusion layers), built on the meta device; empty without an encoder."""
+    if not understood(cfg):
+        return []
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vision=dataclasses.replace(cfg.model.vision, pretrained_path=None)))  # sizes only: no file read
+    with torch.device("meta"):
+        model = XoronMultimodalModel(cfg)
+    names = [name for row in model.media for name in (row.encoder, row.projector)]
+    names += ["fusion"] if model.fusion is not None else []
+    return [(name, sum(p.numel() for p in getattr(model, name).parameters())) for name in names]

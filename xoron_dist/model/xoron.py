@@ -15,9 +15,11 @@ skipped. The fusion layers (``xoron_dist.model.fusion``) additionally let text a
 media tokens of its own document; their tanh gates start at 0, so an untrained fusion stack is
 the identity.
 
-Parameter names: ``llm.*`` (the text model, same names under the prefix), ``vision.*``,
-``video.*``, ``image_projector.*``, ``video_projector.*``, ``fusion.*``; curriculum stages freeze
-any of them by prefix (``train/stages.py``).
+The media come from the modality table (``xoron_dist.model.modalities``): each understood medium
+has an encoder and a projector under the names its row gives, and this model loops over the
+table, so a new medium adds no code here. Parameter names: ``llm.*`` (the text model, same names
+under the prefix), ``vision.*``, ``video.*``, ``image_projector.*``, ``video_projector.*``,
+``fusion.*``; curriculum stages freeze any of them by prefix (``train/stages.py``).
 
 Every trainable parameter takes part in every forward: an enabled encoder whose medium is absent
 from a micro-batch encodes one blank dummy (an image, a one-frame video) and adds ``0 ·`` its
@@ -33,100 +35,50 @@ import torch
 from torch import nn
 
 from xoron_dist.config import XoronConfig
+from xoron_dist.model.common.moe import uncounted_routing
+from xoron_dist.model.common.perceiver import PerceiverResampler
 from xoron_dist.model.fusion import FusionLayers, MediaContext
-from xoron_dist.model.layers import LayerBuilder
 from xoron_dist.model.llm import LLMOutput, XoronLLM
-from xoron_dist.model.moe import ExpertBiasRouter
-from xoron_dist.model.projector import PerceiverResampler
-from xoron_dist.model.video import VideoEncoder
-from xoron_dist.model.vision import VisionTower, load_siglip_vision
-
-MEDIA = ("image", "video")  # the understanding media this model encodes, in encoding order
+from xoron_dist.model.modalities import MODALITIES, Modality, understood
 
 
 class XoronMultimodalModel(nn.Module):
     """``model(input_ids, images=..., image_spans=..., videos=..., video_spans=..., labels=...)``."""
 
-    def __init__(self, cfg: XoronConfig, builder: LayerBuilder | None = None) -> None:
+    def __init__(self, cfg: XoronConfig) -> None:
         super().__init__()
-        builder = builder or LayerBuilder()
-        model, hidden, std = cfg.model, cfg.llm.hidden_size, cfg.llm.init_std
-        self.cfg, self.builder = cfg, builder
-        self.llm = XoronLLM(cfg.llm, builder)
-        self.vision = self.image_projector = self.video = self.video_projector = None
-        if model.vision.enabled:
-            self.vision = (load_siglip_vision(model.vision.pretrained_path, model.vision, builder)
-                           if model.vision.pretrained_path else VisionTower(model.vision, builder))
-            self.image_projector = PerceiverResampler(self.vision.cfg.hidden_size, hidden, cfg.data.image_tokens,
-                                                      model.projector, builder, std)
-        if model.video.enabled:
-            self.video = VideoEncoder(model.video, builder, std)
-            self.video_projector = PerceiverResampler(model.video.hidden_size, hidden, cfg.data.video_tokens,
-                                                      model.projector, builder, std)
-        self.fusion = FusionLayers(hidden, model.fusion, builder, std, cfg.llm.rms_norm_eps) if model.fusion.layers \
-            else None
-
-    # ------------------------------------------------------------------ what the trainer asks of a model
-
-    @property
-    def activation_checkpointing(self) -> bool:
-        return self.llm.activation_checkpointing
-
-    @activation_checkpointing.setter
-    def activation_checkpointing(self, value: bool) -> None:
-        self.llm.activation_checkpointing = value
-
-    @property
-    def loss_chunk_tokens(self) -> int:
-        return self.llm.loss_chunk_tokens
-
-    @loss_chunk_tokens.setter
-    def loss_chunk_tokens(self, value: int) -> None:
-        self.llm.loss_chunk_tokens = value
-
-    @property
-    def moe_layer_ids(self) -> list[int]:
-        return self.llm.moe_layer_ids
-
-    def routers(self) -> list[ExpertBiasRouter]:
-        """The LLM's MoE routers (the expert-load monitor's rows); the video encoder balances its own."""
-        return self.llm.routers()
-
-    def keep_router_state_fp32(self) -> None:
-        self.llm.keep_router_state_fp32()
-        if self.video is not None:
-            for router in self.video.routers():
-                router.expert_bias.data = router.expert_bias.data.float()
-                router.last_load.data = router.last_load.data.float()
-            self.video.expert_load.data = self.video.expert_load.data.float()
-
-    def update_expert_biases(self, group=None, enabled: bool | None = None, rate: float | None = None) -> torch.Tensor:
-        """Bias update of the LLM's experts and the video encoder's temporal experts (at their own rate,
-        ``model.video.bias_update_rate``); returns the LLM's load. ``rate``: the LLM's, see ``XoronLLM``."""
-        if self.video is not None:
-            self.video.update_expert_biases(group, self.cfg.llm.moe.bias_update if enabled is None else enabled)
-        return self.llm.update_expert_biases(group, enabled, rate)
+        hidden, std = cfg.llm.hidden_size, cfg.llm.init_std
+        self.cfg = cfg
+        self.llm = XoronLLM(cfg.llm)
+        self.media = understood(cfg)  # the rows of the media this model encodes, in encoding order
+        for row in MODALITIES:
+            if row.encoder is not None:
+                setattr(self, row.encoder, None)
+                setattr(self, row.projector, None)
+        for row in self.media:
+            encoder = row.build(cfg)
+            setattr(self, row.encoder, encoder)
+            span = getattr(cfg.data, row.span)  # the projector emits exactly the placeholder span's tokens
+            setattr(self, row.projector, PerceiverResampler(encoder.cfg.hidden_size, hidden, span, cfg.model.projector,
+                                                            std))
+        self.fusion = (FusionLayers(hidden, cfg.model.fusion, std, cfg.llm.rms_norm_eps) if cfg.model.fusion.layers
+                       else None)
 
     def media_inputs(self, batch) -> dict[str, object]:
         """The ``forward`` keyword arguments for a ``PackedBatch``'s media this model encodes (none
         for a batch without media fields, e.g. the synthetic text source)."""
         inputs: dict[str, object] = {}
-        for medium, encoder in (("image", self.vision), ("video", self.video)):
-            if encoder is not None and hasattr(batch, f"{medium}s"):
-                inputs[f"{medium}s"] = getattr(batch, f"{medium}s")
-                inputs[f"{medium}_spans"] = getattr(batch, f"{medium}_spans")
-                inputs[f"{medium}_is_target"] = getattr(batch, f"{medium}_is_target")
+        for row in self.media:
+            if hasattr(batch, row.batch_field):
+                for field in (row.batch_field, f"{row.name}_spans", f"{row.name}_is_target"):
+                    inputs[field] = getattr(batch, field)
         return inputs
-
-    # ------------------------------------------------------------------ forward
 
     def encode(self, medium: str, media: list[torch.Tensor]) -> torch.Tensor:
         """Images (H, W, 3) / videos (T, H, W, 3) uint8 -> projected tokens (n, span length, llm hidden)."""
-        if medium == "image":
-            out = self.vision(media)
-            return self.image_projector(out.features, out.mask)
-        features, mask = self.video(media)
-        return self.video_projector(features, mask)
+        row = next(r for r in self.media if r.name == medium)
+        features, mask = getattr(self, row.encoder)(media)[:2]  # every encoder returns (features, mask, ...)
+        return getattr(self, row.projector)(features, mask)
 
     def forward(
         self,
@@ -134,34 +86,28 @@ class XoronMultimodalModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        images: list[torch.Tensor] | None = None,
-        image_spans: torch.Tensor | None = None,
-        image_is_target: torch.Tensor | None = None,
-        videos: list[torch.Tensor] | None = None,
-        video_spans: torch.Tensor | None = None,
-        video_is_target: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        **media: object,
     ) -> LLMOutput:
-        """input_ids/labels/position_ids/document_ids as ``XoronLLM.forward``; ``images`` uint8 (H, W, 3)
-        and ``videos`` uint8 (T, H, W, 3) with their spans (n, 3) = row, start, length in ``input_ids``
-        and optional ``*_is_target`` (n,) flags (True: a generation target, not encoded here)."""
+        """input_ids/labels/position_ids/document_ids/loss_weights as ``XoronLLM.forward``; per medium x
+        of the table, ``xs`` (a list: images uint8 (H, W, 3), videos uint8 (T, H, W, 3)) with ``x_spans``
+        (n, 3) = row, start, length in ``input_ids`` and optional ``x_is_target`` (n,) flags (True: a
+        generation target, not encoded here)."""
+        given = _media_arguments(media)
         embeds = self.llm.embed_tokens(input_ids)
-        given = {"image": (images, image_spans, image_is_target), "video": (videos, video_spans, video_is_target)}
-        encoders = {"image": (self.vision, self.image_projector), "video": (self.video, self.video_projector)}
         encoded: list[tuple[torch.Tensor, torch.Tensor]] = []
         unused = None  # dummy media tokens, when an encoder had nothing to encode
-        for medium in MEDIA:
-            media, spans, is_target = given[medium]
-            modules = encoders[medium]
-            media, spans = _understanding(medium, media, spans, is_target, modules[0] is not None)
-            if modules[0] is None:
+        for row in MODALITIES:
+            items, spans = _understanding(row, *given.get(row.name, (None, None, None)), row in self.media)
+            if row not in self.media:
                 continue
-            if not media:  # keep every parameter in the graph (see the module docstring)
-                if self.training and torch.is_grad_enabled() and _trainable(modules):
-                    unused = self._encode_blank(medium, input_ids.device)
+            if not items:  # keep every parameter in the graph (see the module docstring)
+                if self.training and torch.is_grad_enabled() and _trainable(self._modules_of(row)):
+                    unused = self._encode_blank(row, input_ids.device)
                     embeds = embeds + 0.0 * unused.sum()
                 continue
-            tokens = self.encode(medium, media)
-            embeds = fill_spans(embeds, tokens, spans, medium)
+            tokens = self.encode(row.name, items)
+            embeds = fill_spans(embeds, tokens, spans, row)
             encoded.append((tokens, spans))
         before_layer = None
         if self.fusion is not None:
@@ -172,26 +118,22 @@ class XoronMultimodalModel(nn.Module):
             else:
                 before_layer = lambda index, x: self.fusion.before_layer(index, x, context)  # noqa: E731
         return self.llm(labels=labels, position_ids=position_ids, document_ids=document_ids, inputs_embeds=embeds,
-                        before_layer=before_layer)
+                        before_layer=before_layer, loss_weights=loss_weights)
 
-    def _encode_blank(self, medium: str, device: torch.device) -> torch.Tensor:
-        """Projected tokens (1, length, D) of a dummy: a black ``image_size``² image, or one black
-        ``min_resolution``² frame (whose routing is not counted as expert load)."""
-        if medium == "image":
-            size = self.vision.cfg.image_size
-            return self.encode(medium, [torch.zeros(size, size, 3, dtype=torch.uint8, device=device)])
-        size = self.video.cfg.min_resolution
-        load = self.video.expert_load.clone()
-        tokens = self.encode(medium, [torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)])
-        self.video.expert_load.copy_(load)
-        return tokens
+    def _modules_of(self, row: Modality) -> list[nn.Module]:
+        return [getattr(self, row.encoder), getattr(self, row.projector)]
+
+    def _encode_blank(self, row: Modality, device: torch.device) -> torch.Tensor:
+        """Projected tokens (1, length, D) of the row's blank medium; its routing is not counted as expert load."""
+        encoder = getattr(self, row.encoder)
+        with uncounted_routing(encoder):
+            return self.encode(row.name, [row.blank(encoder).to(device)])
 
     def _fusion_probe(self, media_tokens: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """Sum of every fusion layer's output for one zero query reading ``media_tokens`` (1, n, D) (a
         dummy medium's, or one encoded here): a scalar through every fusion parameter."""
-        if media_tokens is None:  # every encoder frozen: read a dummy image or video anyway
-            medium = "image" if self.vision is not None else "video"
-            media_tokens = self._encode_blank(medium, self.llm.embed_tokens.weight.device)
+        if media_tokens is None:  # every encoder frozen: read the first medium's blank anyway
+            media_tokens = self._encode_blank(self.media[0], self.llm.embed_tokens.weight.device)
         tokens = media_tokens[:1].to(dtype)
         device, width = tokens.device, tokens.shape[1]
         context = MediaContext(tokens, torch.zeros(1, 1, dtype=torch.long, device=device),
@@ -208,8 +150,24 @@ class XoronMultimodalModel(nn.Module):
         return self.llm.generate_text(input_ids, max_new_tokens, **kwargs)
 
 
-def _understanding(medium: str, media, spans, is_target, enabled: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _media_arguments(media: dict[str, object]) -> dict[str, tuple]:
+    """``forward``'s media keywords grouped per medium: name -> (items, spans, is_target)."""
+    known = {f"{row.batch_field}": (row.name, 0) for row in MODALITIES}
+    known.update({f"{row.name}_spans": (row.name, 1) for row in MODALITIES})
+    known.update({f"{row.name}_is_target": (row.name, 2) for row in MODALITIES})
+    grouped: dict[str, list] = {}
+    for key, value in media.items():
+        if key not in known:
+            raise TypeError(f"XoronMultimodalModel.forward() got an unexpected keyword argument '{key}' "
+                            f"(media keywords: {', '.join(sorted(known))})")
+        name, slot = known[key]
+        grouped.setdefault(name, [None, None, None])[slot] = value
+    return {name: tuple(values) for name, values in grouped.items()}
+
+
+def _understanding(row: Modality, media, spans, is_target, enabled: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The media (and spans) to encode: generation targets dropped; checks the lists match."""
+    medium = row.name
     media = list(media) if media is not None else []
     if spans is None:
         if media:
@@ -222,12 +180,13 @@ def _understanding(medium: str, media, spans, is_target, enabled: bool) -> tuple
         keep = (~is_target.bool()).nonzero().flatten().tolist()
         media, spans = [media[i] for i in keep], spans[keep]
     if media and not enabled:
-        section = "vision" if medium == "image" else "video"
-        raise ValueError(f"the batch holds {len(media)} {medium}(s) to understand but model.{section}.enabled is false")
+        where = (f"model.{row.section}.enabled is false" if row.section
+                 else "this version of xoron_dist has no encoder for it")
+        raise ValueError(f"the batch holds {len(media)} {medium}(s) to understand but {where}")
     return media, spans
 
 
-def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, medium: str) -> torch.Tensor:
+def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, row: Modality) -> torch.Tensor:
     """Replace the placeholder embeddings of each span (row, start, length) by that medium's tokens.
 
     embeds (batch, seq, D), tokens (n, length, D) -> (batch, seq, D); out of place (autograd reaches
@@ -236,9 +195,8 @@ def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, 
     length = tokens.shape[1]
     lengths = spans[:, 2]
     if bool((lengths != length).any()):
-        setting = "data.image_tokens" if medium == "image" else "data.video_tokens"
-        raise ValueError(f"{medium} spans have lengths {sorted(set(lengths.tolist()))} but the {medium} projector "
-                         f"emits {length} tokens: the data was packed with another {setting}")
+        raise ValueError(f"{row.name} spans have lengths {sorted(set(lengths.tolist()))} but the {row.name} "
+                         f"projector emits {length} tokens: the data was packed with another data.{row.span}")
     offsets = torch.arange(length, device=embeds.device)
     rows = spans[:, 0, None].to(embeds.device).expand(-1, length)
     cols = spans[:, 1, None].to(embeds.device) + offsets
@@ -249,8 +207,8 @@ def _trainable(modules) -> bool:
     return any(p.requires_grad for m in modules for p in m.parameters())
 
 
-def build_model(cfg: XoronConfig, builder: LayerBuilder | None = None) -> XoronLLM | XoronMultimodalModel:
+def build_model(cfg: XoronConfig) -> XoronLLM | XoronMultimodalModel:
     """``XoronLLM`` when no understanding encoder is enabled, else ``XoronMultimodalModel``."""
-    if cfg.model.vision.enabled or cfg.model.video.enabled:
-        return XoronMultimodalModel(cfg, builder)
-    return XoronLLM(cfg.llm, builder)
+    if understood(cfg):
+        return XoronMultimodalModel(cfg)
+    return XoronLLM(cfg.llm)

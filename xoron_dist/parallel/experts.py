@@ -25,7 +25,11 @@ apply), and each expert's block is padded to that capacity, so the all-to-all sp
 
 With tensor parallelism the experts may also be split on their FFN dim (``parallel.tp_experts``): each
 TP rank exchanges the same rows inside its own EP group (TP peers hold the same tokens) and the
-partial outputs are summed over TP after the return trip.
+partial outputs are summed over TP after the return trip. The container is built from the model's
+stacked ``RoutedExperts`` (``apply_expert_parallel``, after tensor parallelism has cut their FFN dim,
+if it does) and takes over their ``entry``/``exit`` seams, so the TP exchanges are the ones tensor
+parallelism put there. Only the MoE feed-forwards (``MoEFeedForward``: the LLM's) are spread; the
+video encoder's temporal experts stay whole on every rank.
 
 DeepSpeed integration (``deepspeed.utils.groups`` and parameter attributes):
 
@@ -45,13 +49,15 @@ DeepSpeed integration (``deepspeed.utils.groups`` and parameter attributes):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from xoron_dist.model.layers import ExpertSplit, LayerBuilder, expert_tp_split, mark_tp_split, tp_slice
+from xoron_dist.model.common.moe import MoEFeedForward, RoutedExperts
+from xoron_dist.parallel.tensor import mark_tp_split, replace_submodule
 
 
 class _AllToAll(torch.autograd.Function):
@@ -94,6 +100,20 @@ def register_expert_groups(ep: int) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class ExpertSplit:
+    """This rank's place in the expert-parallel group: it holds experts ``rank * (num_experts / size)``
+    onwards, and tokens travel to them by all-to-all over ``group``."""
+
+    group: object  # torch.distributed.ProcessGroup
+    rank: int
+    size: int
+    group_name: str  # DeepSpeed's name for the EP group (``ep_size_<size>``)
+    data_group: object  # the expert-data-parallel group: the ranks holding replicas of the same experts
+    capacity_factor: float | None = None  # None: dropless
+    zero3: bool = False  # the run uses ZeRO-3 (expert parameters marked for stage-3 placement)
+
+
 def expert_split(cfg) -> ExpertSplit | None:
     """The ``ExpertSplit`` for a run (``cfg``: XoronConfig) once the groups exist; None when ep == 1."""
     from megatron.core import parallel_state
@@ -108,12 +128,12 @@ def expert_split(cfg) -> ExpertSplit | None:
 
 class LocalExpert(nn.Module):
     """One routed SwiGLU expert: ``gate_up`` (2·intermediate, hidden; gate rows first) and ``down``
-    (hidden, intermediate)."""
+    (hidden, intermediate), copied from one expert of the stacked weights."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden))
-        self.down = nn.Parameter(torch.empty(hidden, intermediate))
+        self.gate_up = nn.Parameter(gate_up.detach().clone(), requires_grad=gate_up.requires_grad)
+        self.down = nn.Parameter(down.detach().clone(), requires_grad=down.requires_grad)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(rows, self.gate_up).chunk(2, dim=-1)
@@ -127,13 +147,13 @@ class _Holder(nn.Module):
 class ExpertParallelExperts(nn.Module):
     """This EP rank's ``num_experts / ep`` experts and the all-to-all dispatch (see the module docstring).
 
-    Same call as ``model.moe.RoutedExperts``: ``forward(x (tokens, hidden), chosen (tokens, k), weights (tokens, k))``.
+    Same call as ``RoutedExperts``: ``forward(x (tokens, hidden), chosen (tokens, k), weights (tokens, k))``.
     Parameters: ``deepspeed_moe.experts.deepspeed_experts.<local id>.{gate_up, down}``.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, builder: LayerBuilder) -> None:
+    def __init__(self, experts: RoutedExperts, split: ExpertSplit) -> None:
         nn.Module.__init__(self)  # not super(): the DeepSpeed subclass must not run MoE.__init__
-        split: ExpertSplit = builder.experts
+        num_experts = experts.num_experts
         if num_experts % split.size:
             raise ValueError(f"num_experts {num_experts} is not divisible by the expert-parallel size {split.size}")
         self.split = split
@@ -141,11 +161,13 @@ class ExpertParallelExperts(nn.Module):
         self.num_local_experts = num_experts // split.size
         self.first_expert = split.rank * self.num_local_experts
         self.expert_group_name = split.group_name
-        self.builder, local = expert_tp_split(builder, intermediate)
+        tp_split = getattr(experts.gate_up, "tensor_model_parallel", False)
         self.deepspeed_moe = _Holder()
         self.deepspeed_moe.experts = _Holder()
         self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(
-            LocalExpert(hidden, local) for _ in range(self.num_local_experts))
+            LocalExpert(experts.gate_up[e], experts.down[e])
+            for e in range(self.first_expert, self.first_expert + self.num_local_experts))
+        self.entry, self.exit = experts.entry, experts.exit  # identities, or the TP exchanges
         for expert in self.local_experts:
             for param in expert.parameters():
                 param.allreduce = False  # DeepSpeed: an expert parameter, reduced over its replicas only
@@ -154,7 +176,7 @@ class ExpertParallelExperts(nn.Module):
                     param.ds_zero_placement_family = "autoep_expert"
                     param.ds_zero_partition_group_name = split.group_name
                     param.ds_zero_partition_process_group = split.data_group
-            if self.builder.tp_size > 1:
+            if tp_split:
                 mark_tp_split(expert.gate_up, dim=0, stride=2)
                 mark_tp_split(expert.down, dim=1)
 
@@ -170,15 +192,6 @@ class ExpertParallelExperts(nn.Module):
             raise RuntimeError(f"expert group {self.expert_group_name} is not registered with DeepSpeed; "
                                "xoron_dist.parallel.state.initialize registers it when parallel.ep > 1")
 
-    @torch.no_grad()
-    def load_full(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        """Copy this rank's experts (and TP slice) out of full stacked weights (experts, 2·I, H) / (experts, H, I)."""
-        b = self.builder
-        for i, expert in enumerate(self.local_experts):
-            e = self.first_expert + i
-            expert.gate_up.copy_(tp_slice(gate_up[e], 0, 2, b.tp_rank, b.tp_size))
-            expert.down.copy_(tp_slice(down[e], 1, 1, b.tp_rank, b.tp_size))
-
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         tokens, k = chosen.shape
         flat = chosen.flatten()
@@ -187,14 +200,14 @@ class ExpertParallelExperts(nn.Module):
         pair_weights = weights.flatten()[order, None].to(x.dtype)
         token_of = order // k
         if self.split.capacity_factor is None:
-            out = self._exchange_and_compute(self.builder.copy_to_tp(x)[token_of], counts)
+            out = self._exchange_and_compute(self.entry(x)[token_of], counts)
         else:
             rows, kept, keep = self._capacity_rows(x, flat[order], counts, token_of, tokens * k)
             token_of, pair_weights = token_of[keep], pair_weights[keep]
             out = self._exchange_and_compute(rows, torch.full_like(counts, rows.shape[0] // self.num_experts))
             out = out.view(self.num_experts, -1, out.shape[-1])
             out = torch.cat([out[e, :n] for e, n in enumerate(kept)])  # drop the padding, keep expert order
-        combined = self.builder.reduce_from_tp(out) * pair_weights
+        combined = self.exit(out) * pair_weights
         return torch.zeros_like(x).index_add_(0, token_of, combined)
 
     def capacity(self, pairs: int) -> int:
@@ -210,7 +223,7 @@ class ExpertParallelExperts(nn.Module):
         keep = rank_in_expert < cap
         slot = sorted_experts[keep] * cap + rank_in_expert[keep]
         rows = x.new_zeros(self.num_experts * cap, x.shape[-1]).index_copy(
-            0, slot, self.builder.copy_to_tp(x)[token_of[keep]])
+            0, slot, self.entry(x)[token_of[keep]])
         return rows, counts.clamp(max=cap).tolist(), keep
 
     def _exchange_and_compute(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -249,12 +262,22 @@ def _deepspeed_moe_class() -> type:
     return DeepSpeedExpertParallelExperts
 
 
-def build_expert_parallel_experts(num_experts: int, hidden: int, intermediate: int,
-                                  builder: LayerBuilder) -> ExpertParallelExperts:
-    """The EP container DeepSpeed needs for the run's ZeRO stage (see the module docstring)."""
-    cls = ExpertParallelExperts if builder.experts.zero3 else _deepspeed_moe_class()
-    return cls(num_experts, hidden, intermediate, builder)
+def build_expert_parallel_experts(experts: RoutedExperts, split: ExpertSplit) -> ExpertParallelExperts:
+    """The EP container DeepSpeed needs for the run's ZeRO stage (see the module docstring), holding this
+    rank's experts of ``experts``."""
+    cls = ExpertParallelExperts if split.zero3 else _deepspeed_moe_class()
+    return cls(experts, split)
 
 
-__all__ = ["ExpertParallelExperts", "ExpertSplit", "LocalExpert", "build_expert_parallel_experts",
-           "expert_split", "group_name", "register_expert_groups"]
+def apply_expert_parallel(model: nn.Module, split: ExpertSplit) -> int:
+    """Swap the routed experts of every ``MoEFeedForward`` of ``model`` for this rank's EP container;
+    returns how many."""
+    names = [name for name, module in model.named_modules() if isinstance(module, MoEFeedForward)]
+    for name in names:
+        moe = model.get_submodule(name)
+        replace_submodule(model, f"{name}.experts", build_expert_parallel_experts(moe.experts, split))
+    return len(names)
+
+
+__all__ = ["ExpertParallelExperts", "ExpertSplit", "LocalExpert", "apply_expert_parallel",
+           "build_expert_parallel_experts", "expert_split", "group_name", "register_expert_groups"]

@@ -46,17 +46,11 @@ class Layout:
 
 @dataclass(frozen=True)
 class Dimension:
-    """One parallel dimension: who implements it and, while it is not built, which issue brings it."""
+    """One parallel dimension and what implements it."""
 
     key: str
     title: str
     engine: str
-    issue: int | None = None
-    refusal: str = ""
-
-    @property
-    def built(self) -> bool:
-        return self.issue is None
 
 
 class _Sizes(NamedTuple):
@@ -137,7 +131,7 @@ def _ffn_dims_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
              llm.moe.expert_intermediate_size * llm.moe.num_shared_experts)]
     if cfg.parallel.tp_experts:
         dims.append(("model.llm.moe.expert_intermediate_size", llm.moe.expert_intermediate_size))
-    if llm.dense_layers:
+    if len(llm.moe_layers) < llm.num_layers:  # some layers have the dense FFN
         dims.append(("model.llm.dense_intermediate_size", llm.dense_intermediate_size))
     bad = [(name, n) for name, n in dims if n and n % s.tp]
     if not bad:
@@ -184,6 +178,23 @@ def _pipeline_untied(cfg: XoronConfig, s: _Sizes) -> str | None:
     return (f"model.llm.tie_word_embeddings = true with parallel.pp = {s.pp}: the embedding (first stage) and LM "
             f"head (last stage) would need their gradients summed across stages, which is not built; set "
             f"model.llm.tie_word_embeddings=false")
+
+
+def _encoder_heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.tp == 1 or cfg.data.source != "arrow":
+        return None
+    model = cfg.model
+    heads = [(f"model.{name}.num_heads", getattr(model, name).num_heads)
+             for name in ("vision", "video") if getattr(model, name).enabled]
+    if heads:
+        heads += [("model.projector.num_heads", model.projector.num_heads)]
+        heads += [("model.fusion.num_heads", model.fusion.num_heads)] if model.fusion.layers else []
+    bad = [(name, n) for name, n in heads if n % s.tp]
+    if not bad:
+        return None
+    name, n = bad[0]
+    return (f"{name} = {n} is not divisible by parallel.tp = {s.tp}: tensor parallelism splits every attention "
+            f"by heads; pick tp from {_divisors(n)}")
 
 
 def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
@@ -234,6 +245,8 @@ RULES: tuple[Rule, ...] = (
     Rule("tp", "FFN intermediate sizes (shared expert, dense layers, routed experts unless "
                "`parallel.tp_experts=false`) divisible by tp; the vocabulary is padded to a multiple of tp",
          _ffn_dims_divide),
+    Rule("tp", "with encoders: `num_heads` of `model.vision`, `model.video`, `model.projector`, `model.fusion` "
+               "divisible by tp", _encoder_heads_divide),
     Rule("tp", "`parallel.sequence_parallel` (Megatron's norm-region split) not built yet: false",
          _megatron_sequence_parallel),
     Rule("sp", "`train.seq_len` (and every stage's `seq_len`) divisible by 2·sp (zig-zag chunks)", _seq_len_chunks),
@@ -253,12 +266,10 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def validate_layout(cfg: XoronConfig, world_size: int, *, allow_unbuilt: bool = False) -> Layout:
+def validate_layout(cfg: XoronConfig, world_size: int) -> Layout:
     """Check ``cfg.parallel`` against ``world_size`` and the model; return the ``Layout`` or raise ``LayoutError``.
 
-    Every problem is reported at once. ``allow_unbuilt`` skips only the refusals of dimensions that
-    are not built yet (so group creation for TP/PP/SP/EP can be tested ahead of them); the
-    arithmetic is always checked.
+    Every problem is reported at once.
     """
     if world_size < 1:
         raise LayoutError(f"world size {world_size}: a run needs at least one rank")
@@ -267,11 +278,6 @@ def validate_layout(cfg: XoronConfig, world_size: int, *, allow_unbuilt: bool = 
     dp = world_size // model if world_size % model == 0 else None
     sizes = _Sizes(world_size, p.tp, p.pp, p.sp, p.ep, p.zero_stage, dp)
     problems = [msg for rule in RULES if (msg := rule.check(cfg, sizes)) is not None]
-    if not allow_unbuilt:
-        for dim in SUPPORTED:
-            size = getattr(p, dim.key, 1)
-            if not dim.built and size > 1:
-                problems.append(f"parallel.{dim.key} = {size}: {dim.refusal}; use parallel.{dim.key}=1 until then")
     if problems:
         head = (f"parallel layout (tp={p.tp}, pp={p.pp}, sp={p.sp}, ep={p.ep}, zero_stage={p.zero_stage}) "
                 f"does not fit a world of {world_size} rank(s):")
@@ -283,14 +289,13 @@ def validate_layout(cfg: XoronConfig, world_size: int, *, allow_unbuilt: bool = 
 def compatibility_markdown() -> str:
     """The compatibility table the README embeds: one row per dimension, its status and its rules."""
     lines = [
-        "| Dimension | Setting | Status | Engine | Requirements |",
-        "| --- | --- | --- | --- | --- |",
+        "| Dimension | Setting | Engine | Requirements |",
+        "| --- | --- | --- | --- |",
     ]
     for dim in SUPPORTED:
         setting = "world / (tp·pp·sp)" if dim.key == "dp" else f"`parallel.{dim.key}`"
-        status = "built" if dim.built else f"refused when > 1: {dim.refusal}"
         rules = "<br>".join(rule.requirement for rule in RULES if rule.dimension == dim.key)
-        lines.append(f"| {dim.title} | {setting} | {status} | {dim.engine} | {rules} |")
+        lines.append(f"| {dim.title} | {setting} | {dim.engine} | {rules} |")
     return "\n".join(lines) + "\n"
 
 

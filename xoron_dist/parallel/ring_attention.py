@@ -14,13 +14,13 @@ holds, adds its dQ locally and its share of the block's dK/dV to a buffer that t
 block and finally reaches the block's owner (one extra hop). Sends are posted before the compute
 of a step and waited for after it, so communication overlaps the block attention.
 
-Causal balance (zig-zag): the sequence is cut into 2·sp chunks and rank r holds chunks r and
-2·sp-1-r, so every rank has the same number of unmasked (query, key) pairs (the layout of Llama 3's
-context parallelism, arXiv:2407.21783 §3.3.2). Masking itself does not assume that layout: every
-block travels with its rows' global positions and optional document ids, each (query half, key
-half) tile is classified as skipped (entirely masked: no compute, the ring still moves), full,
-causal-diagonal (the kernel's own mask), or masked with an explicit mask; query rows that see no
-key of a tile contribute nothing (their tile log-sum-exp is -inf).
+Causal balance (zig-zag, ``xoron_dist.parallel.sequence``): the sequence is cut into 2·sp chunks and
+rank r holds chunks r and 2·sp-1-r, so every rank has the same number of unmasked (query, key) pairs
+(the layout of Llama 3's context parallelism, arXiv:2407.21783 §3.3.2). Masking itself does not
+assume that layout: every block travels with its rows' global positions and optional document ids,
+each (query half, key half) tile is classified as skipped (entirely masked: no compute, the ring
+still moves), full, causal-diagonal (the kernel's own mask), or masked with an explicit mask; query
+rows that see no key of a tile contribute nothing (their tile log-sum-exp is -inf).
 
 MLA latent option (``ring_attention_latent``): MLA's keys and values are an up-projection of a
 normed latent (kv_lora_rank) plus one rope key shared by all heads (DeepSeek-V2 §2.1,
@@ -30,7 +30,7 @@ their gradients, and each rank accumulates its share of the up-projection's weig
 
 The block kernel is ATen's fused CPU flash attention (``_scaled_dot_product_flash_attention_for_cpu``
 and its backward), which returns the log-sum-exp the merge needs; it wants one head dim for q, k
-and v, so the narrower of (q/k, v) is zero-padded as ``MultiLatentAttention._expanded`` does.
+and v, so the narrower of (q/k, v) is zero-padded as MLA's ``ExpandedAttention`` does.
 """
 
 from __future__ import annotations
@@ -77,53 +77,6 @@ class RingTraffic:
 
 
 traffic = RingTraffic()  # module-level counter read by tests and bench/ring_attention.py
-
-
-# ---------------------------------------------------------------------------------------------
-# Zig-zag layout
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_zigzag(seq_len: int, sp_rank: int, sp_size: int, what: str) -> int:
-    if sp_size < 1 or not 0 <= sp_rank < sp_size:
-        raise RingLayoutError(f"sp_rank={sp_rank}, sp_size={sp_size}: need 0 <= sp_rank < sp_size")
-    if seq_len % (2 * sp_size):
-        raise RingLayoutError(
-            f"{what} has {seq_len} rows, not a multiple of 2*sp = {2 * sp_size}: the zig-zag layout cuts the "
-            f"sequence into 2*sp equal chunks; pad or pack the sequence to a multiple of {2 * sp_size}"
-        )
-    return seq_len // (2 * sp_size)
-
-
-def zigzag_split(x: torch.Tensor, dim: int, sp_rank: int, sp_size: int) -> torch.Tensor:
-    """This rank's rows of ``x`` along ``dim``: chunks sp_rank and 2·sp-1-sp_rank of 2·sp equal chunks."""
-    _check_zigzag(x.shape[dim], sp_rank, sp_size, f"dim {dim} of a tensor of shape {tuple(x.shape)}")
-    chunks = x.chunk(2 * sp_size, dim=dim)
-    return torch.cat((chunks[sp_rank], chunks[2 * sp_size - 1 - sp_rank]), dim=dim)
-
-
-def zigzag_positions(seq_len: int, sp_rank: int, sp_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """Global row positions (seq_len / sp,) int64 that ``zigzag_split`` gives this rank, in local order."""
-    chunk = _check_zigzag(seq_len, sp_rank, sp_size, "the sequence")
-    first, second = sp_rank * chunk, (2 * sp_size - 1 - sp_rank) * chunk
-    return torch.cat((torch.arange(first, first + chunk, device=device),
-                      torch.arange(second, second + chunk, device=device)))
-
-
-def zigzag_gather(x_local: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Inverse of ``zigzag_split`` on every rank of ``group``: the full sequence in global order.
-
-    A plain all-gather (no autograd): for tests, logging and gathering outputs.
-    """
-    sp_size = dist.get_world_size(group)
-    if x_local.shape[dim] % 2:
-        raise RingLayoutError(f"dim {dim} of the local tensor has {x_local.shape[dim]} rows; a zig-zag local "
-                              "sequence is two equal chunks, so its length is even")
-    pieces = [torch.empty_like(x_local, memory_format=torch.contiguous_format) for _ in range(sp_size)]
-    dist.all_gather(pieces, x_local.contiguous(), group=group)
-    halves = [piece.chunk(2, dim=dim) for piece in pieces]
-    chunks = [halves[c][0] if c < sp_size else halves[2 * sp_size - 1 - c][1] for c in range(2 * sp_size)]
-    return torch.cat(chunks, dim=dim)
 
 
 # ---------------------------------------------------------------------------------------------

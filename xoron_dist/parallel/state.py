@@ -103,12 +103,11 @@ class ParallelContext:
 _CONTEXT: ParallelContext | None = None
 
 
-def initialize(cfg: XoronConfig, *, allow_unbuilt: bool = False) -> ParallelContext:
+def initialize(cfg: XoronConfig) -> ParallelContext:
     """Join the job: discover ranks, pick the device, validate the layout, then create every group.
 
-    ``allow_unbuilt`` lets layouts whose dimensions are not built yet through (tests of group
-    creation); the arithmetic checks still apply. Raises ``LaunchError`` (environment),
-    ``ConfigError``/``LayoutError`` (config vs. hardware/world) before any group exists.
+    Raises ``LaunchError`` (environment), ``ConfigError``/``LayoutError`` (config vs. hardware/world)
+    before any group exists.
     """
     global _CONTEXT
     if _CONTEXT is not None or dist.is_initialized():
@@ -118,7 +117,7 @@ def initialize(cfg: XoronConfig, *, allow_unbuilt: bool = False) -> ParallelCont
         )
     rank_info = discover_ranks()
     device_info = detect_device(rank_info.local_rank, cfg.train.precision)
-    layout = validate_layout(cfg, rank_info.world_size, allow_unbuilt=allow_unbuilt)
+    layout = validate_layout(cfg, rank_info.world_size)
     if layout.sp > 1 and device_info.kind != "cpu":
         # The ring's block kernel is ATen's fused CPU flash attention (it returns the log-sum-exp the
         # merge needs); its GPU counterpart has not been built and tested yet.

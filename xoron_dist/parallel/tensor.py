@@ -1,36 +1,44 @@
-"""Tensor parallelism: the layer builder whose layers are split over the TP group.
+"""Tensor parallelism: the single-rank model's layers swapped for ones split over the TP group.
 
-Built from Megatron-core's ``tensor_parallel`` primitives: its conjugate communication
-functions (``copy_to``: identity forward, all-reduce of the gradient backward; ``reduce_from``:
-all-reduce forward, identity backward), ``VocabParallelEmbedding`` and
-``vocab_parallel_cross_entropy``. The model asks the builder for column-, row- or replicated
-linears and does not change (``xoron_dist.model.layers.LayerBuilder``):
+``apply_tensor_parallel(model, plan, rank, size)`` walks the component sharding plans
+(``xoron_dist.model.sharding``; vocabulary in ``xoron_dist.model.common.sharding``) and replaces
+each matched module by its tensor-parallel counterpart, holding this rank's slice of the module's
+full weight; the model's code does not change, and every TP size starts from exactly the
+single-rank weights. The layers are built from Megatron-core's ``tensor_parallel`` primitives:
+its conjugate communication functions (``copy_to``: identity forward, all-reduce of the gradient
+backward; ``reduce_from``: all-reduce forward, identity backward), ``VocabParallelEmbedding`` and
+``vocab_parallel_cross_entropy``:
 
-    column_linear   weight (out/tp, in)   y_local = x W_local^T           (x copied in: copy_to)
-    row_linear      weight (out, in/tp)   y = reduce_from(x_local W_local^T)
-    output_layer    a column layer over the (padded) vocabulary; the loss is vocab-parallel
-    embedding       vocabulary rows split; each rank embeds its ids, then an all-reduce
+    colwise          weight (out/tp, in), bias split    y_local = copy_to(x) W_localᵀ + b_local
+    rowwise          weight (out, in/tp), bias whole    y = reduce_from(x_local W_localᵀ) + b
+    vocab_embedding  rows split (padded to a multiple of pad_vocab_multiple·tp), Megatron's layer
+    vocab_head       an LM head over this rank's rows; the loss is Megatron's vocab-parallel CE
+    experts          every routed expert's FFN dim split (gate/up rows, down columns)
+    enter / leave    copy_to / reduce_from modules in place of the model's identity seams
 
 Every split parameter carries Megatron's ``tensor_model_parallel``/``partition_dim``/
-``partition_stride`` attributes: the model initialises it as the slice of a full tensor drawn
-from the same seed (so a TP model starts from exactly the single-rank weights), and DeepSpeed
-counts it once per TP group in the gradient norm.
+``partition_stride`` attributes, which DeepSpeed reads to count it once per TP group in the
+gradient norm. A swapped module keeps its parameter names and their order (optimizer states and
+checkpoints are laid out in that order), and weights shared between modules (tied embeddings)
+are shared again after the swap.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xoron_dist.model.layers import LayerBuilder, SequenceSplit, mark_tp_split
-from xoron_dist.parallel.experts import expert_split
+from xoron_dist.model.common.moe import RoutedExperts
+from xoron_dist.model.common.sharding import TensorPlan, TensorSplit, match_plan
+from xoron_dist.model.llm.head import LMHead
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron.core import ModelParallelConfig, parallel_state
+    from megatron.core import ModelParallelConfig
     from megatron.core.tensor_parallel import (
         VocabParallelEmbedding,
         copy_to_tensor_model_parallel_region,
@@ -40,84 +48,197 @@ with warnings.catch_warnings():
     )
 
 
-def _split(size: int, tp: int, what: str) -> int:
-    if size % tp:
-        raise ValueError(f"{what} = {size} is not divisible by the tensor-parallel size {tp}")
-    return size // tp
+class TensorSplitError(ValueError):
+    """A module the sharding plan splits does not divide over the tensor-parallel ranks."""
+
+
+def mark_tp_split(param: torch.Tensor, dim: int, stride: int = 1) -> torch.Tensor:
+    """Record that ``param`` is this rank's slice of a tensor split over tensor-parallel ranks.
+
+    ``dim``: the split dimension; ``stride``: how many equal blocks the full dimension holds that
+    are split separately (2 for a fused [gate; up] weight, so each rank gets half of both).
+    Megatron's attribute names, which DeepSpeed reads to count the slice once in grad norms.
+    """
+    param.tensor_model_parallel = True
+    param.partition_dim, param.partition_stride = dim, stride
+    return param
+
+
+def tp_slice(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full`` along ``dim`` (see ``mark_tp_split`` for ``stride``)."""
+    blocks = full.chunk(stride, dim=dim)
+    return torch.cat([block.chunk(size, dim=dim)[rank] for block in blocks], dim=dim)
+
+
+def _split_param(full: torch.Tensor, dim: int, rank: int, size: int, where: str, split: TensorSplit,
+                 stride: int = 1) -> nn.Parameter:
+    """This rank's slice of ``full`` along ``dim`` as a new, marked parameter (checks divisibility)."""
+    extent = full.shape[dim] // stride
+    unit = split.unit * size
+    if extent % unit:
+        what = split.what or "features"
+        raise TensorSplitError(
+            f"tensor parallelism cannot split {where} (dim {dim}: {extent // split.unit} {what}"
+            f"{'' if split.unit == 1 else f' of {split.unit}'}) over tp = {size} ranks; use a tensor-parallel "
+            f"size that divides {extent // split.unit}")
+    param = nn.Parameter(tp_slice(full.detach(), dim, stride, rank, size).clone(), requires_grad=full.requires_grad)
+    return mark_tp_split(param, dim, stride)
+
+
+def _keep_order(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Register ``new``'s parameters in ``old``'s order (optimizer states are laid out in that order)."""
+    order = [name for name in old._parameters if name in new._parameters]
+    new._parameters = {name: new._parameters[name] for name in order + [n for n in new._parameters if n not in order]}
+    return new
 
 
 class ColumnParallelLinear(nn.Module):
-    """``y_local = x W_local^T``: the output features are split; no bias (Xoron has none)."""
+    """``y_local = copy_to(x) W_localᵀ + b_local``: the output features (and bias) are split."""
 
-    def __init__(self, in_features: int, out_features: int, tp: int) -> None:
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         super().__init__()
-        self.weight = mark_tp_split(nn.Parameter(torch.empty(_split(out_features, tp, "out_features"),
-                                                             in_features)), dim=0)
+        self.weight, self.bias = weight, bias
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Where the whole input enters the split layer: identity forward, gradient summed over TP."""
+        return copy_to_tensor_model_parallel_region(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tensor_model_parallel_region(x), self.weight)
+        return F.linear(self.enter(x), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """``y = sum over ranks of x_local W_local^T``: the input features are split."""
+    """``y = reduce_from(x_local W_localᵀ) + b``: the input features are split, the bias added once."""
 
-    def __init__(self, in_features: int, out_features: int, tp: int) -> None:
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         super().__init__()
-        self.weight = mark_tp_split(nn.Parameter(torch.empty(out_features,
-                                                             _split(in_features, tp, "in_features"))), dim=1)
+        self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
 
 
-class TensorParallelBuilder(LayerBuilder):
-    """Layers split over Megatron-core's tensor-parallel group (``parallel_state`` must be up)."""
+class CopyToTensorParallel(nn.Module):
+    """Identity forward, gradient all-reduced over TP (replaces a ``SplitEntry``)."""
 
-    def __init__(self, split_experts: bool = True) -> None:
-        self.split_experts = split_experts
-        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        # Our own initialisation (full tensor, then this rank's slice) replaces Megatron's.
-        self._megatron = ModelParallelConfig(tensor_model_parallel_size=self.tp_size, use_cpu_initialization=True,
-                                             perform_initialization=False)
-
-    def column_linear(self, in_features: int, out_features: int) -> nn.Module:
-        return ColumnParallelLinear(in_features, out_features, self.tp_size)
-
-    def row_linear(self, in_features: int, out_features: int) -> nn.Module:
-        return RowParallelLinear(in_features, out_features, self.tp_size)
-
-    def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
-        _split(num_embeddings, self.tp_size, "vocabulary rows")
-        layer = VocabParallelEmbedding(num_embeddings, dim, init_method=nn.init.zeros_, config=self._megatron)
-        mark_tp_split(layer.weight, dim=0)
-        return layer
-
-    def output_layer(self, dim: int, vocab: int) -> nn.Module:
-        return ColumnParallelLinear(dim, vocab, self.tp_size)
-
-    def copy_to_tp(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return copy_to_tensor_model_parallel_region(x)
 
-    def reduce_from_tp(self, x: torch.Tensor) -> torch.Tensor:
+
+class ReduceFromTensorParallel(nn.Module):
+    """All-reduce over TP forward, identity backward (replaces a ``SplitExit``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reduce_from_tensor_model_parallel_region(x)
 
-    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return gather_from_tensor_model_parallel_region(logits)
+
+class VocabParallelLMHead(LMHead):
+    """``LMHead`` over this rank's rows of the (TP-padded) vocabulary, with Megatron's vocab-parallel loss."""
+
+    def __init__(self, head: LMHead, weight: nn.Parameter, rank: int) -> None:
+        nn.Module.__init__(self)
+        self.usable, self.chunk_tokens = head.usable, head.chunk_tokens
+        self.weight = weight
+        self.vocab_offset = rank * weight.shape[0]
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tensor_model_parallel_region(hidden), self.weight)
 
     def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # Megatron's kernel needs a real id everywhere; ignored positions are masked by the caller.
         return vocab_parallel_cross_entropy(logits.float(), targets.clamp(min=0))
 
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        return gather_from_tensor_model_parallel_region(logits)
 
-def layer_builder(cfg) -> LayerBuilder:
-    """The builder for a run (``cfg``: XoronConfig): layers split over TP when tp > 1, routed experts
-    spread over the expert-parallel group when ep > 1, and the sequence split over the
-    context-parallel group (ring attention) when sp > 1."""
-    builder = TensorParallelBuilder(cfg.parallel.tp_experts) if cfg.parallel.tp > 1 else LayerBuilder()
-    builder.experts = expert_split(cfg)
-    if cfg.parallel.sp > 1:
-        builder.sequence = SequenceSplit(parallel_state.get_context_parallel_group(),
-                                         parallel_state.get_context_parallel_rank(),
-                                         parallel_state.get_context_parallel_world_size(), cfg.parallel.ring_latent)
-    return builder
+
+def _padded_rows(weight: torch.Tensor, multiple: int, size: int) -> torch.Tensor:
+    """The vocabulary weight with zero rows appended up to a multiple of ``multiple · size`` (Megatron's
+    rule: every rank holds the same number of rows; padding rows are never predicted)."""
+    rows = math.ceil(weight.shape[0] / (multiple * size)) * multiple * size
+    return F.pad(weight.detach(), (0, 0, 0, rows - weight.shape[0]))
+
+
+def _colwise(module, split, rank, size, name):
+    bias = None if module.bias is None else _split_param(module.bias, 0, rank, size, f"{name}.bias", split)
+    return ColumnParallelLinear(_split_param(module.weight, 0, rank, size, f"{name}.weight", split), bias)
+
+
+def _rowwise(module, split, rank, size, name):
+    return RowParallelLinear(_split_param(module.weight, 1, rank, size, f"{name}.weight", split), module.bias)
+
+
+def _vocab_embedding(module, split, rank, size, name):
+    full = _padded_rows(module.weight, split.unit, size)
+    config = ModelParallelConfig(tensor_model_parallel_size=size, use_cpu_initialization=True,
+                                 perform_initialization=False)
+    layer = VocabParallelEmbedding(full.shape[0], full.shape[1], init_method=nn.init.zeros_, config=config)
+    layer.weight = _split_param(full, 0, rank, size, f"{name}.weight", split)
+    layer.weight.requires_grad_(module.weight.requires_grad)
+    return layer
+
+
+def _vocab_head(module, split, rank, size, name):
+    full = _padded_rows(module.weight, split.unit, size)
+    weight = _split_param(full, 0, rank, size, f"{name}.weight", split)
+    weight.requires_grad_(module.weight.requires_grad)
+    return VocabParallelLMHead(module, weight, rank)
+
+
+def _experts(module: RoutedExperts, split, rank, size, name):
+    module.gate_up = _split_param(module.gate_up, 1, rank, size, f"{name}.gate_up", split, stride=2)
+    module.down = _split_param(module.down, 2, rank, size, f"{name}.down", split)
+    return module
+
+
+_SWAPS = {
+    "colwise": _colwise,
+    "rowwise": _rowwise,
+    "vocab_embedding": _vocab_embedding,
+    "vocab_head": _vocab_head,
+    "experts": _experts,
+    "enter": lambda *_: CopyToTensorParallel(),
+    "leave": lambda *_: ReduceFromTensorParallel(),
+}
+
+
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def shared_parameters(model: nn.Module) -> list[list[str]]:
+    """Names under which the same parameter appears more than once (tied weights), first name first."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def retie(model: nn.Module, ties: list[list[str]]) -> None:
+    """Make the parameters named in each group of ``ties`` one parameter again (the first name's)."""
+    for first, *others in ties:
+        param = model.get_parameter(first)
+        for other in others:
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, param)
+
+
+def apply_tensor_parallel(model: nn.Module, plan: TensorPlan, rank: int, size: int) -> int:
+    """Swap every module ``plan`` matches for its counterpart split over ``size`` TP ranks (this is
+    rank ``rank``); returns how many modules were swapped. Vocabulary splits need the plan's
+    ``unit`` = the vocabulary padding multiple."""
+    ties = shared_parameters(model)
+    matched = match_plan(model, plan)
+    for name, module, split in matched:
+        new = _SWAPS[split.kind](module, split, rank, size, name)
+        if new is not module:
+            replace_submodule(model, name, _keep_order(new, module))
+    retie(model, ties)
+    return len(matched)
+
+
+__all__ = ["ColumnParallelLinear", "CopyToTensorParallel", "ReduceFromTensorParallel", "RowParallelLinear",
+           "TensorSplitError", "VocabParallelLMHead", "apply_tensor_parallel", "mark_tp_split", "retie",
+           "replace_submodule", "shared_parameters", "tp_slice"]

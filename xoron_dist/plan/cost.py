@@ -119,7 +119,7 @@ def estimate_step(cfg: XoronConfig, layout: Layout, shape: TrainingShape, cluste
 
     stage = max(stage_parameters(cfg, tp, pp, ep), key=lambda st: st.params.total)
     layers = len(stage.layers)
-    moe_layers = sum(1 for i in stage.layers if i >= llm.dense_layers)
+    moe_layers = sum(1 for i in stage.layers if llm.is_moe_layer(i))
     tokens = shape.micro_batch_size * shape.seq_len // sp  # per rank per micro-batch
 
     def bw(size: int, stride: int) -> float:

@@ -3,7 +3,8 @@
 Parameters are counted exactly from the LLM config, split as the layer builders split them
 (``xoron_dist.parallel.tensor``: column/row linears and the vocabulary over TP; routed experts
 over EP, and on their FFN dim over TP when ``parallel.tp_experts``; layers over PP stages by
-``xoron_dist.parallel.pipeline.partition_layers`` on parameter counts, as ``build_stage`` does).
+``xoron_dist.parallel.pipeline.partition.partition_layers`` on parameter counts, as the trainer's
+``parallelize`` does).
 A test checks the counts against the real model built on the meta device for several layouts.
 
 Bytes per parameter (Ψ: this rank's parameters; ZeRO divides over the data-parallel ranks, which
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 
 from xoron_dist.config import LLMConfig, XoronConfig
 from xoron_dist.parallel.layout import Layout
+from xoron_dist.parallel.pipeline.partition import StageCosts, partition_layers
 
 FP32 = 4
 
@@ -81,10 +83,10 @@ def attention_parameters(llm: LLMConfig, tp: int) -> int:
 def layer_parameters(llm: LLMConfig, index: int, tp: int, ep: int, tp_experts: bool) -> ParameterCount:
     """Decoder layer ``index`` on one rank (attention + norms + dense FFN or MoE)."""
     dense = attention_parameters(llm, tp)
-    if index < llm.dense_layers:
+    if not llm.is_moe_layer(index):
         return ParameterCount(dense + 3 * llm.hidden_size * llm.dense_intermediate_size // tp)
     moe = llm.moe
-    dense += moe.num_experts * llm.hidden_size  # router
+    dense += moe.num_experts * llm.hidden_size + (llm.hidden_size if moe.router_norm else 0)  # router (+ input norm)
     dense += 3 * llm.hidden_size * moe.expert_intermediate_size * moe.num_shared_experts // tp
     expert_split = tp if tp_experts else 1
     expert = moe.num_experts // ep * 3 * llm.hidden_size * moe.expert_intermediate_size // expert_split
@@ -112,8 +114,7 @@ class StageParameters:
 
 
 def stage_parameters(cfg: XoronConfig, tp: int, pp: int, ep: int) -> list[StageParameters]:
-    """Per-rank parameters of every pipeline stage, layers split as ``build_stage`` splits them."""
-    from xoron_dist.parallel.pipeline import StageCosts, partition_layers
+    """Per-rank parameters of every pipeline stage, layers split as ``parallelize`` splits them."""
 
     llm = cfg.llm
     per_layer = [layer_parameters(llm, i, tp, ep, cfg.parallel.tp_experts) for i in range(llm.num_layers)]
@@ -171,7 +172,7 @@ def layer_activation_bytes(llm: LLMConfig, index: int, tp: int, tp_experts: bool
     n += b * heads * v  # attention output made contiguous for out_proj
     n += b * hidden  # residual after attention
     n += _norm_bytes(hidden, b)
-    if index < llm.dense_layers:
+    if not llm.is_moe_layer(index):
         n += 4 * b * llm.dense_intermediate_size // tp
     else:
         moe = llm.moe

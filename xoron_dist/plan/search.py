@@ -166,8 +166,7 @@ def _default_ds_config(cluster: ClusterSpec):
     reads its bucket sizes, which do not depend on the batch split."""
     import torch
 
-    from xoron_dist.plan.writer import ds_config_path_for
-    from xoron_dist.train.ds_config import build_ds_config
+    from xoron_dist.train.ds_config import build_ds_config, ds_config_path_for
 
     dtype = torch.bfloat16 if cluster.device == "cuda" else torch.float32
     cache: dict[tuple[str, int], dict] = {}

@@ -18,25 +18,7 @@ import yaml
 from xoron_dist.config import XoronConfig
 from xoron_dist.plan.cluster import ClusterSpec
 from xoron_dist.plan.search import Candidate
-from xoron_dist.train.ds_config import (
-    REPO_ROOT,
-    build_ds_config,
-    load_ds_json,
-    resolve_ds_config_path,
-    write_ds_config,
-)
-
-
-def ds_config_path_for(cfg: XoronConfig) -> str:
-    """The run's own DeepSpeed JSON when its ZeRO stage is ``cfg.parallel.zero_stage``, else the shipped one."""
-    own = resolve_ds_config_path(cfg.train.ds_config)
-    stage = load_ds_json(own).get("zero_optimization", {}).get("stage", "auto")
-    if stage in ("auto", cfg.parallel.zero_stage):
-        return cfg.train.ds_config
-    shipped = f"ds_configs/zero{cfg.parallel.zero_stage}.json"
-    if not (REPO_ROOT / shipped).is_file():
-        return cfg.train.ds_config  # no shipped JSON for this stage: build_ds_config overrides the stage
-    return shipped
+from xoron_dist.train.ds_config import build_ds_config, ds_config_path_for, write_ds_config
 
 
 def planned_config(cfg: XoronConfig, choice: Candidate) -> XoronConfig:
@@ -65,4 +47,4 @@ def write_plan(cfg: XoronConfig, choice: Candidate, cluster: ClusterSpec, out_di
     return yaml_path, write_ds_config(out / "ds_config.json", ds)
 
 
-__all__ = ["ds_config_path_for", "planned_config", "write_plan"]
+__all__ = ["planned_config", "write_plan"]

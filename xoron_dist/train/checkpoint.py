@@ -34,6 +34,7 @@ them, and until then they are still there if the resume was a mistake.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -100,8 +101,55 @@ def config_hash(cfg: XoronConfig) -> str:
 
     Training settings (steps, lr, logging) may change between resumes and are left out.
     """
-    blob = json.dumps({"model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _hash({"model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"]})
+
+
+def _hash(sections: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The model config as checkpoints written before the model/ restructuring hashed it: fields added
+# since then, with the value that builds the model those checkpoints hold, and the (empty) config
+# sections of components that had no code yet and were dropped.
+_V1_ADDED: dict[tuple[str, ...], Any] = {
+    ("llm", "moe_layer_freq"): 1, ("llm", "moe", "router_score"): "sigmoid", ("llm", "moe", "router_norm"): False,
+}
+_V1_DROPPED: dict[str, dict[str, Any]] = {
+    "audio": {"enabled": False, "sample_rate": 16000, "hidden_size": 512, "num_layers": 12},
+    "image_gen": {"enabled": False, "num_experts": 4, "min_resolution": 256, "max_resolution": 512},
+    "video_gen": {"enabled": False, "num_experts": 4, "min_resolution": 128, "max_resolution": 384},
+}
+
+
+def hash_matches(saved: str, cfg: XoronConfig) -> bool:
+    """Whether a checkpoint whose config hash is ``saved`` holds ``cfg``'s model and layout: today's
+    hash, or that of checkpoints written before the config restructuring (same model)."""
+    if saved == config_hash(cfg):
+        return True
+    model = copy.deepcopy(cfg.to_dict()["model"])
+    for path, value in _V1_ADDED.items():
+        *parents, leaf = path
+        node = model
+        for key in parents:
+            node = node[key]
+        if node.pop(leaf) != value:
+            return False
+    model.update(copy.deepcopy(_V1_DROPPED))
+    return saved == _hash({"model": model, "parallel": cfg.to_dict()["parallel"]})
+
+
+# Parameter names that changed: (pattern, replacement) applied to a checkpoint's module state on load.
+_RENAMED = ((re.compile(r"(\.self_attn\.(?:q|k|v|out)_proj|\.mlp\.fc[12])\.layer\.weight$"), r"\1.weight"),)
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: the vision tower's ``<proj>.layer.weight`` is ``<proj>.weight`` now."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = key
+        for pattern, replacement in _RENAMED:
+            new = pattern.sub(replacement, new)
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
 
 
 # --------------------------------------------------------------------------- RNG
@@ -300,6 +348,7 @@ def load_checkpoint(
             "DeepSpeed ZeRO partitions and per-rank RNG states need the same world size"
         )
     rank_file = ckpt_dir / f"rng_rank{dist.get_rank()}.pt"
+    renames = engine.module.register_load_state_dict_pre_hook(_rename_legacy_keys)
     try:
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
         load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
@@ -307,6 +356,8 @@ def load_checkpoint(
                                               load_lr_scheduler_states=not module_only)
     except _LOAD_ERRORS as err:
         raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+    finally:
+        renames.remove()
     if load_path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no model-states file to load")
     if isinstance(engine.lr_scheduler, WarmupCosineSchedule) and not module_only:

@@ -193,3 +193,15 @@ def _leftover_auto(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, dict):
         return [key for k, v in node.items() for key in _leftover_auto(v, f"{prefix}{k}.")]
     return [prefix[:-1]] if node == "auto" else []
+
+
+def ds_config_path_for(cfg: XoronConfig) -> str:
+    """The run's own DeepSpeed JSON when its ZeRO stage is ``cfg.parallel.zero_stage``, else the shipped one."""
+    own = resolve_ds_config_path(cfg.train.ds_config)
+    stage = load_ds_json(own).get("zero_optimization", {}).get("stage", "auto")
+    if stage in ("auto", cfg.parallel.zero_stage):
+        return cfg.train.ds_config
+    shipped = f"ds_configs/zero{cfg.parallel.zero_stage}.json"
+    if not (REPO_ROOT / shipped).is_file():
+        return cfg.train.ds_config  # no shipped JSON for this stage: build_ds_config overrides the stage
+    return shipped

@@ -20,11 +20,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch.distributed
 from tqdm import tqdm
@@ -205,3 +207,22 @@ class ProgressLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON line per step on rank 0, for scripts and tests.
+
+    On resume the lines after the checkpoint's step (written by the run that crashed after
+    it) are dropped, so the file always describes one consistent history.
+    """
+
+    def __init__(self, path: Path, enabled: bool, keep_up_to: int) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_up_to]
+            path.write_text("".join(f"{line}\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")

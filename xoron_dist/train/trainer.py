@@ -1,10 +1,12 @@
 """The training loop. Everything else a run needs lives beside it:
 
-    parallel/state.py   ranks, device, layout, process groups     ds_config.py   DeepSpeed JSON
-    stages.py           curriculum stages                         batches.py     batch sources, data cache
-    schedule.py         warmup + cosine LR                        checkpoint.py  save / resume
-    tensorboard.py      events (rank 0)                           metrics.py     throughput, progress line
-    moe_monitor.py      expert load scalars, starved experts
+    parallel/state.py   ranks, device, layout, process groups     build.py       model -> parallelize -> engine
+    step.py             one optimizer step (micro-batches | 1F1B)  objectives.py  losses and their weights
+    expert_balance.py   expert-bias updates of every MoE          stages.py      curriculum stages
+    sources.py          batch sources                             data_cache.py  prepared synthetic data
+    ds_config.py        DeepSpeed JSON                            schedule.py    warmup + cosine LR
+    checkpoint.py       save / resume                             tensorboard.py events (rank 0)
+    metrics.py          throughput, progress line, metrics.jsonl  moe_monitor.py expert load, starved experts
 
 A run is a sequence of stages (one, ``main``, without ``stages:``). Each stage builds its own
 engine (its trainable parameters and optimizer) and batch source (its data mix and sequence
@@ -17,7 +19,6 @@ the end of every stage, a checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import signal
@@ -25,39 +26,35 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
 from data_prep.errors import PrepError
 from xoron_dist.config import ConfigError, XoronConfig
 from xoron_dist.data.loader import LoaderStateError
 from xoron_dist.data.schema import CorruptShardError
 from xoron_dist.data.shards import TokenizerMismatchError
-from xoron_dist.model.llm import XoronLLM
-from xoron_dist.model.xoron import XoronMultimodalModel, build_model
 from xoron_dist.parallel import state as parallel_state
-from xoron_dist.parallel.engine import gradient_divisor, prepare_for_deepspeed
 from xoron_dist.parallel.launcher_env import LaunchError
-from xoron_dist.parallel.pipeline import build_stage, train_step_1f1b
-from xoron_dist.parallel.tensor import layer_builder
 from xoron_dist.tokenizer import build_tokenizer
-from xoron_dist.train.batches import build_source, ensure_prepared, shard_sequence
+from xoron_dist.train.build import BuiltStage, build_stage
 from xoron_dist.train.checkpoint import (
     CheckpointError,
     TrainerState,
     config_hash,
+    hash_matches,
     latest_tag,
     load_checkpoint,
     peek_state,
     save_checkpoint,
 )
-from xoron_dist.train.ds_config import build_ds_config, write_ds_config
-from xoron_dist.train.metrics import ProgressLog, StepTimer
+from xoron_dist.train.data_cache import ensure_prepared
+from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
-from xoron_dist.train.schedule import WarmupCosineSchedule
-from xoron_dist.train.stages import StagePlan, freeze_parameters, plan_stages, stage_at
+from xoron_dist.train.objectives import TokenGroups
+from xoron_dist.train.sources import build_source
+from xoron_dist.train.stages import StagePlan, plan_stages, stage_at
+from xoron_dist.train.step import StepResult, StepRunner
 from xoron_dist.train.tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
@@ -121,23 +118,6 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         logger.warning("signal %d: will save a checkpoint and stop after this step", signum)
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float, zero_stage: int = 0) -> list[dict]:
-    """Decay matrices (and stacked experts); not norms, biases or router vectors.
-
-    Expert-parallel experts under ZeRO 0-2 go into DeepSpeed's MoE groups (``moe: True``, one per
-    expert group), which it reduces and partitions over the expert-data-parallel ranks only.
-    """
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    if zero_stage < 3 and any(is_moe_param(p) for p in decay + no_decay):
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return groups
 
 
 def train(cfg: XoronConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -211,7 +191,7 @@ def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], *, resume: bool, overw
         found = peek_state(paths.checkpoints)
         if found is None:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", paths.checkpoints)
-        elif found.config_hash != state.config_hash:
+        elif not hash_matches(found.config_hash, cfg):
             raise ConfigError(
                 f"checkpoint {paths.checkpoints} was written by a run with a different model/parallel config "
                 f"(hash {found.config_hash}, now {state.config_hash}); resume with the run's own "
@@ -238,108 +218,87 @@ def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], *, resume: bool, overw
 def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPaths, logs: RunLogs,
                stop: StopRequest, state: TrainerState, *, load: bool) -> tuple[TrainerState, float | None, bool]:
     """Train one curriculum stage from ``state`` to its last step (or until a stop is requested)."""
-    tc = cfg.train
-    torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    builder = layer_builder(cfg)
-    # XoronMultimodalModel when an encoder is enabled; synthetic_text batches hold no media to encode
-    model = build_model(cfg, builder) if cfg.data.source == "arrow" else XoronLLM(cfg.llm, builder)
-    multimodal = isinstance(model, XoronMultimodalModel)  # its layout limits are checked by validate_layout
-    model.activation_checkpointing = tc.activation_checkpointing
-    model.loss_chunk_tokens = tc.loss_chunk_tokens
-    frozen = freeze_parameters(model, plan)
-    if ctx.layout.pp > 1:
-        model = build_stage(model)  # this rank's pipeline stage, cut out before it moves to the device
-    model = model.to(ctx.device)
-    prepare_for_deepspeed(model, cfg, ctx)  # ZeRO-3: MoE leaf modules, partition groups with SP
-    ds_config = build_ds_config(cfg, ctx.dp_size, ctx.device_info.dtype, ctx.device_info.kind)
-    if ctx.is_main:
-        write_ds_config(paths.root / "ds_config.json", ds_config)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=parameter_groups(model, tc.weight_decay, cfg.parallel.zero_stage),
-        config=ds_config,
-        lr_scheduler=WarmupCosineSchedule.factory(plan.train),
-        mpu=parallel_state.mpu(),
-    )
-    model.keep_router_state_fp32()
+    built = build_stage(cfg, ctx, plan, paths.root)
     source = build_source(cfg, tokenizer, plan, ctx.dp_rank, ctx.dp_size, pin_memory=ctx.device.type == "cuda")
-
-    found = peek_state(paths.checkpoints) if load else None
-    if found is not None and found.stage_index == plan.index:  # resume inside this stage
-        state = load_checkpoint(engine, paths.checkpoints)
-        source.load_state_dict(state.data_position["source"])
-    elif found is not None:  # a new stage starts from the previous stage's weights and expert biases
-        carried = load_checkpoint(engine, paths.checkpoints, module_only=True)
-        state = dataclasses.replace(carried, step=plan.first_step, data_position={})
-    state.stage_index, state.stage_name = plan.index, plan.name
+    state = _enter_stage(built, source, paths, state, plan, load)
     logger.info("stage %d '%s': steps %d..%d, seq_len %d, lr %.2e%s; data: %s", plan.index, plan.name,
                 state.step + 1, plan.last_step, plan.seq_len, plan.train.lr,
-                f", {frozen:,} parameters frozen" if frozen else "", source.describe())
-
-    monitor = ExpertLoadMonitor(model.moe_layer_ids, cfg.llm.moe.num_experts, cfg.llm.moe.starved_expert_warn_steps)
+                f", {built.frozen:,} parameters frozen" if built.frozen else "", source.describe())
+    runner = StepRunner(cfg, ctx, built, TokenGroups(cfg, tokenizer.token_id))
+    monitor = ExpertLoadMonitor(built.balancer.layer_ids(), cfg.llm.moe.num_experts,
+                                cfg.llm.moe.starved_expert_warn_steps)
+    tc = cfg.train
     tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * ctx.dp_size * plan.seq_len
     loss_value = None
     while state.step < plan.last_step:
         wall_start = time.perf_counter()
-        batches = [source.next_batch().to(ctx.device) for _ in range(tc.grad_accum_steps)]
-        if ctx.sp_size > 1:
-            batches = [shard_sequence(b, ctx.sp_rank, ctx.sp_size) for b in batches]
-        # The loss is the mean over every labelled token of the step on all data-parallel (and
-        # sequence-parallel) ranks: weight each micro-batch's sum so that DeepSpeed's 1/accum and
-        # 1/divisor averaging of the gradients summed over dp x sp yield exactly that (the divisor
-        # depends on the ZeRO stage: parallel/engine.py).
-        label_tokens = torch.tensor([float(sum(b.num_label_tokens for b in batches))], device=ctx.device)
-        dist.all_reduce(label_tokens, group=ctx.token_group)
-        scale = gradient_divisor(ctx.layout) * tc.grad_accum_steps / max(label_tokens.item(), 1.0)
-        if ctx.layout.pp > 1:  # every micro-batch through the pipeline's stages (1F1B), same scaling
-            loss_sum = train_step_1f1b(engine, model, batches, scale)
-        else:
-            loss_sum = torch.zeros((), device=ctx.device)
-            for batch in batches:
-                media = model.media_inputs(batch) if multimodal else {}  # images/videos + spans to understand
-                out = engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
-                             document_ids=batch.document_ids, **media)
-                micro_sum = out.loss * out.num_tokens
-                engine.backward(micro_sum * scale)
-                engine.step()
-                loss_sum += micro_sum.detach().float()
-        load = model.update_expert_biases(ctx.token_group, enabled=plan.bias_update, rate=plan.bias_update_rate)
+        result = runner.run([source.next_batch().to(ctx.device) for _ in range(tc.grad_accum_steps)])
+        loads = built.balancer.update(ctx.token_group, enabled=plan.bias_update, rates={"llm": plan.bias_update_rate})
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.data_position = {"source": source.state_dict()}
-
-        dist.all_reduce(loss_sum, group=ctx.token_group)
-        loss_value = loss_sum.item() / max(label_tokens.item(), 1.0)
-        stop_flag = torch.tensor([float(stop.requested)], device=ctx.device)
-        dist.all_reduce(stop_flag)  # all ranks stop together, whichever got the signal
-        stop_now = stop_flag.item() > 0
-
+        loss_value = result.losses["lm"]
+        stop_now = _stop_agreed(stop, ctx)
         logs.timer.step(tokens_per_step)
         state.wall_time_s += time.perf_counter() - wall_start
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = _grad_norm(engine)
-        monitor.update(state.step, load)
-        logs.metrics.write({"step": state.step, "stage": plan.name, "loss": loss_value, "lr": lr,
-                            "grad_norm": grad_norm, "label_tokens": int(label_tokens.item()),
-                            "tokens_per_s": logs.timer.tokens_per_s, "tokens_seen": state.tokens_seen})
-        if state.step % tc.log_every == 0 or state.step == plan.last_step:
-            scalars = {"train/loss": loss_value, "train/lr": lr, "train/tokens_seen": state.tokens_seen,
-                       "train/stage": plan.index}
-            if grad_norm is not None:
-                scalars["train/grad_norm"] = grad_norm
-            if logs.timer.tokens_per_s is not None:
-                scalars["perf/tokens_per_s"] = logs.timer.tokens_per_s
-                scalars["perf/step_s"] = logs.timer.mean_step_s
-            scalars.update(monitor.scalars(load, [r.expert_bias for r in model.routers()], ctx.pipeline_group))
-            logs.tb.scalars(state.step, scalars)
-        logs.progress.update(state.step, loss=loss_value, lr=lr, grad_norm=grad_norm,
-                             tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step))
+        llm_load = loads.get("llm", torch.zeros(0, cfg.llm.moe.num_experts))  # (MoE layers here, experts)
+        _log_step(cfg, ctx, plan, state, result, built, logs, monitor, llm_load)
         if state.step % tc.save_every == 0 or state.step == plan.last_step or stop_now:
-            save_checkpoint(engine, paths.checkpoints, state, keep=tc.keep_checkpoints)
+            save_checkpoint(built.engine, paths.checkpoints, state, keep=tc.keep_checkpoints)
         if stop_now:
             logger.warning("stopped at step %d after a signal; continue with --resume", state.step)
             return state, loss_value, True
     return state, loss_value, False
+
+
+def _enter_stage(built: BuiltStage, source, paths: RunPaths, state: TrainerState, plan: StagePlan,
+                 load: bool) -> TrainerState:
+    """The state to continue from: the checkpoint's inside this stage (engine, data position), the
+    previous stage's weights and expert biases at a stage boundary, or ``state`` as it is."""
+    found = peek_state(paths.checkpoints) if load else None
+    if found is not None and found.stage_index == plan.index:  # resume inside this stage
+        state = load_checkpoint(built.engine, paths.checkpoints)
+        source.load_state_dict(state.data_position["source"])
+    elif found is not None:  # a new stage starts from the previous stage's weights and expert biases
+        carried = load_checkpoint(built.engine, paths.checkpoints, module_only=True)
+        state = dataclasses.replace(carried, step=plan.first_step, data_position={})
+    state.stage_index, state.stage_name = plan.index, plan.name
+    return state
+
+
+def _stop_agreed(stop: StopRequest, ctx) -> bool:
+    """Whether any rank got a stop signal: all ranks stop together, at the same step."""
+    flag = torch.tensor([float(stop.requested)], device=ctx.device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, result: StepResult, built: BuiltStage,
+              logs: RunLogs, monitor: ExpertLoadMonitor, load: torch.Tensor) -> None:
+    """metrics.jsonl every step; TensorBoard every ``log_every`` steps; the progress line."""
+    tc = cfg.train
+    loss = result.losses["lm"]
+    lr = built.scheduler.get_last_lr()[0]
+    grad_norm = _grad_norm(built.engine)
+    monitor.update(state.step, load)
+    record = {"step": state.step, "stage": plan.name, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "label_tokens": result.counts["lm"], "tokens_per_s": logs.timer.tokens_per_s,
+              "tokens_seen": state.tokens_seen}
+    record.update({f"loss_{name}": value for name, value in result.losses.items() if name != "lm"})
+    logs.metrics.write(record)
+    if state.step % tc.log_every == 0 or state.step == plan.last_step:
+        scalars = {"train/loss": loss, "train/lr": lr, "train/tokens_seen": state.tokens_seen,
+                   "train/stage": plan.index}
+        scalars.update({f"train/loss_{name}": value for name, value in result.losses.items() if name != "lm"})
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = grad_norm
+        if logs.timer.tokens_per_s is not None:
+            scalars["perf/tokens_per_s"] = logs.timer.tokens_per_s
+            scalars["perf/step_s"] = logs.timer.mean_step_s
+        scalars.update(monitor.scalars(load, built.balancer.biases(), ctx.pipeline_group))
+        logs.tb.scalars(state.step, scalars)
+    logs.progress.update(state.step, loss=loss, lr=lr, grad_norm=grad_norm,
+                         tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step))
 
 
 def _grad_norm(engine) -> float | None:
@@ -347,22 +306,3 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON line per step on rank 0, for scripts and tests.
-
-    On resume the lines after the checkpoint's step (written by the run that crashed after
-    it) are dropped, so the file always describes one consistent history.
-    """
-
-    def __init__(self, path: Path, enabled: bool, keep_up_to: int) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_up_to]
-            path.write_text("".join(f"{line}\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")

@@ -8,7 +8,7 @@
 Only the latent tokens cross the bottleneck: the decoder sees no image, its patch positions are
 learned mask tokens that read the quantised latents through attention, so the K ids carry the
 whole image (1D: they are not tied to patch positions). Both ViTs are the vision tower's
-``VisionTransformer`` (``xoron_dist.model.vision``); with ``dual_stream`` the latent tokens get
+``VisionTransformer`` (``xoron_dist.model.vision.tower``); with ``dual_stream`` the latent tokens get
 their own weights there (MMDiT-style), otherwise they share them, as the paper does.
 
 Quantiser: VQ-VAE (van den Oord et al. 2017) with l2-normalised codes and latents (ViT-VQGAN,
@@ -34,16 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import VisionConfig
-from xoron_dist.model.layers import LayerBuilder
-from xoron_dist.model.rope_nd import grid_coords
-from xoron_dist.model.vision import (
-    IMAGE_MEAN,
-    IMAGE_STD,
-    VisionTower,
-    VisionTransformer,
-    init_vision_weights,
-    prepare_images,
-)
+from xoron_dist.model.common.init import init_weights_
+from xoron_dist.model.common.rope_nd import grid_coords
+from xoron_dist.model.vision.tower import IMAGE_MEAN, IMAGE_STD, VisionTower, VisionTransformer, prepare_images
 
 
 def titok_tower_config(cfg: VisionConfig) -> VisionConfig:
@@ -79,21 +72,20 @@ class TiTok(nn.Module):
     """1D tokenizer: ``encode(images) -> ids (batch, titok_tokens)``, ``decode(ids) -> images``,
     ``forward(images) -> TiTokOutput`` (losses for training)."""
 
-    def __init__(self, cfg: VisionConfig, builder: LayerBuilder | None = None) -> None:
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        builder = builder or LayerBuilder()
-        self.cfg, self.builder = cfg, builder
+        self.cfg = cfg
         tower = titok_tower_config(cfg)
         self.tower_cfg = tower
         self.grid = cfg.titok_image_size // cfg.titok_patch_size
         hidden = tower.hidden_size
-        self.encoder = VisionTower(tower, builder)  # patches + latent tokens; outputs the latents
+        self.encoder = VisionTower(tower)  # patches + latent tokens; outputs the latents
         self.quant_proj = nn.Linear(hidden, cfg.titok_code_dim)
         self.codebook = nn.Embedding(cfg.titok_codebook_size, cfg.titok_code_dim)
         self.decoder_in = nn.Linear(cfg.titok_code_dim, hidden)
         self.mask_token = nn.Parameter(torch.zeros(hidden))
         self.decoder_positions = nn.Parameter(torch.zeros(self.grid * self.grid, hidden))
-        self.decoder = VisionTransformer(tower, builder)
+        self.decoder = VisionTransformer(tower)
         self.pixel_out = nn.Linear(hidden, 3 * cfg.titok_patch_size ** 2)
         # moving-average share of the ids each code took (dead-code restarts); uniform at the start
         self.register_buffer("code_usage", torch.full((cfg.titok_codebook_size,), 1.0 / cfg.titok_codebook_size))
@@ -107,7 +99,7 @@ class TiTok(nn.Module):
         self.encoder.reset_parameters()
         std = self.cfg.init_std
         for module in (self.quant_proj, self.decoder_in, self.decoder):
-            init_vision_weights(module, std, self.builder)
+            init_weights_(module, std)
         # Zero output layer: reconstruction starts as the mid-grey image, not noise (as DiT's adaLN-zero).
         nn.init.zeros_(self.pixel_out.weight)
         nn.init.zeros_(self.pixel_out.bias)

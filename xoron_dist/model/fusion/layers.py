@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from xoron_dist.config import FusionConfig
-from xoron_dist.model.layers import LayerBuilder, RMSNorm, SwiGLU
-from xoron_dist.model.projector import CrossAttention, init_module_
+from xoron_dist.model.common.attention import CrossAttention
+from xoron_dist.model.common.init import init_weights_
+from xoron_dist.model.common.mlp import SwiGLU
+from xoron_dist.model.common.norm import RMSNorm
 
 NO_DOCUMENT = -2  # document id of padding slots in the media context (differs from the text's -1 padding)
 
@@ -102,13 +104,13 @@ class MediaContext:
 class GatedCrossAttentionLayer(nn.Module):
     """One fusion layer: tanh-gated cross-attention to the media, then a tanh-gated FFN."""
 
-    def __init__(self, hidden: int, cfg: FusionConfig, builder: LayerBuilder, eps: float = 1e-6) -> None:
+    def __init__(self, hidden: int, cfg: FusionConfig, eps: float = 1e-6) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(hidden, eps)
-        self.attn = CrossAttention(hidden, hidden, cfg.num_heads, builder)
+        self.attn = CrossAttention(hidden, hidden, cfg.num_heads)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ffn_norm = RMSNorm(hidden, eps)
-        self.ffn = SwiGLU(hidden, cfg.intermediate_size, builder)
+        self.ffn = SwiGLU(hidden, cfg.intermediate_size)
         self.ffn_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, media: MediaContext) -> torch.Tensor:
@@ -120,16 +122,15 @@ class GatedCrossAttentionLayer(nn.Module):
 class FusionLayers(nn.Module):
     """The fusion layers, each tied to the decoder layer it runs before (``cfg.layers``)."""
 
-    def __init__(self, hidden: int, cfg: FusionConfig, builder: LayerBuilder | None = None,
-                 init_std: float = 0.02, eps: float = 1e-6) -> None:
+    def __init__(self, hidden: int, cfg: FusionConfig, init_std: float = 0.02, eps: float = 1e-6) -> None:
         super().__init__()
-        self.builder, self.init_std = builder or LayerBuilder(), init_std
+        self.init_std = init_std
         self.positions = list(cfg.layers)
-        self.layers = nn.ModuleList(GatedCrossAttentionLayer(hidden, cfg, self.builder, eps) for _ in cfg.layers)
+        self.layers = nn.ModuleList(GatedCrossAttentionLayer(hidden, cfg, eps) for _ in cfg.layers)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_module_(self, self.init_std, self.builder)
+        init_weights_(self, self.init_std)
         with torch.no_grad():
             for layer in self.layers:
                 layer.attn_gate.zero_()

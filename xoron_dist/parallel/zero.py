@@ -1,6 +1,6 @@
-"""What DeepSpeed's engine needs to know about our layouts before ``deepspeed.initialize``, in one place.
+"""What DeepSpeed's ZeRO needs to know about our layouts before ``deepspeed.initialize``, in one place.
 
-* ``prepare_for_deepspeed(model, cfg, ctx)``:
+* ``mark_for_zero3(model, leaf_types, token_group, sp)`` (ZeRO-3 only):
   - ZeRO-3 partitions a parameter over the group DeepSpeed gets from ``mpu.get_data_parallel_group()``
     (data parallel *without* the sequence ranks, which DeepSpeed also uses to size the global batch)
     and then reduces its gradient over that same group only. With ring attention the sequence ranks
@@ -10,13 +10,13 @@
     group, ``parallel.experts``).
   - ZeRO-3 gathers an MoE block's weights as one unit (``set_z3_leaf_modules``): which experts run
     varies per step and would break its prefetch trace.
+  - ZeRO-3 gathers a module's weights around that module's own calls. The ring attention core with
+    the MLA latent uses ``kv_up``'s weight directly (every rank expands the blocks it receives), so
+    that weight is registered as an external parameter of the attention module that calls the core.
 * ``gradient_divisor(layout)``: the number DeepSpeed divides the summed gradients by, which the
   trainer's loss scale cancels (``scale = divisor * accum / global tokens``, so the gradient is that
   of the token mean over the whole step). ZeRO 0-2 divide by the data-parallel size (they divide the
   sequence ranks back out); ZeRO-3 by the size of the partition group, data x sequence.
-
-    prepare_for_deepspeed(model, cfg, ctx)
-    engine, *_ = deepspeed.initialize(model=model, ..., mpu=state.mpu())
 """
 
 from __future__ import annotations
@@ -31,20 +31,24 @@ def gradient_divisor(layout: Layout) -> int:
     return layout.dp * layout.sp if layout.zero_stage == 3 else layout.dp
 
 
-def prepare_for_deepspeed(model: nn.Module, cfg, ctx) -> None:
-    """Mark ``model`` for the run's ZeRO stage and layout (``cfg``: XoronConfig, ``ctx``: ParallelContext)."""
-    if cfg.parallel.zero_stage != 3:
-        return
+def mark_for_zero3(model: nn.Module, leaf_types: tuple[type, ...], token_group, sp: int) -> None:
+    """ZeRO-3 leaf modules and, with sequence parallelism, the dense parameters' partition group."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
     from deepspeed.utils import set_z3_leaf_modules
 
-    from xoron_dist.model.moe import MoEFeedForward
+    from xoron_dist.parallel.sequence import RingAttentionCore
 
-    if any(isinstance(m, MoEFeedForward) for m in model.modules()):
-        set_z3_leaf_modules(model, [MoEFeedForward])
-    if ctx.layout.sp > 1:
+    present = [t for t in leaf_types if any(isinstance(m, t) for m in model.modules())]
+    if present:
+        set_z3_leaf_modules(model, present)
+    for module in model.modules():
+        core = getattr(module, "core", None)
+        if isinstance(core, RingAttentionCore) and core.split.latent:
+            register_external_parameter(module, module.kv_up.weight)
+    if sp > 1:
         for param in model.parameters():
             if not hasattr(param, "ds_zero_partition_process_group"):
-                param.ds_zero_partition_process_group = ctx.token_group
+                param.ds_zero_partition_process_group = token_group
 
 
-__all__ = ["gradient_divisor", "prepare_for_deepspeed"]
+__all__ = ["gradient_divisor", "mark_for_zero3"]

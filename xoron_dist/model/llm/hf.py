@@ -57,7 +57,7 @@ def _translate(name: str, layer_re: re.Pattern, out_prefix: str, forward: bool) 
     if match and match.group(2) in pairs_l:
         return f"{out_prefix}{match.group(1)}.{pairs_l[match.group(2)]}"
     side = "XoronLLM" if forward else "DeepseekV3ForCausalLM"
-    raise KeyError(f"no HF mapping for {side} tensor '{name}' (see xoron_dist/model/hf_adapter.py)")
+    raise KeyError(f"no HF mapping for {side} tensor '{name}' (see xoron_dist/model/llm/hf.py)")
 
 
 def to_hf_name(name: str) -> str:
@@ -77,7 +77,21 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def hf_config_kwargs(cfg: LLMConfig) -> dict[str, Any]:
-    """Keyword arguments of ``transformers.DeepseekV3Config`` for the same architecture."""
+    """Keyword arguments of ``transformers.DeepseekV3Config`` for the same architecture.
+
+    Raises ``ValueError`` for what DeepseekV3 cannot express: MoE layers other than "every layer
+    after the first ``dense_layers``" (``moe_layer_freq`` > 1) and the seed's router options
+    (softmax scores, a norm on the router's input)."""
+    unsupported = []
+    if cfg.moe_layer_freq != 1 and any(cfg.is_moe_layer(i) != (i >= cfg.dense_layers) for i in range(cfg.num_layers)):
+        unsupported.append(f"moe_layer_freq={cfg.moe_layer_freq} (DeepseekV3 puts MoE on every layer after "
+                           "first_k_dense_replace)")
+    if cfg.moe.router_score != "sigmoid":
+        unsupported.append(f"moe.router_score={cfg.moe.router_score!r} (DeepseekV3's router is sigmoid)")
+    if cfg.moe.router_norm:
+        unsupported.append("moe.router_norm=true (DeepseekV3's router has no input norm)")
+    if unsupported:
+        raise ValueError("this LLM config has no DeepseekV3 equivalent: " + "; ".join(unsupported))
     rope: dict[str, Any] = {"rope_type": cfg.rope.type, "rope_theta": cfg.rope.theta}
     if cfg.rope.type == "yarn":
         rope.update(

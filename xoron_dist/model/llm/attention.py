@@ -9,6 +9,13 @@ values. Two equivalent ways to attend over it:
 * *absorbed* (decoding from the cache): fold the key up-projection into the query
   and the value up-projection into the output (eq. 10-11 of the paper), so the
   attention runs directly against the cached latents and nothing is re-expanded.
+
+Training attention goes through ``self.core`` (``ExpandedAttention`` here: fused SDPA over the
+expanded keys and values); sequence parallelism swaps in the ring attention core, which receives
+the same tensors (``xoron_dist.parallel.ring_attention.RingAttentionCore``). With tensor
+parallelism the heads are split over the ranks and this module reads how many it holds off
+``kv_up``'s weight; ``rope_key_entry`` is where the rope key, shared by every head, enters the
+head-split computation (its gradient is then summed over the ranks).
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import LLMConfig
-from xoron_dist.model.layers import LayerBuilder, RMSNorm
-from xoron_dist.model.rope import apply_rotary
+from xoron_dist.model.common.init import empty_linear
+from xoron_dist.model.common.norm import RMSNorm
+from xoron_dist.model.common.rope import apply_rotary
+from xoron_dist.model.common.sharding import SplitEntry
 
 
 @dataclass
@@ -63,6 +72,35 @@ def attention_mask(
     return allowed
 
 
+class ExpandedAttention(nn.Module):
+    """The single-rank attention core: up-project the latent to per-head keys/values, fused SDPA.
+
+    ``forward(q_nope, q_rope, latent, k_rope, document_ids, attn)`` with q_* (b, s, h, d), latent
+    (b, s, kv_rank), k_rope (b, s, rope) already rotated; ``attn`` is the owning
+    ``MultiLatentAttention`` (its ``kv_up``, dims, softmax scale, dropout). Returns (b, s, h, v_dim).
+    """
+
+    def forward(self, q_nope, q_rope, latent, k_rope, document_ids, attn: MultiLatentAttention) -> torch.Tensor:
+        batch, seq = latent.shape[:2]
+        k, v = attn.expand_kv(latent, k_rope)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        mask, causal = None, True
+        if document_ids is not None:
+            # Packed documents restart their position ids; causality is by order in the row.
+            order = torch.arange(seq, device=latent.device).expand(batch, -1)
+            mask, causal = attention_mask(order, order, document_ids, document_ids), False
+        # Fused (flash) SDPA kernels need one head dim for q, k and v; MLA's v is narrower than
+        # its q/k (nope + rope). Zero-padding v costs little and unlocks them (≈3x on CPU at 512
+        # tokens, and the flash path on GPU); the padded output columns are dropped.
+        width = max(q.shape[-1], attn.v_dim)
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+            dropout_p=attn.dropout if attn.training else 0.0, scale=attn.softmax_scale,
+        )
+        return out.transpose(1, 2)[..., : attn.v_dim]
+
+
 class MultiLatentAttention(nn.Module):
     """MLA: low-rank q (q_lora_rank) and kv (kv_lora_rank), decoupled rope dims, latent cache.
 
@@ -70,31 +108,34 @@ class MultiLatentAttention(nn.Module):
     W^KR fused), ``kv_up`` (W^UK and W^UV fused), ``out_proj`` (W^O).
     """
 
-    def __init__(self, cfg: LLMConfig, builder: LayerBuilder, softmax_scale_multiplier: float = 1.0) -> None:
+    def __init__(self, cfg: LLMConfig, softmax_scale_multiplier: float = 1.0) -> None:
         super().__init__()
-        if cfg.num_heads % builder.tp_size:
-            raise ValueError(f"num_heads={cfg.num_heads} is not divisible by tensor-parallel size {builder.tp_size}")
-        self.num_heads = cfg.num_heads // builder.tp_size  # heads held by this rank
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_rank = cfg.kv_lora_rank
         qk_dim = cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = builder.column_linear(cfg.hidden_size, cfg.num_heads * qk_dim)
+            self.q_proj = empty_linear(cfg.hidden_size, cfg.num_heads * qk_dim)
         else:
-            self.q_down = builder.replicated_linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_down = empty_linear(cfg.hidden_size, cfg.q_lora_rank)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_up = builder.column_linear(cfg.q_lora_rank, cfg.num_heads * qk_dim)
-        self.kv_down = builder.replicated_linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+            self.q_up = empty_linear(cfg.q_lora_rank, cfg.num_heads * qk_dim)
+        self.kv_down = empty_linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_up = builder.column_linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
-        self.out_proj = builder.row_linear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size)
+        self.kv_up = empty_linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.out_proj = empty_linear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size)
+        self.rope_key_entry = SplitEntry()
+        self.core = ExpandedAttention()
         self.softmax_scale = qk_dim**-0.5 * softmax_scale_multiplier
         self.dropout = cfg.attention_dropout
-        self.builder = builder
+
+    @property
+    def num_heads(self) -> int:
+        """Heads this module holds (all of them on one rank; num_heads / tp with tensor parallelism)."""
+        return self.kv_up.weight.shape[0] // (self.nope_dim + self.v_dim)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_up(self.q_norm(self.q_down(x)))
-        return q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.rope_dim)
+        return q.view(*x.shape[:2], -1, self.nope_dim + self.rope_dim)
 
     def forward(
         self,
@@ -114,70 +155,28 @@ class MultiLatentAttention(nn.Module):
 
         latent, k_rope = self.kv_down(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)  # (b, s, kv_rank): the cached c_kv
-        # One rope key shared by all heads; with heads split over TP ranks, each rank's use of it
-        # yields a partial gradient, summed over the ranks by copy_to's backward.
-        k_rope = self.builder.copy_to_tp(apply_rotary(k_rope, cos, sin))  # (b, s, rope)
+        k_rope = self.rope_key_entry(apply_rotary(k_rope, cos, sin))  # (b, s, rope): one key for all heads
 
-        if cache is None and self.builder.sequence is not None:
-            out = self._ring(q_nope, q_rope, latent, k_rope, document_ids)
-        elif cache is None:
-            out = self._expanded(q_nope, q_rope, latent, k_rope, document_ids)
+        if cache is None:
+            out = self.core(q_nope, q_rope, latent, k_rope, document_ids, self)
         else:
             if document_ids is not None:
                 raise ValueError("packed documents (document_ids) are a training feature; decode one text per row")
             k_positions = torch.arange(cache.length + seq, device=x.device).expand(batch, -1)
             latent, k_rope = cache.write(layer, latent, k_rope)
             out = self._absorbed(q_nope, q_rope, latent, k_rope, attention_mask(positions, k_positions, None, None))
-        return self.out_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
+        return self.out_proj(out.reshape(batch, seq, -1))
 
-    def _expanded(self, q_nope, q_rope, latent, k_rope, document_ids) -> torch.Tensor:
-        """Up-project the latent to per-head keys/values; fused SDPA. Returns (b, s, h, v_dim)."""
-        batch, seq = latent.shape[:2]
-        k, v = self._expand_kv(latent, k_rope)
-        q = torch.cat((q_nope, q_rope), dim=-1)
-        mask, causal = None, True
-        if document_ids is not None:
-            # Packed documents restart their position ids; causality is by order in the row.
-            order = torch.arange(seq, device=latent.device).expand(batch, -1)
-            mask, causal = attention_mask(order, order, document_ids, document_ids), False
-        # Fused (flash) SDPA kernels need one head dim for q, k and v; MLA's v is narrower than
-        # its q/k (nope + rope). Zero-padding v costs little and unlocks them (≈3x on CPU at 512
-        # tokens, and the flash path on GPU); the padded output columns are dropped.
-        width = max(q.shape[-1], self.v_dim)
-        q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
-        )
-        return out.transpose(1, 2)[..., : self.v_dim]
-
-    def _ring(self, q_nope, q_rope, latent, k_rope, document_ids) -> torch.Tensor:
-        """Sequence parallel: this rank holds its zig-zag rows; keys travel around the SP ring."""
-        from xoron_dist.parallel.ring_attention import ring_attention, ring_attention_latent, zigzag_positions
-
-        split = self.builder.sequence
-        seq = latent.shape[1]
-        order = zigzag_positions(seq * split.size, split.rank, split.size, device=latent.device)[None]
-        common = dict(group=split.group, scale=self.softmax_scale, causal=True, positions=order,
-                      document_ids=document_ids)
-        if split.latent:
-            # The ring uses kv_up's weight directly, bypassing the column layer's copy_to: the
-            # latent's gradient (partial over this rank's heads) must still be summed over TP.
-            return ring_attention_latent(q_nope, q_rope, self.builder.copy_to_tp(latent), k_rope, self.kv_up.weight,
-                                         num_heads=self.num_heads, nope_dim=self.nope_dim, v_dim=self.v_dim, **common)
-        k, v = self._expand_kv(latent, k_rope)
-        return ring_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, **common)
-
-    def _expand_kv(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def expand_kv(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latent (b, s, kv_rank), k_rope (b, s, rope) -> keys (b, s, h, nope+rope), values (b, s, h, v)."""
         batch, seq = latent.shape[:2]
-        kv = self.kv_up(latent).view(batch, seq, self.num_heads, self.nope_dim + self.v_dim)
+        kv = self.kv_up(latent).view(batch, seq, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        return torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1), v
+        return torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, k_nope.shape[2], -1)), dim=-1), v
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         """Attend against cached latents (b, t, kv_rank) without expanding them. Returns (b, s, h, v_dim)."""
-        w = self.kv_up.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w = self.kv_up.weight.view(-1, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (h, nope, r), (h, v, r)
         q_latent = torch.einsum("bshd,hdr->bhsr", q_nope, w_uk)
         scores = torch.einsum("bhsr,btr->bhst", q_latent, latent)

@@ -8,7 +8,7 @@ LayerNorm → fc1 → GELU-tanh → fc2 → residual) and a final LayerNorm. Ful
 
 Positions, two switchable sources (``VisionConfig.rope`` / ``absolute_positions``):
 
-* **2D-RoPE** (``xoron_dist.model.rope_nd``) over each patch's (row, col): attention depends only
+* **2D-RoPE** (``xoron_dist.model.common.rope_nd``) over each patch's (row, col): attention depends only
   on patch offsets, so any aspect ratio and resolution works without a table.
 * **Learned absolute positions**, SigLIP's (grid × grid) table, resized bicubically
   (align_corners=False, as HF's ``interpolate_pos_encoding``) to each image's patch grid.
@@ -32,29 +32,23 @@ stream, as ViT registers and TiTok do). The patch stream keeps SigLIP's weights 
 the joint attention lets patches attend to the new tokens, which changes an imported
 checkpoint's features; hence both are off by default (``latent_tokens: 0``).
 
-Tensor parallelism: q/k/v and fc1 are column layers (heads and MLP units split over TP, their
-biases split alike); out_proj and fc2 are row layers (partial sums reduced, then the whole bias
-added once). Norms, patch embedding and position tables are replicated.
+Tensor parallelism (``sharding.py``): q/k/v and fc1 are column layers (heads and MLP units split,
+their biases alike); out_proj and fc2 are row layers (partial sums reduced, then the whole bias
+added once). Norms, patch embedding and position tables stay whole. A block reads the number of
+heads it holds off its q projection. HF SigLIP checkpoints import through ``siglip.py``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import replace
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from xoron_dist.config import VisionConfig
-from xoron_dist.model.layers import LayerBuilder, mark_tp_split, tp_slice
-from xoron_dist.model.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
-
-log = logging.getLogger(__name__)
+from xoron_dist.model.common.init import empty_linear, init_weights_
+from xoron_dist.model.common.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
 
 IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean 0.5, std 0.5 (pixels to [-1, 1])
 IMAGE_STD = 0.5
@@ -135,51 +129,32 @@ def resize_positions(table: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- layers
 
 
-class BiasedLinear(nn.Module):
-    """A builder linear plus its bias: split like the output features for a column layer, whole
-    (added once, after the row layer's reduce) otherwise. ``layer.weight`` is the builder's weight."""
-
-    def __init__(self, layer: nn.Module, out_features: int, split: bool) -> None:
-        super().__init__()
-        self.layer = layer
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        if split:
-            mark_tp_split(self.bias, dim=0)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.layer.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x) + self.bias
-
-
-def column_linear(builder: LayerBuilder, in_features: int, out_features: int) -> BiasedLinear:
-    return BiasedLinear(builder.column_linear(in_features, out_features), out_features // builder.tp_size, True)
-
-
-def row_linear(builder: LayerBuilder, in_features: int, out_features: int) -> BiasedLinear:
-    return BiasedLinear(builder.row_linear(in_features, out_features), out_features, False)
+def biased_linear(in_features: int, out_features: int) -> nn.Linear:
+    """An uninitialised ``nn.Linear`` with a bias, the bias registered first: the parameter order of
+    the tower's checkpoints so far, which DeepSpeed's flat optimizer partitions follow."""
+    layer = empty_linear(in_features, out_features, bias=True)
+    layer._parameters = {"bias": layer._parameters["bias"], "weight": layer._parameters["weight"]}
+    return layer
 
 
 class AttentionProjections(nn.Module):
     """SigLIP's q/k/v (column) and out (row) projections, all with biases."""
 
-    def __init__(self, hidden: int, builder: LayerBuilder) -> None:
+    def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.q_proj = column_linear(builder, hidden, hidden)
-        self.k_proj = column_linear(builder, hidden, hidden)
-        self.v_proj = column_linear(builder, hidden, hidden)
-        self.out_proj = row_linear(builder, hidden, hidden)
+        self.q_proj = biased_linear(hidden, hidden)
+        self.k_proj = biased_linear(hidden, hidden)
+        self.v_proj = biased_linear(hidden, hidden)
+        self.out_proj = biased_linear(hidden, hidden)
 
 
 class VisionMLP(nn.Module):
     """``fc2(gelu_tanh(fc1(x)))``, SigLIP's MLP."""
 
-    def __init__(self, hidden: int, intermediate: int, builder: LayerBuilder) -> None:
+    def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.fc1 = column_linear(builder, hidden, intermediate)
-        self.fc2 = row_linear(builder, intermediate, hidden)
+        self.fc1 = biased_linear(hidden, intermediate)
+        self.fc2 = biased_linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -188,27 +163,23 @@ class VisionMLP(nn.Module):
 class StreamWeights(nn.Module):
     """One stream's weights in one block (names as HF ``SiglipEncoderLayer``)."""
 
-    def __init__(self, cfg: VisionConfig, builder: LayerBuilder) -> None:
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = AttentionProjections(cfg.hidden_size, builder)
+        self.self_attn = AttentionProjections(cfg.hidden_size)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size, builder)
+        self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size)
 
 
 class VisionBlock(nn.Module):
     """A pre-LN encoder block over [patches; latents]; with ``dual`` the latents have their own
     weights and both streams attend jointly over the concatenation (MMDiT, see module docstring)."""
 
-    def __init__(self, cfg: VisionConfig, builder: LayerBuilder, dual: bool) -> None:
+    def __init__(self, cfg: VisionConfig, dual: bool) -> None:
         super().__init__()
-        if cfg.num_heads % builder.tp_size:
-            raise ValueError(f"vision num_heads={cfg.num_heads} is not divisible by tensor-parallel size "
-                             f"{builder.tp_size}")
-        self.heads = cfg.num_heads // builder.tp_size  # heads held by this rank
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.patch = StreamWeights(cfg, builder)
-        self.latent = StreamWeights(cfg, builder) if dual else None
+        self.patch = StreamWeights(cfg)
+        self.latent = StreamWeights(cfg) if dual else None
 
     def _streams(self, x: torch.Tensor, patches: int) -> list[tuple[StreamWeights, torch.Tensor]]:
         if self.latent is None or patches == x.shape[1]:
@@ -223,7 +194,7 @@ class VisionBlock(nn.Module):
 
         def heads(proj: str) -> torch.Tensor:  # (batch, heads, n, head_dim), streams concatenated
             y = torch.cat([getattr(w.self_attn, proj)(h) for w, h in normed], dim=1)
-            return y.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+            return y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
         q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
         if rope is not None:
@@ -240,14 +211,13 @@ class VisionTransformer(nn.Module):
     """The block stack and final norm over patch tokens (+ optional latent tokens); shared by the
     tower and TiTok's encoder/decoder."""
 
-    def __init__(self, cfg: VisionConfig, builder: LayerBuilder) -> None:
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(VisionBlock(cfg, builder, cfg.dual_stream) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(VisionBlock(cfg, cfg.dual_stream) for _ in range(cfg.num_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.latent_post_layernorm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
                                       if cfg.dual_stream else None)
         self.rope = AxialRoPE(cfg.hidden_size // cfg.num_heads, axes=2, theta=cfg.rope_theta) if cfg.rope else None
-        self.activation_checkpointing = False  # recompute each block in backward (training only)
 
     def forward(self, patches: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor | None,
                 latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -268,45 +238,11 @@ class VisionTransformer(nn.Module):
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], latents.shape[1])], dim=1)
             key_mask = mask[:, None, None, :]
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, n, rope, key_mask, use_reentrant=False)
-            else:
-                x = layer(x, n, rope, key_mask)
+            x = layer(x, n, rope, key_mask)
         if latents is None:
             return self.post_layernorm(x), None
         latent_norm = self.post_layernorm if self.latent_post_layernorm is None else self.latent_post_layernorm
         return self.post_layernorm(x[:, :n]), latent_norm(x[:, n:])
-
-
-@torch.no_grad()
-def init_vision_weights(module: nn.Module, std: float, builder: LayerBuilder) -> None:
-    """Normal(0, std) matrices, zero biases, unit LayerNorms. A tensor-parallel slice is cut from a
-    full tensor drawn in the same order, so any TP size starts from the same weights."""
-    inner = {id(sub.layer) for sub in module.modules() if isinstance(sub, BiasedLinear)}  # drawn by their wrapper
-    for sub in module.modules():
-        if id(sub) in inner:
-            continue
-        if isinstance(sub, nn.LayerNorm):
-            nn.init.ones_(sub.weight)
-            nn.init.zeros_(sub.bias)
-        elif isinstance(sub, BiasedLinear):
-            _normal_split_(sub.layer.weight, std, builder)
-            nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.Linear):
-            nn.init.normal_(sub.weight, std=std)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-
-
-def _normal_split_(param: torch.Tensor, std: float, builder: LayerBuilder) -> None:
-    if not getattr(param, "tensor_model_parallel", False):
-        nn.init.normal_(param, std=std)
-        return
-    dim, stride = param.partition_dim, param.partition_stride
-    shape = list(param.shape)
-    shape[dim] *= builder.tp_size
-    full = torch.empty(shape, dtype=param.dtype, device=param.device).normal_(std=std)
-    param.copy_(tp_slice(full, dim, stride, builder.tp_rank, builder.tp_size))
 
 
 # --------------------------------------------------------------------------- the tower
@@ -333,10 +269,9 @@ class VisionOutput(NamedTuple):
 class VisionTower(nn.Module):
     """SigLIP-2 style ViT: images in, patch features (+ mask and grids) out. See the module docstring."""
 
-    def __init__(self, cfg: VisionConfig, builder: LayerBuilder | None = None) -> None:
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        builder = builder or LayerBuilder()
-        self.cfg, self.builder = cfg, builder
+        self.cfg = cfg
         patch_dim = 3 * cfg.patch_size * cfg.patch_size
         self.patch_embed = nn.Linear(patch_dim, cfg.hidden_size)
         grid = cfg.image_size // cfg.patch_size
@@ -344,24 +279,15 @@ class VisionTower(nn.Module):
                                    if cfg.absolute_positions else None)
         self.latent_embedding = (nn.Parameter(torch.zeros(cfg.latent_tokens, cfg.hidden_size))
                                  if cfg.latent_tokens else None)
-        self.encoder = VisionTransformer(cfg, builder)
+        self.encoder = VisionTransformer(cfg)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        init_vision_weights(self, self.cfg.init_std, self.builder)
+        init_weights_(self, self.cfg.init_std)
         for table in (self.position_embedding, self.latent_embedding):
             if table is not None:
                 nn.init.normal_(table, std=self.cfg.init_std)
-
-    @property
-    def activation_checkpointing(self) -> bool:
-        """Recompute each encoder block in backward instead of keeping its activations."""
-        return self.encoder.activation_checkpointing
-
-    @activation_checkpointing.setter
-    def activation_checkpointing(self, on: bool) -> None:
-        self.encoder.activation_checkpointing = on
 
     @property
     def num_tokens(self) -> int:
@@ -402,126 +328,3 @@ class VisionTower(nn.Module):
             latents = self.latent_embedding.expand(tokens.shape[0], -1, -1)
         features, latents = self.encoder(tokens, coords, mask, latents)
         return VisionOutput(features * mask[..., None], mask, grids, latents)
-
-
-# --------------------------------------------------------------------------- HF SigLIP import
-
-
-class SiglipImportError(ValueError):
-    """An HF SigLIP checkpoint that does not map onto the tower: lists missing/unexpected keys."""
-
-
-_IGNORED_PREFIXES = ("head.",)  # SigLIP's attention-pool head: the tower returns patch features
-
-
-def vision_config_from_hf(hf_config: Any, base: VisionConfig | None = None) -> VisionConfig:
-    """``base`` with the sizes of an HF ``SiglipVisionConfig`` (object or dict; a full SigLIP config's
-    ``vision_config`` is used). Position/resize/latent choices stay ``base``'s."""
-    data = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    data = data.get("vision_config", data) or data
-    act = data.get("hidden_act", "gelu_pytorch_tanh")
-    if act not in ("gelu_pytorch_tanh", "gelu_fast", "gelu_new"):
-        raise SiglipImportError(f"hidden_act = {act!r}: the tower uses GELU-tanh (gelu_pytorch_tanh)")
-    if data.get("num_channels", 3) != 3:
-        raise SiglipImportError(f"num_channels = {data['num_channels']}: the tower reads RGB images (3)")
-    return replace(base or VisionConfig(), hidden_size=data["hidden_size"], num_layers=data["num_hidden_layers"],
-                   num_heads=data["num_attention_heads"], intermediate_size=data["intermediate_size"],
-                   image_size=data["image_size"], patch_size=data["patch_size"],
-                   layer_norm_eps=data.get("layer_norm_eps", 1e-6))
-
-
-def _hf_key_to_ours(key: str) -> str | None:
-    """Our parameter name for an HF ``SiglipVisionModel`` key (None: not ours)."""
-    if key.startswith("embeddings.patch_embedding."):
-        return "patch_embed." + key.rsplit(".", 1)[1]
-    if key == "embeddings.position_embedding.weight":
-        return "position_embedding"
-    if key.startswith("post_layernorm."):
-        return "encoder." + key
-    if key.startswith("encoder.layers."):
-        _, _, index, rest = key.split(".", 3)
-        if rest.startswith(("self_attn.", "mlp.")) and rest.endswith(".weight"):
-            rest = rest[: -len("weight")] + "layer.weight"
-        return f"encoder.layers.{index}.patch.{rest}"
-    return None
-
-
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise SiglipImportError(f"{path}: no config.json (expected an HF SiglipVisionModel/SiglipModel directory)")
-    config = json.loads(config_file.read_text())
-    shards = sorted(path.glob("*.safetensors"))
-    if shards:
-        from safetensors.torch import load_file
-
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(shard)))
-        return state, config
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if not bins:
-        raise SiglipImportError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
-    state = {}
-    for shard in bins:
-        state.update(torch.load(shard, map_location="cpu", weights_only=True))
-    return state, config
-
-
-def load_siglip_vision(source: str | Path | nn.Module | dict[str, torch.Tensor], cfg: VisionConfig | None = None,
-                       builder: LayerBuilder | None = None) -> VisionTower:
-    """A ``VisionTower`` holding an HF SigLIP vision checkpoint.
-
-    ``source``: a local directory (config.json + safetensors or .bin; a full ``SiglipModel``
-    works too, its text tower is skipped), an in-memory HF ``SiglipVisionModel``/``SiglipModel``,
-    or a state dict (then ``cfg`` must carry the sizes). Sizes come from the checkpoint; the
-    position, resize and latent choices from ``cfg``. Latent-stream weights are new (kept at
-    their initialisation). Raises ``SiglipImportError`` listing every missing/unexpected key.
-    """
-    if isinstance(source, (str, Path)):
-        state, hf_config = _read_checkpoint(Path(source))
-        cfg = vision_config_from_hf(hf_config, cfg)
-    elif isinstance(source, nn.Module):
-        state, cfg = source.state_dict(), vision_config_from_hf(source.config, cfg)
-    else:
-        if cfg is None:
-            raise SiglipImportError("importing a bare state dict needs cfg (a VisionConfig with its sizes)")
-        state = source
-    tower = VisionTower(cfg, builder)
-    own = tower.state_dict()
-    loaded, unexpected, ignored = {}, [], []
-    for key, value in state.items():
-        if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
-            continue  # the text half of a full SiglipModel
-        key = key.removeprefix("vision_model.")
-        if key.startswith(_IGNORED_PREFIXES):
-            ignored.append(key)
-            continue
-        ours = _hf_key_to_ours(key)
-        if ours == "position_embedding" and not cfg.absolute_positions:
-            ignored.append(key)
-            continue
-        if ours is None or ours not in own:
-            unexpected.append(key)
-            continue
-        if ours == "patch_embed.weight":
-            value = value.reshape(value.shape[0], -1)  # conv (hidden, 3, p, p) -> linear (hidden, 3*p*p)
-        loaded[ours] = value
-    new = {k for k in own if ".latent." in k or k.startswith(("latent_embedding", "encoder.latent_post_layernorm"))}
-    missing = sorted(set(own) - set(loaded) - new)
-    if missing or unexpected:
-        raise SiglipImportError(f"HF SigLIP checkpoint does not match the tower ({cfg.num_layers} layers): "
-                                f"missing {missing or 'none'}; unexpected {sorted(unexpected) or 'none'}")
-    params = dict(tower.named_parameters())
-    builder = tower.builder
-    for key, value in loaded.items():
-        param = params[key]
-        if getattr(param, "tensor_model_parallel", False):
-            value = tp_slice(value, param.partition_dim, param.partition_stride, builder.tp_rank, builder.tp_size)
-        if value.shape != param.shape:
-            raise SiglipImportError(f"{key}: checkpoint shape {tuple(value.shape)} != tower {tuple(param.shape)}")
-        own[key] = value.to(param.dtype)
-    tower.load_state_dict(own)
-    if ignored:
-        log.info("SigLIP import: ignored %d keys not used by the tower (%s ...)", len(ignored), ignored[0])
-    return tower

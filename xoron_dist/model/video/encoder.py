@@ -8,16 +8,17 @@
 * **Patches** are per frame (no tubelets), so "a frame never sees later frames" holds token by
   token: the attention mask lets a token of frame t attend to every token of frames ≤ t of its
   own video (block-causal: full within a frame, causal across frames).
-* **3D-RoPE** (``xoron_dist.model.rope_nd``): each head's dims are split into three axial
+* **3D-RoPE** (``xoron_dist.model.common.rope_nd``): each head's dims are split into three axial
   rotations by (frame, patch row, patch column), so attention depends on relative offsets in
   time and space only, and any frame count or resolution works.
 * **Motion-aware expert routing**: the temporal MoE uses the DeepSeek-V3 router of
-  ``xoron_dist.model.moe`` (sigmoid scores, top-k chosen with a load-balancing bias, combine
+  ``xoron_dist.model.common.moe`` (sigmoid scores, top-k chosen with a load-balancing bias, combine
   weights from the unbiased scores) on ``[norm(x) ; norm(m)]``: the router sees how the patch
   changed since the previous frame (zero in the first frame) next to its content, so static
   and moving patches can go to different experts. ``m`` looks only backwards in time, so
   routing keeps the temporal causality. Routed + shared SwiGLU experts as in the LLM; the
-  expert biases are balanced without an auxiliary loss (``update_expert_biases``).
+  expert biases are balanced without an auxiliary loss, by the trainer's balancer with every other
+  bias-routed MoE (router family ``video``, at ``video.bias_update_rate``).
 
 Videos of different sizes share a batch: tokens are padded to the longest video and masked.
 Output: features (batch, tokens, hidden) and a validity mask (batch, tokens), in frame-major
@@ -33,10 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import MoEConfig, VideoConfig
-from xoron_dist.model.layers import LayerBuilder, RMSNorm, SwiGLU
-from xoron_dist.model.moe import ExpertBiasRouter, RoutedExperts
-from xoron_dist.model.projector import init_module_, init_normal_
-from xoron_dist.model.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
+from xoron_dist.model.common.init import empty_linear, init_weights_
+from xoron_dist.model.common.mlp import SwiGLU
+from xoron_dist.model.common.moe import ExpertBiasRouter, RoutedExperts
+from xoron_dist.model.common.norm import RMSNorm
+from xoron_dist.model.common.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
 
 
 def frames_to_patches(video: torch.Tensor, cfg: VideoConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,41 +72,38 @@ def frames_to_patches(video: torch.Tensor, cfg: VideoConfig) -> tuple[torch.Tens
 
 
 class VideoSelfAttention(nn.Module):
-    """Multi-head self-attention with 3D-RoPE on q and k; heads split over TP."""
+    """Multi-head self-attention with 3D-RoPE on q and k (heads split by tensor parallelism)."""
 
-    def __init__(self, cfg: VideoConfig, builder: LayerBuilder) -> None:
+    def __init__(self, cfg: VideoConfig) -> None:
         super().__init__()
-        if cfg.num_heads % builder.tp_size:
-            raise ValueError(f"model.video.num_heads = {cfg.num_heads} is not divisible by TP size {builder.tp_size}")
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.num_heads = cfg.num_heads // builder.tp_size
-        self.q_proj = builder.column_linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = builder.column_linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = builder.column_linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = builder.row_linear(cfg.hidden_size, cfg.hidden_size)
+        self.q_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """x (batch, n, hidden); rope cos/sin (batch, n, pairs); mask (batch, 1, n, n) bool."""
         batch, n, _ = x.shape
-        q, k, v = (proj(x).view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (batch, heads, n, head_dim)
+        q, k, v = (proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (batch, heads here, n, head_dim)
         q, k = apply_axial_rope(q, *rope), apply_axial_rope(k, *rope)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, n, -1))
 
 
 class MotionAwareMoE(nn.Module):
     """Routed + shared SwiGLU experts; the router reads [norm(x) ; norm(motion)]."""
 
-    def __init__(self, cfg: VideoConfig, builder: LayerBuilder) -> None:
+    def __init__(self, cfg: VideoConfig) -> None:
         super().__init__()
         moe = MoEConfig(num_experts=cfg.temporal_experts, num_shared_experts=cfg.shared_experts,
                         top_k=cfg.temporal_top_k, expert_intermediate_size=cfg.expert_intermediate_size,
                         bias_update_rate=cfg.bias_update_rate)
         self.motion_norm = RMSNorm(cfg.motion_dim)
-        self.router = ExpertBiasRouter(cfg.hidden_size + cfg.motion_dim, moe)
-        self.experts = RoutedExperts(moe.num_experts, cfg.hidden_size, moe.expert_intermediate_size, builder)
-        self.shared = (SwiGLU(cfg.hidden_size, cfg.expert_intermediate_size * cfg.shared_experts, builder)
+        self.router = ExpertBiasRouter(cfg.hidden_size + cfg.motion_dim, moe, family="video")
+        self.experts = RoutedExperts(moe.num_experts, cfg.hidden_size, moe.expert_intermediate_size)
+        self.shared = (SwiGLU(cfg.hidden_size, cfg.expert_intermediate_size * cfg.shared_experts)
                        if cfg.shared_experts else None)
 
     def forward(self, x: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
@@ -115,12 +114,12 @@ class MotionAwareMoE(nn.Module):
 
 
 class VideoLayer(nn.Module):
-    def __init__(self, cfg: VideoConfig, builder: LayerBuilder) -> None:
+    def __init__(self, cfg: VideoConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size)
-        self.attn = VideoSelfAttention(cfg, builder)
+        self.attn = VideoSelfAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size)
-        self.ffn = MotionAwareMoE(cfg, builder)
+        self.ffn = MotionAwareMoE(cfg)
 
     def forward(self, x, rope, mask, valid, motion) -> torch.Tensor:
         """x (batch, n, hidden); valid (batch, n) bool; motion (valid tokens, motion_dim)."""
@@ -133,29 +132,24 @@ class VideoLayer(nn.Module):
 class VideoEncoder(nn.Module):
     """list of (T, H, W, 3) uint8 videos -> features (batch, tokens, hidden), mask (batch, tokens)."""
 
-    def __init__(self, cfg: VideoConfig, builder: LayerBuilder | None = None, init_std: float = 0.02) -> None:
+    def __init__(self, cfg: VideoConfig, init_std: float = 0.02) -> None:
         super().__init__()
-        self.cfg, self.builder, self.init_std = cfg, builder or LayerBuilder(), init_std
+        self.cfg, self.init_std = cfg, init_std
         patch_dim = 3 * cfg.patch_size**2
-        self.patch_embed = self.builder.replicated_linear(patch_dim, cfg.hidden_size)
-        self.motion_embed = self.builder.replicated_linear(patch_dim, cfg.motion_dim)
+        self.patch_embed = empty_linear(patch_dim, cfg.hidden_size)
+        self.motion_embed = empty_linear(patch_dim, cfg.motion_dim)
         self.rope = AxialRoPE(cfg.hidden_size // cfg.num_heads, axes=3, theta=cfg.rope_theta)
-        self.layers = nn.ModuleList(VideoLayer(cfg, self.builder) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(VideoLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size)
-        self._routers = [layer.ffn.router for layer in self.layers]
-        self.register_buffer("expert_load", torch.zeros(cfg.num_layers, cfg.temporal_experts), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        init_module_(self, self.init_std, self.builder)  # includes the routers (leaf modules with a weight)
+        # The routed experts are drawn after every other weight, layer by layer (the order the
+        # seeds of existing runs depend on).
+        init_weights_(self, self.init_std, skip=(RoutedExperts,))
         for layer in self.layers:
-            layer.ffn.router.expert_bias.zero_()
-            init_normal_(layer.ffn.experts.gate_up, self.init_std, self.builder)
-            init_normal_(layer.ffn.experts.down, self.init_std, self.builder)
-
-    def routers(self) -> list[ExpertBiasRouter]:
-        return self._routers
+            layer.ffn.experts.init_weights(self.init_std)
 
     def forward(self, videos: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if not videos:
@@ -182,18 +176,4 @@ class VideoEncoder(nn.Module):
         motion = self.motion_embed(motion[valid].to(dtype))
         for layer in self.layers:
             x = layer(x, rope, mask, valid, motion)
-        if self.training and torch.is_grad_enabled():
-            self.expert_load += torch.stack([r.last_load for r in self._routers])
         return self.norm(x), valid
-
-    @torch.no_grad()
-    def update_expert_biases(self, group=None, enabled: bool = True) -> torch.Tensor:
-        """The LLM's auxiliary-loss-free bias update for the temporal experts (see ``XoronLLM``)."""
-        load = self.expert_load.clone()
-        if group is not None and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load, group=group)
-        if enabled:
-            for router, layer_load in zip(self._routers, load, strict=True):
-                router.update_bias(layer_load, self.cfg.bias_update_rate)
-        self.expert_load.zero_()
-        return load

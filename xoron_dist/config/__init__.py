@@ -1,0 +1,60 @@
+"""The one config tree of a Xoron run: model / parallel / train / data / tokenizer / stages.
+
+    model.py     the LLM (MLA, MoE, RoPE), vision, video, projector, fusion sections
+    run.py       parallel layout, train (incl. objectives), data (prep, synth), tokenizer, stages
+    loading.py   ``XoronConfig`` (the root), presets, ``load_config`` (YAML + ``a.b=c`` overrides)
+    checks.py    range checks the sections share
+
+Every field is checked where it is defined (``validate``); a wrong value, type or unknown key
+raises ``ConfigError`` naming the dotted field, the value and what is allowed. Checks that need
+the world size (divisibility of heads by TP and so on) live in ``xoron_dist.parallel.layout``.
+Import everything from here: ``from xoron_dist.config import XoronConfig, load_config``.
+"""
+
+from xoron_dist.config.loading import PRESET_DIR, XoronConfig, available_presets, load_config, preset_dict
+from xoron_dist.config.model import (
+    FusionConfig,
+    LLMConfig,
+    ModelConfig,
+    MoEConfig,
+    ProjectorConfig,
+    RopeConfig,
+    VideoConfig,
+    VisionConfig,
+)
+from xoron_dist.config.run import (
+    DataConfig,
+    ParallelConfig,
+    PrepConfig,
+    StageConfig,
+    SynthConfig,
+    TokenGroupConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+from xoron_dist.utils.typed_config import ConfigError
+
+__all__ = [
+    "PRESET_DIR",
+    "ConfigError",
+    "DataConfig",
+    "FusionConfig",
+    "LLMConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "PrepConfig",
+    "ProjectorConfig",
+    "RopeConfig",
+    "StageConfig",
+    "SynthConfig",
+    "TokenGroupConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "VideoConfig",
+    "VisionConfig",
+    "XoronConfig",
+    "available_presets",
+    "load_config",
+    "preset_dict",
+]

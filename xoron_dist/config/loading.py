@@ -1,0 +1,112 @@
+"""The root of the config tree (``XoronConfig``), named presets and reading a run file.
+
+    cfg = load_config("pipelines/smoke.yaml", ["train.lr=1e-3", "parallel.zero_stage=2"])
+
+``XoronConfig()`` is the full-size model of the seed. Named presets are YAML files in
+``xoron_dist/presets/`` (``tiny`` for tests and the smoke run); a run file may start from one
+with ``preset: tiny``; ``a.b=c`` overrides apply last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xoron_dist.config.model import LLMConfig, ModelConfig
+from xoron_dist.config.run import DataConfig, ParallelConfig, StageConfig, TokenizerConfig, TrainConfig
+from xoron_dist.utils.typed_config import (
+    ConfigError,
+    apply_override,
+    deep_merge,
+    field_error,
+    from_dict,
+    parse_override,
+    to_dict,
+    validate_tree,
+)
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+@dataclass
+class XoronConfig:
+    """A whole Xoron run. ``XoronConfig()`` is the full-size model with default training settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        validate_tree(self)
+
+    @property
+    def llm(self) -> LLMConfig:
+        return self.model.llm
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> XoronConfig:
+        return from_dict(cls, data)
+
+    @classmethod
+    def preset(cls, name: str) -> XoronConfig:
+        return cls.from_dict(preset_dict(name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    if name == "full":
+        return {}
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'; available: full, {', '.join(available_presets())}")
+    return _read_yaml(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> XoronConfig:
+    """Read a run YAML (optionally starting from ``preset: NAME``) and apply ``a.b=c`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        data = _read_yaml(path)
+    parsed = [parse_override(text) for text in overrides]
+    preset = data.pop("preset", None)
+    for keys, value in parsed:
+        if keys == ["preset"]:
+            preset = value
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise field_error("preset", preset, f"a preset name: full, {', '.join(available_presets())}")
+        data = deep_merge(preset_dict(preset), data)
+    for keys, value in parsed:
+        if keys != ["preset"]:
+            apply_override(data, keys, value)
+    return XoronConfig.from_dict(data)

@@ -1,0 +1,244 @@
+"""The run half of the config tree: parallel layout, training, data (prep, synth), tokenizer, stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from xoron_dist.config.checks import non_negative, ordered, positive
+from xoron_dist.utils.typed_config import field_error
+
+
+@dataclass
+class ParallelConfig:
+    """Sizes of the parallel dimensions; data parallelism takes what the world size leaves.
+
+    world = dp * tp * pp * sp ; experts are spread over ``ep`` ranks carved out of dp*sp.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    sp: int = 1
+    ep: int = 1
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    tp_experts: bool = True  # split routed experts on their FFN dim over TP; False: whole experts per rank
+    ring_latent: bool = True  # ring attention passes MLA's latent + rope key instead of full K/V
+    # ep > 1: None = dropless dispatch (uneven all-to-all); a factor c caps every expert at
+    # ceil(c * tokens * top_k / num_experts) rows per rank (fixed shapes; overflow choices dropped).
+    expert_capacity_factor: float | None = None
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "tp", "pp", "sp", "ep")
+        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
+            raise field_error(f"{where}.expert_capacity_factor", self.expert_capacity_factor,
+                              "must be > 0 (or null for dropless expert dispatch)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise field_error(f"{where}.zero_stage", self.zero_stage, "allowed values are 0, 1, 2, 3")
+        if self.sequence_parallel and self.tp == 1:
+            raise field_error(f"{where}.sequence_parallel", True,
+                              "Megatron sequence parallelism splits the TP group's work; it needs tp > 1")
+
+
+@dataclass
+class TokenGroupConfig:
+    """A group of tokens whose LM loss counts ``weight`` times (the seed's reasoning, tool-call,
+    uncertainty and code-execution blocks): a target token is in the group from one of its ``open``
+    tokens up to and including the next of its ``close`` tokens, within one packed document. A token
+    in several groups takes the largest weight. Tokens are written as the tokenizer spells them
+    (``<|think|>``); each must be one token of the vocabulary."""
+
+    name: str = "group"
+    open: list[str] = field(default_factory=list)
+    close: list[str] = field(default_factory=list)
+    weight: float = 1.0
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "weight")
+        if not self.open or not self.close:
+            raise field_error(f"{where}.open", self.open, "a token group needs open and close tokens")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "xoron"
+    output_dir: str = "runs"
+    steps: int = 1000
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    seq_len: int = 4096
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto"
+    ds_config: str = "ds_configs/zero1.json"
+    seed: int = 1234
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    activation_checkpointing: bool = False
+    # with activation_checkpointing: recompute every N-th block (1 = every block; 2 = half of them,
+    # the other half keep their activations: less recompute for more memory)
+    activation_checkpointing_every: int = 1
+    # > 0: the LM head and loss run on chunks of this many tokens, recomputed in backward, so the
+    # whole (tokens x vocabulary) logits never exist at once (long sequences); 0 = in one piece
+    loss_chunk_tokens: int = 0
+    dist_timeout_minutes: int = 30
+    # objective name -> weight of its loss in the step's total (``xoron_dist.train.objectives``);
+    # unset objectives take their default weight (the LM 1.0; the seed's generation losses 0.1)
+    objectives: dict[str, float] = field(default_factory=dict)
+    token_groups: list[TokenGroupConfig] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "steps", "micro_batch_size", "grad_accum_steps", "seq_len", "lr", "eps",
+                  "log_every", "save_every", "keep_checkpoints", "dist_timeout_minutes",
+                  "activation_checkpointing_every")
+        non_negative(self, where, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk_tokens")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise field_error(f"{where}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise field_error(f"{where}.{name}", getattr(self, name), "must be in [0, 1)")
+        if not self.name or "/" in self.name:
+            raise field_error(f"{where}.name", self.name, "a non-empty run name without '/'")
+        for name, weight in self.objectives.items():
+            if weight < 0:
+                raise field_error(f"{where}.objectives.{name}", weight, "objective weights must be >= 0")
+
+
+ResizePolicy = Literal["crop", "pad", "squash", "max_side"]
+
+
+@dataclass
+class PrepConfig:
+    """How ``xoron prep`` turns raw media into training-ready arrays (recorded in the manifest).
+
+    Resize policies: ``crop`` (shorter side to size, centre crop: square), ``pad`` (longer side
+    to size, pad to square), ``squash`` (to size x size, aspect ignored), ``max_side`` (longer
+    side to size, aspect kept, both sides rounded down to multiples of ``patch_multiple``; for
+    native-resolution encoders).
+    """
+
+    image_size: int = 384
+    image_resize: ResizePolicy = "crop"
+    video_frames: int = 16
+    video_size: int = 256
+    video_resize: ResizePolicy = "crop"
+    patch_multiple: int = 14
+    audio_sample_rate: int = 16_000
+    max_audio_seconds: float = 30.0
+    max_text_tokens: int = 8192
+    shard_bytes: int = 256 * 1024 * 1024
+    samples_per_unit: int = 256
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "image_size", "video_frames", "video_size", "patch_multiple", "audio_sample_rate",
+                  "max_audio_seconds", "max_text_tokens", "shard_bytes", "samples_per_unit")
+
+
+@dataclass
+class SynthConfig:
+    """What ``xoron synth`` generates: samples per kind, and the media sizes (seeded, deterministic)."""
+
+    seed: int = 0
+    text: int = 2000
+    image_caption: int = 400
+    video_caption: int = 60
+    audio_transcript: int = 200
+    text_to_image: int = 200
+    text_to_video: int = 40
+    text_to_speech: int = 100
+    min_image_size: int = 128
+    max_image_size: int = 512
+    min_video_frames: int = 8
+    max_video_frames: int = 32
+    video_size: int = 128
+    audio_sample_rate: int = 22_050
+
+    def validate(self, where: str) -> None:
+        non_negative(self, where, "text", "image_caption", "video_caption", "audio_transcript", "text_to_image",
+                      "text_to_video", "text_to_speech")
+        positive(self, where, "min_image_size", "max_image_size", "min_video_frames", "max_video_frames",
+                  "video_size", "audio_sample_rate")
+        ordered(self, where, "min_image_size", "max_image_size")
+        ordered(self, where, "min_video_frames", "max_video_frames")
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from.
+
+    ``synthetic_text``: the built-in deterministic text generator (no files).
+    ``arrow``: prepared shards in ``path`` (``xoron prep``). With ``synth`` set, a missing
+    ``path`` is first filled by ``xoron synth`` + ``xoron prep`` (rank 0; cached by content).
+    ``mix``: dataset (kind) -> blend weight; empty = every dataset in proportion to its rows.
+    ``image_tokens``/``video_tokens``/``audio_tokens_per_second``: length of the placeholder
+    span each medium occupies in the token stream (what the encoder + projector emit).
+    """
+
+    source: Literal["synthetic_text", "arrow"] = "synthetic_text"
+    num_documents: int = 4096
+    seed: int = 0
+    path: str | None = None
+    mix: dict[str, float] = field(default_factory=dict)
+    num_workers: int = 1
+    verify_checksums: bool = True
+    image_tokens: int = 64
+    video_tokens: int = 64
+    audio_tokens_per_second: float = 12.5
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    synth: SynthConfig | None = None
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "num_documents", "image_tokens", "video_tokens", "audio_tokens_per_second")
+        non_negative(self, where, "num_workers")
+        if self.source == "arrow" and not self.path:
+            raise field_error(f"{where}.path", self.path, "data.source=arrow needs the prepared dataset folder")
+        for key, weight in self.mix.items():
+            if weight < 0:
+                raise field_error(f"{where}.mix.{key}", weight, "blend weights must be >= 0")
+
+
+@dataclass
+class TokenizerConfig:
+    """``path``: a local Qwen2.5 tokenizer directory. Without one, a byte-level BPE is trained on
+    ``train_text`` (default: the text shipped with the package) and saved with the run."""
+
+    path: str | None = None
+    train_text: str | None = None
+
+    def validate(self, where: str) -> None:
+        for name in ("path", "train_text"):
+            value = getattr(self, name)
+            if value is not None and not value:
+                raise field_error(f"{where}.{name}", value, "a path, or null")
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage; unset fields inherit from ``train``. Stages run in order, each
+    resuming from the checkpoint of the one before."""
+
+    name: str = "stage"
+    steps: int = 100
+    seq_len: int | None = None
+    lr: float | None = None
+    mix: dict[str, float] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)
+    expert_bias_update: bool | None = None
+    expert_bias_update_rate: float | None = None  # gamma of this stage; None: model.llm.moe.bias_update_rate
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "steps", "seq_len", "lr")
+        non_negative(self, where, "expert_bias_update_rate")
+        for key, weight in self.mix.items():
+            if weight < 0:
+                raise field_error(f"{where}.mix.{key}", weight, "blend weights must be >= 0")

@@ -1,0 +1,99 @@
+"""The modality table: every medium Xoron reads, with what the data layer and the model need of it.
+
+One row per medium. The loader lays a medium out as ``<|x_start|> <|x_pad|>*n <|x_end|>`` (for
+a generation target ``<|gen_x|>`` first): ``span`` is the ``DataConfig`` field that gives n, a
+count (``image_tokens``) or, with ``per_second``, a rate over the clip's duration
+(``audio_tokens_per_second``). A medium the model understands has an encoder (``build``) and a
+Perceiver projector emitting exactly n tokens in the LLM's width; both live on
+``XoronMultimodalModel`` under ``encoder``/``projector`` (checkpoint names, stage-freeze
+prefixes). ``blank`` is one empty medium: a rank whose micro-batch has none of it encodes that
+instead, so every rank runs the same modules and reduces the same gradients. ``tensor_plan``
+is the encoder's tensor-parallel plan. ``objective``: the name of the loss the medium adds to the
+step (``xoron_dist.train.objectives``; None: understanding trains through the LM's loss).
+
+The packer (``xoron_dist.data.packing``), ``XoronMultimodalModel`` and the trainer loop over this
+table; adding a medium is a folder under ``model/``, its sharding plan, a row here and, if it
+generates, an objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xoron_dist.config import XoronConfig
+from xoron_dist.model.common.sharding import TensorPlan
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str  # "image": the kinds' medium, and the batch fields ``images``, ``image_spans``, ``image_is_target``
+    generation_token: str  # the special token that asks for the medium ("gen_image")
+    span: str  # DataConfig field giving the placeholder count (or, ``per_second``, the rate per second)
+    per_second: bool = False
+    section: str | None = None  # model config section whose ``enabled`` switches the encoder ("vision")
+    encoder: str | None = None  # XoronMultimodalModel attribute of the encoder ("vision")
+    projector: str | None = None  # ... and of its projector ("image_projector")
+    build: Callable[[XoronConfig], nn.Module] | None = None
+    blank: Callable[[nn.Module], torch.Tensor] | None = None  # encoder -> one empty medium (uint8, on CPU)
+    tensor_plan: Callable[[XoronConfig, nn.Module], TensorPlan] | None = None  # (cfg, encoder) -> plan
+    objective: str | None = None
+
+    @property
+    def batch_field(self) -> str:
+        """The batch's list of this medium's tensors (``images``)."""
+        return f"{self.name}s"
+
+    def understood(self, cfg: XoronConfig) -> bool:
+        """Whether ``cfg`` builds this medium's encoder."""
+        return self.section is not None and getattr(cfg.model, self.section).enabled
+
+
+def _build_vision(cfg: XoronConfig) -> nn.Module:
+    from xoron_dist.model.vision import VisionTower, load_siglip_vision
+
+    vision = cfg.model.vision
+    return load_siglip_vision(vision.pretrained_path, vision) if vision.pretrained_path else VisionTower(vision)
+
+
+def _build_video(cfg: XoronConfig) -> nn.Module:
+    from xoron_dist.model.video import VideoEncoder
+
+    return VideoEncoder(cfg.model.video, cfg.llm.init_std)
+
+
+def _vision_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
+    from xoron_dist.model.vision.sharding import tensor_plan
+
+    return tensor_plan(encoder.cfg)
+
+
+def _video_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
+    from xoron_dist.model.video.sharding import tensor_plan
+
+    return tensor_plan(encoder.cfg, cfg.parallel.tp_experts)
+
+
+MODALITIES: tuple[Modality, ...] = (
+    Modality("image", "gen_image", "image_tokens", section="vision", encoder="vision", projector="image_projector",
+             build=_build_vision, tensor_plan=_vision_plan,
+             # a black image_size² image
+             blank=lambda enc: torch.zeros(enc.cfg.image_size, enc.cfg.image_size, 3, dtype=torch.uint8)),
+    Modality("video", "gen_video", "video_tokens", section="video", encoder="video", projector="video_projector",
+             build=_build_video, tensor_plan=_video_plan,
+             # one black min_resolution² frame
+             blank=lambda enc: torch.zeros(1, enc.cfg.min_resolution, enc.cfg.min_resolution, 3, dtype=torch.uint8)),
+    Modality("audio", "gen_speech", "audio_tokens_per_second", per_second=True),
+)
+BY_NAME = {m.name: m for m in MODALITIES}
+
+
+def understood(cfg: XoronConfig) -> list[Modality]:
+    """The media ``cfg`` builds encoders for, in table order (the order they are encoded in)."""
+    return [m for m in MODALITIES if m.understood(cfg)]
+
+
+__all__ = ["BY_NAME", "MODALITIES", "Modality", "understood"]

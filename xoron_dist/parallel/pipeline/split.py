@@ -1,0 +1,119 @@
+"""A pipeline stage is the single-rank LLM with the other stages' modules removed.
+
+``split_for_pipeline(model, stage, num_stages, costs)`` partitions the decoder layers
+(``partition.py``: contiguous runs, balanced by parameter count or measured cost) and prunes
+``model`` in place to stage ``stage``'s part: its layers (still keyed by their global index, so
+parameter names and checkpoints are the whole model's), the embedding on the first stage, the
+final norm and LM head on the last. ``XoronLLM.forward`` runs whatever is present.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xoron_dist.model.common.moe import ExpertBiasRouter
+from xoron_dist.model.llm import XoronLLM
+from xoron_dist.parallel.pipeline.partition import PipelinePartition, StageCosts, partition_layers
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """Where this rank's stage sits in the pipeline, and the width of what crosses its boundaries."""
+
+    stage: int
+    num_stages: int
+    partition: PipelinePartition
+    hidden_size: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+
+def parameter_costs(model: XoronLLM) -> StageCosts:
+    """Parameter counts: what balances memory (weights, gradients, optimizer states) per stage."""
+
+    def count(module: nn.Module) -> float:
+        return float(sum(p.numel() for p in module.parameters()))
+
+    return StageCosts(tuple(count(layer) for layer in model.layers.values()), count(model.embed_tokens),
+                      count(model.norm) + count(model.lm_head))
+
+
+def measured_costs(model: XoronLLM, micro_batch_size: int, seq_len: int, repeats: int = 3) -> StageCosts:
+    """Forward + backward seconds of each layer (and of the LM head with its loss) on random data,
+    the median of ``repeats`` runs after a warm-up: what balances step time when layers differ
+    (dense vs. MoE layers, the vocabulary-sized head). Runs on the model's device; call it on the
+    whole single-rank model, before ``split_for_pipeline`` prunes it."""
+    device = model.embed_tokens.weight.device
+    hidden = torch.randn(micro_batch_size, seq_len, model.cfg.hidden_size, device=device)
+    positions = torch.arange(seq_len, device=device).expand(micro_batch_size, -1)
+    cos, sin = model.rope(positions)
+    rope = (cos.to(hidden.dtype), sin.to(hidden.dtype))
+    labels = torch.randint(0, model.cfg.usable_vocab_size, (micro_batch_size, seq_len), device=device)
+
+    def timed(run) -> float:
+        samples = []
+        for attempt in range(repeats + 1):
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if attempt:  # the first run pays for allocation and kernel selection
+                samples.append(time.perf_counter() - start)
+        return sorted(samples)[len(samples) // 2]
+
+    def layer_run(layer):
+        return lambda: layer(hidden.detach().requires_grad_(), rope, positions).sum().backward()
+
+    def head_run():
+        x = hidden.detach().requires_grad_()
+        head = model.lm_head
+        head.token_losses(head(model.norm(x)), labels).sum().backward()
+
+    was_training = model.training
+    model.train()
+    layer_costs = tuple(timed(layer_run(layer)) for layer in model.layers.values())
+    head = timed(head_run)
+    model.zero_grad(set_to_none=True)
+    for router in model.modules():
+        if isinstance(router, ExpertBiasRouter):
+            router.load.zero_()  # the routers counted the random tokens
+    model.train(was_training)
+    return StageCosts(layer_costs, 0.0, head)
+
+
+def prune_to_stage(model: XoronLLM, partition: PipelinePartition, stage: int) -> None:
+    """Remove from ``model`` every module stage ``stage`` of ``partition`` does not hold."""
+    keep = set(partition.layers_of(stage))
+    for key in [k for k in model.layers if int(k) not in keep]:
+        del model.layers[key]
+    if stage != 0:
+        model.embed_tokens = None
+    if stage != partition.stages - 1:
+        model.norm = None
+        model.lm_head = None
+
+
+def split_for_pipeline(model: nn.Module, stage: int, num_stages: int, costs: StageCosts) -> StageInfo:
+    """Partition ``model``'s layers over ``num_stages`` by ``costs`` and prune it to ``stage``'s part."""
+    if not isinstance(model, XoronLLM):
+        raise TypeError(f"pipeline parallelism splits the LLM; got {type(model).__name__} (the multimodal "
+                        "model's stages are not built: the layout validator refuses pp > 1 with encoders)")
+    if model.cfg.tie_word_embeddings and num_stages > 1:
+        raise ValueError("tied word embeddings across pipeline stages are not supported: the embedding and "
+                         "the LM head live on different stages (set model.llm.tie_word_embeddings=false)")
+    partition = partition_layers(costs, num_stages)
+    prune_to_stage(model, partition, stage)
+    return StageInfo(stage, num_stages, partition, model.cfg.hidden_size)
+
+
+__all__ = ["StageInfo", "measured_costs", "parameter_costs", "prune_to_stage", "split_for_pipeline"]

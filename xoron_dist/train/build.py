@@ -1,0 +1,89 @@
+"""Build what a curriculum stage trains: model -> freeze -> parallelize -> DeepSpeed engine -> balancer.
+
+    torch.manual_seed(seed)              every rank draws the same single-rank weights
+    model = build_model(cfg)             XoronLLM, or XoronMultimodalModel with encoders (Arrow data)
+    freeze_parameters(model, stage)      the stage's frozen prefixes, on the whole model's names
+    parallelize(model, cfg)              pipeline stage, TP, EP, SP, checkpointing, ZeRO-3 marks
+    deepspeed.initialize(...)            one engine (per pipeline stage) on Megatron-core's groups (mpu)
+    ExpertBalancer(model)                every bias-routed MoE, balanced after each optimizer step
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from xoron_dist.config import XoronConfig
+from xoron_dist.model.llm import XoronLLM
+from xoron_dist.model.llm.head import LMHead
+from xoron_dist.model.xoron import build_model
+from xoron_dist.parallel import state as parallel_state
+from xoron_dist.parallel.parallelize import parallelize
+from xoron_dist.parallel.pipeline.split import StageInfo
+from xoron_dist.train.ds_config import build_ds_config, write_ds_config
+from xoron_dist.train.expert_balance import ExpertBalancer
+from xoron_dist.train.schedule import WarmupCosineSchedule
+from xoron_dist.train.stages import StagePlan, freeze_parameters
+
+
+@dataclass
+class BuiltStage:
+    """A stage's engine and what the step needs beside it."""
+
+    engine: object  # deepspeed.DeepSpeedEngine
+    scheduler: WarmupCosineSchedule
+    model: nn.Module  # engine.module: this rank's part of the model
+    pipeline: StageInfo | None  # this rank's pipeline stage (None without pipeline parallelism)
+    balancer: ExpertBalancer
+    frozen: int  # parameters frozen by the stage
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, zero_stage: int = 0) -> list[dict]:
+    """Decay matrices (and stacked experts); not norms, biases or router vectors.
+
+    Expert-parallel experts under ZeRO 0-2 go into DeepSpeed's MoE groups (``moe: True``, one per
+    expert group), which it reduces and partitions over the expert-data-parallel ranks only.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if zero_stage < 3 and any(is_moe_param(p) for p in decay + no_decay):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
+
+
+def build_stage(cfg: XoronConfig, ctx, plan: StagePlan, run_root: Path) -> BuiltStage:
+    """The engine of curriculum stage ``plan`` on this rank (``ctx``: the ParallelContext)."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    # XoronMultimodalModel when an encoder is enabled; synthetic_text batches hold no media to encode
+    model = build_model(cfg) if cfg.data.source == "arrow" else XoronLLM(cfg.llm)
+    for head in (m for m in model.modules() if isinstance(m, LMHead)):
+        head.chunk_tokens = tc.loss_chunk_tokens
+    frozen = freeze_parameters(model, plan)
+    parallel = parallelize(model, cfg)  # pruned and split on the host, before it moves to the device
+    model = parallel.model.to(ctx.device)
+    ds_config = build_ds_config(cfg, ctx.dp_size, ctx.device_info.dtype, ctx.device_info.kind)
+    if ctx.is_main:
+        write_ds_config(run_root / "ds_config.json", ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model, tc.weight_decay, cfg.parallel.zero_stage),
+        config=ds_config,
+        lr_scheduler=WarmupCosineSchedule.factory(plan.train),
+        mpu=parallel_state.mpu(),
+    )
+    balancer = ExpertBalancer(engine.module)
+    balancer.keep_fp32()
+    return BuiltStage(engine, scheduler, engine.module, parallel.stage, balancer, frozen)
+
+
+__all__ = ["BuiltStage", "build_stage", "parameter_groups"]

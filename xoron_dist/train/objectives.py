@@ -1,0 +1,109 @@
+"""The losses a step optimises, and their weights, as data.
+
+A step's loss is Σ_k w_k · mean_k, one term per objective k, each the mean of its per-item losses
+over the *whole step* (every micro-batch, every data/sequence-parallel rank), so the gradient does
+not depend on how the step is cut into micro-batches or ranks. An ``Objective`` says how to count
+its items in a batch before the forward (so the step's totals are known, one all-reduce for all
+objectives, before the first backward) and how to read their loss sum off the model's output.
+
+    name   items                    loss                         default weight
+    lm     labelled target tokens   token cross-entropy          1.0 (``train.objectives.lm``)
+
+The modality table (``xoron_dist.model.modalities``) names the objective a medium adds (the
+generators' flow-matching and speech losses, at the seed's 0.1, as those land). Token groups
+(``train.token_groups``): the LM loss of tokens inside a group's blocks (``<|think|>`` ...
+``<|/think|>``) counts ``weight`` times (the seed's chain-of-thought, tool-call, uncertainty and
+code-execution groups, 1.2-1.5x); ``token_weights`` computes the per-token weights from the labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from xoron_dist.config import ConfigError, XoronConfig
+from xoron_dist.model.llm import IGNORE_INDEX
+from xoron_dist.model.modalities import MODALITIES
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    default_weight: float
+    count: Callable[[dict], int]  # items of this objective in a micro-batch's model inputs
+    loss_sum: Callable[[object], torch.Tensor]  # the model output -> Σ of the items' losses
+
+
+def _lm_count(inputs: dict) -> int:
+    return int((inputs["labels"] != IGNORE_INDEX).sum())
+
+
+def _lm_loss_sum(out) -> torch.Tensor:
+    return out.loss * out.num_tokens
+
+
+OBJECTIVES: dict[str, Objective] = {"lm": Objective("lm", 1.0, _lm_count, _lm_loss_sum)}
+
+
+def active_objectives(cfg: XoronConfig) -> list[tuple[Objective, float]]:
+    """The run's objectives with their weights: the LM's, and those of the media the model builds.
+    Raises ``ConfigError`` for a weight given to an objective this run does not have."""
+    names = ["lm"] + [m.objective for m in MODALITIES if m.objective and m.understood(cfg)]
+    unknown = sorted(set(cfg.train.objectives) - set(names))
+    if unknown:
+        raise ConfigError(f"train.objectives names {', '.join(unknown)}, which this run does not optimise; "
+                          f"its objectives are: {', '.join(names)}")
+    return [(OBJECTIVES[n], cfg.train.objectives.get(n, OBJECTIVES[n].default_weight)) for n in names]
+
+
+class TokenGroups:
+    """Per-token LM loss weights from ``train.token_groups`` (see the module docstring), resolved
+    against the run's tokenizer once."""
+
+    def __init__(self, cfg: XoronConfig, token_to_id: Callable[[str], int | None]) -> None:
+        self.groups = []
+        for i, group in enumerate(cfg.train.token_groups):
+            ids = {}
+            for side in ("open", "close"):
+                found = []
+                for token in getattr(group, side):
+                    token_id = token_to_id(token)
+                    if token_id is None:
+                        raise ConfigError(f"train.token_groups[{i}].{side}: '{token}' is not one token of the "
+                                          "run's tokenizer; name a special token the tokenizer has")
+                    found.append(token_id)
+                ids[side] = torch.tensor(found, dtype=torch.long)
+            self.groups.append((ids["open"], ids["close"], float(group.weight)))
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def weights(self, labels: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(batch, seq) float weights of the labels' loss terms (1 outside every group), or None without
+        groups. A group's block runs from an open token to the next close token (both included), within
+        one document of a packed row; ignored labels (-100) neither open nor close one."""
+        if not self.groups:
+            return None
+        best = torch.full(labels.shape, float("-inf"), device=labels.device)  # largest weight of a group around
+        for open_ids, close_ids, weight in self.groups:
+            opens = torch.isin(labels, open_ids.to(labels.device)).long()
+            closes = torch.isin(labels, close_ids.to(labels.device)).long()
+            depth = _segment_cumsum(opens, document_ids) - _segment_cumsum(closes, document_ids) + closes
+            best = torch.where(depth > 0, best.clamp(min=weight), best)
+        return torch.where(best > float("-inf"), best, torch.ones_like(best))
+
+
+def _segment_cumsum(x: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """Cumulative sum of x (batch, seq) along each row, restarting where the document id changes."""
+    total = x.cumsum(dim=1)
+    if document_ids is None:
+        return total
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    before = torch.where(starts, total - x, torch.zeros_like(total))  # the running sum just before each start
+    return total - before.cummax(dim=1).values
+
+
+__all__ = ["OBJECTIVES", "Objective", "TokenGroups", "active_objectives"]

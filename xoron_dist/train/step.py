@@ -1,0 +1,88 @@
+"""One optimizer step: its micro-batches forward and backward (in turn, or through the 1F1B pipeline),
+each objective's loss weighted so that the gradient is that of the step's mean over every rank.
+
+The loss of objective k is Σ (its per-item losses over the step) / N_k, where N_k counts its items
+in every micro-batch of every data/sequence-parallel rank (one all-reduce before the first
+backward). DeepSpeed averages the gradients it sums: over the accumulation steps and over a
+divisor that depends on the ZeRO stage (``parallel/zero.py``); each micro-batch's loss sum is
+scaled by ``w_k · divisor · accum / N_k`` to cancel both. The expert-bias update follows the
+optimizer step (``expert_balance.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from xoron_dist.config import XoronConfig
+from xoron_dist.parallel.pipeline.schedule import train_step_1f1b
+from xoron_dist.parallel.sequence import shard_rows
+from xoron_dist.parallel.zero import gradient_divisor
+from xoron_dist.train.build import BuiltStage
+from xoron_dist.train.objectives import TokenGroups, active_objectives
+
+_TOKEN_TENSORS = ("input_ids", "labels", "position_ids", "document_ids", "loss_weights")
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # objective -> its mean over the step (all ranks)
+    counts: dict[str, int]  # objective -> items it averaged over (all ranks)
+
+
+class StepRunner:
+    """Runs steps of one curriculum stage (``built``) on this rank (``ctx``: the ParallelContext)."""
+
+    def __init__(self, cfg: XoronConfig, ctx, built: BuiltStage, token_groups: TokenGroups) -> None:
+        self.cfg, self.ctx, self.built = cfg, ctx, built
+        self.objectives = active_objectives(cfg)
+        self.token_groups = token_groups
+        if built.pipeline is not None and [o.name for o, _ in self.objectives] != ["lm"]:
+            raise NotImplementedError("pipeline parallelism trains the LM objective only")
+
+    def model_inputs(self, batch) -> dict:
+        """The model's keyword arguments for one micro-batch: token tensors (this rank's rows under
+        sequence parallelism), per-token loss weights, and the media the model encodes."""
+        inputs = {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": batch.position_ids,
+                  "document_ids": batch.document_ids,
+                  "loss_weights": self.token_groups.weights(batch.labels, batch.document_ids)}
+        if self.ctx.sp_size > 1:
+            inputs = shard_rows(inputs, self.ctx.sp_rank, self.ctx.sp_size)
+        media = getattr(self.built.model, "media_inputs", None)
+        if media is not None:
+            inputs.update(media(batch))
+        return inputs
+
+    def run(self, batches: list) -> StepResult:
+        ctx, engine = self.ctx, self.built.engine
+        inputs = [self.model_inputs(batch) for batch in batches]
+        counts = torch.tensor([[float(sum(obj.count(i) for i in inputs)) for obj, _ in self.objectives]],
+                              device=ctx.device)
+        dist.all_reduce(counts, group=ctx.token_group)
+        counts = counts[0]
+        accum = self.cfg.train.grad_accum_steps
+        scales = [weight * gradient_divisor(ctx.layout) * accum / max(count.item(), 1.0)
+                  for (_, weight), count in zip(self.objectives, counts, strict=True)]
+        if self.built.pipeline is not None:  # every micro-batch through the pipeline's stages (1F1B)
+            sums = train_step_1f1b(engine, self.built.pipeline, inputs, scales[0]).reshape(1)
+        else:
+            sums = torch.zeros(len(self.objectives), device=ctx.device)
+            for micro in inputs:
+                out = engine(**micro)
+                parts = [obj.loss_sum(out) for obj, _ in self.objectives]
+                total = parts[0] * scales[0]
+                for part, scale in zip(parts[1:], scales[1:], strict=True):
+                    total = total + part * scale
+                engine.backward(total)
+                engine.step()
+                sums += torch.stack([part.detach().float() for part in parts])
+        dist.all_reduce(sums, group=ctx.token_group)
+        names = [obj.name for obj, _ in self.objectives]
+        totals = counts.tolist()
+        means = [s / max(c, 1.0) for s, c in zip(sums.tolist(), totals, strict=True)]
+        return StepResult(dict(zip(names, means, strict=True)), {n: int(c) for n, c in zip(names, totals, strict=True)})
+
+
+__all__ = ["StepResult", "StepRunner"]
