@@ -13,6 +13,7 @@ from xoron_dist.config import VisionConfig
 from xoron_dist.model.vision.titok import TiTok, unpatchify
 from xoron_dist.model.vision.tower import patchify
 from xoron_dist.synth.scenes import render_scene, sample_scene
+from xoron_dist.train.codebooks import CodebookKeeper
 
 # init_std 0.1 ~ 1/sqrt(width) at width 48: the full model's 0.02 is 1/sqrt(2500) and leaves a tiny ViT's
 # attention uniform for many steps (it then plateaus at the mean image).
@@ -47,7 +48,7 @@ def test_encode_decode_shapes_256_tokens(dual_stream) -> None:
     out.loss.backward()
     # Straight-through: the reconstruction loss reaches the encoder; the codebook loss the codebook.
     assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
-    assert model.codebook.weight.grad.abs().sum() > 0
+    assert model.quantizer.codebook.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="ids"):
         model.decode(ids[:, :10])
 
@@ -61,7 +62,7 @@ def test_unpatchify_inverts_patchify() -> None:
 def test_quantiser_picks_the_nearest_code() -> None:
     torch.manual_seed(0)
     model = TiTok(TINY)
-    codes = torch.nn.functional.normalize(model.codebook.weight, dim=-1)
+    codes = torch.nn.functional.normalize(model.quantizer.codebook.weight, dim=-1)
     latents = torch.nn.functional.normalize(codes[[3, 17, 40]] + 0.01 * torch.randn(3, TINY.titok_code_dim), dim=-1)
     ids, picked = model.quantize(latents[None])
     assert ids.tolist() == [[3, 17, 40]]
@@ -98,12 +99,14 @@ def test_dead_code_restarts_keep_more_of_the_codebook_in_use() -> None:
     for share in (0.0, 0.03):
         torch.manual_seed(0)
         model = TiTok(dataclasses.replace(TINY, titok_dead_code_share=share))
+        keeper = CodebookKeeper(model)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(80):
             out = model(images)
             opt.zero_grad()
             out.loss.backward()
             opt.step()
+            keeper.update()
         used[share] = len(out.ids.unique())
     assert used[0.03] >= 2 * used[0.0], used
 
@@ -115,7 +118,7 @@ def _restart_body(steps: int):
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same weights everywhere
     model = TiTok(TINY)
-    model.sync_group = dist.group.WORLD
+    keeper = CodebookKeeper(model)
     images = _scenes(8, seed=dist.get_rank())  # different images per rank
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -127,8 +130,10 @@ def _restart_body(steps: int):
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
         opt.step()
+        keeper.update(dist.group.WORLD)
     dist.destroy_process_group()
-    return model.codebook.weight.detach().clone(), model.code_usage.clone(), model.restarts
+    q = model.quantizer
+    return q.codebook.weight.detach().clone(), q.code_usage.clone(), q.restarts
 
 
 @pytest.mark.multirank

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -42,6 +43,14 @@ class Modality:
     tensor_plan: Callable[[XoronConfig, nn.Module], TensorPlan] | None = None  # (cfg, encoder) -> plan
     objective: str | None = None
 
+    def span_length(self, cfg: XoronConfig, item: torch.Tensor) -> int:
+        """Placeholders one medium takes: the fixed ``data.<span>``, or for a per-second medium (audio
+        samples at ``model.<section>.sample_rate``) ceil(seconds · rate), as the packer lays it out."""
+        setting = getattr(cfg.data, self.span)
+        if not self.per_second:
+            return int(setting)
+        return per_second_tokens(item.shape[-1], getattr(cfg.model, self.section).sample_rate, Fraction(str(setting)))
+
     @property
     def batch_field(self) -> str:
         """The batch's list of this medium's tensors (``images``)."""
@@ -50,6 +59,12 @@ class Modality:
     def understood(self, cfg: XoronConfig) -> bool:
         """Whether ``cfg`` builds this medium's encoder."""
         return self.section is not None and getattr(cfg.model, self.section).enabled
+
+
+def per_second_tokens(samples: int, sample_rate: int, rate: Fraction) -> int:
+    """ceil(samples / sample_rate · rate), at least 1, in integers (exact like the Fraction, no float
+    rounding: 12.5 tokens/s over 0.08 s is exactly 1)."""
+    return max(1, -(-samples * rate.numerator // (sample_rate * rate.denominator)))
 
 
 def _build_vision(cfg: XoronConfig) -> nn.Module:
@@ -96,4 +111,4 @@ def understood(cfg: XoronConfig) -> list[Modality]:
     return [m for m in MODALITIES if m.understood(cfg)]
 
 
-__all__ = ["BY_NAME", "MODALITIES", "Modality", "understood"]
+__all__ = ["BY_NAME", "MODALITIES", "Modality", "per_second_tokens", "understood"]

@@ -75,10 +75,17 @@ class XoronMultimodalModel(nn.Module):
         return inputs
 
     def encode(self, medium: str, media: list[torch.Tensor]) -> torch.Tensor:
-        """Images (H, W, 3) / videos (T, H, W, 3) uint8 -> projected tokens (n, span length, llm hidden)."""
+        """Images (H, W, 3) / videos (T, H, W, 3) uint8 / audio (samples,) int16 -> projected tokens
+        (n, longest span, llm hidden); medium i fills the first ``span_lengths`` of its row."""
         row = next(r for r in self.media if r.name == medium)
         features, mask = getattr(self, row.encoder)(media)[:2]  # every encoder returns (features, mask, ...)
         return getattr(self, row.projector)(features, mask)
+
+    def span_lengths(self, medium: str, media: list[torch.Tensor]) -> torch.Tensor:
+        """(n,) tokens each medium takes in the stream: the fixed span of an image or video, or the
+        per-second count of an audio clip (the packer's rule, ``xoron_dist.data.packing``)."""
+        row = next(r for r in self.media if r.name == medium)
+        return torch.tensor([row.span_length(self.cfg, item) for item in media], dtype=torch.long)
 
     def forward(
         self,
@@ -107,7 +114,7 @@ class XoronMultimodalModel(nn.Module):
                     embeds = embeds + 0.0 * unused.sum()
                 continue
             tokens = self.encode(row.name, items)
-            embeds = fill_spans(embeds, tokens, spans, row)
+            embeds = fill_spans(embeds, tokens, spans, row, self.span_lengths(row.name, items))
             encoded.append((tokens, spans))
         before_layer = None
         if self.fusion is not None:
@@ -186,21 +193,27 @@ def _understanding(row: Modality, media, spans, is_target, enabled: bool) -> tup
     return media, spans
 
 
-def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, row: Modality) -> torch.Tensor:
+def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, row: Modality,
+               lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Replace the placeholder embeddings of each span (row, start, length) by that medium's tokens.
 
-    embeds (batch, seq, D), tokens (n, length, D) -> (batch, seq, D); out of place (autograd reaches
-    the projector; the placeholder ids' embedding rows get no gradient from these positions).
+    embeds (batch, seq, D), tokens (n, longest, D), ``lengths`` (n,) the tokens medium i emits (default:
+    all ``longest``) -> (batch, seq, D); out of place (autograd reaches the projector; the placeholder
+    ids' embedding rows get no gradient from these positions).
     """
-    length = tokens.shape[1]
-    lengths = spans[:, 2]
-    if bool((lengths != length).any()):
-        raise ValueError(f"{row.name} spans have lengths {sorted(set(lengths.tolist()))} but the {row.name} "
-                         f"projector emits {length} tokens: the data was packed with another data.{row.span}")
-    offsets = torch.arange(length, device=embeds.device)
-    rows = spans[:, 0, None].to(embeds.device).expand(-1, length)
-    cols = spans[:, 1, None].to(embeds.device) + offsets
-    return embeds.index_put((rows.flatten(), cols.flatten()), tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype))
+    longest = tokens.shape[1]
+    lengths = torch.full((tokens.shape[0],), longest) if lengths is None else lengths
+    spans = spans.to(lengths.device)
+    if not torch.equal(spans[:, 2], lengths):
+        bad = (spans[:, 2] != lengths).nonzero().flatten()[0].item()
+        raise ValueError(f"{row.name} {bad}'s span has {int(spans[bad, 2])} placeholders but the {row.name} "
+                         f"projector emits {int(lengths[bad])} tokens: the data was packed with another "
+                         f"data.{row.span}")
+    offsets = torch.arange(longest)
+    valid = offsets[None] < lengths[:, None]  # (n, longest)
+    rows = spans[:, 0, None].expand(-1, longest)[valid].to(embeds.device)
+    cols = (spans[:, 1, None] + offsets)[valid].to(embeds.device)
+    return embeds.index_put((rows, cols), tokens[valid.to(tokens.device)].to(embeds.dtype))
 
 
 def _trainable(modules) -> bool:

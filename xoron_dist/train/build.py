@@ -6,6 +6,7 @@
     parallelize(model, cfg)              pipeline stage, TP, EP, SP, checkpointing, ZeRO-3 marks
     deepspeed.initialize(...)            one engine (per pipeline stage) on Megatron-core's groups (mpu)
     ExpertBalancer(model)                every bias-routed MoE, balanced after each optimizer step
+    CodebookKeeper(model)                every vector quantiser's dead codes, restarted after each step
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from xoron_dist.model.xoron import build_model
 from xoron_dist.parallel import state as parallel_state
 from xoron_dist.parallel.parallelize import parallelize
 from xoron_dist.parallel.pipeline.split import StageInfo
+from xoron_dist.train.codebooks import CodebookKeeper
 from xoron_dist.train.ds_config import build_ds_config, write_ds_config
 from xoron_dist.train.expert_balance import ExpertBalancer
 from xoron_dist.train.schedule import WarmupCosineSchedule
@@ -40,6 +42,7 @@ class BuiltStage:
     model: nn.Module  # engine.module: this rank's part of the model
     pipeline: StageInfo | None  # this rank's pipeline stage (None without pipeline parallelism)
     balancer: ExpertBalancer
+    codebooks: CodebookKeeper
     frozen: int  # parameters frozen by the stage
 
 
@@ -83,7 +86,7 @@ def build_stage(cfg: XoronConfig, ctx, plan: StagePlan, run_root: Path) -> Built
     )
     balancer = ExpertBalancer(engine.module)
     balancer.keep_fp32()
-    return BuiltStage(engine, scheduler, engine.module, parallel.stage, balancer, frozen)
+    return BuiltStage(engine, scheduler, engine.module, parallel.stage, balancer, CodebookKeeper(engine.module), frozen)
 
 
 __all__ = ["BuiltStage", "build_stage", "parameter_groups"]

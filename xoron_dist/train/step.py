@@ -6,7 +6,7 @@ in every micro-batch of every data/sequence-parallel rank (one all-reduce before
 backward). DeepSpeed averages the gradients it sums: over the accumulation steps and over a
 divisor that depends on the ZeRO stage (``parallel/zero.py``); each micro-batch's loss sum is
 scaled by ``w_k · divisor · accum / N_k`` to cancel both. The expert-bias update follows the
-optimizer step (``expert_balance.py``).
+optimizer step (``expert_balance.py``), and so do the dead-code restarts (``codebooks.py``).
 """
 
 from __future__ import annotations

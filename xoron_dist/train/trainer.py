@@ -234,6 +234,7 @@ def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPath
         wall_start = time.perf_counter()
         result = runner.run([source.next_batch().to(ctx.device) for _ in range(tc.grad_accum_steps)])
         loads = built.balancer.update(ctx.token_group, enabled=plan.bias_update, rates={"llm": plan.bias_update_rate})
+        built.codebooks.update(ctx.token_group)
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.data_position = {"source": source.state_dict()}

@@ -53,12 +53,13 @@ class MediaContext:
     @classmethod
     def build(cls, media: list[tuple[torch.Tensor, torch.Tensor]], batch: int, seq: int,
               document_ids: torch.Tensor | None) -> MediaContext | None:
-        """``media``: (tokens (n, length, hidden), spans (n, 3) = row, start, length) per modality.
+        """``media``: (tokens (n, longest, hidden), spans (n, 3) = row, start, length) per modality; medium i
+        of a modality holds its first ``length`` tokens (media of one modality may differ in length).
 
         Returns None when there are no media. ``document_ids`` None = one document per row.
         """
-        pieces = [(toks[i], int(row), int(start)) for toks, spans in media
-                  for i, (row, start, _) in enumerate(spans.tolist())]
+        pieces = [(toks[i, :length], int(row), int(start)) for toks, spans in media
+                  for i, (row, start, length) in enumerate(spans.tolist())]
         if not pieces:
             return None
         device, hidden, dtype = pieces[0][0].device, pieces[0][0].shape[-1], pieces[0][0].dtype

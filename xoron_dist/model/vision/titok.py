@@ -14,13 +14,10 @@ their own weights there (MMDiT-style), otherwise they share them, as the paper d
 Quantiser: VQ-VAE (van den Oord et al. 2017) with l2-normalised codes and latents (ViT-VQGAN,
 Yu et al. 2021 §3.2, which TiTok's VQ follows): nearest code by cosine similarity, a
 straight-through estimator for the encoder gradient, the codebook loss ‖sg(z) − e‖² and the
-commitment loss β‖z − sg(e)‖² (β = ``titok_commitment``). Dead codes are restarted (as in
-Jukebox, Dhariwal et al. 2020 §2.3, and SoundStream): a moving average of each code's share of
-the ids is kept (``code_usage``), and a code whose share falls below ``titok_dead_code_share``
-of the uniform share is re-seeded with one of the current batch's latents, so the codebook does
-not shrink to the few codes that won early. With data parallelism (``sync_group``) the usage is
-summed over the ranks and rank 0's choice of latents is broadcast: every replica keeps the same
-codebook. Reconstruction loss: MSE on pixels
+commitment loss β‖z − sg(e)‖² (β = ``titok_commitment``); the quantiser is the shared
+``CosineQuantizer`` (``xoron_dist.model.common.quantize``), whose dead codes the trainer's
+``CodebookKeeper`` restarts after each optimizer step (usage summed over the data-parallel ranks,
+rank 0's fresh latents broadcast: every replica keeps one codebook). Reconstruction loss: MSE on pixels
 normalised to [-1, 1]. (The paper's second stage, distilling MaskGIT-VQGAN codes, and its
 perceptual/GAN losses are training recipes on top of this module, not part of it.)
 """
@@ -35,6 +32,7 @@ from torch import nn
 
 from xoron_dist.config import VisionConfig
 from xoron_dist.model.common.init import init_weights_
+from xoron_dist.model.common.quantize import CosineQuantizer
 from xoron_dist.model.common.rope_nd import grid_coords
 from xoron_dist.model.vision.tower import IMAGE_MEAN, IMAGE_STD, VisionTower, VisionTransformer, prepare_images
 
@@ -81,17 +79,13 @@ class TiTok(nn.Module):
         hidden = tower.hidden_size
         self.encoder = VisionTower(tower)  # patches + latent tokens; outputs the latents
         self.quant_proj = nn.Linear(hidden, cfg.titok_code_dim)
-        self.codebook = nn.Embedding(cfg.titok_codebook_size, cfg.titok_code_dim)
+        self.quantizer = CosineQuantizer(cfg.titok_codebook_size, cfg.titok_code_dim, cfg.titok_dead_code_share,
+                                         cfg.titok_usage_decay)
         self.decoder_in = nn.Linear(cfg.titok_code_dim, hidden)
         self.mask_token = nn.Parameter(torch.zeros(hidden))
         self.decoder_positions = nn.Parameter(torch.zeros(self.grid * self.grid, hidden))
         self.decoder = VisionTransformer(tower)
         self.pixel_out = nn.Linear(hidden, 3 * cfg.titok_patch_size ** 2)
-        # moving-average share of the ids each code took (dead-code restarts); uniform at the start
-        self.register_buffer("code_usage", torch.full((cfg.titok_codebook_size,), 1.0 / cfg.titok_codebook_size))
-        self.sync_group = None  # the data-parallel group whose replicas must keep one codebook
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's (ids, latents)
-        self.restarts = 0  # codes re-seeded so far (for logs)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -103,7 +97,7 @@ class TiTok(nn.Module):
         # Zero output layer: reconstruction starts as the mid-grey image, not noise (as DiT's adaLN-zero).
         nn.init.zeros_(self.pixel_out.weight)
         nn.init.zeros_(self.pixel_out.bias)
-        nn.init.normal_(self.codebook.weight)  # l2-normalised at use: only directions matter
+        nn.init.normal_(self.quantizer.codebook.weight)  # l2-normalised at use: only directions matter
         nn.init.normal_(self.mask_token, std=std)
         nn.init.normal_(self.decoder_positions, std=std)
 
@@ -120,14 +114,9 @@ class TiTok(nn.Module):
         """(batch, K, code_dim) l2-normalised encoder latents."""
         return F.normalize(self.quant_proj(self.encoder(pixels).latents), dim=-1)
 
-    def _codes(self) -> torch.Tensor:
-        return F.normalize(self.codebook.weight, dim=-1)
-
     def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents (batch, K, code_dim) normalised -> ids (batch, K), codes (batch, K, code_dim)."""
-        codes = self._codes()
-        ids = (latents.detach() @ codes.t()).argmax(dim=-1)  # max cosine = min l2 distance on the sphere
-        return ids, codes[ids]
+        return self.quantizer.lookup(latents)
 
     @torch.no_grad()
     def encode(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -148,50 +137,13 @@ class TiTok(nn.Module):
         """ids (batch, titok_tokens) -> uint8 images (batch, S, S, 3)."""
         if ids.dim() != 2 or ids.shape[1] != self.cfg.titok_tokens:
             raise ValueError(f"ids must be (batch, {self.cfg.titok_tokens}); got {tuple(ids.shape)}")
-        pixels = self.decode_codes(self._codes()[ids])
+        pixels = self.decode_codes(self.quantizer.codes()[ids])
         return ((pixels * IMAGE_STD + IMAGE_MEAN).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
-    @torch.no_grad()
-    def restart_dead_codes(self, ids: torch.Tensor, latents: torch.Tensor) -> int:
-        """Update the usage average with ``ids`` and re-seed the dead codes from ``latents``
-        (batch, K, code_dim); returns how many codes were restarted (see the module docstring)."""
-        size = self.cfg.titok_codebook_size
-        counts = torch.bincount(ids.flatten(), minlength=size).float()
-        group = self.sync_group
-        distributed = group is not None and torch.distributed.is_initialized()
-        if distributed:
-            torch.distributed.all_reduce(counts, group=group)
-        decay = self.cfg.titok_usage_decay
-        self.code_usage.mul_(decay).add_(counts / counts.sum().clamp(min=1), alpha=1 - decay)
-        if not self.cfg.titok_dead_code_share:
-            return 0
-        dead = (self.code_usage < self.cfg.titok_dead_code_share / size).nonzero().flatten()
-        if dead.numel() == 0:
-            return 0
-        pool = latents.reshape(-1, latents.shape[-1])
-        picks = torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)
-        fresh = pool[picks].to(self.codebook.weight.dtype)
-        if distributed:
-            torch.distributed.broadcast(fresh, src=torch.distributed.get_global_rank(group, 0), group=group)
-        self.codebook.weight[dead] = fresh
-        self.code_usage[dead] = 1.0 / size  # a fresh code gets the uniform share to prove itself
-        self.restarts += int(dead.numel())
-        return int(dead.numel())
-
     def forward(self, images: list[torch.Tensor] | torch.Tensor) -> TiTokOutput:
-        training = self.training and torch.is_grad_enabled()
-        if training and self._pending is not None:  # the previous step's ids and latents
-            self.restart_dead_codes(*self._pending)
-            self._pending = None
         target = self.pixels(images)
-        latents = self._latents(target)
-        ids, codes = self.quantize(latents)
-        codebook_loss = F.mse_loss(codes.float(), latents.detach().float())
-        commitment_loss = F.mse_loss(latents.float(), codes.detach().float())
-        straight_through = latents + (codes - latents).detach()  # decoder gradient flows into the encoder
-        reconstruction = self.decode_codes(straight_through)
+        q = self.quantizer(self._latents(target))  # straight-through: the decoder's gradient reaches the encoder
+        reconstruction = self.decode_codes(q.codes)
         reconstruction_loss = F.mse_loss(reconstruction.float(), target.float())
-        loss = reconstruction_loss + codebook_loss + self.cfg.titok_commitment * commitment_loss
-        if training:  # restarts apply at the next training forward: backward still needs this codebook
-            self._pending = (ids, latents.detach())
-        return TiTokOutput(loss, reconstruction_loss, codebook_loss, commitment_loss, ids, reconstruction, target)
+        loss = reconstruction_loss + q.codebook_loss + self.cfg.titok_commitment * q.commitment_loss
+        return TiTokOutput(loss, reconstruction_loss, q.codebook_loss, q.commitment_loss, q.ids, reconstruction, target)

@@ -1,0 +1,102 @@
+"""Vector quantisation on the unit sphere, with usage tracking for dead-code restarts.
+
+VQ-VAE (van den Oord et al. 2017) with l2-normalised codes and latents (ViT-VQGAN, Yu et al. 2021
+§3.2; DAC's factorised codes): the nearest code by cosine similarity, a straight-through estimator
+for the encoder's gradient, the codebook loss ‖sg(z) − e‖² and the commitment loss ‖z − sg(e)‖².
+TiTok's image tokens and the audio codec's residual quantiser (``ResidualQuantizer``) are built
+from it.
+
+Dead codes (Jukebox, Dhariwal et al. 2020 §2.3; SoundStream): a code nobody picks never moves, so a
+codebook can shrink to the few codes that won early. Each quantiser keeps a moving average of each
+code's share of the ids (``code_usage``) and remembers the last training forward's ids and latents
+(``pending``); after each optimizer step the trainer's ``CodebookKeeper``
+(``xoron_dist.train.codebooks``) sums the counts over the data-parallel ranks, updates the averages
+and re-seeds every code whose share fell below ``dead_code_share`` of the uniform share with one of
+the batch's latents (rank 0's, broadcast, so every replica keeps one codebook). ``apply_usage`` is
+that update on one rank; the model itself never communicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Quantized:
+    """``ids`` (...,); ``codes`` (..., code_dim) the straight-through quantised latents (forward: the
+    codes; backward: identity into the latents); the two VQ losses (fp32 scalars)."""
+
+    ids: torch.Tensor
+    codes: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+class CosineQuantizer(nn.Module):
+    """``codebook_size`` codes of ``code_dim`` on the unit sphere; input latents must be l2-normalised."""
+
+    def __init__(self, codebook_size: int, code_dim: int, dead_code_share: float = 0.03,
+                 usage_decay: float = 0.9) -> None:
+        super().__init__()
+        self.codebook = nn.Embedding(codebook_size, code_dim)
+        self.dead_code_share, self.usage_decay = dead_code_share, usage_decay
+        # moving-average share of the ids each code took; uniform at the start
+        self.register_buffer("code_usage", torch.full((codebook_size,), 1.0 / codebook_size))
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last training forward's (ids, latents)
+        self.restarts = 0  # codes re-seeded so far (for logs)
+
+    @property
+    def size(self) -> int:
+        return self.codebook.num_embeddings
+
+    def codes(self) -> torch.Tensor:
+        """(codebook_size, code_dim) l2-normalised."""
+        return F.normalize(self.codebook.weight, dim=-1)
+
+    def lookup(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (..., code_dim) normalised -> ids (...), codes (..., code_dim); no gradient to the ids."""
+        codes = self.codes()
+        ids = (latents.detach() @ codes.t()).argmax(dim=-1)  # max cosine = min l2 distance on the sphere
+        return ids, codes[ids]
+
+    def forward(self, latents: torch.Tensor) -> Quantized:
+        ids, codes = self.lookup(latents)
+        codebook_loss = F.mse_loss(codes.float(), latents.detach().float())
+        commitment_loss = F.mse_loss(latents.float(), codes.detach().float())
+        if self.training and torch.is_grad_enabled():  # restarts wait for the optimizer step: backward needs these codes
+            self.pending = (ids.detach(), latents.detach())
+        return Quantized(ids, latents + (codes - latents).detach(), codebook_loss, commitment_loss)
+
+    def counts(self) -> torch.Tensor:
+        """(codebook_size,) float: how often each code was picked in the pending forward."""
+        ids = self.pending[0]
+        return torch.bincount(ids.flatten(), minlength=self.size).float()
+
+    @torch.no_grad()
+    def apply_usage(self, counts: torch.Tensor, fresh: Callable[[int], torch.Tensor]) -> int:
+        """Update the usage average with ``counts`` (summed over the replicas) and re-seed the dead codes
+        with ``fresh(n)`` (n, code_dim) latents; clears ``pending``; returns how many codes restarted."""
+        decay = self.usage_decay
+        self.code_usage.mul_(decay).add_(counts / counts.sum().clamp(min=1), alpha=1 - decay)
+        dead = (self.code_usage < self.dead_code_share / self.size).nonzero().flatten()
+        if not self.dead_code_share or dead.numel() == 0:
+            self.pending = None
+            return 0
+        self.codebook.weight[dead] = fresh(dead.numel()).to(self.codebook.weight.dtype)
+        self.pending = None
+        self.code_usage[dead] = 1.0 / self.size  # a fresh code gets the uniform share to prove itself
+        self.restarts += int(dead.numel())
+        return int(dead.numel())
+
+    def pick_latents(self, n: int) -> torch.Tensor:
+        """``n`` of the pending forward's latents, drawn at random (torch's default generator)."""
+        pool = self.pending[1].reshape(-1, self.pending[1].shape[-1])
+        return pool[torch.randint(pool.shape[0], (n,), device=pool.device)]
+
+
+__all__ = ["CosineQuantizer", "Quantized"]
