@@ -68,7 +68,7 @@ class CosineQuantizer(nn.Module):
         ids, codes = self.lookup(latents)
         codebook_loss = F.mse_loss(codes.float(), latents.detach().float())
         commitment_loss = F.mse_loss(latents.float(), codes.detach().float())
-        if self.training and torch.is_grad_enabled():  # restarts wait for the optimizer step: backward needs these codes
+        if self.training and torch.is_grad_enabled():  # restarts wait for the optimizer step (backward needs them)
             self.pending = (ids.detach(), latents.detach())
         return Quantized(ids, latents + (codes - latents).detach(), codebook_loss, commitment_loss)
 
