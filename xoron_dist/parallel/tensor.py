@@ -4,10 +4,13 @@
 (``xoron_dist.model.sharding``; vocabulary in ``xoron_dist.model.common.sharding``) and replaces
 each matched module by its tensor-parallel counterpart, holding this rank's slice of the module's
 full weight; the model's code does not change, and every TP size starts from exactly the
-single-rank weights. The layers are built from Megatron-core's ``tensor_parallel`` primitives:
-its conjugate communication functions (``copy_to``: identity forward, all-reduce of the gradient
-backward; ``reduce_from``: all-reduce forward, identity backward), ``VocabParallelEmbedding`` and
-``vocab_parallel_cross_entropy``:
+single-rank weights. The layers are built from Megatron-core's ``tensor_parallel`` primitives
+(``VocabParallelEmbedding``, ``vocab_parallel_cross_entropy``, the gather of logits) and two
+conjugate communication functions of ours, ``copy_to`` (identity forward, all-reduce of the
+gradient backward) and ``reduce_from`` (all-reduce forward, identity backward) over Megatron's TP
+group. Ours because Megatron's (``mappings._reduce``) all-reduces ``input_.contiguous()`` and
+returns ``input_``: a strided tensor, such as the gradient einsum's backward hands a ``copy_to``,
+is reduced in a copy that is thrown away, and the sum over the ranks silently lost.
 
     colwise          weight (out/tp, in), bias split    y_local = copy_to(x) W_localᵀ + b_local
     rowwise          weight (out, in/tp), bias whole    y = reduce_from(x_local W_localᵀ) + b
@@ -29,6 +32,7 @@ import math
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,14 +42,53 @@ from xoron_dist.model.llm.head import LMHead
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron.core import ModelParallelConfig
+    from megatron.core import ModelParallelConfig, parallel_state
     from megatron.core.tensor_parallel import (
         VocabParallelEmbedding,
-        copy_to_tensor_model_parallel_region,
         gather_from_tensor_model_parallel_region,
-        reduce_from_tensor_model_parallel_region,
         vocab_parallel_cross_entropy,
     )
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the tensor-parallel group (a new contiguous tensor; ``x`` is untouched)."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    x = x.contiguous().clone() if x.is_contiguous() else x.contiguous()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """Identity forward; the gradient summed over the TP ranks backward (inverse of ``_ReduceFromRegion``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(grad)
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """Partial results summed over the TP ranks forward; the gradient passed through backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    return _CopyToRegion.apply(x)
+
+
+def reduce_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    return _ReduceFromRegion.apply(x)
 
 
 class TensorSplitError(ValueError):
