@@ -15,10 +15,9 @@ from transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer import (
 )
 
 from tests.parallel.harness import run_ranks
-from xoron_dist.config import load_config
+from xoron_dist.config import ConformerConfig, load_config
 from xoron_dist.model.audio.conformer import (
     ConformerBlock,
-    ConformerConfig,
     ConformerEncoder,
     RotaryLatentAttention,
     RotarySelfAttention,
@@ -26,7 +25,8 @@ from xoron_dist.model.audio.conformer import (
 from xoron_dist.model.common.rope_nd import AxialRoPE
 from xoron_dist.parallel.tensor import tp_slice
 
-TINY = ConformerConfig(input_dim=12, hidden_size=32, num_layers=2, num_heads=4, ffn_dim=64, conv_kernel=5,
+INPUT = 12  # width of the frames the encoders read
+TINY = ConformerConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_dim=64, conv_kernel=5,
                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 # HF's rotary conformer: head_size 8, RoPE over the whole head, applied to the block input.
 HF_MODE = replace(TINY, attention="mha_rope", rope_on="input", conv_norm="batch", qk_nope_head_dim=0,
@@ -162,12 +162,12 @@ def test_latent_cache_equals_full_attention() -> None:
                             for s in range(0, 10, 3)], dim=1)
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
     # The whole encoder through the cached path.
-    encoder = ConformerEncoder(TINY).eval()
+    encoder = ConformerEncoder(TINY, INPUT).eval()
     frames = _randn(2, 10, 12, seed=7)
     with torch.no_grad():
         ref = encoder(frames, key_mask).hidden
         torch.testing.assert_close(encoder(frames, key_mask, query_chunk=4).hidden, ref, rtol=1e-5, atol=1e-5)
-    mha = ConformerEncoder(replace(TINY, attention="mha_rope"))
+    mha = ConformerEncoder(replace(TINY, attention="mha_rope"), INPUT)
     with pytest.raises(ValueError, match="attention='rmla'"):
         mha(frames, query_chunk=4)
 
@@ -211,7 +211,7 @@ def test_input_rotation_is_not_relative() -> None:
 def test_padding_invariance(variant) -> None:
     """A clip's outputs are the same alone or batched beside a longer clip; padding content is ignored."""
     cfg = replace(TINY, **variant)
-    encoder = ConformerEncoder(cfg)
+    encoder = ConformerEncoder(cfg, INPUT)
     _randomise(encoder, seed=10)
     long_clip, short_clip = _randn(1, 13, 12, seed=11), _randn(1, 6, 12, seed=12)
     padded = torch.cat((long_clip, torch.cat((short_clip, 1e3 * _randn(1, 7, 12, seed=13)), dim=1)))
@@ -232,13 +232,13 @@ def test_padding_invariance(variant) -> None:
 
 
 def test_config_and_input_errors() -> None:
-    with pytest.raises(ValueError, match="conv_kernel = 4.*odd"):
-        replace(TINY, conv_kernel=4)
-    with pytest.raises(ValueError, match="rope_on.*attention='mha_rope'"):
-        replace(TINY, rope_on="input")
-    with pytest.raises(ValueError, match="qk_rope_head_dim = 3.*even"):
-        replace(TINY, qk_rope_head_dim=3)
-    encoder = ConformerEncoder(TINY)
+    with pytest.raises(ValueError, match="conv_kernel' = 4.*odd"):
+        ConformerEncoder(replace(TINY, conv_kernel=4), INPUT)
+    with pytest.raises(ValueError, match="rope_on.*attention: mha_rope"):
+        ConformerEncoder(replace(TINY, rope_on="input"), INPUT)
+    with pytest.raises(ValueError, match="qk_rope_head_dim' = 3.*even"):
+        ConformerEncoder(replace(TINY, qk_rope_head_dim=3), INPUT)
+    encoder = ConformerEncoder(TINY, INPUT)
     with pytest.raises(ValueError, match="input_dim is 12"):
         encoder(torch.zeros(1, 4, 8))
     with pytest.raises(ValueError, match="mask must be bool"):
@@ -269,7 +269,7 @@ def _tp_body(states, frames, mask, weights):
     results = {}
     for name, (variant, query_chunk) in TP_VARIANTS.items():
         cfg = replace(TINY, **variant)
-        encoder = ConformerEncoder(cfg)
+        encoder = ConformerEncoder(cfg, INPUT)
         encoder.load_state_dict(states[name])
         assert apply_tensor_parallel(encoder, tensor_plan(cfg), ctx.rank, 2) > 0
         out, grads = _tp_step(encoder, frames, mask, weights, query_chunk)
@@ -287,7 +287,7 @@ def test_tp2_equals_single_rank() -> None:
     weights = _randn(2, 9, 32, seed=15)
     states, refs = {}, {}
     for name, (variant, query_chunk) in TP_VARIANTS.items():
-        encoder = ConformerEncoder(replace(TINY, **variant))
+        encoder = ConformerEncoder(replace(TINY, **variant), INPUT)
         _randomise(encoder, seed=16)
         states[name] = {k: v.clone() for k, v in encoder.state_dict().items()}
         refs[name] = _tp_step(encoder, frames, mask, weights, query_chunk)

@@ -13,6 +13,8 @@ Import everything from here: ``from xoron_dist.config import XoronConfig, load_c
 
 from xoron_dist.config.loading import PRESET_DIR, XoronConfig, available_presets, load_config, preset_dict
 from xoron_dist.config.model import (
+    AudioConfig,
+    ConformerConfig,
     FusionConfig,
     LLMConfig,
     ModelConfig,
@@ -36,6 +38,8 @@ from xoron_dist.utils.typed_config import ConfigError
 
 __all__ = [
     "PRESET_DIR",
+    "AudioConfig",
+    "ConformerConfig",
     "ConfigError",
     "DataConfig",
     "FusionConfig",

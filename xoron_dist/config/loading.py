@@ -78,25 +78,55 @@ def preset_dict(name: str) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file. Every way a user's file can be wrong (missing, a folder,
+    unreadable, not UTF-8, not YAML, empty, not a mapping) is one ``ConfigError`` line naming the
+    file and the fix, never a traceback."""
+    where = f"config file '{path}'"
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise ConfigError(f"{where} is a folder; give the YAML file itself{hint}")
+    if not path.exists():
+        raise ConfigError(f"{where} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read ({err.strerror or err}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{where} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); re-save it as UTF-8 "
+            "(an editor's encoding setting, or: iconv -f latin1 -t utf-8)"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(err)}; fix it there") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{where} is empty (no settings in it); write the run's settings, e.g. 'preset: tiny'")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: the top level must be a mapping (train: ..., model: ...), "
+                          f"got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where, then what (its own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is not None and problem:
+        context = getattr(err, "context", None)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {f'{context}: ' if context else ''}{problem}"
+    return " ".join(str(err).replace('in "<unicode string>",', "at").split())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> XoronConfig:
     """Read a run YAML (optionally starting from ``preset: NAME``) and apply ``a.b=c`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        data = _read_yaml(path)
+        data = _read_yaml(Path(path))
     parsed = [parse_override(text) for text in overrides]
     preset = data.pop("preset", None)
     for keys, value in parsed:

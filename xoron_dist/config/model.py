@@ -289,6 +289,92 @@ class VideoConfig:
 
 
 @dataclass
+class ConformerConfig:
+    """A Conformer encoder (``xoron_dist.model.audio.conformer``): macaron FFNs, RMLA or rotary MHA, a
+    depthwise-conv module. Defaults: 6 blocks (the seed) of Conformer-L width (512); RMLA caches
+    kv_lora_rank + qk_rope_head_dim = 160 numbers per frame and layer, where rotary MHA of the same
+    heads would cache 2·8·64 = 1024. The input width is the caller's (the codec's latents, ...)."""
+
+    hidden_size: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    conv_kernel: int = 31  # depthwise kernel (odd: "same" padding), torchaudio's default
+    attention: Literal["rmla", "mha_rope"] = "rmla"
+    kv_lora_rank: int = 128
+    qk_nope_head_dim: int = 32  # per-head q/k dims without position (RMLA: from the latent)
+    qk_rope_head_dim: int = 32  # per-head rotated q/k dims (RMLA: the shared rope key's width)
+    v_head_dim: int = 64
+    rope_theta: float = 10000.0
+    rope_on: Literal["qk", "input"] = "qk"  # mha_rope only: "input" = wav2vec2-conformer's placement
+    conv_norm: Literal["layer", "batch"] = "layer"
+    bias: bool = True  # biases of the FFNs and the q/k/v/out projections (RMLA's latent path has none)
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # on every residual branch and inside the FFNs
+    init_std: float = 0.02
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "hidden_size", "num_layers", "num_heads", "ffn_dim", "kv_lora_rank",
+                 "qk_rope_head_dim", "v_head_dim", "rope_theta", "norm_eps", "init_std")
+        non_negative(self, where, "qk_nope_head_dim")
+        if self.qk_rope_head_dim % 2:
+            raise field_error(f"{where}.qk_rope_head_dim", self.qk_rope_head_dim,
+                              "RoPE rotates pairs of dims; use an even width")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise field_error(f"{where}.conv_kernel", self.conv_kernel,
+                              "the depthwise conv pads (k - 1) / 2 frames on each side; use an odd kernel")
+        if self.rope_on == "input" and self.attention != "mha_rope":
+            raise field_error(f"{where}.rope_on", self.rope_on,
+                              "'input' placement exists for the HF wav2vec2-conformer oracle; use attention: mha_rope")
+        if self.rope_on == "input" and self.hidden_size % self.qk_rope_head_dim:
+            raise field_error(f"{where}.rope_on", self.rope_on,
+                              f"'input' rotates the input in blocks of qk_rope_head_dim = {self.qk_rope_head_dim}, "
+                              f"which must divide hidden_size = {self.hidden_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise field_error(f"{where}.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class AudioConfig:
+    """Audio understanding: the raw-waveform tokenizer (``xoron_dist.model.audio.codec``: a SEANet-style
+    strided-conv encoder, ``codec_strides`` multiplying to the samples per latent frame, and a residual
+    vector quantiser) and the Conformer with RMLA over its frames (``conformer``). Default strides
+    (2, 4, 5, 8): 320 samples, 50 frames per second at 16 kHz (the seed's 64x tokenizer gives 250
+    frames/s, 25x the attention cost on a 10 s clip). The codec's decoder is ``model.speech``'s BigVGAN."""
+
+    enabled: bool = False
+    sample_rate: int = 16_000
+    codec_channels: int = 32
+    codec_strides: list[int] = field(default_factory=lambda: [2, 4, 5, 8])
+    latent_dim: int = 128
+    rvq_quantizers: int = 8
+    rvq_codebook_size: int = 1024
+    rvq_code_dim: int = 8
+    rvq_commitment: float = 0.25
+    rvq_dead_code_share: float = 0.03
+    rvq_usage_decay: float = 0.9
+    conformer: ConformerConfig = field(default_factory=ConformerConfig)
+
+    @property
+    def hop(self) -> int:
+        """Samples per latent frame."""
+        return math.prod(self.codec_strides)
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "sample_rate", "codec_channels", "latent_dim", "rvq_quantizers", "rvq_codebook_size",
+                 "rvq_code_dim")
+        non_negative(self, where, "rvq_commitment", "rvq_dead_code_share")
+        if not self.codec_strides or any(s < 1 for s in self.codec_strides):
+            raise field_error(f"{where}.codec_strides", self.codec_strides, "a list of strides >= 1")
+        if not 0.0 <= self.rvq_usage_decay < 1.0:
+            raise field_error(f"{where}.rvq_usage_decay", self.rvq_usage_decay, "must be in [0, 1)")
+
+
+@dataclass
 class ProjectorConfig:
     """Perceiver resampler (Flamingo, Alayrac et al. 2022, §2.1): learned latents cross-attend to an
     encoder's features (and to themselves) for ``num_layers`` layers; one resampler per modality
@@ -326,11 +412,12 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def validate(self, where: str) -> None:
-        if not (self.vision.enabled or self.video.enabled):
+        if not (self.vision.enabled or self.video.enabled or self.audio.enabled):
             return  # projector and fusion exist only beside an enabled encoder
         hidden = self.llm.hidden_size
         for name in ("projector", "fusion"):

@@ -134,13 +134,18 @@ class PrepConfig:
     patch_multiple: int = 14
     audio_sample_rate: int = 16_000
     max_audio_seconds: float = 30.0
+    # Budgets checked from the file's header before decoding (a 12000x12000 PNG is 140 KB on disk and took
+    # ~780 MB to decode): pixels of an image or of one video frame; seconds of a video clip.
+    max_image_pixels: int = 64_000_000
+    max_video_seconds: float = 600.0
     max_text_tokens: int = 8192
     shard_bytes: int = 256 * 1024 * 1024
     samples_per_unit: int = 256
 
     def validate(self, where: str) -> None:
         positive(self, where, "image_size", "video_frames", "video_size", "patch_multiple", "audio_sample_rate",
-                  "max_audio_seconds", "max_text_tokens", "shard_bytes", "samples_per_unit")
+                  "max_audio_seconds", "max_image_pixels", "max_video_seconds", "max_text_tokens", "shard_bytes",
+                  "samples_per_unit")
 
 
 @dataclass

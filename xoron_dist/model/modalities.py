@@ -21,12 +21,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from xoron_dist.config import XoronConfig
-from xoron_dist.model.common.sharding import TensorPlan
+
+if TYPE_CHECKING:  # the table itself stays importable without torch (the layout validator reads it)
+    import torch
+    from torch import nn
+
+    from xoron_dist.model.common.sharding import TensorPlan
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,20 @@ class Modality:
     span: str  # DataConfig field giving the placeholder count (or, ``per_second``, the rate per second)
     per_second: bool = False
     section: str | None = None  # model config section whose ``enabled`` switches the encoder ("vision")
+    heads: str | None = None  # the encoder's attention heads, dotted in the section ("num_heads")
     encoder: str | None = None  # XoronMultimodalModel attribute of the encoder ("vision")
     projector: str | None = None  # ... and of its projector ("image_projector")
     build: Callable[[XoronConfig], nn.Module] | None = None
     blank: Callable[[nn.Module], torch.Tensor] | None = None  # encoder -> one empty medium (uint8, on CPU)
     tensor_plan: Callable[[XoronConfig, nn.Module], TensorPlan] | None = None  # (cfg, encoder) -> plan
     objective: str | None = None
+
+    def encoder_heads(self, cfg: XoronConfig) -> int:
+        """The encoder's attention heads (tensor parallelism splits them)."""
+        value = getattr(cfg.model, self.section)
+        for part in self.heads.split("."):
+            value = getattr(value, part)
+        return value
 
     def span_length(self, cfg: XoronConfig, item: torch.Tensor) -> int:
         """Placeholders one medium takes: the fixed ``data.<span>``, or for a per-second medium (audio
@@ -92,15 +103,25 @@ def _video_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
     return tensor_plan(encoder.cfg, cfg.parallel.tp_experts)
 
 
+def _blank_image(encoder: nn.Module) -> torch.Tensor:
+    """A black image_size² image."""
+    import torch
+
+    return torch.zeros(encoder.cfg.image_size, encoder.cfg.image_size, 3, dtype=torch.uint8)
+
+
+def _blank_video(encoder: nn.Module) -> torch.Tensor:
+    """One black min_resolution² frame."""
+    import torch
+
+    return torch.zeros(1, encoder.cfg.min_resolution, encoder.cfg.min_resolution, 3, dtype=torch.uint8)
+
+
 MODALITIES: tuple[Modality, ...] = (
-    Modality("image", "gen_image", "image_tokens", section="vision", encoder="vision", projector="image_projector",
-             build=_build_vision, tensor_plan=_vision_plan,
-             # a black image_size² image
-             blank=lambda enc: torch.zeros(enc.cfg.image_size, enc.cfg.image_size, 3, dtype=torch.uint8)),
-    Modality("video", "gen_video", "video_tokens", section="video", encoder="video", projector="video_projector",
-             build=_build_video, tensor_plan=_video_plan,
-             # one black min_resolution² frame
-             blank=lambda enc: torch.zeros(1, enc.cfg.min_resolution, enc.cfg.min_resolution, 3, dtype=torch.uint8)),
+    Modality("image", "gen_image", "image_tokens", section="vision", heads="num_heads", encoder="vision",
+             projector="image_projector", build=_build_vision, tensor_plan=_vision_plan, blank=_blank_image),
+    Modality("video", "gen_video", "video_tokens", section="video", heads="num_heads", encoder="video",
+             projector="video_projector", build=_build_video, tensor_plan=_video_plan, blank=_blank_video),
     Modality("audio", "gen_speech", "audio_tokens_per_second", per_second=True),
 )
 BY_NAME = {m.name: m for m in MODALITIES}

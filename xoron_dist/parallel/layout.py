@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from xoron_dist.config import ConfigError, XoronConfig
+from xoron_dist.model.modalities import understood
 
 
 class LayoutError(ConfigError):
@@ -184,8 +185,7 @@ def _encoder_heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
     if s.tp == 1 or cfg.data.source != "arrow":
         return None
     model = cfg.model
-    heads = [(f"model.{name}.num_heads", getattr(model, name).num_heads)
-             for name in ("vision", "video") if getattr(model, name).enabled]
+    heads = [(f"model.{row.section}.{row.heads}", row.encoder_heads(cfg)) for row in understood(cfg)]
     if heads:
         heads += [("model.projector.num_heads", model.projector.num_heads)]
         heads += [("model.fusion.num_heads", model.fusion.num_heads)] if model.fusion.layers else []
@@ -198,7 +198,7 @@ def _encoder_heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
 
 
 def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
-    encoders = [name for name in ("vision", "video") if getattr(cfg.model, name).enabled]
+    encoders = [row.section for row in understood(cfg)]
     if not encoders or cfg.data.source != "arrow":  # synthetic text trains the LLM alone
         return None
     bad = [f"parallel.{key}={value}" for key, value in (("pp", s.pp), ("sp", s.sp)) if value > 1]
@@ -245,8 +245,9 @@ RULES: tuple[Rule, ...] = (
     Rule("tp", "FFN intermediate sizes (shared expert, dense layers, routed experts unless "
                "`parallel.tp_experts=false`) divisible by tp; the vocabulary is padded to a multiple of tp",
          _ffn_dims_divide),
-    Rule("tp", "with encoders: `num_heads` of `model.vision`, `model.video`, `model.projector`, `model.fusion` "
-               "divisible by tp", _encoder_heads_divide),
+    Rule("tp", "with encoders: the heads of every enabled encoder (`model.vision.num_heads`, "
+               "`model.video.num_heads`, ...), `model.projector.num_heads`, `model.fusion.num_heads` divisible by tp",
+         _encoder_heads_divide),
     Rule("tp", "`parallel.sequence_parallel` (Megatron's norm-region split) not built yet: false",
          _megatron_sequence_parallel),
     Rule("sp", "`train.seq_len` (and every stage's `seq_len`) divisible by 2·sp (zig-zag chunks)", _seq_len_chunks),
@@ -261,7 +262,8 @@ RULES: tuple[Rule, ...] = (
     Rule("pp", "`parallel.zero_stage` ≠ 0 when pp > 1 (non-ZeRO clipping would miss later stages): ZeRO-1",
          _pipeline_zero0),
     Rule("pp", "`model.llm.tie_word_embeddings` = false when pp > 1", _pipeline_untied),
-    Rule("dp", "with `model.vision`/`model.video` enabled (Arrow data): pp = 1, sp = 1, `parallel.zero_stage` ≤ 2",
+    Rule("dp", "with an encoder enabled (`model.vision`, `model.video`, ...; Arrow data): pp = 1, sp = 1, "
+               "`parallel.zero_stage` ≤ 2",
          _multimodal_layout),
 )
 

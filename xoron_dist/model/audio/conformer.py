@@ -48,78 +48,20 @@ rank holds whole enter the head-split computation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
+from xoron_dist.config import ConformerConfig
 from xoron_dist.model.common.init import empty_linear, init_weights_
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import AxialRoPE
 from xoron_dist.model.common.sharding import SplitEntry
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin (batch, frames, rope_dim / 2)
-
-
-@dataclass(frozen=True)
-class ConformerConfig:
-    """Sizes of the Conformer encoder. Defaults: 6 blocks (the seed) of Conformer-L width (512);
-    RMLA caches kv_lora_rank + qk_rope_head_dim = 160 numbers per frame and layer, where rotary MHA
-    of the same heads would cache 2·8·64 = 1024."""
-
-    input_dim: int = 512  # width of the tokenizer's latent frames
-    hidden_size: int = 512
-    num_layers: int = 6
-    num_heads: int = 8
-    ffn_dim: int = 2048
-    conv_kernel: int = 31  # depthwise kernel (odd: "same" padding), torchaudio's default
-    attention: Literal["rmla", "mha_rope"] = "rmla"
-    kv_lora_rank: int = 128
-    qk_nope_head_dim: int = 32  # per-head q/k dims without position (RMLA: from the latent)
-    qk_rope_head_dim: int = 32  # per-head rotated q/k dims (RMLA: the shared rope key's width)
-    v_head_dim: int = 64
-    rope_theta: float = 10000.0
-    rope_on: Literal["qk", "input"] = "qk"  # mha_rope only: "input" = wav2vec2-conformer's placement
-    conv_norm: Literal["layer", "batch"] = "layer"
-    bias: bool = True  # biases of the FFNs and the q/k/v/out projections (RMLA's latent path has none)
-    norm_eps: float = 1e-5
-    dropout: float = 0.0  # on every residual branch and inside the FFNs
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        def fail(field: str, why: str) -> None:
-            raise ValueError(f"ConformerConfig.{field} = {getattr(self, field)!r}: {why}")
-
-        for field in ("input_dim", "hidden_size", "num_layers", "num_heads", "ffn_dim", "kv_lora_rank",
-                      "qk_rope_head_dim", "v_head_dim"):
-            if getattr(self, field) < 1:
-                fail(field, "must be at least 1")
-        if self.qk_nope_head_dim < 0:
-            fail("qk_nope_head_dim", "must be >= 0")
-        if self.qk_rope_head_dim % 2:
-            fail("qk_rope_head_dim", "RoPE rotates pairs of dims; use an even width")
-        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
-            fail("conv_kernel", "the depthwise conv pads (k - 1) / 2 frames on each side; use an odd kernel")
-        if self.attention not in ("rmla", "mha_rope"):
-            fail("attention", "choose 'rmla' (latent K/V, decoupled rope key) or 'mha_rope' (rotary MHA)")
-        if self.conv_norm not in ("layer", "batch"):
-            fail("conv_norm", "choose 'layer' (LayerNorm over channels) or 'batch' (BatchNorm, as the paper)")
-        if self.rope_on not in ("qk", "input"):
-            fail("rope_on", "choose 'qk' (rotate projected q/k) or 'input' (rotate the block input)")
-        if self.rope_on == "input" and self.attention != "mha_rope":
-            fail("rope_on", "'input' placement exists for the HF wav2vec2-conformer oracle; use attention='mha_rope'")
-        if self.rope_on == "input" and self.hidden_size % self.qk_rope_head_dim:
-            fail("rope_on", f"'input' rotates the input in blocks of qk_rope_head_dim = {self.qk_rope_head_dim}, "
-                            f"which must divide hidden_size = {self.hidden_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            fail("dropout", "must be in [0, 1)")
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -373,10 +315,11 @@ class ConformerEncoder(nn.Module):
     """Tokenizer frames (batch, frames, input_dim) -> ``ConformerOutput``: an input Linear to the model
     width, then ``num_layers`` Conformer blocks sharing one rope table (each block ends in its LayerNorm)."""
 
-    def __init__(self, cfg: ConformerConfig) -> None:
+    def __init__(self, cfg: ConformerConfig, input_dim: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.input_proj = empty_linear(cfg.input_dim, cfg.hidden_size, bias=True)
+        cfg.validate("conformer")
+        self.cfg, self.input_dim = cfg, input_dim
+        self.input_proj = empty_linear(input_dim, cfg.hidden_size, bias=True)
         self.rope = AxialRoPE(cfg.qk_rope_head_dim, axes=1, theta=cfg.rope_theta)
         self.layers = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.num_layers))
         self.reset_parameters()
@@ -392,8 +335,8 @@ class ConformerEncoder(nn.Module):
         ``query_chunk``: RMLA only, attend through the latent cache that many query frames at a
         time (bounded memory on long clips; the same output)."""
         batch, length, width = frames.shape
-        if width != self.cfg.input_dim:
-            raise ValueError(f"frames have width {width}; this encoder's input_dim is {self.cfg.input_dim}")
+        if width != self.input_dim:
+            raise ValueError(f"frames have width {width}; this encoder's input_dim is {self.input_dim}")
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.bool, device=frames.device)
         if mask.shape != (batch, length) or mask.dtype != torch.bool:

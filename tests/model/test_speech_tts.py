@@ -1,0 +1,84 @@
+"""Speech generation (``xoron_dist.model.speech.tts``) on synthetic speech whose truth is known.
+
+"Phonemes" are 6 symbols, each with its own latent frame (the codec's latents stand-in) and its own
+length in frames; an utterance is a random symbol string, its latents the symbols' frames repeated
+for their durations plus noise, and its "text" each symbol's embedding (the LLM's hidden states
+stand-in). After a short training the alignment MAS finds matches the true durations, the duration
+predictor learns them, and generation reproduces the symbols' frames.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xoron_dist.config import ConformerConfig
+from xoron_dist.model.speech.alignment import alignment_mask, durations, gaussian_log_likelihood, maximum_path
+from xoron_dist.model.speech.tts import SpeechGenerator, expand_by_path, path_from_durations
+
+SYMBOLS, LATENT, TEXT_DIM, SPEAKER_DIM = 6, 8, 16, 4
+
+
+def _conformer() -> ConformerConfig:
+    return ConformerConfig(hidden_size=32, num_layers=1, num_heads=2, ffn_dim=64,
+                           kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, conv_kernel=3)
+
+
+def _generator() -> SpeechGenerator:
+    return SpeechGenerator(TEXT_DIM, LATENT, SPEAKER_DIM, _conformer(), _conformer())
+
+
+def _data(gen: torch.Generator, n: int = 8, tokens: int = 5):
+    frames_of = torch.arange(SYMBOLS) % 3 + 2  # durations 2, 3, 4 frames
+    means = torch.randn(SYMBOLS, LATENT, generator=torch.Generator().manual_seed(0)) * 2
+    embeds = torch.randn(SYMBOLS, TEXT_DIM, generator=torch.Generator().manual_seed(1))
+    # no symbol twice in a row: the boundary between two equal symbols is not in the speech
+    steps = torch.randint(1, SYMBOLS, (n, tokens), generator=gen)
+    steps[:, 0] = torch.randint(0, SYMBOLS, (n,), generator=gen)
+    symbols = steps.cumsum(dim=1) % SYMBOLS
+    text_mask = torch.ones(n, tokens, dtype=torch.bool)
+    durations = frames_of[symbols]
+    path = path_from_durations(durations, text_mask)
+    frame_mask = path.sum(1) > 0
+    latents = expand_by_path(means[symbols], path) + 0.1 * torch.randn(n, path.shape[2], LATENT, generator=gen)
+    return embeds[symbols], text_mask, latents * frame_mask[..., None], frame_mask, durations, means[symbols]
+
+
+def test_mas_durations_the_predictor_and_generation_learn_the_true_speech(one_thread):
+    torch.manual_seed(0)
+    model = _generator()
+    speaker = torch.zeros(8, SPEAKER_DIM)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(200):
+        text, text_mask, latents, frame_mask, _, _ = _data(gen)
+        loss = model(text, text_mask, latents, frame_mask, speaker, generator=gen).total().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    text, text_mask, latents, frame_mask, true_durations, true_means = _data(torch.Generator().manual_seed(99))
+    model.eval()
+    with torch.no_grad():
+        h, mean, log_std = model.encode_text(text, text_mask, speaker)
+        predicted = torch.expm1(model.duration(h, text_mask)).round()
+        mask = alignment_mask(text_mask.sum(1), frame_mask.sum(1))
+        aligned = durations(maximum_path(gaussian_log_likelihood(latents, mean, log_std), mask))
+    assert torch.equal(aligned, true_durations)  # MAS on the learnt prior finds the true alignment
+    assert (predicted == true_durations).float().mean() >= 0.9, (predicted, true_durations)
+    # the prior found the symbols' frames
+    assert ((mean - true_means) ** 2).mean() < 0.05 * (true_means**2).mean(), ((mean - true_means) ** 2).mean()
+    out, mask = model.generate(text, text_mask, speaker, steps=8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(mask.sum(1), true_durations.sum(1))
+    error = ((out - latents) ** 2 * mask[..., None]).sum() / (mask.sum() * LATENT)
+    assert error < 0.25 * (latents**2).sum() / (mask.sum() * LATENT), error  # well below the signal's power
+
+
+def test_same_seed_same_speech_and_masked_padding(one_thread):
+    torch.manual_seed(0)
+    model = _generator().eval()
+    text, text_mask, _, _, _, _ = _data(torch.Generator().manual_seed(5), n=2)
+    text_mask[1, 3:] = False
+    speaker = torch.randn(2, SPEAKER_DIM)
+    a, mask = model.generate(text, text_mask, speaker, generator=torch.Generator().manual_seed(7))
+    b, _ = model.generate(text, text_mask, speaker, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert bool((a[~mask] == 0).all())

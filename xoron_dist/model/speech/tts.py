@@ -1,0 +1,169 @@
+"""Speech generation: text (the LLM's hidden states) + a speaker -> the codec's latent frames.
+
+    text hidden (n, L, D_llm) ─► text_in ─► + speaker ─► text encoder (Conformer, RMLA) ─► h (n, L, d)
+        h ─► prior: mean μ, log σ per token (n, L, latent)         (Glow-TTS's Gaussian prior)
+        h ─► duration predictor: log(1 + frames) per token          (trained on MAS's durations)
+    training: target latents z (n, F, latent) from the codec ─► MAS on log N(z_j; μ_i, σ_i) ─► path
+        prior loss  −mean log N(z; μ_path, σ_path)                 (pulls the prior onto the speech)
+        duration loss  MSE(predicted log(1+d), log(1+d_MAS))       (text encoding detached, as VITS)
+        flow loss  ‖v(x_t, t | μ_path, speaker) − (z − x₀)‖²      (rectified flow, x_t = (1−t)x₀ + t z)
+    generation: durations from the predictor ─► μ expanded to frames ─► Euler steps of the velocity
+        field from seeded noise ─► latent frames ─► the codec's BigVGAN decoder ─► 16 kHz waveform
+
+Glow-TTS (Kim et al. 2020, arXiv:2005.11129) for the prior, MAS and durations; the decoder is a
+rectified flow (Liu et al. 2022, arXiv:2209.03003; flow matching, Lipman et al. 2023) rather than
+Glow-TTS's invertible flow: a velocity network over frames is a plain Conformer, trains with one
+MSE, and samples in a handful of Euler steps, and the frames it produces are the codec's latents, so
+BigVGAN (the codec's decoder) turns them into a waveform without any mel spectrogram. The speaker
+embedding (``speaker.py``, from a reference clip: zero-shot cloning) is added to the text encoder's
+input and to every frame of the velocity network's input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xoron_dist.config import ConformerConfig
+from xoron_dist.model.audio.conformer import ConformerEncoder
+from xoron_dist.model.common.init import empty_linear
+from xoron_dist.model.speech.alignment import alignment_mask, durations, gaussian_log_likelihood, maximum_path
+
+
+@dataclass
+class SpeechLosses:
+    """Per-clip sums (n,) of the three losses (prior NLL per frame and channel; duration MSE per token;
+    flow MSE per frame and channel), so the trainer can average them over a step's clips."""
+
+    prior: torch.Tensor
+    duration: torch.Tensor
+    flow: torch.Tensor
+
+    def total(self) -> torch.Tensor:
+        return self.prior + self.duration + self.flow
+
+
+class DurationPredictor(nn.Module):
+    """Two conv (k3) → ReLU → LayerNorm layers and a linear head: log(1 + frames) per token (FastSpeech 2 §2.3)."""
+
+    def __init__(self, hidden: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2) for _ in range(2))
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(2))
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """h (n, L, hidden), mask (n, L) -> (n, L), zero at padding."""
+        x = h * mask[..., None]
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            x = norm(F.relu(conv(x.transpose(1, 2)).transpose(1, 2))) * mask[..., None]
+        return self.out(x).squeeze(-1) * mask
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features (n, dim) of flow times t (n,) in [0, 1] (Transformer positions, times 1000)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+def expand_by_path(values: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """Per-token values (n, L, c) spread over frames by an alignment path (n, L, F) -> (n, F, c)."""
+    return torch.einsum("nlf,nlc->nfc", path.to(values.dtype), values)
+
+
+def path_from_durations(frames: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """A monotonic path (n, L, F) giving token i ``frames[:, i]`` consecutive frames (padding tokens none)."""
+    frames = frames * text_mask
+    ends = frames.cumsum(dim=1)
+    starts = ends - frames
+    grid = torch.arange(int(ends.max().item()) if ends.numel() else 0, device=frames.device)
+    return ((grid[None, None] >= starts[..., None]) & (grid[None, None] < ends[..., None])).float()
+
+
+class SpeechGenerator(nn.Module):
+    """See the module docstring. ``text_dim``: the LLM's width; ``latent_dim``: the codec's latents."""
+
+    def __init__(self, text_dim: int, latent_dim: int, speaker_dim: int, encoder: ConformerConfig,
+                 decoder: ConformerConfig) -> None:
+        super().__init__()
+        hidden = encoder.hidden_size
+        self.latent_dim = latent_dim
+        self.text_in = empty_linear(text_dim, hidden, bias=True)
+        self.speaker_in = empty_linear(speaker_dim, hidden, bias=True)
+        self.encoder = ConformerEncoder(encoder, hidden)
+        self.prior = empty_linear(hidden, 2 * latent_dim, bias=True)
+        self.duration = DurationPredictor(hidden)
+        self.time_in = nn.Sequential(nn.Linear(decoder.hidden_size, decoder.hidden_size), nn.SiLU(),
+                                     nn.Linear(decoder.hidden_size, decoder.hidden_size))
+        self.frame_speaker_in = empty_linear(speaker_dim, decoder.hidden_size, bias=True)
+        # the velocity network reads [x_t ; prior ; time + speaker] per frame
+        self.velocity = ConformerEncoder(decoder, 2 * latent_dim + decoder.hidden_size)
+        self.velocity_out = empty_linear(decoder.hidden_size, latent_dim, bias=True)
+        with torch.no_grad():
+            for layer in (self.text_in, self.speaker_in, self.prior, self.frame_speaker_in, self.velocity_out):
+                nn.init.normal_(layer.weight, std=encoder.init_std)
+                nn.init.zeros_(layer.bias)
+
+    def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor, speaker: torch.Tensor):
+        """-> encoding h (n, L, hidden), prior mean and log std (n, L, latent_dim)."""
+        x = self.text_in(text) + self.speaker_in(speaker)[:, None]
+        h = self.encoder(x, text_mask).hidden
+        mean, log_std = self.prior(h).chunk(2, dim=-1)
+        return h, mean, log_std.clamp(-7.0, 2.0)
+
+    def velocity_field(self, x: torch.Tensor, t: torch.Tensor, prior: torch.Tensor, speaker: torch.Tensor,
+                       frame_mask: torch.Tensor) -> torch.Tensor:
+        """v(x_t, t | prior frames, speaker): (n, F, latent) for x (n, F, latent), t (n,)."""
+        cond = self.time_in(timestep_embedding(t, self.time_in[0].in_features).to(x.dtype))
+        cond = (cond + self.frame_speaker_in(speaker))[:, None].expand(-1, x.shape[1], -1)
+        out = self.velocity(torch.cat((x, prior, cond), dim=-1), frame_mask).hidden
+        return self.velocity_out(out) * frame_mask[..., None]
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, latents: torch.Tensor, frame_mask: torch.Tensor,
+                speaker: torch.Tensor, generator: torch.Generator | None = None) -> SpeechLosses:
+        """Training losses. text (n, L, text_dim), latents (n, F, latent_dim) the target speech's codec
+        latents (no gradient reaches the codec through them), speaker (n, speaker_dim)."""
+        latents = latents.detach()
+        h, mean, log_std = self.encode_text(text, text_mask, speaker)
+        mask = alignment_mask(text_mask.sum(1), frame_mask.sum(1), text_mask.shape[1], frame_mask.shape[1])
+        with torch.no_grad():
+            path = maximum_path(gaussian_log_likelihood(latents, mean, log_std), mask)
+        frames = frame_mask.sum(1).clamp(min=1) * self.latent_dim
+        mean_f, log_std_f = expand_by_path(mean, path), expand_by_path(log_std, path)
+        nll = 0.5 * ((latents - mean_f) * torch.exp(-log_std_f)) ** 2 + log_std_f + 0.5 * math.log(2 * math.pi)
+        prior = (nll * frame_mask[..., None]).sum((1, 2)) / frames
+        target = torch.log1p(durations(path).float()) * text_mask
+        predicted = self.duration(h.detach(), text_mask)
+        duration = ((predicted - target) ** 2).sum(1) / text_mask.sum(1).clamp(min=1)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        t = torch.rand(latents.shape[0], generator=generator, device=latents.device, dtype=latents.dtype)
+        x_t = (1 - t)[:, None, None] * noise + t[:, None, None] * latents
+        v = self.velocity_field(x_t, t, mean_f.detach(), speaker, frame_mask)
+        flow = (((v - (latents - noise)) ** 2) * frame_mask[..., None]).sum((1, 2)) / frames
+        return SpeechLosses(prior, duration, flow)
+
+    @torch.no_grad()
+    def generate(self, text: torch.Tensor, text_mask: torch.Tensor, speaker: torch.Tensor, steps: int = 16,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> latent frames (n, F, latent_dim) and their mask (n, F): durations from the predictor, then
+        ``steps`` Euler steps from seeded noise."""
+        h, mean, _ = self.encode_text(text, text_mask, speaker)
+        frames = torch.clamp(torch.round(torch.expm1(self.duration(h, text_mask))), min=1).long()
+        path = path_from_durations(frames, text_mask)
+        frame_mask = path.sum(1) > 0
+        prior = expand_by_path(mean, path)
+        x = torch.randn(prior.shape, generator=generator, device=prior.device, dtype=prior.dtype)
+        for k in range(steps):
+            t = torch.full((x.shape[0],), k / steps, device=x.device, dtype=x.dtype)
+            x = x + self.velocity_field(x, t, prior, speaker, frame_mask) / steps
+        return x * frame_mask[..., None], frame_mask
+
+
+__all__ = ["DurationPredictor", "SpeechGenerator", "SpeechLosses", "expand_by_path", "path_from_durations",
+           "timestep_embedding"]
