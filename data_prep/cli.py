@@ -1,10 +1,13 @@
 """``xoron prep``: parse the command line, call ``data_prep.convert.prepare``, print a summary.
 
     xoron prep --config RUN.yaml --out DIR [--workers N] [--strict] [--resume] [--no-progress]
-               [--max-consecutive-rejects N] INPUT... [key.sub=value ...]
+               [--max-consecutive-rejects N] [--data-root DIR] [--allow-outside-root]
+               INPUT... [key.sub=value ...]
     mpiexec -n 4 xoron prep --config RUN.yaml --out DIR INPUT...     (DIR on a shared filesystem)
 
 INPUT: a JSONL manifest, a webdataset .tar, or a folder (its *.jsonl and *.tar, sorted by name).
+JSONL media paths are relative to the JSONL's folder and must stay inside the data root (that
+folder, or --data-root); --allow-outside-root reads them wherever they lead.
 An argument that is not an existing path and has the form key.sub=value is a config override.
 """
 
@@ -30,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
     parser.add_argument("--max-consecutive-rejects", type=int, default=0, metavar="N",
                         help="stop when N samples in a row of one unit are rejected (0: never)")
+    parser.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                        help="JSONL media paths must lead inside DIR (default: each JSONL's own folder)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="also read absolute media paths and paths leading out of the data root "
+                             "(only for manifests you trust)")
     parser.add_argument("items", nargs="+", metavar="INPUT_OR_OVERRIDE",
                         help="JSONL files, .tar files or folders; then key.sub=value config overrides")
 
@@ -62,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         manifest = prepare(inputs, args.out, cfg, workers=args.workers, strict=args.strict,
                            progress=not args.no_progress, resume=args.resume,
-                           max_consecutive_rejects=args.max_consecutive_rejects, ranks=ranks)
+                           max_consecutive_rejects=args.max_consecutive_rejects, ranks=ranks,
+                           data_root=args.data_root, allow_outside_root=args.allow_outside_root)
     except PrepError as err:
         if ranks.rank == 0:  # every rank's failure reaches rank 0, which says it once
             print(f"error: {err}", file=sys.stderr)

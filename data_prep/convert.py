@@ -99,6 +99,8 @@ class UnitJob:
     settings_sha256: str
     strict: bool
     max_consecutive_rejects: int
+    data_root: Path | None = None  # where JSONL media must lead (None: each JSONL's folder), absolute
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -123,6 +125,8 @@ def prepare(
     resume: bool = False,
     max_consecutive_rejects: int = 0,
     ranks: Ranks | None = None,
+    data_root: Path | None = None,
+    allow_outside_root: bool = False,
 ) -> Manifest:
     """Convert ``inputs`` (JSONL files, webdataset tars, folders of them) into ``out``; return the manifest.
 
@@ -131,7 +135,9 @@ def prepare(
     is resumed without it). ``max_consecutive_rejects`` (0: no bound): that many rejects in a row
     within a unit stop the run, a sign of a systematic problem (a wrong media folder) rather than
     a few bad files. ``ranks``: the MPI ranks sharing the work (``ranks.detect_ranks()``; default
-    this process alone). Every rank returns the manifest; only rank 0 writes it.
+    this process alone). ``data_root``: the folder JSONL media paths must stay inside (default: each
+    JSONL's own folder); ``allow_outside_root``: also read absolute paths and paths leading out of it
+    (see ``sources``). Every rank returns the manifest; only rank 0 writes it.
     """
     ranks = ranks or Ranks()
     out = Path(out)
@@ -139,7 +145,12 @@ def prepare(
         raise PrepError(f"--workers must be >= 1, got {workers}")
     if max_consecutive_rejects < 0:
         raise PrepError(f"--max-consecutive-rejects must be >= 0 (0: no bound), got {max_consecutive_rejects}")
-    setup = _rank0_first(ranks, lambda: _setup(inputs, out, cfg, strict, resume, max_consecutive_rejects))
+    if data_root is not None:
+        if not Path(data_root).is_dir():
+            raise PrepError(f"--data-root {data_root} is not a folder; name the folder that holds the media")
+        data_root = Path(data_root).resolve()
+    setup = _rank0_first(ranks, lambda: _setup(inputs, out, cfg, strict, resume, max_consecutive_rejects,
+                                               data_root, allow_outside_root))
     units = [unit for plan in setup.plans for unit in plan.units]
     mine = units[ranks.rank :: ranks.size]
     show = progress and ranks.rank == 0
@@ -159,7 +170,7 @@ def prepare(
 
 
 def _setup(inputs: list[Path], out: Path, cfg: XoronConfig, strict: bool, resume: bool,
-           max_consecutive_rejects: int) -> _Setup:
+           max_consecutive_rejects: int, data_root: Path | None, allow_outside_root: bool) -> _Setup:
     prep = cfg.data.prep
     for medium in ("image", "video"):
         size = getattr(prep, f"{medium}_size")
@@ -185,6 +196,9 @@ def _setup(inputs: list[Path], out: Path, cfg: XoronConfig, strict: bool, resume
         "tokenizer": tokenizer_info,
         "sources": [{"name": s.name, "bytes": s.path.stat().st_size, "mtime_ns": s.path.stat().st_mtime_ns}
                     for s in sources],
+        # which media paths are read decides which samples are rejected
+        "media_paths": {"data_root": None if data_root is None else Path(os.path.relpath(data_root)).as_posix(),
+                        "allow_outside_root": allow_outside_root},
     }
     _check_or_write_state(out, state)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the folder is a conversion in progress
@@ -193,7 +207,7 @@ def _setup(inputs: list[Path], out: Path, cfg: XoronConfig, strict: bool, resume
         if strict and plan.rejects:
             raise PrepError(f"--strict: {describe_reject(plan.rejects[0])}")
     settings = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-    job = UnitJob(out, prep, settings, strict, max_consecutive_rejects)
+    job = UnitJob(out, prep, settings, strict, max_consecutive_rejects, data_root, allow_outside_root)
     log.info("%d sources, %d samples, %d units", len(sources), sum(p.samples for p in plans),
              sum(len(p.units) for p in plans))
     return _Setup(sources, plans, job, tokenizer_info)
@@ -252,7 +266,7 @@ def convert_unit(unit: Unit, job: UnitJob, builder: RowBuilder) -> UnitResult:
     rejects: list[dict[str, Any]] = []
     in_a_row = 0
     try:
-        for sample in read_unit(unit):
+        for sample in read_unit(unit, job.data_root, job.allow_outside_root):
             try:
                 row = builder.build(sample)
             except RejectedSample as rejected:

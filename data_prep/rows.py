@@ -92,13 +92,14 @@ class RowBuilder:
     def _add_media(self, medium: str, media: Any, fps: float | None, values: dict, stats: dict) -> int:
         p = self.prep
         if medium == "image":
-            pixels = decode_image(media, p.image_size, p.image_resize, p.patch_multiple)
+            pixels = decode_image(media, p.image_size, p.image_resize, p.patch_multiple, max_pixels=p.max_image_pixels)
             h, w = pixels.shape[:2]
             values.update(image=pixels.tobytes(), image_height=h, image_width=w)
             stats.update(images=1, image_pixels=h * w)
             return pixels.nbytes
         if medium == "video":
-            clip, clip_fps = decode_video(media, p.video_frames, p.video_size, p.video_resize, p.patch_multiple, fps)
+            clip, clip_fps = decode_video(media, p.video_frames, p.video_size, p.video_resize, p.patch_multiple, fps,
+                                          max_pixels=p.max_image_pixels, max_seconds=p.max_video_seconds)
             f, h, w = clip.shape[:3]
             values.update(video=clip.tobytes(), video_frames=f, video_height=h, video_width=w, video_fps=clip_fps)
             stats.update(videos=1, video_frames=f)

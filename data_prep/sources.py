@@ -12,6 +12,10 @@ reads one unit from its offset, so units can run in any process in any order.
 
 JSONL: one JSON object per non-blank line; media paths relative to the file's folder. Blank lines
 are skipped; every other line is a sample (a malformed one becomes a reject naming its line).
+Media paths are contained: each must resolve (``..`` and symbolic links followed) inside the data
+root, the JSONL's own folder unless ``--data-root`` names another, and absolute paths are refused;
+``--allow-outside-root`` lifts both for manifests the user trusts. A refused path is a rejected
+sample, and messages name media relative to the data root, never by an absolute path.
 
 Tar (webdataset layout): members are grouped into samples by key, the name up to the first dot
 of the file name (webdataset's ``base_plus_ext``), consecutive members sharing it;
@@ -218,13 +222,19 @@ def _json_id(raw: bytes) -> Any:
 # --------------------------------------------------------------------------- reading
 
 
-def read_unit(unit: Unit) -> Iterator[RawSample]:
+def read_unit(unit: Unit, data_root: Path | None = None, allow_outside_root: bool = False) -> Iterator[RawSample]:
     """The unit's samples, in order, each with its reader-level problems recorded (never raises
-    for a bad sample; an input that vanished or shrank since planning raises ``PrepError``)."""
+    for a bad sample; an input that vanished or shrank since planning raises ``PrepError``).
+
+    ``data_root``: where JSONL media paths must lead (None: the JSONL's folder);
+    ``allow_outside_root``: accept absolute paths and paths leading out of it."""
     duplicates = dict(unit.duplicates)
-    reader = _read_jsonl if unit.source.format == "jsonl" else _read_tar
+    if unit.source.format == "jsonl":
+        samples = _read_jsonl(unit, data_root or unit.source.path.parent, allow_outside_root)
+    else:
+        samples = _read_tar(unit)
     count = 0
-    for sample in reader(unit):
+    for sample in samples:
         sample.duplicate_of = duplicates.get(unit.first + count)
         yield sample
         count += 1
@@ -234,7 +244,7 @@ def read_unit(unit: Unit) -> Iterator[RawSample]:
                     "the input changed while it was being converted")
 
 
-def _read_jsonl(unit: Unit) -> Iterator[RawSample]:
+def _read_jsonl(unit: Unit, root: Path, allow_outside_root: bool) -> Iterator[RawSample]:
     folder = unit.source.path.parent
     with open(unit.source.path, "rb") as f:
         f.seek(unit.offset)
@@ -256,8 +266,24 @@ def _read_jsonl(unit: Unit) -> Iterator[RawSample]:
                     if not isinstance(value, str) or not value:
                         sample.error = sample.error or f"field '{name}' must be a non-empty path string, got {value!r}"
                         continue
-                    sample.media[name] = Blob(value, Path(value).suffix.lower().lstrip("."), folder / value)
+                    if Path(value).is_absolute() and not allow_outside_root:
+                        sample.error = sample.error or (
+                            f"field '{name}' is an absolute path; write media paths relative to the manifest's "
+                            "folder (or pass --allow-outside-root for a manifest you trust)"
+                        )
+                        continue
+                    sample.media[name] = _media_blob(value, folder, root, allow_outside_root)
             yield sample
+
+
+def _media_blob(value: str, folder: Path, root: Path, allow_outside_root: bool) -> Blob:
+    """A JSONL media path as a Blob named relative to the data root (as written, when an allowed
+    path leads outside it). Whether it really stays inside is checked when it is opened."""
+    path = Path(os.path.normpath(folder / value))
+    relative = os.path.relpath(path, root)
+    outside = relative == os.pardir or relative.startswith(os.pardir + os.sep)
+    name = value if allow_outside_root and outside else Path(relative).as_posix()
+    return Blob(name, path.suffix.lower().lstrip("."), path, root=None if allow_outside_root else root)
 
 
 def _tar_groups(path: Path, offset: int, read) -> Iterator[tuple[str, int, dict[str, bytes | None]]]:

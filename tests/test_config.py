@@ -1,5 +1,8 @@
 """The config tree: full-size defaults, presets, YAML + overrides, and errors that name the field."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,77 @@ def test_shipped_pipelines_load(path):
     assert cfg.train.name
     if cfg.stages:
         assert sum(stage.steps for stage in cfg.stages) == cfg.train.steps
+
+
+BAD_FILES = [
+    ("latin1.yaml", "preset: tiny\ntrain:\n  name: caf\xe9\n".encode("latin-1"),
+     "config file '{path}' is not UTF-8 text (byte 0xe9 on line 3); re-save it as UTF-8 (an editor's encoding "
+     "setting, or: iconv -f latin1 -t utf-8)"),
+    ("utf16.yaml", "preset: tiny\n".encode("utf-16"),
+     "config file '{path}' is not UTF-8 text (byte 0xff on line 1); re-save it as UTF-8 (an editor's encoding "
+     "setting, or: iconv -f latin1 -t utf-8)"),
+    ("empty.yaml", b"", "config file '{path}' is empty (no settings in it); write the run's settings, "
+                        "e.g. 'preset: tiny'"),
+    ("comments.yaml", b"# nothing here yet\n", "config file '{path}' is empty (no settings in it); write the run's "
+                                               "settings, e.g. 'preset: tiny'"),
+    ("nul.yaml", b"preset: tiny\x00\n", "config file '{path}' is not valid YAML: unacceptable character #x0000: "
+                                        "special characters are not allowed at position 12; fix it there"),
+    ("flow.yaml", b"train: [1, 2\n", "config file '{path}' is not valid YAML: line 2, column 1: while parsing a "
+                                     "flow sequence: expected ',' or ']', but got '<stream end>'; fix it there"),
+    ("list.yaml", b"- 1\n- 2\n", "config file '{path}': the top level must be a mapping (train: ..., model: ...), "
+                                 "got list"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "message"), BAD_FILES, ids=[case[0] for case in BAD_FILES])
+def test_bad_config_files_are_one_line_errors_naming_the_file_and_the_fix(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == message.format(path=path)
+
+
+def test_a_utf8_byte_order_mark_is_fine(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("preset: tiny\ntrain:\n  name: café\n".encode("utf-8-sig"))
+    assert load_config(path).train.name == "café"
+
+
+def test_a_folder_or_an_unreadable_file_where_a_config_file_belongs(tmp_path, monkeypatch):
+    (tmp_path / "run.yaml").write_text("preset: tiny\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path)
+    assert str(err.value) == f"config file '{tmp_path}' is a folder; give the YAML file itself (it holds run.yaml)"
+
+    def denied(self):  # what reading a mode-000 file does (chmod cannot stop root, so it is simulated)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "run.yaml")
+    assert str(err.value) == (f"config file '{tmp_path / 'run.yaml'}' cannot be read (Permission denied); "
+                              "check its permissions")
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_xoron_train_with_a_latin1_config_prints_one_line(tmp_path, nproc):
+    (tmp_path / "latin1.yaml").write_bytes("preset: tiny\ntrain:\n  name: caf\xe9\n".encode("latin-1"))
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    (tmp_path / "deepspeed").write_text("#!/bin/sh\ntouch launched\n")  # must not be reached
+    (tmp_path / "deepspeed").chmod(0o755)
+    result = subprocess.run([sys.executable, "-m", "xoron_dist.cli", "train", "--config", "latin1.yaml",
+                             "--nproc", nproc], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].endswith("config file 'latin1.yaml' is not UTF-8 text (byte 0xe9 on line 3); re-save it as "
+                             "UTF-8 (an editor's encoding setting, or: iconv -f latin1 -t utf-8)")
+    assert not (tmp_path / "launched").exists()
+
+
+@pytest.mark.parametrize(("field", "shown"), [("max_image_pixels", "0"), ("max_video_seconds", "0.0")])
+def test_prep_budgets_are_validated(field, shown):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["preset=tiny", f"data.prep.{field}=0"])
+    assert str(err.value) == f"config field 'data.prep.{field}' = {shown} is invalid: must be > 0"

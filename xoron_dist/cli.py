@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import shutil
 import sys
 
 from xoron_dist.config import ConfigError, load_config
+from xoron_dist.utils.signal_forwarding import run_forwarding_signals
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """One process: train in this process. N processes: hand over to the DeepSpeed launcher."""
+    """One process: train in this process. N processes: run the DeepSpeed launcher as a child, pass
+    it (and through it the ranks) our SIGTERM/SIGINT/SIGHUP, wait for every process it started and
+    return its exit status (``xoron_dist.utils.signal_forwarding``)."""
     flags = [f for f, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on]
     if args.nproc == 1:
         from xoron_dist.train.__main__ import main as train_main
 
         return train_main(["--config", args.config, *flags, *args.overrides])
+    load_config(args.config, args.overrides)  # a bad config: one line here, not one from every rank
     launcher = shutil.which("deepspeed")
     if launcher is None:
         print("error: --nproc > 1 needs the 'deepspeed' launcher on PATH (pip install deepspeed)", file=sys.stderr)
@@ -32,8 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cmd = [launcher, "--num_gpus", str(args.nproc), "--master_port", str(args.master_port),
            "--module", "xoron_dist.train", "--config", args.config, *flags, *args.overrides]
     print("+ " + " ".join(cmd), file=sys.stderr)
-    os.execv(launcher, cmd)
-    return 0  # not reached
+    return run_forwarding_signals(cmd)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -156,3 +156,54 @@ def test_exact_resume_inside_a_long_text_being_split(tmp_path, arrow_tokenizer):
         assert all(_same(x, y) for x, y in zip(_take(resumed, 3), reference[stop : stop + 3], strict=True))
     assert pending_seen > 0
     assert any("#" in s for b in reference for row in b.sample_ids for s in row)
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_workers_survive_stop_signals_that_are_not_the_trainers(mixed, arrow_tokenizer, sig):
+    """SLURM (or ``kill`` of the process group) signals the workers too; they keep producing batches,
+    the same ones as without the signal, and the trainer decides when to stop."""
+    import multiprocessing
+    import subprocess
+    import time
+
+    expected = _take(_loader(mixed, arrow_tokenizer, mix=MIX), 10)
+    before = set(multiprocessing.active_children())
+    loader = _loader(mixed, arrow_tokenizer, mix=MIX)
+    got = [loader.next_batch() for _ in range(2)]
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    for worker in workers:  # from another process, as SLURM's would be
+        subprocess.run(["kill", "-s", sig, str(worker.pid)], check=True)
+    time.sleep(0.5)
+    got += [loader.next_batch() for _ in range(8)]
+    assert all(worker.is_alive() for worker in workers)
+    loader.close()
+    assert all(_same(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_trainer_that_crashes_with_live_workers_still_exits(mixed, tmp_path):
+    """torch ends leftover workers at exit with SIGTERM from the trainer's process: that one still works
+    (a worker ignoring every SIGTERM would leave the crashed trainer waiting for it forever)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "crash.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from tests.data.arrow_fixtures import data_config
+from xoron_dist.config import XoronConfig
+from xoron_dist.data.loader import ArrowDataLoader
+from xoron_dist.tokenizer import build_tokenizer
+
+tokenizer = build_tokenizer(XoronConfig.preset("tiny"))
+root = {str(mixed)!r}
+loader = ArrowDataLoader(root, data_config(root, num_workers=2), tokenizer, seq_len=64, micro_batch_size=2,
+                         dp_rank=0, dp_size=1, seed=0, mix={MIX!r})
+loader.next_batch()
+raise RuntimeError("crash with the loader alive")
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    # (torch may add its own note on the workers it terminated at exit; what matters is that it exits)
+    assert result.returncode == 1 and "RuntimeError: crash with the loader alive" in result.stderr, result.stderr

@@ -126,3 +126,27 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid 1-bit black PNG of ``width x height`` that is small on disk (zeros compress ~1000x) and
+    written without ever holding the image: what a decompression bomb looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def truncated_wav(path: Path, seconds: float = 1.0, rate: int = 16_000, keep: float = 0.5) -> Path:
+    """A PCM-16 WAV cut after ``keep`` of its bytes: the header still promises the whole clip."""
+    soundfile.write(path, sine(440, rate, seconds), rate, subtype="PCM_16")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -32,8 +33,9 @@ def bad_media(tmp_path_factory) -> Path:
     return root
 
 
-def bad_lines(media: Path) -> list[tuple[str, str | None, str]]:
-    """(JSONL line, the id the reject should name, the reason it should give)."""
+def bad_lines(media: str = "media") -> list[tuple[str, str | None, str]]:
+    """(JSONL line, the id the reject should name, the reason it should give); ``media``: where the
+    bad media are, relative to the JSONL (``with_media`` copies them there)."""
 
     def sample(sample_id, kind="image_caption", text="a caption", **extra):
         return json.dumps({"id": sample_id, "kind": kind, "text": text, **extra})
@@ -50,26 +52,32 @@ def bad_lines(media: Path) -> list[tuple[str, str | None, str]]:
         (sample("b-long", kind="text", text="word " * 200), "b-long", "exceed max_text_tokens=64"),
         (sample("b-missing", image="nope.png"), "b-missing", "image file 'nope.png' not found"),
         (sample("b-path", image=5), "b-path", "field 'image' must be a non-empty path string, got 5"),
-        (sample("b-image", image=str(media / "garbage.png")), "b-image", "cannot decode image"),
-        (sample("b-audio", kind="text_to_speech", audio=str(media / "garbage.wav")), "b-audio",
+        (sample("b-image", image=f"{media}/garbage.png"), "b-image", "cannot decode image"),
+        (sample("b-audio", kind="text_to_speech", audio=f"{media}/garbage.wav"), "b-audio",
          "cannot decode audio"),
-        (sample("b-video", kind="video_caption", video=str(media / "broken.mp4")), "b-video", "cannot decode video"),
-        (sample("b-rate", kind="audio_transcript", audio=str(media / "low.wav")), "b-rate",
+        (sample("b-video", kind="video_caption", video=f"{media}/broken.mp4"), "b-video", "cannot decode video"),
+        (sample("b-rate", kind="audio_transcript", audio=f"{media}/low.wav"), "b-rate",
          "has sample rate 500 Hz, which cannot be converted"),
-        (sample("b-length", kind="audio_transcript", audio=str(media / "long.wav")), "b-length",
+        (sample("b-length", kind="audio_transcript", audio=f"{media}/long.wav"), "b-length",
          "is 3.00 s long, more than max_audio_seconds=2"),
-        (sample("b-frames", kind="text_to_video", video=str(media / "mixed")), "b-frames", "frames differ in size"),
-        (sample("b-fps", kind="text_to_video", video=str(media / "mixed"), fps="fast"), "b-fps",
+        (sample("b-frames", kind="text_to_video", video=f"{media}/mixed"), "b-frames", "frames differ in size"),
+        (sample("b-fps", kind="text_to_video", video=f"{media}/mixed", fps="fast"), "b-fps",
          "field 'fps' must be a number > 0"),
-        (sample("b-extra", kind="text", image=str(media / "ok.png")), "b-extra",
+        (sample("b-extra", kind="text", image=f"{media}/ok.png"), "b-extra",
          "kind 'text' carries no media, but the sample has image"),
         (sample("b-nomedia"), "b-nomedia", "missing image for kind 'image_caption'"),
         (sample("good-0", kind="text"), "good-0", "duplicate id 'good-0' (first seen at line 1)"),
     ]
 
 
+def with_media(folder: Path, media: Path) -> Path:
+    """``folder`` with a copy of the bad media in ``folder/media`` (inside the data root)."""
+    shutil.copytree(media, folder / "media")
+    return folder
+
+
 def write_bad_jsonl(folder: Path, media: Path, cases) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    with_media(folder, media)
     path = folder / "bad.jsonl"
     lines = [json.dumps(GOOD)] + [line for line, _, _ in cases]
     path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"id": "b-utf8", "text": "\xff"}\n')
@@ -78,7 +86,7 @@ def write_bad_jsonl(folder: Path, media: Path, cases) -> Path:
 
 def test_every_bad_line_is_rejected_with_its_reason(bad_media, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cases = bad_lines(bad_media)
+    cases = bad_lines()
     path = write_bad_jsonl(tmp_path / "in", bad_media, cases)
     manifest = prepare([path], tmp_path / "out", tiny_config(), progress=False)
     records = [json.loads(line) for line in (tmp_path / "out" / REJECTS_FILE).read_text().splitlines()]
@@ -94,9 +102,8 @@ def test_every_bad_line_is_rejected_with_its_reason(bad_media, tmp_path, monkeyp
 @pytest.mark.parametrize("case", range(21))
 def test_strict_stops_at_the_first_reject_with_its_message(case, bad_media, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line, sample_id, reason = bad_lines(bad_media)[case]
-    path = tmp_path / "in" / "one.jsonl"
-    path.parent.mkdir()
+    line, sample_id, reason = bad_lines()[case]
+    path = with_media(tmp_path / "in", bad_media) / "one.jsonl"
     path.write_text(json.dumps(GOOD) + "\n" + line + "\n")
     where = "in/one.jsonl:2" + (f" (id {sample_id})" if sample_id else "")
     with pytest.raises(PrepError, match=re.escape(f"--strict: {where}: ") + ".*" + re.escape(reason)):
@@ -110,7 +117,7 @@ def test_strict_in_worker_processes_and_the_cli(bad_media, tmp_path, monkeypatch
     from data_prep.cli import add_arguments, run
 
     monkeypatch.chdir(tmp_path)
-    path = write_bad_jsonl(tmp_path / "in", bad_media, bad_lines(bad_media)[:6])
+    path = write_bad_jsonl(tmp_path / "in", bad_media, bad_lines()[:6])
     with pytest.raises(PrepError, match=re.escape("--strict: in/bad.jsonl:")):
         prepare([path], tmp_path / "w", tiny_config(), strict=True, workers=2, progress=False)
     (tmp_path / "run.yaml").write_text(tiny_config().to_yaml())
@@ -122,7 +129,7 @@ def test_strict_in_worker_processes_and_the_cli(bad_media, tmp_path, monkeypatch
 
 
 def test_consecutive_rejects_bound(bad_media, tmp_path):
-    path = write_bad_jsonl(tmp_path / "in", bad_media, bad_lines(bad_media)[:3])  # + the bad UTF-8 line: 4
+    path = write_bad_jsonl(tmp_path / "in", bad_media, bad_lines()[:3])  # + the bad UTF-8 line: 4
     cfg = tiny_config(samples_per_unit=10)
     with pytest.raises(PrepError, match="3 samples in a row rejected in unit bad-u00000"):
         prepare([path], tmp_path / "out", cfg, max_consecutive_rejects=3, progress=False)

@@ -24,6 +24,12 @@ per worker, the state of the last batch the trainer actually took, plus which wo
 the DataLoader always asks physical worker 0 first, physical worker i plays logical worker
 ``(i + next_worker) % W``. Prefetched but unconsumed batches are simply produced again.
 
+**Signals.** Workers ignore SIGTERM and SIGINT (``_ignore_stop_signals``): SLURM signals every
+process of a job step and a terminal's Ctrl-C reaches the whole foreground group, but whether to
+stop (and save first) is the trainer's decision, and a worker that died of the signal would take
+the run down with it ("DataLoader worker ... killed by signal") before any save. Only a SIGTERM
+from the trainer's own process (torch's last-resort ``terminate()``) still ends a worker.
+
 A resume needs the same dp_size, worker count (0 and 1 are the same), seed, sequence length,
 micro-batch size, look-ahead, datasets and weights: these fix the data order, and ``load_state_dict``
 names the one that differs.
@@ -32,6 +38,9 @@ names the one that differs.
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +66,32 @@ class LoaderStateError(ValueError):
 
 def _as_is(item: Any) -> Any:
     return item
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGINT is ignored; SIGTERM too, unless the trainer's process sent it.
+
+    torch and multiprocessing end a worker that did not stop by itself with ``terminate()``
+    (SIGTERM from the trainer's process): a trainer that crashed with its loader alive does so at
+    exit and then waits for the worker, so a plain SIG_IGN would hang it there. SIGTERM is therefore
+    blocked and taken by a thread that reads who sent it (``sigwaitinfo``): the trainer's process
+    ends the worker, anyone else's (SLURM, a ``kill`` of the process group) is dropped.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler the trainer installed before forking us
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to tell the sender; SIGTERM keeps its default
+        return
+    # Before any other thread exists, so that every thread of the worker inherits the block.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_take_sigterm, args=(os.getppid(),), name="sigterm", daemon=True).start()
+
+
+def _take_sigterm(trainer_pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer_pid:
+        pass  # not the trainer's: dropped
+    # The trainer's: die of it, as torch expects of a worker it terminates.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
 
 class _SlotIterable(IterableDataset):
@@ -173,7 +208,8 @@ class ArrowDataLoader:
         )
         # collate_fn: items are already batches; the default walks every list of the state (~2 us a sample)
         loader = DataLoader(iterable, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=2 if self.num_workers > 0 else None, collate_fn=_as_is)
+                            prefetch_factor=2 if self.num_workers > 0 else None, collate_fn=_as_is,
+                            worker_init_fn=_ignore_stop_signals)
         self._iterator = iter(loader)
         self._blocks = BlockRegistry()  # the new workers' pool blocks, as they arrive
 
