@@ -1,15 +1,16 @@
 """The modality table: every medium Xoron reads, with what the data layer and the model need of it.
 
-One row per medium. The loader lays a medium out as ``<|x_start|> <|x_pad|>*n <|x_end|>`` (for
-a generation target ``<|gen_x|>`` first): ``span`` is the ``DataConfig`` field that gives n, a
-count (``image_tokens``) or, with ``per_second``, a rate over the clip's duration
+One row per medium. The loader lays a medium out as ``<|x_start|> <|x_pad|>*n <|x_end|>`` (for a
+generation target ``<|gen_x|>`` first): ``span`` is the ``DataConfig`` field that gives n, a count
+(``image_tokens``) or, with ``per_second``, a rate over the clip's duration
 (``audio_tokens_per_second``). A medium the model understands has an encoder (``build``) and a
-Perceiver projector emitting exactly n tokens in the LLM's width; both live on
-``XoronMultimodalModel`` under ``encoder``/``projector`` (checkpoint names, stage-freeze
-prefixes). ``blank`` is one empty medium: a rank whose micro-batch has none of it encodes that
-instead, so every rank runs the same modules and reduces the same gradients. ``tensor_plan``
-is the encoder's tensor-parallel plan. ``objective``: the name of the loss the medium adds to the
-step (``xoron_dist.train.objectives``; None: understanding trains through the LM's loss).
+projector (``build_projector``: a Perceiver resampler, or for audio frames pooled per token)
+emitting exactly n tokens in the LLM's width; both live on ``XoronMultimodalModel`` under
+``encoder``/``projector`` (checkpoint names, stage-freeze prefixes). ``blank`` is one empty medium:
+a rank whose micro-batch has none of it encodes that instead, so every rank runs the same modules
+and reduces the same gradients. ``tensor_plan`` is the encoder's tensor-parallel plan.
+``objective``: the name of the loss the medium adds to the step (``xoron_dist.train.objectives``;
+None: understanding trains through the LM's loss).
 
 The packer (``xoron_dist.data.packing``), ``XoronMultimodalModel`` and the trainer loop over this
 table; adding a medium is a folder under ``model/``, its sharding plan, a row here and, if it
@@ -43,6 +44,7 @@ class Modality:
     encoder: str | None = None  # XoronMultimodalModel attribute of the encoder ("vision")
     projector: str | None = None  # ... and of its projector ("image_projector")
     build: Callable[[XoronConfig], nn.Module] | None = None
+    build_projector: Callable[[XoronConfig, Modality, nn.Module], nn.Module] | None = None  # (cfg, row, encoder)
     blank: Callable[[nn.Module], torch.Tensor] | None = None  # encoder -> one empty medium (uint8, on CPU)
     tensor_plan: Callable[[XoronConfig, nn.Module], TensorPlan] | None = None  # (cfg, encoder) -> plan
     objective: str | None = None
@@ -91,6 +93,26 @@ def _build_video(cfg: XoronConfig) -> nn.Module:
     return VideoEncoder(cfg.model.video, cfg.llm.init_std)
 
 
+def _build_audio(cfg: XoronConfig) -> nn.Module:
+    from xoron_dist.model.audio.encoder import AudioEncoder
+
+    return AudioEncoder(cfg.model.audio)
+
+
+def _perceiver(cfg: XoronConfig, row: Modality, encoder: nn.Module) -> nn.Module:
+    """A Perceiver resampler from the encoder's width to the LLM's, emitting the medium's fixed span."""
+    from xoron_dist.model.common.perceiver import PerceiverResampler
+
+    return PerceiverResampler(encoder.cfg.hidden_size, cfg.llm.hidden_size, getattr(cfg.data, row.span),
+                              cfg.model.projector, cfg.llm.init_std)
+
+
+def _frame_pool(cfg: XoronConfig, row: Modality, encoder: nn.Module) -> nn.Module:
+    from xoron_dist.model.audio.encoder import FramePoolProjector
+
+    return FramePoolProjector(encoder.hidden_size, cfg.llm.hidden_size, cfg.llm.init_std)
+
+
 def _vision_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
     from xoron_dist.model.vision.sharding import tensor_plan
 
@@ -101,6 +123,13 @@ def _video_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
     from xoron_dist.model.video.sharding import tensor_plan
 
     return tensor_plan(encoder.cfg, cfg.parallel.tp_experts)
+
+
+def _audio_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
+    from xoron_dist.model.audio.sharding import tensor_plan
+    from xoron_dist.model.common.sharding import nest
+
+    return nest("conformer", tensor_plan(encoder.cfg.conformer))
 
 
 def _blank_image(encoder: nn.Module) -> torch.Tensor:
@@ -117,12 +146,23 @@ def _blank_video(encoder: nn.Module) -> torch.Tensor:
     return torch.zeros(1, encoder.cfg.min_resolution, encoder.cfg.min_resolution, 3, dtype=torch.uint8)
 
 
+def _blank_audio(encoder: nn.Module) -> torch.Tensor:
+    """A tenth of a second of silence."""
+    import torch
+
+    return torch.zeros(encoder.cfg.sample_rate // 10, dtype=torch.int16)
+
+
 MODALITIES: tuple[Modality, ...] = (
     Modality("image", "gen_image", "image_tokens", section="vision", heads="num_heads", encoder="vision",
-             projector="image_projector", build=_build_vision, tensor_plan=_vision_plan, blank=_blank_image),
+             projector="image_projector", build=_build_vision, build_projector=_perceiver, tensor_plan=_vision_plan,
+             blank=_blank_image),
     Modality("video", "gen_video", "video_tokens", section="video", heads="num_heads", encoder="video",
-             projector="video_projector", build=_build_video, tensor_plan=_video_plan, blank=_blank_video),
-    Modality("audio", "gen_speech", "audio_tokens_per_second", per_second=True),
+             projector="video_projector", build=_build_video, build_projector=_perceiver, tensor_plan=_video_plan,
+             blank=_blank_video),
+    Modality("audio", "gen_speech", "audio_tokens_per_second", per_second=True, section="audio",
+             heads="conformer.num_heads", encoder="audio", projector="audio_projector", build=_build_audio,
+             build_projector=_frame_pool, tensor_plan=_audio_plan, blank=_blank_audio),
 )
 BY_NAME = {m.name: m for m in MODALITIES}
 

@@ -36,7 +36,6 @@ from torch import nn
 
 from xoron_dist.config import XoronConfig
 from xoron_dist.model.common.moe import uncounted_routing
-from xoron_dist.model.common.perceiver import PerceiverResampler
 from xoron_dist.model.fusion import FusionLayers, MediaContext
 from xoron_dist.model.llm import LLMOutput, XoronLLM
 from xoron_dist.model.modalities import MODALITIES, Modality, understood
@@ -58,9 +57,7 @@ class XoronMultimodalModel(nn.Module):
         for row in self.media:
             encoder = row.build(cfg)
             setattr(self, row.encoder, encoder)
-            span = getattr(cfg.data, row.span)  # the projector emits exactly the placeholder span's tokens
-            setattr(self, row.projector, PerceiverResampler(encoder.cfg.hidden_size, hidden, span, cfg.model.projector,
-                                                            std))
+            setattr(self, row.projector, row.build_projector(cfg, row, encoder))  # emits exactly the span's tokens
         self.fusion = (FusionLayers(hidden, cfg.model.fusion, std, cfg.llm.rms_norm_eps) if cfg.model.fusion.layers
                        else None)
 
@@ -79,7 +76,7 @@ class XoronMultimodalModel(nn.Module):
         (n, longest span, llm hidden); medium i fills the first ``span_lengths`` of its row."""
         row = next(r for r in self.media if r.name == medium)
         features, mask = getattr(self, row.encoder)(media)[:2]  # every encoder returns (features, mask, ...)
-        return getattr(self, row.projector)(features, mask)
+        return getattr(self, row.projector)(features, mask, self.span_lengths(medium, media).to(features.device))
 
     def span_lengths(self, medium: str, media: list[torch.Tensor]) -> torch.Tensor:
         """(n,) tokens each medium takes in the stream: the fixed span of an image or video, or the
@@ -114,7 +111,7 @@ class XoronMultimodalModel(nn.Module):
                     embeds = embeds + 0.0 * unused.sum()
                 continue
             tokens = self.encode(row.name, items)
-            embeds = fill_spans(embeds, tokens, spans, row, self.span_lengths(row.name, items))
+            embeds = fill_spans(embeds, tokens, spans, row, self.span_lengths(row.name, items).to(spans.device))
             encoded.append((tokens, spans))
         before_layer = None
         if self.fusion is not None:

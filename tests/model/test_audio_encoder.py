@@ -1,0 +1,119 @@
+"""Audio understanding: the raw-waveform tokenizer, the residual quantiser, the frame-pooling projector,
+and audio in ``XoronMultimodalModel`` (spans of ceil(seconds · rate) tokens, the packer's rule)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xoron_dist.config import AudioConfig, ConformerConfig, load_config
+from xoron_dist.model.audio.codec import ResidualQuantizer, WaveformEncoder
+from xoron_dist.model.audio.encoder import AudioEncoder, FramePoolProjector
+from xoron_dist.train.codebooks import CodebookKeeper
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_CONFORMER = ["hidden_size=32", "num_layers=1", "num_heads=2", "ffn_dim=64", "kv_lora_rank=16",
+                  "qk_nope_head_dim=8", "qk_rope_head_dim=8", "v_head_dim=16", "conv_kernel=3"]
+AUDIO = AudioConfig(enabled=True, codec_channels=8, latent_dim=16, rvq_quantizers=3, rvq_codebook_size=16,
+                    conformer=ConformerConfig(**{k: int(v) for k, v in (f.split("=") for f in TINY_CONFORMER)}))
+
+
+def _clip(samples: int, seed: int) -> torch.Tensor:
+    return torch.randint(-3000, 3000, (samples,), dtype=torch.int16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_tokenizer_frames_and_padding_invariance():
+    torch.manual_seed(0)
+    encoder = WaveformEncoder(8, [2, 4, 5, 8], 16)
+    assert encoder.hop == 320
+    short, long = torch.randn(1, 5000), torch.randn(1, 16000)
+    alone = encoder(short)
+    assert alone.shape == (1, math.ceil(5000 / 320), 16)
+    batch = torch.zeros(2, 16000)
+    batch[0, :5000], batch[1] = short, long
+    together = encoder(batch, torch.tensor([5000, 16000]))
+    torch.testing.assert_close(together[0, : alone.shape[1]], alone[0], rtol=0, atol=1e-5)
+    assert bool((together[0, alone.shape[1]:] == 0).all())  # frames beyond the clip are zero
+
+
+def test_residual_quantiser_decodes_its_ids_and_each_stage_refines():
+    torch.manual_seed(0)
+    rvq = ResidualQuantizer(16, 4, 32, 8)
+    latents = torch.randn(64, 16)
+    q = rvq(latents)
+    assert q.ids.shape == (64, 4) and int(q.ids.max()) < 32
+    torch.testing.assert_close(rvq.decode(q.ids), q.latents, rtol=0, atol=1e-5)
+    opt = torch.optim.Adam(rvq.parameters(), lr=1e-2)
+    for _ in range(150):  # fit the codebooks and projections to these latents (reconstruction + VQ losses)
+        q = rvq(latents)
+        loss = (q.latents - latents).pow(2).mean() + q.codebook_loss + 0.25 * q.commitment_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        errors = [float((rvq(latents, stages=k).latents - latents).pow(2).mean()) for k in (1, 2, 3, 4)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0], errors  # each stage refines
+    assert len(CodebookKeeper(rvq).quantizers) == 4  # the trainer restarts every stage's dead codes
+
+
+def test_frame_pool_projector_gives_each_token_its_frames_mean():
+    torch.manual_seed(0)
+    projector = FramePoolProjector(4, 8)
+    features = torch.randn(2, 10, 4)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, :10], mask[1, :7] = True, True
+    spans = torch.tensor([4, 3])
+    out = projector(features, mask, spans)
+    assert out.shape == (2, 4, 8)
+    x = projector.in_proj(features)
+    # clip 1: 7 frames into 3 tokens -> frames {0,1,2}, {3,4}, {5,6} (frame f to token floor(f * 3 / 7))
+    expected = torch.stack([x[1, 0:3].mean(0), x[1, 3:5].mean(0), x[1, 5:7].mean(0)])
+    torch.testing.assert_close(out[1, :3], projector.out_proj(projector.norm(expected)))
+    with pytest.raises(ValueError, match="audio_tokens_per_second must not exceed"):
+        projector(features, mask, torch.tensor([4, 8]))
+
+
+def test_audio_encoder_is_padding_invariant_and_counts_only_real_frames():
+    torch.manual_seed(0)
+    encoder = AudioEncoder(AUDIO)
+    clips = [_clip(16000, 1), _clip(5000, 2)]
+    together = encoder(clips)
+    alone = encoder(clips[1:])
+    assert together.mask.sum(1).tolist() == [50, 16]
+    torch.testing.assert_close(together.features[1, :16], alone.features[0], rtol=0, atol=1e-5)
+    used = [int(q.pending[0].numel()) for q in encoder.quantizer.quantizers]
+    assert used == [16] * 3  # the last (one clip) forward: real frames only, no padding as codebook usage
+
+
+def _audio_cfg(*extra):
+    conformer = [f"model.audio.conformer.{item}" for item in TINY_CONFORMER]
+    return load_config(None, ["preset=tiny", "model.audio.enabled=true", "model.audio.codec_channels=8",
+                              "model.audio.latent_dim=16", "model.audio.rvq_quantizers=2",
+                              "model.audio.rvq_codebook_size=16", "model.fusion.layers=[0]",
+                              "model.projector.num_heads=4", "model.fusion.num_heads=4",
+                              "data.audio_tokens_per_second=8.0", *conformer, *extra])
+
+
+def test_multimodal_model_fills_audio_spans_of_ceil_seconds_times_rate():
+    from xoron_dist.model.xoron import XoronMultimodalModel
+
+    cfg = _audio_cfg()
+    torch.manual_seed(0)
+    model = XoronMultimodalModel(cfg)
+    clips = [_clip(16000, 3), _clip(3000, 4)]  # 1 s -> 8 tokens, 0.1875 s -> ceil(1.5) = 2 tokens
+    assert model.span_lengths("audio", clips).tolist() == [8, 2]
+    ids = torch.randint(0, 100, (2, 24))
+    spans = torch.tensor([[0, 2, 8], [1, 5, 2]])
+    labels = ids.roll(-1, 1)
+    out = model(ids, labels=labels, audios=clips, audio_spans=spans)
+    out.loss.backward()
+    assert model.audio.conformer.input_proj.weight.grad.abs().sum() > 0  # the LM's loss reaches the encoder
+    with pytest.raises(ValueError, match="audio 0's span has 7 placeholders.*emits 8 tokens"):
+        model(ids, audios=clips, audio_spans=torch.tensor([[0, 2, 7], [1, 5, 2]]))
+    model.zero_grad()
+    model(ids, labels=labels).loss.backward()  # no audio in this micro-batch: a blank clip keeps every gradient
+    # (the codebooks learn from the codec's own losses, never through the straight-through path)
+    assert all(p.grad is not None for n, p in model.audio.named_parameters() if "codebook" not in n)

@@ -1,0 +1,114 @@
+"""Audio understanding: 16 kHz clips -> Conformer features, and the projector into the LLM's stream.
+
+    clips (int16 samples) ─► [-1, 1] ─► waveform tokenizer (SEANet encoder) ─► latents (n, frames, latent)
+        ─► residual VQ (the audio tokens; straight-through) ─► Conformer with RMLA ─► (n, frames, hidden)
+        ─► projector: frames pooled into the clip's span of ceil(seconds · data.audio_tokens_per_second)
+           tokens (frame f of F to token ⌊f · T / F⌋: contiguous, every token at least one frame) ─► LLM width
+
+The span length is the packer's rule (``xoron_dist.model.modalities``); the projector receives it, so
+the tokens fill the placeholders exactly. Only real frames reach the quantiser, so padding never
+counts as codebook usage. The codec's own training (reconstruction through its BigVGAN decoder) is
+an objective of its own; the ASR and caption losses are the LM's loss on the transcript text.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from xoron_dist.config import AudioConfig
+from xoron_dist.model.audio.codec import ResidualQuantizer, WaveformEncoder
+from xoron_dist.model.audio.conformer import ConformerEncoder
+from xoron_dist.model.common.init import empty_linear
+from xoron_dist.model.common.norm import RMSNorm
+
+
+class AudioFeatures(NamedTuple):
+    """``features`` (n, frames, hidden) zero at padding; ``mask`` (n, frames) True = a real frame.
+    A named tuple: ZeRO-3 finds a module's output tensors only in tuples."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+
+
+def batch_clips(clips: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int16 (or float) clips of any length -> samples (n, longest) float in [-1, 1], lengths (n,)."""
+    if not clips:
+        raise ValueError("the audio encoder got no clips")
+    lengths = torch.tensor([clip.shape[-1] for clip in clips], device=device)
+    samples = torch.zeros(len(clips), int(lengths.max()), device=device)
+    for i, clip in enumerate(clips):
+        if clip.dim() != 1:
+            raise ValueError(f"audio clip {i}: expected mono samples (samples,); got shape {tuple(clip.shape)}")
+        clip = clip.to(device)
+        samples[i, : clip.shape[0]] = clip.float() / 32768.0 if clip.dtype == torch.int16 else clip.float()
+    return samples, lengths
+
+
+class AudioEncoder(nn.Module):
+    """list of (samples,) int16 clips -> ``AudioFeatures``."""
+
+    def __init__(self, cfg: AudioConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = WaveformEncoder(cfg.codec_channels, cfg.codec_strides, cfg.latent_dim)
+        self.quantizer = ResidualQuantizer(cfg.latent_dim, cfg.rvq_quantizers, cfg.rvq_codebook_size, cfg.rvq_code_dim,
+                                           cfg.rvq_dead_code_share, cfg.rvq_usage_decay)
+        self.conformer = ConformerEncoder(cfg.conformer, cfg.latent_dim)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.conformer.hidden_size
+
+    def tokens(self, clips: list[torch.Tensor]):
+        """-> quantised latents (n, frames, latent_dim) zero at padding, their ``ResidualQuantized`` over the
+        real frames, and the frame mask (n, frames)."""
+        device = self.tokenizer.conv_in.weight.device
+        samples, lengths = batch_clips(clips, device)
+        latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
+        frames = self.tokenizer.frames(lengths)
+        mask = torch.arange(latents.shape[1], device=device)[None] < frames[:, None]
+        quantized = self.quantizer(latents[mask])
+        return latents.new_zeros(latents.shape).index_put((mask,), quantized.latents), quantized, mask
+
+    def forward(self, clips: list[torch.Tensor]) -> AudioFeatures:
+        latents, _, mask = self.tokens(clips)
+        return AudioFeatures(self.conformer(latents, mask).hidden, mask)
+
+
+class FramePoolProjector(nn.Module):
+    """(n, frames, in_dim) features + mask (n, frames) + span lengths (n,) -> (n, longest span, hidden):
+    each clip's frames split into its span's tokens in order, averaged, projected (see the module docstring)."""
+
+    def __init__(self, in_dim: int, hidden: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.in_proj = empty_linear(in_dim, hidden, bias=True)
+        self.norm = RMSNorm(hidden)
+        self.out_proj = empty_linear(hidden, hidden)
+        with torch.no_grad():
+            nn.init.normal_(self.in_proj.weight, std=init_std)
+            nn.init.zeros_(self.in_proj.bias)
+            nn.init.normal_(self.out_proj.weight, std=init_std)  # on the scale of the token embeddings
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, span_lengths: torch.Tensor) -> torch.Tensor:
+        frames = mask.sum(1).to(span_lengths.device)
+        if bool((span_lengths > frames).any()):
+            bad = int((span_lengths > frames).nonzero()[0])
+            raise ValueError(f"audio clip {bad} has {int(frames[bad])} frames but its span asks for "
+                             f"{int(span_lengths[bad])} tokens: data.audio_tokens_per_second must not exceed the "
+                             "codec's frame rate (model.audio.sample_rate / prod(codec_strides))")
+        n, longest = span_lengths.shape[0], int(span_lengths.max())
+        x = self.in_proj(features)
+        position = torch.arange(features.shape[1], device=features.device)
+        spans, counts = span_lengths.to(position.device)[:, None], frames.clamp(min=1).to(position.device)[:, None]
+        token = position[None] * spans // counts
+        slot = (torch.arange(n, device=position.device)[:, None] * longest + token)[mask]
+        total = x.new_zeros(n * longest, x.shape[-1]).index_add(0, slot, x[mask])
+        count = x.new_zeros(n * longest).index_add(0, slot, x.new_ones(slot.shape[0]))
+        pooled = (total / count.clamp(min=1)[:, None]).view(n, longest, -1)
+        return self.out_proj(self.norm(pooled))
+
+
+__all__ = ["AudioEncoder", "AudioFeatures", "FramePoolProjector", "batch_clips"]
