@@ -14,7 +14,7 @@ from xoron_dist.train.checkpoint import _rename_legacy_keys, config_hash, hash_m
 
 # config_hash of these configs as the code before the restructuring computed it (recorded from it)
 OLD_HASHES = [
-    ("pipelines/smoke.yaml", [], "33243ef576af1a6e"),
+    ("pipelines/smoke.yaml", ["model.audio.enabled=false"], "33243ef576af1a6e"),  # the smoke run before audio
     (None, ["preset=tiny", "parallel.tp=2"], "ad476292ef6ba7a3"),
     (None, ["preset=tiny", "model.llm.moe.num_experts=4", "parallel.ep=2"], "9e9dcec0d934c213"),
 ]
@@ -28,6 +28,7 @@ def test_hashes_of_earlier_checkpoints_still_match(path, overrides, old):
 
 
 def test_a_different_model_is_still_refused():
+    assert not hash_matches(OLD_HASHES[0][2], load_config("pipelines/smoke.yaml"))  # the smoke run with audio
     path, overrides, old = OLD_HASHES[1]
     assert not hash_matches(old, load_config(path, [*overrides, "model.llm.hidden_size=128"]))
     # a field added since, set away from the value the old checkpoints were built with

@@ -127,6 +127,8 @@ def hash_matches(saved: str, cfg: XoronConfig) -> bool:
     if saved == config_hash(cfg):
         return True
     model = copy.deepcopy(cfg.to_dict()["model"])
+    if any(model[name]["enabled"] for name in _V1_DROPPED if name in model):
+        return False  # a part those checkpoints could not hold
     for path, value in _V1_ADDED.items():
         *parents, leaf = path
         node = model
