@@ -19,6 +19,13 @@ of a kind do not change when its count grows.
 Clip frame rate: all clips run at ``VIDEO_FPS``, recorded in every video sample's optional
 ``fps`` field (which ``xoron prep`` reads for frame folders; a folder has no rate of its own), in
 the MP4 streams, and in ``synth.json``.
+
+Speakers: the vowels of audio sample ``index`` (id ``<kind>-{index + 1:06d}``) are spoken by
+``sounds.SPEAKERS[index % len(SPEAKERS)]`` (round robin, so every speaker gets the same share).
+The speaker is a function of the id (``speaker_of``) rather than a JSONL field or an id suffix:
+the id is what ``xoron prep`` keeps in its Arrow rows (it drops unknown fields), and the id form
+``<kind>-NNNNNN`` stays what the media paths and the corpus tests expect. A clip without vowels
+carries no voice; espeak-ng speech (``espeak=True``) is espeak's voice, not the speaker's.
 """
 
 from __future__ import annotations
@@ -72,6 +79,20 @@ class _Context:
 
 def sample_id(kind: str, index: int) -> str:
     return f"{kind}-{index + 1:06d}"
+
+
+def sample_speaker(index: int) -> int:
+    """The speaker (index into ``sounds.SPEAKERS``) of audio sample ``index`` (0-based)."""
+    return index % len(sounds.SPEAKERS)
+
+
+def speaker_of(audio_id: str) -> int:
+    """The speaker of an audio sample from its id: "text_to_speech-000012" -> sample 11 -> speaker 3."""
+    kind, _, number = audio_id.rpartition("-")
+    if kind not in ("audio_transcript", "text_to_speech") or not number.isdigit() or int(number) < 1:
+        raise ValueError(f"audio sample id '{audio_id}' is not a synth audio id: expected "
+                         "'audio_transcript-NNNNNN' or 'text_to_speech-NNNNNN' (NNNNNN from 000001)")
+    return sample_speaker(int(number) - 1)
 
 
 def sample_rng(seed: int, kind: str, index: int) -> random.Random:
@@ -171,8 +192,9 @@ def audio_record(ctx: _Context, kind: str, index: int) -> dict[str, str | int]:
         question = (rng.choice(SPEECH_PROMPTS), text)
     else:
         describe = TRANSCRIBE
-        events = sounds.sample_events(rng)
-        wave = sounds.render_events(events, rate, noise_rng)
+        voice = sounds.SPEAKERS[sample_speaker(index)]
+        events = sounds.sample_events(rng, voice)
+        wave = sounds.render_events(events, rate, noise_rng, voice)
         text = sounds.transcript(events)
         question = sounds.events_question(events, rng)
     prompt = None

@@ -1,0 +1,111 @@
+"""``model.speech``: speech generation and the codec's decoder (needs ``model.audio``, whose tokenizer
+and residual VQ are the codec's encoder).
+
+    vocoder       BigVGAN-v2 generator from the codec's latent frames to 16 kHz samples, and the
+                  multi-period / multi-resolution discriminators it trains against (``codec`` objective)
+    speaker       ECAPA-TDNN over a learned filterbank: a reference clip -> one voice vector
+    text_encoder  the TTS text encoder (Conformer over the LLM's hidden states of the prompt)
+    decoder       the TTS velocity network (Conformer over latent frames; rectified flow)
+
+The vocoder's upsampling rates are the codec's strides reversed (``model.audio.codec_strides``), so
+one latent frame always decodes to exactly ``hop`` samples; nothing here can make them disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from xoron_dist.config.checks import non_negative, positive
+from xoron_dist.config.model import ConformerConfig
+from xoron_dist.utils.typed_config import field_error
+
+
+def _small_conformer() -> ConformerConfig:
+    return ConformerConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_dim=1024, kv_lora_rank=64,
+                           qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64)
+
+
+@dataclass
+class VocoderConfig:
+    """BigVGAN-v2 (``xoron_dist.model.speech.bigvgan``) and its GAN training. ``channels`` is NVIDIA's
+    ``upsample_initial_channel`` (halved per upsampling stage). Generator loss (BigVGAN-v2):
+    ``adversarial + fm_weight * 2 * feature matching + mel_weight * multi-scale log-mel L1``; the
+    discriminators' LSGAN loss joins the same backward (the generator's audio detached for it, the
+    discriminators' weights detached for the generator's terms), so one optimizer step trains both."""
+
+    channels: int = 512
+    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
+    resblock_dilation_sizes: list[list[int]] = field(default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]])
+    activation: Literal["snakebeta", "snake"] = "snakebeta"
+    discriminator_scale: float = 1.0  # channel multiplier of both discriminators (NVIDIA's widths at 1)
+    segment_samples: int = 8000  # the codec trains on one crop of this many samples per clip (HiFi-GAN: 8192)
+    mel_weight: float = 15.0
+    fm_weight: float = 1.0  # on top of the x2 HiFi-GAN folds into its feature-matching loss
+    adversarial: bool = True  # False: spectral loss only (a quick codec warm-up)
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "channels", "discriminator_scale", "segment_samples")
+        non_negative(self, where, "mel_weight", "fm_weight")
+        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes) or not self.resblock_kernel_sizes:
+            raise field_error(f"{where}.resblock_dilation_sizes", self.resblock_dilation_sizes,
+                              f"one list of dilations per resblock kernel ({self.resblock_kernel_sizes})")
+        if any(k % 2 == 0 or k < 1 for k in self.resblock_kernel_sizes):
+            raise field_error(f"{where}.resblock_kernel_sizes", self.resblock_kernel_sizes,
+                              "odd kernels ('same' padding keeps the length)")
+
+
+@dataclass
+class SpeakerConfig:
+    """The ECAPA-TDNN speaker encoder (``xoron_dist.model.speech.speaker``) over a learned complex
+    band-pass filterbank of the waveform (no mel spectrogram). Defaults: the paper's 512-channel model
+    (C = 512, 3C = 1536) and its 192-d embedding."""
+
+    sample_rate: int = 16_000
+    filters: int = 80  # learned band-pass filters (the paper's 80 mel bands)
+    filter_taps: int = 401  # 25 ms at 16 kHz; odd, so each filter is centred on its frame
+    hop: int = 160  # samples per frame: 100 frames/s at 16 kHz
+    channels: int = 512  # C of the TDNN and SE-Res2Net layers
+    res2net_scale: int = 8  # channel groups of a Res2Net block
+    dilations: list[int] = field(default_factory=lambda: [2, 3, 4])  # one SE-Res2Net block per dilation
+    se_channels: int = 128  # squeeze-excitation bottleneck
+    attention_channels: int = 128  # attentive pooling bottleneck
+    embed_dim: int = 192
+    min_low_hz: float = 50.0  # SincNet's floor on each filter's lower edge and width
+    min_band_hz: float = 50.0
+
+    def validate(self, where: str) -> None:
+        for name in ("sample_rate", "filters", "filter_taps", "hop", "channels", "res2net_scale", "se_channels",
+                     "attention_channels", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise field_error(f"{where}.{name}", getattr(self, name), f"{name}={getattr(self, name)} must be >= 1")
+        if self.filter_taps % 2 == 0:
+            raise field_error(f"{where}.filter_taps", self.filter_taps,
+                              f"must be odd (filters centred on their frame); use {self.filter_taps + 1}")
+        if self.channels % self.res2net_scale:
+            raise field_error(f"{where}.channels", self.channels,
+                              f"must be divisible by res2net_scale={self.res2net_scale}")
+        if not self.dilations or min(self.dilations) < 1:
+            raise field_error(f"{where}.dilations", self.dilations, "dilations: a non-empty list of ints >= 1")
+        if self.min_low_hz + self.min_band_hz >= self.sample_rate / 2:
+            raise field_error(f"{where}.min_low_hz", self.min_low_hz,
+                              f"min_low_hz + min_band_hz leaves no band below Nyquist ({self.sample_rate / 2} Hz)")
+
+
+@dataclass
+class SpeechConfig:
+    """Speech generation (``xoron_dist.model.speech``): see the module docstring. ``flow_steps``: Euler
+    steps of the TTS decoder at generation. ``speaker_dim``: width of the voice vector."""
+
+    enabled: bool = False
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    speaker: SpeakerConfig = field(default_factory=SpeakerConfig)
+    text_encoder: ConformerConfig = field(default_factory=_small_conformer)
+    decoder: ConformerConfig = field(default_factory=_small_conformer)
+    flow_steps: int = 16
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "flow_steps")
+
+
+__all__ = ["SpeakerConfig", "SpeechConfig", "VocoderConfig"]
