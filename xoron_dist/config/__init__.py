@@ -1,8 +1,9 @@
 """The one config tree of a Xoron run: model / parallel / train / data / tokenizer / stages.
 
-    model.py     the LLM (MLA, MoE, RoPE), vision, video, projector, fusion sections
+    model.py     the LLM (MLA, MoE, RoPE), vision, video, audio (Conformer), projector, fusion sections
+    speech.py    speech generation: the codec's BigVGAN decoder and its GAN, the TTS text encoder and decoder
     run.py       parallel layout, train (incl. objectives), data (prep, synth), tokenizer, stages
-    loading.py   ``XoronConfig`` (the root), presets, ``load_config`` (YAML + ``a.b=c`` overrides)
+    loading.py   ``XoronConfig`` (the root) and ``ModelConfig``, presets, ``load_config`` (YAML + ``a.b=c`` overrides)
     checks.py    range checks the sections share
 
 Every field is checked where it is defined (``validate``); a wrong value, type or unknown key
@@ -11,13 +12,19 @@ the world size (divisibility of heads by TP and so on) live in ``xoron_dist.para
 Import everything from here: ``from xoron_dist.config import XoronConfig, load_config``.
 """
 
-from xoron_dist.config.loading import PRESET_DIR, XoronConfig, available_presets, load_config, preset_dict
+from xoron_dist.config.loading import (
+    PRESET_DIR,
+    ModelConfig,
+    XoronConfig,
+    available_presets,
+    load_config,
+    preset_dict,
+)
 from xoron_dist.config.model import (
     AudioConfig,
     ConformerConfig,
     FusionConfig,
     LLMConfig,
-    ModelConfig,
     MoEConfig,
     ProjectorConfig,
     RopeConfig,
@@ -34,6 +41,7 @@ from xoron_dist.config.run import (
     TokenizerConfig,
     TrainConfig,
 )
+from xoron_dist.config.speech import SpeechConfig, VocoderConfig
 from xoron_dist.utils.typed_config import ConfigError
 
 __all__ = [
@@ -51,12 +59,14 @@ __all__ = [
     "ProjectorConfig",
     "RopeConfig",
     "StageConfig",
+    "SpeechConfig",
     "SynthConfig",
     "TokenGroupConfig",
     "TokenizerConfig",
     "TrainConfig",
     "VideoConfig",
     "VisionConfig",
+    "VocoderConfig",
     "XoronConfig",
     "available_presets",
     "load_config",

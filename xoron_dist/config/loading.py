@@ -1,4 +1,4 @@
-"""The root of the config tree (``XoronConfig``), named presets and reading a run file.
+"""The root of the config tree (``XoronConfig``; ``ModelConfig``, its ``model``), presets, reading a run file.
 
     cfg = load_config("pipelines/smoke.yaml", ["train.lr=1e-3", "parallel.zero_stage=2"])
 
@@ -15,8 +15,16 @@ from typing import Any
 
 import yaml
 
-from xoron_dist.config.model import LLMConfig, ModelConfig
+from xoron_dist.config.model import (
+    AudioConfig,
+    FusionConfig,
+    LLMConfig,
+    ProjectorConfig,
+    VideoConfig,
+    VisionConfig,
+)
 from xoron_dist.config.run import DataConfig, ParallelConfig, StageConfig, TokenizerConfig, TrainConfig
+from xoron_dist.config.speech import SpeechConfig
 from xoron_dist.utils.typed_config import (
     ConfigError,
     apply_override,
@@ -29,6 +37,40 @@ from xoron_dist.utils.typed_config import (
 )
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    """``model``: the LLM, the understanding encoders with their projector and fusion layers, and the
+    generators (``speech``: needs ``audio``, whose tokenizer is the codec's encoder)."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
+
+    def validate(self, where: str) -> None:
+        if self.speech.enabled and not self.audio.enabled:
+            raise field_error(f"{where}.speech.enabled", True,
+                              "speech generation decodes the audio codec's latents: set model.audio.enabled: true")
+        if self.speech.enabled and self.speech.vocoder.segment_samples % self.audio.hop:
+            raise field_error(f"{where}.speech.vocoder.segment_samples", self.speech.vocoder.segment_samples,
+                              f"must be a multiple of the codec's hop ({self.audio.hop} samples, "
+                              "model.audio.codec_strides multiplied)")
+        if not (self.vision.enabled or self.video.enabled or self.audio.enabled):
+            return  # projector and fusion exist only beside an enabled encoder
+        hidden = self.llm.hidden_size
+        for name in ("projector", "fusion"):
+            heads = getattr(self, name).num_heads
+            if hidden % heads:
+                raise field_error(f"{where}.{name}.num_heads", heads, f"must divide llm.hidden_size ({hidden})")
+        for i, index in enumerate(self.fusion.layers):
+            if index >= self.llm.num_layers:
+                raise field_error(f"{where}.fusion.layers[{i}]", index,
+                                  f"must be < llm.num_layers ({self.llm.num_layers})")
 
 
 @dataclass

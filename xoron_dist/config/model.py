@@ -405,26 +405,3 @@ class FusionConfig:
                 raise field_error(f"{where}.layers[{i}]", index, "a decoder layer index >= 0")
         if self.layers != sorted(self.layers):
             raise field_error(f"{where}.layers", self.layers, "must be in increasing order")
-
-
-@dataclass
-class ModelConfig:
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    video: VideoConfig = field(default_factory=VideoConfig)
-    audio: AudioConfig = field(default_factory=AudioConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-
-    def validate(self, where: str) -> None:
-        if not (self.vision.enabled or self.video.enabled or self.audio.enabled):
-            return  # projector and fusion exist only beside an enabled encoder
-        hidden = self.llm.hidden_size
-        for name in ("projector", "fusion"):
-            heads = getattr(self, name).num_heads
-            if hidden % heads:
-                raise field_error(f"{where}.{name}.num_heads", heads, f"must divide llm.hidden_size ({hidden})")
-        for i, index in enumerate(self.fusion.layers):
-            if index >= self.llm.num_layers:
-                raise field_error(f"{where}.fusion.layers[{i}]", index,
-                                  f"must be < llm.num_layers ({self.llm.num_layers})")

@@ -9,8 +9,10 @@ emitting exactly n tokens in the LLM's width; both live on ``XoronMultimodalMode
 ``encoder``/``projector`` (checkpoint names, stage-freeze prefixes). ``blank`` is one empty medium:
 a rank whose micro-batch has none of it encodes that instead, so every rank runs the same modules
 and reduces the same gradients. ``tensor_plan`` is the encoder's tensor-parallel plan.
-``objective``: the name of the loss the medium adds to the step (``xoron_dist.train.objectives``;
-None: understanding trains through the LM's loss).
+A medium Xoron also produces has a generator (``build_generator``, switched by the config section
+``generator_section``, under the attribute ``generator``) that reads the LLM's states of each
+request (``xoron_dist.model.prompts``) and adds the losses ``objectives`` names to the step
+(``xoron_dist.train.objectives``); understanding alone trains through the LM's loss.
 
 The packer (``xoron_dist.data.packing``), ``XoronMultimodalModel`` and the trainer loop over this
 table; adding a medium is a folder under ``model/``, its sharding plan, a row here and, if it
@@ -47,7 +49,12 @@ class Modality:
     build_projector: Callable[[XoronConfig, Modality, nn.Module], nn.Module] | None = None  # (cfg, row, encoder)
     blank: Callable[[nn.Module], torch.Tensor] | None = None  # encoder -> one empty medium (uint8, on CPU)
     tensor_plan: Callable[[XoronConfig, nn.Module], TensorPlan] | None = None  # (cfg, encoder) -> plan
-    objective: str | None = None
+    generator: str | None = None  # XoronMultimodalModel attribute of the generator ("speech")
+    generator_section: str | None = None  # model config section whose ``enabled`` switches it ("speech")
+    build_generator: Callable[[XoronConfig], nn.Module] | None = None
+    objectives: tuple[str, ...] = ()  # the losses the generator adds, in ``generator.objective_sums``' keys
+    generator_heads: tuple[str, ...] = ()  # its attention heads, dotted in ``generator_section`` (TP splits them)
+    generator_plan: Callable[[XoronConfig], TensorPlan] | None = None
 
     def encoder_heads(self, cfg: XoronConfig) -> int:
         """The encoder's attention heads (tensor parallelism splits them)."""
@@ -73,6 +80,20 @@ class Modality:
         """Whether ``cfg`` builds this medium's encoder."""
         return self.section is not None and getattr(cfg.model, self.section).enabled
 
+    def generator_head_counts(self, cfg: XoronConfig) -> list[tuple[str, int]]:
+        """(dotted config field, heads) of each attention of the generator."""
+        found = []
+        for dotted in self.generator_heads:
+            value = getattr(cfg.model, self.generator_section)
+            for part in dotted.split("."):
+                value = getattr(value, part)
+            found.append((f"model.{self.generator_section}.{dotted}", value))
+        return found
+
+    def generated(self, cfg: XoronConfig) -> bool:
+        """Whether ``cfg`` builds this medium's generator."""
+        return self.generator_section is not None and getattr(cfg.model, self.generator_section).enabled
+
 
 def per_second_tokens(samples: int, sample_rate: int, rate: Fraction) -> int:
     """ceil(samples / sample_rate · rate), at least 1, in integers (exact like the Fraction, no float
@@ -97,6 +118,12 @@ def _build_audio(cfg: XoronConfig) -> nn.Module:
     from xoron_dist.model.audio.encoder import AudioEncoder
 
     return AudioEncoder(cfg.model.audio)
+
+
+def _build_speech(cfg: XoronConfig) -> nn.Module:
+    from xoron_dist.model.speech.head import SpeechHead
+
+    return SpeechHead(cfg)
 
 
 def _perceiver(cfg: XoronConfig, row: Modality, encoder: nn.Module) -> nn.Module:
@@ -132,6 +159,12 @@ def _audio_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
     return nest("conformer", tensor_plan(encoder.cfg.conformer))
 
 
+def _speech_plan(cfg: XoronConfig) -> TensorPlan:
+    from xoron_dist.model.speech.sharding import tensor_plan
+
+    return tensor_plan(cfg)
+
+
 def _blank_image(encoder: nn.Module) -> torch.Tensor:
     """A black image_size² image."""
     import torch
@@ -162,7 +195,9 @@ MODALITIES: tuple[Modality, ...] = (
              blank=_blank_video),
     Modality("audio", "gen_speech", "audio_tokens_per_second", per_second=True, section="audio",
              heads="conformer.num_heads", encoder="audio", projector="audio_projector", build=_build_audio,
-             build_projector=_frame_pool, tensor_plan=_audio_plan, blank=_blank_audio),
+             build_projector=_frame_pool, tensor_plan=_audio_plan, blank=_blank_audio, generator="speech",
+             generator_section="speech", build_generator=_build_speech, objectives=("codec", "tts"),
+             generator_heads=("text_encoder.num_heads", "decoder.num_heads"), generator_plan=_speech_plan),
 )
 BY_NAME = {m.name: m for m in MODALITIES}
 
@@ -172,4 +207,9 @@ def understood(cfg: XoronConfig) -> list[Modality]:
     return [m for m in MODALITIES if m.understood(cfg)]
 
 
-__all__ = ["BY_NAME", "MODALITIES", "Modality", "per_second_tokens", "understood"]
+def generated(cfg: XoronConfig) -> list[Modality]:
+    """The media ``cfg`` builds generators for, in table order."""
+    return [m for m in MODALITIES if m.generated(cfg)]
+
+
+__all__ = ["BY_NAME", "MODALITIES", "Modality", "generated", "per_second_tokens", "understood"]

@@ -2,8 +2,8 @@
 
 ``tensor_plan(model, cfg)`` returns module-name pattern -> ``TensorSplit`` for an ``XoronLLM``
 (its own plan) or an ``XoronMultimodalModel`` (the LLM's under ``llm.``, each understood medium's
-encoder and projector under their names in the modality table, the fusion layers under
-``fusion.``). ``xoron_dist.parallel.tensor`` applies it.
+encoder and projector under their names in the modality table, each generator under its name, the
+fusion layers under ``fusion.``). ``xoron_dist.parallel.tensor`` applies it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ def tensor_plan(model: nn.Module, cfg: XoronConfig) -> TensorPlan:
     for row in model.media:
         plan.update(nest(row.encoder, row.tensor_plan(cfg, getattr(model, row.encoder))))
         plan.update(nest(row.projector, perceiver_plan(cfg.llm.hidden_size, cfg.model.projector.num_heads)))
+    for row in model.generators:
+        plan.update(nest(row.generator, row.generator_plan(cfg)))
     if model.fusion is not None:
         plan.update(nest("fusion", fusion_plan(cfg.model.fusion, cfg.llm.hidden_size)))
     return plan

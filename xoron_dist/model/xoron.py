@@ -38,7 +38,8 @@ from xoron_dist.config import XoronConfig
 from xoron_dist.model.common.moe import uncounted_routing
 from xoron_dist.model.fusion import FusionLayers, MediaContext
 from xoron_dist.model.llm import LLMOutput, XoronLLM
-from xoron_dist.model.modalities import MODALITIES, Modality, understood
+from xoron_dist.model.modalities import MODALITIES, Modality, generated, understood
+from xoron_dist.model.prompts import prompt_states
 
 
 class XoronMultimodalModel(nn.Module):
@@ -54,10 +55,15 @@ class XoronMultimodalModel(nn.Module):
             if row.encoder is not None:
                 setattr(self, row.encoder, None)
                 setattr(self, row.projector, None)
+            if row.generator is not None:
+                setattr(self, row.generator, None)
         for row in self.media:
             encoder = row.build(cfg)
             setattr(self, row.encoder, encoder)
             setattr(self, row.projector, row.build_projector(cfg, row, encoder))  # emits exactly the span's tokens
+        self.generators = generated(cfg)  # the rows of the media this model produces
+        for row in self.generators:
+            setattr(self, row.generator, row.build_generator(cfg))
         self.fusion = (FusionLayers(hidden, cfg.model.fusion, std, cfg.llm.rms_norm_eps) if cfg.model.fusion.layers
                        else None)
 
@@ -121,8 +127,24 @@ class XoronMultimodalModel(nn.Module):
                     embeds = embeds + 0.0 * self._fusion_probe(unused, embeds.dtype)
             else:
                 before_layer = lambda index, x: self.fusion.before_layer(index, x, context)  # noqa: E731
-        return self.llm(labels=labels, position_ids=position_ids, document_ids=document_ids, inputs_embeds=embeds,
-                        before_layer=before_layer, loss_weights=loss_weights)
+        generate = labels is not None and bool(self.generators)
+        out = self.llm(labels=labels, position_ids=position_ids, document_ids=document_ids, inputs_embeds=embeds,
+                       before_layer=before_layer, loss_weights=loss_weights, keep_normed=generate)
+        if generate:
+            for row in self.generators:
+                out.objective_sums.update(self._generator_losses(row, given.get(row.name), out.normed, document_ids))
+        return out
+
+    def _generator_losses(self, row: Modality, given: tuple | None, states: torch.Tensor,
+                          document_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The row's generator objectives summed over this micro-batch (its items, the targets' requests)."""
+        items, spans, is_target = given if given is not None else (None, None, None)
+        items = list(items) if items is not None else []
+        spans = spans if spans is not None else torch.zeros((0, 3), dtype=torch.long)
+        targets = spans[is_target.bool().to(spans.device)] if is_target is not None else spans[:0]
+        request, mask = prompt_states(states, targets, document_ids)
+        encoder = getattr(self, row.encoder) if row in self.media else None
+        return getattr(self, row.generator).objective_sums(encoder, items, is_target, request, mask)
 
     def _modules_of(self, row: Modality) -> list[nn.Module]:
         return [getattr(self, row.encoder), getattr(self, row.projector)]
@@ -147,6 +169,32 @@ class XoronMultimodalModel(nn.Module):
         for layer in self.fusion.layers:
             x = layer(x, context)
         return x.sum()
+
+    @torch.no_grad()
+    def requests(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None):
+        """prompt_ids (n, L) of whole requests as training lays them out (prompt + text, then ``<|gen_x|>
+        <|x_start|>``), left-aligned, ``prompt_mask`` (n, L) True on real tokens -> the LLM's final-normed
+        states (n, L, D) zero at padding and the mask: a generator's condition."""
+        mask = torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
+        out = self.llm(input_ids=prompt_ids, labels=torch.full_like(prompt_ids, -100), keep_normed=True)
+        return out.normed * mask[..., None].to(out.normed.dtype), mask
+
+    @torch.no_grad()
+    def generate_speech(self, prompt_ids: torch.Tensor | None = None, *, prompt_embeds: torch.Tensor | None = None,
+                        prompt_mask: torch.Tensor | None = None, speaker_audio: list[torch.Tensor],
+                        steps: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+        """Speech for n requests, each in the voice of its reference clip: float waveforms at
+        ``model.audio.sample_rate``. Give ``prompt_ids`` (see ``requests``) or ``prompt_embeds`` (n, L, D),
+        the LLM states of the requests; ``prompt_mask`` (n, L) marks real tokens."""
+        if self.speech is None:
+            raise ValueError("this model has no speech generator: set model.speech.enabled: true")
+        if (prompt_ids is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt_ids and prompt_embeds")
+        if prompt_ids is not None:
+            prompt_embeds, prompt_mask = self.requests(prompt_ids, prompt_mask)
+        elif prompt_mask is None:
+            prompt_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
+        return self.speech.generate(prompt_embeds, prompt_mask.bool(), speaker_audio, steps, seed)
 
     @torch.no_grad()
     def generate_text(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

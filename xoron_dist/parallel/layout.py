@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from xoron_dist.config import ConfigError, XoronConfig
-from xoron_dist.model.modalities import understood
+from xoron_dist.model.modalities import generated, understood
 
 
 class LayoutError(ConfigError):
@@ -186,6 +186,7 @@ def _encoder_heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
         return None
     model = cfg.model
     heads = [(f"model.{row.section}.{row.heads}", row.encoder_heads(cfg)) for row in understood(cfg)]
+    heads += [found for row in generated(cfg) for found in row.generator_head_counts(cfg)]
     if heads:
         heads += [("model.projector.num_heads", model.projector.num_heads)]
         heads += [("model.fusion.num_heads", model.fusion.num_heads)] if model.fusion.layers else []
@@ -245,8 +246,9 @@ RULES: tuple[Rule, ...] = (
     Rule("tp", "FFN intermediate sizes (shared expert, dense layers, routed experts unless "
                "`parallel.tp_experts=false`) divisible by tp; the vocabulary is padded to a multiple of tp",
          _ffn_dims_divide),
-    Rule("tp", "with encoders: the heads of every enabled encoder (`model.vision.num_heads`, "
-               "`model.video.num_heads`, ...), `model.projector.num_heads`, `model.fusion.num_heads` divisible by tp",
+    Rule("tp", "with encoders: the heads of every enabled encoder and generator (`model.vision.num_heads`, "
+               "`model.video.num_heads`, `model.speech.decoder.num_heads`, ...), `model.projector.num_heads`, "
+               "`model.fusion.num_heads` divisible by tp",
          _encoder_heads_divide),
     Rule("tp", "`parallel.sequence_parallel` (Megatron's norm-region split) not built yet: false",
          _megatron_sequence_parallel),

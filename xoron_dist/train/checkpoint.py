@@ -121,14 +121,20 @@ _V1_DROPPED: dict[str, dict[str, Any]] = {
 }
 
 
+# Config sections added since (each with ``enabled``; absent from those checkpoints' hash when off).
+_V1_ABSENT = ("speech",)
+
+
 def hash_matches(saved: str, cfg: XoronConfig) -> bool:
     """Whether a checkpoint whose config hash is ``saved`` holds ``cfg``'s model and layout: today's
     hash, or that of checkpoints written before the config restructuring (same model)."""
     if saved == config_hash(cfg):
         return True
     model = copy.deepcopy(cfg.to_dict()["model"])
-    if any(model[name]["enabled"] for name in _V1_DROPPED if name in model):
+    if any(model[name]["enabled"] for name in (*_V1_DROPPED, *_V1_ABSENT) if name in model):
         return False  # a part those checkpoints could not hold
+    for name in _V1_ABSENT:
+        model.pop(name, None)
     for path, value in _V1_ADDED.items():
         *parents, leaf = path
         node = model

@@ -6,11 +6,13 @@ not depend on how the step is cut into micro-batches or ranks. An ``Objective`` 
 its items in a batch before the forward (so the step's totals are known, one all-reduce for all
 objectives, before the first backward) and how to read their loss sum off the model's output.
 
-    name   items                    loss                         default weight
-    lm     labelled target tokens   token cross-entropy          1.0 (``train.objectives.lm``)
+    name   items                    loss                                           default weight
+    lm     labelled target tokens   token cross-entropy                            1.0 (``train.objectives.lm``)
+    codec  audio clips              codec GAN + mel + VQ on one segment per clip   0.1
+    tts    speech targets           TTS prior + duration + flow losses             0.1
 
-The modality table (``xoron_dist.model.modalities``) names the objective a medium adds (the
-generators' flow-matching and speech losses, at the seed's 0.1, as those land). Token groups
+The modality table (``xoron_dist.model.modalities``) names the objectives a medium's generator
+adds; the generators' weights start at the seed's 0.1 for generation losses. Token groups
 (``train.token_groups``): the LM loss of tokens inside a group's blocks (``<|think|>`` ...
 ``<|/think|>``) counts ``weight`` times (the seed's chain-of-thought, tool-call, uncertainty and
 code-execution groups, 1.2-1.5x); ``token_weights`` computes the per-token weights from the labels.
@@ -44,13 +46,34 @@ def _lm_loss_sum(out) -> torch.Tensor:
     return out.loss * out.num_tokens
 
 
-OBJECTIVES: dict[str, Objective] = {"lm": Objective("lm", 1.0, _lm_count, _lm_loss_sum)}
+def _items(medium: str) -> Callable[[dict], int]:
+    """Counts every item of a medium in a micro-batch (understood and generation targets alike)."""
+    return lambda inputs: len(inputs.get(f"{medium}s") or ())
+
+
+def _targets(medium: str) -> Callable[[dict], int]:
+    """Counts a medium's generation targets in a micro-batch."""
+    def count(inputs: dict) -> int:
+        flags = inputs.get(f"{medium}_is_target")
+        return int(flags.sum()) if flags is not None else 0
+    return count
+
+
+def _generator_sum(name: str) -> Callable[[object], torch.Tensor]:
+    return lambda out: out.objective_sums[name]
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "lm": Objective("lm", 1.0, _lm_count, _lm_loss_sum),
+    "codec": Objective("codec", 0.1, _items("audio"), _generator_sum("codec")),
+    "tts": Objective("tts", 0.1, _targets("audio"), _generator_sum("tts")),
+}
 
 
 def active_objectives(cfg: XoronConfig) -> list[tuple[Objective, float]]:
     """The run's objectives with their weights: the LM's, and those of the media the model builds.
     Raises ``ConfigError`` for a weight given to an objective this run does not have."""
-    names = ["lm"] + [m.objective for m in MODALITIES if m.objective and m.understood(cfg)]
+    names = ["lm"] + [name for m in MODALITIES if m.generated(cfg) for name in m.objectives]
     unknown = sorted(set(cfg.train.objectives) - set(names))
     if unknown:
         raise ConfigError(f"train.objectives names {', '.join(unknown)}, which this run does not optimise; "

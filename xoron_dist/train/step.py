@@ -6,7 +6,8 @@ in every micro-batch of every data/sequence-parallel rank (one all-reduce before
 backward). DeepSpeed averages the gradients it sums: over the accumulation steps and over a
 divisor that depends on the ZeRO stage (``parallel/zero.py``); each micro-batch's loss sum is
 scaled by ``w_k · divisor · accum / N_k`` to cancel both. The expert-bias update follows the
-optimizer step (``expert_balance.py``), and so do the dead-code restarts (``codebooks.py``).
+optimizer step (``expert_balance.py``), and so do the dead-code restarts (``codebooks.py``); the
+generators' noise clocks (``model.common.noise``) advance here, at the end of each step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from xoron_dist.config import XoronConfig
+from xoron_dist.model.common.noise import advance_clocks
 from xoron_dist.parallel.pipeline.schedule import train_step_1f1b
 from xoron_dist.parallel.sequence import shard_rows
 from xoron_dist.parallel.zero import gradient_divisor
@@ -78,6 +80,7 @@ class StepRunner:
                 engine.backward(total)
                 engine.step()
                 sums += torch.stack([part.detach().float() for part in parts])
+        advance_clocks(self.built.model)
         dist.all_reduce(sums, group=ctx.token_group)
         names = [obj.name for obj, _ in self.objectives]
         totals = counts.tolist()

@@ -20,7 +20,7 @@ full 152K vocabulary that is ~20 GB of fp32 per row). Same loss and gradients; `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ class LLMOutput:
     loss: torch.Tensor | None = None  # mean token cross-entropy over labels != IGNORE_INDEX
     num_tokens: int = 0  # labelled tokens the loss averages over
     hidden: torch.Tensor | None = None  # (batch, seq, hidden) when the model has no head (a pipeline stage)
+    normed: torch.Tensor | None = None  # (batch, seq, hidden) final-normed states, when asked (generators read them)
+    objective_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # generator objective -> Σ item losses
 
 
 class LMHead(nn.Module):

@@ -80,6 +80,7 @@ class XoronLLM(nn.Module):
         cache: LatentKVCache | None = None,
         before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         loss_weights: torch.Tensor | None = None,
+        keep_normed: bool = False,
     ) -> LLMOutput:
         """input_ids (batch, seq) or inputs_embeds (batch, seq, hidden); labels (batch, seq) already shifted.
 
@@ -87,6 +88,7 @@ class XoronLLM(nn.Module):
         ``document_ids`` (batch, seq) keep packed documents from attending to each other.
         ``before_layer(index, x) -> x`` runs before decoder layer ``index`` (the multimodal fusion layers).
         ``loss_weights`` (batch, seq): per-token loss weights (``LMHead``).
+        ``keep_normed``: also return the final-normed hidden states (``LLMOutput.normed``).
         """
         if inputs_embeds is not None:
             x = inputs_embeds
@@ -109,7 +111,11 @@ class XoronLLM(nn.Module):
             cache.length += seq
         if self.lm_head is None:
             return LLMOutput(logits=None, hidden=x)
-        return lm_loss(self.lm_head, self.norm(x), labels, loss_weights)
+        normed = self.norm(x)
+        out = lm_loss(self.lm_head, normed, labels, loss_weights)
+        if keep_normed:
+            out.normed = normed
+        return out
 
     @torch.no_grad()
     def generate_text(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

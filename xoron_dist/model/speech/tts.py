@@ -126,9 +126,11 @@ class SpeechGenerator(nn.Module):
         return self.velocity_out(out) * frame_mask[..., None]
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, latents: torch.Tensor, frame_mask: torch.Tensor,
-                speaker: torch.Tensor, generator: torch.Generator | None = None) -> SpeechLosses:
+                speaker: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> SpeechLosses:
         """Training losses. text (n, L, text_dim), latents (n, F, latent_dim) the target speech's codec
-        latents (no gradient reaches the codec through them), speaker (n, speaker_dim)."""
+        latents (no gradient reaches the codec through them), speaker (n, speaker_dim). The flow's
+        ``noise`` (n, F, latent_dim) and times ``t`` (n,) are drawn from ``generator`` unless given."""
         latents = latents.detach()
         h, mean, log_std = self.encode_text(text, text_mask, speaker)
         mask = alignment_mask(text_mask.sum(1), frame_mask.sum(1), text_mask.shape[1], frame_mask.shape[1])
@@ -141,8 +143,10 @@ class SpeechGenerator(nn.Module):
         target = torch.log1p(durations(path).float()) * text_mask
         predicted = self.duration(h.detach(), text_mask)
         duration = ((predicted - target) ** 2).sum(1) / text_mask.sum(1).clamp(min=1)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        t = torch.rand(latents.shape[0], generator=generator, device=latents.device, dtype=latents.dtype)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if t is None:
+            t = torch.rand(latents.shape[0], generator=generator, device=latents.device, dtype=latents.dtype)
         x_t = (1 - t)[:, None, None] * noise + t[:, None, None] * latents
         v = self.velocity_field(x_t, t, mean_f.detach(), speaker, frame_mask)
         flow = (((v - (latents - noise)) ** 2) * frame_mask[..., None]).sum((1, 2)) / frames

@@ -1,0 +1,64 @@
+"""Training noise that depends on the item and the optimizer step only, never on the layout.
+
+A generator's training loss draws random numbers per item (flow-matching noise and time, a crop
+of a clip). Drawn from one stream per rank, they would depend on which rank holds the item and
+in which micro-batch, so a data-parallel step could not equal the single-rank step and a resumed
+run would not repeat an uninterrupted one. Here each item draws from its own generator, seeded by
+a hash of the item's content and the ``NoiseClock``'s step: the same item in the same optimizer
+step gets the same numbers on any rank, in any micro-batch, after any resume (the step is a buffer,
+so it travels in the checkpoint). ``StepRunner`` advances every clock after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+_SAMPLED_VALUES = 4096  # values of an item hashed (evenly strided): enough to tell real items apart
+
+
+def content_key(item: torch.Tensor) -> int:
+    """A 63-bit hash of an item's shape and (up to ``_SAMPLED_VALUES`` evenly spaced) values."""
+    flat = item.detach().reshape(-1)
+    stride = max(1, flat.numel() // _SAMPLED_VALUES)
+    sample = flat[::stride].cpu().contiguous()
+    digest = hashlib.blake2b(repr(tuple(item.shape)).encode() + sample.numpy().tobytes(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+class NoiseClock(nn.Module):
+    """The optimizer step the draws belong to (a buffer) and the per-item generators of that step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def advance(self) -> None:
+        self.step += 1
+
+    def generator(self, item: torch.Tensor, salt: int = 0) -> torch.Generator:
+        """A CPU generator for ``item`` in this step (``salt`` separates independent uses of one item)."""
+        text = f"{content_key(item)}/{int(self.step)}/{salt}".encode()
+        seed = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+        return torch.Generator().manual_seed(seed)
+
+    def normal(self, items: list[torch.Tensor], shapes: list[tuple[int, ...]], salt: int = 0) -> list[torch.Tensor]:
+        """Standard normal draws, one tensor of ``shapes[i]`` per item, on CPU."""
+        return [torch.randn(shape, generator=self.generator(item, salt))
+                for item, shape in zip(items, shapes, strict=True)]
+
+    def uniform(self, items: list[torch.Tensor], salt: int = 0) -> torch.Tensor:
+        """One U[0, 1) number per item, (n,) on CPU."""
+        return torch.stack([torch.rand((), generator=self.generator(item, salt)) for item in items])
+
+
+def advance_clocks(model: nn.Module) -> None:
+    """Advance every ``NoiseClock`` of ``model`` (after an optimizer step)."""
+    for module in model.modules():
+        if isinstance(module, NoiseClock):
+            module.advance()
+
+
+__all__ = ["NoiseClock", "advance_clocks", "content_key"]

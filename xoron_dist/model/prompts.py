@@ -1,0 +1,42 @@
+"""What a generator is conditioned on: the LLM's reading of the prompt before each generation target.
+
+A generation sample is laid out ``prompt + text <|gen_x|> <|x_start|> <|x_pad|>*n <|x_end|> <eos>``
+(``xoron_dist.data.packing``); its target medium sits in the placeholders' span (row, start, n).
+The generator reads the final-normed hidden states of that document's tokens *before* the span,
+from the document's first token through ``<|x_start|>``: the whole request, as the causal LLM
+understood it (the placeholders come later, so nothing of the target leaks into its condition).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def document_starts(document_ids: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """(batch, seq): the position where each token's document begins (0 everywhere without document ids)."""
+    if document_ids is None:
+        return torch.zeros(batch, seq, dtype=torch.long, device=device)
+    positions = torch.arange(seq, device=device).expand(batch, -1)
+    first = torch.ones(batch, seq, dtype=torch.bool, device=device)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.where(first, positions, torch.zeros_like(positions)).cummax(dim=1).values
+
+
+def prompt_states(states: torch.Tensor, spans: torch.Tensor,
+                  document_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """states (batch, seq, D), target spans (n, 3) = row, start, length -> condition (n, L, D) zero at
+    padding and its mask (n, L) (True = a prompt token), L the longest prompt (at least 1)."""
+    batch, seq, width = states.shape
+    if spans.shape[0] == 0:
+        return states.new_zeros(0, 1, width), torch.zeros(0, 1, dtype=torch.bool, device=states.device)
+    spans = spans.to(states.device)
+    rows, ends = spans[:, 0], spans[:, 1]
+    begins = document_starts(document_ids, batch, seq, states.device)[rows, ends]
+    lengths = ends - begins
+    offsets = torch.arange(max(int(lengths.max()), 1), device=states.device)
+    mask = offsets[None] < lengths[:, None]
+    index = (begins[:, None] + offsets[None]).clamp(max=seq - 1)
+    return states[rows[:, None], index] * mask[..., None].to(states.dtype), mask
+
+
+__all__ = ["document_starts", "prompt_states"]

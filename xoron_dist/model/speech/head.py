@@ -1,0 +1,136 @@
+"""``SpeechHead``: Xoron's voice, the generator of the audio row (``model.speech``).
+
+    training, per micro-batch (its audio clips, some of them generation targets):
+      codec  every clip: a segment ─► the audio encoder's tokenizer + residual VQ ─► BigVGAN ─► GAN +
+             mel losses (``vocoder.py``): the tokenizer learns to keep what the waveform needs
+      tts    every target clip: its codec latents (no gradient to the codec), a voice vector from
+             the clip itself (speaker encoder), and the LLM's reading of the request (the states of
+             the document's tokens before the clip: ``model.prompts``) ─► prior + MAS + durations +
+             rectified-flow losses (``tts.py``)
+    generation: request states + a reference clip ─► durations, Euler steps of the velocity field
+             ─► latent frames ─► BigVGAN ─► 16 kHz samples
+
+The speaker encoder learns through the TTS loss: the voice vector must tell the decoder what the
+text does not (pitch, timbre, breath), and a pooled vector of one clip cannot carry its timing.
+Inside Xoron its BatchNorm layers always use their stored statistics (an affine map): batch
+statistics would differ between data-parallel ranks and between micro-batch cuts. Pretraining it
+on labelled voices (``AAMSoftmaxHead``) is a separate, optional step before loading.
+
+Every parameter takes part in every training forward: without clips, the codec runs on a blank
+tenth of a second and the TTS on one blank clip with a zero request, both times zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xoron_dist.config import XoronConfig
+from xoron_dist.model.audio.encoder import AudioEncoder, batch_clips
+from xoron_dist.model.common.noise import NoiseClock
+from xoron_dist.model.speech.speaker import SpeakerEncoder
+from xoron_dist.model.speech.tts import SpeechGenerator
+from xoron_dist.model.speech.vocoder import Vocoder, crop_segments
+
+OBJECTIVES = ("codec", "tts")
+
+
+class SpeechHead(nn.Module):
+    def __init__(self, cfg: XoronConfig) -> None:
+        super().__init__()
+        speech, audio = cfg.model.speech, cfg.model.audio
+        self.commitment, self.segment, self.flow_steps = audio.rvq_commitment, speech.vocoder.segment_samples, \
+            speech.flow_steps
+        self.clock = NoiseClock()  # crops and flow noise per clip and step (``model.common.noise``)
+        self.vocoder = Vocoder(speech.vocoder, audio)
+        self.speaker = SpeakerEncoder(speech.speaker)
+        self.tts = SpeechGenerator(cfg.llm.hidden_size, audio.latent_dim, speech.speaker.embed_dim,
+                                   speech.text_encoder, speech.decoder)
+        self.train()  # the speaker's BatchNorm layers to stored statistics from the start
+
+    def train(self, mode: bool = True) -> SpeechHead:
+        super().train(mode)
+        for module in self.speaker.modules():  # stored statistics only (see the module docstring)
+            if isinstance(module, nn.BatchNorm1d):
+                module.eval()
+        return self
+
+    def objective_sums(self, encoder: AudioEncoder, clips: list[torch.Tensor], is_target: torch.Tensor | None,
+                       request: torch.Tensor, request_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ over this micro-batch's items of each objective's loss: ``codec`` over every clip, ``tts``
+        over the targets (``is_target``), whose requests are ``request`` (n_targets, L, D) with
+        ``request_mask`` (n_targets, L)."""
+        flags = is_target.tolist() if is_target is not None else [False] * len(clips)
+        targets = [clip for clip, target in zip(clips, flags, strict=True) if target]
+        blank = torch.zeros(self.segment // 4, dtype=torch.int16)
+        codec = self.codec_sum(encoder, clips) if clips else 0.0 * self.codec_sum(encoder, [blank])
+        if targets:
+            tts = self.tts_sum(encoder, targets, request, request_mask)
+        else:
+            zeros = request.new_zeros(1, 1, request.shape[-1])
+            tts = 0.0 * self.tts_sum(encoder, [blank], zeros, torch.ones(1, 1, dtype=torch.bool,
+                                                                         device=zeros.device))
+        return {"codec": codec, "tts": tts}
+
+    def codec_sum(self, encoder: AudioEncoder, clips: list[torch.Tensor]) -> torch.Tensor:
+        """The codec loss summed over one segment of each clip (``vocoder.py``)."""
+        device = encoder.tokenizer.conv_in.weight.device
+        samples, lengths = batch_clips(clips, device)
+        starts = [int(torch.randint(max(1, clip.shape[-1] - self.segment + 1), (),
+                                    generator=self.clock.generator(clip))) for clip in clips]
+        segments = crop_segments(samples, lengths, self.segment, starts).to(encoder.tokenizer.conv_in.weight.dtype)
+        latents = encoder.tokenizer(segments)  # (n, frames, latent), every frame real
+        quantized = encoder.quantizer(latents)
+        fake = self.vocoder.generator(quantized.latents.transpose(1, 2))  # (n, 1, segment)
+        vq = quantized.codebook_loss + self.commitment * quantized.commitment_loss
+        return self.vocoder.loss_sum(fake, segments[:, None], vq)
+
+    def tts_sum(self, encoder: AudioEncoder, targets: list[torch.Tensor], request: torch.Tensor,
+                request_mask: torch.Tensor) -> torch.Tensor:
+        """The TTS losses summed over the target clips. A request longer than its clip's latent frames
+        keeps its last ``frames`` tokens (MAS needs a frame per token; the request ends with the text)."""
+        latents, _, frame_mask = encoder.tokens(targets)
+        request, request_mask = _fit_requests(request, request_mask, frame_mask.sum(1))
+        samples, lengths = batch_clips(targets, latents.device)
+        voice = self.speaker(samples.to(latents.dtype), lengths)
+        frames = frame_mask.sum(1).tolist()
+        noise = latents.new_zeros(latents.shape)
+        for i, draw in enumerate(self.clock.normal(targets, [(f, latents.shape[-1]) for f in frames], salt=1)):
+            noise[i, : frames[i]] = draw.to(noise)
+        t = self.clock.uniform(targets, salt=2).to(latents)
+        losses = self.tts(request.to(latents.dtype), request_mask, latents, frame_mask, voice, noise=noise, t=t)
+        return losses.total().sum()
+
+    @torch.no_grad()
+    def generate(self, request: torch.Tensor, request_mask: torch.Tensor, speaker_audio: list[torch.Tensor],
+                 steps: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+        """Requests (n, L, D) + mask, one reference clip per request (int16 or float samples) -> n float
+        waveforms in [-1, 1] at the codec's rate, each ``frames · hop`` samples. Same seed, same output."""
+        if len(speaker_audio) != request.shape[0]:
+            raise ValueError(f"{request.shape[0]} requests but {len(speaker_audio)} speaker clips: give one "
+                             "reference clip per request")
+        device = request.device
+        samples, lengths = batch_clips(speaker_audio, device)
+        voice = self.speaker(samples, lengths)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        latents, frame_mask = self.tts.generate(request.float(), request_mask, voice, steps or self.flow_steps,
+                                                generator)
+        waves = self.vocoder.decode(latents)
+        hop = self.vocoder.hop
+        return [waves[i, : int(frame_mask[i].sum()) * hop] for i in range(waves.shape[0])]
+
+
+def _fit_requests(request: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-trim each request to at most ``frames`` tokens (see ``SpeechHead.tts_sum``)."""
+    lengths = mask.sum(1)
+    keep = torch.minimum(lengths, frames.to(lengths.device)).clamp(min=1)
+    if bool((keep == lengths).all()):
+        return request, mask
+    positions = torch.arange(request.shape[1], device=request.device)[None]
+    index = (positions + (lengths - keep)[:, None]).clamp(max=request.shape[1] - 1)
+    trimmed = torch.gather(request, 1, index[..., None].expand(-1, -1, request.shape[-1]))
+    new_mask = positions < keep[:, None]
+    return trimmed * new_mask[..., None].to(request.dtype), new_mask
+
+
+__all__ = ["OBJECTIVES", "SpeechHead"]

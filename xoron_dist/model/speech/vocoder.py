@@ -1,0 +1,107 @@
+"""The codec's decoder and its GAN training: quantised latent frames -> 16 kHz waveform.
+
+    clip segment (n, S) ─► AudioEncoder.tokenizer ─► residual VQ ─► latents (n, S/hop, latent)
+        ─► BigVGAN ─► y_hat (n, 1, S)
+    generator terms   L_adv(MPD, MRD; D's weights detached) + fm · L_fm + mel · multi-scale log-mel L1
+    discriminator     L_D(MPD, MRD) on y and y_hat.detach()
+    quantiser         codebook + commitment losses of the residual VQ
+
+Both sides of the GAN are summed into one loss and trained by one backward and one optimizer step:
+the discriminators see the generator's audio detached (no generator gradient from L_D) and the
+generator's terms run the discriminators through ``torch.func.functional_call`` with their weights
+detached (no discriminator gradient from L_adv or L_fm), so each side gets exactly the gradient
+of its own loss, as in HiFi-GAN's alternating steps taken from the same weights. This needs the
+discriminators' full weights in every rank's forward, i.e. ZeRO stage 0-2 (the layout rules refuse
+``model.speech`` under stage 3).
+
+The codec trains on one ``segment_samples`` crop per clip (as HiFi-GAN trains on 8192-sample
+segments): equal lengths, so every loss is a mean over items and ``n ·`` it is their sum. The crop's
+start is drawn per clip and step (``model.common.noise``), the same on every rank and layout, so a
+data-parallel step equals the single-rank one. Clips shorter than a segment are zero-padded (the pad
+is silence, which the codec must also reproduce).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from xoron_dist.config import AudioConfig
+from xoron_dist.config.speech import VocoderConfig
+from xoron_dist.model.speech.bigvgan import BigVGANConfig, BigVGANGenerator
+from xoron_dist.model.speech.discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
+from xoron_dist.model.speech.losses import (
+    MultiScaleMelLoss,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+)
+
+
+def bigvgan_config(cfg: VocoderConfig, audio: AudioConfig) -> BigVGANConfig:
+    """The generator for ``model.audio``'s codec: latent_dim in, the codec's strides reversed as rates."""
+    return BigVGANConfig(in_channels=audio.latent_dim, upsample_rates=tuple(reversed(audio.codec_strides)),
+                         upsample_initial_channel=cfg.channels,
+                         resblock_kernel_sizes=tuple(cfg.resblock_kernel_sizes),
+                         resblock_dilation_sizes=tuple(tuple(d) for d in cfg.resblock_dilation_sizes),
+                         activation=cfg.activation, sample_rate=audio.sample_rate)
+
+
+def crop_segments(samples: torch.Tensor, lengths: torch.Tensor, segment: int, starts: list[int]) -> torch.Tensor:
+    """samples (n, longest) float, lengths (n,) -> (n, segment): clip i from ``starts[i]`` (clamped to
+    the clip), zero-padded when the clip is shorter than a segment."""
+    out = samples.new_zeros(samples.shape[0], segment)
+    for i, (length, start) in enumerate(zip(lengths.tolist(), starts, strict=True)):
+        start = max(0, min(start, length - segment))
+        take = min(segment, length)
+        out[i, :take] = samples[i, start: start + take]
+    return out
+
+
+class Vocoder(nn.Module):
+    """BigVGAN generator + both discriminators + the mel loss (see the module docstring)."""
+
+    def __init__(self, cfg: VocoderConfig, audio: AudioConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.generator = BigVGANGenerator(bigvgan_config(cfg, audio))
+        self.mpd = MultiPeriodDiscriminator(channel_mult=cfg.discriminator_scale)
+        self.mrd = MultiResolutionDiscriminator(channel_mult=cfg.discriminator_scale)
+        self.mel = MultiScaleMelLoss(audio.sample_rate)
+
+    @property
+    def hop(self) -> int:
+        return self.generator.hop_length
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (n, frames, latent_dim) -> waveform (n, frames · hop) in [-1, 1]."""
+        return self.generator(latents.transpose(1, 2)).squeeze(1)
+
+    def gan_losses(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fake, real (n, 1, S) -> the batch-mean terms: ``mel``, ``adversarial``, ``feature``, ``discriminator``."""
+        terms = {"mel": self.mel(fake, real)}
+        if not self.cfg.adversarial:
+            return terms
+        adversarial, feature, critic = 0.0, 0.0, 0.0
+        for disc in (self.mpd, self.mrd):
+            real_logits, real_maps = disc(real)
+            fake_logits_d, _ = disc(fake.detach())
+            critic = critic + discriminator_loss(real_logits, fake_logits_d)
+            frozen = {name: p.detach() for name, p in disc.named_parameters()}
+            fake_logits, fake_maps = functional_call(disc, frozen, (fake,))
+            adversarial = adversarial + generator_adversarial_loss(fake_logits)
+            feature = feature + feature_matching_loss([[m.detach() for m in maps] for maps in real_maps], fake_maps)
+        terms.update(adversarial=adversarial, feature=feature, discriminator=critic)
+        return terms
+
+    def loss_sum(self, fake: torch.Tensor, real: torch.Tensor, quantizer_loss: torch.Tensor) -> torch.Tensor:
+        """The codec objective summed over the n segments: n · (mel · L_mel + L_adv + fm · L_fm + L_D + VQ)."""
+        terms = self.gan_losses(fake, real)
+        total = self.cfg.mel_weight * terms["mel"] + quantizer_loss
+        if self.cfg.adversarial:
+            total = total + terms["adversarial"] + self.cfg.fm_weight * terms["feature"] + terms["discriminator"]
+        return total * fake.shape[0]
+
+
+__all__ = ["Vocoder", "bigvgan_config", "crop_segments"]
