@@ -8,11 +8,15 @@ objectives, before the first backward) and how to read their loss sum off the mo
 
     name   items                    loss                                           default weight
     lm     labelled target tokens   token cross-entropy                            1.0 (``train.objectives.lm``)
-    codec  audio clips              codec GAN + mel + VQ on one segment per clip   0.1
+    codec  audio clips              codec GAN + mel + VQ on one segment per clip   0.002
     tts    speech targets           TTS prior + duration + flow losses             0.1
 
 The modality table (``xoron_dist.model.modalities``) names the objectives a medium's generator
-adds; the generators' weights start at the seed's 0.1 for generation losses. Token groups
+adds; generation losses start at the seed's 0.1, except the codec's: at initialisation one clip's
+codec gradient has norm ~200 in the vocoder and ~40 in the shared audio tokenizer against ~1.5 for
+the LM's whole batch (measured on the tiny model), so at 0.1 it would own the global gradient
+clipping and the tokenizer. Adam's per-parameter scaling keeps the vocoder's pace at any weight;
+0.002 brings both norms to the LM's order. Token groups
 (``train.token_groups``): the LM loss of tokens inside a group's blocks (``<|think|>`` ...
 ``<|/think|>``) counts ``weight`` times (the seed's chain-of-thought, tool-call, uncertainty and
 code-execution groups, 1.2-1.5x); ``token_weights`` computes the per-token weights from the labels.
@@ -65,7 +69,7 @@ def _generator_sum(name: str) -> Callable[[object], torch.Tensor]:
 
 OBJECTIVES: dict[str, Objective] = {
     "lm": Objective("lm", 1.0, _lm_count, _lm_loss_sum),
-    "codec": Objective("codec", 0.1, _items("audio"), _generator_sum("codec")),
+    "codec": Objective("codec", 0.002, _items("audio"), _generator_sum("codec")),
     "tts": Objective("tts", 0.1, _targets("audio"), _generator_sum("tts")),
 }
 
