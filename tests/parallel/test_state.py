@@ -236,3 +236,33 @@ def test_single_process_world_of_one_and_reinitialize(single_process_env):
     assert launchers == ["single", "env"]
     with pytest.raises(RuntimeError, match="has not run"):
         state.get_context()
+
+
+def _timeout_body() -> tuple:
+    """Rank 1 never joins a collective on a group made without a timeout (as DeepSpeed makes its own)."""
+    import time
+
+    from xoron_dist.parallel import state
+
+    ctx = state.initialize(_cfg("train.dist_timeout_minutes=0.05"))  # 3 s
+    group = torch.distributed.new_group([0, 1])
+    outcome: tuple = ("rank 1 sat it out",)
+    if ctx.rank == 0:
+        start = time.monotonic()
+        try:
+            torch.distributed.all_reduce(torch.ones(1), group=group)
+            outcome = ("completed",)
+        except RuntimeError as err:
+            outcome = ("timed out", time.monotonic() - start, "Timed out" in str(err))
+    else:
+        time.sleep(10)
+    state.destroy()
+    return outcome
+
+
+def test_collective_timeout_comes_from_the_config_on_every_group():
+    """train.dist_timeout_minutes bounds a collective a rank never joins, also on groups that DeepSpeed
+    creates without a timeout of their own (torch's default would be 30 minutes)."""
+    outcome, _ = run_ranks(_timeout_body, 2, timeout=90)
+    assert outcome[0] == "timed out" and outcome[2], outcome
+    assert 2.5 < outcome[1] < 8.0, outcome

@@ -7,9 +7,12 @@ JIT-compiled: the module runs with TORCH_EXTENSIONS_DIR pointing at an empty dir
 and checks it is still empty at the end.
 """
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import socket
 
 import numpy as np
@@ -239,12 +242,15 @@ def test_missing_file_is_named(saved_checkpoint, tmp_path):
         load_checkpoint(_engine(1, seed=0)[0], tmp_path)
 
 
-def test_garbage_of_the_right_size_is_unreadable(saved_checkpoint, tmp_path):
+def test_garbage_of_the_right_size_is_caught_by_its_hash_or_unreadable(saved_checkpoint, tmp_path):
     tag_dir = _damaged_copy(saved_checkpoint, tmp_path)
     states = tag_dir / "mp_rank_00_model_states.pt"
     states.write_bytes(b"\0" * states.stat().st_size)
+    engine = _engine(1, seed=0)[0]
+    with pytest.raises(CheckpointError, match=r"step00000001 is damaged: mp_rank_00_model_states\.pt: sha256"):
+        load_checkpoint(engine, tmp_path)
     with pytest.raises(CheckpointError, match=r"step00000001: unreadable checkpoint"):
-        load_checkpoint(_engine(1, seed=0)[0], tmp_path)
+        load_checkpoint(engine, tmp_path, verify=False)
 
 
 def test_unfinished_tag_and_dangling_latest(saved_checkpoint, tmp_path):
@@ -271,3 +277,123 @@ def test_missing_latest_falls_back_to_newest_complete(saved_checkpoint, tmp_path
     _damaged_copy(saved_checkpoint, tmp_path)
     (tmp_path / "latest").unlink()
     assert load_checkpoint(_engine(1, seed=0)[0], tmp_path).step == 1
+
+
+# --------------------------------------------------------------------------- integrity and trust (issue 17)
+
+
+def _flip_byte(path, offset_fraction=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["mp_rank_00_model_states.pt", "optim_states.pt", "rng_rank0.pt"])
+def test_a_flipped_byte_in_any_file_is_named(saved_checkpoint, tmp_path, kind):
+    """One flipped bit, same size: the sha256 recorded at save time names the file, before DeepSpeed reads it."""
+    tag_dir = _damaged_copy(saved_checkpoint, tmp_path)
+    target = next(p for p in tag_dir.iterdir() if p.name.endswith(kind))
+    _flip_byte(target)
+    with pytest.raises(CheckpointError, match=rf"step00000001 is damaged: {re.escape(target.name)}: sha256") as err:
+        load_checkpoint(_engine(1, seed=0)[0], tmp_path)
+    assert "No earlier complete checkpoint is left" in str(err.value)
+
+
+def test_manifest_records_sha256_and_the_files_are_flushed_before_publishing(tmp_path, monkeypatch):
+    import xoron_dist.train.checkpoint as ckpt
+
+    events = []
+    monkeypatch.setattr(ckpt, "flush_filesystem", lambda folder: events.append(("flush", folder.name)))
+    real_fsync_dir, real_write = ckpt.fsync_dir, ckpt._write_atomic
+    monkeypatch.setattr(ckpt, "fsync_dir", lambda folder: (events.append(("fsync_dir", folder.name)),
+                                                            real_fsync_dir(folder)))
+    monkeypatch.setattr(ckpt, "_write_atomic", lambda path, text: (events.append(("write", path.name)),
+                                                                   real_write(path, text)))
+    engine, _ = _engine(1, seed=0)
+    _train_step(engine)
+    tag_dir = save_checkpoint(engine, tmp_path, _state(1), keep=1)
+    assert events == [("flush", "step00000001.partial"), ("write", "trainer_state.json"),
+                      ("fsync_dir", "step00000001.partial"), ("fsync_dir", tmp_path.name), ("write", "latest"),
+                      ("fsync_dir", tmp_path.name)]
+    meta = json.loads((tag_dir / "trainer_state.json").read_text())
+    assert meta["format_version"] == 2
+    for name, entry in meta["files"].items():
+        assert entry["bytes"] == (tag_dir / name).stat().st_size
+        assert entry["sha256"] == hashlib.sha256((tag_dir / name).read_bytes()).hexdigest()
+
+
+def test_resume_tag_falls_back_to_the_previous_checkpoint_that_verifies(tmp_path, caplog):
+    from xoron_dist.train.checkpoint import resume_tag
+
+    engine, _ = _engine(1, seed=0)
+    for step in (1, 2):
+        _train_step(engine)
+        save_checkpoint(engine, tmp_path, _state(step), keep=2)
+    assert resume_tag(tmp_path) == "step00000002"
+    _flip_byte(tmp_path / "step00000002" / "mp_rank_00_model_states.pt")
+    with caplog.at_level("WARNING"):
+        assert resume_tag(tmp_path) == "step00000001"
+    assert "step00000002 is damaged: mp_rank_00_model_states.pt" in caplog.text
+    assert "The previous complete checkpoint is step00000001" in caplog.text
+    assert load_checkpoint(_engine(1, seed=3)[0], tmp_path, "step00000001").step == 1
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    from xoron_dist.train.checkpoint import NonFiniteStateError
+
+    engine, _ = _engine(1, seed=0)
+    _train_step(engine)
+    save_checkpoint(engine, tmp_path, _state(1), keep=1)
+    with torch.no_grad():
+        engine.module.down.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteStateError, match=r"not saving step00000002: 1 weight tensor\(s\) hold NaN"):
+        save_checkpoint(engine, tmp_path, _state(2), keep=1)
+    assert complete_tags(tmp_path) == ["step00000001"] and latest_tag(tmp_path) == "step00000001"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+class _WritesAFile:
+    """A pickle payload: unpickling it runs ``os.system`` (what a crafted checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("victim", ["rng_rank0.pt", "mp_rank_00_model_states.pt"])
+def test_a_crafted_pickle_never_runs(saved_checkpoint, tmp_path, victim):
+    """The attacker also rewrites the manifest (size and sha256 match): the hash cannot help; the
+    tensors-only unpickler refuses the global and names the file."""
+    tag_dir = _damaged_copy(saved_checkpoint, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    evil = tag_dir / victim
+    evil.write_bytes(pickle.dumps(_WritesAFile(marker), protocol=2))  # torch.save's protocol
+    meta = json.loads((tag_dir / "trainer_state.json").read_text())
+    meta["files"][victim] = {"bytes": evil.stat().st_size, "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}
+    (tag_dir / "trainer_state.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(victim)}: refused to unpickle: .*GLOBAL posix\.system"):
+        load_checkpoint(_engine(1, seed=0)[0], tmp_path / "run")
+    assert not marker.exists()
+    with pytest.raises(RuntimeError, match="magic number"):  # the payload is live: a plain load runs it (then fails)
+        torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_format_1_rng_files_with_numpy_arrays_still_load(saved_checkpoint, tmp_path):
+    """Checkpoints written before format 2 pickled numpy's RNG key as an array: allow-listed, still loads."""
+    tag_dir = _damaged_copy(saved_checkpoint, tmp_path)
+    rng = tag_dir / "rng_rank0.pt"
+    state = torch.load(rng, weights_only=True)
+    name, key, *rest = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (name, key.numpy().astype(np.uint32), *rest)
+    torch.save(state, rng)
+    meta = json.loads((tag_dir / "trainer_state.json").read_text())
+    meta["format_version"] = 1
+    meta["files"] = {name: entry["bytes"] for name, entry in meta["files"].items()}
+    meta["files"]["rng_rank0.pt"] = rng.stat().st_size
+    (tag_dir / "trainer_state.json").write_text(json.dumps(meta))
+    np.random.seed(5)
+    assert load_checkpoint(_engine(1, seed=0)[0], tmp_path).step == 1
+    assert np.random.get_state()[1].tolist() == key.tolist()

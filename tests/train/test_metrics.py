@@ -60,3 +60,21 @@ def test_progress_log_silent_off_rank_zero_and_no_bar_without_tty(caplog):
         assert quiet.update(1, loss=1.0, lr=1e-3) is None
     assert not caplog.records
     assert ProgressLog(10, log_every=1, rank=0).bar is None  # pytest captures stdout: not a TTY
+
+
+def test_metrics_jsonl_stays_strict_json(tmp_path):
+    """NaN/inf are not JSON: they are written as null and named under "nonfinite"."""
+    import json
+
+    from xoron_dist.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True, keep_up_to=0)
+    log.write({"step": 1, "loss": 2.5, "grad_norm": 1.0})
+    log.write({"step": 2, "loss": float("nan"), "grad_norm": float("inf"), "skipped": True})
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    lines = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 1, "loss": 2.5, "grad_norm": 1.0}
+    assert lines[1] == {"step": 2, "loss": None, "grad_norm": None, "skipped": True, "nonfinite": ["grad_norm", "loss"]}

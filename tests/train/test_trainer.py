@@ -45,19 +45,6 @@ def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...]
 TEXT = "data.source=synthetic_text"
 
 
-@pytest.fixture(scope="session")
-def smoke_data(tmp_path_factory) -> Path:
-    """The smoke run's synthetic corpus, prepared once (synth -> prep) through the trainer's own cache code."""
-    from xoron_dist.config import load_config
-    from xoron_dist.tokenizer import build_tokenizer
-    from xoron_dist.train.data_cache import ensure_prepared
-
-    root = tmp_path_factory.mktemp("smoke-data")
-    cfg = load_config(SMOKE, [f"data.path={root / 'prepared'}"])
-    build_tokenizer(cfg, root / "tokenizer")
-    return ensure_prepared(cfg, root / "tokenizer")
-
-
 def losses(tmp_path: Path, name: str) -> dict[int, float]:
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}

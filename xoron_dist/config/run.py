@@ -90,17 +90,50 @@ class TrainConfig:
     # > 0: the LM head and loss run on chunks of this many tokens, recomputed in backward, so the
     # whole (tokens x vocabulary) logits never exist at once (long sequences); 0 = in one piece
     loss_chunk_tokens: int = 0
-    dist_timeout_minutes: int = 30
+    # Collectives that wait longer than this fail (torch.distributed's timeout; minutes, fractions allowed).
+    dist_timeout_minutes: float = 10.0
+    # A rank whose training makes no progress for this long dumps its Python stacks into
+    # <run>/watchdog/ and says where it waits; rank 0 names the ranks that did not arrive
+    # (train/watchdog.py). Below dist_timeout_minutes, so the report comes before the timeout; None = half
+    # of it; 0 = off.
+    watchdog_minutes: float | None = None
+    # Numerics guard (train/guard.py). A step whose loss or gradient norm is not finite is skipped (its
+    # update is never applied) and counted. After more than max_skipped_steps such steps in a row, or a
+    # loss spike, the run has diverged, and nonfinite_policy says what follows: "rollback" reloads the
+    # newest checkpoint from before the trouble and skips the batches since (at most max_rollbacks
+    # times, then stops); "skip" stops; "stop" stops already at the first non-finite step or spike.
+    # A stop for divergence exits with status 4.
+    nonfinite_policy: Literal["skip", "rollback", "stop"] = "rollback"
+    max_skipped_steps: int = 3
+    max_rollbacks: int = 3
+    # > 1: a finite loss above this factor times the mean of the last loss_spike_window losses is a
+    # spike (checked once the window is full); 0 = off
+    loss_spike_factor: float = 0.0
+    loss_spike_window: int = 50
     # objective name -> weight of its loss in the step's total (``xoron_dist.train.objectives``);
     # unset objectives take their default weight (the LM 1.0; the seed's generation losses 0.1)
     objectives: dict[str, float] = field(default_factory=dict)
     token_groups: list[TokenGroupConfig] = field(default_factory=list)
 
+    @property
+    def watchdog_seconds(self) -> float:
+        """Seconds without progress before the hang watchdog reports (0: off)."""
+        minutes = self.dist_timeout_minutes / 2 if self.watchdog_minutes is None else self.watchdog_minutes
+        return 60.0 * minutes
+
     def validate(self, where: str) -> None:
         positive(self, where, "steps", "micro_batch_size", "grad_accum_steps", "seq_len", "lr", "eps",
                   "log_every", "save_every", "keep_checkpoints", "dist_timeout_minutes",
-                  "activation_checkpointing_every")
-        non_negative(self, where, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk_tokens")
+                  "activation_checkpointing_every", "loss_spike_window")
+        non_negative(self, where, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk_tokens", "watchdog_minutes",
+                     "max_skipped_steps", "max_rollbacks", "loss_spike_factor")
+        if self.watchdog_minutes is not None and self.watchdog_minutes >= self.dist_timeout_minutes:
+            raise field_error(f"{where}.watchdog_minutes", self.watchdog_minutes,
+                              f"must be below train.dist_timeout_minutes ({self.dist_timeout_minutes}): the watchdog "
+                              "reports a hang before the collective times out (0 turns it off)")
+        if 0 < self.loss_spike_factor <= 1:
+            raise field_error(f"{where}.loss_spike_factor", self.loss_spike_factor,
+                              "a spike factor must be > 1 (or 0 to turn spike detection off)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise field_error(f"{where}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         for name in ("beta1", "beta2"):

@@ -138,6 +138,7 @@ def initialize(cfg: XoronConfig) -> ParallelContext:
     if device_info.kind == "cpu":
         _skip_cpu_shm_comm_build()
     timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
+    _default_group_timeout(timeout)
     ds_comm.init_distributed(
         dist_backend=device_info.backend,
         auto_mpi_discovery=False,  # discover_ranks already read the launcher
@@ -186,6 +187,7 @@ def destroy() -> None:
     """
     global _CONTEXT
     _CONTEXT = None
+    _default_group_timeout(None)
     if parallel_state.is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -304,6 +306,17 @@ def _skip_cpu_shm_comm_build() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _default_group_timeout(timeout: timedelta | None) -> None:
+    """The collective timeout of every group made without one: ours and Megatron's pass
+    ``train.dist_timeout_minutes`` explicitly, DeepSpeed's ``dist.new_group(ranks)`` calls do not and
+    would wait torch's default (30 minutes on gloo). ``None``: torch's defaults again."""
+    from torch.distributed import constants, distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout or constants.default_pg_timeout
+    if constants.default_pg_nccl_timeout is not None:
+        distributed_c10d.default_pg_nccl_timeout = timeout or constants.default_pg_nccl_timeout
 
 
 def _export_environ(info: RankInfo) -> None:

@@ -3,6 +3,10 @@
 Every launcher starts this on every rank: ``deepspeed`` (``--module xoron_dist.train``),
 ``torchrun -m``, ``srun python -m``, ``mpiexec python -m``, or plain ``python -m`` for
 one process. Ranks, device and process groups are found by ``xoron_dist.parallel.state``.
+
+Exit status: 0 done; 2 a problem with the config, data, checkpoint or run directory (one line
+says which); 3 stopped by SIGTERM/SIGINT after saving a checkpoint (``--resume`` continues);
+4 training diverged and ``train.nonfinite_policy`` says stop (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError) as err:
         logging.getLogger("xoron_dist").error("%s", err)
         return 2
+    from xoron_dist.train.guard import DIVERGED_EXIT_STATUS, TrainingDiverged
     from xoron_dist.train.trainer import USER_ERRORS, train  # heavy imports (deepspeed) after the cheap checks
 
     try:
@@ -48,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         # Wrong config, data or checkpoint: the message says what and where; a traceback would bury it.
         logging.getLogger("xoron_dist").error("%s: %s", type(err).__name__, err)
         return 2
+    except TrainingDiverged as err:
+        logging.getLogger("xoron_dist").error("%s", err)
+        return DIVERGED_EXIT_STATUS
     logging.getLogger("xoron_dist").info(
         "done: %d steps, final loss %s, run directory %s", result.steps_done,
         "n/a" if result.final_loss is None else f"{result.final_loss:.4f}", result.run_dir)

@@ -7,8 +7,10 @@ Layout of ``ckpt_root`` (one run):
         mp_rank_00_model_states.pt           DeepSpeed: module (+ lr scheduler) state, ZeRO-0/1/2
         zero_pp_rank_{d}_mp_rank_00_model_states.pt   DeepSpeed ZeRO-3: per DP rank
         *_optim_states.pt                    DeepSpeed: ZeRO optimizer partitions, per DP rank
-        rng_rank{r}.pt                       ours, every rank: its RNG states and data position
+        rng_rank{r}.pt                       ours, every rank: its RNG states and data position (tensors,
+                                             plain containers: loads with ``weights_only=True``)
         trainer_state.json                   ours, rank 0, written last: TrainerState + file manifest
+                                             (every file's size and sha256)
     zero_to_fp32.py, zero_to_torch.py        DeepSpeed's recovery scripts
 
 Why a per-rank file: DeepSpeed stores ``client_state`` only inside the model-states file,
@@ -18,13 +20,20 @@ ranks' RNG states would be lost. Every rank writes ``rng_rank{r}.pt`` itself.
 Crash safety. DeepSpeed writes straight into ``<root>/<tag>/`` and rank 0 writes
 ``latest`` before the final barrier, i.e. possibly while other ranks are still writing
 their optimizer partitions. So we save under the tag ``<tag>.partial`` with
-``save_latest=False``; after a barrier (every rank done), rank 0 records the manifest
-(every file and its size) in ``trainer_state.json``, renames ``<tag>.partial`` to
-``<tag>`` (atomic on POSIX), then replaces ``latest`` atomically (write + ``os.replace``).
-A crash at any point leaves ``latest`` on the previous complete checkpoint; a stale
-``.partial`` directory is removed by the next save. Loading checks the manifest (missing
-or truncated files) before DeepSpeed reads anything. ``ckpt_root`` must be a filesystem
-shared by all ranks (DeepSpeed's default, not ``use_node_local_storage``).
+``save_latest=False``; every rank flushes what it wrote to disk; after a barrier (every rank
+done) the ranks hash the files (sha256, round-robin), rank 0 records the manifest (every file,
+its size and digest) in ``trainer_state.json``, fsyncs it and the directory, renames
+``<tag>.partial`` to ``<tag>`` (atomic on POSIX), then replaces ``latest`` atomically (write +
+fsync + ``os.replace`` + fsync of the root). A crash at any point, of a process or of a node,
+leaves ``latest`` on the previous complete checkpoint; a stale ``.partial`` directory is removed
+by the next save. Loading checks the manifest (missing or truncated files, then every digest)
+before DeepSpeed reads anything, and unpickles only tensors and allow-listed types
+(``checkpoint_integrity.py``). ``ckpt_root`` must be a filesystem shared by all ranks
+(DeepSpeed's default, not ``use_node_local_storage``).
+
+Never a non-finite state: ``save_checkpoint`` refuses (``NonFiniteStateError``, on every rank)
+when any rank's weights hold a NaN or an infinity, so the checkpoints it publishes, and so the
+ones pruning keeps, are finite.
 
 Pruning (rank 0, after the new checkpoint is complete): keep the one just written and the
 ``keep - 1`` newest complete tags before it. Tags with a higher step (left by a run that
@@ -54,11 +63,20 @@ import numpy as np
 import torch
 
 from xoron_dist.config import XoronConfig
+from xoron_dist.train.checkpoint_integrity import (
+    UnsafePickleError,
+    broadcast_from_rank0,
+    flush_filesystem,
+    fsync_dir,
+    hash_files,
+    tensors_only_unpickling,
+    verify_hashes,
+)
 from xoron_dist.train.schedule import WarmupCosineSchedule
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sha256 per file; RNG files without numpy arrays
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
 PARTIAL_SUFFIX = ".partial"
@@ -73,6 +91,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; the message names the path and what is wrong."""
 
 
+class NonFiniteStateError(CheckpointError):
+    """The weights to save hold NaN or infinity: the save is refused on every rank."""
+
+
 @dataclass
 class TrainerState:
     """What the trainer needs besides DeepSpeed's state to continue a run exactly.
@@ -80,7 +102,8 @@ class TrainerState:
     step: optimizer updates done. tokens_seen: tokens consumed, all ranks. stage_index /
     stage_name: the curriculum stage. data_position: the loader's opaque resume state of
     THIS rank (saved per rank). wall_time_s: training seconds so far, over all resumes.
-    config_hash: ``config_hash(cfg)`` of the run that saved it.
+    config_hash: ``config_hash(cfg)`` of the run that saved it. skipped_steps / rollbacks: what
+    the numerics guard did so far.
     """
 
     step: int
@@ -90,6 +113,8 @@ class TrainerState:
     data_position: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float = 0.0
     config_hash: str = ""
+    skipped_steps: int = 0  # steps whose update was not applied (non-finite loss or gradients)
+    rollbacks: int = 0  # reloads of an earlier checkpoint after the run diverged (train/guard.py)
 
 
 def tag_for_step(step: int) -> str:
@@ -165,10 +190,12 @@ def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
 
 def capture_rng_state() -> dict[str, Any]:
     """This process's RNG states: python ``random``, numpy, torch CPU, the current CUDA device, and
-    Megatron-core's tensor-parallel RNG tracker when the model uses it."""
+    Megatron-core's tensor-parallel RNG tracker when the model uses it. Tensors and plain containers
+    only (numpy's key as a tensor), so the file loads with ``weights_only=True``."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -181,7 +208,9 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    key = key.numpy() if torch.is_tensor(key) else key  # format 1 saved numpy's own array
+    np.random.set_state((name, key.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -206,6 +235,7 @@ def save_checkpoint(engine: Any, ckpt_root: str | os.PathLike[str], state: Train
     """Save a checkpoint tagged ``step{state.step:08d}``; every rank must call it. Returns the tag directory.
 
     engine: the ``deepspeed.DeepSpeedEngine``. keep: complete checkpoints to keep (>= 1).
+    Raises ``NonFiniteStateError`` (every rank, nothing written) when any rank's weights are not finite.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -213,6 +243,7 @@ def save_checkpoint(engine: Any, ckpt_root: str | os.PathLike[str], state: Train
     tag = tag_for_step(state.step)
     partial = root / (tag + PARTIAL_SUFFIX)
     rank, world = dist.get_rank(), dist.get_world_size()
+    _refuse_non_finite(engine, tag)
 
     if rank == 0 and partial.exists():
         logger.warning("removing %s, left by an interrupted save", partial)
@@ -222,8 +253,11 @@ def save_checkpoint(engine: Any, ckpt_root: str | os.PathLike[str], state: Train
     engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
     partial.mkdir(parents=True, exist_ok=True)  # DeepSpeed makes it on every rank today; don't depend on it
     torch.save({"rng": capture_rng_state(), "data_position": state.data_position}, partial / f"rng_rank{rank}.pt")
+    flush_filesystem(partial)  # what this node wrote is on disk before the checkpoint can be published
     dist.barrier()
 
+    names = broadcast_from_rank0(sorted(p.name for p in partial.iterdir() if p.is_file()) if rank == 0 else None)
+    digests = hash_files(partial, names)
     final = root / tag
     if rank == 0:
         meta = {
@@ -232,21 +266,46 @@ def save_checkpoint(engine: Any, ckpt_root: str | os.PathLike[str], state: Train
             "world_size": world,
             "saved_unix_time": time.time(),
             "state": asdict(state),
-            "files": {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()},
+            "files": {name: {"bytes": (partial / name).stat().st_size, "sha256": digests[name]} for name in names},
         }
         _write_atomic(partial / STATE_FILE, json.dumps(meta, indent=2, default=str) + "\n")
-        replaced = root / (tag + REPLACED_SUFFIX)
-        if final.exists():
-            # Same step saved before, on a timeline abandoned by resuming from an earlier tag.
-            shutil.rmtree(replaced, ignore_errors=True)
-            final.rename(replaced)
-        partial.rename(final)
-        _write_atomic(root / LATEST_FILE, tag)
-        shutil.rmtree(replaced, ignore_errors=True)
+        fsync_dir(partial)
+        _publish(root, partial, final)
         _prune(root, keep=keep, current=tag)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
     return final
+
+
+def _publish(root: Path, partial: Path, final: Path) -> None:
+    """Rank 0: rename the finished ``partial`` to its tag and point ``latest`` at it, durably."""
+    replaced = root / (final.name + REPLACED_SUFFIX)
+    if final.exists():
+        # Same step saved before, on a timeline abandoned by resuming from an earlier tag.
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+    partial.rename(final)
+    fsync_dir(root)
+    _write_atomic(root / LATEST_FILE, final.name)
+    fsync_dir(root)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _refuse_non_finite(engine: Any, tag: str) -> None:
+    """Raise ``NonFiniteStateError`` on every rank when any rank holds a non-finite weight; collective."""
+    bad = []
+    for name, param in engine.module.named_parameters():
+        local = getattr(param, "ds_tensor", param)  # ZeRO-3: this rank's partition
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            bad.append(name)
+    count = torch.tensor([float(len(bad))], device=next(engine.module.parameters()).device)
+    dist.all_reduce(count)
+    if count.item() > 0:
+        where = f"rank {dist.get_rank()}: {', '.join(bad[:3])}" if bad else "another rank"
+        raise NonFiniteStateError(
+            f"not saving {tag}: {int(count.item())} weight tensor(s) hold NaN or infinity ({where}); the "
+            "checkpoints already saved are left as they are"
+        )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -319,9 +378,7 @@ def peek_state(ckpt_root: str | os.PathLike[str], tag: str | None = None) -> Tra
     tag = tag or resolve_tag(ckpt_root)
     if tag is None:
         return None
-    meta = _read_verified_meta(Path(ckpt_root) / tag)
-    known = {f.name for f in fields(TrainerState)}
-    return TrainerState(**{k: v for k, v in meta["state"].items() if k in known})
+    return _state_of(_read_verified_meta(Path(ckpt_root) / tag))
 
 
 def load_checkpoint(
@@ -331,13 +388,17 @@ def load_checkpoint(
     *,
     expected_config_hash: str | None = None,
     module_only: bool = False,
+    verify: bool = True,
 ) -> TrainerState | None:
     """Restore the engine, this rank's RNG and the trainer state; every rank must call it.
 
     tag None: the one ``latest`` names (or, if ``latest`` is missing, the newest complete
     tag). Returns None when there is nothing to resume: no ``ckpt_root``, or no complete
     checkpoint in it. Raises ``CheckpointError`` (naming the path and what is missing or
-    damaged) when a checkpoint was asked for or ``latest`` points at one that is unusable.
+    damaged, and the previous complete checkpoint) when a checkpoint was asked for or
+    ``latest`` points at one that is unusable. ``verify``: check every file's sha256 first
+    (False only for a tag that ``resume_tag`` has just verified). Only tensors and
+    allow-listed types are unpickled (``checkpoint_integrity.tensors_only_unpickling``).
     Under ZeRO-3, load into a freshly built engine (DeepSpeed's requirement).
     ``module_only``: restore the weights (and buffers: expert biases) but not the optimizer or LR
     schedule: a new curriculum stage starts its own optimizer from the previous stage's weights.
@@ -348,31 +409,19 @@ def load_checkpoint(
         return None
     ckpt_dir = root / tag
     meta = _read_verified_meta(ckpt_dir)
-
     world = dist.get_world_size()
     if meta["world_size"] != world:
         raise CheckpointError(
             f"{ckpt_dir} was saved by {meta['world_size']} ranks, this run has {world}: "
             "DeepSpeed ZeRO partitions and per-rank RNG states need the same world size"
         )
-    rank_file = ckpt_dir / f"rng_rank{dist.get_rank()}.pt"
-    renames = engine.module.register_load_state_dict_pre_hook(_rename_legacy_keys)
-    try:
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
-                                              load_optimizer_states=not module_only,
-                                              load_lr_scheduler_states=not module_only)
-    except _LOAD_ERRORS as err:
-        raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    finally:
-        renames.remove()
-    if load_path is None:
-        raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no model-states file to load")
+    if verify:
+        _check_hashes(ckpt_dir, meta)
+    rank_state = _load_files(engine, root, tag, module_only)
     if isinstance(engine.lr_scheduler, WarmupCosineSchedule) and not module_only:
         engine.lr_scheduler.apply()
 
-    known = {f.name for f in fields(TrainerState)}
-    state = TrainerState(**{k: v for k, v in meta["state"].items() if k in known})
+    state = _state_of(meta)
     state.data_position = rank_state["data_position"]
     if expected_config_hash is not None and state.config_hash and state.config_hash != expected_config_hash:
         logger.warning("%s was saved with model/parallel config hash %s, this run has %s",
@@ -380,6 +429,87 @@ def load_checkpoint(
     restore_rng_state(rank_state["rng"])
     logger.info("resumed from %s (step %d)", ckpt_dir, state.step)
     return state
+
+
+def _load_files(engine: Any, root: Path, tag: str, module_only: bool) -> dict[str, Any]:
+    """This rank's RNG/data file, then DeepSpeed's files into ``engine``; tensors-only unpickling throughout."""
+    ckpt_dir = root / tag
+    renames = engine.module.register_load_state_dict_pre_hook(_rename_legacy_keys)
+    try:
+        with tensors_only_unpickling():
+            rank_state = torch.load(ckpt_dir / f"rng_rank{dist.get_rank()}.pt", map_location="cpu")
+            load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=module_only,
+                                                  load_optimizer_states=not module_only,
+                                                  load_lr_scheduler_states=not module_only)
+    except UnsafePickleError as err:
+        raise CheckpointError(str(err)) from None
+    except _LOAD_ERRORS as err:
+        raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+    finally:
+        renames.remove()
+    if load_path is None:
+        raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no model-states file to load")
+    return rank_state
+
+
+def _state_of(meta: dict[str, Any]) -> TrainerState:
+    known = {f.name for f in fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in meta["state"].items() if k in known})
+
+
+def _check_hashes(ckpt_dir: Path, meta: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` naming every file whose sha256 differs from the manifest's; collective."""
+    expected = {name: entry["sha256"] for name, entry in meta["files"].items() if isinstance(entry, dict)}
+    if not expected:
+        logger.warning("%s predates per-file hashes (format %s): checked by file size only",
+                       ckpt_dir, meta.get("format_version", 1))
+        return
+    damaged = verify_hashes(ckpt_dir, expected)
+    if damaged:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {'; '.join(damaged)}.{_previous_hint(ckpt_dir)}")
+
+
+def _previous_hint(ckpt_dir: Path) -> str:
+    older = [t for t in complete_tags(ckpt_dir.parent) if _TAG_RE.match(ckpt_dir.name)
+             and _step_of(t) < _step_of(ckpt_dir.name)]
+    if not older:
+        return " No earlier complete checkpoint is left."
+    return (f" The previous complete checkpoint is {older[-1]}: --resume falls back to it by itself "
+            f"(or write '{older[-1]}' into {ckpt_dir.parent / LATEST_FILE}).")
+
+
+def resume_tag(ckpt_root: str | os.PathLike[str]) -> str | None:
+    """The tag ``--resume`` continues from: the one ``resolve_tag`` names when it is complete and its
+    files verify, else the newest earlier complete tag that does (each damaged one named in the log).
+    None: nothing to resume. Raises ``CheckpointError`` when no checkpoint verifies. Collective."""
+    root = Path(ckpt_root)
+    first = resolve_tag(root)
+    if first is None:
+        return None
+    older = [t for t in reversed(complete_tags(root))
+             if t != first and (not _TAG_RE.match(first) or _step_of(t) < _step_of(first))]
+    problems: list[str] = []
+    tag = newest_verified(root, [first, *older], problems)
+    if tag is None:
+        raise CheckpointError(f"no checkpoint under {root} can be resumed: {' | '.join(problems)}")
+    if tag != first:
+        logger.warning("resuming from %s, the newest checkpoint whose files verify (not %s)", tag, first)
+    return tag
+
+
+def newest_verified(ckpt_root: Path, tags: list[str], problems: list[str] | None = None) -> str | None:
+    """The first of ``tags`` (newest first) whose files are all there with their recorded sizes and
+    sha256; each one that fails is logged (and appended to ``problems``). Collective."""
+    for tag in tags:
+        try:
+            _check_hashes(ckpt_root / tag, _read_verified_meta(ckpt_root / tag))
+        except CheckpointError as err:
+            logger.error("%s", err)
+            if problems is not None:
+                problems.append(str(err))
+            continue
+        return tag
+    return None
 
 
 def _read_verified_meta(ckpt_dir: Path) -> dict[str, Any]:
@@ -398,7 +528,8 @@ def _read_verified_meta(ckpt_dir: Path) -> dict[str, Any]:
     if missing or "step" not in meta["state"]:
         raise CheckpointError(f"{state_path} is damaged: missing {', '.join(missing) or 'state.step'}")
     problems = []
-    for name, size in meta["files"].items():
+    for name, entry in meta["files"].items():
+        size = entry["bytes"] if isinstance(entry, dict) else entry  # format 1: the size alone
         path = ckpt_dir / name
         if not path.is_file():
             problems.append(f"{name} is missing")

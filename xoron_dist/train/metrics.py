@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -212,8 +213,9 @@ class ProgressLog:
 class MetricsLog:
     """``metrics.jsonl``: one JSON line per step on rank 0, for scripts and tests.
 
-    On resume the lines after the checkpoint's step (written by the run that crashed after
-    it) are dropped, so the file always describes one consistent history.
+    On resume (and after a rollback) the lines after the checkpoint's step are dropped, so the
+    file always describes one consistent history. Every line is strict JSON: a NaN or infinite
+    value is written as ``null`` and its key listed under ``"nonfinite"``.
     """
 
     def __init__(self, path: Path, enabled: bool, keep_up_to: int) -> None:
@@ -225,4 +227,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(strict_json_record(record), allow_nan=False) + "\n")
+
+
+def strict_json_record(record: dict) -> dict:
+    """``record`` with NaN/infinite floats as None and their keys under ``"nonfinite"`` (absent when none)."""
+    bad = sorted(key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value))
+    if not bad:
+        return record
+    return {**{key: None if key in bad else value for key, value in record.items()}, "nonfinite": bad}

@@ -7,13 +7,17 @@
     ds_config.py        DeepSpeed JSON                            schedule.py    warmup + cosine LR
     checkpoint.py       save / resume                             tensorboard.py events (rank 0)
     metrics.py          throughput, progress line, metrics.jsonl  moe_monitor.py expert load, starved experts
+    guard.py            non-finite steps, rollback                checkpoint_integrity.py  hashes, safe loading
+    run_lock.py         one run per run directory                 watchdog.py    hang reports
 
 A run is a sequence of stages (one, ``main``, without ``stages:``). Each stage builds its own
 engine (its trainable parameters and optimizer) and batch source (its data mix and sequence
 length) and starts from the weights the previous stage left. One step = ``grad_accum_steps``
 micro-batches, one optimizer update, then the expert-bias update from the load of all ranks
 (so every replica keeps identical biases), then logging and, every ``save_every`` steps and at
-the end of every stage, a checkpoint.
+the end of every stage, a checkpoint. A step whose loss or gradients are not finite is skipped
+(``guard.py``); a run that diverges rolls back to an earlier checkpoint or stops (exit status 4).
+A signal saves and stops (exit status 3).
 """
 
 from __future__ import annotations
@@ -40,22 +44,28 @@ from xoron_dist.tokenizer import build_tokenizer
 from xoron_dist.train.build import BuiltStage, build_stage
 from xoron_dist.train.checkpoint import (
     CheckpointError,
+    NonFiniteStateError,
     TrainerState,
     config_hash,
     hash_matches,
     latest_tag,
     load_checkpoint,
     peek_state,
+    resume_tag,
     save_checkpoint,
 )
+from xoron_dist.train.checkpoint_integrity import broadcast_from_rank0
 from xoron_dist.train.data_cache import ensure_prepared
+from xoron_dist.train.guard import Divergence, NumericsGuard, TrainingDiverged, install_update_gate, rollback_tag
 from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
 from xoron_dist.train.objectives import TokenGroups
+from xoron_dist.train.run_lock import RunDirectoryBusy, RunLock
 from xoron_dist.train.sources import build_source
 from xoron_dist.train.stages import StagePlan, plan_stages, stage_at
 from xoron_dist.train.step import StepResult, StepRunner
 from xoron_dist.train.tensorboard import TensorBoardWriter
+from xoron_dist.train.watchdog import HangWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +73,7 @@ logger = logging.getLogger(__name__)
 # message, which names what is wrong and where, instead of a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, LaunchError, CheckpointError, CorruptShardError, LoaderStateError, TokenizerMismatchError,
-    PrepError, FileNotFoundError,
+    PrepError, FileNotFoundError, RunDirectoryBusy,
 )
 
 
@@ -87,6 +97,10 @@ class RunPaths:
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
+    @property
+    def watchdog(self) -> Path:
+        return self.root / "watchdog"
+
 
 @dataclass
 class TrainResult:
@@ -98,7 +112,8 @@ class TrainResult:
 
 class StopRequest:
     """SIGTERM/SIGINT (SLURM preemption, Ctrl-C) ask the loop to checkpoint and stop at the next
-    step boundary instead of dying mid-step; a second signal stops at once."""
+    step boundary instead of dying mid-step. A repeated SIGTERM changes nothing (srun may deliver
+    it twice); a SIGINT after the first request (a user's second Ctrl-C) stops at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -112,10 +127,16 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self.requested:
+            # Saved and on the way out: a late repeat of the SIGTERM must not turn exit status 3 into 143.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.requested:
+            logger.warning("signal %d again: already stopping after this step", signum)
+            return
         self.requested = True
         logger.warning("signal %d: will save a checkpoint and stop after this step", signum)
 
@@ -125,9 +146,24 @@ def train(cfg: XoronConfig, *, resume: bool = False, overwrite: bool = False) ->
     plans = plan_stages(cfg)  # config errors surface before any process group exists
     ctx = parallel_state.initialize(cfg)
     try:
-        return _train(cfg, ctx, plans, resume=resume, overwrite=overwrite)
+        with StopRequest() as stop:
+            return _train(cfg, ctx, plans, stop, resume=resume, overwrite=overwrite)
     finally:
         parallel_state.destroy()
+
+
+def _lock_run_dir(paths: RunPaths, ctx) -> RunLock | None:
+    """Rank 0 takes the run directory's lock; every rank fails together when another run holds it."""
+    lock, refused = (RunLock(paths.root), None) if ctx.is_main else (None, None)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunDirectoryBusy as err:
+            refused = str(err)
+    refused = broadcast_from_rank0(refused)
+    if refused:
+        raise RunDirectoryBusy(refused if ctx.is_main else f"rank 0 could not lock the run directory: {refused}")
+    return lock
 
 
 def _prepare_run_dir(cfg: XoronConfig, paths: RunPaths, ctx, resume: bool, overwrite: bool) -> None:
@@ -177,126 +213,267 @@ class RunLogs:
         self.tb.close()
 
 
-def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], *, resume: bool, overwrite: bool) -> TrainResult:
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+
+    cfg: XoronConfig
+    ctx: object  # ParallelContext
+    paths: RunPaths
+    tokenizer: object
+    stop: StopRequest
+    guard: NumericsGuard
+    watchdog: HangWatchdog
+    logs: RunLogs | None = None
+
+
+@dataclass
+class StartPoint:
+    """Where a stage starts: ``state``, the checkpoint to load (None: none, or the newest at a stage
+    boundary), whether its files were just verified, and the steps of data to skip after it (rollback)."""
+
+    state: TrainerState
+    tag: str | None = None
+    verified: bool = False
+    skip_steps: int = 0
+
+
+@dataclass
+class StageOutcome:
+    state: TrainerState
+    loss: float | None
+    interrupted: bool = False
+    divergence: Divergence | None = None
+
+
+def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], stop: StopRequest, *, resume: bool,
+           overwrite: bool) -> TrainResult:
     paths = RunPaths(Path(cfg.train.output_dir) / cfg.train.name)
-    _prepare_run_dir(cfg, paths, ctx, resume, overwrite)
-    tokenizer = _shared_tokenizer(cfg, paths, ctx)
-    if cfg.data.source == "arrow":
-        if ctx.is_main:
-            ensure_prepared(cfg, paths.tokenizer)
-        dist.barrier()
+    lock = _lock_run_dir(paths, ctx)
+    watchdog = HangWatchdog(paths.watchdog, ctx.rank, ctx.world_size, cfg.train.watchdog_seconds)
+    try:
+        _prepare_run_dir(cfg, paths, ctx, resume, overwrite)
+        tokenizer = _shared_tokenizer(cfg, paths, ctx)
+        if cfg.data.source == "arrow":
+            if ctx.is_main:
+                ensure_prepared(cfg, paths.tokenizer)
+            dist.barrier()
+        watchdog.start()
+        start = _start_point(cfg, paths, resume)
+        if stage_at(plans, start.state.step) is None:
+            logger.info("run already complete at step %d (train.steps=%d); raise train.steps to continue",
+                        start.state.step, cfg.train.steps)
+            return TrainResult(start.state.step, None, paths.root)
+        guard = NumericsGuard(cfg.train, fp16=ctx.device_info.dtype == torch.float16)
+        run = Run(cfg, ctx, paths, tokenizer, stop, guard, watchdog)
+        return _train_stages(run, plans, start)
+    finally:
+        watchdog.stop()
+        if lock is not None:
+            lock.release()
 
+
+def _start_point(cfg: XoronConfig, paths: RunPaths, resume: bool) -> StartPoint:
+    """Step 0, or with --resume the newest checkpoint whose files verify (``resume_tag``)."""
     state = TrainerState(step=0, config_hash=config_hash(cfg))
-    if resume:
-        found = peek_state(paths.checkpoints)
-        if found is None:
+    tag = resume_tag(paths.checkpoints) if resume else None
+    if tag is None:
+        if resume:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", paths.checkpoints)
-        elif not hash_matches(found.config_hash, cfg):
-            raise ConfigError(
-                f"checkpoint {paths.checkpoints} was written by a run with a different model/parallel config "
-                f"(hash {found.config_hash}, now {state.config_hash}); resume with the run's own "
-                f"{paths.root / 'config.yaml'} or start a new train.name"
-            )
-        else:
-            state = found
-    if stage_at(plans, state.step) is None:
-        logger.info("run already complete at step %d (train.steps=%d); raise train.steps to continue",
-                    state.step, cfg.train.steps)
-        return TrainResult(state.step, None, paths.root)
+        return StartPoint(state)
+    found = peek_state(paths.checkpoints, tag)
+    if not hash_matches(found.config_hash, cfg):
+        raise ConfigError(
+            f"checkpoint {paths.checkpoints} was written by a run with a different model/parallel config "
+            f"(hash {found.config_hash}, now {state.config_hash}); resume with the run's own "
+            f"{paths.root / 'config.yaml'} or start a new train.name"
+        )
+    return StartPoint(found, tag, verified=True)
 
-    logs = RunLogs.open(cfg, paths, ctx, state.step)
-    loss, interrupted = None, False
-    with StopRequest() as stop:
-        while not interrupted and (plan := stage_at(plans, state.step)) is not None:
-            state, loss, interrupted = _run_stage(cfg, ctx, plan, tokenizer, paths, logs, stop, state,
-                                                  load=resume or plan.index > 0)
-    logs.close()
+
+def _train_stages(run: Run, plans: list[StagePlan], start: StartPoint) -> TrainResult:
+    """Every stage from ``start`` on; after a divergence, the rollback the policy allows (or stop)."""
+    outcome = StageOutcome(start.state, None)
+    run.logs = RunLogs.open(run.cfg, run.paths, run.ctx, start.state.step)
+    try:
+        while (plan := stage_at(plans, start.state.step)) is not None:
+            outcome = _run_stage(run, plan, start)
+            if outcome.interrupted:
+                break
+            if outcome.divergence is None:
+                start = StartPoint(outcome.state)
+                continue
+            start = _roll_back(run, outcome)
+            run.guard.reset()
+            run.logs.close()
+            run.logs = RunLogs.open(run.cfg, run.paths, run.ctx, start.state.step)
+    except TrainingDiverged:
+        dist.barrier()  # every rank stops here, together; rank 0 (the rendezvous store) does not leave first
+        raise
+    finally:
+        run.logs.close()
     dist.barrier()  # rank 0 hosts the rendezvous store: nobody tears down while others still talk
-    return TrainResult(state.step, loss, paths.root, interrupted)
+    return TrainResult(outcome.state.step, outcome.loss, run.paths.root, outcome.interrupted)
 
 
-def _run_stage(cfg: XoronConfig, ctx, plan: StagePlan, tokenizer, paths: RunPaths, logs: RunLogs,
-               stop: StopRequest, state: TrainerState, *, load: bool) -> tuple[TrainerState, float | None, bool]:
-    """Train one curriculum stage from ``state`` to its last step (or until a stop is requested)."""
-    built = build_stage(cfg, ctx, plan, paths.root)
-    source = build_source(cfg, tokenizer, plan, ctx.dp_rank, ctx.dp_size, pin_memory=ctx.device.type == "cuda")
-    state = _enter_stage(built, source, paths, state, plan, load)
-    logger.info("stage %d '%s': steps %d..%d, seq_len %d, lr %.2e%s; data: %s", plan.index, plan.name,
-                state.step + 1, plan.last_step, plan.seq_len, plan.train.lr,
-                f", {built.frozen:,} parameters frozen" if built.frozen else "", source.describe())
-    runner = StepRunner(cfg, ctx, built, TokenGroups(cfg, tokenizer.token_id))
+def _roll_back(run: Run, outcome: StageOutcome) -> StartPoint:
+    """The start point after ``outcome``'s divergence, or ``TrainingDiverged`` when the policy says stop."""
+    tc, divergence, state = run.cfg.train, outcome.divergence, outcome.state
+    last = latest_tag(run.paths.checkpoints)
+    hint = f"the newest checkpoint is {last} (--resume continues from it)" if last else "no checkpoint was saved"
+    if tc.nonfinite_policy != "rollback":
+        raise TrainingDiverged(f"training diverged: {divergence.reason}; stopping (train.nonfinite_policy="
+                               f"{tc.nonfinite_policy}); {hint}")
+    if state.rollbacks >= tc.max_rollbacks:
+        raise TrainingDiverged(f"training diverged again: {divergence.reason}; stopping after {state.rollbacks} "
+                               f"rollback(s) (train.max_rollbacks={tc.max_rollbacks}); {hint}")
+    tag = rollback_tag(run.paths.checkpoints, divergence)
+    if tag is None:
+        raise TrainingDiverged(f"training diverged: {divergence.reason}; no checkpoint from before step "
+                               f"{divergence.first_bad_step} to roll back to; {hint}")
+    target = peek_state(run.paths.checkpoints, tag)
+    skip = divergence.step - target.step
+    logger.warning("training diverged: %s; rolling back to %s (rollback %d of at most %d) and skipping the %d "
+                   "step(s) of data after it", divergence.reason, tag, state.rollbacks + 1, tc.max_rollbacks, skip)
+    target = dataclasses.replace(target, skipped_steps=state.skipped_steps, rollbacks=state.rollbacks + 1)
+    return StartPoint(target, tag, verified=True, skip_steps=skip)
+
+
+def _run_stage(run: Run, plan: StagePlan, start: StartPoint) -> StageOutcome:
+    """Train one curriculum stage from ``start`` to its last step (or a stop, or a divergence)."""
+    cfg, ctx = run.cfg, run.ctx
+    run.watchdog.beat(start.state.step, "stage build")
+    built = build_stage(cfg, ctx, plan, run.paths.root)
+    install_update_gate(built.engine)
+    source = build_source(cfg, run.tokenizer, plan, ctx.dp_rank, ctx.dp_size, pin_memory=ctx.device.type == "cuda")
+    try:
+        state = _enter_stage(built, source, run.paths, plan, start, cfg.train.grad_accum_steps)
+        logger.info("stage %d '%s': steps %d..%d, seq_len %d, lr %.2e%s; data: %s", plan.index, plan.name,
+                    state.step + 1, plan.last_step, plan.seq_len, plan.train.lr,
+                    f", {built.frozen:,} parameters frozen" if built.frozen else "", source.describe())
+        return _train_steps(run, plan, built, source, state)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()  # a rollback builds the stage again: the old loader workers go now
+
+
+def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: TrainerState) -> StageOutcome:
+    """The loop: a step, the guard's verdict, the updates that follow, logging, saving."""
+    cfg, ctx, tc, logs = run.cfg, run.ctx, run.cfg.train, run.logs
+    runner = StepRunner(cfg, ctx, built, TokenGroups(cfg, run.tokenizer.token_id))
     monitor = ExpertLoadMonitor(built.balancer.layer_ids(), cfg.llm.moe.num_experts,
                                 cfg.llm.moe.starved_expert_warn_steps)
-    tc = cfg.train
     tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * ctx.dp_size * plan.seq_len
-    loss_value = None
+    loss_value, save_due = None, False
     while state.step < plan.last_step:
+        run.watchdog.beat(state.step + 1, "step")
         wall_start = time.perf_counter()
+        skipped_before = built.engine.skipped_steps
         result = runner.run([source.next_batch().to(ctx.device) for _ in range(tc.grad_accum_steps)])
-        loads = built.balancer.update(ctx.token_group, enabled=plan.bias_update, rates={"llm": plan.bias_update_rate})
-        built.codebooks.update(ctx.token_group)
+        grad_norm = _grad_norm(built.engine)
+        stop_now, skipped, spike = _agree(run, result, grad_norm, built.engine.skipped_steps > skipped_before)
+        llm_load = None  # a skipped step changes no expert bias or codebook either, and has no load to report
+        if not skipped:
+            loads = built.balancer.update(ctx.token_group, enabled=plan.bias_update,
+                                          rates={"llm": plan.bias_update_rate})
+            built.codebooks.update(ctx.token_group)
+            llm_load = loads.get("llm", torch.zeros(0, cfg.llm.moe.num_experts))  # (MoE layers here, experts)
+            loss_value = result.losses["lm"]
         state.step += 1
         state.tokens_seen += tokens_per_step
+        state.skipped_steps += int(skipped)
         state.data_position = {"source": source.state_dict()}
-        loss_value = result.losses["lm"]
-        stop_now = _stop_agreed(stop, ctx)
         logs.timer.step(tokens_per_step)
         state.wall_time_s += time.perf_counter() - wall_start
-        llm_load = loads.get("llm", torch.zeros(0, cfg.llm.moe.num_experts))  # (MoE layers here, experts)
-        _log_step(cfg, ctx, plan, state, result, built, logs, monitor, llm_load)
-        if state.step % tc.save_every == 0 or state.step == plan.last_step or stop_now:
-            save_checkpoint(built.engine, paths.checkpoints, state, keep=tc.keep_checkpoints)
+        _log_step(cfg, ctx, plan, state, result, built, logs, monitor, llm_load, grad_norm, skipped)
+        divergence = run.guard.record(state.step, result.losses, skipped, spike)
+        if divergence is not None:
+            return StageOutcome(state, loss_value, divergence=divergence)
+        # A periodic save waits for a step that was applied: the newest checkpoint then predates any trouble.
+        save_due = save_due or state.step % tc.save_every == 0
+        if (save_due and run.guard.healthy) or state.step == plan.last_step or stop_now:
+            divergence = _save(run, built, state)
+            if divergence is not None:
+                return StageOutcome(state, loss_value, divergence=divergence)
+            save_due = False
         if stop_now:
             logger.warning("stopped at step %d after a signal; continue with --resume", state.step)
-            return state, loss_value, True
-    return state, loss_value, False
+            return StageOutcome(state, loss_value, interrupted=True)
+    return StageOutcome(state, loss_value)
 
 
-def _enter_stage(built: BuiltStage, source, paths: RunPaths, state: TrainerState, plan: StagePlan,
-                 load: bool) -> TrainerState:
+def _save(run: Run, built: BuiltStage, state: TrainerState) -> Divergence | None:
+    """Save a checkpoint; a ``Divergence`` instead when the weights are not finite (nothing is written)."""
+    run.watchdog.beat(state.step, "save")
+    try:
+        with run.logs.timer.excluded():
+            save_checkpoint(built.engine, run.paths.checkpoints, state, keep=run.cfg.train.keep_checkpoints)
+    except NonFiniteStateError as err:
+        return Divergence(str(err), state.step, state.step)
+    return None
+
+
+def _enter_stage(built: BuiltStage, source, paths: RunPaths, plan: StagePlan, start: StartPoint,
+                 accum: int) -> TrainerState:
     """The state to continue from: the checkpoint's inside this stage (engine, data position), the
-    previous stage's weights and expert biases at a stage boundary, or ``state`` as it is."""
-    found = peek_state(paths.checkpoints) if load else None
+    previous stage's weights and expert biases at a stage boundary, or ``start.state`` as it is; then,
+    after a rollback, the batches of the steps that led to the divergence are skipped."""
+    state = start.state
+    load = start.tag is not None or plan.index > 0
+    found = peek_state(paths.checkpoints, start.tag) if load else None
     if found is not None and found.stage_index == plan.index:  # resume inside this stage
-        state = load_checkpoint(built.engine, paths.checkpoints)
+        state = load_checkpoint(built.engine, paths.checkpoints, start.tag, verify=not start.verified)
         source.load_state_dict(state.data_position["source"])
     elif found is not None:  # a new stage starts from the previous stage's weights and expert biases
-        carried = load_checkpoint(built.engine, paths.checkpoints, module_only=True)
+        carried = load_checkpoint(built.engine, paths.checkpoints, start.tag, module_only=True,
+                                  verify=not start.verified)
         state = dataclasses.replace(carried, step=plan.first_step, data_position={})
     state.stage_index, state.stage_name = plan.index, plan.name
+    state.skipped_steps, state.rollbacks = start.state.skipped_steps, start.state.rollbacks
+    for _ in range(start.skip_steps * accum):
+        source.next_batch()
+    if start.skip_steps:
+        state.data_position = {"source": source.state_dict()}
     return state
 
 
-def _stop_agreed(stop: StopRequest, ctx) -> bool:
-    """Whether any rank got a stop signal: all ranks stop together, at the same step."""
-    flag = torch.tensor([float(stop.requested)], device=ctx.device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
+def _agree(run: Run, result: StepResult, grad_norm: float | None, engine_skipped: bool) -> tuple[bool, bool, bool]:
+    """(stop, non-finite, spike), each true on every rank if true on any: one all-reduce, one host read.
+    All ranks stop together, at the same step, and skip or roll back together."""
+    nonfinite, spike = run.guard.local_flags(result.losses, grad_norm, engine_skipped)
+    flags = torch.tensor([float(run.stop.requested), float(nonfinite), float(spike)], device=run.ctx.device)
+    dist.all_reduce(flags)
+    stop_now, nonfinite, spike = (value > 0 for value in flags.tolist())
+    return stop_now, nonfinite, spike
 
 
 def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, result: StepResult, built: BuiltStage,
-              logs: RunLogs, monitor: ExpertLoadMonitor, load: torch.Tensor) -> None:
-    """metrics.jsonl every step; TensorBoard every ``log_every`` steps; the progress line."""
+              logs: RunLogs, monitor: ExpertLoadMonitor, load: torch.Tensor | None, grad_norm: float | None,
+              skipped: bool) -> None:
+    """metrics.jsonl every step; TensorBoard every ``log_every`` steps; the progress line. ``load``: the
+    step's expert load, None for a skipped step."""
     tc = cfg.train
     loss = result.losses["lm"]
     lr = built.scheduler.get_last_lr()[0]
-    grad_norm = _grad_norm(built.engine)
-    monitor.update(state.step, load)
+    if load is not None:
+        monitor.update(state.step, load)
     record = {"step": state.step, "stage": plan.name, "loss": loss, "lr": lr, "grad_norm": grad_norm,
               "label_tokens": result.counts["lm"], "tokens_per_s": logs.timer.tokens_per_s,
-              "tokens_seen": state.tokens_seen}
+              "tokens_seen": state.tokens_seen, "skipped": skipped}
     record.update({f"loss_{name}": value for name, value in result.losses.items() if name != "lm"})
     logs.metrics.write(record)
     if state.step % tc.log_every == 0 or state.step == plan.last_step:
         scalars = {"train/loss": loss, "train/lr": lr, "train/tokens_seen": state.tokens_seen,
-                   "train/stage": plan.index}
+                   "train/stage": plan.index, "train/skipped_steps": state.skipped_steps}
         scalars.update({f"train/loss_{name}": value for name, value in result.losses.items() if name != "lm"})
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
         if logs.timer.tokens_per_s is not None:
             scalars["perf/tokens_per_s"] = logs.timer.tokens_per_s
             scalars["perf/step_s"] = logs.timer.mean_step_s
-        scalars.update(monitor.scalars(load, built.balancer.biases(), ctx.pipeline_group))
+        if load is not None:
+            scalars.update(monitor.scalars(load, built.balancer.biases(), ctx.pipeline_group))
         logs.tb.scalars(state.step, scalars)
     logs.progress.update(state.step, loss=loss, lr=lr, grad_norm=grad_norm,
                          tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step))
