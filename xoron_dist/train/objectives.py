@@ -77,7 +77,8 @@ OBJECTIVES: dict[str, Objective] = {
 def active_objectives(cfg: XoronConfig) -> list[tuple[Objective, float]]:
     """The run's objectives with their weights: the LM's, and those of the media the model builds.
     Raises ``ConfigError`` for a weight given to an objective this run does not have."""
-    names = ["lm"] + [name for m in MODALITIES if m.generated(cfg) for name in m.objectives]
+    multimodal = cfg.data.source == "arrow"  # synthetic text trains the plain LLM (``train/build.py``)
+    names = ["lm"] + [name for m in MODALITIES if multimodal and m.generated(cfg) for name in m.objectives]
     unknown = sorted(set(cfg.train.objectives) - set(names))
     if unknown:
         raise ConfigError(f"train.objectives names {', '.join(unknown)}, which this run does not optimise; "
