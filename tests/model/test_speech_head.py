@@ -21,7 +21,8 @@ RATE = 16_000
 
 
 def _cfg(*overrides):
-    return load_config(SMOKE, ["model.speech.enabled=true", *overrides])
+    alone = ["model.image_gen.enabled=false", "model.video_gen.enabled=false"]  # the speech generator alone
+    return load_config(SMOKE, ["model.speech.enabled=true", *alone, *overrides])
 
 
 def _clip(seconds: float, seed: int) -> torch.Tensor:

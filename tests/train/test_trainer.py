@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from xoron_dist.parallel.launcher_env import free_port
-from xoron_dist.train.tensorboard import read_scalars, read_text
+from xoron_dist.train.tensorboard import read_media_tags, read_scalars, read_text
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "pipelines" / "smoke.yaml"
@@ -68,6 +69,12 @@ def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path, smoke_data):
     tokens = sum(scalars[f"moe/layer0/expert{j}/tokens"][-1][1] for j in range(8))
     assert tokens == 4 * 256 * 2  # every token of the step routed to top-2 experts
     assert "model:" in read_text(run / "tensorboard")["config"][0][1]
+    media = read_media_tags(run / "tensorboard")  # what the generators made at steps 60 and 120
+    assert {"samples/image/0", "samples/video/0"} <= set(media["images"]) and "samples/speech/0" in media["audio"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for name in ("image_vae", "text_to_image", "video_vae", "text_to_video", "codec", "tts"):
+        logged = [r[f"loss_{name}"] for r in records if f"loss_{name}" in r]
+        assert logged and all(math.isfinite(v) and v != 0.0 for v in logged), name  # only steps with its items
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000120"
     assert (run / "tokenizer" / "tokenizer.json").is_file()
 

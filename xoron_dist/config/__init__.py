@@ -1,6 +1,7 @@
 """The one config tree of a Xoron run: model / parallel / train / data / tokenizer / stages.
 
     model.py     the LLM (MLA, MoE, RoPE), vision, video, audio (Conformer), projector, fusion sections
+    generators.py  image_gen / video_gen sections (with generation.py: DiT, video_generation.py, latents.py)
     speech.py    speech generation: the codec's BigVGAN decoder and its GAN, the TTS text encoder and decoder
     run.py       parallel layout, train (incl. objectives), data (prep, synth), tokenizer, stages
     loading.py   ``XoronConfig`` (the root) and ``ModelConfig``, presets, ``load_config`` (YAML + ``a.b=c`` overrides)

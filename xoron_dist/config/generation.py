@@ -49,7 +49,6 @@ class DiTConfig:
     whose condition is replaced by the learned null condition (classifier-free guidance).
     """
 
-    enabled: bool = False
     hidden_size: int = 1024
     num_heads: int = 16
     head_dim: int | None = None

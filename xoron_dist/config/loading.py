@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from xoron_dist.config.generators import ImageGenConfig, VideoGenConfig
 from xoron_dist.config.model import (
     AudioConfig,
     FusionConfig,
@@ -42,7 +43,8 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 @dataclass
 class ModelConfig:
     """``model``: the LLM, the understanding encoders with their projector and fusion layers, and the
-    generators (``speech``: needs ``audio``, whose tokenizer is the codec's encoder)."""
+    generators (``speech``: needs ``audio``, whose tokenizer is the codec's encoder; ``image_gen``,
+    ``video_gen``)."""
 
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -51,8 +53,16 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     speech: SpeechConfig = field(default_factory=SpeechConfig)
+    image_gen: ImageGenConfig = field(default_factory=ImageGenConfig)
+    video_gen: VideoGenConfig = field(default_factory=VideoGenConfig)
 
     def validate(self, where: str) -> None:
+        for name in ("image_gen", "video_gen"):
+            section = getattr(self, name)
+            if section.enabled and section.dit.cond_dim != self.llm.hidden_size:
+                raise field_error(f"{where}.{name}.dit.cond_dim", section.dit.cond_dim,
+                                  f"must equal llm.hidden_size ({self.llm.hidden_size}): the generator reads the "
+                                  "LLM's hidden states")
         if self.speech.enabled and not self.audio.enabled:
             raise field_error(f"{where}.speech.enabled", True,
                               "speech generation decodes the audio codec's latents: set model.audio.enabled: true")

@@ -83,6 +83,11 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     tensorboard: bool = True
+    # Every N steps each enabled generator makes one sample per prompt of sample_prompts into TensorBoard
+    # (samples/image/i, samples/video/i as a strip of frames, samples/speech/i); 0 = never.
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "A red circle on a black background.", "A blue square is left of a yellow star."])
     activation_checkpointing: bool = False
     # with activation_checkpointing: recompute every N-th block (1 = every block; 2 = half of them,
     # the other half keep their activations: less recompute for more memory)
@@ -126,7 +131,10 @@ class TrainConfig:
                   "log_every", "save_every", "keep_checkpoints", "dist_timeout_minutes",
                   "activation_checkpointing_every", "loss_spike_window")
         non_negative(self, where, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk_tokens", "watchdog_minutes",
-                     "max_skipped_steps", "max_rollbacks", "loss_spike_factor")
+                     "max_skipped_steps", "max_rollbacks", "loss_spike_factor", "sample_every")
+        if self.sample_every and not self.sample_prompts:
+            raise field_error(f"{where}.sample_prompts", self.sample_prompts,
+                              "give at least one prompt, or set train.sample_every: 0")
         if self.watchdog_minutes is not None and self.watchdog_minutes >= self.dist_timeout_minutes:
             raise field_error(f"{where}.watchdog_minutes", self.watchdog_minutes,
                               f"must be below train.dist_timeout_minutes ({self.dist_timeout_minutes}): the watchdog "

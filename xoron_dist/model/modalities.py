@@ -126,6 +126,18 @@ def _build_speech(cfg: XoronConfig) -> nn.Module:
     return SpeechHead(cfg)
 
 
+def _build_image_gen(cfg: XoronConfig) -> nn.Module:
+    from xoron_dist.model.generation.heads import ImageGenerator
+
+    return ImageGenerator(cfg)
+
+
+def _build_video_gen(cfg: XoronConfig) -> nn.Module:
+    from xoron_dist.model.generation.heads import VideoGenerator
+
+    return VideoGenerator(cfg)
+
+
 def _perceiver(cfg: XoronConfig, row: Modality, encoder: nn.Module) -> nn.Module:
     """A Perceiver resampler from the encoder's width to the LLM's, emitting the medium's fixed span."""
     from xoron_dist.model.common.perceiver import PerceiverResampler
@@ -165,6 +177,20 @@ def _speech_plan(cfg: XoronConfig) -> TensorPlan:
     return tensor_plan(cfg)
 
 
+def _image_gen_plan(cfg: XoronConfig) -> TensorPlan:
+    from xoron_dist.model.common.sharding import nest
+    from xoron_dist.model.generation.sharding import tensor_plan
+
+    return nest("dit", tensor_plan(cfg.model.image_gen.dit, cfg.parallel.tp_experts))
+
+
+def _video_gen_plan(cfg: XoronConfig) -> TensorPlan:
+    from xoron_dist.model.common.sharding import nest
+    from xoron_dist.model.generation.video_sharding import tensor_plan
+
+    return nest("dit", tensor_plan(cfg.model.video_gen.dit, cfg.parallel.tp_experts))
+
+
 def _blank_image(encoder: nn.Module) -> torch.Tensor:
     """A black image_size² image."""
     import torch
@@ -189,10 +215,14 @@ def _blank_audio(encoder: nn.Module) -> torch.Tensor:
 MODALITIES: tuple[Modality, ...] = (
     Modality("image", "gen_image", "image_tokens", section="vision", heads="num_heads", encoder="vision",
              projector="image_projector", build=_build_vision, build_projector=_perceiver, tensor_plan=_vision_plan,
-             blank=_blank_image),
+             blank=_blank_image, generator="image_gen", generator_section="image_gen", build_generator=_build_image_gen,
+             objectives=("image_vae", "text_to_image"), generator_heads=("dit.num_heads",),
+             generator_plan=_image_gen_plan),
     Modality("video", "gen_video", "video_tokens", section="video", heads="num_heads", encoder="video",
              projector="video_projector", build=_build_video, build_projector=_perceiver, tensor_plan=_video_plan,
-             blank=_blank_video),
+             blank=_blank_video, generator="video_gen", generator_section="video_gen", build_generator=_build_video_gen,
+             objectives=("video_vae", "text_to_video"), generator_heads=("dit.num_heads",),
+             generator_plan=_video_gen_plan),
     Modality("audio", "gen_speech", "audio_tokens_per_second", per_second=True, section="audio",
              heads="conformer.num_heads", encoder="audio", projector="audio_projector", build=_build_audio,
              build_projector=_frame_pool, tensor_plan=_audio_plan, blank=_blank_audio, generator="speech",

@@ -10,7 +10,7 @@ from torch import nn
 
 from xoron_dist.config import LLMConfig, XoronConfig
 from xoron_dist.model.llm import XoronLLM
-from xoron_dist.model.modalities import understood
+from xoron_dist.model.modalities import generated, understood
 from xoron_dist.model.xoron import XoronMultimodalModel
 
 # Component of a parameter, by the first matching fragment of its name.
@@ -71,8 +71,8 @@ def build_on_meta(cfg: LLMConfig) -> XoronLLM:
 
 def multimodal_parts(cfg: XoronConfig) -> list[tuple[str, int]]:
     """Parameters of each part the multimodal model adds to the LLM (encoders and projectors of the
-    understood media, fusion layers), built on the meta device; empty without an encoder."""
-    if not understood(cfg):
+    understood media, fusion layers, generators), built on the meta device; empty without any."""
+    if not (understood(cfg) or generated(cfg)):
         return []
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, vision=dataclasses.replace(cfg.model.vision, pretrained_path=None)))  # sizes only: no file read
@@ -80,4 +80,5 @@ def multimodal_parts(cfg: XoronConfig) -> list[tuple[str, int]]:
         model = XoronMultimodalModel(cfg)
     names = [name for row in model.media for name in (row.encoder, row.projector)]
     names += ["fusion"] if model.fusion is not None else []
+    names += [row.generator for row in model.generators]
     return [(name, sum(p.numel() for p in getattr(model, name).parameters())) for name in names]

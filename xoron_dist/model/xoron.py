@@ -71,7 +71,7 @@ class XoronMultimodalModel(nn.Module):
         """The ``forward`` keyword arguments for a ``PackedBatch``'s media this model encodes (none
         for a batch without media fields, e.g. the synthetic text source)."""
         inputs: dict[str, object] = {}
-        for row in self.media:
+        for row in dict.fromkeys([*self.media, *self.generators]):
             if hasattr(batch, row.batch_field):
                 for field in (row.batch_field, f"{row.name}_spans", f"{row.name}_is_target"):
                     inputs[field] = getattr(batch, field)
@@ -179,6 +179,18 @@ class XoronMultimodalModel(nn.Module):
         out = self.llm(input_ids=prompt_ids, labels=torch.full_like(prompt_ids, -100), keep_normed=True)
         return out.normed * mask[..., None].to(out.normed.dtype), mask
 
+    def _request(self, prompt_ids, prompt_embeds, prompt_mask, generator: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The condition of a generate_* call: LLM states of ``prompt_ids``, or ``prompt_embeds`` as given."""
+        if getattr(self, generator) is None:
+            raise ValueError(f"this model has no {generator} generator: set model.{generator}.enabled: true")
+        if (prompt_ids is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt_ids and prompt_embeds")
+        if prompt_ids is not None:
+            return self.requests(prompt_ids, prompt_mask)
+        if prompt_mask is None:
+            prompt_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
+        return prompt_embeds, prompt_mask.bool()
+
     @torch.no_grad()
     def generate_speech(self, prompt_ids: torch.Tensor | None = None, *, prompt_embeds: torch.Tensor | None = None,
                         prompt_mask: torch.Tensor | None = None, speaker_audio: list[torch.Tensor],
@@ -186,15 +198,29 @@ class XoronMultimodalModel(nn.Module):
         """Speech for n requests, each in the voice of its reference clip: float waveforms at
         ``model.audio.sample_rate``. Give ``prompt_ids`` (see ``requests``) or ``prompt_embeds`` (n, L, D),
         the LLM states of the requests; ``prompt_mask`` (n, L) marks real tokens."""
-        if self.speech is None:
-            raise ValueError("this model has no speech generator: set model.speech.enabled: true")
-        if (prompt_ids is None) == (prompt_embeds is None):
-            raise ValueError("give exactly one of prompt_ids and prompt_embeds")
-        if prompt_ids is not None:
-            prompt_embeds, prompt_mask = self.requests(prompt_ids, prompt_mask)
-        elif prompt_mask is None:
-            prompt_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
-        return self.speech.generate(prompt_embeds, prompt_mask.bool(), speaker_audio, steps, seed)
+        request, mask = self._request(prompt_ids, prompt_embeds, prompt_mask, "speech")
+        return self.speech.generate(request, mask, speaker_audio, steps, seed)
+
+    @torch.no_grad()
+    def generate_image(self, prompt_ids: torch.Tensor | None = None, *, prompt_embeds: torch.Tensor | None = None,
+                       prompt_mask: torch.Tensor | None = None, height: int = 512, width: int = 512,
+                       steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                       sampler: str | None = None) -> torch.Tensor:
+        """uint8 images (n, height, width, 3) for n requests (as ``generate_speech``'s); steps, guidance and
+        sampler default to ``model.image_gen``'s. Same seed, same images."""
+        request, mask = self._request(prompt_ids, prompt_embeds, prompt_mask, "image_gen")
+        return self.image_gen.generate(request, mask, height, width, steps=steps, guidance=guidance, seed=seed,
+                                       sampler=sampler)
+
+    @torch.no_grad()
+    def generate_video(self, prompt_ids: torch.Tensor | None = None, *, prompt_embeds: torch.Tensor | None = None,
+                       prompt_mask: torch.Tensor | None = None, frames: int = 9, height: int = 128, width: int = 128,
+                       steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                       sampler: str | None = None) -> torch.Tensor:
+        """uint8 videos (n, frames, height, width, 3), generated chunk by chunk (see ``generate_image``)."""
+        request, mask = self._request(prompt_ids, prompt_embeds, prompt_mask, "video_gen")
+        return self.video_gen.generate(request, mask, frames, height, width, steps=steps, guidance=guidance,
+                                       seed=seed, sampler=sampler)
 
     @torch.no_grad()
     def generate_text(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
@@ -266,7 +292,7 @@ def _trainable(modules) -> bool:
 
 
 def build_model(cfg: XoronConfig) -> XoronLLM | XoronMultimodalModel:
-    """``XoronLLM`` when no understanding encoder is enabled, else ``XoronMultimodalModel``."""
-    if understood(cfg):
+    """``XoronLLM`` when no encoder or generator is enabled, else ``XoronMultimodalModel``."""
+    if understood(cfg) or generated(cfg):
         return XoronMultimodalModel(cfg)
     return XoronLLM(cfg.llm)

@@ -199,7 +199,8 @@ def _encoder_heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
 
 
 def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
-    encoders = [row.section for row in understood(cfg)]
+    encoders = list(dict.fromkeys([row.section for row in understood(cfg)]
+                                  + [row.generator_section for row in generated(cfg)]))
     if not encoders or cfg.data.source != "arrow":  # synthetic text trains the LLM alone
         return None
     bad = [f"parallel.{key}={value}" for key, value in (("pp", s.pp), ("sp", s.sp)) if value > 1]
@@ -221,11 +222,16 @@ def _pipeline_zero(cfg: XoronConfig, s: _Sizes) -> str | None:
 
 
 def _experts_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
-    experts = cfg.llm.moe.num_experts
-    if experts % s.ep == 0:
+    counts = [("model.llm.moe.num_experts", cfg.llm.moe.num_experts)]
+    counts += [(f"model.{name}.dit.moe.num_experts", getattr(cfg.model, name).dit.moe.num_experts)
+               for name in ("image_gen", "video_gen") if getattr(cfg.model, name).enabled]
+    bad = [(field, n) for field, n in counts if n % s.ep]
+    if not bad:
         return None
-    return (f"model.llm.moe.num_experts = {experts} is not divisible by parallel.ep = {s.ep}: each EP rank holds "
-            f"num_experts/ep experts; pick ep from {_divisors(experts)}")
+    field, experts = bad[0]
+    usable = _divisors(math.gcd(*(n for _, n in counts)))
+    return (f"{field} = {experts} is not divisible by parallel.ep = {s.ep}: each EP rank holds num_experts/ep "
+            f"experts of every MoE (the LLM's and the generators'); pick ep from {usable}")
 
 
 def _experts_carved_from_dp(cfg: XoronConfig, s: _Sizes) -> str | None:
@@ -254,7 +260,8 @@ RULES: tuple[Rule, ...] = (
          _megatron_sequence_parallel),
     Rule("sp", "`train.seq_len` (and every stage's `seq_len`) divisible by 2·sp (zig-zag chunks)", _seq_len_chunks),
     Rule("sp", "`model.llm.attention_dropout` = 0 (the ring has no attention dropout)", _ring_without_dropout),
-    Rule("ep", "`model.llm.moe.num_experts` divisible by ep", _experts_divide),
+    Rule("ep", "`model.llm.moe.num_experts` (and each enabled generator's `dit.moe.num_experts`) divisible by ep",
+         _experts_divide),
     Rule("ep", "ep divides dp·sp (expert groups are carved out of the data/sequence-parallel ranks)",
          _experts_carved_from_dp),
     Rule("pp", "`model.llm.num_layers` ≥ pp (every stage at least one layer; uneven splits balanced)",

@@ -148,6 +148,8 @@ _V1_DROPPED: dict[str, dict[str, Any]] = {
 
 # Config sections added since (each with ``enabled``; absent from those checkpoints' hash when off).
 _V1_ABSENT = ("speech",)
+# Sections added after the speech generator (its checkpoints hashed a model config without them).
+_V2_ABSENT = ("image_gen", "video_gen")
 
 
 def hash_matches(saved: str, cfg: XoronConfig) -> bool:
@@ -156,6 +158,10 @@ def hash_matches(saved: str, cfg: XoronConfig) -> bool:
     if saved == config_hash(cfg):
         return True
     model = copy.deepcopy(cfg.to_dict()["model"])
+    if not any(model[name]["enabled"] for name in _V2_ABSENT):  # written before the image/video generators
+        v2 = {key: value for key, value in model.items() if key not in _V2_ABSENT}
+        if saved == _hash({"model": v2, "parallel": cfg.to_dict()["parallel"]}):
+            return True
     if any(model[name]["enabled"] for name in (*_V1_DROPPED, *_V1_ABSENT) if name in model):
         return False  # a part those checkpoints could not hold
     for name in _V1_ABSENT:

@@ -10,6 +10,10 @@ objectives, before the first backward) and how to read their loss sum off the mo
     lm     labelled target tokens   token cross-entropy                            1.0 (``train.objectives.lm``)
     codec  audio clips              codec GAN + mel + VQ on one segment per clip   0.002
     tts    speech targets           TTS prior + duration + flow losses             0.1
+    image_vae      images           autoencoder L1 + spectral + gradient + KL      0.1
+    text_to_image  image targets    rectified flow of the MoE-DiT                  0.1
+    video_vae      videos           3D causal autoencoder, same terms              0.1
+    text_to_video  video targets    per-chunk rectified flow                       0.1
 
 The modality table (``xoron_dist.model.modalities``) names the objectives a medium's generator
 adds; generation losses start at the seed's 0.1, except the codec's: at initialisation one clip's
@@ -71,6 +75,10 @@ OBJECTIVES: dict[str, Objective] = {
     "lm": Objective("lm", 1.0, _lm_count, _lm_loss_sum),
     "codec": Objective("codec", 0.002, _items("audio"), _generator_sum("codec")),
     "tts": Objective("tts", 0.1, _targets("audio"), _generator_sum("tts")),
+    "image_vae": Objective("image_vae", 0.1, _items("image"), _generator_sum("image_vae")),
+    "text_to_image": Objective("text_to_image", 0.1, _targets("image"), _generator_sum("text_to_image")),
+    "video_vae": Objective("video_vae", 0.1, _items("video"), _generator_sum("video_vae")),
+    "text_to_video": Objective("text_to_video", 0.1, _targets("video"), _generator_sum("text_to_video")),
 }
 
 

@@ -13,6 +13,8 @@ Tag scheme (``step`` = optimizer updates done, the same number as the progress l
     moe/layer{i}/expert{j}/tokens       tokens routed to expert j of layer i in the step
     moe/layer{i}/expert{j}/bias         expert j's selection bias (DeepSeek-V3 aux-loss-free balancing)
     config                              the run config as YAML (text, at step 0)
+    samples/{image,video,speech}/{i}    what each generator makes of train.sample_prompts[i]
+                                        (images; a video as its frames side by side; audio)
 
 Use ``moe_scalars`` to build the ``moe/`` entries so the names stay in one place.
 """
@@ -81,6 +83,16 @@ class TensorBoardWriter:
         block = "\n".join("    " + line for line in text.splitlines())
         self._writer.add_text(tag, block, global_step=step)
 
+    def image(self, tag: str, pixels, step: int) -> None:
+        """An image (H, W, 3) uint8."""
+        if self._writer is not None:
+            self._writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
+
+    def audio(self, tag: str, samples, sample_rate: int, step: int) -> None:
+        """A mono clip (samples,) of floats in [-1, 1]."""
+        if self._writer is not None:
+            self._writer.add_audio(tag, samples[None], global_step=step, sample_rate=sample_rate)
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
@@ -114,6 +126,12 @@ def read_scalars(log_dir: str | os.PathLike[str]) -> dict[str, list[tuple[int, f
     """All scalar events under ``log_dir`` (the directory holding the event files): tag -> [(step, value)]."""
     acc = _accumulator(log_dir)
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_media_tags(log_dir: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """The image and audio tags under ``log_dir``: {"images": [...], "audio": [...]}."""
+    tags = _accumulator(log_dir).Tags()
+    return {"images": sorted(tags["images"]), "audio": sorted(tags["audio"])}
 
 
 def read_text(log_dir: str | os.PathLike[str]) -> dict[str, list[tuple[int, str]]]:

@@ -61,6 +61,7 @@ from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
 from xoron_dist.train.objectives import TokenGroups
 from xoron_dist.train.run_lock import RunDirectoryBusy, RunLock
+from xoron_dist.train.samples import GenerationSamples
 from xoron_dist.train.sources import build_source
 from xoron_dist.train.stages import StagePlan, plan_stages, stage_at
 from xoron_dist.train.step import StepResult, StepRunner
@@ -365,6 +366,7 @@ def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: Tr
     monitor = ExpertLoadMonitor(built.balancer.layer_ids(), cfg.llm.moe.num_experts,
                                 cfg.llm.moe.starved_expert_warn_steps)
     tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * ctx.dp_size * plan.seq_len
+    samples = GenerationSamples(cfg, run.tokenizer)
     loss_value, save_due = None, False
     while state.step < plan.last_step:
         run.watchdog.beat(state.step + 1, "step")
@@ -387,6 +389,10 @@ def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: Tr
         logs.timer.step(tokens_per_step)
         state.wall_time_s += time.perf_counter() - wall_start
         _log_step(cfg, ctx, plan, state, result, built, logs, monitor, llm_load, grad_norm, skipped)
+        if samples.due(state.step):
+            run.watchdog.beat(state.step, "samples")
+            with logs.timer.excluded():
+                samples.write(state.step, built.model, logs.tb)
         divergence = run.guard.record(state.step, result.losses, skipped, spike)
         if divergence is not None:
             return StageOutcome(state, loss_value, divergence=divergence)
@@ -461,12 +467,13 @@ def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, resul
     record = {"step": state.step, "stage": plan.name, "loss": loss, "lr": lr, "grad_norm": grad_norm,
               "label_tokens": result.counts["lm"], "tokens_per_s": logs.timer.tokens_per_s,
               "tokens_seen": state.tokens_seen, "skipped": skipped}
-    record.update({f"loss_{name}": value for name, value in result.losses.items() if name != "lm"})
+    others = {name: value for name, value in result.losses.items() if name != "lm" and result.counts[name]}
+    record.update({f"loss_{name}": value for name, value in others.items()})  # objectives with items this step
     logs.metrics.write(record)
     if state.step % tc.log_every == 0 or state.step == plan.last_step:
         scalars = {"train/loss": loss, "train/lr": lr, "train/tokens_seen": state.tokens_seen,
                    "train/stage": plan.index, "train/skipped_steps": state.skipped_steps}
-        scalars.update({f"train/loss_{name}": value for name, value in result.losses.items() if name != "lm"})
+        scalars.update({f"train/loss_{name}": value for name, value in others.items()})
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
         if logs.timer.tokens_per_s is not None:

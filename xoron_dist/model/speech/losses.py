@@ -136,6 +136,11 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
     if not 0 <= f_min < f_max <= sample_rate / 2:
         raise ValueError(f"mel_filterbank: need 0 <= f_min ({f_min}) < f_max ({f_max}) <= sample_rate/2 "
                          f"({sample_rate / 2})")
+    with torch.device("cpu"):  # a constant: computed on the CPU even while a model is built on "meta"
+        return _mel_weights(sample_rate, n_fft, n_mels, f_min, f_max)
+
+
+def _mel_weights(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
     fft_freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
     mels = torch.linspace(float(_hz_to_mel(torch.tensor(f_min, dtype=torch.float64))),
                           float(_hz_to_mel(torch.tensor(f_max, dtype=torch.float64))), n_mels + 2, dtype=torch.float64)
