@@ -120,7 +120,8 @@ def test_no_import_cycle_between_folders():
 ])
 def test_imports_flow_one_way(folder, forbidden):
     """The model is plain single-rank code; parallelism transforms it from outside; the planner counts
-    parameters without building a model."""
+    the LLM's parameters without building a model (the multimodal parts' splits it gets as plain data
+    from ``parallel.part_splits``, which reads them off the model on the meta device)."""
     offending = sorted(f"{module} imports {target}" for module, targets in GRAPH.items()
                        if _folder(module) == folder for target in targets if _folder(target) in forbidden)
     assert offending == []

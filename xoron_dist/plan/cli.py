@@ -4,7 +4,9 @@
     xoron plan --config RUN.yaml --cluster my_cluster.yaml --verbose      (also list refused layouts)
 
 Prints a table (layout, memory per GPU by component, estimated step time and tokens/s, whether it
-fits) and writes ``plan.yaml`` + ``ds_config.json`` for the fastest layout that fits.
+fits), for a multimodal run the parameters each part (encoders, projectors, fusion, generators)
+puts on one GPU of the chosen layout, and writes ``plan.yaml`` + ``ds_config.json`` for the fastest
+layout that fits.
 """
 
 from __future__ import annotations
@@ -51,6 +53,26 @@ def format_table(result, top: int) -> str:
                                enumerate(zip(row, widths, strict=True))) for row in rows)
 
 
+def format_parts(candidate) -> str:
+    """The multimodal parts on one GPU of ``candidate``'s layout: parameters of the single-rank part,
+    on this GPU (after TP and EP) and, of those, routed generator experts (ZeRO shards them over
+    dp/ep ranks). Empty without parts."""
+    parts = candidate.memory.parts
+    if not parts:
+        return ""
+    rows = [("part", "whole", "per GPU", "of which experts")]
+    rows += [(p.name, f"{p.whole:,}", f"{p.params.total:,}", f"{p.params.expert:,}") for p in parts]
+    rows.append(("total", f"{sum(p.whole for p in parts):,}", f"{sum(p.params.total for p in parts):,}",
+                 f"{sum(p.params.expert for p in parts):,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"multimodal parts on each GPU of {candidate.describe()} (parameters; their weights, grads and "
+             "optimizer states are in the table, their activations and compute are not modelled: "
+             "xoron_dist/plan/parts.py):"]
+    lines += ["  " + "  ".join(cell.rjust(w) if j else cell.ljust(w) for j, (cell, w) in
+                               enumerate(zip(row, widths, strict=True))) for row in rows]
+    return "\n".join(lines)
+
+
 def format_refusals(refused) -> str:
     """One line per refused (tp, pp, sp, ep, ZeRO) and reason; batch splits sharing it are counted."""
     groups: dict[tuple, int] = {}
@@ -77,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
           f"{sum(c.fits for c in result.ranked)} fit in {cluster.usable_bytes / GIB:.1f} GiB per GPU")
     if result.ranked:
         print(format_table(result, args.top))
+        parts = format_parts(result.best or result.ranked[0])
+        if parts:
+            print("\n" + parts)
     if args.verbose and result.refused:
         print("\nrefused layouts (validator's reason):")
         print(format_refusals(result.refused))

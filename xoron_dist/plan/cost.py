@@ -21,6 +21,15 @@ fastest-varying (Megatron-core's order), so a group's stride is the product of t
     pp    the 1F1B bubble: the pipeline is busy m/(m + pp - 1) of the step (m micro-batches),
           and each stage boundary sends (tokens, hidden) forward and its gradient back.
 
+The multimodal parts (``xoron_dist.plan.parts``: encoders, projectors, fusion layers, generators)
+enter through their gradients only: the dp reduction moves their per-rank parameters (generator
+routed experts over the expert-data-parallel group, as the LLM's). Left out: their compute and their
+TP all-reduces / EP all-to-alls, which scale with the images, videos and clips of each micro-batch,
+a property of the data mix that the config does not give (and of each item's resolution, frames or
+seconds; the autoencoders and vocoder run convolutions at pixel/waveform resolution, where
+6·params·tokens does not hold). The LLM's compute covers the media placeholder tokens, which are
+part of its rows. The step time of a multimodal run is therefore a lower bound.
+
 Nothing is assumed to overlap with compute (a conservative model; DeepSpeed does overlap part of
 the gradient reduction). The figures rank layouts against each other; measure before trusting
 absolute times.
@@ -38,6 +47,7 @@ from xoron_dist.plan.memory import (
     embedding_parameters,
     head_parameters,
     layer_parameters,
+    rank_parts,
     stage_parameters,
 )
 
@@ -118,6 +128,7 @@ def estimate_step(cfg: XoronConfig, layout: Layout, shape: TrainingShape, cluste
     compute = flops / (tp * sp * pp) / (cluster.peak_tflops * 1e12 * cluster.mfu)
 
     stage = max(stage_parameters(cfg, tp, pp, ep), key=lambda st: st.params.total)
+    params = sum((part.params for part in rank_parts(cfg, layout)), stage.params)  # parts: pp = 1, one stage
     layers = len(stage.layers)
     moe_layers = sum(1 for i in stage.layers if llm.is_moe_layer(i))
     tokens = shape.micro_batch_size * shape.seq_len // sp  # per rank per micro-batch
@@ -127,8 +138,8 @@ def estimate_step(cfg: XoronConfig, layout: Layout, shape: TrainingShape, cluste
 
     dense_group, expert_group = dp * sp, max(1, dp * sp // ep)
     grad_factor = 1.5 if layout.zero_stage == 3 else 1.0
-    dp_time = grad_factor * (_ring(dense_group) * stage.params.dense * b / bw(dense_group, tp)
-                             + _ring(expert_group) * stage.params.expert * b / bw(expert_group, tp * sp * ep))
+    dp_time = grad_factor * (_ring(dense_group) * params.dense * b / bw(dense_group, tp)
+                             + _ring(expert_group) * params.expert * b / bw(expert_group, tp * sp * ep))
     tp_calls = 4 + (2 if shape.activation_checkpointing else 0)
     tp_time = m * layers * tp_calls * _ring(tp) * tokens * llm.hidden_size * b / bw(tp, 1)
     sp_time = m * layers * 3 * (sp - 1) * tokens * (llm.kv_lora_rank + llm.qk_rope_head_dim) * b / bw(sp, tp)

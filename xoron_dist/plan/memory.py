@@ -6,6 +6,11 @@ over EP, and on their FFN dim over TP when ``parallel.tp_experts``; layers over 
 ``xoron_dist.parallel.pipeline.partition.partition_layers`` on parameter counts, as the trainer's
 ``parallelize`` does).
 A test checks the counts against the real model built on the meta device for several layouts.
+The multimodal parts (encoders, projectors, fusion layers, generators; ``xoron_dist.plan.parts``)
+add their per-rank parameters, split by the same TP plan and EP rule, to the rank's weights,
+gradients and optimizer states under the same ZeRO rules (their routed generator experts as expert
+weights); multimodal runs have one pipeline stage (layout rules), which holds them. Their
+activations are not modelled (``parts``' docstring says why).
 
 Bytes per parameter (Ψ: this rank's parameters; ZeRO divides over the data-parallel ranks, which
 DeepSpeed takes as dp·sp for dense weights and dp·sp/ep for routed experts):
@@ -41,24 +46,9 @@ from dataclasses import dataclass, field
 from xoron_dist.config import LLMConfig, XoronConfig
 from xoron_dist.parallel.layout import Layout
 from xoron_dist.parallel.pipeline.partition import StageCosts, partition_layers
+from xoron_dist.plan.parts import ParameterCount, PartParameters, largest_part_tensor, part_parameters
 
 FP32 = 4
-
-
-@dataclass(frozen=True)
-class ParameterCount:
-    """Parameters on one rank: ``dense`` (replicated over dp·sp) and routed ``expert`` weights
-    (replicated over the expert-data-parallel ranks, dp·sp/ep)."""
-
-    dense: int = 0
-    expert: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.dense + self.expert
-
-    def __add__(self, other: ParameterCount) -> ParameterCount:
-        return ParameterCount(self.dense + other.dense, self.expert + other.expert)
 
 
 def _linear(i: int, o: int) -> int:
@@ -229,7 +219,8 @@ class MemoryEstimate:
     buffers: int
     latent_cache: int  # inference: MLA latent KV cache for micro_batch_size x seq_len, this stage's layers
     stage: int = 0
-    params: ParameterCount = field(default_factory=ParameterCount)
+    params: ParameterCount = field(default_factory=ParameterCount)  # the rank's: its LLM stage + the parts
+    parts: tuple[PartParameters, ...] = ()  # multimodal parts on this rank (in ``params`` and the bytes)
 
     @property
     def total(self) -> int:
@@ -290,10 +281,13 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
     capacity = cfg.parallel.expert_capacity_factor
     expert_rows = capacity if ep > 1 and capacity is not None else 1.0
     buffers = deepspeed_buffer_bytes(ds_config, layout.zero_stage, mixed)
+    parts = tuple(rank_parts(cfg, layout))
     estimates = []
     for s, stage in enumerate(stage_parameters(cfg, tp, pp, ep)):
-        dw, dg, do = _zero_bytes(layout.zero_stage, stage.params.dense, dense_shards, mixed)
-        ew, eg, eo = _zero_bytes(layout.zero_stage, stage.params.expert, expert_shards, mixed)
+        held = parts if stage.first else ()
+        params = sum((p.params for p in held), stage.params)
+        dw, dg, do = _zero_bytes(layout.zero_stage, params.dense, dense_shards, mixed)
+        ew, eg, eo = _zero_bytes(layout.zero_stage, params.expert, expert_shards, mixed)
         weights, grads, optimizer = dw + ew, dg + eg, do + eo
         per_layer = [layer_activation_bytes(llm, i, tp, tp_experts, b, expert_rows) for i in stage.layers]
         in_flight = min(pp - s, shape.grad_accum_steps)  # 1F1B: stage s holds pp - s micro-batches
@@ -314,24 +308,37 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
             kept = sum(per_layer) + embed_out + received
             acts = tokens * (in_flight * kept + head_saved + head_extra)
         if cpu_optimizer_temporaries:
-            largest = _largest_optimizer_tensor(llm, stage, layout, dense_shards, expert_shards)
+            largest = _largest_optimizer_tensor(cfg, params, layout, dense_shards, expert_shards, bool(held))
             acts = max(acts, 2 * FP32 * largest - grads)  # the step runs after backward freed the activations
         latent = latent_cache_bytes(llm, shape.micro_batch_size, shape.seq_len, len(stage.layers), b)
-        estimates.append(MemoryEstimate(weights, grads, optimizer, int(acts), buffers, latent, s, stage.params))
+        estimates.append(MemoryEstimate(weights, grads, optimizer, int(acts), buffers, latent, s, params, held))
     return estimates
 
 
-def _largest_optimizer_tensor(llm: LLMConfig, stage: StageParameters, layout: Layout, dense_shards: int,
-                              expert_shards: int) -> int:
+def rank_parts(cfg: XoronConfig, layout: Layout) -> list[PartParameters]:
+    """The multimodal parts on one rank of ``layout`` (``xoron_dist.plan.parts``); empty without any.
+    They sit outside the pipeline stages, so a layout with pp > 1 (which the layout rules refuse for
+    multimodal runs) has no place for them: ValueError."""
+    parts = part_parameters(cfg, layout.tp, layout.ep)
+    if parts and layout.pp > 1:
+        raise ValueError(f"parallel.pp = {layout.pp} with the multimodal parts {', '.join(p.name for p in parts)}: "
+                         "multimodal runs train with pp = 1 (xoron_dist.parallel.layout)")
+    return parts
+
+
+def _largest_optimizer_tensor(cfg: XoronConfig, params: ParameterCount, layout: Layout, dense_shards: int,
+                              expert_shards: int, with_parts: bool) -> int:
     """Elements of the largest tensor the optimizer steps at once: a parameter (ZeRO-0) or
     DeepSpeed's flat fp32 partition of all parameters (ZeRO>=1)."""
     if layout.zero_stage >= 1:
-        return stage.params.dense // dense_shards + stage.params.expert // expert_shards
+        return params.dense // dense_shards + params.expert // expert_shards
+    llm = cfg.llm
     vocab = llm.vocab_rows(layout.tp) // layout.tp * llm.hidden_size
     moe = llm.moe
     stacked = 1 if layout.ep > 1 else moe.num_experts  # EP keeps one tensor per expert; else stacked
     gate_up = stacked * 2 * moe.expert_intermediate_size * llm.hidden_size
-    return max(vocab, gate_up // layout.tp)
+    parts = largest_part_tensor(cfg, layout.tp, layout.ep) if with_parts else 0
+    return max(vocab, gate_up // layout.tp, parts)
 
 
 def latent_cache_bytes(llm: LLMConfig, batch: int, max_len: int, layers: int, dtype_bytes: int) -> int:
@@ -342,4 +349,4 @@ def latent_cache_bytes(llm: LLMConfig, batch: int, max_len: int, layers: int, dt
 __all__ = ["MemoryEstimate", "ParameterCount", "StageParameters", "TrainingShape", "attention_parameters",
            "deepspeed_buffer_bytes", "embedding_parameters", "estimate_memory", "estimate_stage_memory",
            "head_activation_bytes", "head_parameters", "latent_cache_bytes", "layer_activation_bytes",
-           "layer_parameters", "stage_parameters"]
+           "layer_parameters", "rank_parts", "stage_parameters"]

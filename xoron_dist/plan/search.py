@@ -5,7 +5,9 @@ ZeRO stage 0-3, micro-batch size (powers of two dividing the per-replica batch) 
 checkpointing on/off is built into a config and put to ``validate_layout``, the same check a run
 makes before it creates any process group, so a planned layout is one the trainer accepts (and
 layouts of a dimension still being built appear once the validator accepts them). Refused ones
-keep the validator's reason for the verbose listing.
+keep the validator's reason for the verbose listing. A layout is also refused when tensor
+parallelism cannot split a multimodal part (an FFN width of an encoder or generator, which the
+validator does not check: ``xoron_dist.plan.parts.split_problem``), as the trainer would stop there.
 
 The global batch (sequences per optimizer step) stays fixed across candidates, so the step time
 ranks them as tokens/s does; a data-parallel size that does not divide it is skipped. Among the
@@ -23,6 +25,7 @@ from xoron_dist.parallel.layout import Layout, LayoutError, validate_layout
 from xoron_dist.plan.cluster import ClusterSpec
 from xoron_dist.plan.cost import StepCost, estimate_step
 from xoron_dist.plan.memory import MemoryEstimate, TrainingShape, estimate_memory
+from xoron_dist.plan.parts import split_problem
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def _validate(cfg: XoronConfig, cand: Candidate, cluster: ClusterSpec) -> tuple[
         return None, str(err).split("\n  - ", 1)[-1].replace("\n  - ", "; ")
     except ConfigError as err:
         return None, str(err)
-    return layout, _cluster_refusal(layout, cluster)
+    return layout, _cluster_refusal(layout, cluster) or split_problem(cfg, layout.tp)
 
 
 def _default_ds_config(cluster: ClusterSpec):
