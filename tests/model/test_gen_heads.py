@@ -130,3 +130,95 @@ def test_generator_config_and_layout_errors_name_the_fix():
         validate_layout(_cfg("parallel.ep=8", "model.llm.moe.num_experts=8"), 8)
     with pytest.raises(LayoutError, match="model.video_gen.dit.num_heads = 3"):
         validate_layout(_cfg("parallel.tp=2", "model.video_gen.dit.num_heads=3", "model.video_gen.dit.head_dim=8"), 2)
+
+
+# --------------------------------------------------------------------------- EP=2 parity
+
+EP = ["model.audio.enabled=false", "model.speech.enabled=false"]  # the image and video generators' experts
+
+
+def _split_batch(cfg, rank: int | None):
+    """The batch of ``test_objective_sums_split_like_data_parallel_ranks``: whole (rank None) or row ``rank``."""
+    images, videos = _media(3)
+    n, nv = cfg.data.image_tokens, cfg.data.video_tokens
+    image_spans = [[r, start, n] for r in range(2) for start in (2, 60)]
+    targets = [False, True, False, True]
+    rows = _rows(cfg, 2, seed=4)
+    chosen = [0, 1] if rank is None else [rank]
+    mine = [i for i, span in enumerate(image_spans) if span[0] in chosen]
+    return dict({k: v[chosen] for k, v in rows.items()}, images=[images[i] for i in mine],
+                image_spans=torch.tensor([[chosen.index(image_spans[i][0]), *image_spans[i][1:]] for i in mine]),
+                image_is_target=torch.tensor([targets[i] for i in mine]), videos=[videos[r] for r in chosen],
+                video_spans=torch.tensor([[j, 30, nv] for j in range(len(chosen))]),
+                video_is_target=torch.tensor([True] * len(chosen)))
+
+
+def _ep_body(state_path):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from xoron_dist.parallel import state
+    from xoron_dist.parallel.parallelize import parallelize
+
+    torch.set_num_threads(1)
+    cfg = _cfg(*EP, "parallel.ep=2")
+    state.initialize(cfg)
+    torch.manual_seed(0)
+    model = parallelize(build_model(cfg), cfg).model.train()
+    full = torch.load(state_path)
+    own = model.state_dict()
+    firsts = {}
+    for name in own:
+        if ".deepspeed_experts." in name:  # this rank's experts: rows first + i of the stacked weights
+            prefix, rest = name.split(".deepspeed_moe.experts.deepspeed_experts.")
+            local, weight = rest.split(".")
+            first = firsts.setdefault(prefix, model.get_submodule(prefix).first_expert)
+            own[name] = full[f"{prefix}.{weight}"][first + int(local)]
+        else:
+            own[name] = full[name]
+    model.load_state_dict(own)
+    out = model(**_split_batch(cfg, ps.get_data_parallel_rank()))
+    sum(out.objective_sums[name] for name in NAMES).backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is None or not name.startswith(("image_gen.", "video_gen.")):
+            continue
+        expert = ".deepspeed_experts." in name
+        dist.all_reduce(param.grad, group=ps.get_expert_data_parallel_group() if expert else
+                        ps.get_data_parallel_group())
+        grads[name] = param.grad.detach().clone()
+    sums = torch.stack([out.objective_sums[name].detach() for name in NAMES])
+    dist.all_reduce(sums, group=ps.get_data_parallel_group())
+    return sums.tolist(), grads, {prefix: first for prefix, first in firsts.items()}
+
+
+@pytest.mark.multirank
+def test_expert_parallel_generators_equal_single_rank(one_thread, tmp_path):
+    """EP=2 (dp=2) spreads the DiT experts of both generators like the LLM's: the objective sums and every
+    generator gradient (dense summed over dp, each local expert's against its row of the stacked one)
+    equal one rank's on the whole batch."""
+    from tests.parallel.harness import run_ranks
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(*EP)).train()
+    with torch.no_grad():  # as if trained: adaLN-Zero's zero gates would leave the experts without gradient
+        for name, param in model.named_parameters():
+            if name.startswith(("image_gen.dit.", "video_gen.dit.")) and not param.any():
+                param.normal_(0.0, 0.05)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    out = model(**_split_batch(model.cfg, None))
+    sum(out.objective_sums[name] for name in NAMES).backward()
+    ref = {n: p.grad for n, p in model.named_parameters()}
+    for rank, (sums, grads, firsts) in enumerate(run_ranks(_ep_body, 2, str(tmp_path / "state.pt"))):
+        assert sums == pytest.approx([out.objective_sums[n].item() for n in NAMES], rel=1e-5), rank
+        spread = [n for n in grads if ".deepspeed_experts." in n]
+        assert any(n.startswith("image_gen.") for n in spread) and any(n.startswith("video_gen.") for n in spread)
+        assert all(grads[n].abs().sum() > 0 for n in spread), rank
+        for name, grad in grads.items():
+            if ".deepspeed_experts." in name:
+                prefix, rest = name.split(".deepspeed_moe.experts.deepspeed_experts.")
+                local, weight = rest.split(".")
+                expected = ref[f"{prefix}.{weight}"][firsts[prefix] + int(local)]
+            else:
+                expected = ref[name]
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad of {name}")
