@@ -73,8 +73,8 @@ def freeze_parameters(model, plan: StagePlan) -> int:
     """Set ``requires_grad=False`` on parameters whose names start with a ``freeze`` prefix; returns how many.
 
     In a ``XoronMultimodalModel`` the text model's names carry an ``llm.`` prefix; the LLM's own
-    names ('layers.0.attn') match them too, and 'vision', 'video', 'image_projector',
-    'video_projector', 'fusion' (or 'llm') name the other parts.
+    names ('layers.0.attn') match them too, and 'vision', 'video', 'audio', '<medium>_projector',
+    'fusion', the generators 'speech', 'image_gen', 'video_gen' (or 'llm') name the other parts.
     """
     frozen = 0
     for prefix in plan.freeze:
@@ -83,7 +83,8 @@ def freeze_parameters(model, plan: StagePlan) -> int:
         if not hits:
             raise field_error(f"stages[{plan.index}].freeze", prefix,
                               "matches no parameter name (e.g. 'embed_tokens', 'layers.0.attn', 'lm_head'; "
-                              "multimodal: 'llm', 'vision', 'video', 'image_projector', 'video_projector', 'fusion')")
+                              "multimodal: 'llm', 'vision', 'video', 'audio', 'image_projector', 'video_projector', "
+                              "'audio_projector', 'fusion', 'speech', 'image_gen', 'video_gen')")
         for param in hits:
             frozen += param.numel() if param.requires_grad else 0
             param.requires_grad_(False)
