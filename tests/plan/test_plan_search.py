@@ -31,6 +31,17 @@ def test_cluster_presets_files_and_errors(tmp_path):
         load_cluster(spec)
     with pytest.raises(ConfigError, match="neither a preset"):
         load_cluster("no-such-cluster")
+    # a cluster file is read like a run config: every bad file is one line naming it and the fix
+    spec.write_bytes("preset: h100x8\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"cluster file '.*mine.yaml' is not UTF-8 text \(byte 0xe9 on line 2\)"):
+        load_cluster(spec)
+    spec.write_text("# to do\n")
+    with pytest.raises(ConfigError, match="is empty .* e.g. 'preset: h100x8' and 'nodes: 4'"):
+        load_cluster(spec)
+    with pytest.raises(ConfigError, match="cluster file '.*' is a folder"):
+        load_cluster(tmp_path)
+    with pytest.raises(ConfigError, match="cluster file 'missing.yaml' does not exist"):
+        load_cluster("missing.yaml")
     # Bandwidth: a group inside one node runs on NVLink, one spanning nodes on the network.
     assert h100.bandwidth(8, 1) == h100.intra_node_gbps * 1e9
     assert h100.bandwidth(4, 8) == h100.inter_node_gbps * 1e9

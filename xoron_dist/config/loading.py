@@ -126,14 +126,17 @@ def preset_dict(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown preset '{name}'; available: full, {', '.join(available_presets())}")
-    return _read_yaml(path)
+    return read_yaml_mapping(path)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str = "config file", owner: str = "the run's",
+                      example: str = "'preset: tiny'", keys: str = "train: ..., model: ...") -> dict[str, Any]:
     """The top-level mapping of a YAML file. Every way a user's file can be wrong (missing, a folder,
     unreadable, not UTF-8, not YAML, empty, not a mapping) is one ``ConfigError`` line naming the
-    file and the fix, never a traceback."""
-    where = f"config file '{path}'"
+    file (as ``what``) and the fix, never a traceback. ``owner``, ``example``, ``keys``: whose settings
+    the file holds, one to suggest for an empty file, the top-level keys it should have."""
+    path = Path(path)
+    where = f"{what} '{path}'"
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.yaml"))[:3]
         hint = f" (it holds {', '.join(found)})" if found else ""
@@ -157,9 +160,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(err)}; fix it there") from None
     if data is None:
-        raise ConfigError(f"{where} is empty (no settings in it); write the run's settings, e.g. 'preset: tiny'")
+        raise ConfigError(f"{where} is empty (no settings in it); write {owner} settings, e.g. {example}")
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping (train: ..., model: ...), "
+        raise ConfigError(f"{where}: the top level must be a mapping ({keys}), "
                           f"got {type(data).__name__}")
     return data
 
@@ -178,7 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a run YAML (optionally starting from ``preset: NAME``) and apply ``a.b=c`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = read_yaml_mapping(Path(path))
     parsed = [parse_override(text) for text in overrides]
     preset = data.pop("preset", None)
     for keys, value in parsed:

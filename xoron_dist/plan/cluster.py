@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from xoron_dist.config.loading import read_yaml_mapping
 from xoron_dist.utils.typed_config import ConfigError, field_error
 
 GIB = 1024**3
@@ -102,13 +101,9 @@ def load_cluster(spec: str | Path, **overrides: Any) -> ClusterSpec:
     text = str(spec)
     if text in PRESETS:
         data: dict[str, Any] = dataclasses.asdict(PRESETS[text])
-    elif Path(text).is_file():
-        try:
-            loaded = yaml.safe_load(Path(text).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"cluster file {text}: not valid YAML ({err})") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"cluster file {text}: the top level must be a mapping of {', '.join(sorted(_FIELDS))}")
+    elif Path(text).exists() or text.endswith((".yaml", ".yml")):
+        loaded = read_yaml_mapping(Path(text), "cluster file", "the cluster's", "'preset: h100x8' and 'nodes: 4'",
+                                   "preset: ..., nodes: ..., gpu_memory_gib: ...")
         base = loaded.pop("preset", None)
         if base is not None and base not in PRESETS:
             raise field_error("cluster.preset", base, f"one of {', '.join(PRESETS)}")
