@@ -67,6 +67,16 @@ def test_logits_match_hf(overrides):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
+def test_latent_norms_keep_their_own_epsilon():
+    """HF (as DeepSeek's reference) builds the q/kv latent norms with eps 1e-6 whatever rms_norm_eps is;
+    using rms_norm_eps there (1e-2 here) put the logits 0.11 apart; with 1e-6 they agree to float rounding."""
+    cfg = tiny_llm("model.llm.rms_norm_eps=1e-2")  # large, so a wrong epsilon would show plainly
+    hf, ours = hf_twin(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max().item() <= 1e-5
+
+
 def test_mapping_round_trip_into_hf():
     cfg = tiny_llm()
     ours = XoronLLM(cfg).eval()

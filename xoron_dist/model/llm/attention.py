@@ -32,6 +32,11 @@ from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope import apply_rotary
 from xoron_dist.model.common.sharding import SplitEntry
 
+# The q and kv latent norms' epsilon, whatever ``rms_norm_eps`` is: DeepSeek-V3's reference and HF's
+# DeepseekV3 build them with the norm's default 1e-6, so any other value here would give a model
+# those cannot reproduce.
+LATENT_NORM_EPS = 1e-6
+
 
 @dataclass
 class LatentKVCache:
@@ -117,10 +122,10 @@ class MultiLatentAttention(nn.Module):
             self.q_proj = empty_linear(cfg.hidden_size, cfg.num_heads * qk_dim)
         else:
             self.q_down = empty_linear(cfg.hidden_size, cfg.q_lora_rank)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_up = empty_linear(cfg.q_lora_rank, cfg.num_heads * qk_dim)
         self.kv_down = empty_linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_up = empty_linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.out_proj = empty_linear(cfg.num_heads * cfg.v_head_dim, cfg.hidden_size)
         self.rope_key_entry = SplitEntry()
