@@ -5,7 +5,10 @@ top-2, plus one shared SwiGLU expert of the same width, on the same tokens, in t
 alternating round by round (bench/common.py). One call = forward, a mean-square loss, backward
 (gradients of the input and of every weight).
 
-- ours: ``xoron_dist.model.common.moe.MoEFeedForward`` (sigmoid router + expert bias, sorted dropless dispatch).
+- ours: ``xoron_dist.model.common.moe.MoEFeedForward`` (sigmoid router + expert bias, sorted dropless dispatch,
+  grouped expert GEMMs with device-side offsets: no host sync).
+- ours_loop: the same layer with ``RoutedExperts.use_grouped_mm = False`` (one matmul per expert over slice sizes
+  read on the host: one sync per layer), printed beside ours; not a peer.
 - HF: ``transformers`` ``DeepseekV3MoE`` with the same weights (its output is checked equal to ours),
   both of its experts implementations (``grouped_mm`` and ``eager``).
 - DeepSpeed: ``deepspeed.moe.layer.MoE`` (top-2 softmax gate, dropless ``drop_tokens=False``, no
@@ -132,19 +135,25 @@ def run_case(case: str, rounds: int) -> dict:
     with torch.no_grad():
         for param in peers["deepspeed"].parameters():
             param.normal_(std=0.02)
+    ours_loop = MoEFeedForward(hidden, moe_cfg).train()
+    ours_loop.load_state_dict(ours.state_dict())
+    ours_loop.experts.use_grouped_mm = False
     x = torch.randn(1, tokens, hidden)
     with torch.no_grad():  # ours and HF: same weights, same routing -> same output
         diff = (ours(x) - peers["hf_eager"](x)).abs().max().item()
         assert diff < 1e-4, f"ours and HF DeepseekV3MoE differ by {diff}"
-    fns = {"ours": make_call(ours, x)} | {n: make_call(m, x) for n, m in peers.items()}
+        assert torch.equal(ours(x), ours_loop(x)), "grouped and looped experts differ"
+    fns = {"ours": make_call(ours, x), "ours_loop": make_call(ours_loop, x)}
+    fns |= {n: make_call(m, x) for n, m in peers.items()}
     reps = max(1, 4096 // tokens)
     seconds = time_alternating(fns, rounds=rounds, reps=reps)
     tps = {n: tokens / s for n, s in seconds.items()}
-    best_peer = max((n for n in tps if n != "ours"), key=tps.get)
+    best_peer = max((n for n in tps if not n.startswith("ours")), key=tps.get)
     print(f"\n{case}: hidden {hidden}, {NUM_EXPERTS}+1 experts of {inter}, top-{TOP_K}, {tokens} tokens")
     for n in fns:
         print(f"  {n:<14} {seconds[n] * 1e3:>9.1f} ms/call {tps[n]:>10.0f} tokens/s")
-    print(f"  ours / {best_peer} = {tps['ours'] / tps[best_peer]:.3f}")
+    print(f"  ours / {best_peer} = {tps['ours'] / tps[best_peer]:.3f}; ours / ours_loop = "
+          f"{tps['ours'] / tps['ours_loop']:.3f}")
     return {"tokens_per_s": {k: round(v, 1) for k, v in tps.items()}, "best_peer": best_peer,
             "ratio": round(tps["ours"] / tps[best_peer], 3), "hidden": hidden, "expert_intermediate_size": inter,
             "tokens": tokens}

@@ -1,5 +1,6 @@
 """Expert-bias router, sorted dropless dispatch, auxiliary-loss-free balancing."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +9,7 @@ from xoron_dist.model.common.moe import ExpertBiasRouter, MoEFeedForward, Routed
 from xoron_dist.model.llm import DecoderLayer, XoronLLM
 from xoron_dist.parallel.checkpointing import apply_activation_checkpointing
 from xoron_dist.train.expert_balance import ExpertBalancer
+from xoron_dist.utils.host_syncs import HostSyncCounter
 
 
 def test_overloaded_expert_bias_goes_down():
@@ -181,3 +183,62 @@ def test_moe_every_second_layer_builds_dense_ffns_between():
     kinds = [type(layer.ffn).__name__ for layer in model.layers.values()]
     assert kinds == ["SwiGLU", "MoEFeedForward", "SwiGLU", "MoEFeedForward"]
     assert len(ExpertBalancer(model).routers) == 2
+
+
+def _moe(hidden: int, intermediate: int, seed: int = 0) -> MoEFeedForward:
+    torch.manual_seed(seed)
+    moe = MoEFeedForward(hidden, MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=intermediate))
+    for param in moe.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    return moe
+
+
+def test_local_dropless_layer_makes_no_host_sync():
+    """Router + sorted dispatch + grouped expert GEMMs + combine, forward and backward: nothing read on the host
+    (on a GPU each read would stall the launch queue)."""
+    moe = _moe(hidden=16, intermediate=8)  # widths grouped_mm takes (16-byte strides)
+    x = torch.randn(2, 24, 16, requires_grad=True)
+    with HostSyncCounter() as syncs:
+        moe(x).square().sum().backward()
+    assert syncs.total == 0, syncs.calls
+
+
+def test_per_expert_loop_reads_the_slice_sizes_once():
+    """Where grouped_mm cannot run (an odd width here) the loop reads all expert sizes in one sync per layer."""
+    moe = _moe(hidden=8, intermediate=6)
+    with HostSyncCounter() as syncs:
+        moe(torch.randn(2, 24, 8)).sum().backward()
+    assert syncs.calls == {"tolist": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_experts_equal_the_per_expert_loop(dtype, monkeypatch):
+    moe = _moe(hidden=16, intermediate=8).to(dtype)
+    x = torch.randn(40, 16, dtype=dtype)
+    chosen = torch.randint(0, 8, (40, 2))
+    chosen[:, 0] = 5  # skewed, and some experts get no token
+    chosen[:, 1] = chosen[:, 1] % 3
+    weights = torch.rand(40, 2)
+
+    def run(grouped: bool):
+        monkeypatch.setattr(RoutedExperts, "use_grouped_mm", grouped)
+        moe.zero_grad()
+        inp = x.clone().requires_grad_()
+        out = moe.experts(inp, chosen, weights)
+        out.float().square().sum().backward()
+        return out, inp.grad, moe.experts.gate_up.grad, moe.experts.down.grad
+
+    for got, ref in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, ref)
+
+
+def test_router_scores_and_weights_stay_fp32_under_autocast():
+    torch.manual_seed(0)
+    router = ExpertBiasRouter(32, MoEConfig(num_experts=8, top_k=2))
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(64, 32)
+    chosen, weights = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chosen_bf16, weights_bf16 = router(x)
+    assert weights_bf16.dtype == torch.float32
+    assert torch.equal(chosen_bf16, chosen) and torch.equal(weights_bf16, weights)

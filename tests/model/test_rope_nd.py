@@ -64,3 +64,13 @@ def test_errors() -> None:
     cos, sin = rope(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="head_dim"):
         apply_axial_rope(torch.zeros(1, 1, 4, 8), cos, sin)
+
+
+def test_frequencies_stay_fp32_after_a_bf16_cast() -> None:
+    rope = AxialRoPE(64, 3, theta=10000.0)
+    coords = grid_coords(4, 64, 64).float() * 16  # large coordinates: where rounded frequencies show
+    cos, sin = rope(coords)
+    torch.nn.Sequential(rope).to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.float32
+    cos_after, sin_after = rope(coords)
+    assert torch.equal(cos_after, cos) and torch.equal(sin_after, sin)

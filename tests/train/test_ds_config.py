@@ -2,11 +2,14 @@
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from xoron_dist.config import XoronConfig
+from xoron_dist.parallel.device import detect_device
+from xoron_dist.train import ds_config
 from xoron_dist.train.ds_config import REPO_ROOT, build_ds_config, write_ds_config
 from xoron_dist.utils.typed_config import ConfigError
 
@@ -70,9 +73,88 @@ def test_optimizer_auto_on_cpu_is_torch_adamw():
                                                            "weight_decay": 0.05, "torch_adam": True}}
 
 
-def test_optimizer_auto_on_cuda_is_fused_adam():
+@pytest.fixture
+def plain_pip_install(monkeypatch, tmp_path):
+    """A GPU node with the torch wheel only: no CUDA_HOME, no nvcc anywhere, no prebuilt DeepSpeed op."""
+    from deepspeed import git_version_info
+
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(ds_config, "CUDA_HOME_FALLBACK", str(tmp_path / "no-cuda"))
+    monkeypatch.setattr(git_version_info, "installed_ops", {**git_version_info.installed_ops, "fused_adam": False})
+    return tmp_path
+
+
+def _cuda_stand_in(monkeypatch):
+    """detect_device as on one bf16 GPU, without one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    return detect_device(0, "auto")
+
+
+def test_optimizer_auto_on_cuda_without_a_toolkit_is_torch_fused_adamw(plain_pip_install, monkeypatch):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    info = _cuda_stand_in(monkeypatch)
+    assert (info.kind, info.dtype) == ("cuda", torch.bfloat16)
+    ds = build_ds_config(_cfg(), dp_size=1, dtype=info.dtype, device_kind=info.kind)
+    params = dict(ds["optimizer"]["params"])
+    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True and params["fused"] is True
+    # DeepSpeed's own mapping of that section: torch.optim.AdamW(fused=True), no op to build
+    engine = SimpleNamespace(zero_use_cpu_optimizer=lambda: False)
+    cls, kwargs = DeepSpeedEngine.get_optimizer_configuration(engine, params, True)
+    optimizer = cls([torch.nn.Parameter(torch.zeros(4))], **params, **kwargs)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+
+
+def test_optimizer_auto_on_cuda_takes_a_prebuilt_fused_adam(plain_pip_install, monkeypatch):
+    from deepspeed import git_version_info
+
+    monkeypatch.setattr(git_version_info, "installed_ops", {"fused_adam": True})
+    monkeypatch.setattr(git_version_info, "accelerator_name", "cuda", raising=False)
     ds = build_ds_config(_cfg(), dp_size=1, dtype=torch.bfloat16, device_kind="cuda")
-    assert ds["optimizer"]["type"] == "AdamW" and "torch_adam" not in ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "AdamW" and not {"torch_adam", "fused"} & set(ds["optimizer"]["params"])
+
+
+def test_fused_adam_on_cuda_needs_a_prebuilt_op_or_nvcc(plain_pip_install, monkeypatch):
+    with pytest.raises(ConfigError, match="no nvcc.*CUDA_HOME=<unset>.*train.optimizer=auto"):
+        build_ds_config(_cfg(optimizer="fused_adam"), dp_size=1, dtype=torch.bfloat16, device_kind="cuda")
+    nvcc = plain_pip_install / "toolkit" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("")
+    monkeypatch.setenv("CUDA_HOME", str(nvcc.parents[1]))  # a toolkit to JIT-compile with: the user's choice stands
+    ds = build_ds_config(_cfg(optimizer="fused_adam"), dp_size=1, dtype=torch.bfloat16, device_kind="cuda")
+    assert "torch_adam" not in ds["optimizer"]["params"]
+
+
+@pytest.mark.parametrize(("dtype", "accum", "stage", "choice", "expected"), [
+    (torch.bfloat16, 2, 1, "auto", "fp32"),
+    (torch.bfloat16, 2, 3, "auto", "fp32"),
+    (torch.bfloat16, 1, 1, "auto", None),  # nothing accumulates
+    (torch.bfloat16, 2, 0, "auto", None),  # DeepSpeed accumulates in fp32 only under ZeRO
+    (torch.bfloat16, 2, 1, "bf16", "bf16"),
+    (torch.bfloat16, 1, 2, "fp32", "fp32"),
+    (torch.float32, 2, 1, "auto", None),
+    (torch.float16, 2, 1, "fp32", None),
+])
+def test_grad_accum_dtype(dtype, accum, stage, choice, expected):
+    cfg = _cfg(grad_accum_steps=accum, zero_stage=stage, grad_accum_dtype=choice)
+    ds = build_ds_config(cfg, dp_size=1, dtype=dtype, device_kind="cuda")
+    assert ds.get("data_types", {}).get("grad_accum_dtype") == expected
+    # ZeRO-1's BF16_Optimizer must move each grad into fp32 as it lands (see build_ds_config)
+    assert ds["bf16"].get("immediate_grad_update", False) is (expected == "fp32" and stage == 1)
+    if expected is not None:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        assert DeepSpeedConfig(ds).grad_accum_dtype == expected
+
+
+def test_fp32_accumulation_without_zero_is_refused():
+    with pytest.raises(ConfigError, match="grad_accum_dtype='fp32'.*parallel.zero_stage"):
+        build_ds_config(_cfg(zero_stage=0, grad_accum_dtype="fp32"), dp_size=1, dtype=torch.bfloat16,
+                        device_kind="cuda")
 
 
 def test_optimizer_adamw_everywhere():

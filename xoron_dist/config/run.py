@@ -77,6 +77,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto"
+    # dtype the micro-batches' gradients are summed in (DeepSpeed data_types.grad_accum_dtype), bf16 runs
+    # only: auto = fp32 when grad_accum_steps > 1 under ZeRO 1-3, else bf16 (train/ds_config.py)
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     ds_config: str = "ds_configs/zero1.json"
     seed: int = 1234
     log_every: int = 10

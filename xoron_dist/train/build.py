@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import deepspeed
 import torch
@@ -83,6 +84,8 @@ def build_stage(cfg: XoronConfig, ctx, plan: StagePlan, run_root: Path) -> Built
         config=ds_config,
         lr_scheduler=WarmupCosineSchedule.factory(plan.train),
         mpu=parallel_state.mpu(),
+        # DeepSpeed's engine would move to cuda:<LOCAL_RANK>; a GPU bound per task is cuda:0 (parallel/device.py)
+        args=SimpleNamespace(device_rank=ctx.device.index) if ctx.device.type == "cuda" else None,
     )
     balancer = ExpertBalancer(engine.module)
     balancer.keep_fp32()

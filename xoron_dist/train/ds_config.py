@@ -11,6 +11,7 @@ overlap, stage-3 prefetch and persistence thresholds, offload, fp16 loss scaling
     zero_optimization.stage        = parallel.zero_stage
     bf16.enabled / fp16.enabled    from the compute dtype
     optimizer                      from train.optimizer, lr / betas / eps / weight_decay
+    data_types.grad_accum_dtype    from train.grad_accum_dtype (bf16 runs)
 
 A JSON value of ``"auto"`` means "filled here". A JSON value that differs from ours is
 overridden, with a warning. There is no ``scheduler`` section: the trainer passes its
@@ -22,13 +23,29 @@ Optimizer choice (``train.optimizer``), as DeepSpeed 0.19.8 builds it
     "adamw"      ``{"type": "AdamW", "params": {"torch_adam": true}}`` -> ``torch.optim.AdamW``;
                  no DeepSpeed op is compiled.
     "fused_adam" ``{"type": "AdamW"}`` -> ``deepspeed.ops.adam.FusedAdam`` (adam_w_mode). On a CPU
-                 accelerator this JIT-compiles the ``fused_adam`` op (~1.5 min the first time).
+                 accelerator this JIT-compiles the ``fused_adam`` op (~1.5 min the first time); on CUDA it
+                 loads the op prebuilt at install (``DS_BUILD_FUSED_ADAM=1``) or JIT-compiles it with nvcc,
+                 so without either it is refused here, before any rank starts.
     "cpu_adam"   ``{"type": "AdamW"}`` with ``zero_optimization.offload_optimizer.device = "cpu"``
                  -> ``DeepSpeedCPUAdam`` (JIT-compiles ``cpu_adam`` unless prebuilt). DeepSpeed picks
                  CPU Adam only when the optimizer is offloaded, so this needs an offload JSON
                  such as ``ds_configs/zero3_offload.json``.
-    "auto"       device_kind "cpu": as "adamw" (nothing to compile). Otherwise as "fused_adam",
-                 which DeepSpeed turns into CPU Adam when the JSON offloads the optimizer.
+    "auto"       device_kind "cpu": as "adamw" (nothing to compile). "cuda" with the optimizer offloaded:
+                 as "fused_adam", which DeepSpeed turns into CPU Adam. "cuda" otherwise: DeepSpeed's
+                 FusedAdam when its CUDA op was prebuilt at install, else torch's own fused AdamW
+                 (``{"torch_adam": true, "fused": true}`` -> ``torch.optim.AdamW(fused=True)``, one
+                 kernel over all parameters, shipped in the torch wheel). Auto never JIT-compiles
+                 FusedAdam, even where nvcc exists: the torch wheel ships no nvcc, a build takes
+                 minutes on every fresh node and fails on a CUDA_HOME whose version differs from
+                 torch's, and torch's fused AdamW does the same update without a build.
+
+Gradient accumulation dtype (``train.grad_accum_dtype``, DeepSpeed ``data_types.grad_accum_dtype``):
+with bf16 compute, ``auto`` accumulates the micro-batches' gradients in fp32 whenever
+``train.grad_accum_steps`` > 1 and ZeRO is on (stage 1: DeepSpeed's BF16_Optimizer; stages 2/3: the
+ZeRO optimizer's fp32 accumulation buffers); bf16 sums of many micro-batches lose the small ones.
+At stage 1 this also sets ``bf16.immediate_grad_update`` (why: at the line that sets it).
+DeepSpeed refuses bf16 weights with fp32 accumulation without ZeRO (stage 0), so ``auto`` keeps bf16
+there and ``fp32`` is refused. fp32 and fp16 runs are not affected.
 """
 
 from __future__ import annotations
@@ -36,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +145,18 @@ def build_ds_config(cfg: XoronConfig, dp_size: int, dtype: torch.dtype, device_k
         logger.warning("%s: replacing its 'optimizer' section with the one train.optimizer=%s selects",
                        where, train.optimizer)
     ds["optimizer"] = _optimizer_section(cfg, zero, device_kind, where)
+    accum = grad_accum_dtype(cfg, dtype)
+    if accum is not None:
+        _own(_section(ds, "data_types", where), "grad_accum_dtype", accum, "train.grad_accum_dtype", where,
+             prefix="data_types.")
+    if accum == "fp32" and cfg.parallel.zero_stage == 1:
+        # BF16_Optimizer's deferred path adds the bf16 grads to its fp32 ones after each backward and
+        # clears them in a backward prologue that DeepSpeed's forward hooks only onto outputs it finds in
+        # tuples, lists and dicts; ours are dataclasses, so every micro-batch was added again at each later
+        # one (grad norm 1.5x at accumulation 2, 2.5x at 4). The immediate path moves each grad into fp32
+        # as it lands and frees it, which needs no prologue (and holds no second copy).
+        _own(_section(ds, "bf16", where), "immediate_grad_update", True,
+             "train.grad_accum_dtype=fp32 at ZeRO-1", where, prefix="bf16.")
 
     for key in _leftover_auto(ds):
         logger.warning("%s: '%s' is \"auto\" but xoron_dist does not fill it; DeepSpeed will use its default",
@@ -144,6 +174,48 @@ def write_ds_config(path: str | os.PathLike[str], ds_config: dict[str, Any]) -> 
     return path
 
 
+def grad_accum_dtype(cfg: XoronConfig, dtype: torch.dtype) -> str | None:
+    """DeepSpeed's ``data_types.grad_accum_dtype`` for this run, or None to leave DeepSpeed's default
+    (the compute dtype). Only bf16 runs are affected; see the module docstring."""
+    choice, zero_stage = cfg.train.grad_accum_dtype, cfg.parallel.zero_stage
+    if dtype != torch.bfloat16:
+        return None
+    if choice == "auto":
+        return "fp32" if cfg.train.grad_accum_steps > 1 and zero_stage >= 1 else None
+    if choice == "fp32" and zero_stage == 0:
+        raise ConfigError(
+            "train.grad_accum_dtype='fp32' with bf16 compute needs ZeRO: DeepSpeed accumulates bf16 weights' "
+            "gradients in fp32 only in its ZeRO optimizers (stage 1: BF16_Optimizer); set parallel.zero_stage "
+            "to 1, 2 or 3, or train.grad_accum_dtype=auto (bf16 accumulation at stage 0)"
+        )
+    return choice
+
+
+def fused_adam_prebuilt() -> bool:
+    """True when DeepSpeed was installed with its CUDA FusedAdam op compiled (``DS_BUILD_FUSED_ADAM=1``)."""
+    from deepspeed import git_version_info
+
+    return bool(git_version_info.installed_ops.get("fused_adam")) and \
+        getattr(git_version_info, "accelerator_name", "") == "cuda"
+
+
+def find_nvcc() -> str | None:
+    """nvcc where torch's extension builder (and DeepSpeed's JIT) looks: ``$CUDA_HOME``/``$CUDA_PATH``,
+    else on ``PATH``, else under ``CUDA_HOME_FALLBACK``; None when there is none (a plain pip install)."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home:
+            nvcc = Path(home) / "bin" / "nvcc"
+            return str(nvcc) if nvcc.is_file() else None
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return on_path
+    fallback = Path(CUDA_HOME_FALLBACK) / "bin" / "nvcc"
+    return str(fallback) if fallback.is_file() else None
+
+
+CUDA_HOME_FALLBACK = "/usr/local/cuda"  # torch.utils.cpp_extension's last guess
+
+
 def _optimizer_section(cfg: XoronConfig, zero: dict[str, Any], device_kind: str, where: str) -> dict[str, Any]:
     train = cfg.train
     params: dict[str, Any] = {
@@ -152,18 +224,20 @@ def _optimizer_section(cfg: XoronConfig, zero: dict[str, Any], device_kind: str,
         "eps": train.eps,
         "weight_decay": train.weight_decay,
     }
+    offloaded = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
     choice = train.optimizer
     if choice == "auto":
-        choice = "adamw" if device_kind == "cpu" else "fused_adam"
-    offloaded = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+        if device_kind == "cpu":
+            choice = "adamw"
+        elif offloaded or fused_adam_prebuilt():
+            choice = "deepspeed"  # CPU Adam when offloaded, else the prebuilt FusedAdam
+        else:
+            params["fused"] = True  # torch.optim.AdamW(fused=True): nothing to build
+            choice = "adamw"
     if choice == "adamw":
         params["torch_adam"] = True
-    elif choice == "fused_adam" and offloaded:
-        raise ConfigError(
-            f"train.optimizer='fused_adam' but {where} offloads the optimizer to "
-            f"{zero['offload_optimizer']['device']}, where DeepSpeed runs CPU Adam instead; "
-            "use train.optimizer=cpu_adam (or auto), or a ds_config without offload_optimizer"
-        )
+    elif choice == "fused_adam":
+        _check_fused_adam(zero, offloaded, device_kind, where)
     elif choice == "cpu_adam" and not offloaded:
         raise ConfigError(
             f"train.optimizer='cpu_adam' needs zero_optimization.offload_optimizer.device='cpu' in the ds_config "
@@ -173,6 +247,23 @@ def _optimizer_section(cfg: XoronConfig, zero: dict[str, Any], device_kind: str,
     # "AdamW" makes the decoupled weight decay explicit for every backend (torch AdamW,
     # FusedAdam(adam_w_mode=True), DeepSpeedCPUAdam(adamw_mode=True)).
     return {"type": "AdamW", "params": params}
+
+
+def _check_fused_adam(zero: dict[str, Any], offloaded: bool, device_kind: str, where: str) -> None:
+    """Refuse ``train.optimizer=fused_adam`` where DeepSpeed would not run it or could not build it."""
+    if offloaded:
+        raise ConfigError(
+            f"train.optimizer='fused_adam' but {where} offloads the optimizer to "
+            f"{zero['offload_optimizer']['device']}, where DeepSpeed runs CPU Adam instead; "
+            "use train.optimizer=cpu_adam (or auto), or a ds_config without offload_optimizer"
+        )
+    if device_kind == "cuda" and not fused_adam_prebuilt() and find_nvcc() is None:
+        raise ConfigError(
+            "train.optimizer='fused_adam' on CUDA: DeepSpeed's FusedAdam op was not prebuilt at install and "
+            f"there is no nvcc to JIT-compile it (CUDA_HOME={os.environ.get('CUDA_HOME', '<unset>')}, none on "
+            "PATH; the torch wheel ships none); use train.optimizer=auto (torch's fused AdamW), reinstall "
+            "deepspeed with DS_BUILD_FUSED_ADAM=1, or set CUDA_HOME to a CUDA toolkit of torch's CUDA version"
+        )
 
 
 def _section(ds: dict[str, Any], name: str, where: str) -> dict[str, Any]:

@@ -14,13 +14,21 @@ itself (summing loads over ranks, updating every router's bias) is the trainer's
 
 Experts compute with a *sorted* dropless dispatch: the (token, choice) pairs are sorted by
 expert once, each expert runs one matmul over its contiguous slice, and the results are scattered
-back with one ``index_add_`` — no per-expert masks over all tokens.
+back with one ``index_add_`` — no per-expert masks over all tokens. The slices' ends come from a
+``searchsorted`` on the device, and ``torch._grouped_mm`` takes them there, so a forward asks the
+host nothing (no device-to-host sync on a GPU); where its layout rules do not hold (odd widths,
+fp32 on CUDA) each expert's matmul runs in a loop over slice sizes read once per layer (one sync).
+On CPU both run at the same speed (bench/moe_layer.py, ``ours`` vs ``ours_loop``).
+
+Precision: the router's scores and the combine weights are fp32 whatever the compute dtype (autocast
+is switched off around the router, as HF DeepseekV3 computes its gate in fp32), and the weighted sum
+of each token's k expert outputs is accumulated in fp32, then cast to the input's dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -57,16 +65,19 @@ class ExpertBiasRouter(nn.Module):
         self.expert_bias.zero_()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.input_norm is not None:
-            x = self.input_norm(x)
-        logits = F.linear(x.float(), self.weight.float())  # (tokens, experts)
-        scores = logits.sigmoid() if self.score == "sigmoid" else logits.softmax(dim=-1)
-        chosen = torch.topk(scores + self.expert_bias, self.top_k, dim=-1, sorted=False).indices
-        weights = scores.gather(1, chosen)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        with torch.no_grad():
-            self.load += torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        """x (tokens, hidden) -> expert ids (tokens, k), combine weights (tokens, k) fp32."""
+        with without_autocast(x.device):  # autocast would run the gate's matmul in bf16 even on fp32 inputs
+            if self.input_norm is not None:
+                x = self.input_norm(x)
+            logits = F.linear(x.float(), self.weight.float())  # (tokens, experts)
+            scores = logits.sigmoid() if self.score == "sigmoid" else logits.softmax(dim=-1)
+            chosen = torch.topk(scores + self.expert_bias.float(), self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, chosen)
+            if self.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        with torch.no_grad():  # index_add_, not bincount: no device-to-host sync
+            flat = chosen.flatten()
+            self.load.index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
         return chosen, weights * self.scaling
 
     @torch.no_grad()
@@ -86,6 +97,8 @@ class RoutedExperts(nn.Module):
     so the combine weights apply to whole expert outputs and the router's gradient is complete.
     """
 
+    use_grouped_mm = True  # False: always the per-expert loop (benchmarks compare the two)
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -104,19 +117,57 @@ class RoutedExperts(nn.Module):
         flat = chosen.flatten()
         order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert
         token_of = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        # ends[e]: one past expert e's last pair in the sorted order (computed on the device)
+        ends = torch.searchsorted(flat[order], torch.arange(1, self.num_experts + 1, device=flat.device))
         grouped = self.entry(x)[token_of]
+        if self.use_grouped_mm and _grouped_mm_fits(grouped, self.gate_up, self.down):
+            out = self._grouped(grouped, ends.to(torch.int32))
+        else:
+            out = self._looped(grouped, ends)
+        combined = self.exit(out).float() * weights.flatten()[order, None].float()
+        summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, combined)
+        return summed.to(x.dtype)
+
+    def _grouped(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """rows (pairs, hidden) sorted by expert, ends (experts,) int32 -> (pairs, hidden); no host sync."""
+        gate, up = torch._grouped_mm(rows, self.gate_up.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=ends)
+
+    def _looped(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The same with one matmul per expert: the slice sizes are read on the host (one sync)."""
+        bounds = [0, *ends.tolist()]
+        counts = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         # unbind once: indexing the stacked weight per expert would make autograd build one
         # full-size zero gradient per expert and add them up; unbind's backward stacks once.
         gate_ups, downs = self.gate_up.unbind(0), self.down.unbind(0)
         outputs = []
-        for expert, rows in enumerate(grouped.split(counts)):
-            if rows.shape[0] == 0:
+        for expert, expert_rows in enumerate(rows.split(counts)):
+            if expert_rows.shape[0] == 0:
                 continue
-            gate, up = F.linear(rows, gate_ups[expert]).chunk(2, dim=-1)
+            gate, up = F.linear(expert_rows, gate_ups[expert]).chunk(2, dim=-1)
             outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
-        combined = self.exit(torch.cat(outputs)) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, combined)
+        return torch.cat(outputs)
+
+
+def _grouped_mm_fits(rows: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: bf16 (CUDA and CPU) or fp32 (CPU only), every
+    non-unit stride and every data pointer a multiple of 16 bytes (its TMA/layout checks)."""
+    kinds = {torch.bfloat16: ("cpu", "cuda"), torch.float32: ("cpu",)}
+    if rows.device.type not in kinds.get(rows.dtype, ()) or any(w.dtype != rows.dtype for w in weights):
+        return False
+    size = rows.element_size()
+    operands = [rows, *(w.transpose(-2, -1) for w in weights)]
+    widths = [w.shape[-2] for w in weights]  # the grouped_mm outputs' row strides: 2·intermediate, hidden
+    return all(t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride() if st != 1)
+               for t in operands) and all(n * size % 16 == 0 for n in widths)
+
+
+def without_autocast(device: torch.device) -> AbstractContextManager:
+    """Autocast off for ``device`` inside the block (a no-op where autocast is off or does not exist)."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return nullcontext()
 
 
 class MoEFeedForward(nn.Module):

@@ -46,12 +46,34 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq, attention_factor
 
 
-class RotaryEmbedding(nn.Module):
+class Fp32BufferModule(nn.Module):
+    """A module whose buffers named in ``fp32_buffers`` stay fp32 through ``.to(dtype)``, ``.bfloat16()``,
+    ``.half()`` and DeepSpeed's bf16/fp16 cast of the model: they follow the module's device, never its
+    dtype. Rotary frequencies rounded to bf16 (8 mantissa bits) turn position p by p·Δf: 0.7 rad off at
+    4K positions, 23 rad at 128K; the restored buffer is the fp32 original, not the rounded one cast back.
+    """
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {name: self._buffers[name] for name in self.fp32_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != original.dtype:
+                self._buffers[name] = original.to(moved.device)
+        return self
+
+
+class RotaryEmbedding(Fp32BufferModule):
     """cos/sin tables for positions; one instance per model, shared by its layers.
 
     ``softmax_scale_multiplier`` is what YaRN asks the attention softmax scale to be
-    multiplied by (mscale_all_dim², DeepSeek-V2 §B); 1 for the other types.
+    multiplied by (mscale_all_dim², DeepSeek-V2 §B); 1 for the other types. The frequencies stay
+    fp32 whatever dtype the model is cast to (``Fp32BufferModule``).
     """
+
+    fp32_buffers = ("inv_freq", "long_inv_freq")
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()

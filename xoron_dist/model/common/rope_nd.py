@@ -22,15 +22,19 @@ Coordinates may be fractional (e.g. a patch grid rescaled to a reference resolut
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from xoron_dist.model.common.rope import Fp32BufferModule
 
 
-class AxialRoPE(nn.Module):
+class AxialRoPE(Fp32BufferModule):
     """cos/sin tables for integer or fractional N-D coordinates; one instance per tower, shared by its layers.
 
     ``head_dim``: width of one attention head; ``axes``: 2 (images) or 3 (video); ``theta``: the
-    base of the frequency ladder (100 for short patch grids up to 10000 for long ones).
+    base of the frequency ladder (100 for short patch grids up to 10000 for long ones). The
+    frequencies stay fp32 whatever dtype the tower is cast to (``Fp32BufferModule``).
     """
+
+    fp32_buffers = ("inv_freq",)
 
     def __init__(self, head_dim: int, axes: int, theta: float = 10000.0) -> None:
         super().__init__()

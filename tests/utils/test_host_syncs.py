@@ -1,0 +1,37 @@
+"""HostSyncCounter sees every kind of device-to-host sync it names, and nothing else."""
+
+from __future__ import annotations
+
+import torch
+
+from xoron_dist.utils.host_syncs import HostSyncCounter
+
+
+def test_counts_host_reads_and_value_shaped_ops():
+    t = torch.tensor([3, 0, 2, 2])
+    with HostSyncCounter() as syncs:
+        t.tolist()
+        t[0].item()
+        if t[0] > 1:
+            int(t[1])
+        float(t[2])
+        torch.bincount(t)
+        t.nonzero()
+        t[t > 1]
+        torch.unique(t)
+        torch.repeat_interleave(t, t)
+        t.repeat_interleave(2)  # a fixed count: no sync
+    assert syncs.calls == {"tolist": 1, "item": 1, "__bool__": 1, "__int__": 1, "__float__": 1, "bincount": 1,
+                           "nonzero": 1, "boolean-mask indexing": 1, "unique": 1, "repeat_interleave": 1}
+    assert syncs.total == 10
+
+
+def test_device_side_work_is_not_counted():
+    x = torch.randn(16, 8, requires_grad=True)
+    idx = torch.randint(0, 16, (32,))
+    with HostSyncCounter() as syncs:
+        order = idx.argsort(stable=True)
+        ends = torch.searchsorted(idx[order], torch.arange(1, 17))
+        out = torch.zeros(16, 8).index_add_(0, idx[order], x[idx[order]] * ends[:1].float())
+        out.square().sum().backward()
+    assert syncs.total == 0, syncs.calls
