@@ -5,6 +5,7 @@
     xoron synth --out DIR [--config RUN.yaml]          (xoron_dist/synth/cli.py)
     xoron prep --config RUN.yaml --out DIR INPUT...    (data_prep/cli.py)
     xoron plan --config RUN.yaml --cluster h100x8 --nodes 4 --out plans/   (xoron_dist/plan/cli.py)
+    xoron export --checkpoint runs/NAME --format hf --out DIR [--force]  (xoron_dist/export/cli.py)
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ DELEGATED_VERBS = {
     "synth": ("xoron_dist.synth.cli", "generate the synthetic multimodal corpus (media files + JSONL)"),
     "prep": ("data_prep.cli", "raw media / webdataset tars -> Arrow shards + manifest (MPI aware)"),
     "plan": ("xoron_dist.plan.cli", "rank parallel layouts for a cluster by memory and step time; write the best"),
+    "export": ("xoron_dist.export.cli", "a checkpoint of any layout -> an HF directory (transformers + xoron)"),
 }
 
 

@@ -518,6 +518,16 @@ def newest_verified(ckpt_root: Path, tags: list[str], problems: list[str] | None
     return None
 
 
+def verified_manifest(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``trainer_state.json`` of the checkpoint ``ckpt_dir`` once every file it lists is there with its
+    recorded size and sha256; ``CheckpointError`` naming what is missing or damaged otherwise. Needs no
+    process group: export (``xoron_dist/export/``) reads checkpoints offline, on one process."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = _read_verified_meta(ckpt_dir)
+    _check_hashes(ckpt_dir, meta)
+    return meta
+
+
 def _read_verified_meta(ckpt_dir: Path) -> dict[str, Any]:
     """``trainer_state.json`` of a tag, after checking that every file it lists is there, whole."""
     if not ckpt_dir.is_dir():
