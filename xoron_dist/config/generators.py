@@ -39,14 +39,8 @@ def _check_pair(cfg, where: str) -> None:
                           "(bench/latents_recon.py shows how) and load the weights")
 
 
-@dataclass
-class ImageGenConfig:
-    enabled: bool = False
-    vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
-    dit: DiTConfig = field(default_factory=DiTConfig)
-    steps: int = 28
-    guidance: float = 4.0
-    sampler: Literal["euler", "heun"] = "euler"
+class _GeneratorSection:
+    """What ``ImageGenConfig`` and ``VideoGenConfig`` share (no fields: each dataclass keeps its own)."""
 
     @property
     def pixel_multiple(self) -> int:
@@ -58,17 +52,23 @@ class ImageGenConfig:
 
 
 @dataclass
-class VideoGenConfig:
+class ImageGenConfig(_GeneratorSection):
+    enabled: bool = False
+    vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    steps: int = 28
+    guidance: float = 4.0
+    sampler: Literal["euler", "heun"] = "euler"
+
+
+@dataclass
+class VideoGenConfig(_GeneratorSection):
     enabled: bool = False
     vae: VideoVAEConfig = field(default_factory=VideoVAEConfig)
     dit: VideoDiTConfig = field(default_factory=VideoDiTConfig)
     steps: int = 20
     guidance: float = 4.0
     sampler: Literal["euler", "heun"] = "euler"
-
-    @property
-    def pixel_multiple(self) -> int:
-        return self.vae.spatial_factor * self.dit.patch_size
 
     def trainable_frames(self, frames: int) -> int:
         """The most frames <= ``frames`` the generator trains on: 1 + temporal_factor·k video frames whose
