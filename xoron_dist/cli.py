@@ -6,6 +6,7 @@
     xoron prep --config RUN.yaml --out DIR INPUT...    (data_prep/cli.py)
     xoron plan --config RUN.yaml --cluster h100x8 --nodes 4 --out plans/   (xoron_dist/plan/cli.py)
     xoron export --checkpoint runs/NAME --format hf --out DIR [--force]  (xoron_dist/export/cli.py)
+    xoron generate text|image|video|speech --model DIR --prompt TEXT [--out FILE]  (xoron_dist/generate/cli.py)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ DELEGATED_VERBS = {
     "prep": ("data_prep.cli", "raw media / webdataset tars -> Arrow shards + manifest (MPI aware)"),
     "plan": ("xoron_dist.plan.cli", "rank parallel layouts for a cluster by memory and step time; write the best"),
     "export": ("xoron_dist.export.cli", "a checkpoint of any layout -> an HF directory (transformers + xoron)"),
+    "generate": ("xoron_dist.generate.cli", "text, image, video or speech from an export or a checkpoint"),
 }
 
 

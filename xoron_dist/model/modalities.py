@@ -56,6 +56,11 @@ class Modality:
     generator_heads: tuple[str, ...] = ()  # its attention heads, dotted in ``generator_section`` (TP splits them)
     generator_plan: Callable[[XoronConfig], TensorPlan] | None = None
 
+    def request_tokens(self) -> tuple[str, str]:
+        """The special tokens that end a generation request, as ``data.packing`` lays one out:
+        ``prompt + text <|gen_x|> <|x_start|>``; the generator's condition is the LLM's states of it all."""
+        return f"<|{self.generation_token}|>", f"<|{self.name}_start|>"
+
     def encoder_heads(self, cfg: XoronConfig) -> int:
         """The encoder's attention heads (tensor parallelism splits them)."""
         value = getattr(cfg.model, self.section)

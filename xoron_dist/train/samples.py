@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 from xoron_dist.config import XoronConfig
-from xoron_dist.model.modalities import generated
+from xoron_dist.model.modalities import BY_NAME, generated
 
 SEED = 0
 
 
-def _request_ids(tokenizer, prompt: str, medium_token: str, start_token: str) -> list[int]:
-    return [*tokenizer.encode(prompt), tokenizer.token_id(medium_token), tokenizer.token_id(start_token)]
+def request_ids(tokenizer, prompt: str, medium: str) -> list[int]:
+    """The token ids of a generation request for ``medium`` ("image", "video", "audio"): the prompt, then
+    ``<|gen_x|> <|x_start|>`` (``Modality.request_tokens``)."""
+    return [*tokenizer.encode(prompt), *(tokenizer.token_id(t) for t in BY_NAME[medium].request_tokens())]
 
 
 def reference_voice(sample_rate: int) -> torch.Tensor:
@@ -64,17 +66,13 @@ class GenerationSamples:
 
     def _sample(self, medium: str, index: int, prompt: str, step: int, model: nn.Module, tb) -> None:
         cfg, device = self.cfg, next(model.parameters()).device
-        start = {"image": "<|image_start|>", "video": "<|video_start|>", "audio": "<|audio_start|>"}[medium]
-        token = {"image": "<|gen_image|>", "video": "<|gen_video|>", "audio": "<|gen_speech|>"}[medium]
-        ids = torch.tensor([_request_ids(self.tokenizer, prompt, token, start)], device=device)
+        ids = torch.tensor([request_ids(self.tokenizer, prompt, medium)], device=device)
         tag = f"samples/{'speech' if medium == 'audio' else medium}/{index}"
         if medium == "image":
-            size = _fit(cfg.data.prep.image_size, cfg.model.image_gen.pixel_multiple)
+            size = default_image_size(cfg)
             tb.image(tag, model.generate_image(ids, height=size, width=size, seed=SEED)[0].cpu().numpy(), step)
         elif medium == "video":
-            gen = cfg.model.video_gen
-            size = _fit(cfg.data.prep.video_size, gen.pixel_multiple)
-            frames = gen.trainable_frames(cfg.data.prep.video_frames) or gen.trainable_frames(10 ** 6)
+            frames, size = default_video_shape(cfg)
             clip = model.generate_video(ids, frames=frames, height=size, width=size, seed=SEED)[0]
             tb.image(tag, torch.cat(list(clip), dim=1).cpu().numpy(), step)  # frames side by side
         else:
@@ -83,9 +81,22 @@ class GenerationSamples:
             tb.audio(tag, wave.float().cpu().numpy(), rate, step)
 
 
+def default_image_size(cfg: XoronConfig) -> int:
+    """The side of generated images unless told: the prepared image size, on the generator's pixel grid."""
+    return _fit(cfg.data.prep.image_size, cfg.model.image_gen.pixel_multiple)
+
+
+def default_video_shape(cfg: XoronConfig) -> tuple[int, int]:
+    """(frames, side) of generated videos unless told: the most frames the prepared clips give that the
+    generator trains on, at the prepared video size on its pixel grid."""
+    gen = cfg.model.video_gen
+    frames = gen.trainable_frames(cfg.data.prep.video_frames) or gen.trainable_frames(10 ** 6)
+    return frames, _fit(cfg.data.prep.video_size, gen.pixel_multiple)
+
+
 def _fit(size: int, multiple: int) -> int:
     """``size`` rounded down to a multiple of ``multiple`` (at least one multiple)."""
     return max(multiple, size // multiple * multiple)
 
 
-__all__ = ["GenerationSamples", "reference_voice"]
+__all__ = ["GenerationSamples", "default_image_size", "default_video_shape", "reference_voice", "request_ids"]

@@ -4,6 +4,8 @@ is tested against)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from xoron_dist.model.llm.attention import LatentKVCache
@@ -20,11 +22,13 @@ def generate_text(
     eos_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """``model``: an ``XoronLLM``. input_ids (batch, prompt) -> (batch, prompt + new).
 
     ``temperature=0`` is greedy. Rows that emitted ``eos_token_id`` keep emitting it; decoding
-    stops early once every row has.
+    stops early once every row has. ``on_token(ids)`` sees each step's new ids (batch,) as they come
+    (streaming to a terminal: ``xoron generate text``).
     """
     cfg = model.cfg
     was_training = model.training
@@ -50,6 +54,8 @@ def generate_text(
             done |= nxt == eos_token_id
         tokens = torch.cat((tokens, nxt[:, None]), dim=1)
         step_input = nxt[:, None]
+        if on_token is not None:
+            on_token(nxt)
         if eos_token_id is not None and bool(done.all()):
             break
     model.train(was_training)
