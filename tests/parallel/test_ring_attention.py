@@ -333,7 +333,7 @@ def test_zigzag_gives_every_rank_the_same_causal_work_and_skips_masked_tiles(sp)
     for rank in range(sp):
         plans = [ra._plan(metas[rank], metas[src], True) for src in range(sp)]
         tiles = [tile for plan in plans for group in plan for tile in group]
-        assert all(tile.mask(torch.float32) is None for tile in tiles)  # zig-zag causal needs no explicit mask
+        assert all(tile.allowed() is None for tile in tiles)  # zig-zag causal needs no explicit mask
         work.append(sum(1 if tile.causal else 2 for tile in tiles))  # a diagonal tile is half a full one
         skipped.append(4 * sp - len(tiles))
     # The causal triangle over 2·sp chunks is (2·sp)² units; each rank does 1/sp of it and skips
@@ -348,7 +348,7 @@ def test_a_tile_marks_query_rows_that_see_none_of_its_keys_and_skips_when_none_d
     k_meta = torch.stack([positions, torch.tensor([[0, 0, 0]])])
     [[tile]] = ra._plan(q_meta, k_meta, False)
     assert tile.empty_rows.tolist() == [[False, True, False]]
-    assert tile.mask(torch.float32)[0, 0].isinf().tolist() == [[False] * 3, [True] * 3, [False] * 3]
+    assert (~tile.allowed()[0, 0]).tolist() == [[False] * 3, [True] * 3, [False] * 3]
     other_document = torch.stack([positions, torch.full((1, 3), 7)])
     assert ra._plan(q_meta, other_document, False) == []
 

@@ -131,6 +131,13 @@ def consolidate(path: str | Path) -> ConsolidatedCheckpoint:
                                   tag_dir, tag_dir.parent.parent)
 
 
+def read_full_tensors(tag_dir: Path, cfg: XoronConfig, world_size: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of the checkpoint ``tag_dir``, saved by ``world_size`` ranks in ``cfg``'s layout,
+    one tensor at a time; for callers that verified the files and know the saving run's config
+    (the trainer's reshard, ``xoron_dist/train/reshard.py``)."""
+    return _LayoutReader(Path(tag_dir), cfg, world_size).full_tensors()
+
+
 class _LayoutReader:
     """One checkpoint's files, read per model-parallel rank and joined into the plain model's tensors."""
 
@@ -277,4 +284,4 @@ def parameter_counts(state: dict[str, Any], multimodal: bool) -> dict[str, int]:
 
 
 __all__ = ["ConsolidatedCheckpoint", "ConsolidationError", "consolidate", "find_checkpoint", "parameter_counts",
-           "run_config"]
+           "read_full_tensors", "run_config"]

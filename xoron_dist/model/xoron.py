@@ -21,12 +21,16 @@ table, so a new medium adds no code here. Parameter names: ``llm.*`` (the text m
 under the prefix), ``vision.*``, ``video.*``, ``image_projector.*``, ``video_projector.*``,
 ``fusion.*``; curriculum stages freeze any of them by prefix (``train/stages.py``).
 
-Every trainable parameter takes part in every forward: an enabled encoder whose medium is absent
-from a micro-batch encodes one blank dummy (an image, a one-frame video) and adds ``0 ·`` its
-sum to the embeddings; fusion layers without media read the dummy tokens the same way. Their
-gradients are then exact zeros instead of missing, so data-parallel ranks with and without that
-medium reduce the same gradient buckets (DeepSpeed reduces per parameter as gradients arrive),
-and the dummy passes through the modules' own forwards, where ZeRO-3 gathers their parameters.
+In training, the encoders, projectors and fusion layers run the same module calls in the same
+order whatever the micro-batch holds: an enabled encoder whose medium is absent encodes one blank
+dummy (an image, a one-frame video) and adds ``0 ·`` its sum to the embeddings (frozen encoders
+too); without any media each fusion layer reads the dummy tokens before its own decoder layer,
+as it would read real media there; each encoder embeds all its items in one call per module
+(e.g. one ``patch_embed`` call for all images). So data-parallel ranks with and without a medium
+reduce the same gradients (exact zeros instead of missing: DeepSpeed reduces per parameter as
+gradients arrive) and, under ZeRO-3, which gathers a module's weights around each call of it, make
+the same all-gathers in the same order. (The generators still call their parts once per item and
+per target, so the layout rules keep them off ZeRO-3: ``xoron_dist.parallel.layout``.)
 """
 
 from __future__ import annotations
@@ -111,8 +115,8 @@ class XoronMultimodalModel(nn.Module):
             items, spans = _understanding(row, *given.get(row.name, (None, None, None)), row in self.media)
             if row not in self.media:
                 continue
-            if not items:  # keep every parameter in the graph (see the module docstring)
-                if self.training and torch.is_grad_enabled() and _trainable(self._modules_of(row)):
+            if not items:  # the same calls on every rank, every parameter in the graph (see the module docstring)
+                if self.training:
                     unused = self._encode_blank(row, input_ids.device)
                     embeds = embeds + 0.0 * unused.sum()
                 continue
@@ -122,11 +126,11 @@ class XoronMultimodalModel(nn.Module):
         before_layer = None
         if self.fusion is not None:
             context = MediaContext.build(encoded, *input_ids.shape, document_ids)
-            if context is None:
-                if self.training and torch.is_grad_enabled() and _trainable([self.fusion]):
-                    embeds = embeds + 0.0 * self._fusion_probe(unused, embeds.dtype)
-            else:
+            if context is not None:
                 before_layer = lambda index, x: self.fusion.before_layer(index, x, context)  # noqa: E731
+            elif self.training:  # each fusion layer still runs once, before its own decoder layer
+                probe = self._fusion_probe_context(unused, embeds.dtype)
+                before_layer = lambda index, x: x + 0.0 * self._fusion_probe(index, probe)  # noqa: E731
         generate = labels is not None and bool(self.generators)
         out = self.llm(labels=labels, position_ids=position_ids, document_ids=document_ids, inputs_embeds=embeds,
                        before_layer=before_layer, loss_weights=loss_weights, keep_normed=generate)
@@ -146,29 +150,28 @@ class XoronMultimodalModel(nn.Module):
         encoder = getattr(self, row.encoder) if row in self.media else None
         return getattr(self, row.generator).objective_sums(encoder, items, is_target, request, mask)
 
-    def _modules_of(self, row: Modality) -> list[nn.Module]:
-        return [getattr(self, row.encoder), getattr(self, row.projector)]
-
     def _encode_blank(self, row: Modality, device: torch.device) -> torch.Tensor:
         """Projected tokens (1, length, D) of the row's blank medium; its routing is not counted as expert load."""
         encoder = getattr(self, row.encoder)
         with uncounted_routing(encoder):
             return self.encode(row.name, [row.blank(encoder).to(device)])
 
-    def _fusion_probe(self, media_tokens: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Sum of every fusion layer's output for one zero query reading ``media_tokens`` (1, n, D) (a
-        dummy medium's, or one encoded here): a scalar through every fusion parameter."""
-        if media_tokens is None:  # every encoder frozen: read the first medium's blank anyway
+    def _fusion_probe_context(self, media_tokens: torch.Tensor | None, dtype: torch.dtype) -> MediaContext:
+        """One zero query that reads ``media_tokens`` (1, n, D) (a dummy medium's): what the fusion layers
+        see in a training forward without media."""
+        if media_tokens is None:  # no encoder ran (cannot happen in training; kept for direct calls)
             media_tokens = self._encode_blank(self.media[0], self.llm.embed_tokens.weight.device)
         tokens = media_tokens[:1].to(dtype)
         device, width = tokens.device, tokens.shape[1]
-        context = MediaContext(tokens, torch.zeros(1, 1, dtype=torch.long, device=device),
-                               torch.ones(1, 1, dtype=torch.bool, device=device),
-                               torch.ones(1, 1, width, dtype=torch.bool, device=device))
-        x = torch.zeros(1, 1, tokens.shape[-1], dtype=dtype, device=device)
-        for layer in self.fusion.layers:
-            x = layer(x, context)
-        return x.sum()
+        return MediaContext(tokens, torch.zeros(1, 1, dtype=torch.long, device=device),
+                            torch.ones(1, 1, dtype=torch.bool, device=device),
+                            torch.ones(1, 1, width, dtype=torch.bool, device=device))
+
+    def _fusion_probe(self, index: int, probe: MediaContext) -> torch.Tensor:
+        """Sum of the fusion layers placed before decoder layer ``index`` applied to the probe's zero
+        query: a scalar through every parameter of those layers (0 when none sits there)."""
+        x = torch.zeros(1, 1, probe.tokens.shape[-1], dtype=probe.tokens.dtype, device=probe.tokens.device)
+        return self.fusion.before_layer(index, x, probe).sum()
 
     @torch.no_grad()
     def requests(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None):
@@ -285,10 +288,6 @@ def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, 
     rows = spans[:, 0, None].expand(-1, longest)[valid].to(embeds.device)
     cols = (spans[:, 1, None] + offsets)[valid].to(embeds.device)
     return embeds.index_put((rows, cols), tokens[valid.to(tokens.device)].to(embeds.dtype))
-
-
-def _trainable(modules) -> bool:
-    return any(p.requires_grad for m in modules for p in m.parameters())
 
 
 def build_model(cfg: XoronConfig) -> XoronLLM | XoronMultimodalModel:

@@ -204,14 +204,39 @@ def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
     if not encoders or cfg.data.source != "arrow":  # synthetic text trains the LLM alone
         return None
     bad = [f"parallel.{key}={value}" for key, value in (("pp", s.pp), ("sp", s.sp)) if value > 1]
-    if s.zero_stage == 3:
-        bad.append("parallel.zero_stage=3")
     if not bad:
         return None
-    return (f"model.{'/'.join(encoders)} enabled with {', '.join(bad)}: the multimodal model trains with data, "
-            "tensor and expert parallelism under ZeRO 0-2 (the encoders sit outside the pipeline stages and the "
-            "ring, and run a data-dependent number of layer calls per batch, which ZeRO-3's per-call weight "
-            "gathering cannot keep in step across ranks); set parallel.pp=1, parallel.sp=1, parallel.zero_stage<=2")
+    return (f"model.{'/'.join(encoders)} enabled with {', '.join(bad)}: the encoders sit outside the pipeline "
+            "stages and the ring (multimodal pipeline and sequence parallelism are not built yet); set "
+            "parallel.pp=1 and parallel.sp=1")
+
+
+# Media whose every module runs the same calls on every rank for any micro-batch (``XoronMultimodalModel``),
+# tested under ZeRO-3 on 2 ranks against one (tests/parallel/test_multimodal_zero3.py).
+_ZERO3_MEDIA = ("vision", "video")
+
+
+def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.zero_stage != 3 or cfg.data.source != "arrow" or not (understood(cfg) or generated(cfg)):
+        return None
+    generators = [row.generator_section for row in generated(cfg)]
+    if generators:
+        names = "/".join(generators)
+        return (f"model.{names} enabled with parallel.zero_stage=3: a generator runs its autoencoder once per "
+                "item and its flow network once per target, so ranks with different micro-batches would make "
+                "different numbers of ZeRO-3 weight gathers (its collectives would fall out of step); use "
+                f"parallel.zero_stage<=2, or set model.{generators[0]}.enabled=false for this stage")
+    untested = [row.section for row in understood(cfg) if row.section not in _ZERO3_MEDIA]
+    if untested:
+        return (f"model.{untested[0]}.enabled with parallel.zero_stage=3: only the {' and '.join(_ZERO3_MEDIA)} "
+                f"encoders are built and tested under ZeRO-3; use parallel.zero_stage<=2, or set "
+                f"model.{untested[0]}.enabled=false")
+    bad = [f"parallel.{key}={value}" for key, value in (("tp", s.tp), ("ep", s.ep)) if value > 1]
+    if not bad:
+        return None
+    return (f"the multimodal model with parallel.zero_stage=3 and {', '.join(bad)}: ZeRO-3 trains it with data "
+            "parallelism only (tensor and expert parallelism of the encoders under ZeRO-3 are not tested yet); "
+            "set parallel.tp=1 and parallel.ep=1, or parallel.zero_stage<=2")
 
 
 def _pipeline_zero(cfg: XoronConfig, s: _Sizes) -> str | None:
@@ -271,9 +296,12 @@ RULES: tuple[Rule, ...] = (
     Rule("pp", "`parallel.zero_stage` ≠ 0 when pp > 1 (non-ZeRO clipping would miss later stages): ZeRO-1",
          _pipeline_zero0),
     Rule("pp", "`model.llm.tie_word_embeddings` = false when pp > 1", _pipeline_untied),
-    Rule("dp", "with an encoder enabled (`model.vision`, `model.video`, ...; Arrow data): pp = 1, sp = 1, "
-               "`parallel.zero_stage` ≤ 2",
+    Rule("dp", "with an encoder enabled (`model.vision`, `model.video`, ...; Arrow data): pp = 1, sp = 1",
          _multimodal_layout),
+    Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision and video encoders (with projectors and fusion) "
+               "on data parallelism only (tp = 1, ep = 1); no generator (`model.image_gen`, `model.video_gen`, "
+               "`model.speech`) and no audio encoder",
+         _multimodal_zero3),
 )
 
 

@@ -28,9 +28,11 @@ arXiv:2405.04434). The ring then carries (latent, rope key) — for the full mod
 token instead of 16·(96+64) = 2560 — and every rank expands the block it holds; backward carries
 their gradients, and each rank accumulates its share of the up-projection's weight gradient.
 
-The block kernel is ATen's fused CPU flash attention (``_scaled_dot_product_flash_attention_for_cpu``
-and its backward), which returns the log-sum-exp the merge needs; it wants one head dim for q, k
-and v, so the narrower of (q/k, v) is zero-padded as MLA's ``ExpandedAttention`` does.
+The block kernel is the device-generic adapter ``xoron_dist.model.common.attention_kernels``: ATen's
+fused CPU flash attention on CPU, the CUDA flash kernel (half precision, unmasked tiles) or the
+memory-efficient kernel (masked tiles, fp32) on GPUs; each returns the log-sum-exp the merge needs
+and has a backward that takes the merged out/LSE. The ring zero-pads the narrower of (q/k, v) to
+one width W, which every kernel accepts.
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+from xoron_dist.model.common.attention_kernels import (
+    AttentionKernelError,
+    attention_backward,
+    attention_forward,
+    select_kernel,
+)
 
 # Distinct tags keep the K/V stream and the gradient stream apart when both are in flight
 # between the same two ranks (always the case at sp=2).
@@ -107,12 +113,9 @@ class _Tile:
     metas: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # set when the tile needs an explicit mask
     empty_rows: torch.Tensor | None = None  # (Bm, rows) True where a row sees no key of the tile
 
-    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive (Bm, 1, rows, cols) mask, 0 or -inf; built only while its kernel call runs (it is rows x cols)."""
-        if self.metas is None:
-            return None
-        allowed = _allowed(*self.metas)[:, None]
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    def allowed(self) -> torch.Tensor | None:
+        """(Bm, 1, rows, cols) bool, True = may attend; built only while its kernel call runs (it is rows x cols)."""
+        return None if self.metas is None else _allowed(*self.metas)[:, None]
 
 
 def _halves(n: int) -> list[slice]:
@@ -245,12 +248,12 @@ def _attend_block(q: torch.Tensor, payload: Sequence[torch.Tensor], codec: Codec
     for tiles in plan:
         k, v = codec.expand(payload, tiles[0].cols)  # (b, t, h, W): one key tile at a time
         for tile in tiles:
-            blk_out, blk_lse = _flash(_heads_first(q[:, tile.rows]), _heads_first(k), _heads_first(v), 0.0,
-                                      tile.causal, attn_mask=tile.mask(q.dtype), scale=scale)
-            blk_lse = blk_lse.transpose(1, 2)  # (b, rows, h)
-            if tile.empty_rows is not None:  # the kernel reports lse 0 (and out 0) for a row with no key
-                blk_lse = blk_lse.masked_fill(tile.empty_rows[..., None], float("-inf"))
-            _merge(out[:, tile.rows], lse[:, tile.rows], _heads_first(blk_out)[..., : out.shape[-1]], blk_lse)
+            # rows that see no key of the tile come back with out 0 and lse -inf
+            blk_out, blk_lse = attention_forward(_heads_first(q[:, tile.rows]), _heads_first(k), _heads_first(v),
+                                                 scale=scale, causal=tile.causal, allowed=tile.allowed(),
+                                                 empty_rows=tile.empty_rows)
+            _merge(out[:, tile.rows], lse[:, tile.rows], _heads_first(blk_out)[..., : out.shape[-1]],
+                   blk_lse.transpose(1, 2))
             del blk_out, blk_lse  # tile-sized buffers die before the next tile's are made (peak memory)
         del k, v
 
@@ -270,10 +273,10 @@ def _attend_block_backward(dout: torch.Tensor, q: torch.Tensor, out: torch.Tenso
         dk, dv = codec.grad_buffers(grads, cols, k.shape[:3])
         for tile in tiles:
             r = tile.rows
-            gq, gk, gv = _flash_backward(
+            gq, gk, gv = attention_backward(
                 _heads_first(_pad(dout[:, r], codec.width)), _heads_first(q[:, r]), _heads_first(k), _heads_first(v),
-                _heads_first(_pad(out[:, r], codec.width)), lse[:, r].transpose(1, 2), 0.0, tile.causal,
-                attn_mask=tile.mask(q.dtype), scale=scale,
+                _heads_first(_pad(out[:, r], codec.width)), lse[:, r].transpose(1, 2), scale=scale,
+                causal=tile.causal, allowed=tile.allowed(),
             )
             dq[:, r] += _heads_first(gq)
             dk += _heads_first(gk)[..., : codec.dk_width]
@@ -453,9 +456,10 @@ def _tensors_problem(named: dict[str, torch.Tensor], batch_seq: tuple[int, int])
     dtype, device = dtypes.pop(), devices.pop()
     if dtype not in _DTYPES:
         return f"the attention inputs have dtype {dtype}; expected one of {', '.join(map(str, _DTYPES))}"
-    if device.type != "cpu":
-        return (f"the inputs are on {device}: this ring's block kernel is ATen's CPU flash attention; a GPU "
-                "block kernel is not built yet (issue #4)")
+    try:
+        select_kernel(device.type, dtype, 1, 1, masked=True)
+    except AttentionKernelError as err:
+        return str(err)
     for name, t in named.items():
         if tuple(t.shape[:2]) != batch_seq:
             return f"{name} has shape {tuple(t.shape)}; every input must start with (batch, seq_local) = {batch_seq}"

@@ -30,7 +30,7 @@ from xoron_dist.config import XoronConfig
 from xoron_dist.parallel.device import DeviceInfo, detect_device
 from xoron_dist.parallel.experts import register_expert_groups
 from xoron_dist.parallel.launcher_env import LaunchError, RankInfo, discover_ranks
-from xoron_dist.parallel.layout import Layout, LayoutError, validate_layout
+from xoron_dist.parallel.layout import Layout, validate_layout
 
 with warnings.catch_warnings():
     # megatron.core's package import warns, once per rank, that Transformer Engine and apex are
@@ -118,13 +118,6 @@ def initialize(cfg: XoronConfig) -> ParallelContext:
     rank_info = discover_ranks()
     device_info = detect_device(rank_info.local_rank, cfg.train.precision)
     layout = validate_layout(cfg, rank_info.world_size)
-    if layout.sp > 1 and device_info.kind != "cpu":
-        # The ring's block kernel is ATen's fused CPU flash attention (it returns the log-sum-exp the
-        # merge needs); its GPU counterpart has not been built and tested yet.
-        raise LayoutError(
-            f"parallel.sp = {layout.sp} on {device_info.kind}: ring attention has only its CPU block kernel so far; "
-            "use parallel.sp=1 on GPUs until the GPU kernel lands (issue #4 follow-up)"
-        )
     accelerator = get_accelerator().device_name()
     if accelerator != device_info.kind:
         raise LaunchError(

@@ -37,6 +37,10 @@ cross-entropy's buffers come on top on the last stage; 1F1B keeps ``pp - stage``
 flight on stage ``stage``. The peak is the larger of the step's forward/backward peak and the
 optimizer step, which on CPU (``torch.optim.AdamW``, one tensor at a time) allocates two
 temporaries the size of the largest tensor it steps (DeepSpeed's flat partition under ZeRO>=1).
+
+Attention has no term in s²: packed documents attend document by document
+(``xoron_dist.model.common.document_attention``), never through an (s x s) mask. What is left is
+the ring's transient tile mask with packed documents (``ring_tile_mask_bytes``, (s/sp/2)²).
 """
 
 from __future__ import annotations
@@ -131,23 +135,26 @@ def _norm_bytes(width: int, b: int) -> int:
 
 
 def layer_activation_bytes(llm: LLMConfig, index: int, tp: int, tp_experts: bool, b: int,
-                           expert_rows: float = 1.0) -> int:
+                           expert_rows: float = 1.0, packed_documents: bool = False) -> int:
     """Bytes autograd saves per token in decoder layer ``index`` (its output included, input not).
 
     b: bytes of the activation dtype. expert_rows: rows the routed experts process per (token,
     choice): 1 when dropless (balanced load), the capacity factor when EP pads to a fixed capacity.
+    packed_documents: the rows carry document ids (``document_attention``: q, k, v gathered per
+    document, two int64 indices per token). No term grows with the sequence: no (s x s) mask exists.
 
     Following ``MultiLatentAttention``/``MoEFeedForward``:
     norms; q (low-rank path), the fused kv down-projection and its normed latent, the expanded
-    k/v, the concatenated q and k and the zero-padded v the fused SDPA kernel takes, its output and
-    log-sum-exp, the reshaped attention output; the router's fp32 scores and top-k bookkeeping
-    (int64), the rows gathered per (token, choice), the experts' gate/up projections, SiLU(gate),
-    SiLU·up and their outputs; the shared expert's four intermediate tensors (autograd SwiGLU:
-    gate, up, SiLU, product); the residual.
+    k/v, the concatenated q and k the fused kernel saves (its zero-padded copies are transient; v
+    is a view of the kv up-projection, or a gathered copy with packed documents), its output (as
+    wide as the padded head dim) and log-sum-exp, the reshaped attention output; the router's fp32
+    scores and top-k bookkeeping (int64), the rows gathered per (token, choice), the experts'
+    gate/up projections, SiLU(gate), SiLU·up and their outputs; the shared expert's four
+    intermediate tensors (autograd SwiGLU: gate, up, SiLU, product); the residual.
     """
     hidden, heads = llm.hidden_size, llm.num_heads // tp
     qk, v = llm.qk_head_dim, llm.v_head_dim
-    width = max(qk, v)  # SDPA's common head dim (v zero-padded)
+    width = max(qk, v)  # the fused kernels' common head dim (v zero-padded)
     mixed = b < FP32
     n = _norm_bytes(hidden, b)
     if llm.q_lora_rank is not None:
@@ -156,9 +163,12 @@ def layer_activation_bytes(llm: LLMConfig, index: int, tp: int, tp_experts: bool
     n += b * (llm.kv_lora_rank + llm.qk_rope_head_dim) + _norm_bytes(llm.kv_lora_rank, b)
     if mixed:  # apply_rotary computes in fp32: the float copies of q's and k's rope halves are saved
         n += FP32 * (heads + 1) * llm.qk_rope_head_dim
-    n += b * heads * (llm.qk_nope_head_dim + v)  # kv_up output: k_nope and v
-    n += b * heads * width * (2 + (v < width) + (qk < width))  # q, k concatenated (+ padding), v padded
-    n += b * heads * width + FP32 * heads  # SDPA output, log-sum-exp
+    if packed_documents:  # v gathered per document (the kv_up output dies); the layout's token index and inverse
+        n += b * heads * v + 2 * 8
+    else:
+        n += b * heads * (llm.qk_nope_head_dim + v)  # kv_up output: the kernel saves v, a view of it
+    n += b * heads * 2 * qk  # q, k concatenated (gathered per document when packed)
+    n += b * heads * width + FP32 * heads  # kernel output (v padded to width), log-sum-exp
     n += b * heads * v  # attention output made contiguous for out_proj
     n += b * hidden  # residual after attention
     n += _norm_bytes(hidden, b)
@@ -206,6 +216,7 @@ class TrainingShape:
     grad_accum_steps: int
     activation_checkpointing: bool
     loss_chunk_tokens: int = 0  # train.loss_chunk_tokens: the head's logits exist for this many tokens at a time
+    packed_documents: bool = False  # rows carry document ids (packed Arrow data): see layer_activation_bytes
 
 
 @dataclass(frozen=True)
@@ -289,7 +300,8 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
         dw, dg, do = _zero_bytes(layout.zero_stage, params.dense, dense_shards, mixed)
         ew, eg, eo = _zero_bytes(layout.zero_stage, params.expert, expert_shards, mixed)
         weights, grads, optimizer = dw + ew, dg + eg, do + eo
-        per_layer = [layer_activation_bytes(llm, i, tp, tp_experts, b, expert_rows) for i in stage.layers]
+        per_layer = [layer_activation_bytes(llm, i, tp, tp_experts, b, expert_rows, shape.packed_documents)
+                     for i in stage.layers]
         in_flight = min(pp - s, shape.grad_accum_steps)  # 1F1B: stage s holds pp - s micro-batches
         head_saved, head_extra = head_activation_bytes(llm, tp, b) if stage.last else (0, 0)
         chunk = shape.loss_chunk_tokens
@@ -307,6 +319,8 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
         else:
             kept = sum(per_layer) + embed_out + received
             acts = tokens * (in_flight * kept + head_saved + head_extra)
+        if shape.packed_documents and layout.sp > 1:
+            acts += ring_tile_mask_bytes(shape.micro_batch_size, shape.seq_len // layout.sp, b)
         if cpu_optimizer_temporaries:
             largest = _largest_optimizer_tensor(cfg, params, layout, dense_shards, expert_shards, bool(held))
             acts = max(acts, 2 * FP32 * largest - grads)  # the step runs after backward freed the activations
@@ -341,6 +355,17 @@ def _largest_optimizer_tensor(cfg: XoronConfig, params: ParameterCount, layout: 
     return max(vocab, gate_up // layout.tp, parts)
 
 
+def ring_tile_mask_bytes(batch: int, seq_local: int, b: int) -> int:
+    """Transient bytes of the explicit mask of one ring tile (packed documents only; one tile at a time).
+
+    A tile is (seq_local/2)² (query half x key half, ``ring_attention._halves``): its boolean mask
+    and the comparisons that build it (about four bools per element) and the additive bias in the
+    activation dtype the kernel takes. It lives while one tile's kernel call runs, in forward and in
+    backward, and is the only quadratic term left (the single-rank path has none).
+    """
+    return batch * (seq_local // 2) ** 2 * (4 + b)
+
+
 def latent_cache_bytes(llm: LLMConfig, batch: int, max_len: int, layers: int, dtype_bytes: int) -> int:
     """The MLA latent KV cache (``LatentKVCache``) for ``layers`` layers: (kv_lora_rank + rope dim) per token."""
     return layers * batch * max_len * (llm.kv_lora_rank + llm.qk_rope_head_dim) * dtype_bytes
@@ -349,4 +374,4 @@ def latent_cache_bytes(llm: LLMConfig, batch: int, max_len: int, layers: int, dt
 __all__ = ["MemoryEstimate", "ParameterCount", "StageParameters", "TrainingShape", "attention_parameters",
            "deepspeed_buffer_bytes", "embedding_parameters", "estimate_memory", "estimate_stage_memory",
            "head_activation_bytes", "head_parameters", "latent_cache_bytes", "layer_activation_bytes",
-           "layer_parameters", "rank_parts", "stage_parameters"]
+           "layer_parameters", "rank_parts", "ring_tile_mask_bytes", "stage_parameters"]

@@ -84,14 +84,6 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _cluster_refusal(layout: Layout, cluster: ClusterSpec) -> str | None:
-    """Limits a run meets at start-up on this kind of device, beyond the layout's arithmetic."""
-    if layout.sp > 1 and cluster.device != "cpu":
-        return (f"parallel.sp = {layout.sp} on {cluster.device}: ring attention has only its CPU block kernel so "
-                "far (xoron_dist.parallel.state.initialize refuses it on GPUs)")
-    return None
-
-
 def plan(cfg: XoronConfig, cluster: ClusterSpec, *, global_batch: int | None = None,
          ds_config_for=None) -> PlanResult:
     """Every candidate layout for ``cluster.world_size`` ranks, ranked (see the module docstring).
@@ -161,7 +153,7 @@ def _validate(cfg: XoronConfig, cand: Candidate, cluster: ClusterSpec) -> tuple[
         return None, str(err).split("\n  - ", 1)[-1].replace("\n  - ", "; ")
     except ConfigError as err:
         return None, str(err)
-    return layout, _cluster_refusal(layout, cluster) or split_problem(cfg, layout.tp)
+    return layout, split_problem(cfg, layout.tp)
 
 
 def _default_ds_config(cluster: ClusterSpec):

@@ -10,8 +10,10 @@ values. Two equivalent ways to attend over it:
   and the value up-projection into the output (eq. 10-11 of the paper), so the
   attention runs directly against the cached latents and nothing is re-expanded.
 
-Training attention goes through ``self.core`` (``ExpandedAttention`` here: fused SDPA over the
-expanded keys and values); sequence parallelism swaps in the ring attention core, which receives
+Training attention goes through ``self.core`` (``ExpandedAttention`` here: the device-generic fused
+kernel of ``xoron_dist.model.common.attention_kernels`` over the expanded keys and values; packed
+documents run as one causal call per document length, ``xoron_dist.model.common.document_attention``,
+so no (s x s) mask is ever built); sequence parallelism swaps in the ring attention core, which receives
 the same tensors (``xoron_dist.parallel.ring_attention.RingAttentionCore``). With tensor
 parallelism the heads are split over the ranks and this module reads how many it holds off
 ``kv_up``'s weight; ``rope_key_entry`` is where the rope key, shared by every head, enters the
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import LLMConfig
+from xoron_dist.model.common.attention_kernels import fused_attention
+from xoron_dist.model.common.document_attention import DocumentLayoutCache, document_attention
 from xoron_dist.model.common.init import empty_linear
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope import apply_rotary
@@ -77,33 +81,38 @@ def attention_mask(
     return allowed
 
 
+# One layout per batch of packed documents, shared by every layer (and its recomputation): computing
+# it needs the document lengths on the host, which should happen once per forward, not per layer.
+_document_layouts = DocumentLayoutCache()
+
+
 class ExpandedAttention(nn.Module):
-    """The single-rank attention core: up-project the latent to per-head keys/values, fused SDPA.
+    """The single-rank attention core: up-project the latent to per-head keys/values, fused attention.
 
     ``forward(q_nope, q_rope, latent, k_rope, document_ids, attn)`` with q_* (b, s, h, d), latent
     (b, s, kv_rank), k_rope (b, s, rope) already rotated; ``attn`` is the owning
     ``MultiLatentAttention`` (its ``kv_up``, dims, softmax scale, dropout). Returns (b, s, h, v_dim).
+
+    Causal by order in the row (packed documents restart their position ids), and with
+    ``document_ids`` within one document, attended document by document (no s x s mask). The kernel
+    adapter zero-pads MLA's narrower v where a kernel needs one head dim (the CPU and CUDA flash
+    kernels) and drops the padded output columns. With dropout (training, ``attention_dropout`` > 0)
+    SDPA's own path runs, which takes v as it is.
     """
 
     def forward(self, q_nope, q_rope, latent, k_rope, document_ids, attn: MultiLatentAttention) -> torch.Tensor:
-        batch, seq = latent.shape[:2]
         k, v = attn.expand_kv(latent, k_rope)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        mask, causal = None, True
+        dropout = attn.dropout if attn.training else 0.0
         if document_ids is not None:
-            # Packed documents restart their position ids; causality is by order in the row.
-            order = torch.arange(seq, device=latent.device).expand(batch, -1)
-            mask, causal = attention_mask(order, order, document_ids, document_ids), False
-        # Fused (flash) SDPA kernels need one head dim for q, k and v; MLA's v is narrower than
-        # its q/k (nope + rope). Zero-padding v costs little and unlocks them (≈3x on CPU at 512
-        # tokens, and the flash path on GPU); the padded output columns are dropped.
-        width = max(q.shape[-1], attn.v_dim)
-        q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
-            dropout_p=attn.dropout if attn.training else 0.0, scale=attn.softmax_scale,
-        )
-        return out.transpose(1, 2)[..., : attn.v_dim]
+            return document_attention(q, k, v, _document_layouts(document_ids), scale=attn.softmax_scale,
+                                      dropout_p=dropout)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, s, d)
+        if dropout > 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=attn.softmax_scale)
+        else:
+            out = fused_attention(q, k, v, scale=attn.softmax_scale, causal=True)
+        return out.transpose(1, 2)
 
 
 class MultiLatentAttention(nn.Module):

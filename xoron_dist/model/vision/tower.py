@@ -298,14 +298,16 @@ class VisionTower(nn.Module):
         """Normalised (3, H, W) images -> tokens (batch, n, hidden) padded, coords (batch, n, 2),
         mask (batch, n), grids (batch, 2)."""
         weight = self.patch_embed.weight
-        rows_of, grids = [], []
-        for image in pixels:
-            patches, grid = patchify(image.to(device=weight.device, dtype=weight.dtype), self.cfg.patch_size)
-            tokens = self.patch_embed(patches)
-            if self.position_embedding is not None:
-                tokens = tokens + resize_positions(self.position_embedding, *grid)
-            rows_of.append(tokens)
-            grids.append(grid)
+        patched = [patchify(image.to(device=weight.device, dtype=weight.dtype), self.cfg.patch_size)
+                   for image in pixels]
+        grids = [grid for _, grid in patched]
+        # one patch_embed call for the whole batch, however many images: ZeRO-3 gathers a module's weights
+        # around each of its calls, which every data-parallel rank must then make equally often
+        embedded = self.patch_embed(torch.cat([patches for patches, _ in patched]))
+        rows_of = list(embedded.split([patches.shape[0] for patches, _ in patched]))
+        if self.position_embedding is not None:
+            rows_of = [t + resize_positions(self.position_embedding, *grid) for t, grid in zip(rows_of, grids,
+                                                                                                strict=True)]
         longest = max(t.shape[0] for t in rows_of)
         batch = len(rows_of)
         tokens = weight.new_zeros(batch, longest, self.cfg.hidden_size)

@@ -1,0 +1,158 @@
+"""The multimodal model under ZeRO-3 on 2 ranks equals one rank, with media on only some ranks.
+
+ZeRO-3 gathers a module's weights around each call of it (an all-gather over the data-parallel
+ranks) and reduces gradients in buckets as they arrive, so every rank must call every module
+equally often and in the same order, whatever its micro-batch holds. The batches below are made
+so that they would not if the model let the data decide: step 1, rank 0 holds a video and no
+image, rank 1 two images and no video; step 2, rank 0 holds images and a video, rank 1 text only
+(the fusion layers then read a blank medium). Every weight is partitioned (persistence threshold
+0) and the gradient buckets are small, so any divergence of the call or gradient order shows as
+a gloo size mismatch or as wrong gradients. Checked against the plain single-rank model on the
+global batch: loss and every gradient of both steps, the weights after two AdamW steps as the
+consolidation reads them from the ZeRO-3 checkpoint, and the checkpoint reloaded into the engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.model.test_xoron_multimodal import packed_batch, tiny_cfg
+from tests.parallel.harness import run_ranks
+from xoron_dist.model.llm import IGNORE_INDEX
+from xoron_dist.model.xoron import XoronMultimodalModel
+
+CFG = ["parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=2",
+       "train.grad_clip=0", "train.weight_decay=0"]
+TEXT_KEYS = ("input_ids", "labels", "position_ids", "document_ids")
+
+
+def _without(batch: dict, *media: str) -> dict:
+    """``batch`` with the given media dropped (their placeholders stay as ordinary unlabelled tokens)."""
+    out = dict(batch)
+    for medium in media:
+        out[f"{medium}s"], out[f"{medium}_spans"] = [], torch.zeros((0, 3), dtype=torch.long)
+    return out
+
+
+def _rank_batches() -> list[list[dict]]:
+    """Per step, the micro-batch of rank 0 and of rank 1 (2 rows each)."""
+    return [[_without(packed_batch(0), "image"), _without(packed_batch(1), "video")],
+            [packed_batch(2), _without(packed_batch(3), "image", "video")]]
+
+
+def _global(parts: list[dict]) -> dict:
+    """The ranks' micro-batches as one batch of 4 rows (what one rank reads)."""
+    out = {k: torch.cat([p[k] for p in parts]) for k in TEXT_KEYS}
+    for medium in ("image", "video"):
+        out[f"{medium}s"] = [m for p in parts for m in p[f"{medium}s"]]
+        out[f"{medium}_spans"] = torch.cat([p[f"{medium}_spans"] + torch.tensor([2 * i, 0, 0])
+                                            for i, p in enumerate(parts)])
+    return out
+
+
+def _zero3_body(full_state: dict, ckpt_dir: str) -> dict:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from xoron_dist.parallel import state
+    from xoron_dist.parallel.parallelize import parallelize
+    from xoron_dist.train.build import parameter_groups
+    from xoron_dist.train.ds_config import build_ds_config
+
+    cfg = tiny_cfg(*CFG)
+    ctx = state.initialize(cfg)
+    model = XoronMultimodalModel(cfg)
+    model.load_state_dict(full_state)
+    parallelize(model, cfg)
+    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
+    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, reduce_bucket_size=20_000,
+                                   stage3_prefetch_bucket_size=20_000)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
+                                      mpu=state.mpu())
+    partitioned = {n: p.ds_tensor.numel() == -(-p.ds_numel // 2) for n, p in engine.module.named_parameters()}
+    losses, grads = [], []
+    for parts in _rank_batches():
+        batch = parts[ctx.dp_rank]
+        total = torch.tensor([float(sum((p["labels"] != IGNORE_INDEX).sum() for p in parts))])
+        out = engine(**batch)
+        token_sum = out.loss * out.num_tokens
+        engine.backward(token_sum * ctx.dp_size / total.item())  # ZeRO-3 averages over the DP ranks
+        losses.append(token_sum.item())
+        grads.append({n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()})
+        engine.step()
+    engine.save_checkpoint(ckpt_dir, tag="two_steps")
+    first = _rank_batches()[0][ctx.dp_rank]
+    with torch.no_grad():
+        saved_loss = engine(**first).loss.item()
+    engine.backward(engine(**first).loss)
+    engine.step()  # the weights move on ...
+    with torch.no_grad():
+        moved_loss = engine(**first).loss.item()
+    engine.load_checkpoint(ckpt_dir, tag="two_steps")  # ... and come back
+    with torch.no_grad():
+        resumed_loss = engine(**first).loss.item()
+    return dict(losses=losses, grads=grads, partitioned=partitioned, saved=saved_loss, moved=moved_loss,
+                resumed=resumed_loss)
+
+
+@pytest.mark.multirank
+def test_multimodal_zero3_two_ranks_with_media_on_some_ranks_equal_one_rank(tmp_path):
+    from xoron_dist.export.consolidation import read_full_tensors
+    from xoron_dist.train.build import parameter_groups
+
+    cfg = tiny_cfg(*CFG)
+    torch.manual_seed(0)
+    model = XoronMultimodalModel(cfg)
+    with torch.no_grad():  # open the fusion gates, so the fusion layers' gradients are not all zero
+        for layer in model.fusion.layers:
+            layer.attn_gate.fill_(0.5)
+            layer.ffn_gate.fill_(0.5)
+    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = run_ranks(_zero3_body, 2, full_state, str(tmp_path / "ckpt"))
+
+    tc = cfg.train
+    opt = torch.optim.AdamW(parameter_groups(model, 0.0), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    for step, parts in enumerate(_rank_batches()):
+        opt.zero_grad()
+        out = model(**_global(parts))
+        out.loss.backward()
+        assert sum(r["losses"][step] for r in results) / out.num_tokens == pytest.approx(out.loss.item(), rel=1e-5)
+        for rank, result in enumerate(results):
+            for name, param in model.named_parameters():
+                torch.testing.assert_close(result["grads"][step][name], param.grad, rtol=1e-4, atol=1e-6,
+                                           msg=f"step {step + 1}, rank {rank}: gradient of {name}")
+        opt.step()
+    assert float(model.video.patch_embed.weight.grad.abs().sum()) > 0  # step 2: rank 0's video
+    assert float(model.fusion.layers[0].attn.q_proj.weight.grad.abs().sum()) > 0
+
+    for prefix in ("vision.", "video.", "image_projector.", "video_projector.", "fusion.", "llm."):
+        held = [split for name, split in results[0]["partitioned"].items() if name.startswith(prefix)]
+        assert held and all(held), prefix  # each rank holds half of every weight
+
+    saved = dict(read_full_tensors(tmp_path / "ckpt" / "two_steps", cfg, world_size=2))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(saved[name], param.detach(), rtol=1e-4, atol=1e-5, msg=f"checkpoint: {name}")
+    for rank, result in enumerate(results):
+        assert result["moved"] != pytest.approx(result["saved"], rel=1e-6), rank
+        assert result["resumed"] == pytest.approx(result["saved"], rel=1e-6), rank
+
+
+def _layout_cfg(*extra):
+    return tiny_cfg("data.source=arrow", "data.path=x", "parallel.zero_stage=3", *extra)
+
+
+def test_layout_accepts_vision_and_video_under_zero3_and_refuses_the_rest_with_the_fix():
+    from xoron_dist.parallel.layout import LayoutError, validate_layout
+
+    assert validate_layout(_layout_cfg(), 2).zero_stage == 3
+    refused = [
+        (("model.image_gen.enabled=true",), "model.image_gen enabled with parallel.zero_stage=3"),
+        (("model.audio.enabled=true",), "model.audio.enabled with parallel.zero_stage=3"),
+        (("parallel.tp=2",), "parallel.zero_stage=3 and parallel.tp=2"),
+    ]
+    for extra, message in refused:
+        with pytest.raises(LayoutError, match=message) as err:
+            validate_layout(_layout_cfg(*extra), 2)
+        assert "parallel.zero_stage<=2" in str(err.value)
+    assert validate_layout(_layout_cfg("model.image_gen.enabled=true", "parallel.zero_stage=2"), 2).zero_stage == 2
