@@ -17,11 +17,11 @@ from tests.train.test_trainer import TEXT, run_train
 from xoron_dist.cli import main as xoron
 from xoron_dist.config import load_config
 from xoron_dist.export import ConsolidatedCheckpoint, ConsolidationError, consolidate, export_hf, from_pretrained
-from xoron_dist.export.deepspeed_shards import load_file
 from xoron_dist.export.hf import ExportError
 from xoron_dist.model.xoron import XoronMultimodalModel, build_model
 from xoron_dist.parallel.launcher_env import free_port
 from xoron_dist.tokenizer import XoronTokenizer
+from xoron_dist.train.deepspeed_shards import load_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,9 +140,9 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 def test_bad_format_and_an_existing_export_are_one_line_errors(runs, tmp_path, capsys):
     run = trained(runs, "single_eps")
     base = ["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]
-    assert "gguf is not built yet; formats: hf" in _one_line_error(capsys, [*base, "--format", "gguf"])
-    assert "safetensors is unknown; formats: hf (gguf and onnx" in _one_line_error(capsys, [*base, "--format",
-                                                                                           "safetensors"])
+    assert "safetensors is unknown; formats: hf, gguf, onnx" in _one_line_error(capsys, [*base, "--format",
+                                                                                         "safetensors"])
+    assert "--quant applies to --format gguf only" in _one_line_error(capsys, [*base, "--quant", "q8_0"])
     assert xoron([*base, "--format", "hf"]) == 0
     assert "exported step 3 (ZeRO-0 on 1 ranks" in capsys.readouterr().err
     assert "already holds an export; pass --force" in _one_line_error(capsys, [*base, "--format", "hf"])

@@ -98,8 +98,8 @@ def _zero3_body(full_state: dict, ckpt_dir: str) -> dict:
 
 @pytest.mark.multirank
 def test_multimodal_zero3_two_ranks_with_media_on_some_ranks_equal_one_rank(tmp_path):
-    from xoron_dist.export.consolidation import read_full_tensors
     from xoron_dist.train.build import parameter_groups
+    from xoron_dist.train.consolidation import read_full_tensors
 
     cfg = tiny_cfg(*CFG)
     torch.manual_seed(0)

@@ -190,6 +190,8 @@ def test_curriculum_stages_freeze_and_resume_across_the_boundary(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "staged" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == ["warm"] * 4 + ["frozen"] * 3
     assert records[4]["label_tokens"] == records[0]["label_tokens"] // 2  # stage 2 trains on 128-token rows
+    # each stage's own peak lr (train.lr is the smoke run's 3e-3): stage 2 warms up towards 0.001
+    assert max(r["lr"] for r in records[4:]) <= 0.001 * (1 + 1e-6) < max(r["lr"] for r in records[:4])
     warm_end, frozen_end = module_state(tmp_path / "staged", 4), module_state(tmp_path / "staged", 7)
     assert torch.equal(warm_end["embed_tokens.weight"], frozen_end["embed_tokens.weight"])
     assert torch.equal(warm_end["layers.0.ffn.router.expert_bias"], frozen_end["layers.0.ffn.router.expert_bias"])

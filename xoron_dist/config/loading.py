@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from xoron_dist.config.generators import ImageGenConfig, VideoGenConfig
+from xoron_dist.config.lora import LoRAConfig
 from xoron_dist.config.model import (
     AudioConfig,
     FusionConfig,
@@ -44,7 +45,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 class ModelConfig:
     """``model``: the LLM, the understanding encoders with their projector and fusion layers, and the
     generators (``speech``: needs ``audio``, whose tokenizer is the codec's encoder; ``image_gen``,
-    ``video_gen``)."""
+    ``video_gen``); ``lora``: low-rank adapters on the built model."""
 
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -55,6 +56,7 @@ class ModelConfig:
     speech: SpeechConfig = field(default_factory=SpeechConfig)
     image_gen: ImageGenConfig = field(default_factory=ImageGenConfig)
     video_gen: VideoGenConfig = field(default_factory=VideoGenConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (model/lora.py), off by default
 
     def validate(self, where: str) -> None:
         for name in ("image_gen", "video_gen"):

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from xoron_dist.export.consolidation import ConsolidatedCheckpoint
 from xoron_dist.export.model_card import model_card
 from xoron_dist.model.llm.hf import hf_config_kwargs, to_hf_state_dict
+from xoron_dist.train.consolidation import ConsolidatedCheckpoint
 
 INDEX_FILE = "model.safetensors.index.json"
 MULTIMODAL_FILE = "xoron_multimodal.safetensors"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from xoron_dist.data.schema import KINDS
-from xoron_dist.export.consolidation import ConsolidatedCheckpoint, parameter_counts
+from xoron_dist.train.consolidation import ConsolidatedCheckpoint, parameter_counts
 
 
 def _front_matter(ckpt: ConsolidatedCheckpoint) -> str:

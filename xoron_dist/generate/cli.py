@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         _check(args)
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         loaded = load(args.model, args.device, args.tokenizer)
+        if args.kind != "text":
+            _require_generator(loaded.model, args)
         print(f"loaded {loaded.source}", file=sys.stderr)
         if args.kind == "text":
             _text(loaded, prompt, args)
@@ -130,6 +132,13 @@ def _before_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
+def _require_generator(model, args: argparse.Namespace) -> None:
+    generator = {"image": "image_gen", "video": "video_gen", "speech": "speech"}[args.kind]
+    if getattr(model, generator, None) is None:
+        raise UsageError(f"--model {args.model} has no {args.kind} generator (its config leaves "
+                         f"model.{generator}.enabled false)")
+
+
 def _media(loaded, prompt: str, args: argparse.Namespace) -> Path:
     import numpy as np
     import torch
@@ -139,10 +148,6 @@ def _media(loaded, prompt: str, args: argparse.Namespace) -> Path:
     from xoron_dist.train.samples import default_image_size, default_video_shape, reference_voice, request_ids
 
     model, cfg, out = loaded.model, loaded.cfg, Path(args.out)
-    generator = {"image": "image_gen", "video": "video_gen", "speech": "speech"}[args.kind]
-    if getattr(model, generator, None) is None:
-        raise UsageError(f"--model {args.model} has no {args.kind} generator (its config leaves "
-                         f"model.{generator}.enabled false)")
     device = next(model.parameters()).device
     ids = torch.tensor([request_ids(loaded.tokenizer, prompt, MEDIA[args.kind][1])], device=device)
     if args.kind == "image":

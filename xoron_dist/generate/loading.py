@@ -51,7 +51,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", tokenizer_dir: st
         model, cfg = from_pretrained(path), load_config(path / XORON_CONFIG)
         default_tok, source = path, f"export {path}"
     else:
-        from xoron_dist.export.consolidation import ConsolidationError, consolidate
+        from xoron_dist.train.consolidation import ConsolidationError, consolidate
 
         try:
             ckpt = consolidate(path)

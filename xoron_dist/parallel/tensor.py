@@ -18,6 +18,7 @@ is reduced in a copy that is thrown away, and the sum over the ranks silently lo
     vocab_head       an LM head over this rank's rows; the loss is Megatron's vocab-parallel CE
     experts          every routed expert's FFN dim split (gate/up rows, down columns)
     enter / leave    copy_to / reduce_from modules in place of the model's identity seams
+    (LoRA adapter)   split like the layer it adapts, by the rule the adapter carries (``_split_adapters``)
 
 Every split parameter carries Megatron's ``tensor_model_parallel``/``partition_dim``/
 ``partition_stride`` attributes, which DeepSpeed reads to count it once per TP group in the
@@ -39,6 +40,7 @@ from torch import nn
 from xoron_dist.model.common.moe import RoutedExperts
 from xoron_dist.model.common.sharding import TensorPlan, TensorSplit, match_plan
 from xoron_dist.model.llm.head import LMHead
+from xoron_dist.model.lora import attach_linear_lora
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -268,6 +270,25 @@ def retie(model: nn.Module, ties: list[list[str]]) -> None:
             setattr(model.get_submodule(owner) if owner else model, attr, param)
 
 
+def _split_adapters(old: nn.Module, new: nn.Module, split: TensorSplit, rank: int, size: int, name: str) -> None:
+    """The LoRA adapters of a split layer, split the same way: each adapter's ``TP_RULES`` (data in
+    ``xoron_dist.model.lora``) name, for the layer's split kind, the factor to split (dim, stride) and
+    what its identity ``seam`` becomes; a linear layer's adapter moves onto the layer's replacement."""
+    for child, adapter in list(old.named_children()):
+        rules = getattr(adapter, "TP_RULES", None)
+        if rules is None:
+            continue
+        if split.kind not in rules:
+            raise TensorSplitError(f"the LoRA adapter of {name} has no tensor-parallel rule for a '{split.kind}' "
+                                   f"split; drop its target from model.lora.targets")
+        factor, dim, stride, seam = rules[split.kind]
+        setattr(adapter, factor, _split_param(getattr(adapter, factor), dim, rank, size, f"{name}.{child}.{factor}",
+                                              split, stride))
+        adapter.seam = _SWAPS[seam]()
+        if new is not old:
+            attach_linear_lora(new, adapter)
+
+
 def apply_tensor_parallel(model: nn.Module, plan: TensorPlan, rank: int, size: int) -> int:
     """Swap every module ``plan`` matches for its counterpart split over ``size`` TP ranks (this is
     rank ``rank``); returns how many modules were swapped. Vocabulary splits need the plan's
@@ -276,6 +297,7 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorPlan, rank: int, size: i
     matched = match_plan(model, plan)
     for name, module, split in matched:
         new = _SWAPS[split.kind](module, split, rank, size, name)
+        _split_adapters(module, new, split, rank, size, name)
         if new is not module:
             replace_submodule(model, name, _keep_order(new, module))
     retie(model, ties)

@@ -2,7 +2,8 @@
 
     torch.manual_seed(seed)              every rank draws the same single-rank weights
     model = build_model(cfg)             XoronLLM, or XoronMultimodalModel with encoders (Arrow data)
-    freeze_parameters(model, stage)      the stage's frozen prefixes, on the whole model's names
+    add_adapters(model, cfg)             model.lora's adapters (train/lora.py), when enabled
+    freeze_parameters(model, stage)      the stage's frozen prefixes and its ``trains``, on the whole model's names
     parallelize(model, cfg)              pipeline stage, TP, EP, SP, checkpointing, ZeRO-3 marks
     deepspeed.initialize(...)            one engine (per pipeline stage) on Megatron-core's groups (mpu)
     ExpertBalancer(model)                every bias-routed MoE, balanced after each optimizer step
@@ -11,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ from xoron_dist.parallel.pipeline.split import StageInfo
 from xoron_dist.train.codebooks import CodebookKeeper
 from xoron_dist.train.ds_config import build_ds_config, write_ds_config
 from xoron_dist.train.expert_balance import ExpertBalancer
+from xoron_dist.train.lora import add_adapters, lora_plus_groups
 from xoron_dist.train.schedule import WarmupCosineSchedule
 from xoron_dist.train.stages import StagePlan, freeze_parameters
 
@@ -47,8 +49,10 @@ class BuiltStage:
     frozen: int  # parameters frozen by the stage
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, zero_stage: int = 0) -> list[dict]:
-    """Decay matrices (and stacked experts); not norms, biases or router vectors.
+def parameter_groups(model: nn.Module, weight_decay: float, zero_stage: int = 0,
+                     lora_b_lr: tuple[float, float] | None = None) -> list[dict]:
+    """Decay matrices (and stacked experts); not norms, biases or router vectors. ``lora_b_lr`` = (lr,
+    ratio): LoRA adapters' B matrices in groups of their own at ratio x lr (LoRA+, ``train/lora.py``).
 
     Expert-parallel experts under ZeRO 0-2 go into DeepSpeed's MoE groups (``moe: True``, one per
     expert group), which it reduces and partitions over the expert-data-parallel ranks only.
@@ -59,6 +63,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, zero_stage: int = 0)
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if lora_b_lr is not None:
+        groups = lora_plus_groups(groups, model, *lora_b_lr)
     if zero_stage < 3 and any(is_moe_param(p) for p in decay + no_decay):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return groups
@@ -72,15 +78,19 @@ def build_stage(cfg: XoronConfig, ctx, plan: StagePlan, run_root: Path) -> Built
     model = build_model(cfg) if cfg.data.source == "arrow" else XoronLLM(cfg.llm)
     for head in (m for m in model.modules() if isinstance(m, LMHead)):
         head.chunk_tokens = tc.loss_chunk_tokens
+    add_adapters(model, cfg)  # model.lora: adapters on the plain model, split by parallelize like their layers
     frozen = freeze_parameters(model, plan)
     parallel = parallelize(model, cfg)  # pruned and split on the host, before it moves to the device
     model = parallel.model.to(ctx.device)
-    ds_config = build_ds_config(cfg, ctx.dp_size, ctx.device_info.dtype, ctx.device_info.kind)
+    # the stage's view of train (its lr, steps, seq_len): the optimizer's base lr is the stage's peak
+    stage_cfg = replace(cfg, train=plan.train)
+    ds_config = build_ds_config(stage_cfg, ctx.dp_size, ctx.device_info.dtype, ctx.device_info.kind)
     if ctx.is_main:
         write_ds_config(run_root / "ds_config.json", ds_config)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, tc.weight_decay, cfg.parallel.zero_stage),
+        model_parameters=parameter_groups(model, tc.weight_decay, cfg.parallel.zero_stage,
+                                          lora_b_lr=(plan.train.lr, cfg.model.lora.plus_ratio)),
         config=ds_config,
         lr_scheduler=WarmupCosineSchedule.factory(plan.train),
         mpu=parallel_state.mpu(),

@@ -126,7 +126,26 @@ def config_hash(cfg: XoronConfig) -> str:
 
     Training settings (steps, lr, logging) may change between resumes and are left out.
     """
-    return _hash({"model": cfg.to_dict()["model"], "parallel": cfg.to_dict()["parallel"]})
+    return _hash({"model": _hashed_model(cfg), "parallel": cfg.to_dict()["parallel"]})
+
+
+# Sections added after the image/video generators that leave the model as it was while off: hashed
+# only when enabled, so every checkpoint written without them keeps its hash.
+_HASHED_WHEN_ENABLED = ("lora",)
+# Fields added since then, with the value that builds the model every earlier checkpoint holds: hashed
+# only when set to something else, so those checkpoints keep their hash.
+_HASHED_WHEN_CHANGED: dict[tuple[str, str], Any] = {("audio", "understand_from"): "codes"}
+
+
+def _hashed_model(cfg: XoronConfig) -> dict[str, Any]:
+    """The model config as the hash sees it (``_HASHED_WHEN_ENABLED`` sections dropped while off,
+    ``_HASHED_WHEN_CHANGED`` fields dropped at their old value)."""
+    model = cfg.to_dict()["model"]
+    for (section, name), old in _HASHED_WHEN_CHANGED.items():
+        if model[section].get(name) == old:
+            del model[section][name]
+    return {key: value for key, value in model.items()
+            if key not in _HASHED_WHEN_ENABLED or value["enabled"]}
 
 
 def _hash(sections: dict[str, Any]) -> str:
@@ -157,7 +176,7 @@ def hash_matches(saved: str, cfg: XoronConfig) -> bool:
     hash, or that of checkpoints written before the config restructuring (same model)."""
     if saved == config_hash(cfg):
         return True
-    model = copy.deepcopy(cfg.to_dict()["model"])
+    model = copy.deepcopy(_hashed_model(cfg))
     if not any(model[name]["enabled"] for name in _V2_ABSENT):  # written before the image/video generators
         v2 = {key: value for key, value in model.items() if key not in _V2_ABSENT}
         if saved == _hash({"model": v2, "parallel": cfg.to_dict()["parallel"]}):

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from xoron_dist.config import ConfigError, TrainConfig, XoronConfig
+from xoron_dist.train.lora import freeze_for_stage
 from xoron_dist.utils.typed_config import field_error
 
 
@@ -29,6 +30,7 @@ class StagePlan:
     freeze: tuple[str, ...]
     bias_update: bool
     bias_update_rate: float
+    trains: str = "all"  # all | base | adapters (``train/lora.py``)
 
     @property
     def last_step(self) -> int:
@@ -37,9 +39,10 @@ class StagePlan:
 
 def plan_stages(cfg: XoronConfig) -> list[StagePlan]:
     tc = cfg.train
+    default_trains = "adapters" if cfg.model.lora.enabled else "all"
     if not cfg.stages:
         return [StagePlan(0, "main", 0, tc.steps, tc.seq_len, tc, dict(cfg.data.mix), (), (),
-                          cfg.llm.moe.bias_update, cfg.llm.moe.bias_update_rate)]
+                          cfg.llm.moe.bias_update, cfg.llm.moe.bias_update_rate, default_trains)]
     total = sum(stage.steps for stage in cfg.stages)
     if total != tc.steps:
         raise field_error("train.steps", tc.steps,
@@ -58,8 +61,11 @@ def plan_stages(cfg: XoronConfig) -> list[StagePlan]:
                                           warmup_steps=min(tc.warmup_steps, stage.steps))
         bias = cfg.llm.moe.bias_update if stage.expert_bias_update is None else stage.expert_bias_update
         rate = cfg.llm.moe.bias_update_rate if stage.expert_bias_update_rate is None else stage.expert_bias_update_rate
+        if stage.trains not in (None, "all") and not cfg.model.lora.enabled:
+            raise field_error(f"stages[{i}].trains", stage.trains, "needs adapters: set model.lora.enabled: true")
         plans.append(StagePlan(i, stage.name, first, stage.steps, seq_len, stage_train,
-                               dict(stage.mix or cfg.data.mix), tuple(stage.kinds), tuple(stage.freeze), bias, rate))
+                               dict(stage.mix or cfg.data.mix), tuple(stage.kinds), tuple(stage.freeze), bias, rate,
+                               stage.trains or default_trains))
         first += stage.steps
     return plans
 
@@ -75,6 +81,7 @@ def freeze_parameters(model, plan: StagePlan) -> int:
     In a ``XoronMultimodalModel`` the text model's names carry an ``llm.`` prefix; the LLM's own
     names ('layers.0.attn') match them too, and 'vision', 'video', 'audio', '<medium>_projector',
     'fusion', the generators 'speech', 'image_gen', 'video_gen' (or 'llm') name the other parts.
+    Then the stage's ``trains`` freezes the base model or the LoRA adapters (``train/lora.py``).
     """
     frozen = 0
     for prefix in plan.freeze:
@@ -88,4 +95,4 @@ def freeze_parameters(model, plan: StagePlan) -> int:
         for param in hits:
             frozen += param.numel() if param.requires_grad else 0
             param.requires_grad_(False)
-    return frozen
+    return frozen + freeze_for_stage(model, plan.trains)

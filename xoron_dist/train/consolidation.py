@@ -29,21 +29,9 @@ import torch
 from torch import nn
 
 from xoron_dist.config import ConfigError, XoronConfig, load_config
-from xoron_dist.export.deepspeed_shards import (
-    ConsolidationError,
-    RankGrid,
-    RankState,
-    load_file,
-    model_file,
-    module_state,
-    require_files,
-    stack_experts,
-    zero3_masters,
-    zero12_masters,
-    zero_file,
-)
 from xoron_dist.model.common.moe import MoEFeedForward
 from xoron_dist.model.llm import XoronLLM
+from xoron_dist.model.lora import apply_lora
 from xoron_dist.model.xoron import XoronMultimodalModel, build_model
 from xoron_dist.train.checkpoint import (
     _TAG_RE,
@@ -55,6 +43,19 @@ from xoron_dist.train.checkpoint import (
     hash_matches,
     resolve_tag,
     verified_manifest,
+)
+from xoron_dist.train.deepspeed_shards import (
+    ConsolidationError,
+    RankGrid,
+    RankState,
+    load_file,
+    model_file,
+    module_state,
+    require_files,
+    stack_experts,
+    zero3_masters,
+    zero12_masters,
+    zero_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class ConsolidatedCheckpoint:
     def build_model(self) -> nn.Module:
         """The plain model with these weights (eval mode)."""
         model = XoronMultimodalModel(self.cfg) if self.multimodal else XoronLLM(self.cfg.llm)
+        if self.cfg.model.lora.enabled:
+            apply_lora(model, self.cfg.model.lora)
         model.load_state_dict(self.state, strict=True)
         return model.eval()
 
@@ -246,6 +249,8 @@ def _meta_model(cfg: XoronConfig, multimodal: bool) -> nn.Module:
     """The plain model the trainer built (no memory: meta device)."""
     with torch.device("meta"):
         model = build_model(cfg) if multimodal else XoronLLM(cfg.llm)
+        if cfg.model.lora.enabled:  # the adapters the trainer added (model/lora.py)
+            apply_lora(model, cfg.model.lora)
     if multimodal != isinstance(model, XoronMultimodalModel):
         raise ConsolidationError("the checkpoint holds a multimodal model (llm.* names) but the run's config enables "
                                  "no encoder or generator: another model config")
