@@ -1,6 +1,6 @@
 """``xoron <verb>``: the one command line of the project. Each verb parses, then calls a function.
 
-    xoron train --config pipelines/smoke.yaml [--nproc N] [--resume] [key.sub=value ...]
+    xoron train --config pipelines/smoke.yaml [--nproc N] [--resume [--reshard]] [key.sub=value ...]
     xoron build --config pipelines/xoron_full.yaml [key.sub=value ...]
     xoron synth --out DIR [--config RUN.yaml]          (xoron_dist/synth/cli.py)
     xoron prep --config RUN.yaml --out DIR INPUT...    (data_prep/cli.py)
@@ -25,6 +25,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     it (and through it the ranks) our SIGTERM/SIGINT/SIGHUP, wait for every process it started and
     return its exit status (``xoron_dist.utils.signal_forwarding``)."""
     flags = [f for f, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on]
+    if args.reshard:
+        if not args.resume:
+            print("error: --reshard goes with --resume (it reslices the checkpoint a resume loads)", file=sys.stderr)
+            return 2
+        args.overrides = [*args.overrides, "train.reshard=true"]
     if args.nproc == 1:
         from xoron_dist.train.__main__ import main as train_main
 
@@ -85,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--master-port", type=int, default=29500)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start again, deleting old checkpoints")
+    train.add_argument("--reshard", action="store_true",
+                       help="with --resume: accept a checkpoint of another world size, layout or ZeRO stage "
+                            "(consolidated and resliced; optimizer moments start at zero)")
     train.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     train.set_defaults(func=cmd_train)
 

@@ -82,6 +82,9 @@ class TrainConfig:
     grad_accum_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     ds_config: str = "ds_configs/zero1.json"
     seed: int = 1234
+    # --resume from a checkpoint of another world size, parallel layout or ZeRO stage: consolidate it and
+    # reslice it into this layout (train/reshard.py; ``xoron train --resume --reshard``). Off: refused.
+    reshard: bool = False
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -204,6 +207,12 @@ class SynthConfig:
     text_to_image: int = 200
     text_to_video: int = 40
     text_to_speech: int = 100
+    # capability samples (xoron_dist/synth/capability.py): chain-of-thought, anti-hallucination and agentic
+    # conversations, and tool-use conversations; deduplicated (dedup_threshold: the largest Jaccard
+    # similarity of word 3-grams two kept samples of a kind may share) and quality-filtered
+    conversation: int = 0
+    tool_use: int = 0
+    dedup_threshold: float = 0.9
     min_image_size: int = 128
     max_image_size: int = 512
     min_video_frames: int = 8
@@ -213,7 +222,10 @@ class SynthConfig:
 
     def validate(self, where: str) -> None:
         non_negative(self, where, "text", "image_caption", "video_caption", "audio_transcript", "text_to_image",
-                      "text_to_video", "text_to_speech")
+                      "text_to_video", "text_to_speech", "conversation", "tool_use")
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise field_error(f"{where}.dedup_threshold", self.dedup_threshold,
+                              "a Jaccard similarity in (0, 1]; 1 drops only exact duplicates")
         positive(self, where, "min_image_size", "max_image_size", "min_video_frames", "max_video_frames",
                   "video_size", "audio_sample_rate")
         ordered(self, where, "min_image_size", "max_image_size")
@@ -282,6 +294,8 @@ class StageConfig:
     mix: dict[str, float] = field(default_factory=dict)
     kinds: list[str] = field(default_factory=list)
     freeze: list[str] = field(default_factory=list)
+    # with model.lora: all | base (adapters frozen) | adapters (base frozen); None: adapters when lora is on
+    trains: Literal["all", "base", "adapters"] | None = None
     expert_bias_update: bool | None = None
     expert_bias_update_rate: float | None = None  # gamma of this stage; None: model.llm.moe.bias_update_rate
 

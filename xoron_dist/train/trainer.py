@@ -47,7 +47,6 @@ from xoron_dist.train.checkpoint import (
     NonFiniteStateError,
     TrainerState,
     config_hash,
-    hash_matches,
     latest_tag,
     load_checkpoint,
     peek_state,
@@ -60,6 +59,7 @@ from xoron_dist.train.guard import Divergence, NumericsGuard, TrainingDiverged, 
 from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
 from xoron_dist.train.objectives import TokenGroups
+from xoron_dist.train.reshard import SavedLayout, archive_config, check_layout, load_resharded, saved_layout
 from xoron_dist.train.run_lock import RunDirectoryBusy, RunLock
 from xoron_dist.train.samples import GenerationSamples
 from xoron_dist.train.sources import build_source
@@ -180,6 +180,7 @@ def _prepare_run_dir(cfg: XoronConfig, paths: RunPaths, ctx, resume: bool, overw
             shutil.rmtree(paths.tensorboard, ignore_errors=True)
             paths.metrics.unlink(missing_ok=True)
         paths.root.mkdir(parents=True, exist_ok=True)
+        archive_config(paths.root, cfg)  # the layout of every earlier checkpoint stays readable (reshard)
         (paths.root / "config.yaml").write_text(cfg.to_yaml())
     dist.barrier()
 
@@ -231,12 +232,14 @@ class Run:
 @dataclass
 class StartPoint:
     """Where a stage starts: ``state``, the checkpoint to load (None: none, or the newest at a stage
-    boundary), whether its files were just verified, and the steps of data to skip after it (rollback)."""
+    boundary), whether its files were just verified, the steps of data to skip after it (rollback), and
+    the layout it was saved with when that is not this run's (``--reshard``: ``train/reshard.py``)."""
 
     state: TrainerState
     tag: str | None = None
     verified: bool = False
     skip_steps: int = 0
+    saved: SavedLayout | None = None
 
 
 @dataclass
@@ -260,7 +263,7 @@ def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], stop: StopRequest, *, 
                 ensure_prepared(cfg, paths.tokenizer)
             dist.barrier()
         watchdog.start()
-        start = _start_point(cfg, paths, resume)
+        start = _start_point(cfg, paths, resume, ctx.world_size)
         if stage_at(plans, start.state.step) is None:
             logger.info("run already complete at step %d (train.steps=%d); raise train.steps to continue",
                         start.state.step, cfg.train.steps)
@@ -274,7 +277,7 @@ def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], stop: StopRequest, *, 
             lock.release()
 
 
-def _start_point(cfg: XoronConfig, paths: RunPaths, resume: bool) -> StartPoint:
+def _start_point(cfg: XoronConfig, paths: RunPaths, resume: bool, world_size: int) -> StartPoint:
     """Step 0, or with --resume the newest checkpoint whose files verify (``resume_tag``)."""
     state = TrainerState(step=0, config_hash=config_hash(cfg))
     tag = resume_tag(paths.checkpoints) if resume else None
@@ -283,13 +286,14 @@ def _start_point(cfg: XoronConfig, paths: RunPaths, resume: bool) -> StartPoint:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", paths.checkpoints)
         return StartPoint(state)
     found = peek_state(paths.checkpoints, tag)
-    if not hash_matches(found.config_hash, cfg):
-        raise ConfigError(
-            f"checkpoint {paths.checkpoints} was written by a run with a different model/parallel config "
-            f"(hash {found.config_hash}, now {state.config_hash}); resume with the run's own "
-            f"{paths.root / 'config.yaml'} or start a new train.name"
-        )
-    return StartPoint(found, tag, verified=True)
+    return StartPoint(found, tag, verified=True, saved=_layout_to_reshard(cfg, paths, tag, world_size))
+
+
+def _layout_to_reshard(cfg: XoronConfig, paths: RunPaths, tag: str, world_size: int) -> SavedLayout | None:
+    """The layout checkpoint ``tag`` was saved with when it is not this run's (None when it is); a
+    ``ConfigError`` naming the differences when it is not and ``--reshard`` is off, or the model differs."""
+    saved = saved_layout(paths.root, paths.checkpoints / tag, cfg)
+    return saved if check_layout(saved, cfg, world_size, paths.checkpoints / tag) else None
 
 
 def _train_stages(run: Run, plans: list[StagePlan], start: StartPoint) -> TrainResult:
@@ -337,7 +341,8 @@ def _roll_back(run: Run, outcome: StageOutcome) -> StartPoint:
     logger.warning("training diverged: %s; rolling back to %s (rollback %d of at most %d) and skipping the %d "
                    "step(s) of data after it", divergence.reason, tag, state.rollbacks + 1, tc.max_rollbacks, skip)
     target = dataclasses.replace(target, skipped_steps=state.skipped_steps, rollbacks=state.rollbacks + 1)
-    return StartPoint(target, tag, verified=True, skip_steps=skip)
+    return StartPoint(target, tag, verified=True, skip_steps=skip,
+                      saved=_layout_to_reshard(run.cfg, run.paths, tag, run.ctx.world_size))
 
 
 def _run_stage(run: Run, plan: StagePlan, start: StartPoint) -> StageOutcome:
@@ -348,7 +353,7 @@ def _run_stage(run: Run, plan: StagePlan, start: StartPoint) -> StageOutcome:
     install_update_gate(built.engine)
     source = build_source(cfg, run.tokenizer, plan, ctx.dp_rank, ctx.dp_size, pin_memory=ctx.device.type == "cuda")
     try:
-        state = _enter_stage(built, source, run.paths, plan, start, cfg.train.grad_accum_steps)
+        state = _enter_stage(run, built, source, plan, start)
         logger.info("stage %d '%s': steps %d..%d, seq_len %d, lr %.2e%s; data: %s", plan.index, plan.name,
                     state.step + 1, plan.last_step, plan.seq_len, plan.train.lr,
                     f", {built.frozen:,} parameters frozen" if built.frozen else "", source.describe())
@@ -420,20 +425,29 @@ def _save(run: Run, built: BuiltStage, state: TrainerState) -> Divergence | None
     return None
 
 
-def _enter_stage(built: BuiltStage, source, paths: RunPaths, plan: StagePlan, start: StartPoint,
-                 accum: int) -> TrainerState:
+def _enter_stage(run: Run, built: BuiltStage, source, plan: StagePlan, start: StartPoint) -> TrainerState:
     """The state to continue from: the checkpoint's inside this stage (engine, data position), the
     previous stage's weights and expert biases at a stage boundary, or ``start.state`` as it is; then,
-    after a rollback, the batches of the steps that led to the divergence are skipped."""
-    state = start.state
+    after a rollback, the batches of the steps that led to the divergence are skipped. A checkpoint of
+    another layout (``start.saved``) is resliced into this one (``train/reshard.py``)."""
+    state, paths, accum = start.state, run.paths, run.cfg.train.grad_accum_steps
     load = start.tag is not None or plan.index > 0
     found = peek_state(paths.checkpoints, start.tag) if load else None
     if found is not None and found.stage_index == plan.index:  # resume inside this stage
-        state = load_checkpoint(built.engine, paths.checkpoints, start.tag, verify=not start.verified)
-        source.load_state_dict(state.data_position["source"])
+        if start.saved is not None:
+            state = load_resharded(built.engine, paths.checkpoints / start.tag, start.saved, run.cfg, run.ctx,
+                                   module_only=False)
+        else:
+            state = load_checkpoint(built.engine, paths.checkpoints, start.tag, verify=not start.verified)
+        if state.data_position:  # empty after a reshard that starts the stage's data afresh
+            source.load_state_dict(state.data_position["source"])
     elif found is not None:  # a new stage starts from the previous stage's weights and expert biases
-        carried = load_checkpoint(built.engine, paths.checkpoints, start.tag, module_only=True,
-                                  verify=not start.verified)
+        if start.saved is not None:
+            carried = load_resharded(built.engine, paths.checkpoints / start.tag, start.saved, run.cfg, run.ctx,
+                                     module_only=True)
+        else:
+            carried = load_checkpoint(built.engine, paths.checkpoints, start.tag, module_only=True,
+                                      verify=not start.verified)
         state = dataclasses.replace(carried, step=plan.first_step, data_position={})
     state.stage_index, state.stage_name = plan.index, plan.name
     state.skipped_steps, state.rollbacks = start.state.skipped_steps, start.state.rollbacks
