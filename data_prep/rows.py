@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_prep.errors import RejectedSample
+from data_prep.formats import FormatError, to_native
 from data_prep.media import decode_audio, decode_image, decode_video
 from data_prep.sources import MEDIA_FIELDS, RawSample
 from xoron_dist.config import PrepConfig
-from xoron_dist.data.schema import KINDS
+from xoron_dist.data.chat import ChatFormatError, conversation_from_json, tokenize
+from xoron_dist.data.schema import CHAT_KINDS, KINDS
 from xoron_dist.tokenizer import XoronTokenizer
 
 _MEDIA_HINT = {
@@ -46,10 +48,17 @@ class RowBuilder:
         fields = sample.fields
         if not isinstance(fields, dict):
             raise RejectedSample(f"a sample must be a JSON object, got {type(fields).__name__}")
+        place = sample.where.get("line", sample.where.get("key"))
+        try:
+            fields = to_native(fields, f"{sample.source.source}-{place}")
+        except FormatError as err:
+            raise RejectedSample(str(err)) from None
         sample_id = _required_str(fields, "id")
         kind = _required_str(fields, "kind")
         if kind not in KINDS:
             raise RejectedSample(f"unknown kind '{kind}'; known kinds: {', '.join(KINDS)}")
+        if kind in CHAT_KINDS:
+            return self._chat_row(sample, fields, sample_id, kind)
         text = fields.get("text")
         if text is None:
             raise RejectedSample("missing required field 'text'")
@@ -88,6 +97,25 @@ class RowBuilder:
         if medium is not None:
             nbytes += self._add_media(medium, sample.media[medium], fps, values, stats)
         return Row(kind, values, stats, nbytes)
+
+    def _chat_row(self, sample: RawSample, fields: dict, sample_id: str, kind: str) -> Row:
+        """A conversation / tool_use sample: the chat template's tokens and the runs of assistant tokens."""
+        if sample.duplicate_of is not None:
+            raise RejectedSample(f"duplicate id '{sample_id}' (first seen at {sample.duplicate_of})")
+        if sample.media:
+            raise RejectedSample(f"kind '{kind}' carries no media, but the sample has {' and '.join(sample.media)}")
+        try:
+            tokens, runs = tokenize(self.tokenizer.encode, conversation_from_json(fields))
+        except ChatFormatError as err:
+            raise RejectedSample(str(err)) from None
+        if len(tokens) > self.prep.max_text_tokens:
+            raise RejectedSample(f"{len(tokens)} tokens of conversation exceed "
+                                 f"max_text_tokens={self.prep.max_text_tokens}")
+        values = {"id": sample_id, "kind": kind, "source": sample.source.source, "prompt_tokens": [],
+                  "text_tokens": tokens, "target_runs": runs}
+        targets = sum(end - start for start, end in zip(runs[::2], runs[1::2], strict=True))
+        stats = {"samples": 1, "prompt_tokens": 0, "text_tokens": len(tokens), "target_tokens": targets}
+        return Row(kind, values, stats, 4 * (len(tokens) + len(runs)) + len(sample_id) + 64)
 
     def _add_media(self, medium: str, media: Any, fps: float | None, values: dict, stats: dict) -> int:
         p = self.prep

@@ -1,12 +1,14 @@
 """The Xoron tokenizer: regular tokens, then the special tokens Xoron reserves from day one.
 
-Ids ``0 .. regular_vocab_size - 1`` are regular tokens and the special tokens of ``SPECIAL_TOKENS``
-follow them, so every id must stay below ``model.llm.padded_vocab_size`` (regular vocabulary plus
-``special_token_slots``, rounded up). Two sources of regular tokens:
+Ids ``0 .. regular_vocab_size - 1`` are regular tokens and the special tokens follow them (the table
+in ``xoron_dist.special_tokens``: as many of its tiers as the model's rows hold, see
+``complete_special_tokens``), so every id must stay below ``model.llm.padded_vocab_size`` (regular
+vocabulary plus ``special_token_slots``, rounded up). Two sources of regular tokens:
 
 * a local Qwen2.5 tokenizer directory (``tokenizer.path``): its ``tokenizer.json`` as is, plus those
   of our special tokens it lacks (it already has ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``,
-  ``<|image_pad|>`` and ``<|video_pad|>``, which keep their Qwen ids);
+  ``<|image_pad|>``, ``<|video_pad|>``, the four ``<|fim_...|>`` and ``<|file_sep|>``, which keep
+  their Qwen ids);
 * otherwise a byte-level BPE with ``model.llm.vocab_size`` tokens trained on ``tokenizer.train_text``
   or on the corpus shipped in ``xoron_dist/assets/`` (written by
   ``xoron_dist.data.synthetic_text.write_tokenizer_corpus``), saved with the run and reused on resume.
@@ -25,42 +27,18 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from xoron_dist.config import ConfigError, LLMConfig, XoronConfig
+from xoron_dist.special_tokens import ALL_SPECIAL_TOKENS, BASE_TOKENS, SPECIAL_TOKENS, special_token_name
 from xoron_dist.utils.typed_config import field_error
 
 TOKENIZER_CORPUS_PATH = Path(__file__).parent / "assets" / "tokenizer_corpus.txt"
 TOKENIZER_FILE = "tokenizer.json"
 METADATA_FILE = "xoron_tokenizer.json"
 
-# Reserved special tokens, in id order after the regular vocabulary. Append only: reordering changes ids.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",  # end of a document; also the EOS of generation
-    "<|pad|>",
-    "<|im_start|>",  # chat turns, as in Qwen2.5: <|im_start|>user\n...<|im_end|>
-    "<|im_end|>",
-    "<|image_start|>",  # each modality: begin, end, and the placeholder its encoder's embeddings replace
-    "<|image_end|>",
-    "<|image_pad|>",
-    "<|video_start|>",
-    "<|video_end|>",
-    "<|video_pad|>",
-    "<|audio_start|>",
-    "<|audio_end|>",
-    "<|audio_pad|>",
-    "<|gen_image|>",  # the model asks a generator head for output of that kind
-    "<|gen_video|>",
-    "<|gen_speech|>",
-)
-
 # Qwen2's pre-tokenizer split: contractions, words, single digits (so sums tokenize digit by digit),
 # punctuation runs and whitespace; each piece is then mapped to byte-level symbols.
 _SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-def special_token_name(token: str) -> str:
-    """``"<|image_pad|>"`` -> ``"image_pad"``, the key of ``XoronTokenizer.special_ids``."""
-    return token[2:-2]
 
 
 class XoronTokenizer:
@@ -72,13 +50,16 @@ class XoronTokenizer:
 
     def __init__(self, backend: Tokenizer) -> None:
         added = {token.content: index for index, token in backend.get_added_tokens_decoder().items()}
-        missing = [token for token in SPECIAL_TOKENS if token not in added]
+        missing = [token for token in BASE_TOKENS if token not in added]
         if missing:
             raise ValueError(f"the tokenizer lacks the special tokens {missing}; build it with build_tokenizer()")
         self.backend = backend
-        self.special_ids: dict[str, int] = {special_token_name(token): added[token] for token in SPECIAL_TOKENS}
+        # every special token it holds, in table order (the extended tier only when it was added)
+        self.special_ids: dict[str, int] = {
+            special_token_name(token): added[token] for token in ALL_SPECIAL_TOKENS if token in added}
         self.regular_vocab_size: int = backend.get_vocab_size(with_added_tokens=False)
         self.vocab_size: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        self.upgraded = 0  # special tokens ``load`` appended to a run's saved files
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -120,23 +101,29 @@ class XoronTokenizer:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> XoronTokenizer:
-        """Read a directory written by ``save``."""
+    def load(cls, directory: str | Path, rows: int | None = None) -> XoronTokenizer:
+        """Read a directory written by ``save``. With ``rows`` (the model's padded vocabulary), special
+        tokens of the table that the files lack (a run started before they were added) are appended
+        as ``complete_special_tokens`` does: after every id the files hold, so the ids a run trained
+        with never move; ``upgraded`` counts them."""
         directory = Path(directory)
         path = directory / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}")
-        tokenizer = cls(Tokenizer.from_file(str(path)))
+        backend = Tokenizer.from_file(str(path))
+        added = complete_special_tokens(backend, rows) if rows is not None else 0
+        tokenizer = cls(backend)
+        tokenizer.upgraded = added
         metadata_path = directory / METADATA_FILE
         if metadata_path.is_file():
             recorded = json.loads(metadata_path.read_text(encoding="utf-8"))["special_tokens"]
-            if recorded != tokenizer.special_ids:
+            now = {name: tokenizer.special_ids.get(name) for name in recorded}
+            if recorded != now:
                 raise ValueError(
-                    f"{path} gives the special tokens the ids {tokenizer.special_ids}, but "
+                    f"{path} gives the special tokens the ids {now}, but "
                     f"{metadata_path} records {recorded}: the files do not belong together"
                 )
         return tokenizer
-
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -149,8 +136,24 @@ def _add_special_tokens(backend: Tokenizer, tokens: Iterable[str]) -> None:
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in tokens])
 
 
-def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> XoronTokenizer:
-    """Train a byte-level BPE with (up to) ``vocab_size`` regular tokens, then append ``SPECIAL_TOKENS``.
+def complete_special_tokens(backend: Tokenizer, rows: int) -> int:
+    """Append to ``backend`` the special tokens it lacks, in table order, from the largest tier whose
+    ids all stay below ``rows`` (the model's padded vocabulary): every table token (411) if they fit,
+    else base + seed (249, the 256 slots of the default), else the 16 base tokens (always; a model
+    too small even for them is ``check_fits_model``'s error). Returns how many were appended."""
+    present = {token.content for token in backend.get_added_tokens_decoder().values()}
+    top = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+    for tier in (ALL_SPECIAL_TOKENS, SPECIAL_TOKENS, BASE_TOKENS):
+        missing = [token for token in tier if token not in present]
+        if top + len(missing) <= rows:
+            break
+    _add_special_tokens(backend, missing)
+    return len(missing)
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, rows: int | None = None) -> XoronTokenizer:
+    """Train a byte-level BPE with (up to) ``vocab_size`` regular tokens, then append the special tokens
+    (``complete_special_tokens`` for a model of ``rows`` embedding rows; ``SPECIAL_TOKENS`` without).
 
     The 256 byte symbols are always in the vocabulary, so any text encodes. The result depends only
     on the text: the trainer counts words, breaks ties between equally frequent pairs by pair id,
@@ -172,12 +175,18 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> XoronTokenize
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
-    _add_special_tokens(backend, SPECIAL_TOKENS)
+    if rows is None:
+        _add_special_tokens(backend, SPECIAL_TOKENS)
+    else:
+        complete_special_tokens(backend, rows)
     return XoronTokenizer(backend)
 
 
-def load_pretrained_tokenizer(directory: str | Path) -> XoronTokenizer:
-    """A local HF tokenizer directory (Qwen2.5) plus whichever of ``SPECIAL_TOKENS`` it lacks.
+def load_pretrained_tokenizer(directory: str | Path, rows: int | None = None) -> XoronTokenizer:
+    """A local HF tokenizer directory (Qwen2.5) plus whichever of our special tokens it lacks, appended
+    in table order. Tokens Qwen2.5 already has keep its ids (``<|endoftext|>``, ``<|im_start|>``,
+    ``<|im_end|>``, ``<|image_pad|>``, ``<|video_pad|>``, ``<|fim_prefix|>`` ... ``<|fim_pad|>``,
+    ``<|file_sep|>``).
 
     Only ``tokenizer.json`` is read: it already lists the added tokens that ``tokenizer_config.json``
     repeats. Nothing is fetched from the network.
@@ -198,7 +207,10 @@ def load_pretrained_tokenizer(directory: str | Path) -> XoronTokenizer:
         )
     backend = Tokenizer.from_file(str(path))
     present = {token.content for token in backend.get_added_tokens_decoder().values()}
-    _add_special_tokens(backend, [token for token in SPECIAL_TOKENS if token not in present])
+    if rows is None:
+        _add_special_tokens(backend, [token for token in SPECIAL_TOKENS if token not in present])
+    else:
+        complete_special_tokens(backend, rows)
     return XoronTokenizer(backend)
 
 
@@ -221,12 +233,13 @@ def build_tokenizer(cfg: XoronConfig, save_dir: str | Path | None = None) -> Xor
     else a BPE trained now (and saved to ``save_dir`` when given). Checked against the model's vocabulary.
     """
     llm = cfg.model.llm
+    rows = llm.padded_vocab_size
     save_dir = Path(save_dir) if save_dir is not None else None
     resuming = cfg.tokenizer.path is None and save_dir is not None and (save_dir / TOKENIZER_FILE).is_file()
     if cfg.tokenizer.path is not None:
-        tokenizer = load_pretrained_tokenizer(cfg.tokenizer.path)
+        tokenizer = load_pretrained_tokenizer(cfg.tokenizer.path, rows)
     elif resuming:
-        tokenizer = XoronTokenizer.load(save_dir)
+        tokenizer = XoronTokenizer.load(save_dir, rows)
         if tokenizer.regular_vocab_size != llm.vocab_size:
             raise ConfigError(
                 f"{save_dir / TOKENIZER_FILE} (the tokenizer this run was started with) has "
@@ -236,7 +249,7 @@ def build_tokenizer(cfg: XoronConfig, save_dir: str | Path | None = None) -> Xor
     else:
         tokenizer = _train_from_config(cfg)
     check_fits_model(tokenizer, llm)
-    if save_dir is not None and not resuming:
+    if save_dir is not None and (not resuming or tokenizer.upgraded):
         tokenizer.save(save_dir)
     return tokenizer
 
@@ -252,7 +265,7 @@ def _train_from_config(cfg: XoronConfig) -> XoronTokenizer:
         path = TOKENIZER_CORPUS_PATH
         source = f"the shipped corpus ({path})"
     with path.open(encoding="utf-8") as lines:
-        tokenizer = train_byte_level_bpe(lines, vocab_size)
+        tokenizer = train_byte_level_bpe(lines, vocab_size, cfg.model.llm.padded_vocab_size)
     if tokenizer.regular_vocab_size < vocab_size:
         # Special ids would then start below vocab_size, where the model expects regular tokens.
         raise ConfigError(
@@ -264,11 +277,13 @@ def _train_from_config(cfg: XoronConfig) -> XoronTokenizer:
 
 
 __all__ = [
+    "ALL_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",
     "TOKENIZER_CORPUS_PATH",
     "XoronTokenizer",
     "build_tokenizer",
     "check_fits_model",
+    "complete_special_tokens",
     "load_pretrained_tokenizer",
     "special_token_name",
     "train_byte_level_bpe",

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from xoron_dist.config import DataConfig
-from xoron_dist.data.schema import DatasetInfo, Manifest, ShardInfo, media_of, schema_for, sha256_file
+from xoron_dist.data.schema import CHAT_KINDS, DatasetInfo, Manifest, ShardInfo, media_of, schema_for, sha256_file
 from xoron_dist.data.shards import tokenizer_sha256
 
 SAMPLE_RATE = 16_000
@@ -30,6 +30,10 @@ def make_rows(kind: str, count: int, *, seed: int = 0, text_len: tuple[int, int]
             "text_tokens": rng.integers(0, 1000, rng.integers(*text_len, endpoint=True)).tolist(),
         }
         medium = media_of(kind)
+        if kind in CHAT_KINDS:  # the assistant turns: 1 or 2 runs of the text's tokens
+            n = len(row["text_tokens"])
+            cuts = sorted(rng.choice(np.arange(1, n + 1), size=min(n, 4), replace=False).tolist())
+            row |= {"prompt_tokens": [], "target_runs": cuts[: len(cuts) // 2 * 2]}
         if medium == "image":
             h, w = int(rng.integers(2, 6)), int(rng.integers(2, 6))
             row |= {"image": bytes([i % 256]) * (h * w * 3), "image_height": h, "image_width": w}

@@ -7,7 +7,7 @@ from xoron_dist.config import ConfigError
 from xoron_dist.data.batch import IGNORE_INDEX, PackedBatch
 from xoron_dist.data.loader import ArrowDataLoader
 from xoron_dist.data.packing import SampleTooLongError, SequencePacker, TokenLayout, collate
-from xoron_dist.data.schema import GENERATION_KINDS, KINDS
+from xoron_dist.data.schema import CHAT_KINDS, GENERATION_KINDS, KINDS
 from xoron_dist.data.shards import ArrowSample
 from xoron_dist.data.stream import MAX_CONSECUTIVE_SKIPS, TooManySkipsError
 
@@ -83,6 +83,10 @@ def _check_batch(batch: PackedBatch, tok, seq_len, rows_by_id, layout):
             if kind in GENERATION_KINDS:
                 medium = KINDS[kind]
                 assert labelled == [ids[{"image": "gen_image", "video": "gen_video", "audio": "gen_speech"}[medium]]]
+            elif kind in CHAT_KINDS:  # the tokens of the target runs, none at the document's first position
+                runs = row["target_runs"]
+                pairs = zip(runs[::2], runs[1::2], strict=True)
+                assert labelled == [text[t] for a, b in pairs for t in range(max(a, 1), b)]
             elif kind == "text" and not row["prompt_tokens"]:
                 assert labelled == text[1:] + [eos]  # the first token has nothing before it
             else:

@@ -16,7 +16,8 @@ from xoron_dist.synth.bad_samples import BAD_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--text", "3", "--image-caption", "2", "--video-caption", "1", "--audio-transcript", "1",
-         "--text-to-image", "1", "--text-to-video", "1", "--text-to-speech", "1"]
+         "--text-to-image", "1", "--text-to-video", "1", "--text-to-speech", "1", "--conversation", "2",
+         "--tool-use", "1"]
 # xoron_dist.cli imports every verb's module, data_prep.cli (xoron prep) included
 needs_prep = pytest.mark.skipif(importlib.util.find_spec("data_prep.cli") is None,
                                 reason="data_prep.cli (xoron prep) is not in this tree")
@@ -78,7 +79,7 @@ def test_xoron_synth_verb(tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads((tmp_path / "c" / "synth.json").read_text())
     assert info["counts"] == {"text": 3, "image_caption": 2, "audio_transcript": 1, "text_to_image": 1,
-                              "text_to_video": 1, "text_to_speech": 1}
+                              "text_to_video": 1, "text_to_speech": 1, "conversation": 2, "tool_use": 1}
     assert not (tmp_path / "c" / "video_caption.jsonl").exists()
 
 

@@ -14,13 +14,14 @@ import soundfile as sf
 from PIL import Image
 
 from xoron_dist.config import ConfigError, SynthConfig
-from xoron_dist.data.schema import KINDS
+from xoron_dist.data.chat import conversation_from_json
+from xoron_dist.data.schema import CHAT_KINDS, KINDS
 from xoron_dist.synth import SynthOutputError, clips, corpus, scenes, synthesize
 from xoron_dist.synth.bad_samples import BAD_CASES
 
 TINY = SynthConfig(seed=7, text=6, image_caption=14, video_caption=8, audio_transcript=10, text_to_image=4,
                    text_to_video=4, text_to_speech=4, min_image_size=32, max_image_size=96, min_video_frames=4,
-                   max_video_frames=9, video_size=32, audio_sample_rate=8000)
+                   max_video_frames=9, video_size=32, audio_sample_rate=8000, conversation=3, tool_use=2)
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -59,6 +60,9 @@ def test_every_line_follows_the_schema_and_its_media_decode(tiny):
         records = _records(out / f"{kind}.jsonl")
         assert len(records) == getattr(TINY, kind)
         assert [r["id"] for r in records] == [f"{kind}-{i + 1:06d}" for i in range(len(records))]
+        if kind in CHAT_KINDS:  # turns instead of text (their content: tests/synth/test_capability.py)
+            assert all(r["kind"] == kind and conversation_from_json(r).turns for r in records)
+            continue
         media = KINDS[kind]
         for r in records:
             assert r["kind"] == kind and isinstance(r["text"], str) and r["text"].strip()
@@ -154,7 +158,8 @@ def test_same_config_same_bytes(tiny, tmp_path):
 def test_larger_count_extends_smaller(tiny, tmp_path):
     out, _ = tiny
     small = SynthConfig(**{**TINY.__dict__, "image_caption": 5, "text": 3, "video_caption": 2,
-                           "audio_transcript": 0, "text_to_image": 0, "text_to_video": 0, "text_to_speech": 0})
+                           "audio_transcript": 0, "text_to_image": 0, "text_to_video": 0, "text_to_speech": 0,
+                           "conversation": 0, "tool_use": 0})
     written = synthesize(small, tmp_path / "small", progress=False)
     assert [p.name for p in written] == ["text.jsonl", "image_caption.jsonl", "video_caption.jsonl"]
     assert not (tmp_path / "small" / "audio").exists()

@@ -9,6 +9,8 @@ setting, ``data.image_tokens``, ``data.video_tokens``, or for a per-second one
     image_caption, ...   <|x_start|> <|x_pad|>*n <|x_end|> prompt + text + <eos>    loss: text, <eos>
     text_to_image, ...   prompt + text <|gen_x|> <|x_start|> <|x_pad|>*n <|x_end|> <eos>
                                                                                     loss: <|gen_x|>
+    conversation,        the chat template's turns (``chat.py``) + <eos>            loss: each assistant turn's
+    tool_use                                                                        content, calls, <|im_end|>
 
 "loss on token t" means t is a *target*: the label at position t-1 (same document) is t's id.
 Prompts, media markers and placeholders are never targets. In generation samples the medium
@@ -86,13 +88,20 @@ class Document:
     ``ref`` = (dataset index, stream position, piece) locates it again after a resume.
     """
 
-    __slots__ = ("sample_id", "length", "parts", "target_start", "target_end", "media", "ref")
+    __slots__ = ("sample_id", "length", "parts", "target_start", "target_end", "media", "ref", "runs")
 
     def __init__(self, sample_id: str, length: int, parts: tuple[np.ndarray, ...], target_start: int,
-                 target_end: int, media: MediaSpan | None = None, ref: tuple[int, int, int] = (0, 0, 0)) -> None:
+                 target_end: int, media: MediaSpan | None = None, ref: tuple[int, int, int] = (0, 0, 0),
+                 runs: tuple[tuple[int, int], ...] | None = None) -> None:
         self.sample_id, self.length, self.parts = sample_id, length, parts
         self.target_start, self.target_end = target_start, target_end
         self.media, self.ref = media, ref
+        self.runs = runs  # chat kinds: several target runs (in [target_start, target_end)); None: one
+
+    @property
+    def target_runs(self) -> tuple[tuple[int, int], ...]:
+        """The ``[start, end)`` runs of target positions, in order."""
+        return self.runs if self.runs is not None else ((self.target_start, self.target_end),)
 
     def __len__(self) -> int:
         return self.length
@@ -106,7 +115,8 @@ class Document:
     def targets(self) -> np.ndarray:
         """(length,) bool: token t is predicted from token t-1"""
         targets = np.zeros(self.length, bool)
-        targets[self.target_start : self.target_end] = True
+        for start, end in self.target_runs:
+            targets[start:end] = True
         return targets
 
 
@@ -181,6 +191,8 @@ class TokenLayout:
         prompt, text = sample.prompt_tokens, sample.text_tokens
         p, t = len(prompt), len(text)
         medium = sample.medium
+        if sample.target_runs is not None:
+            return self._chat_documents(sample, dataset, position)
         if medium is None:
             if p + t + 1 > self.seq_len:
                 tokens = np.concatenate((prompt, text, self._eos), dtype=np.int64)
@@ -205,6 +217,30 @@ class TokenLayout:
                 f"{self.fixed_tokens(sample.kind, n) - n} markers/eos) but seq_len is {self.seq_len}"
             )
         return [doc]
+
+    def _chat_documents(self, sample: ArrowSample, dataset: int, position: int) -> list[Document]:
+        """A conversation (``xoron_dist.data.chat``): its rendered tokens + <eos>, trained on the
+        assistant runs only (<eos> is context: the last <|im_end|> already ends the reply). Longer
+        than ``seq_len``: pieces as for long text, each with the runs that fall in it."""
+        text, flat = sample.text_tokens, sample.target_runs
+        runs = tuple((int(a), int(b)) for a, b in zip(flat[::2], flat[1::2], strict=True) if b > a)
+        if not runs or runs[-1][1] > len(text) or any(a < 0 for a, _ in runs):
+            raise SampleTooLongError(f"sample '{sample.id}' of dataset '{sample.dataset}' ({sample.kind}) has "
+                                     f"target runs {flat.tolist()} outside its {len(text)} tokens")
+        length = len(text) + 1
+        if length <= self.seq_len:
+            return [Document(sample.id, length, (text, self._eos), runs[0][0], runs[-1][1], None,
+                             (dataset, position, 0), runs)]
+        tokens = np.concatenate((text, self._eos), dtype=np.int64)
+        stride, pieces = self.seq_len - 1, []
+        for k, begin in enumerate(range(0, length - 1, stride)):
+            end = min(begin + self.seq_len, length)
+            inside = tuple((max(a, begin) - begin, min(b, end) - begin) for a, b in runs
+                           if max(a, begin + 1) < min(b, end))  # a target at the piece's first token has no label
+            if inside:
+                pieces.append(Document(f"{sample.id}#{k}", end - begin, (tokens[begin:end],), inside[0][0],
+                                       inside[-1][1], None, (dataset, position, len(pieces)), inside))
+        return pieces
 
     def _split(self, sample_id: str, tokens: np.ndarray, prompt: int, dataset: int, position: int) -> list[Document]:
         """Pieces of a long text whose targets start at ``prompt`` (see the module docstring)."""
@@ -300,10 +336,11 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
             seg_lengths.append(doc.length)
             seg_ids.append(d)
             # token t is a target -> label at t - 1 (not before the document's first token)
-            start, end = offset + max(doc.target_start, 1) - 1, offset + doc.target_end - 1
-            if start < end:
-                label_starts.append(start)
-                label_ends.append(end)
+            for target_start, target_end in doc.target_runs:
+                start, end = offset + max(target_start, 1) - 1, offset + target_end - 1
+                if start < end:
+                    label_starts.append(start)
+                    label_ends.append(end)
             if doc.media is not None:
                 media[doc.media.medium].append((b, offset - base, doc.media))
             offset += doc.length

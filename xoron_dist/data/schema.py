@@ -9,8 +9,11 @@ line, media paths relative to the JSONL file's folder::
     field    kinds                                   meaning
     id       all (required, unique per source)       stable sample id; rejects and resume refer to it
     kind     all (required)                          one of KINDS
-    text     all (required)                          caption / answer / transcript / generation prompt
+    text     all but chat kinds (required)           caption / answer / transcript / generation prompt
     prompt   optional, understanding kinds           instruction before the media (no loss on it)
+    turns    conversation, tool_use (instead of      [{"role", "content", "tool_calls"?, "name"?}, ...]:
+             prompt/text)                            the chat template of ``xoron_dist.data.chat``
+    tools    optional, tool_use                      the available tools [{"name", ...}, ...]
     image    image_caption, text_to_image            PNG/JPEG path
     video    video_caption, text_to_video            MP4 path, or a folder of frame images (sorted by name)
     fps      optional, with video                    frame rate of a frame folder (MP4s carry their own)
@@ -51,8 +54,13 @@ KINDS: dict[str, str | None] = {
     "text_to_image": "image",
     "text_to_video": "video",
     "text_to_speech": "audio",
+    "conversation": None,
+    "tool_use": None,
 }
 GENERATION_KINDS = frozenset({"text_to_image", "text_to_video", "text_to_speech"})
+# Multi-turn kinds (``xoron_dist.data.chat``): raw samples carry ``turns`` (+ ``tools``) instead of
+# prompt/text; rows hold the rendered conversation in ``text_tokens`` and its target runs.
+CHAT_KINDS = frozenset({"conversation", "tool_use"})
 
 _COMMON = [
     pa.field("id", pa.string(), nullable=False),
@@ -91,9 +99,14 @@ def media_of(kind: str) -> str | None:
     return KINDS[kind]
 
 
+# chat kinds: [start, end, start, end ...) offsets into text_tokens of the tokens that are trained on
+_TARGET_RUNS = pa.field("target_runs", pa.list_(pa.int32()), nullable=False)
+
+
 def schema_for(kind: str) -> pa.Schema:
     media = media_of(kind)
-    return pa.schema(_COMMON + (_MEDIA[media] if media else []), metadata={"xoron_kind": kind})
+    extra = [_TARGET_RUNS] if kind in CHAT_KINDS else []
+    return pa.schema(_COMMON + (_MEDIA[media] if media else []) + extra, metadata={"xoron_kind": kind})
 
 
 @dataclass

@@ -57,6 +57,7 @@ class ArrowSample:
     media: np.ndarray | None = None  # image (H, W, 3) uint8 | video (T, H, W, 3) uint8 | audio (samples,) int16
     sample_rate: int | None = None  # audio only
     fps: float | None = None  # video only
+    target_runs: np.ndarray | None = None  # chat kinds: flat (start, end) pairs into text_tokens, int32
 
     @property
     def audio_seconds(self) -> float:
@@ -81,6 +82,7 @@ class _Columns:
         self.id_offsets, self.id_data = _binary_views(batch.column("id"))
         self.prompt_offsets, self.prompt_values = _list_views(batch.column("prompt_tokens"))
         self.text_offsets, self.text_values = _list_views(batch.column("text_tokens"))
+        self.runs = _list_views(batch.column("target_runs")) if "target_runs" in batch.schema.names else None
         if medium is not None:
             self.media_offsets, media_data = _binary_views(batch.column(medium))
             self.media_data = np.frombuffer(media_data, dtype=np.uint8)
@@ -93,6 +95,9 @@ class _Columns:
                              self.text_values[texts[i] : texts[i + 1]])
         if self.medium is not None:
             self._attach_media(sample, i)
+        if self.runs is not None:
+            offsets, values = self.runs
+            sample.target_runs = values[offsets[i] : offsets[i + 1]]
         return sample
 
     def _attach_media(self, sample: ArrowSample, i: int) -> None:

@@ -20,7 +20,7 @@ from xoron_dist.utils.typed_config import from_dict, parse_override, to_dict, va
 
 # The per-kind sample counts of SynthConfig (the kinds of xoron_dist.data.schema, which imports pyarrow).
 COUNT_FIELDS = ("text", "image_caption", "video_caption", "audio_transcript", "text_to_image", "text_to_video",
-                "text_to_speech")
+                "text_to_speech", "conversation", "tool_use")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ Layout under ``out`` (paths in the JSONL are relative to ``out``, as ``xoron_dis
 asks)::
 
     text.jsonl  image_caption.jsonl  ...        one per kind with a count > 0
+    conversation.jsonl  tool_use.jsonl           capability samples (capability.py), no media
     images/<id>.png|.jpg                         image_caption, text_to_image (1 in 5 JPEG)
     videos/<id>/frame000.png ...  videos/<id>.mp4  video_caption, text_to_video (1 in 4 MP4)
     audio/<id>.wav                               audio_transcript, text_to_speech
@@ -43,10 +44,11 @@ import numpy as np
 from tqdm import tqdm
 
 from xoron_dist.config import SynthConfig
-from xoron_dist.data.schema import KINDS
+from xoron_dist.data.schema import CHAT_KINDS, KINDS
 from xoron_dist.data.synthetic_text import FRAMES, generate_documents
 from xoron_dist.synth import clips, scenes, sounds
 from xoron_dist.synth.bad_samples import BAD_FILE, write_bad_samples
+from xoron_dist.synth.capability import capability_samples
 from xoron_dist.synth.encoders import write_frame_folder, write_image, write_mp4, write_wav
 from xoron_dist.utils.typed_config import field_error
 
@@ -137,6 +139,12 @@ def text_records(cfg: SynthConfig) -> list[dict[str, str | int]]:
         else:
             records.append(_record("text", index, document))
     return records
+
+
+def capability_records(cfg: SynthConfig, kind: str) -> list[dict[str, Any]]:
+    """The chat samples of ``kind`` (conversation, tool_use) from ``synth/capability.py``."""
+    samples = capability_samples(cfg.seed, kind, getattr(cfg, kind), cfg.dedup_threshold)
+    return [{"id": sample_id(kind, index), "kind": kind, **sample} for index, sample in enumerate(samples)]
 
 
 def image_record(ctx: _Context, kind: str, index: int) -> dict[str, str | int]:
@@ -281,6 +289,9 @@ def synthesize(cfg: SynthConfig, out: Path, *, progress: bool = True, bad_sample
             bar.set_postfix_str(kind)
             if kind == "text":
                 records = text_records(cfg)
+                bar.update(count)
+            elif kind in CHAT_KINDS:
+                records = capability_records(cfg, kind)
                 bar.update(count)
             else:
                 records = []
