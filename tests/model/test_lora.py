@@ -11,7 +11,7 @@ from xoron_dist.model.lora import LoRAError, apply_lora, is_adapter, is_b_matrix
 from xoron_dist.parallel.tensor import tp_slice
 from xoron_dist.train.build import parameter_groups
 from xoron_dist.train.checkpoint import config_hash, hash_matches
-from xoron_dist.train.lora import add_adapters, freeze_for_stage
+from xoron_dist.train.lora import freeze_for_stage
 from xoron_dist.train.stages import freeze_parameters, plan_stages
 
 LORA = ["preset=tiny", "model.llm.dense_layers=1", "model.lora.enabled=true", "model.lora.rank=4",
@@ -113,8 +113,6 @@ def test_bad_lora_settings_are_refused():
         _cfg("model.lora.rank=0")
     with pytest.raises(LoRAError, match="match no layer"):
         apply_lora(XoronLLM(_cfg().llm), _cfg("model.lora.targets=[projector]").model.lora)
-    with pytest.raises(LoRAError, match="parallel.ep"):
-        add_adapters(XoronLLM(_cfg().llm), _cfg("parallel.ep=2"))
 
 
 def test_config_hash_of_runs_without_lora_is_unchanged():

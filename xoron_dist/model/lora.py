@@ -26,6 +26,10 @@ that touches the split dim is split with the base's unit, the other stays whole,
     rowwise     A split on in; seam reduce_from between A      down: A split on in; B enters through
                 and B (B whole, its input summed first)        copy_to (its gradient summed over TP)
 
+Expert parallelism (``xoron_dist.parallel.experts``) gives each EP rank its experts' slice of a stacked
+adapter the way it slices the stacked weights: ``StackedLoRA.expert(e)`` is expert e's A (rank, in) and
+B (out, rank), with the same forward on that expert's (out, in) weight.
+
 Adapter parameters are named ``<layer>.lora.A/B`` and ``<experts>.{gate_up,down}_lora.A/B``;
 ``is_adapter(name)`` tells them apart, ``is_b_matrix`` finds LoRA+'s B matrices.
 """
@@ -90,15 +94,18 @@ def attach_linear_lora(layer: nn.Module, adapter: LinearLoRA) -> None:
 
 class StackedLoRA(nn.Module):
     """Adapter of a stacked expert weight (experts, out, in): ``forward(W) = W + scale · B @ A`` per expert,
-    A (experts, rank, in), B (experts, out, rank)."""
+    A (experts, rank, in), B (experts, out, rank); ``adapts`` names the weight (``gate_up`` or ``down``).
+    ``expert(e)`` is expert e's adapter alone (A (rank, in), B (out, rank), same forward on its (out, in)
+    weight): what expert parallelism gives the rank holding expert e."""
 
-    def __init__(self, experts: int, in_features: int, out_features: int, cfg: LoRAConfig, tp_rule: tuple) -> None:
+    def __init__(self, experts: int, in_features: int, out_features: int, cfg: LoRAConfig, tp_rule: tuple,
+                 adapts: str) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(experts, cfg.rank, in_features))
         for a in self.A.data:
             _kaiming_(a)
         self.B = nn.Parameter(torch.zeros(experts, out_features, cfg.rank))
-        self.scale = cfg.scale
+        self.scale, self.adapts = cfg.scale, adapts
         self.TP_RULES = {"experts": tp_rule}
         self.whole = "A" if tp_rule[0] == "B" else "B"  # the factor every TP rank holds whole
         self.seam = nn.Identity()  # TP: copy_to on the whole factor (its gradient summed over the ranks)
@@ -106,10 +113,23 @@ class StackedLoRA(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         a, b = self.A.to(weight.dtype), self.B.to(weight.dtype)
         a, b = (self.seam(a), b) if self.whole == "A" else (a, self.seam(b))
-        return weight + self.scale * torch.bmm(b, a)
+        return weight + self.scale * torch.matmul(b, a)
 
     def delta(self) -> torch.Tensor:
-        return self.scale * torch.bmm(self.B, self.A)
+        return self.scale * torch.matmul(self.B, self.A)
+
+    def expert(self, e: int) -> StackedLoRA:
+        """Expert ``e``'s adapter as a module of its own: copies of ``A[e]``, ``B[e]`` (trainable as these
+        are), the same scale and seam (a tensor-parallel split of the stack stays split the same way)."""
+        one = StackedLoRA.__new__(StackedLoRA)
+        nn.Module.__init__(one)
+        for factor in ("A", "B"):
+            stacked = getattr(self, factor)
+            setattr(one, factor, nn.Parameter(stacked[e].detach().clone(), requires_grad=stacked.requires_grad))
+        one.scale, one.adapts, one.whole, one.seam = self.scale, self.adapts, self.whole, self.seam
+        factor, dim, stride, seam = self.TP_RULES["experts"]
+        one.TP_RULES = {"experts": (factor, dim - 1, stride, seam)}  # no expert dim any more
+        return one
 
 
 class LoRARoutedExperts(RoutedExperts):
@@ -123,8 +143,8 @@ class LoRARoutedExperts(RoutedExperts):
         self.entry, self.exit = experts.entry, experts.exit
         e, two_i, hidden = experts.gate_up.shape
         # gate_up's rows hold [gate; up]: split with stride 2 like the base (``parallel.tensor._experts``)
-        self.gate_up_lora = StackedLoRA(e, hidden, two_i, cfg, ("B", 1, 2, "enter"))
-        self.down_lora = StackedLoRA(e, experts.down.shape[2], hidden, cfg, ("A", 2, 1, "enter"))
+        self.gate_up_lora = StackedLoRA(e, hidden, two_i, cfg, ("B", 1, 2, "enter"), "gate_up")
+        self.down_lora = StackedLoRA(e, experts.down.shape[2], hidden, cfg, ("A", 2, 1, "enter"), "down")
 
     def adapted(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) with the adapters folded in."""

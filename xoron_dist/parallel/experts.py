@@ -31,6 +31,13 @@ if it does) and takes over their ``entry``/``exit`` seams, so the TP exchanges a
 parallelism put there. Only the MoE feed-forwards (``MoEFeedForward``: the LLM's) are spread; the
 video encoder's temporal experts stay whole on every rank.
 
+LoRA on the routed experts (``model.lora.targets`` has ``routed_experts``): the stacked container is a
+``LoRARoutedExperts`` whose ``StackedLoRA`` adapters hold A (experts, rank, in) and B (experts, out, rank).
+Each local expert takes its experts' slice of them exactly as it takes ``gate_up[e]``/``down[e]``
+(``StackedLoRA.expert(e)``), under the same child names, and computes with ``W_e + scale · B_e @ A_e``;
+so adapter parameters are expert parameters like the weights beside them (the marks below), are named
+``...deepspeed_experts.<i>.{gate_up,down}_lora.{A,B}`` and are stacked back by expert id on export.
+
 DeepSpeed integration (``deepspeed.utils.groups`` and parameter attributes):
 
 * ``register_expert_groups`` hands DeepSpeed Megatron-core's expert-parallel and expert-data-parallel
@@ -57,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.model.common.moe import MoEFeedForward, RoutedExperts
+from xoron_dist.model.lora import StackedLoRA
 from xoron_dist.parallel.tensor import mark_tp_split, replace_submodule
 
 
@@ -128,16 +136,40 @@ def expert_split(cfg) -> ExpertSplit | None:
 
 class LocalExpert(nn.Module):
     """One routed SwiGLU expert: ``gate_up`` (2·intermediate, hidden; gate rows first) and ``down``
-    (hidden, intermediate), copied from one expert of the stacked weights."""
+    (hidden, intermediate), copied from one expert of the stacked weights; with LoRA, also that expert's
+    adapters under the stacked container's names (``gate_up_lora``, ``down_lora``: ``StackedLoRA.expert``),
+    and it computes with ``W + scale · B @ A`` as ``LoRARoutedExperts`` does for all experts at once."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, adapters: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.gate_up = nn.Parameter(gate_up.detach().clone(), requires_grad=gate_up.requires_grad)
         self.down = nn.Parameter(down.detach().clone(), requires_grad=down.requires_grad)
+        self.adapter_of = {}  # weight name -> child name of its adapter
+        for name, adapter in (adapters or {}).items():
+            self.add_module(name, adapter)
+            self.adapter_of[adapter.adapts] = name
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight ``name`` (``gate_up`` or ``down``), its adapter folded in when it has one."""
+        adapter = self.adapter_of.get(name)
+        return getattr(self, name) if adapter is None else getattr(self, adapter)(getattr(self, name))
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(rows, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = F.linear(rows, self.weight("gate_up")).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.weight("down"))
+
+
+def _expert_adapters(experts: RoutedExperts, e: int, tp_split: bool) -> dict[str, nn.Module]:
+    """Expert ``e``'s LoRA adapters (none without LoRA): each ``StackedLoRA`` of ``experts`` indexed on its
+    expert dim, as the base weights are; a tensor-parallel split factor is marked by the adapter's rule."""
+    out = {}
+    for name, child in experts.named_children():
+        if isinstance(child, StackedLoRA):
+            out[name] = adapter = child.expert(e)
+            if tp_split:
+                factor, dim, stride, _ = adapter.TP_RULES["experts"]
+                mark_tp_split(getattr(adapter, factor), dim, stride)
+    return out
 
 
 class _Holder(nn.Module):
@@ -165,7 +197,7 @@ class ExpertParallelExperts(nn.Module):
         self.deepspeed_moe = _Holder()
         self.deepspeed_moe.experts = _Holder()
         self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(
-            LocalExpert(experts.gate_up[e], experts.down[e])
+            LocalExpert(experts.gate_up[e], experts.down[e], _expert_adapters(experts, e, tp_split))
             for e in range(self.first_expert, self.first_expert + self.num_local_experts))
         self.entry, self.exit = experts.entry, experts.exit  # identities, or the TP exchanges
         for expert in self.local_experts:

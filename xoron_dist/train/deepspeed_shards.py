@@ -14,7 +14,8 @@ What a checkpoint tag holds (``xoron_dist/train/checkpoint.py`` saves through De
     EP, ZeRO 0-2   layer_{L}_expert_{e}_mp_rank_{m}_model_states.pt   expert e of the L-th MoE layer
 
 Expert-parallel parameters carry DeepSpeed's names,
-``<moe>.experts.deepspeed_moe.experts.deepspeed_experts.<i>.{gate_up,down}``: ``i`` is the global
+``<moe>.experts.deepspeed_moe.experts.deepspeed_experts.<i>.{gate_up,down}`` (and, with LoRA on the
+routed experts, ``<i>.{gate_up,down}_lora.{A,B}``, stacked back the same way): ``i`` is the global
 expert id in the expert files and the local one (expert ``ep_rank * local + i``) in the optimizer
 files and parameter shapes. Everything read here comes out under the global id.
 
@@ -46,7 +47,9 @@ from xoron_dist.train.checkpoint_integrity import UnsafePickleError, tensors_onl
 Piece = Callable[[], torch.Tensor]
 RankState = dict[str, Piece]
 
-_EP_NAME = re.compile(r"^(?P<moe>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<leaf>gate_up|down)$")
+# an expert's weights and, with LoRA on the routed experts, their adapters' factors (model/lora.py)
+_EP_NAME = re.compile(r"^(?P<moe>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\."
+                      r"(?P<leaf>gate_up|down|(?:gate_up|down)_lora\.[AB])$")
 # What torch.load raises on a damaged file (the manifest's sha256 normally catches it first).
 _LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError)
 

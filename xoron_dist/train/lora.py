@@ -1,14 +1,16 @@
 """Training LoRA adapters: which parameters a stage trains, and LoRA+'s learning rate for B.
 
     add_adapters(model, cfg)          the run's ``model.lora`` adapters on the plain model (before freezing
-                                      and parallelizing); refused with expert parallelism on routed experts
+                                      and parallelizing)
     freeze_for_stage(model, trains)   ``stages[i].trains``: all | base (adapters frozen) | adapters (base frozen)
     lora_plus_groups(groups, lr, r)   B matrices in their own optimizer groups at r x lr (LoRA+, Hayou et al.
                                       2024, arXiv:2402.12354); the schedule scales every group's lr alike
 
 Frozen parameters are left out of the optimizer (``train.build.parameter_groups``), so ZeRO partitions
 and reduces only what trains; a tensor-parallel slice of an adapter is a marked split parameter like
-any other, so the layouts need nothing more.
+any other, and an expert-parallel rank's routed-expert adapters are expert parameters like its experts
+(``parallel.experts``: DeepSpeed reduces them over the expert-data-parallel group, puts them in its MoE
+optimizer groups and expert checkpoint files), so the layouts need nothing more.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 from torch import nn
 
 from xoron_dist.config import XoronConfig
-from xoron_dist.model.lora import LoRAError, apply_lora, is_adapter, is_b_matrix
+from xoron_dist.model.lora import apply_lora, is_adapter, is_b_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +30,6 @@ def add_adapters(model: nn.Module, cfg: XoronConfig) -> dict[str, int]:
     lora = cfg.model.lora
     if not lora.enabled:
         return {}
-    if cfg.parallel.ep > 1 and "routed_experts" in lora.targets:
-        raise LoRAError("model.lora.targets has routed_experts, which expert parallelism (parallel.ep = "
-                        f"{cfg.parallel.ep}) cannot carry yet; remove routed_experts from the targets or set "
-                        "parallel.ep=1")
     counts = apply_lora(model, lora)
     logger.info("LoRA rank %d, scale %.3g: %s", lora.rank, lora.scale,
                 ", ".join(f"{n} {target}" for target, n in counts.items()))
