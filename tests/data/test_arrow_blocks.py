@@ -127,3 +127,49 @@ def test_pinned_batches_from_workers_match_unpinned_ones(tmp_path, arrow_tokeniz
         assert a.input_ids.is_pinned() and all(t.is_pinned() for t in a.images)
         assert a.sample_ids == b.sample_ids and torch.equal(a.input_ids, b.input_ids)
         assert all(torch.equal(x, y) for x, y in zip(a.images + a.audios, b.images + b.audios, strict=True))
+
+
+def test_the_pinning_path_runs_against_a_stand_in(monkeypatch):
+    """What DataLoader(pin_memory=True) does to a worker's item on a GPU machine, run on CPU: torch's own
+    pin_memory walk over ``(worker, state, block)`` calls ``BatchBlock.pin_memory``, which copies the
+    block's bytes once into page-locked memory (here a stand-in with ``Tensor.pin_memory``'s contract:
+    a new tensor holding the same bytes) and gives the shared pool block back at once."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+
+    def stand_in(self, device=None):
+        copy = self.clone()
+        pinned.append(copy.data_ptr())
+        return copy
+
+    pool = SharedBlockPool()
+    block = _block(pool.allocate)
+    expected = block.to_batch()
+    expected = [t.clone() for t in (expected.input_ids, expected.labels, *expected.images)]
+    monkeypatch.setattr(torch.Tensor, "pin_memory", stand_in)
+    worker, state, out = pin_memory((1, {"position": [3, 4]}, block))
+    assert (worker, state) == (1, {"position": [3, 4]})
+    assert pinned == [out.buffer.data_ptr()] and out.pool_id is None  # one copy, of the block's bytes
+    assert pool.blocks[block.pool_id][1][0] == 0  # the pool block is free for the worker again
+    batch = out.to_batch()
+    assert all(torch.equal(a, b) for a, b in zip(expected, (batch.input_ids, batch.labels, *batch.images),
+                                                  strict=True))
+
+
+def test_batches_go_to_a_gpu_without_waiting(monkeypatch):
+    """The trainer's host-to-device copy is asynchronous on CUDA (from pinned memory), plain elsewhere."""
+    from xoron_dist.train.sources import TextBatch, to_device
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: calls.append(
+        (str(device), non_blocking)) or self)
+    packed = _block(allocate_local).to_batch()
+    text = TextBatch(packed.input_ids, packed.labels)
+    for batch in (packed, text):
+        calls.clear()
+        to_device(batch, torch.device("cuda", 0))
+        assert calls and set(calls) == {("cuda:0", True)}
+        calls.clear()
+        to_device(batch, torch.device("cpu"))
+        assert set(calls) == {("cpu", False)}

@@ -62,7 +62,7 @@ from xoron_dist.train.objectives import TokenGroups
 from xoron_dist.train.reshard import SavedLayout, archive_config, check_layout, load_resharded, saved_layout
 from xoron_dist.train.run_lock import RunDirectoryBusy, RunLock
 from xoron_dist.train.samples import GenerationSamples
-from xoron_dist.train.sources import build_source
+from xoron_dist.train.sources import build_source, to_device
 from xoron_dist.train.stages import StagePlan, plan_stages, stage_at
 from xoron_dist.train.step import StepResult, StepRunner
 from xoron_dist.train.tensorboard import TensorBoardWriter
@@ -377,7 +377,7 @@ def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: Tr
         run.watchdog.beat(state.step + 1, "step")
         wall_start = time.perf_counter()
         skipped_before = built.engine.skipped_steps
-        result = runner.run([source.next_batch().to(ctx.device) for _ in range(tc.grad_accum_steps)])
+        result = runner.run([to_device(source.next_batch(), ctx.device) for _ in range(tc.grad_accum_steps)])
         grad_norm = _grad_norm(built.engine)
         stop_now, skipped, spike = _agree(run, result, grad_norm, built.engine.skipped_steps > skipped_before)
         llm_load = None  # a skipped step changes no expert bias or codebook either, and has no load to report
