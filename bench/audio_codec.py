@@ -36,12 +36,22 @@ perplexity exp(H(ids)) (the number of equally used codes with the same entropy; 
 Writes bench/out/audio_codec.json: headline MR-STFT distance, ours vs the per-clip mean-spectrum baseline;
 ratio = baseline distance / ours (> 1: ours better). Earlier runs' settings and results stay under "attempts".
 
-Measured (2 shared cores, 1 thread, ~2 minutes of training): 3.65 vs 4.08 for the per-clip mean spectrum (ratio
-1.12), but silence scores 3.71: the log-magnitude term punishes any sound in the clips' gaps, and the codec has
-learnt little beyond the level and the silences. Both RVQ levels collapse to about one code (perplexity ~1.3 of
-32 on held-out clips); neither aggressive dead-code restarts, nor no commitment loss, nor an init whose codes all
-start in use (a diagnostic patch, not the model as built) kept them spread. The tiny preset's BigVGAN (width 32)
-did worse (4.06); the GAN terms' last 50 steps change the distance by < 0.01.
+Measured (2 shared cores, 1 thread, ~2 minutes of training): 3.64 vs 4.08 for the per-clip mean spectrum (ratio
+1.12), but silence scores 3.71: the log-magnitude term punishes any sound in the clips' gaps (28 % of the held-out
+frames are digital zeros), and the codec has learnt little beyond the level and the silences. Both RVQ levels
+collapse to about one code (perplexity 1.3-2 of 32 on held-out clips). Levers tried, none kept a codebook spread
+or beat silence (see "attempts"): aggressive dead-code restarts; no / lower (0.05) commitment loss; codebooks
+seeded from the first batch's frames; Euclidean codes without the l2 norm and an RVQ input projection without
+bias; zero-initialised tokenizer biases (now the model's init: at init the clips' latents are 93 % apart instead
+of 1.5 %, which the ASR uses); lr 5e-4. The collapse is not the quantiser's: a probe with the quantiser bypassed
+(continuous latents straight into BigVGAN) shows the same thing -- within 60 steps the decoder's output falls to
+a quarter of the real RMS and the tokenizer's latents grow into one constant vector (mean norm 0.04 -> 37 at lr
+2e-3, relative spread between frames 1.0 -> 0.03; at lr 5e-4 the same, slower). The mel loss on these clips
+rewards quiet output first, and Adam turns that consistent gradient into a constant offset. What is likely
+needed next: a normalisation of the latents the offset cannot escape (e.g. a non-affine LayerNorm on the
+tokenizer output before the quantiser), dither or a noise floor in the synth gaps (or a loss floor on silent
+frames), and more steps than a CPU bench gives. The tiny preset's BigVGAN (width 32) did worse (4.06); the GAN
+terms' last 50 steps change the distance by < 0.01.
 """
 
 from __future__ import annotations

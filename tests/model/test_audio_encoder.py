@@ -3,6 +3,7 @@ and audio in ``XoronMultimodalModel`` (spans of ceil(seconds · rate) tokens, th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -38,6 +39,21 @@ def test_tokenizer_frames_and_padding_invariance():
     torch.testing.assert_close(together[0, : alone.shape[1]], alone[0], rtol=0, atol=1e-5)
     assert bool((together[0, alone.shape[1]:] == 0).all())  # frames beyond the clip are zero
 
+
+def test_random_tokenizer_tells_sounds_apart():
+    """Conv biases start at 0: at init, the mean latents of a low tone, a high tone and noise differ by more
+    than their size (with PyTorch's default biases they differ by ~6 %: every frame one bias-made vector)."""
+    t = torch.arange(16000) / 16000
+    sounds = [0.3 * torch.sin(2 * math.pi * 300 * t), 0.3 * torch.sin(2 * math.pi * 2000 * t),
+              0.3 * torch.randn(16000, generator=torch.Generator().manual_seed(0))]
+    torch.manual_seed(0)
+    encoder = WaveformEncoder(8, [2, 4, 5, 8], 16)
+    assert all(float(conv.bias.abs().max()) == 0 for conv in encoder.modules() if isinstance(conv, torch.nn.Conv1d))
+    with torch.no_grad():
+        means = [encoder(x[None])[0].mean(0) for x in sounds]
+    gaps = [float((means[i] - means[j]).norm() / ((means[i].norm() + means[j].norm()) / 2))
+            for i in range(3) for j in range(i + 1, 3)]
+    assert min(gaps) > 0.5, gaps
 
 def test_residual_quantiser_decodes_its_ids_and_each_stage_refines():
     torch.manual_seed(0)
@@ -87,6 +103,24 @@ def test_audio_encoder_is_padding_invariant_and_counts_only_real_frames():
     used = [int(q.pending[0].numel()) for q in encoder.quantizer.quantizers]
     assert used == [16] * 3  # the last (one clip) forward: real frames only, no padding as codebook usage
 
+
+def test_audio_encoder_reads_continuous_latents_when_asked():
+    """understand_from="latents": the Conformer reads the tokenizer's frames themselves, not their codes
+    (whose straight-through forward is constant once a codebook collapses); the quantiser still counts usage."""
+    torch.manual_seed(0)
+    encoder = AudioEncoder(dataclasses.replace(AUDIO, understand_from="latents"))
+    clips = [_clip(16000, 1), _clip(5000, 2)]
+    out = encoder(clips)
+    samples = torch.zeros(2, 16000)
+    samples[0], samples[1, :5000] = clips[0].float() / 32768.0, clips[1].float() / 32768.0
+    latents = encoder.tokenizer(samples, torch.tensor([16000, 5000]))
+    expected = encoder.conformer(latents, out.mask).hidden
+    torch.testing.assert_close(out.features, expected, rtol=0, atol=1e-6)
+    codes = encoder.conformer(encoder.tokens(clips)[0], out.mask).hidden
+    assert float((codes - expected).detach().abs().max()) > 1e-3  # the codes path would give other features
+    assert [int(q.pending[0].numel()) for q in encoder.quantizer.quantizers] == [66] * 3  # usage still counted
+    out.features.sum().backward()
+    assert all(p.grad is not None for n, p in encoder.named_parameters() if "codebook" not in n)
 
 def _audio_cfg(*extra):
     conformer = [f"model.audio.conformer.{item}" for item in TINY_CONFORMER]

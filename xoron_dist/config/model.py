@@ -357,6 +357,9 @@ class AudioConfig:
     rvq_commitment: float = 0.25
     rvq_dead_code_share: float = 0.03
     rvq_usage_decay: float = 0.9
+    # what the Conformer (understanding) reads: the residual VQ's quantised latents ("codes") or the
+    # tokenizer's continuous latents ("latents"; the discrete tokens stay the generation target)
+    understand_from: Literal["codes", "latents"] = "codes"
     conformer: ConformerConfig = field(default_factory=ConformerConfig)
 
     @property

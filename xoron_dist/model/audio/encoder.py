@@ -5,6 +5,11 @@
         ─► projector: frames pooled into the clip's span of ceil(seconds · data.audio_tokens_per_second)
            tokens (frame f of F to token ⌊f · T / F⌋: contiguous, every token at least one frame) ─► LLM width
 
+``model.audio.understand_from`` picks what the Conformer reads: the quantised latents ("codes", the
+default and what earlier checkpoints hold) or the tokenizer's continuous latents ("latents"; the
+quantiser still runs and counts code usage, at weight 0 in the graph, and its ids stay the speech
+generator's target). With "codes", a collapsed codebook hands the Conformer one vector for every frame.
+
 The span length is the packer's rule (``xoron_dist.model.modalities``); the projector receives it, so
 the tokens fill the placeholders exactly. Only real frames reach the quantiser, so padding never
 counts as codebook usage. The codec's own training (reconstruction through its BigVGAN decoder) is
@@ -74,8 +79,19 @@ class AudioEncoder(nn.Module):
         return latents.new_zeros(latents.shape).index_put((mask,), quantized.latents), quantized, mask
 
     def forward(self, clips: list[torch.Tensor]) -> AudioFeatures:
-        latents, _, mask = self.tokens(clips)
-        return AudioFeatures(self.conformer(latents, mask).hidden, mask)
+        if self.cfg.understand_from == "codes":
+            latents, _, mask = self.tokens(clips)
+            return AudioFeatures(self.conformer(latents, mask).hidden, mask)
+        # "latents": the Conformer reads the tokenizer's continuous frames; the quantiser still runs (its
+        # usage feeds the dead-code restarts) and stays in the graph at weight 0 (every parameter takes part)
+        device = self.tokenizer.conv_in.weight.device
+        samples, lengths = batch_clips(clips, device)
+        latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
+        mask = torch.arange(latents.shape[1], device=device)[None] < self.tokenizer.frames(lengths)[:, None]
+        quantized = self.quantizer(latents[mask])
+        real = latents[mask] + 0.0 * quantized.latents
+        frames = latents.new_zeros(latents.shape).index_put((mask,), real)
+        return AudioFeatures(self.conformer(frames, mask).hidden, mask)
 
 
 class FramePoolProjector(nn.Module):
