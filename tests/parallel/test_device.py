@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xoron_dist.config import ConfigError
-from xoron_dist.parallel.device import DeviceInfo, apex_available, detect_device
+from xoron_dist.parallel.device import DeviceInfo, detect_device, set_matmul_precision
 from xoron_dist.parallel.launcher_env import LaunchError
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
@@ -70,5 +70,16 @@ def test_unknown_precision():
         detect_device(0, "fp8")
 
 
-def test_apex_probe_is_a_bool_and_never_requires_apex():
-    assert isinstance(apex_available(), bool)
+def test_tf32_is_set_on_cuda_only():
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32 = False, False
+        set_matmul_precision("cpu", True)  # CPU has no TF32: the CUDA flags are left alone
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+        set_matmul_precision("cuda", True)
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, True)
+        set_matmul_precision("cuda", False)
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before

@@ -76,6 +76,9 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # fp32 matmuls and convolutions on CUDA in TF32 (10-bit mantissa inputs, fp32 accumulation): what
+    # stays fp32 in a bf16 run (router, losses) and whole fp32 runs. Off: full fp32. No effect on CPU.
+    tf32: bool = True
     optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto"
     # dtype the micro-batches' gradients are summed in (DeepSpeed data_types.grad_accum_dtype), bf16 runs
     # only: auto = fp32 when grad_accum_steps > 1 under ZeRO 1-3, else bf16 (train/ds_config.py)

@@ -11,9 +11,6 @@ accelerator supports it: the CPU bf16 lane of the tests), fp16 is GPU-only. ``tr
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -89,23 +86,15 @@ def cuda_index(local_rank: int) -> int:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def apex_available() -> bool:
-    """True when NVIDIA apex with its CUDA extensions is installed (fused Adam, fused norms).
-
-    PyPI's ``apex`` is an unrelated web package, so the test is for the compiled ``amp_C``
-    extension and ``apex.optimizers.FusedAdam``, never for ``import apex`` alone.
-    """
-    if importlib.util.find_spec("amp_C") is None:
-        return False
-    try:
-        return hasattr(importlib.import_module("apex.optimizers"), "FusedAdam")
-    except ImportError:
-        return False
+def set_matmul_precision(kind: str, tf32: bool) -> None:
+    """On CUDA, let fp32 matmuls and cuDNN convolutions use TF32 (``train.tf32``); CPU has no TF32."""
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _visible_devices() -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
 
 
-__all__ = ["DeviceInfo", "apex_available", "cuda_index", "detect_device"]
+__all__ = ["DeviceInfo", "cuda_index", "detect_device", "set_matmul_precision"]

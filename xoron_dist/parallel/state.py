@@ -27,7 +27,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from xoron_dist.config import XoronConfig
-from xoron_dist.parallel.device import DeviceInfo, detect_device
+from xoron_dist.parallel.device import DeviceInfo, detect_device, set_matmul_precision
 from xoron_dist.parallel.experts import register_expert_groups
 from xoron_dist.parallel.launcher_env import LaunchError, RankInfo, discover_ranks
 from xoron_dist.parallel.layout import Layout, validate_layout
@@ -127,6 +127,7 @@ def initialize(cfg: XoronConfig) -> ParallelContext:
     _export_environ(rank_info)
     if device_info.kind == "cuda":
         torch.cuda.set_device(device_info.device)
+    set_matmul_precision(device_info.kind, cfg.train.tf32)
 
     if device_info.kind == "cpu":
         _skip_cpu_shm_comm_build()
