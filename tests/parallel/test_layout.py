@@ -59,8 +59,10 @@ def test_valid_eight_rank_layout_computes_dp():
         (2, ["parallel.pp=2", "parallel.zero_stage=2"], ["ZeRO-2 and ZeRO-3 are incompatible"]),
         (2, ["parallel.pp=2", "parallel.zero_stage=0"],
          ["parallel.zero_stage = 0 with parallel.pp = 2", "first pipeline stage only", "use parallel.zero_stage=1"]),
-        (2, ["parallel.pp=2", "model.llm.tie_word_embeddings=true"],
-         ["model.llm.tie_word_embeddings = true with parallel.pp = 2", "set model.llm.tie_word_embeddings=false"]),
+        (2, ["parallel.pp=2", "model.llm.tie_word_embeddings=true", "train.precision=bf16",
+             "train.grad_accum_dtype=fp32"],
+         ["model.llm.tie_word_embeddings = true with parallel.pp = 2 and bf16 weights", "BF16_Optimizer",
+          "set train.grad_accum_dtype=bf16"]),
     ],
 )
 def test_each_rule_says_what_is_wrong_the_numbers_and_the_fix(world, overrides, fragments):

@@ -167,7 +167,8 @@ REFUSED = [
     (["parallel.zero_stage=2"], "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"),
     (["parallel.zero_stage=3"], "parallel.zero_stage = 3 with parallel.pp = 2"),
     (["parallel.zero_stage=0"], "parallel.zero_stage = 0 with parallel.pp = 2"),
-    (["model.llm.tie_word_embeddings=true"], "model.llm.tie_word_embeddings = true with parallel.pp = 2"),
+    (["model.llm.tie_word_embeddings=true", "train.precision=bf16", "train.grad_accum_steps=2"],
+     "model.llm.tie_word_embeddings = true with parallel.pp = 2 and bf16 weights"),
     (["model.llm.num_layers=1", "model.llm.dense_layers=0"], "model.llm.num_layers = 1 is fewer than parallel.pp = 2"),
 ]
 

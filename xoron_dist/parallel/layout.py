@@ -173,12 +173,15 @@ def _pipeline_zero0(cfg: XoronConfig, s: _Sizes) -> str | None:
             f"parallel.zero_stage=1 (same memory when dp = 1)")
 
 
-def _pipeline_untied(cfg: XoronConfig, s: _Sizes) -> str | None:
-    if s.pp == 1 or not cfg.llm.tie_word_embeddings:
+def _pipeline_tied_bf16(cfg: XoronConfig, s: _Sizes) -> str | None:
+    tc = cfg.train
+    fp32_accum = tc.grad_accum_dtype == "fp32" or (tc.grad_accum_dtype == "auto" and tc.grad_accum_steps > 1)
+    if s.pp == 1 or not cfg.llm.tie_word_embeddings or tc.precision != "bf16" or not fp32_accum:
         return None
-    return (f"model.llm.tie_word_embeddings = true with parallel.pp = {s.pp}: the embedding (first stage) and LM "
-            f"head (last stage) would need their gradients summed across stages, which is not built; set "
-            f"model.llm.tie_word_embeddings=false")
+    return (f"model.llm.tie_word_embeddings = true with parallel.pp = {s.pp} and bf16 weights accumulating "
+            f"gradients in fp32 (train.grad_accum_dtype = {tc.grad_accum_dtype}): DeepSpeed's BF16_Optimizer "
+            f"reduces each gradient as it lands, before the first and last stages' copies of the tied embedding "
+            f"can be summed; set train.grad_accum_dtype=bf16, or model.llm.tie_word_embeddings=false")
 
 
 def _encoder_heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
@@ -295,7 +298,9 @@ RULES: tuple[Rule, ...] = (
          _pipeline_zero),
     Rule("pp", "`parallel.zero_stage` ≠ 0 when pp > 1 (non-ZeRO clipping would miss later stages): ZeRO-1",
          _pipeline_zero0),
-    Rule("pp", "`model.llm.tie_word_embeddings` = false when pp > 1", _pipeline_untied),
+    Rule("pp", "`model.llm.tie_word_embeddings` with pp > 1: the first and last stages' copies sum their "
+               "gradients each step; not with bf16 fp32 gradient accumulation (`train.grad_accum_dtype=bf16`)",
+         _pipeline_tied_bf16),
     Rule("dp", "with an encoder enabled (`model.vision`, `model.video`, ...; Arrow data): pp = 1, sp = 1",
          _multimodal_layout),
     Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision and video encoders (with projectors and fusion) "

@@ -94,6 +94,13 @@ class ParallelContext:
         return parallel_state.get_pipeline_model_parallel_group()
 
     @property
+    def embedding_group(self) -> dist.ProcessGroup | None:
+        """The first and last pipeline stage of this rank's (dp, tp, sp) position (Megatron-core's
+        embedding group, made by ``initialize_model_parallel``): the two copies of tied word embeddings
+        sum their gradients over it (``pipeline/tied.py``). None on middle stages."""
+        return parallel_state.get_embedding_group(check_initialized=False)
+
+    @property
     def token_group(self) -> dist.ProcessGroup:
         """The ranks that hold distinct tokens of a step (data x sequence parallel): token counts,
         losses and expert loads are summed over it."""

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from xoron_dist.config import XoronConfig
 from xoron_dist.model.common.noise import advance_clocks
 from xoron_dist.parallel.pipeline.schedule import train_step_1f1b
+from xoron_dist.parallel.pipeline.tied import TiedEmbeddingSync
 from xoron_dist.parallel.sequence import shard_rows
 from xoron_dist.parallel.zero import gradient_divisor
 from xoron_dist.train.build import BuiltStage
@@ -43,6 +44,8 @@ class StepRunner:
         self.token_groups = token_groups
         if built.pipeline is not None and [o.name for o, _ in self.objectives] != ["lm"]:
             raise NotImplementedError("pipeline parallelism trains the LM objective only")
+        # tied word embeddings under PP: the first and last stages' copies sum their gradients each step
+        self.tied = TiedEmbeddingSync(built.engine, built.pipeline) if built.pipeline is not None else None
 
     def model_inputs(self, batch) -> dict:
         """The model's keyword arguments for one micro-batch: token tensors (this rank's rows under
@@ -68,7 +71,7 @@ class StepRunner:
         scales = [weight * gradient_divisor(ctx.layout) * accum / max(count.item(), 1.0)
                   for (_, weight), count in zip(self.objectives, counts, strict=True)]
         if self.built.pipeline is not None:  # every micro-batch through the pipeline's stages (1F1B)
-            sums = train_step_1f1b(engine, self.built.pipeline, inputs, scales[0]).reshape(1)
+            sums = train_step_1f1b(engine, self.built.pipeline, inputs, scales[0], self.tied).reshape(1)
         else:
             sums = torch.zeros(len(self.objectives), device=ctx.device)
             for micro in inputs:

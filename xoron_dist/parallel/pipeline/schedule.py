@@ -54,11 +54,14 @@ A stage is the single-rank ``XoronLLM`` (same seed, so the same initial weights 
 pruned to its modules (``split.py``), under the whole model's names (``embed_tokens``,
 ``layers.<global index>``, ``norm``, ``lm_head``), so a stage's checkpoint names match the
 single-rank model's and the HF mapping. The full model is built on the host and pruned before it
-moves to the device. Partitioning is in ``partition.py`` (torch-free, shared with the planner).
+moves to the device. With tied word embeddings the first and last stages each hold a copy of the
+tied matrix; the step's last backward sums their gradients over Megatron's embedding group
+(``tied.py``). Partitioning is in ``partition.py`` (torch-free, shared with the planner).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import deque
 from collections.abc import Sequence
@@ -67,6 +70,7 @@ import torch
 import torch.distributed as dist
 
 from xoron_dist.parallel.pipeline.split import StageInfo
+from xoron_dist.parallel.pipeline.tied import TiedEmbeddingSync
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -124,6 +128,11 @@ class _StageWork:
         return micro_sum * self.scale
 
     def backward(self, received: torch.Tensor | None, output: torch.Tensor, grad: torch.Tensor | None):
+        # What DeepSpeed's backward prologue would do, had its forward hook found our (dataclass) output:
+        # tell ZeRO whether this micro-batch ends the step, or its gradient hooks reduce on a stale flag.
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "set_gradient_accumulation_boundary"):
+            optimizer.set_gradient_accumulation_boundary(self.engine.is_gradient_accumulation_boundary())
         if self.stage.is_last:
             self.engine.backward(output)
         else:
@@ -140,7 +149,8 @@ class _StageWork:
         return buffer.requires_grad_()
 
 
-def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: float) -> torch.Tensor:
+def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: float,
+                    tied: TiedEmbeddingSync | None = None) -> torch.Tensor:
     """Forward and backward every micro-batch of one optimizer step through the pipeline (1F1B),
     calling ``engine.step()`` after each backward (once its input gradient is sent), as the
     single-stage loop does.
@@ -150,8 +160,11 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
     (``input_ids``, ``labels``, ``position_ids``, ``document_ids``, ``loss_weights``). scale: the
     weight of each micro-batch's loss *sum* (``xoron_dist.train.step``). Returns the summed token
     loss of the micro-batches, an fp32 scalar, on every stage (the last stage computes it; the
-    others receive it).
+    others receive it). tied: the tied-embedding gradient sum of this engine (default: made here); the
+    step's last backward runs inside its ``last_backward`` block, which sums the two copies' gradients
+    once the input gradient has been sent (``tied.py``).
     """
+    tied = tied if tied is not None else TiedEmbeddingSync(engine, stage)
     links = _Links(stage)
     work = _StageWork(engine, stage, links, batches[0]["input_ids"].device, scale)
     # warm-up: forwards only; steady state: one forward, one backward; cool-down: backwards only.
@@ -175,14 +188,18 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
             links.exchange(send_next=output.detach(), recv_next=grad)
         inputs.append(received)
         outputs.append(output)
-        input_grad = work.backward(inputs.popleft(), outputs.popleft(), grad)
-        if i == micro - 1 or stage.is_first:
-            links.exchange(send_prev=input_grad)
-            received = None
-        else:
-            received = work.activation(batches[i + 1])
-            links.exchange(send_prev=input_grad, recv_prev=received)
-            received.requires_grad_()
+        last = warmup == 0 and i == micro - 1  # no cool-down: this is the step's last backward
+        with tied.last_backward() if last else contextlib.nullcontext():
+            input_grad = work.backward(inputs.popleft(), outputs.popleft(), grad)
+            if i == micro - 1 or stage.is_first:
+                links.exchange(send_prev=input_grad)
+                received = None
+            else:
+                received = work.activation(batches[i + 1])
+                links.exchange(send_prev=input_grad, recv_prev=received)
+                received.requires_grad_()
+            if last:
+                tied.sum_gradients()
         # Only once the input gradient has left: the last step() is the optimizer step, whose
         # gradient-norm all-reduce spans every stage and must not wait for a gradient still unsent.
         engine.step()
@@ -190,7 +207,11 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
     for i in range(micro - warmup, micro):
         grad = work.activation(batches[i])
         links.exchange(recv_next=grad)
-        links.exchange(send_prev=work.backward(inputs.popleft(), outputs.popleft(), grad))
+        last = i == micro - 1
+        with tied.last_backward() if last else contextlib.nullcontext():
+            links.exchange(send_prev=work.backward(inputs.popleft(), outputs.popleft(), grad))
+            if last:
+                tied.sum_gradients()
         engine.step()
 
     dist.all_reduce(work.loss_sum, group=links.group)  # only the last stage holds a non-zero sum

@@ -5,6 +5,11 @@
 ``model`` in place to stage ``stage``'s part: its layers (still keyed by their global index, so
 parameter names and checkpoints are the whole model's), the embedding on the first stage, the
 final norm and LM head on the last. ``XoronLLM.forward`` runs whatever is present.
+
+Tied word embeddings: the whole model holds one parameter under both ``embed_tokens.weight`` and
+``lm_head.weight``; pruning keeps it under the embedding on the first stage and under the head on
+the last, so the two stages' copies start from the same values (every rank builds the model from the
+same seed). ``tied.py`` keeps them equal while training.
 """
 
 from __future__ import annotations
@@ -108,9 +113,6 @@ def split_for_pipeline(model: nn.Module, stage: int, num_stages: int, costs: Sta
     if not isinstance(model, XoronLLM):
         raise TypeError(f"pipeline parallelism splits the LLM; got {type(model).__name__} (the multimodal "
                         "model's stages are not built: the layout validator refuses pp > 1 with encoders)")
-    if model.cfg.tie_word_embeddings and num_stages > 1:
-        raise ValueError("tied word embeddings across pipeline stages are not supported: the embedding and "
-                         "the LM head live on different stages (set model.llm.tie_word_embeddings=false)")
     partition = partition_layers(costs, num_stages)
     prune_to_stage(model, partition, stage)
     return StageInfo(stage, num_stages, partition, model.cfg.hidden_size)
