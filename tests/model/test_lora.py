@@ -22,8 +22,8 @@ def _cfg(*overrides):
     return load_config(None, LORA + list(overrides))
 
 
-def _batches(cfg, n=3):
-    gen = torch.Generator().manual_seed(7)
+def _batches(cfg, n=3, seed=7):
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         ids = torch.randint(0, cfg.llm.usable_vocab_size, (2, 17), generator=gen)

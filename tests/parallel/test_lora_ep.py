@@ -14,7 +14,7 @@ and comparing with the single-rank stacked gradient, so a wrong slice, id or nam
 import pytest
 import torch
 
-from tests.model.test_lora import _adapted, _cfg
+from tests.model.test_lora import _adapted, _batches, _cfg
 from tests.parallel.harness import run_ranks
 from xoron_dist.model.lora import LoRARoutedExperts, is_adapter
 from xoron_dist.train.deepspeed_shards import ConsolidationError, global_expert_name, stack_experts
@@ -22,15 +22,6 @@ from xoron_dist.train.lora import freeze_for_stage
 
 EP = ("parallel.ep=2",)
 _MARK = ".deepspeed_moe.experts.deepspeed_experts."
-
-
-def _batches(cfg, n=2):
-    gen = torch.Generator().manual_seed(5)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, cfg.llm.usable_vocab_size, (2, 17), generator=gen)
-        out.append((ids[:, :-1], ids[:, 1:]))
-    return out
 
 
 def _stacked(per_rank: list[dict[str, torch.Tensor]], ep_ranks: list[int], local: dict[str, int]):
@@ -94,7 +85,7 @@ def test_ep2_routed_expert_adapters_equal_single_rank_and_stack_back():
     assert isinstance(single.layers["1"].ffn.experts, LoRARoutedExperts)
     full_state = {k: v.detach().clone() for k, v in single.state_dict().items()}
     freeze_for_stage(single, "adapters")
-    batches = _batches(cfg)
+    batches = _batches(cfg, n=2, seed=5)
     opt = torch.optim.SGD([p for p in single.parameters() if p.requires_grad], lr=0.5)
     ref_losses, ref_grads = [], None
     for ids, labels in batches:

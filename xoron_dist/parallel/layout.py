@@ -201,12 +201,17 @@ def _encoder_heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
             f"by heads; pick tp from {_divisors(n)}")
 
 
+def _above_one(s: _Sizes, *keys: str) -> list[str]:
+    """``parallel.<key>=<value>`` for each of ``keys`` whose size exceeds 1 (what a rule names as the cause)."""
+    return [f"parallel.{key}={getattr(s, key)}" for key in keys if getattr(s, key) > 1]
+
+
 def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
     encoders = list(dict.fromkeys([row.section for row in understood(cfg)]
                                   + [row.generator_section for row in generated(cfg)]))
     if not encoders or cfg.data.source != "arrow":  # synthetic text trains the LLM alone
         return None
-    bad = [f"parallel.{key}={value}" for key, value in (("pp", s.pp), ("sp", s.sp)) if value > 1]
+    bad = _above_one(s, "pp", "sp")
     if not bad:
         return None
     return (f"model.{'/'.join(encoders)} enabled with {', '.join(bad)}: the encoders sit outside the pipeline "
@@ -234,7 +239,7 @@ def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
         return (f"model.{untested[0]}.enabled with parallel.zero_stage=3: only the {' and '.join(_ZERO3_MEDIA)} "
                 f"encoders are built and tested under ZeRO-3; use parallel.zero_stage<=2, or set "
                 f"model.{untested[0]}.enabled=false")
-    bad = [f"parallel.{key}={value}" for key, value in (("tp", s.tp), ("ep", s.ep)) if value > 1]
+    bad = _above_one(s, "tp", "ep")
     if not bad:
         return None
     return (f"the multimodal model with parallel.zero_stage=3 and {', '.join(bad)}: ZeRO-3 trains it with data "
