@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import time
@@ -33,6 +34,29 @@ from xoron_dist.train.expert_balance import ExpertBalancer
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance (0..441) from the background above which a pixel is foreground
 MIN_FOREGROUND_PIXELS = 6  # fewer foreground pixels than this: no object, no colour
+
+
+def generation_parser(description: str, *, per_pair: int, per_pair_help: str, flow_steps: int, sample_steps: int,
+                      guidance: float, guidance_help: str) -> argparse.ArgumentParser:
+    """The options both generation benchmarks take (autoencoder, flow, sampling, run); each bench adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--per-pair", type=int, default=per_pair, help=per_pair_help)
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-channels", type=int, default=16)
+    parser.add_argument("--flow-steps", type=int, default=flow_steps)
+    parser.add_argument("--flow-lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--width", type=int, default=96)
+    parser.add_argument("--layers", type=int, default=2, help="dual and single blocks each")
+    parser.add_argument("--ema", type=float, default=0.99)
+    parser.add_argument("--sample-steps", type=int, default=sample_steps)
+    parser.add_argument("--guidance", type=float, default=guidance, help=guidance_help)
+    parser.add_argument("--seeds", type=int, default=8, help="noise seeds per held-out prompt (seen: a quarter)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fresh", action="store_true", help="drop the earlier runs' attempts list")
+    return parser
 
 
 def pixels_of(images: Sequence) -> torch.Tensor:

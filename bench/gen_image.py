@@ -52,6 +52,7 @@ from bench.gen_common import (
     encode_all,
     expert_load_entropy,
     fit_latent_scale,
+    generation_parser,
     judge_shapes,
     pixels_of,
     psnr,
@@ -153,24 +154,11 @@ def generate(gen: ImageGenerator, dit, words: WordVectors, pairs, seeds: int, st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-pair", type=int, default=160, help="training images per seen (colour, shape) pair")
-    parser.add_argument("--vae-steps", type=int, default=1000)
-    parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--vae-channels", type=int, default=16)
-    parser.add_argument("--flow-steps", type=int, default=1000)
-    parser.add_argument("--flow-lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--width", type=int, default=96)
-    parser.add_argument("--layers", type=int, default=2, help="dual and single blocks each")
+    parser = generation_parser(__doc__.splitlines()[0], per_pair=160,
+                               per_pair_help="training images per seen (colour, shape) pair", flow_steps=1000,
+                               sample_steps=20, guidance=3.0, guidance_help="the headline guidance (all of 1-4 "
+                               "are reported)")  # fmt: skip
     parser.add_argument("--time-shift", type=float, default=None, help="fixed shift (default: Flux's for 16 tokens)")
-    parser.add_argument("--ema", type=float, default=0.99)
-    parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0, help="the headline guidance (all of 1-4 are reported)")
-    parser.add_argument("--seeds", type=int, default=8, help="noise seeds per held-out prompt (seen: a quarter)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fresh", action="store_true", help="drop the earlier runs' attempts list")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -59,6 +59,7 @@ from bench.gen_common import (
     encode_all,
     expert_load_entropy,
     fit_latent_scale,
+    generation_parser,
     psnr,
     train_autoencoder,
     train_flow,
@@ -198,26 +199,13 @@ def params(module: torch.nn.Module) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-pair", type=int, default=80, help="training clips per seen (colour, direction) pair")
+    parser = generation_parser(__doc__.splitlines()[0], per_pair=80,
+                               per_pair_help="training clips per seen (colour, direction) pair", flow_steps=800,
+                               sample_steps=16, guidance=2.0,
+                               guidance_help="the headline guidance (all of GUIDANCES too)")  # fmt: skip
     parser.add_argument("--vae-init", choices=("inflate", "scratch"), default="inflate",
                         help="inflate: train an image VAE on the frames and inflate it; scratch: train the VideoVAE")
-    parser.add_argument("--vae-steps", type=int, default=1000)
-    parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--vae-channels", type=int, default=16)
-    parser.add_argument("--flow-steps", type=int, default=800)
-    parser.add_argument("--flow-lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--width", type=int, default=96)
-    parser.add_argument("--layers", type=int, default=2, help="dual and single blocks each")
     parser.add_argument("--clean-prob", type=float, default=0.5, help="dit.context_clean_prob (teacher forcing)")
-    parser.add_argument("--ema", type=float, default=0.99)
-    parser.add_argument("--sample-steps", type=int, default=16)
-    parser.add_argument("--guidance", type=float, default=2.0, help="the headline guidance (all of GUIDANCES too)")
-    parser.add_argument("--seeds", type=int, default=8, help="noise seeds per held-out prompt (seen: a quarter)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fresh", action="store_true", help="drop the earlier runs' attempts list")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
