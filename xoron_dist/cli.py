@@ -5,6 +5,7 @@
     xoron synth --out DIR [--config RUN.yaml]          (xoron_dist/synth/cli.py)
     xoron prep --config RUN.yaml --out DIR INPUT...    (data_prep/cli.py)
     xoron plan --config RUN.yaml --cluster h100x8 --nodes 4 --out plans/   (xoron_dist/plan/cli.py)
+    xoron setup [--cluster h100x8 --nodes 4 --hosts slurm ... --no-input]   (xoron_dist/setup/cli.py)
     xoron export --checkpoint runs/NAME --format hf --out DIR [--force]  (xoron_dist/export/cli.py)
     xoron generate text|image|video|speech --model DIR --prompt TEXT [--out FILE]  (xoron_dist/generate/cli.py)
 """
@@ -75,6 +76,7 @@ DELEGATED_VERBS = {
     "synth": ("xoron_dist.synth.cli", "generate the synthetic multimodal corpus (media files + JSONL)"),
     "prep": ("data_prep.cli", "raw media / webdataset tars -> Arrow shards + manifest (MPI aware)"),
     "plan": ("xoron_dist.plan.cli", "rank parallel layouts for a cluster by memory and step time; write the best"),
+    "setup": ("xoron_dist.setup.cli", "wizard: cluster + goal -> planned run YAML, DeepSpeed JSON, hostfile or sbatch"),
     "export": ("xoron_dist.export.cli", "a checkpoint of any layout -> an HF directory (transformers + xoron)"),
     "generate": ("xoron_dist.generate.cli", "text, image, video or speech from an export or a checkpoint"),
 }
