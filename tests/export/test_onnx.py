@@ -158,3 +158,20 @@ def test_max_abs_diff_requires_the_same_non_finite_entries():
     assert max_abs_diff(a, torch.tensor([1.0, 0.0])) == float("inf")
     assert max_abs_diff(a, torch.tensor([1.0, float("inf")])) == float("inf")
     assert max_abs_diff(a, a[:1]) == float("inf")
+
+
+def test_the_seed_vision_path_exports_what_the_projector_reads(tmp_path):
+    """With the dual-stream layers and the compressor on, the vision graph gives the k compressed tokens
+    (the export itself fails above 1e-4 from PyTorch at two sizes); video in tower mode is skipped, named."""
+    torch.manual_seed(0)
+    seed_path = ["model.vision.dual_stream_layers=1", "model.vision.compressor_tokens=3",
+                 "model.vision.compressor_layers=1", "model.video.frame_encoder=tower",
+                 "model.video.tokens_per_frame=2", "data.video_tokens=16", "model.audio.enabled=false",
+                 "model.speech.enabled=false"]
+    model = build_model(load_config(REPO / "pipelines" / "smoke.yaml", [*TINY, *seed_path])).eval()
+    manifest = export_onnx(model, tmp_path, parts=["vision"])
+    entry = manifest["graphs"]["vision"]
+    assert [d["max_abs_diff"] <= 1e-4 for d in entry["parity"]] == [True, True]
+    assert entry["outputs"][0]["shape"][1:] == [3, model.vision.cfg.hidden_size]
+    with pytest.raises(ExportError, match="frame_encoder: tower"):
+        export_onnx(model, tmp_path / "video", parts=["video"])

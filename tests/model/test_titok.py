@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from xoron_dist.config import VisionConfig
-from xoron_dist.model.vision.titok import TiTok, unpatchify
+from xoron_dist.model.vision.decoder import unpatchify
+from xoron_dist.model.vision.titok import TiTok
 from xoron_dist.model.vision.tower import patchify
 from xoron_dist.synth.scenes import render_scene, sample_scene
 from xoron_dist.train.codebooks import CodebookKeeper

@@ -1,4 +1,5 @@
-"""Vision tower: HF SigLIP oracle, native-resolution padding, 2D-RoPE, TP=2 parity."""
+"""Vision tower: HF SigLIP oracle, native-resolution padding, 2D-RoPE, the seed's path after the tower
+(dual-stream layers, TiTok-style compressor, reconstruction loss), TP=2 parity."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from tests.parallel.harness import run_ranks
-from xoron_dist.config import VisionConfig, load_config
+from xoron_dist.config import ConfigError, VisionConfig, load_config
 from xoron_dist.model.vision import SiglipImportError, VisionTower, load_siglip_vision, prepare_images
 from xoron_dist.model.vision.tower import patch_grid
 from xoron_dist.parallel.tensor import tp_slice
@@ -20,6 +21,10 @@ HF_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
 SIGLIP_MODE = VisionConfig(rope=False, absolute_positions=True)
 TINY = VisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=32, patch_size=4,
                     max_patches=24, rope_theta=100.0)
+# The seed's path at toy size: 1 dual-stream layer, 5 compressed tokens, TiTok's decoder at 16 px.
+TINY_TITOK = dict(titok_image_size=16, titok_patch_size=4, titok_hidden_size=16, titok_layers=1, titok_heads=2,
+                  titok_intermediate_size=32, titok_codebook_size=16, titok_code_dim=4)
+SEED_PATH = dict(dual_stream_layers=1, compressor_tokens=5, compressor_layers=1)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
@@ -146,7 +151,7 @@ def test_rope_makes_features_translation_equivariant() -> None:
 
 
 def test_activation_checkpointing_same_gradients() -> None:
-    from xoron_dist.model.vision.tower import VisionBlock
+    from xoron_dist.model.vision.blocks import VisionBlock
     from xoron_dist.parallel.checkpointing import apply_activation_checkpointing, is_checkpointed
 
     torch.manual_seed(0)
@@ -165,14 +170,105 @@ def test_activation_checkpointing_same_gradients() -> None:
         torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
+# --------------------------------------------------------------------------- the seed's path after the tower
+
+
+def test_seed_path_off_is_the_tower_alone() -> None:
+    """All switches off: no new modules, the same weights from the same seed, and the output is the tower's
+    blocks over the embedded patches, bit for bit (``compressor_layers`` alone changes nothing)."""
+    images = _images((16, 40), (32, 28))
+    torch.manual_seed(0)
+    tower = VisionTower(replace(TINY, compressor_layers=3)).eval()
+    torch.manual_seed(0)
+    plain = VisionTower(TINY).eval()
+    assert (tower.dual_stream, tower.compressor, tower.reconstruction) == (None, None, None)
+    assert list(tower.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in tower.state_dict().items())
+    with torch.no_grad():
+        out = tower(images)
+        tokens, coords, mask, grids = tower.embed(prepare_images(images, TINY))
+        features, _ = tower.encoder(tokens, coords, mask)
+    assert torch.equal(out.features, features * mask[..., None]) and torch.equal(out.mask, mask)
+    assert out.aux_loss is None and torch.equal(out.grids, grids)
+
+
+def test_seed_path_shapes_padding_and_gradients() -> None:
+    """On: k tokens per image whatever its size, the same alone or padded next to a larger image, and
+    the gradient reaches the tower, both dual streams and the compressor's queries."""
+    torch.manual_seed(0)
+    tower = VisionTower(replace(TINY, **SEED_PATH))
+    images = _images((16, 40), (48, 48), (8, 12))
+    out = tower(images)
+    assert out.features.shape == (3, 5, 32) and bool(out.mask.all()) and out.aux_loss is None
+    with torch.no_grad():
+        alone = tower(images[2:]).features[0]
+    torch.testing.assert_close(out.features[2], alone, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(out.features.shape, generator=torch.Generator().manual_seed(5))
+    (out.features * weights).sum().backward()
+    for name in ("patch_embed.weight", "encoder.layers.0.patch.self_attn.q_proj.weight",
+                 "dual_stream.layers.0.patch.mlp.fc1.weight", "dual_stream.layers.0.latent.mlp.fc1.weight",
+                 "compressor.queries", "compressor.encoder.layers.0.patch.self_attn.k_proj.weight"):
+        assert tower.get_parameter(name).grad.abs().sum() > 0, name
+    # The patch grid stays reachable (video frames): the tower's blocks alone, as the path-off tower gives them.
+    plain = VisionTower(TINY).eval()
+    missing, unexpected = tower.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("dual_stream.", "compressor.")) for k in missing)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.encode_patches(images).features, plain(images).features, rtol=0, atol=0)
+
+
+def test_reconstruction_loss_follows_its_weight() -> None:
+    """TiTok's reconstruction as an auxiliary loss: off at 0 (no decoder), linear in the weight, and its
+    gradient reaches the compressor and the tower through the straight-through VQ."""
+    images = _images((16, 40), (32, 28))
+    losses = {}
+    for weight in (0.5, 2.0):
+        torch.manual_seed(0)
+        tower = VisionTower(replace(TINY, **SEED_PATH, **TINY_TITOK, reconstruction_weight=weight))
+        losses[weight] = tower(images).aux_loss
+    assert losses[0.5] > 0
+    torch.testing.assert_close(losses[2.0], 4 * losses[0.5])
+    losses[2.0].backward()
+    assert tower.compressor.queries.grad.abs().sum() > 0 and tower.patch_embed.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert tower.eval()(images).aux_loss is None  # a training objective: inference skips the decoder
+    with pytest.raises(ConfigError, match="compressor_tokens"):
+        replace(TINY, reconstruction_weight=1.0).validate("model.vision")
+
+
+def test_seed_path_fields_leave_existing_checkpoint_hashes_alone() -> None:
+    """Off, the new fields are not hashed (the model config hashes as before they existed); on, they are."""
+    from xoron_dist.train.checkpoint import _hashed_model, config_hash
+
+    off = load_config(None, ["preset=tiny"])
+    new_fields = {"dual_stream_layers", "compressor_tokens", "compressor_layers", "reconstruction_weight"}
+    assert not new_fields & set(_hashed_model(off)["vision"])
+    for change in ("dual_stream_layers=2", "compressor_tokens=8", "compressor_layers=3"):
+        assert config_hash(load_config(None, ["preset=tiny", f"model.vision.{change}"])) != config_hash(off), change
+
+
+def test_siglip_import_with_the_seed_path() -> None:
+    """An HF checkpoint still loads with the new blocks on: the tower's weights are HF's, the rest new."""
+    hf = _hf_model()
+    tower = load_siglip_vision(hf, replace(SIGLIP_MODE, **SEED_PATH))
+    pure = load_siglip_vision(hf, SIGLIP_MODE)
+    for name, value in pure.state_dict().items():
+        assert torch.equal(tower.state_dict()[name], value), name
+    with torch.no_grad():
+        assert tower(torch.randn(1, 3, 30, 30)).features.shape == (1, 5, 32)
+
+
 # --------------------------------------------------------------------------- TP=2
 
-TP_VARIANTS = {"plain": {}, "dual": {"latent_tokens": 2, "dual_stream": True}}
+TP_VARIANTS = {"plain": {}, "dual": {"latent_tokens": 2, "dual_stream": True},
+               "seed-path": {**SEED_PATH, **TINY_TITOK, "reconstruction_weight": 0.5}}
 
 
 def _tp_step(tower: VisionTower, images, weights: torch.Tensor):
     out = tower(images)
-    loss = (out.features * weights).sum()
+    loss = (out.features * weights[:, : out.features.shape[1]]).sum()
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss
     if out.latents is not None:
         # Random weights, not a sum of squares: that of a LayerNorm output is nearly constant (its
         # gradient would be pure rounding noise).
@@ -220,6 +316,8 @@ def test_tp2_equals_single_rank(variant) -> None:
     ref_features, ref_grads = _tp_step(single, images, weights)
     for rank, out in enumerate(run_ranks(_tp_body, 2, variant, full_state, images, weights)):
         assert out["same_init"], rank  # the TP slices are drawn from the single-rank weights
+        split_blocks = [n for n in out["meta"] if out["meta"][n][0] and n.endswith("q_proj.weight")]
+        assert len(split_blocks) == len([n for n in ref_grads if n.endswith("q_proj.weight")])  # every block split
         torch.testing.assert_close(out["features"], ref_features, rtol=1e-5, atol=1e-5)
         assert set(out["grads"]) == set(ref_grads)
         for name, grad in out["grads"].items():

@@ -180,6 +180,13 @@ class VisionConfig:
     ``image_size``² like SigLIP. ``latent_tokens`` learned tokens ride along with the patches;
     ``dual_stream`` gives them their own weights (MMDiT-style joint attention, see
     ``xoron_dist.model.vision.tower``). ``titok_*``: the TiTok tokenizer (``xoron_dist.model.vision.titok``).
+
+    The seed's understanding path after the tower (``xoron_dist.model.vision.compressor``), each part
+    off at 0 (then the tower's patch features go to the projector as before): ``dual_stream_layers``
+    symmetric two-stream blocks over the patch grid (seed: 2); ``compressor_tokens`` learned latent
+    queries that compress the patches into that many 1D tokens through ``compressor_layers`` blocks
+    (TiTok's encoder; seed: 256); ``reconstruction_weight`` TiTok's decoder + VQ reconstructing the
+    image (at ``titok_image_size``) from those tokens, an auxiliary loss of this weight.
     """
 
     enabled: bool = False
@@ -212,6 +219,10 @@ class VisionConfig:
     # titok_dead_code_share / codebook size is re-seeded with a latent of the current batch (0 = off)
     titok_dead_code_share: float = 0.03
     titok_usage_decay: float = 0.9
+    dual_stream_layers: int = 0
+    compressor_tokens: int = 0
+    compressor_layers: int = 2
+    reconstruction_weight: float = 0.0
     pretrained_path: str | None = None
 
     def validate(self, where: str) -> None:
@@ -219,7 +230,16 @@ class VisionConfig:
                   "patch_size", "layer_norm_eps", "init_std", "max_patches", "titok_tokens", "titok_image_size",
                   "titok_patch_size", "titok_hidden_size", "titok_layers", "titok_heads", "titok_intermediate_size",
                   "titok_codebook_size", "titok_code_dim")
-        non_negative(self, where, "latent_tokens", "titok_commitment", "titok_dead_code_share")
+        non_negative(self, where, "latent_tokens", "titok_commitment", "titok_dead_code_share", "dual_stream_layers",
+                     "compressor_tokens", "reconstruction_weight")
+        positive(self, where, "compressor_layers")
+        if self.reconstruction_weight and not self.compressor_tokens:
+            raise field_error(f"{where}.reconstruction_weight", self.reconstruction_weight,
+                              "reconstructs the image from the compressor's tokens: set compressor_tokens > 0 "
+                              "or reconstruction_weight: 0")
+        if (self.dual_stream_layers or self.compressor_tokens) and self.hidden_size // self.num_heads < 4:
+            raise field_error(f"{where}.num_heads", self.num_heads, "the dual-stream and compressor blocks use "
+                              "2D-RoPE, which needs a head dim (hidden_size / num_heads) of at least 4")
         if not 0.0 <= self.titok_usage_decay < 1.0:
             raise field_error(f"{where}.titok_usage_decay", self.titok_usage_decay, "must be in [0, 1)")
         for heads, hidden in (("num_heads", "hidden_size"), ("titok_heads", "titok_hidden_size")):
@@ -250,9 +270,20 @@ class VideoConfig:
     Frames beyond ``max_frames`` are subsampled evenly; frames whose longer side lies outside
     [``min_resolution``, ``max_resolution``] are resized into it (aspect kept). Full size:
     ViT-B width (768, 12 layers, 12 heads), 16-pixel patches, 4 temporal experts (top-2).
+
+    ``frame_encoder`` picks how frames become tokens: ``own`` (the encoder above: its own patch
+    embedding, full block-causal attention over every T·h·w token, one Perceiver span per clip) or
+    ``tower`` (the seed's: every frame through the model's vision tower, shared weights, then
+    ``num_layers`` factorised layers (spatial attention within a frame, causal temporal attention
+    per patch position, the temporal MoE) and ``tokens_per_frame`` tokens per frame; a clip is
+    resampled to ``data.video_tokens / tokens_per_frame`` frames, so its span is T x k). In tower
+    mode the frame size is the tower's (``vision.resize`` / ``max_patches``) and ``patch_size`` /
+    ``min_resolution`` / ``max_resolution`` only size the blank video.
     """
 
     enabled: bool = False
+    frame_encoder: Literal["own", "tower"] = "own"
+    tokens_per_frame: int = 64  # tower mode: k tokens per frame (the seed's 64)
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
@@ -272,7 +303,7 @@ class VideoConfig:
     def validate(self, where: str) -> None:
         positive(self, where, "hidden_size", "num_layers", "num_heads", "patch_size", "min_frames", "max_frames",
                   "min_resolution", "max_resolution", "temporal_experts", "temporal_top_k",
-                  "expert_intermediate_size", "motion_dim", "rope_theta")
+                  "expert_intermediate_size", "motion_dim", "rope_theta", "tokens_per_frame")
         non_negative(self, where, "shared_experts", "bias_update_rate")
         ordered(self, where, "min_frames", "max_frames")
         ordered(self, where, "min_resolution", "max_resolution")

@@ -122,7 +122,8 @@ class LLMGraph(nn.Module):
 
 class VisionGraph(nn.Module):
     """pixel_values (batch, 3, H, W) normalised to [-1, 1] (``prepare_images``) -> patch features
-    (batch, (H // p) · (W // p), hidden): ``VisionTower.forward`` on a batch of equal-size images."""
+    (batch, (H // p) · (W // p), hidden), or with ``vision.compressor_tokens`` k the compressed tokens
+    (batch, k, hidden): ``VisionTower.forward`` on a batch of equal-size images."""
 
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
@@ -139,7 +140,11 @@ class VisionGraph(nn.Module):
             tokens = tokens + resize_positions(tower.position_embedding, rows, cols)
         coords = grid_coords(rows, cols, device=pixel_values.device).expand(batch, -1, -1)
         latents = tower.latent_embedding.expand(batch, -1, -1) if tower.latent_embedding is not None else None
-        return tower.encoder(tokens, coords, None, latents)[0]
+        features = tower.encoder(tokens, coords, None, latents)[0]
+        if tower.dual_stream is None and tower.compressor is None:
+            return features
+        # the seed's path (dual-stream layers, compressor): what the projector reads, as VisionTower.forward
+        return tower.after_blocks(features, coords, None)[0]  # equal-size images: every patch real
 
 
 class VideoGraph(nn.Module):
@@ -254,7 +259,7 @@ def _vision_spec(tower: nn.Module) -> GraphSpec:
     return GraphSpec("vision", VisionGraph(tower), lambda x: tower(x).features,
                      (pixels(2, 3, 2, 2), pixels(3, 4, 5, 3)), "pixel_values", "features",
                      {0: ("batch", 1, None), 2: ("rows", p, None), 3: ("cols", p, None)},
-                     {0: "batch", 1: "patches"}, notes)
+                     {0: "batch"} if tower.compressor is not None else {0: "batch", 1: "patches"}, notes)
 
 
 def _video_spec(encoder: nn.Module) -> GraphSpec:
@@ -315,6 +320,9 @@ def graph_specs(model: nn.Module) -> tuple[list[GraphSpec], dict[str, str]]:
         if module is None:
             skipped[part] = f"the model has no {part} ({'model.speech' if part == 'vocoder' else 'model.' + part}" \
                             ".enabled is false in its config)"
+        elif part == "video" and module.cfg.frame_encoder == "tower":
+            skipped[part] = ("its video encoder runs frames through the vision tower (model.video.frame_encoder: "
+                             "tower), which has no ONNX graph yet: export the vision part and run the rest in PyTorch")
         else:
             specs.append(builders[part](module))
     return specs, skipped

@@ -49,6 +49,8 @@ class Modality:
     build_projector: Callable[[XoronConfig, Modality, nn.Module], nn.Module] | None = None  # (cfg, row, encoder)
     blank: Callable[[nn.Module], torch.Tensor] | None = None  # encoder -> one empty medium (uint8, on CPU)
     tensor_plan: Callable[[XoronConfig, nn.Module], TensorPlan] | None = None  # (cfg, encoder) -> plan
+    # (model, encoder): links the built encoder to other modules of the model (video's tower mode: the vision tower)
+    attach: Callable[[nn.Module, nn.Module], None] | None = None
     generator: str | None = None  # XoronMultimodalModel attribute of the generator ("speech")
     generator_section: str | None = None  # model config section whose ``enabled`` switches it ("speech")
     build_generator: Callable[[XoronConfig], nn.Module] | None = None
@@ -114,9 +116,18 @@ def _build_vision(cfg: XoronConfig) -> nn.Module:
 
 
 def _build_video(cfg: XoronConfig) -> nn.Module:
-    from xoron_dist.model.video import VideoEncoder
+    from xoron_dist.model.video import TowerVideoEncoder, VideoEncoder, tower_clip_frames
 
-    return VideoEncoder(cfg.model.video, cfg.llm.init_std)
+    video = cfg.model.video
+    if video.frame_encoder == "own":
+        return VideoEncoder(video, cfg.llm.init_std)
+    return TowerVideoEncoder(video, cfg.model.vision.hidden_size, cfg.llm.init_std, tower_clip_frames(cfg))
+
+
+def _attach_video(model: nn.Module, encoder: nn.Module) -> None:
+    """Tower mode: the video encoder runs its frames through the model's own vision tower."""
+    if encoder.cfg.frame_encoder == "tower":
+        encoder.use_tower(model.vision)
 
 
 def _build_audio(cfg: XoronConfig) -> nn.Module:
@@ -151,6 +162,15 @@ def _perceiver(cfg: XoronConfig, row: Modality, encoder: nn.Module) -> nn.Module
                               cfg.model.projector, cfg.llm.init_std)
 
 
+def _video_projector(cfg: XoronConfig, row: Modality, encoder: nn.Module) -> nn.Module:
+    """``own``: a Perceiver to the fixed span; ``tower``: the T·k tokens projected one by one (they fill the span)."""
+    if encoder.cfg.frame_encoder == "own":
+        return _perceiver(cfg, row, encoder)
+    from xoron_dist.model.video import VideoTokenProjector
+
+    return VideoTokenProjector(encoder.cfg.hidden_size, cfg.llm.hidden_size, cfg.llm.init_std)
+
+
 def _frame_pool(cfg: XoronConfig, row: Modality, encoder: nn.Module) -> nn.Module:
     from xoron_dist.model.audio.encoder import FramePoolProjector
 
@@ -166,7 +186,7 @@ def _vision_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
 def _video_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
     from xoron_dist.model.video.sharding import tensor_plan
 
-    return tensor_plan(encoder.cfg, cfg.parallel.tp_experts)
+    return tensor_plan(encoder.cfg, cfg.parallel.tp_experts, factorised=encoder.cfg.frame_encoder == "tower")
 
 
 def _audio_plan(cfg: XoronConfig, encoder: nn.Module) -> TensorPlan:
@@ -224,8 +244,9 @@ MODALITIES: tuple[Modality, ...] = (
              objectives=("image_vae", "text_to_image"), generator_heads=("dit.num_heads",),
              generator_plan=_image_gen_plan),
     Modality("video", "gen_video", "video_tokens", section="video", heads="num_heads", encoder="video",
-             projector="video_projector", build=_build_video, build_projector=_perceiver, tensor_plan=_video_plan,
-             blank=_blank_video, generator="video_gen", generator_section="video_gen", build_generator=_build_video_gen,
+             projector="video_projector", build=_build_video, build_projector=_video_projector,
+             tensor_plan=_video_plan, attach=_attach_video, blank=_blank_video, generator="video_gen",
+             generator_section="video_gen", build_generator=_build_video_gen,
              objectives=("video_vae", "text_to_video"), generator_heads=("dit.num_heads",),
              generator_plan=_video_gen_plan),
     Modality("audio", "gen_speech", "audio_tokens_per_second", per_second=True, section="audio",

@@ -36,7 +36,7 @@ def checkpoint_blocks() -> tuple[type, ...]:
     """The blocks activation checkpointing recomputes: decoder layers and the encoders' blocks."""
     from xoron_dist.model.llm import DecoderLayer
     from xoron_dist.model.video.encoder import VideoLayer
-    from xoron_dist.model.vision.tower import VisionBlock
+    from xoron_dist.model.vision.blocks import VisionBlock
 
     return (DecoderLayer, VisionBlock, VideoLayer)
 

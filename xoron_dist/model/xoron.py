@@ -65,6 +65,9 @@ class XoronMultimodalModel(nn.Module):
             encoder = row.build(cfg)
             setattr(self, row.encoder, encoder)
             setattr(self, row.projector, row.build_projector(cfg, row, encoder))  # emits exactly the span's tokens
+        for row in self.media:
+            if row.attach is not None:  # e.g. video frames through the vision tower (shared weights)
+                row.attach(self, getattr(self, row.encoder))
         self.generators = generated(cfg)  # the rows of the media this model produces
         for row in self.generators:
             setattr(self, row.generator, row.build_generator(cfg))

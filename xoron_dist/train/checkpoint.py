@@ -134,7 +134,13 @@ def config_hash(cfg: XoronConfig) -> str:
 _HASHED_WHEN_ENABLED = ("lora",)
 # Fields added since then, with the value that builds the model every earlier checkpoint holds: hashed
 # only when set to something else, so those checkpoints keep their hash.
-_HASHED_WHEN_CHANGED: dict[tuple[str, str], Any] = {("audio", "understand_from"): "codes"}
+_HASHED_WHEN_CHANGED: dict[tuple[str, str], Any] = {("audio", "understand_from"): "codes",
+                                                     ("video", "frame_encoder"): "own",
+                                                     ("video", "tokens_per_frame"): 64,
+                                                     ("vision", "dual_stream_layers"): 0,
+                                                     ("vision", "compressor_tokens"): 0,
+                                                     ("vision", "compressor_layers"): 2,
+                                                     ("vision", "reconstruction_weight"): 0.0}
 
 
 def _hashed_model(cfg: XoronConfig) -> dict[str, Any]:

@@ -86,6 +86,10 @@ def active_objectives(cfg: XoronConfig) -> list[tuple[Objective, float]]:
     """The run's objectives with their weights: the LM's, and those of the media the model builds.
     Raises ``ConfigError`` for a weight given to an objective this run does not have."""
     multimodal = cfg.data.source == "arrow"  # synthetic text trains the plain LLM (``train/build.py``)
+    if multimodal and cfg.model.vision.enabled and cfg.model.vision.reconstruction_weight > 0:
+        raise ConfigError(f"model.vision.reconstruction_weight = {cfg.model.vision.reconstruction_weight}: the "
+                          "tower computes TiTok's reconstruction loss (VisionOutput.aux_loss) but the training step "
+                          "does not optimise it yet, so its decoder would get no gradient; set it to 0")
     names = ["lm"] + [name for m in MODALITIES if multimodal and m.generated(cfg) for name in m.objectives]
     unknown = sorted(set(cfg.train.objectives) - set(names))
     if unknown:

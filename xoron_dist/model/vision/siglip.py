@@ -88,8 +88,9 @@ def load_siglip_vision(source: str | Path | nn.Module | dict[str, torch.Tensor],
     ``source``: a local directory (config.json + safetensors or .bin; a full ``SiglipModel``
     works too, its text tower is skipped), an in-memory HF ``SiglipVisionModel``/``SiglipModel``,
     or a state dict (then ``cfg`` must carry the sizes). Sizes come from the checkpoint; the
-    position, resize and latent choices from ``cfg``. Latent-stream weights are new (kept at
-    their initialisation). Raises ``SiglipImportError`` listing every missing/unexpected key.
+    position, resize, latent and compressor choices from ``cfg``. Latent-stream, dual-stream,
+    compressor and reconstruction weights are new (kept at their initialisation). Raises
+    ``SiglipImportError`` listing every missing/unexpected key.
     """
     if isinstance(source, (str, Path)):
         state, hf_config = _read_checkpoint(Path(source))
@@ -120,7 +121,8 @@ def load_siglip_vision(source: str | Path | nn.Module | dict[str, torch.Tensor],
         if ours == "patch_embed.weight":
             value = value.reshape(value.shape[0], -1)  # conv (hidden, 3, p, p) -> linear (hidden, 3*p*p)
         loaded[ours] = value
-    new = {k for k in own if ".latent." in k or k.startswith(("latent_embedding", "encoder.latent_post_layernorm"))}
+    new = {k for k in own if ".latent." in k or k.startswith(("latent_embedding", "encoder.latent_post_layernorm",
+                                                               "dual_stream.", "compressor.", "reconstruction."))}
     missing = sorted(set(own) - set(loaded) - new)
     if missing or unexpected:
         raise SiglipImportError(f"HF SigLIP checkpoint does not match the tower ({cfg.num_layers} layers): "

@@ -32,6 +32,12 @@ stream, as ViT registers and TiTok do). The patch stream keeps SigLIP's weights 
 the joint attention lets patches attend to the new tokens, which changes an imported
 checkpoint's features; hence both are off by default (``latent_tokens: 0``).
 
+**After the blocks** (``compressor.py``, the seed's path; each part off at 0, and then the output is
+the patch features above, bit for bit): ``dual_stream_layers`` symmetric two-stream blocks over the
+patch grid, then a TiTok-style compressor to ``compressor_tokens`` 1D tokens, which take the place
+of the patches in ``VisionOutput.features`` (the projector reads them), and optionally TiTok's
+reconstruction as ``VisionOutput.aux_loss``.
+
 Tensor parallelism (``sharding.py``): q/k/v and fc1 are column layers (heads and MLP units split,
 their biases alike); out_proj and fc2 are row layers (partial sums reduced, then the whole bias
 added once). Norms, patch embedding and position tables stay whole. A block reads the number of
@@ -47,8 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import VisionConfig
-from xoron_dist.model.common.init import empty_linear, init_weights_
-from xoron_dist.model.common.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
+from xoron_dist.model.common.init import init_weights_
+from xoron_dist.model.common.rope_nd import grid_coords
+from xoron_dist.model.vision.blocks import VisionTransformer
 
 IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean 0.5, std 0.5 (pixels to [-1, 1])
 IMAGE_STD = 0.5
@@ -126,143 +133,27 @@ def resize_positions(table: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return resized.permute(0, 2, 3, 1).reshape(rows * cols, -1)
 
 
-# --------------------------------------------------------------------------- layers
-
-
-def biased_linear(in_features: int, out_features: int) -> nn.Linear:
-    """An uninitialised ``nn.Linear`` with a bias, the bias registered first: the parameter order of
-    the tower's checkpoints so far, which DeepSpeed's flat optimizer partitions follow."""
-    layer = empty_linear(in_features, out_features, bias=True)
-    layer._parameters = {"bias": layer._parameters["bias"], "weight": layer._parameters["weight"]}
-    return layer
-
-
-class AttentionProjections(nn.Module):
-    """SigLIP's q/k/v (column) and out (row) projections, all with biases."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.q_proj = biased_linear(hidden, hidden)
-        self.k_proj = biased_linear(hidden, hidden)
-        self.v_proj = biased_linear(hidden, hidden)
-        self.out_proj = biased_linear(hidden, hidden)
-
-
-class VisionMLP(nn.Module):
-    """``fc2(gelu_tanh(fc1(x)))``, SigLIP's MLP."""
-
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.fc1 = biased_linear(hidden, intermediate)
-        self.fc2 = biased_linear(intermediate, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class StreamWeights(nn.Module):
-    """One stream's weights in one block (names as HF ``SiglipEncoderLayer``)."""
-
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = AttentionProjections(cfg.hidden_size)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size)
-
-
-class VisionBlock(nn.Module):
-    """A pre-LN encoder block over [patches; latents]; with ``dual`` the latents have their own
-    weights and both streams attend jointly over the concatenation (MMDiT, see module docstring)."""
-
-    def __init__(self, cfg: VisionConfig, dual: bool) -> None:
-        super().__init__()
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.patch = StreamWeights(cfg)
-        self.latent = StreamWeights(cfg) if dual else None
-
-    def _streams(self, x: torch.Tensor, patches: int) -> list[tuple[StreamWeights, torch.Tensor]]:
-        if self.latent is None or patches == x.shape[1]:
-            return [(self.patch, x)]
-        return [(self.patch, x[:, :patches]), (self.latent, x[:, patches:])]
-
-    def forward(self, x: torch.Tensor, patches: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """x (batch, patches + latents, hidden); rope cos/sin (batch, n, pairs); mask (batch, 1, 1, n) keys."""
-        streams = self._streams(x, patches)
-        normed = [(w, w.layer_norm1(part)) for w, part in streams]
-
-        def heads(proj: str) -> torch.Tensor:  # (batch, heads, n, head_dim), streams concatenated
-            y = torch.cat([getattr(w.self_attn, proj)(h) for w, h in normed], dim=1)
-            return y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
-
-        q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
-        if rope is not None:
-            q, k = apply_axial_rope(q, *rope), apply_axial_rope(k, *rope)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
-        sizes = [part.shape[1] for _, part in streams]
-        outputs = zip(streams, attended.split(sizes, dim=1), strict=True)
-        x = x + torch.cat([w.self_attn.out_proj(o) for (w, _), o in outputs], dim=1)
-        streams = self._streams(x, patches)
-        return x + torch.cat([w.mlp(w.layer_norm2(part)) for w, part in streams], dim=1)
-
-
-class VisionTransformer(nn.Module):
-    """The block stack and final norm over patch tokens (+ optional latent tokens); shared by the
-    tower and TiTok's encoder/decoder."""
-
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(VisionBlock(cfg, cfg.dual_stream) for _ in range(cfg.num_layers))
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.latent_post_layernorm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-                                      if cfg.dual_stream else None)
-        self.rope = AxialRoPE(cfg.hidden_size // cfg.num_heads, axes=2, theta=cfg.rope_theta) if cfg.rope else None
-
-    def forward(self, patches: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor | None,
-                latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """patches (batch, n, hidden), coords (batch, n, 2) (row, col), mask (batch, n) True = real
-        patch (None: all real), latents (batch, L, hidden) -> (patches, latents) outputs."""
-        n = patches.shape[1]
-        x = patches if latents is None else torch.cat([patches, latents], dim=1)
-        rope = None
-        if self.rope is not None:
-            cos, sin = self.rope(coords)
-            if latents is not None:  # latent tokens have no position: identity rotation
-                cos = torch.cat([cos, cos.new_ones(cos.shape[0], latents.shape[1], cos.shape[2])], dim=1)
-                sin = torch.cat([sin, sin.new_zeros(sin.shape[0], latents.shape[1], sin.shape[2])], dim=1)
-            rope = (cos, sin)
-        key_mask = None
-        if mask is not None and not bool(mask.all()):
-            if latents is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], latents.shape[1])], dim=1)
-            key_mask = mask[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, n, rope, key_mask)
-        if latents is None:
-            return self.post_layernorm(x), None
-        latent_norm = self.post_layernorm if self.latent_post_layernorm is None else self.latent_post_layernorm
-        return self.post_layernorm(x[:, :n]), latent_norm(x[:, n:])
-
-
 # --------------------------------------------------------------------------- the tower
 
 
 class VisionOutput(NamedTuple):
-    """``features`` (batch, tokens, hidden): patch features, rows padded to the longest image;
-    ``mask`` (batch, tokens) True = a real patch (padded rows are zero); ``grids`` (batch, 2) each
-    image's (rows, cols) patch grid, row-major in ``features``; ``latents`` (batch, L, hidden) the
-    latent tokens' outputs, or None. A named tuple, not a dataclass: DeepSpeed's ZeRO-3 finds the
-    tensors of a module's output (to re-gather its weights for backward) only in tuples, lists, dicts."""
+    """``features`` (batch, tokens, hidden): patch features, rows padded to the longest image, or with
+    the compressor on its (batch, compressor_tokens, hidden) 1D tokens; ``mask`` (batch, tokens) True =
+    a real token (padded rows are zero); ``grids`` (batch, 2) each image's (rows, cols) patch grid
+    (row-major in ``features`` when they are patches); ``latents`` (batch, L, hidden) the latent
+    tokens' outputs, or None; ``aux_loss`` the weighted reconstruction loss summed over the images
+    (``reconstruction_weight`` > 0, in training), or None. A named tuple, not a dataclass: DeepSpeed's ZeRO-3 finds
+    the tensors of a module's output (to re-gather its weights for backward) only in tuples, lists, dicts."""
 
     features: torch.Tensor
     mask: torch.Tensor
     grids: torch.Tensor
     latents: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
     def per_image(self) -> list[torch.Tensor]:
-        """The real patch features of each image: a list of (rows*cols, hidden)."""
-        counts = self.grids.prod(dim=1).tolist()
+        """The real tokens of each image: a list of (rows*cols, hidden) patches (or (k, hidden) tokens)."""
+        counts = self.mask.sum(dim=1).tolist()
         return [feats[:count] for feats, count in zip(self.features, counts, strict=True)]
 
 
@@ -280,14 +171,25 @@ class VisionTower(nn.Module):
         self.latent_embedding = (nn.Parameter(torch.zeros(cfg.latent_tokens, cfg.hidden_size))
                                  if cfg.latent_tokens else None)
         self.encoder = VisionTransformer(cfg)
+        # The seed's path after the tower (``compressor.py``); absent at 0, so the tower's checkpoints keep
+        # their names. Imported here: compressor.py and titok.py build on this file's blocks.
+        from xoron_dist.model.vision.compressor import DualStreamLayers, LatentCompressor
+        from xoron_dist.model.vision.decoder import TiTokDecoder
+
+        self.dual_stream = DualStreamLayers(cfg) if cfg.dual_stream_layers else None
+        self.compressor = LatentCompressor(cfg) if cfg.compressor_tokens else None
+        self.reconstruction = TiTokDecoder(cfg, cfg.hidden_size) if cfg.reconstruction_weight else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         init_weights_(self, self.cfg.init_std)
-        for table in (self.position_embedding, self.latent_embedding):
+        queries = self.compressor.queries if self.compressor is not None else None
+        for table in (self.position_embedding, self.latent_embedding, queries):
             if table is not None:
                 nn.init.normal_(table, std=self.cfg.init_std)
+        if self.reconstruction is not None:
+            self.reconstruction.reset_decoder()
 
     @property
     def num_tokens(self) -> int:
@@ -319,14 +221,56 @@ class VisionTower(nn.Module):
             mask[i, : t.shape[0]] = True
         return tokens, coords, mask, torch.tensor(grids, dtype=torch.long, device=weight.device)
 
-    def forward(self, images: list[torch.Tensor] | torch.Tensor) -> VisionOutput:
+    def forward(self, images: list[torch.Tensor] | torch.Tensor, patches_only: bool = False) -> VisionOutput:
         """``images``: a list of uint8 (H, W, 3) RGB images, or float pixels (batch, 3, H, W) already
-        normalised (see ``prepare_images``)."""
+        normalised (see ``prepare_images``). The understanding path: the tower's blocks, then (when on)
+        the dual-stream layers, the compressor and the reconstruction loss; ``patches_only``: the
+        blocks' patch features alone (``encode_patches``)."""
+        patches, coords, pixels = self._patches(images)
+        if patches_only:
+            return patches
+        features, tokens_mask = self.after_blocks(patches.features, coords, patches.mask)
+        grids, latents = patches.grids, patches.latents
+        aux_loss = None
+        if self.reconstruction is not None and self.training:  # a training objective: inference skips the decoder
+            from xoron_dist.model.vision.compressor import reconstruction_target
+
+            target = reconstruction_target(pixels, self.cfg.titok_image_size).to(features.dtype)
+            # the decoder's loss is a mean over equal-size images: times the count, a sum over them
+            aux_loss = self.cfg.reconstruction_weight * len(pixels) * self.reconstruction.reconstruct(
+                features, target).loss
+        return VisionOutput(features, tokens_mask, grids, latents, aux_loss)
+
+    def encode_patches(self, images: list[torch.Tensor] | torch.Tensor) -> VisionOutput:
+        """The tower's blocks alone (as ``forward`` with the seed's path off): patch features, whatever
+        ``dual_stream_layers`` / ``compressor_tokens`` say. For callers that need the patch grid (video
+        frames through the tower). Through ``__call__``, so hooks on the tower (ZeRO-3's gathering of
+        its own parameters, the position table) run as for any forward."""
+        return self(images, patches_only=True)
+
+    def _patches(self, images: list[torch.Tensor] | torch.Tensor) -> tuple[VisionOutput, torch.Tensor,
+                                                                            list[torch.Tensor]]:
+        """-> (patch output, coords (batch, n, 2), the normalised pixels)."""
         if len(images) == 0:
             raise ValueError("the vision tower got no images")
-        tokens, coords, mask, grids = self.embed(prepare_images(images, self.cfg, self.patch_embed.weight.device))
+        pixels = prepare_images(images, self.cfg, self.patch_embed.weight.device)
+        tokens, coords, mask, grids = self.embed(pixels)
         latents = None
         if self.latent_embedding is not None:
             latents = self.latent_embedding.expand(tokens.shape[0], -1, -1)
         features, latents = self.encoder(tokens, coords, mask, latents)
-        return VisionOutput(features * mask[..., None], mask, grids, latents)
+        return VisionOutput(features * mask[..., None], mask, grids, latents), coords, pixels
+
+    def after_blocks(self, features: torch.Tensor, coords: torch.Tensor,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The seed's path after the tower's blocks: patch features (batch, n, hidden) (zero at padding),
+        coords (batch, n, 2), mask (batch, n) (None: every patch real) -> what the projector reads and
+        its mask: the dual-stream layers' patches, then the compressor's (batch, k, hidden) tokens (all
+        real); as given when off."""
+        if self.dual_stream is not None:
+            features = self.dual_stream(features, coords, mask)
+            features = features if mask is None else features * mask[..., None]
+        if self.compressor is None:
+            return features, mask
+        compressed = self.compressor(features, coords, mask)
+        return compressed, torch.ones(compressed.shape[:2], dtype=torch.bool, device=compressed.device)
