@@ -1,4 +1,4 @@
-"""Decode, check and normalise media: images and video frames to fixed-size RGB, audio to mono int16.
+"""Decode, check and normalise media: images and video frames to RGB by a resize policy, audio to mono int16.
 
 Every function takes a ``Blob`` (a file on disk from a JSONL manifest, or a member's bytes from a
 webdataset tar) and gives the same array for the same bytes, whichever it was. Anything that
@@ -23,12 +23,22 @@ anti-aliased) by the ``PrepConfig`` policy:
 * ``max_side`` longer side to ``size``, aspect kept, then both sides rounded *down* to multiples
                of ``patch_multiple`` (at least one patch) and the image scaled straight to that
                size, so the aspect error stays under one patch.
+* ``native``   the image's own size within a budget of ``size²`` pixels (as many as a ``size x size``
+               square, so as many patches): an image above it shrinks by ``sqrt(size² / (w·h))``,
+               aspect kept; one within it keeps its size (never enlarged); then both sides are rounded
+               *down* to multiples of ``patch_multiple`` (at least one patch; a sliver so thin that
+               its one-patch short side breaks the budget has its long side cut to fit). For
+               native-resolution encoders (``vision.resize: native``) and the loader's scale
+               buckets (``xoron_dist.data.multiscale``), which then start from the real aspect.
 
 Video: ``frames`` frames at ``floor((i + 0.5) * n / frames)``, i.e. evenly over the clip. A clip
 with fewer than ``frames`` frames is *stretched*: the same rule repeats frames (nearest-frame
 sampling), and the recorded fps (``frames`` / clip duration) says how fast the sampled frames
-play. MP4 (any container FFmpeg reads) through PyAV; frame folders through PIL, frames sorted by
-file name, all of one size, at the sample's ``fps`` field or ``DEFAULT_FRAME_FPS``.
+play. With ``video_resize: native`` the frame count is native too: a clip keeps its own
+``n`` frames up to ``frames`` (``video_frames`` is then the cap; a longer clip is sampled evenly
+down to it, a shorter one is never stretched), and each frame is sized as a ``native`` image
+within ``video_size²`` pixels. MP4 (any container FFmpeg reads) through PyAV; frame folders through
+PIL, frames sorted by file name, all of one size, at the sample's ``fps`` field or ``DEFAULT_FRAME_FPS``.
 
 Audio (soundfile: WAV, FLAC, ...): channels averaged to mono, resampled with
 ``data_prep.resample.resample_poly``, stored as int16. A clip longer than ``max_audio_seconds``
@@ -42,6 +52,7 @@ undecodable; truncated AIFF/AU/W64 files are shortened by libsndfile without a t
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -124,7 +135,26 @@ def target_size(width: int, height: int, size: int, policy: str, patch_multiple:
         w = max(1, width * size // (longest * patch_multiple)) * patch_multiple
         h = max(1, height * size // (longest * patch_multiple)) * patch_multiple
         return w, h
-    raise ValueError(f"unknown resize policy {policy!r}; expected crop, pad, squash or max_side")
+    if policy == "native":
+        return native_size(width, height, size * size, patch_multiple)
+    raise ValueError(f"unknown resize policy {policy!r}; expected crop, pad, squash, max_side or native")
+
+
+def native_size(width: int, height: int, max_pixels: int, patch_multiple: int) -> tuple[int, int]:
+    """(width, height) of the ``native`` policy: aspect kept, at most ``max_pixels``, never enlarged,
+    both sides multiples of ``patch_multiple`` (rounded down, at least one patch)."""
+    p = patch_multiple
+    if max_pixels < p * p:
+        raise ValueError(f"a budget of {max_pixels} pixels holds no {p}x{p} patch")
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    w, h = max(1, int(width * scale) // p) * p, max(1, int(height * scale) // p) * p
+    # the one-patch floor of a thin sliver can break the budget: cut the long side to fit
+    if w * h > max_pixels:
+        if w >= h:
+            w = max_pixels // (h * p) * p
+        else:
+            h = max_pixels // (w * p) * p
+    return w, h
 
 
 def resize_image(image: Image.Image, size: int, policy: str, patch_multiple: int) -> Image.Image:
@@ -140,7 +170,10 @@ def resize_image(image: Image.Image, size: int, policy: str, patch_multiple: int
         canvas = Image.new("RGB", (size, size), PAD_COLOR)
         canvas.paste(image.resize(inner, RESAMPLING), ((size - inner[0]) // 2, (size - inner[1]) // 2))
         return canvas
-    return image.resize(target_size(w, h, size, policy, patch_multiple), RESAMPLING)
+    target = target_size(w, h, size, policy, patch_multiple)
+    if policy == "native" and target == (w, h):
+        return image  # already native within the budget: no resampling pass
+    return image.resize(target, RESAMPLING)
 
 
 def _check_pixels(what: str, name: str, width: int, height: int, max_pixels: int) -> None:
@@ -188,6 +221,11 @@ def frame_indices(clip_frames: int, frames: int) -> list[int]:
     Distinct when the clip is long enough; repeated (each frame held) when it is shorter.
     """
     return [(2 * i + 1) * clip_frames // (2 * frames) for i in range(frames)]
+
+
+def frames_to_keep(clip_frames: int, frames: int, policy: str) -> int:
+    """Frames a clip of ``clip_frames`` gives: ``frames``, or with ``native`` its own count capped at ``frames``."""
+    return min(frames, clip_frames) if policy == "native" else frames
 
 
 def decode_video(
@@ -247,6 +285,7 @@ def _decode_frame_list(
                   f"{len(media.frames)} frames at {fps:g} fps")
     loaded: dict[int, Image.Image] = {}  # a short clip repeats frames: decode each once
     images = []
+    frames = frames_to_keep(len(media.frames), frames, policy)
     for index in frame_indices(len(media.frames), frames):
         if index not in loaded:
             loaded[index] = load_image(media.frames[index], max_pixels, "video frame")
@@ -282,17 +321,19 @@ def _decode_video_file(
         if rate:  # a header without a duration: the frame count (demuxed, not decoded) tells
             _check_seconds("video", blob.name, clip / float(rate), max_seconds, "max_video_seconds",
                           f"{clip} frames at {float(rate):g} fps, counted before decoding")
-        images, decoded = _decode_picked(blob, open_stream, frame_indices(clip, frames))
+        wanted = frames_to_keep(clip, frames, policy)
+        images, decoded = _decode_picked(blob, open_stream, frame_indices(clip, wanted))
         if images is None:  # the header promised more frames than the stream holds
             clip = decoded
             if not clip:
                 raise RejectedSample(f"video '{blob.name}' has no decodable frames")
-            images, _ = _decode_picked(blob, open_stream, frame_indices(clip, frames))
+            wanted = frames_to_keep(clip, frames, policy)
+            images, _ = _decode_picked(blob, open_stream, frame_indices(clip, wanted))
     except (av.FFmpegError, OSError, ValueError, EOFError) as err:
         raise RejectedSample(f"cannot decode video '{blob.name}': {err}") from None
     if not rate:
         raise RejectedSample(f"video '{blob.name}' has no frame rate in its header")
-    return _stack(images, size, policy, patch_multiple, blob.name), frames * float(rate) / clip
+    return _stack(images, size, policy, patch_multiple, blob.name), wanted * float(rate) / clip
 
 
 def _decode_picked(blob: Blob, open_stream, picked: list[int]) -> tuple[list[Image.Image] | None, int]:

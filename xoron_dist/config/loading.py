@@ -99,6 +99,31 @@ class XoronConfig:
     def __post_init__(self) -> None:
         validate_tree(self)
 
+    def validate(self, where: str) -> None:
+        """Checks across sections (each section checked itself first: ``validate_tree`` goes children first)."""
+        self._check_multiscale(f"{where}.data.multiscale" if where else "data.multiscale")
+
+    def _check_multiscale(self, where: str) -> None:
+        """The loader's scale buckets must fit the encoders that read them: scales on their patch grid,
+        frame counts within the video encoder's range (``model.video.min_frames``..``max_frames``)."""
+        ms, vision, video = self.data.multiscale, self.model.vision, self.model.video
+        if ms is None:
+            return
+        if vision.enabled and ms.image_patch != vision.patch_size:
+            raise field_error(f"{where}.image_patch", ms.image_patch,
+                              f"must equal model.vision.patch_size ({vision.patch_size}): image scales are "
+                              "multiples of the tower's patch")
+        if video.enabled and video.frame_encoder == "own" and ms.video_patch != video.patch_size:
+            raise field_error(f"{where}.video_patch", ms.video_patch,
+                              f"must equal model.video.patch_size ({video.patch_size}): video scales are "
+                              "multiples of the encoder's patch")
+        if video.enabled:
+            bad = [f for f in ms.video_frames if not video.min_frames <= f <= video.max_frames]
+            if bad:
+                raise field_error(f"{where}.video_frames", ms.video_frames,
+                                  f"{bad} outside model.video.min_frames..max_frames ({video.min_frames}.."
+                                  f"{video.max_frames}); use frame counts the video encoder accepts")
+
     @property
     def llm(self) -> LLMConfig:
         return self.model.llm

@@ -163,7 +163,7 @@ class TrainConfig:
                 raise field_error(f"{where}.objectives.{name}", weight, "objective weights must be >= 0")
 
 
-ResizePolicy = Literal["crop", "pad", "squash", "max_side"]
+ResizePolicy = Literal["crop", "pad", "squash", "max_side", "native"]
 
 
 @dataclass
@@ -173,7 +173,9 @@ class PrepConfig:
     Resize policies: ``crop`` (shorter side to size, centre crop: square), ``pad`` (longer side
     to size, pad to square), ``squash`` (to size x size, aspect ignored), ``max_side`` (longer
     side to size, aspect kept, both sides rounded down to multiples of ``patch_multiple``; for
-    native-resolution encoders).
+    native-resolution encoders), ``native`` (the medium's own size within ``size²`` pixels, never
+    enlarged, aspect kept, sides rounded down to multiples of ``patch_multiple``; for video also its
+    own frame count, capped at ``video_frames``). ``data_prep.media`` has the exact rules.
     """
 
     image_size: int = 384
@@ -196,6 +198,12 @@ class PrepConfig:
         positive(self, where, "image_size", "video_frames", "video_size", "patch_multiple", "audio_sample_rate",
                   "max_audio_seconds", "max_image_pixels", "max_video_seconds", "max_text_tokens", "shard_bytes",
                   "samples_per_unit")
+        for medium in ("image", "video"):
+            size = getattr(self, f"{medium}_size")
+            if getattr(self, f"{medium}_resize") == "native" and size < self.patch_multiple:
+                raise field_error(f"{where}.{medium}_size", size,
+                                  f"with {medium}_resize: native the budget is {medium}_size² pixels, which must hold "
+                                  f"one patch: use at least patch_multiple ({self.patch_multiple})")
 
 
 @dataclass
@@ -236,6 +244,104 @@ class SynthConfig:
 
 
 @dataclass
+class ScalePhaseConfig:
+    """One phase of the ``curriculum`` multi-scale strategy: from the end of the phase before up to
+    ``until`` (a fraction of the schedule), buckets are drawn from these subsets of the scale lists
+    (empty: the whole list), with the configured probabilities renormalised over the subset."""
+
+    until: float = 1.0
+    image_scales: list[int] = field(default_factory=list)
+    video_scales: list[int] = field(default_factory=list)
+    video_frames: list[int] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.until <= 1.0:
+            raise field_error(f"{where}.until", self.until, "a fraction of the schedule in (0, 1]")
+
+
+@dataclass
+class MultiScaleConfig:
+    """Scale buckets of the Arrow loader (``xoron_dist.data.multiscale``): each micro-batch draws one
+    image scale, one video scale and one frame count, and every image/video of the micro-batch is
+    brought to that bucket (square ``scale x scale`` by ``fit``; frames sampled evenly), so media
+    shapes are static within a micro-batch. The seed's ranges: images 128-512, videos 128-384 at
+    8-32 frames; scales here are multiples of the encoders' patches (``image_patch``: the vision
+    tower's 14, ``video_patch``: the video encoder's 16).
+
+    ``strategy``: ``random`` (each axis drawn by its probabilities; empty = uniform), ``progressive``
+    (each axis steps through its list from smallest to largest in equal shares of the schedule),
+    ``curriculum`` (``phases`` by schedule fraction, random within a phase). The schedule runs over
+    ``schedule_batches`` micro-batches of a rank (0: the stage's steps x grad_accum_steps); it is a
+    pure function of (``seed``, micro-batch index), so a resumed loader draws the same buckets.
+    ``fit``: ``pad`` keeps the aspect ratio (longer side to the scale, black letterbox), ``crop``
+    takes the centred square, ``squash`` ignores the aspect.
+    """
+
+    strategy: Literal["random", "progressive", "curriculum"] = "random"
+    image_scales: list[int] = field(default_factory=lambda: [126, 252, 378, 504])
+    video_scales: list[int] = field(default_factory=lambda: [128, 192, 256, 320, 384])
+    video_frames: list[int] = field(default_factory=lambda: [8, 16, 24, 32])
+    image_probabilities: list[float] = field(default_factory=list)
+    video_probabilities: list[float] = field(default_factory=list)
+    frame_probabilities: list[float] = field(default_factory=list)
+    image_patch: int = 14
+    video_patch: int = 16
+    fit: Literal["pad", "crop", "squash"] = "pad"
+    seed: int = 0
+    schedule_batches: int = 0
+    phases: list[ScalePhaseConfig] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        positive(self, where, "image_patch", "video_patch")
+        non_negative(self, where, "schedule_batches", "seed")
+        for axis, probs, patch in (("image_scales", "image_probabilities", "image_patch"),
+                                   ("video_scales", "video_probabilities", "video_patch"),
+                                   ("video_frames", "frame_probabilities", None)):
+            values, weights = getattr(self, axis), getattr(self, probs)
+            if not values:
+                raise field_error(f"{where}.{axis}", values, "give at least one value (the seed's: see the docstring)")
+            if any(v <= 0 for v in values) or len(set(values)) != len(values):
+                raise field_error(f"{where}.{axis}", values, "values must be > 0 and distinct")
+            if patch is not None and any(v % getattr(self, patch) for v in values):
+                bad = [v for v in values if v % getattr(self, patch)]
+                raise field_error(f"{where}.{axis}", values, f"{bad} are not multiples of {patch} = "
+                                  f"{getattr(self, patch)}; round them to multiples of the patch size")
+            if weights and len(weights) != len(values):
+                raise field_error(f"{where}.{probs}", weights, f"needs one probability per entry of {axis} "
+                                  f"({len(values)}), or none for uniform")
+            if weights and (any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6):
+                raise field_error(f"{where}.{probs}", weights, f"probabilities must be >= 0 and sum to 1 "
+                                  f"(they sum to {sum(weights):g})")
+        if self.strategy == "curriculum" and not self.phases:
+            raise field_error(f"{where}.phases", self.phases, "strategy curriculum needs at least one phase")
+        if self.phases and self.strategy != "curriculum":
+            raise field_error(f"{where}.phases", "[...]", f"phases are read only by strategy curriculum, this is "
+                              f"{self.strategy!r}; drop them or set strategy: curriculum")
+        last = 0.0
+        for i, phase in enumerate(self.phases):
+            if phase.until <= last:
+                raise field_error(f"{where}.phases[{i}].until", phase.until, f"phases must end in increasing order "
+                                  f"(the phase before ends at {last})")
+            last = phase.until
+            for axis in ("image_scales", "video_scales", "video_frames"):
+                extra = sorted(set(getattr(phase, axis)) - set(getattr(self, axis)))
+                if extra:
+                    raise field_error(f"{where}.phases[{i}].{axis}", getattr(phase, axis),
+                                      f"{extra} are not in {where}.{axis} {getattr(self, axis)}")
+        if self.phases and last != 1.0:
+            raise field_error(f"{where}.phases[{len(self.phases) - 1}].until", last,
+                              "the last phase must end at 1.0 (the end of the schedule)")
+
+    def largest(self) -> tuple[int, int, int]:
+        """(image scale, video scale, frames): the largest each axis can draw (a curriculum: within its phases)."""
+        axes = ("image_scales", "video_scales", "video_frames")
+        if self.phases:
+            return tuple(max(v for phase in self.phases for v in (getattr(phase, a) or getattr(self, a)))
+                         for a in axes)
+        return tuple(max(getattr(self, a)) for a in axes)
+
+
+@dataclass
 class DataConfig:
     """Where batches come from.
 
@@ -245,6 +351,7 @@ class DataConfig:
     ``mix``: dataset (kind) -> blend weight; empty = every dataset in proportion to its rows.
     ``image_tokens``/``video_tokens``/``audio_tokens_per_second``: length of the placeholder
     span each medium occupies in the token stream (what the encoder + projector emit).
+    ``multiscale``: per-micro-batch scale buckets of images and videos (``MultiScaleConfig``).
     """
 
     source: Literal["synthetic_text", "arrow"] = "synthetic_text"
@@ -259,6 +366,7 @@ class DataConfig:
     audio_tokens_per_second: float = 12.5
     prep: PrepConfig = field(default_factory=PrepConfig)
     synth: SynthConfig | None = None
+    multiscale: MultiScaleConfig | None = None  # None: media as prepared (no scale buckets)
 
     def validate(self, where: str) -> None:
         positive(self, where, "num_documents", "image_tokens", "video_tokens", "audio_tokens_per_second")

@@ -31,8 +31,12 @@ the run down with it ("DataLoader worker ... killed by signal") before any save.
 from the trainer's own process (torch's last-resort ``terminate()``) still ends a worker.
 
 A resume needs the same dp_size, worker count (0 and 1 are the same), seed, sequence length,
-micro-batch size, look-ahead, datasets and weights: these fix the data order, and ``load_state_dict``
-names the one that differs.
+micro-batch size, look-ahead, datasets and weights (and ``data.multiscale`` with its schedule length,
+when set): these fix the data order, and ``load_state_dict`` names the one that differs.
+
+**Scale buckets** (``data.multiscale``, ``multiscale.py``): each worker's stream is then a
+``ScaledSlotStream``, which brings the images and videos of its k-th micro-batch to the bucket of
+k; k follows from the worker's batch count, which the state already holds, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -49,12 +53,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from xoron_dist.data.batch import BatchBlock, PackedBatch, allocate_local
 from xoron_dist.data.blend import BlendEntry, resolve_blend
+from xoron_dist.data.multiscale import ScaledSlotStream, ScaleSchedule
 from xoron_dist.data.order import slot_index, slot_position
 from xoron_dist.data.packing import GENERATION_TOKEN, TokenLayout
 from xoron_dist.data.schema import media_of
 from xoron_dist.data.shards import ArrowDataset, PreparedData
 from xoron_dist.data.shared_blocks import BlockRegistry, SharedBlockPool
 from xoron_dist.data.stream import SlotStream
+from xoron_dist.utils.typed_config import to_dict
 
 STATE_FORMAT = "xoron-arrow-loader-v1"
 DEFAULT_LOOKAHEAD = 16
@@ -99,18 +105,24 @@ class _SlotIterable(IterableDataset):
 
     def __init__(self, datasets: list[ArrowDataset], entries: list[BlendEntry], layout: TokenLayout, *,
                  seed: int, dp_rank: int, dp_size: int, workers: int, micro_batch_size: int, lookahead: int,
-                 pad_id: int, states: list[dict[str, Any] | None], first_worker: int, pin_memory: bool) -> None:
+                 pad_id: int, states: list[dict[str, Any] | None], first_worker: int, pin_memory: bool,
+                 scales: ScaleSchedule | None = None) -> None:
         super().__init__()
         self.datasets, self.entries, self.layout = datasets, entries, layout
         self.seed, self.dp_rank, self.dp_size, self.workers = seed, dp_rank, dp_size, workers
         self.micro_batch_size, self.lookahead, self.pad_id = micro_batch_size, lookahead, pad_id
         self.states, self.first_worker, self.pin_memory = states, first_worker, pin_memory
+        self.scales = scales
 
     def stream(self, worker: int) -> SlotStream:
-        stream = SlotStream(self.datasets, self.entries, self.layout, seed=self.seed,
-                            slot=slot_index(self.dp_rank, worker, self.dp_size),
-                            num_slots=self.dp_size * self.workers, micro_batch_size=self.micro_batch_size,
-                            lookahead=self.lookahead, pad_id=self.pad_id)
+        kwargs: dict[str, Any] = dict(seed=self.seed, slot=slot_index(self.dp_rank, worker, self.dp_size),
+                                      num_slots=self.dp_size * self.workers, micro_batch_size=self.micro_batch_size,
+                                      lookahead=self.lookahead, pad_id=self.pad_id)
+        if self.scales is None:
+            stream = SlotStream(self.datasets, self.entries, self.layout, **kwargs)
+        else:  # one scale bucket per micro-batch (multiscale.py)
+            stream = ScaledSlotStream(self.datasets, self.entries, self.layout, **kwargs, schedule=self.scales,
+                                      worker=worker, workers=self.workers)
         if self.states[worker] is not None:
             stream.load_state_dict(self.states[worker])
         return stream
@@ -135,6 +147,8 @@ class ArrowDataLoader:
     ``kinds``/``mix``: a stage's restriction (None: all datasets, in proportion to rows).
     ``kinds_field``/``mix_field``/``seq_len_field`` are the config fields that errors name.
     ``lookahead``: documents in the packing window. ``pin_memory``: page-locked batches (for CUDA).
+    ``total_batches``: the stage's micro-batches per rank, the length of a progressive or curriculum
+    ``data.multiscale`` schedule whose ``schedule_batches`` is 0.
     """
 
     def __init__(
@@ -156,6 +170,7 @@ class ArrowDataLoader:
         kinds_field: str = "stages.kinds",
         mix_field: str = "data.mix",
         seq_len_field: str = "train.seq_len",
+        total_batches: int | None = None,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size = {dp_size})")
@@ -181,6 +196,9 @@ class ArrowDataLoader:
         self.workers = max(1, self.num_workers)  # logical workers: 0 workers read like 1
         self.lookahead, self.pad_id, self.pin_memory = lookahead, tokenizer.pad_id, pin_memory
         self._datasets = datasets
+        multiscale = getattr(data_cfg, "multiscale", None)
+        self.multiscale = multiscale
+        self.scales = None if multiscale is None else ScaleSchedule(multiscale, total_batches)
         self._states: list[dict[str, Any] | None] = [None] * self.workers
         self._next_worker = 0
         self._consumed = 0
@@ -204,7 +222,7 @@ class ArrowDataLoader:
             self._datasets, self.entries, self.layout, seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
             workers=self.workers, micro_batch_size=self.micro_batch_size, lookahead=self.lookahead,
             pad_id=self.pad_id, states=copy.deepcopy(self._states), first_worker=self._next_worker,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory, scales=self.scales,
         )
         # collate_fn: items are already batches; the default walks every list of the state (~2 us a sample)
         loader = DataLoader(iterable, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -237,11 +255,14 @@ class ArrowDataLoader:
     # ------------------------------------------------------------------ state
 
     def _order_key(self) -> dict[str, Any]:
-        return {
+        key = {
             "dp_size": self.dp_size, "workers": self.workers, "seed": self.seed, "seq_len": self.seq_len,
             "micro_batch_size": self.micro_batch_size, "lookahead": self.lookahead,
             "datasets": {e.name: {"rows": e.rows, "weight": e.weight} for e in self.entries},
         }
+        if self.scales is not None:  # only then: states saved without buckets keep loading as before
+            key["multiscale"] = {**to_dict(self.multiscale), "schedule": self.scales.total}
+        return key
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch returned by ``next_batch`` (JSON-serialisable, small)."""
@@ -255,10 +276,12 @@ class ArrowDataLoader:
             raise LoaderStateError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         if state["dp_rank"] != self.dp_rank:
             raise LoaderStateError(f"the loader state belongs to dp rank {state['dp_rank']}, this is {self.dp_rank}")
-        for key, ours in self._order_key().items():
-            if state[key] != ours:
+        order = self._order_key()
+        order.setdefault("multiscale", None)  # a state saved with scale buckets does not load without them
+        for key, ours in order.items():
+            if state.get(key) != ours:
                 raise LoaderStateError(
-                    f"the saved data order was made with {key} = {state[key]!r}, this run has {ours!r}; "
+                    f"the saved data order was made with {key} = {state.get(key)!r}, this run has {ours!r}; "
                     "an exact resume needs the same value (or start the stage's data afresh)"
                 )
         self.close()
@@ -299,4 +322,6 @@ class ArrowDataLoader:
             parts.append(f"{entry.name} ({entry.kind}, {entry.rows} rows, weight {entry.weight:.3f}, "
                          f"epoch {epochs[entry.name]}{f', {dropped} skipped' if dropped else ''})")
         return (f"arrow {self.root}: {'; '.join(parts)}; seq_len {self.seq_len}, micro-batch {self.micro_batch_size}, "
-                f"dp rank {self.dp_rank}/{self.dp_size}, {self.num_workers} workers, {self._consumed} batches consumed")
+                f"dp rank {self.dp_rank}/{self.dp_size}, {self.num_workers} workers, {self._consumed} batches consumed"
+                + ("" if self.scales is None else f"; scale buckets {self.multiscale.strategy}, next "
+                   f"{self.scales.bucket(self._consumed)}, largest {self.scales.largest()}"))

@@ -10,7 +10,9 @@ The multimodal parts (encoders, projectors, fusion layers, generators; ``xoron_d
 add their per-rank parameters, split by the same TP plan and EP rule, to the rank's weights,
 gradients and optimizer states under the same ZeRO rules (their routed generator experts as expert
 weights); multimodal runs have one pipeline stage (layout rules), which holds them. Their
-activations are not modelled (``parts``' docstring says why).
+activations are not modelled (``parts``' docstring says why), except the vision tower's and the
+video encoder's under ``data.multiscale``, whose largest scale bucket bounds every medium's shape
+(``media_activation_bytes``).
 
 Bytes per parameter (Ψ: this rank's parameters; ZeRO divides over the data-parallel ranks, which
 DeepSpeed takes as dp·sp for dense weights and dp·sp/ep for routed experts):
@@ -204,6 +206,50 @@ def head_activation_bytes(llm: LLMConfig, tp: int, b: int) -> tuple[int, int]:
     return saved, extra
 
 
+def media_activation_bytes(cfg: XoronConfig, tp: int, b: int, micro_batch_size: int) -> int:
+    """Bytes of the encoders' activations for one micro-batch at the largest ``data.multiscale`` bucket.
+
+    Counted only with ``data.multiscale`` set (its largest bucket bounds every image's and video's
+    shape; without it media keep their prepared sizes, which the config does not bound). Media: one
+    image and one video per packed row (``micro_batch_size`` of each, for each enabled encoder): the
+    least a row holding that medium carries; more media per row scale the figure linearly.
+
+    Tokens: the tower's patch grid per image or frame (``vision.resize: native`` re-grids every image
+    to ``max_patches`` whatever its scale; ``square``: (image_size / patch)²). The video encoder with
+    ``frame_encoder: own``: the bucket's frames (at most ``video.max_frames``) x (side / patch)², side =
+    the bucket's scale kept within [min_resolution, max_resolution] (``frames_to_patches``), and its
+    dense block-causal mask, (videos, 1, n, n) bool, held for the forward; with ``tower``: the clip is
+    resampled to ``data.video_tokens / tokens_per_frame`` frames, each through the tower, so the
+    bucket does not change it. Per token and layer, what a pre-norm layer saves: 5·hidden whole
+    (two norms' inputs and outputs, the residual after attention) and 5·hidden / tp head-sized (q,
+    k, v, the attention output, its copy for the out projection), plus the FFN: the tower's fc1 and
+    GELU (2·intermediate / tp), the video encoder's routed (top_k rows) and shared SwiGLUs (gate, up,
+    SiLU, product: 4·(top_k + shared)·expert_intermediate) and the router's input.
+    """
+    multiscale = cfg.data.multiscale
+    if multiscale is None:
+        return 0
+    _, video_scale, frames = multiscale.largest()
+    vision, video = cfg.model.vision, cfg.model.video
+    tower_tokens = vision.max_patches if vision.resize == "native" else (vision.image_size // vision.patch_size) ** 2
+    tower_per_token = b * vision.num_layers * (5 * vision.hidden_size + 5 * vision.hidden_size // tp
+                                               + 2 * vision.intermediate_size // tp)
+    total = micro_batch_size * tower_tokens * tower_per_token if vision.enabled else 0
+    if video.enabled:
+        hidden = video.hidden_size
+        ffn = 4 * (video.temporal_top_k + video.shared_experts) * video.expert_intermediate_size
+        per_token = b * video.num_layers * (5 * hidden + 5 * hidden // tp + hidden + video.motion_dim + ffn // tp)
+        if video.frame_encoder == "tower":
+            clip_frames = max(1, cfg.data.video_tokens // video.tokens_per_frame)
+            tokens = clip_frames * tower_tokens
+            total += micro_batch_size * (tokens * tower_per_token + tokens * per_token)
+        else:
+            side = min(max(video_scale, video.min_resolution), video.max_resolution)
+            tokens = min(frames, video.max_frames) * (-(-side // video.patch_size)) ** 2
+            total += micro_batch_size * (tokens * per_token + tokens * tokens)
+    return total
+
+
 # --------------------------------------------------------------------------- totals
 
 
@@ -321,6 +367,8 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
             acts = tokens * (in_flight * kept + head_saved + head_extra)
         if shape.packed_documents and layout.sp > 1:
             acts += ring_tile_mask_bytes(shape.micro_batch_size, shape.seq_len // layout.sp, b)
+        if held:  # the encoders run on the stage that holds the parts
+            acts += media_activation_bytes(cfg, tp, b, shape.micro_batch_size)
         if cpu_optimizer_temporaries:
             largest = _largest_optimizer_tensor(cfg, params, layout, dense_shards, expert_shards, bool(held))
             acts = max(acts, 2 * FP32 * largest - grads)  # the step runs after backward freed the activations
@@ -374,4 +422,4 @@ def latent_cache_bytes(llm: LLMConfig, batch: int, max_len: int, layers: int, dt
 __all__ = ["MemoryEstimate", "ParameterCount", "StageParameters", "TrainingShape", "attention_parameters",
            "deepspeed_buffer_bytes", "embedding_parameters", "estimate_memory", "estimate_stage_memory",
            "head_activation_bytes", "head_parameters", "latent_cache_bytes", "layer_activation_bytes",
-           "layer_parameters", "rank_parts", "ring_tile_mask_bytes", "stage_parameters"]
+           "layer_parameters", "media_activation_bytes", "rank_parts", "ring_tile_mask_bytes", "stage_parameters"]

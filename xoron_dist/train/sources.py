@@ -89,7 +89,7 @@ def build_source(cfg: XoronConfig, tokenizer, plan: StagePlan, dp_rank: int, dp_
     return ArrowDataLoader(
         cfg.data.path, cfg.data, tokenizer, seq_len=plan.seq_len, micro_batch_size=cfg.train.micro_batch_size,
         dp_rank=dp_rank, dp_size=dp_size, seed=cfg.data.seed + plan.index, kinds=plan.kinds or None,
-        mix=plan.mix or None, pin_memory=pin_memory,
+        mix=plan.mix or None, pin_memory=pin_memory, total_batches=plan.steps * cfg.train.grad_accum_steps,
         kinds_field=f"{where}.kinds",
         mix_field=f"{where}.mix" if staged and cfg.stages[plan.index].mix else "data.mix",
         seq_len_field=f"{where}.seq_len" if staged and cfg.stages[plan.index].seq_len else "train.seq_len",
