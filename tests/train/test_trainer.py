@@ -90,7 +90,7 @@ def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path, smoke_data):
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     common = (TEXT, "train.save_every=3", "train.log_every=1", "train.micro_batch_size=2",
               "train.grad_accum_steps=2")
-    run_train(tmp_path, "straight", "train.steps=6", *common)
+    run_train(tmp_path, "straight", "train.steps=6", "train.peak_tflops=0.001", *common)
     run_train(tmp_path, "split", "train.steps=3", *common)
     run_train(tmp_path, "split", "train.steps=6", *common, flags=("--resume",))
     straight, split = losses(tmp_path, "straight"), losses(tmp_path, "split")
@@ -101,6 +101,14 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert sorted(split) == list(range(1, 7))
     for step in range(4, 7):
         assert split[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), (step, split, straight)
+    # TFLOP/s in the log of every timed step (not the warm-up step); MFU only with a peak (CPU: the override)
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["tflops"] is None and "mfu" not in records[0]
+    assert all(r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.001) for r in records[1:])
+    scalars = read_scalars(tmp_path / "straight" / "tensorboard")
+    assert [step for step, _ in scalars["perf/tflops"]] == [step for step, _ in scalars["perf/mfu"]] == [2, 3, 4, 5, 6]
+    unpeaked = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert unpeaked[1]["tflops"] > 0 and not any("mfu" in r for r in unpeaked)
 
 
 def launch_two_ranks(launcher: str, tmp_path: Path, name: str, *overrides: str) -> str:

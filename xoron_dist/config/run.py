@@ -79,6 +79,9 @@ class TrainConfig:
     # fp32 matmuls and convolutions on CUDA in TF32 (10-bit mantissa inputs, fp32 accumulation): what
     # stays fp32 in a bf16 run (router, losses) and whole fp32 runs. Off: full fp32. No effect on CPU.
     tf32: bool = True
+    # One device's peak TFLOP/s for the MFU in the step log; None = from the table of known GPUs
+    # (train/metrics.py DEVICE_PEAKS). Set it for a GPU the table lacks, or to report MFU on CPU.
+    peak_tflops: float | None = None
     optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto"
     # dtype the micro-batches' gradients are summed in (DeepSpeed data_types.grad_accum_dtype), bf16 runs
     # only: auto = fp32 when grad_accum_steps > 1 under ZeRO 1-3, else bf16 (train/ds_config.py)
@@ -138,7 +141,7 @@ class TrainConfig:
     def validate(self, where: str) -> None:
         positive(self, where, "steps", "micro_batch_size", "grad_accum_steps", "seq_len", "lr", "eps",
                   "log_every", "save_every", "keep_checkpoints", "dist_timeout_minutes",
-                  "activation_checkpointing_every", "loss_spike_window")
+                  "activation_checkpointing_every", "loss_spike_window", "peak_tflops")
         non_negative(self, where, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk_tokens", "watchdog_minutes",
                      "max_skipped_steps", "max_rollbacks", "loss_spike_factor", "sample_every")
         if self.sample_every and not self.sample_prompts:

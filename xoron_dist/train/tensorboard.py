@@ -8,6 +8,9 @@ Tag scheme (``step`` = optimizer updates done, the same number as the progress l
     train/tokens_seen                   tokens consumed so far (all ranks)
     perf/tokens_per_s                   global throughput over the StepTimer window
     perf/step_s                         mean seconds per step over the window
+    perf/tflops                         achieved model TFLOP/s per device (train/metrics.py FlopsRate)
+    perf/mfu                            model FLOP utilisation, a fraction of the device's peak (only
+                                        with a known GPU or train.peak_tflops)
     moe/layer{i}/max_over_mean          max over mean of the tokens routed to each expert of layer i
                                         (1.0 = perfectly even load)
     moe/layer{i}/expert{j}/tokens       tokens routed to expert j of layer i in the step

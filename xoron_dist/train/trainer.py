@@ -56,7 +56,7 @@ from xoron_dist.train.checkpoint import (
 from xoron_dist.train.checkpoint_integrity import broadcast_from_rank0
 from xoron_dist.train.data_cache import ensure_prepared
 from xoron_dist.train.guard import Divergence, NumericsGuard, TrainingDiverged, install_update_gate, rollback_tag
-from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer
+from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer, step_flops_rates
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
 from xoron_dist.train.objectives import TokenGroups
 from xoron_dist.train.reshard import SavedLayout, archive_config, check_layout, load_resharded, saved_layout
@@ -497,7 +497,7 @@ def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, resul
             scalars.update(monitor.scalars(load, built.balancer.biases(), ctx.pipeline_group))
         logs.tb.scalars(state.step, scalars)
     logs.progress.update(state.step, loss=loss, lr=lr, grad_norm=grad_norm,
-                         tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step))
+                         tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step), **rates)
 
 
 def _grad_norm(engine) -> float | None:
@@ -505,3 +505,6 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
+    rates = step_flops_rates(cfg, ctx, plan.seq_len, logs.timer.tokens_per_s)  # TFLOP/s per device, MFU
+    record.update({"tflops": None, **rates})
+        scalars.update({f"perf/{name}": value for name, value in rates.items()})
