@@ -31,6 +31,11 @@ reduce the same gradients (exact zeros instead of missing: DeepSpeed reduces per
 gradients arrive) and, under ZeRO-3, which gathers a module's weights around each call of it, make
 the same all-gathers in the same order. (The generators still call their parts once per item and
 per target, so the layout rules keep them off ZeRO-3: ``xoron_dist.parallel.layout``.)
+
+``row_layout`` says which media this rank encodes and which part of the rows it computes: here
+(``WholeRows``) all of both. Sequence parallelism swaps in ``ZigzagMediaRows``
+(``xoron_dist.parallel.media_exchange``): the SP ranks share out the encoding, exchange the projected
+media, fill the whole rows' spans and keep their zig-zag part of the rows.
 """
 
 from __future__ import annotations
@@ -44,6 +49,26 @@ from xoron_dist.model.fusion import FusionLayers, MediaContext
 from xoron_dist.model.llm import LLMOutput, XoronLLM
 from xoron_dist.model.modalities import MODALITIES, Modality, generated, understood
 from xoron_dist.model.prompts import prompt_states
+
+
+class WholeRows:
+    """``XoronMultimodalModel.row_layout`` on one rank: it encodes every medium and computes whole rows."""
+
+    def owned(self, count: int) -> list[int]:
+        """Indices of the ``count`` media of a modality this rank encodes."""
+        return list(range(count))
+
+    def gather_media(self, mine: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """This rank's projected media (n, longest, D) -> every medium's (here: the same)."""
+        return mine
+
+    def positions(self, seq: int, device: torch.device) -> torch.Tensor | None:
+        """The positions of the rows this rank computes (None: all ``seq``)."""
+        return None
+
+    def cut(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's part of a (batch, seq, ...) tensor of the whole rows."""
+        return rows
 
 
 class XoronMultimodalModel(nn.Module):
@@ -73,6 +98,7 @@ class XoronMultimodalModel(nn.Module):
             setattr(self, row.generator, row.build_generator(cfg))
         self.fusion = (FusionLayers(hidden, cfg.model.fusion, std, cfg.llm.rms_norm_eps) if cfg.model.fusion.layers
                        else None)
+        self.row_layout = WholeRows()  # sequence parallelism swaps it (see the module docstring)
 
     def media_inputs(self, batch) -> dict[str, object]:
         """The ``forward`` keyword arguments for a ``PackedBatch``'s media this model encodes (none
@@ -111,7 +137,7 @@ class XoronMultimodalModel(nn.Module):
         (n, 3) = row, start, length in ``input_ids`` and optional ``x_is_target`` (n,) flags (True: a
         generation target, not encoded here)."""
         given = _media_arguments(media)
-        embeds = self.llm.embed_tokens(input_ids)
+        embeds = self.llm.embed_tokens(input_ids)  # the whole rows (under SP, on every SP rank: one lookup)
         encoded: list[tuple[torch.Tensor, torch.Tensor]] = []
         unused = None  # dummy media tokens, when an encoder had nothing to encode
         for row in MODALITIES:
@@ -123,12 +149,20 @@ class XoronMultimodalModel(nn.Module):
                     unused = self._encode_blank(row, input_ids.device)
                     embeds = embeds + 0.0 * unused.sum()
                 continue
-            tokens = self.encode(row.name, items)
+            tokens = self._encode_shared(row, items, input_ids.device)
             embeds = fill_spans(embeds, tokens, spans, row, self.span_lengths(row.name, items).to(spans.device))
             encoded.append((tokens, spans))
+        batch, seq = input_ids.shape
+        local = self.row_layout.positions(seq, input_ids.device)
+        if local is not None:  # this rank computes part of the rows: cut them now that the media sit in them
+            if position_ids is None:
+                position_ids = torch.arange(seq, device=input_ids.device).expand(batch, -1)
+            embeds, labels, position_ids, loss_weights = map(self.row_layout.cut,
+                                                             (embeds, labels, position_ids, loss_weights))
+        whole_documents, document_ids = document_ids, self.row_layout.cut(document_ids)
         before_layer = None
         if self.fusion is not None:
-            context = MediaContext.build(encoded, *input_ids.shape, document_ids)
+            context = MediaContext.build(encoded, batch, seq, whole_documents, local)
             if context is not None:
                 before_layer = lambda index, x: self.fusion.before_layer(index, x, context)  # noqa: E731
             elif self.training:  # each fusion layer still runs once, before its own decoder layer
@@ -152,6 +186,19 @@ class XoronMultimodalModel(nn.Module):
         request, mask = prompt_states(states, targets, document_ids)
         encoder = getattr(self, row.encoder) if row in self.media else None
         return getattr(self, row.generator).objective_sums(encoder, items, is_target, request, mask)
+
+    def _encode_shared(self, row: Modality, items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Projected tokens (n, longest, D) of all ``items``, of which this rank encodes its share
+        (``row_layout.owned``); a rank with an empty share encodes the blank medium times 0, so every
+        rank calls the same modules (and touches no other weight: under ZeRO-3 that would gather it)."""
+        lengths = self.span_lengths(row.name, items)
+        owned = self.row_layout.owned(len(items))
+        if owned:
+            mine = self.encode(row.name, [items[i] for i in owned])
+        else:
+            blank = self._encode_blank(row, device)
+            mine = blank[:0] + 0.0 * blank.sum()  # no rows, but the encoder in the graph (zero gradients)
+        return self.row_layout.gather_media(mine, lengths)
 
     def _encode_blank(self, row: Modality, device: torch.device) -> torch.Tensor:
         """Projected tokens (1, length, D) of the row's blank medium; its routing is not counted as expert load."""

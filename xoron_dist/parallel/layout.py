@@ -211,12 +211,20 @@ def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
                                   + [row.generator_section for row in generated(cfg)]))
     if not encoders or cfg.data.source != "arrow":  # synthetic text trains the LLM alone
         return None
-    bad = _above_one(s, "pp", "sp")
-    if not bad:
-        return None
-    return (f"model.{'/'.join(encoders)} enabled with {', '.join(bad)}: the encoders sit outside the pipeline "
-            "stages and the ring (multimodal pipeline and sequence parallelism are not built yet); set "
-            "parallel.pp=1 and parallel.sp=1")
+    if s.pp > 1:
+        return (f"model.{'/'.join(encoders)} enabled with parallel.pp={s.pp}: the encoders sit outside the "
+                "pipeline stages (multimodal pipeline parallelism is not built yet); set parallel.pp=1 (long "
+                "sequences: parallel.sp, ring attention)")
+    generators = [row.generator_section for row in generated(cfg)]
+    if s.sp > 1 and generators:
+        return (f"model.{generators[0]} enabled with parallel.sp={s.sp}: a generator reads the LLM's states of "
+                f"whole requests, which the ring cuts over the sequence-parallel ranks; set parallel.sp=1, or "
+                f"model.{generators[0]}.enabled=false for this stage")
+    if s.sp > 1 and s.tp > 1:
+        return (f"model.{'/'.join(encoders)} enabled with parallel.sp={s.sp} and parallel.tp={s.tp}: the media "
+                "exchange over the sequence-parallel ranks is tested with whole (tp = 1) encoders only; set "
+                "parallel.tp=1, or parallel.sp=1")
+    return None
 
 
 # Media whose every module runs the same calls on every rank for any micro-batch (``XoronMultimodalModel``),
@@ -243,7 +251,8 @@ def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
     if not bad:
         return None
     return (f"the multimodal model with parallel.zero_stage=3 and {', '.join(bad)}: ZeRO-3 trains it with data "
-            "parallelism only (tensor and expert parallelism of the encoders under ZeRO-3 are not tested yet); "
+            "and sequence parallelism only (tensor and expert parallelism of the encoders under ZeRO-3 are not "
+            "tested yet); "
             "set parallel.tp=1 and parallel.ep=1, or parallel.zero_stage<=2")
 
 
@@ -306,11 +315,13 @@ RULES: tuple[Rule, ...] = (
     Rule("pp", "`model.llm.tie_word_embeddings` with pp > 1: the first and last stages' copies sum their "
                "gradients each step; not with bf16 fp32 gradient accumulation (`train.grad_accum_dtype=bf16`)",
          _pipeline_tied_bf16),
-    Rule("dp", "with an encoder enabled (`model.vision`, `model.video`, ...; Arrow data): pp = 1, sp = 1",
+    Rule("dp", "with an encoder or generator enabled (`model.vision`, `model.video`, ...; Arrow data): pp = 1; "
+               "sp > 1 (each medium encoded once per replica, its tokens exchanged over the SP ranks, rows cut "
+               "after the spans are filled) only without generators and with tp = 1",
          _multimodal_layout),
     Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision and video encoders (with projectors and fusion) "
-               "on data parallelism only (tp = 1, ep = 1); no generator (`model.image_gen`, `model.video_gen`, "
-               "`model.speech`) and no audio encoder",
+               "on data and sequence parallelism only (tp = 1, ep = 1); no generator (`model.image_gen`, "
+               "`model.video_gen`, `model.speech`) and no audio encoder",
          _multimodal_zero3),
 )
 

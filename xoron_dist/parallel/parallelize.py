@@ -48,6 +48,7 @@ def parallelize(model: nn.Module, cfg: XoronConfig, *, pipeline_costs: StageCost
     from megatron.core import parallel_state as ps
 
     from xoron_dist.parallel.experts import apply_expert_parallel, expert_split
+    from xoron_dist.parallel.media_exchange import apply_media_rows
     from xoron_dist.parallel.sequence import SequenceSplit, apply_sequence_parallel
     from xoron_dist.parallel.state import get_context
     from xoron_dist.parallel.tensor import apply_tensor_parallel
@@ -63,8 +64,9 @@ def parallelize(model: nn.Module, cfg: XoronConfig, *, pipeline_costs: StageCost
     if p.ep > 1:
         apply_expert_parallel(model, expert_split(cfg))
     if p.sp > 1:
-        apply_sequence_parallel(model, SequenceSplit(ps.get_context_parallel_group(), ps.get_context_parallel_rank(),
-                                                     p.sp, p.ring_latent))
+        split = SequenceSplit(ps.get_context_parallel_group(), ps.get_context_parallel_rank(), p.sp, p.ring_latent)
+        apply_sequence_parallel(model, split)
+        apply_media_rows(model, split)
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model, checkpoint_blocks(), tc.activation_checkpointing_every)
     if p.zero_stage == 3:

@@ -6,6 +6,9 @@ parallelism, arXiv:2407.21783 §3.3.2). Every SP rank of a replica reads the sam
 its rows (``shard_rows``); position ids stay those of the full rows, so RoPE/YaRN rotate with the
 global positions.
 
+The multimodal model keeps its rows whole until its media sit in them, then cuts them the same way
+(``xoron_dist.parallel.media_exchange``: each medium encoded by one SP rank, exchanged over the group).
+
 Model: ``apply_sequence_parallel`` swaps the attention core of every MLA module for a
 ``RingAttentionCore`` (``xoron_dist.parallel.ring_attention`` holds the ring kernel). The core
 receives what MLA's single-rank core receives (queries, the normed latent, the rotated rope key,
@@ -112,7 +115,8 @@ class RingAttentionCore(nn.Module):
 
 
 def apply_sequence_parallel(model: nn.Module, split: SequenceSplit) -> int:
-    """Swap every MLA core of ``model`` for the ring core; returns how many."""
+    """Swap every MLA core of ``model`` for the ring core; returns how many. (The multimodal model's rows
+    are laid out by ``media_exchange.apply_media_rows``: media shared out over the SP ranks.)"""
     from xoron_dist.model.llm.attention import MultiLatentAttention
 
     swapped = 0

@@ -53,19 +53,26 @@ class StepRunner:
         inputs = {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": batch.position_ids,
                   "document_ids": batch.document_ids,
                   "loss_weights": self.token_groups.weights(batch.labels, batch.document_ids)}
-        if self.ctx.sp_size > 1:
-            inputs = shard_rows(inputs, self.ctx.sp_rank, self.ctx.sp_size)
         media = getattr(self.built.model, "media_inputs", None)
-        if media is not None:
+        if self.ctx.sp_size > 1 and media is None:
+            inputs = shard_rows(inputs, self.ctx.sp_rank, self.ctx.sp_size)
+        if media is not None:  # whole rows: the model cuts them once the media sit in them (parallel/media_exchange)
             inputs.update(media(batch))
         return inputs
+
+    def _count_group(self):
+        """Where the objectives' item counts are summed: the ranks holding distinct items. An SP rank of
+        the multimodal model holds the whole rows (as its SP peers do), so its counts are summed over
+        the data-parallel ranks only."""
+        whole_rows = self.ctx.sp_size > 1 and hasattr(self.built.model, "media_inputs")
+        return self.ctx.dp_group if whole_rows else self.ctx.token_group
 
     def run(self, batches: list) -> StepResult:
         ctx, engine = self.ctx, self.built.engine
         inputs = [self.model_inputs(batch) for batch in batches]
         counts = torch.tensor([[float(sum(obj.count(i) for i in inputs)) for obj, _ in self.objectives]],
                               device=ctx.device)
-        dist.all_reduce(counts, group=ctx.token_group)
+        dist.all_reduce(counts, group=self._count_group())
         counts = counts[0]
         accum = self.cfg.train.grad_accum_steps
         scales = [weight * gradient_divisor(ctx.layout) * accum / max(count.item(), 1.0)

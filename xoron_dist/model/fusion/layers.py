@@ -18,7 +18,9 @@ in the row, so a token never reads a medium placed after it, and decoding a pref
 training saw. Fusion layers run only on the tokens that see at least one medium (gathered per
 row, then written back): a text-only document, or text before its first medium, is computed
 exactly as by the text-only LLM however far the gates have opened (as in Flamingo, where text
-before the first image reads no image), and packed text-only rows cost nothing.
+before the first image reads no image), and packed text-only rows cost nothing. Under sequence
+parallelism a rank holds some positions of each row (``MediaContext.build``'s ``positions``) and
+every medium of the row, so the same rule holds wherever a token's text and its media's spans live.
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ class MediaContext:
 
     @classmethod
     def build(cls, media: list[tuple[torch.Tensor, torch.Tensor]], batch: int, seq: int,
-              document_ids: torch.Tensor | None) -> MediaContext | None:
+              document_ids: torch.Tensor | None, positions: torch.Tensor | None = None) -> MediaContext | None:
         """``media``: (tokens (n, longest, hidden), spans (n, 3) = row, start, length) per modality; medium i
         of a modality holds its first ``length`` tokens (media of one modality may differ in length).
 
-        Returns None when there are no media. ``document_ids`` None = one document per row.
+        Returns None when there are no media. ``seq``, the spans and ``document_ids`` (batch, seq) are the
+        whole rows'; ``document_ids`` None = one document per row. ``positions`` (local,): the rows' positions
+        the fusing hidden states hold, in their order (default all ``seq``; under sequence parallelism this
+        rank's zig-zag positions, ``xoron_dist.parallel.media_exchange``): ``queries`` index into those.
         """
         pieces = [(toks[i, :length], int(row), int(start)) for toks, spans in media
                   for i, (row, start, length) in enumerate(spans.tolist())]
@@ -82,9 +87,10 @@ class MediaContext:
                 offset += length
         # one out-of-place write keeps the tokens' autograd path to the projector
         tokens = tokens.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(values))
-        query_pos = torch.arange(seq, device=device)
-        mask = (docs[:, :, None] == key_doc[:, None, :]) & (key_pos[:, None, :] <= query_pos[None, :, None])
-        sees = mask.any(dim=-1)  # (batch, seq)
+        query_pos = torch.arange(seq, device=device) if positions is None else positions.to(device)
+        query_doc = docs[:, query_pos]  # (batch, local)
+        mask = (query_doc[:, :, None] == key_doc[:, None, :]) & (key_pos[:, None, :] <= query_pos[None, :, None])
+        sees = mask.any(dim=-1)  # (batch, local)
         n = max(int(sees.sum(dim=1).max()), 1)
         # stable sort puts each row's fusing positions first, in order
         queries = torch.sort((~sees).to(torch.int8), dim=1, stable=True).indices[:, :n]
