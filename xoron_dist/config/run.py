@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from xoron_dist.config.checks import non_negative, ordered, positive
-from xoron_dist.utils.typed_config import field_error
+from xoron_dist.utils.typed_config import field_error, from_dict
 
 
 @dataclass
@@ -412,10 +412,21 @@ class StageConfig:
     trains: Literal["all", "base", "adapters"] | None = None
     expert_bias_update: bool | None = None
     expert_bias_update_rate: float | None = None  # gamma of this stage; None: model.llm.moe.bias_update_rate
+    # This stage's own parallel layout: ParallelConfig fields (tp, pp, sp, ep, zero_stage, ...) that override
+    # the run's ``parallel``; empty: the run's. A change between stages reslices the weights (train/reshard.py).
+    parallel: dict[str, Any] = field(default_factory=dict)
+
+    def parallel_over(self, base: ParallelConfig) -> ParallelConfig:
+        """The stage's layout: ``base`` (the run's ``parallel``) with this stage's fields replaced."""
+        if not self.parallel:
+            return base
+        typed = from_dict(ParallelConfig, self.parallel, "stage.parallel")  # the YAML values, typed
+        return replace(base, **{name: getattr(typed, name) for name in self.parallel})
 
     def validate(self, where: str) -> None:
         positive(self, where, "steps", "seq_len", "lr")
         non_negative(self, where, "expert_bias_update_rate")
+        from_dict(ParallelConfig, self.parallel, f"{where}.parallel")  # known fields, right types
         for key, weight in self.mix.items():
             if weight < 0:
                 raise field_error(f"{where}.mix.{key}", weight, "blend weights must be >= 0")

@@ -6,11 +6,17 @@ compatibility table the README embeds (``compatibility_markdown``), so the docs 
 from what the code accepts.
 
     layout = validate_layout(cfg, world_size=8)    # LayoutError says what is wrong and what to change
+    layouts = validate_layouts(cfg, world_size=8)  # one per curriculum stage (``stages[i].parallel``)
+
+A curriculum stage may carry its own ``parallel`` fields over the run's; the same RULES check its
+merged layout, on the same world size (fixed for a run), and name ``stages[i].parallel.<field>``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -114,7 +120,9 @@ def _seq_len_chunks(cfg: XoronConfig, s: _Sizes) -> str | None:
         return None
     chunks = 2 * s.sp
     lengths = [("train.seq_len", cfg.train.seq_len)]
-    lengths += [(f"stages[{i}].seq_len ({st.name})", st.seq_len) for i, st in enumerate(cfg.stages) if st.seq_len]
+    # stages with their own parallel section are checked with their own sp (``validate_layouts``)
+    lengths += [(f"stages[{i}].seq_len ({st.name})", st.seq_len) for i, st in enumerate(cfg.stages)
+                if st.seq_len and not st.parallel]
     bad = [(field, n) for field, n in lengths if n % chunks]
     if not bad:
         return None
@@ -326,11 +334,8 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def validate_layout(cfg: XoronConfig, world_size: int) -> Layout:
-    """Check ``cfg.parallel`` against ``world_size`` and the model; return the ``Layout`` or raise ``LayoutError``.
-
-    Every problem is reported at once.
-    """
+def _problems(cfg: XoronConfig, world_size: int) -> tuple[list[str], Layout | None]:
+    """What every rule says about ``cfg.parallel`` on ``world_size`` ranks, and the layout when nothing."""
     if world_size < 1:
         raise LayoutError(f"world size {world_size}: a run needs at least one rank")
     p = cfg.parallel
@@ -338,12 +343,69 @@ def validate_layout(cfg: XoronConfig, world_size: int) -> Layout:
     dp = world_size // model if world_size % model == 0 else None
     sizes = _Sizes(world_size, p.tp, p.pp, p.sp, p.ep, p.zero_stage, dp)
     problems = [msg for rule in RULES if (msg := rule.check(cfg, sizes)) is not None]
+    if problems or dp is None:
+        return problems, None
+    return [], Layout(world_size, dp, p.tp, p.pp, p.sp, p.ep, p.zero_stage)
+
+
+def _head(p, world_size: int, where: str = "parallel") -> str:
+    return (f"{where} layout (tp={p.tp}, pp={p.pp}, sp={p.sp}, ep={p.ep}, zero_stage={p.zero_stage}) "
+            f"does not fit a world of {world_size} rank(s):")
+
+
+def validate_layout(cfg: XoronConfig, world_size: int) -> Layout:
+    """Check ``cfg.parallel`` against ``world_size`` and the model; return the ``Layout`` or raise ``LayoutError``.
+
+    Every problem is reported at once.
+    """
+    problems, layout = _problems(cfg, world_size)
     if problems:
-        head = (f"parallel layout (tp={p.tp}, pp={p.pp}, sp={p.sp}, ep={p.ep}, zero_stage={p.zero_stage}) "
-                f"does not fit a world of {world_size} rank(s):")
-        raise LayoutError("\n  - ".join([head, *problems]))
-    assert dp is not None  # the world-size rule passed
-    return Layout(world_size, dp, p.tp, p.pp, p.sp, p.ep, p.zero_stage)
+        raise LayoutError("\n  - ".join([_head(cfg.parallel, world_size), *problems]))
+    assert layout is not None  # the world-size rule passed
+    return layout
+
+
+def stage_layout_config(cfg: XoronConfig, index: int) -> XoronConfig:
+    """The config curriculum stage ``index`` (with its own ``parallel`` section) is checked and built with:
+    the run's, with the stage's parallel fields over the run's ``parallel``, the stage's ``seq_len`` as
+    ``train.seq_len``, and no stages. ``ConfigError`` naming ``stages[index].parallel.<field>`` when the
+    merged section is invalid on its own (e.g. sequence_parallel without tp)."""
+    stage = cfg.stages[index]
+    merged = stage.parallel_over(cfg.parallel)
+    merged.validate(f"stages[{index}].parallel")
+    train = dataclasses.replace(cfg.train, seq_len=stage.seq_len or cfg.train.seq_len)
+    return dataclasses.replace(cfg, parallel=merged, train=train, stages=[])
+
+
+def _in_stage(message: str, index: int, stage) -> str:
+    """A rule's message about ``stage_layout_config``'s config, naming the stage's own fields."""
+    message = re.sub(r"(?<![\w.\]])parallel\.(?=\w)", f"stages[{index}].parallel.", message)
+    if stage.seq_len:
+        message = message.replace("train.seq_len", f"stages[{index}].seq_len")
+    return message
+
+
+def validate_layouts(cfg: XoronConfig, world_size: int) -> list[Layout]:
+    """Every curriculum stage's layout on ``world_size`` ranks (the world size is fixed for a run), one per
+    stage (one for a run without stages): a stage with a ``parallel`` section is checked by the same RULES
+    with its merged layout (errors name ``stages[i].parallel.<field>``), the others with the run's
+    ``parallel``. ``LayoutError`` lists every problem of every stage at once."""
+    inheriting = [i for i, stage in enumerate(cfg.stages) if not stage.parallel]
+    problems, base = _problems(cfg, world_size) if inheriting or not cfg.stages else ([], None)
+    messages = [_head(cfg.parallel, world_size), *problems] if problems else []
+    layouts: list[Layout | None] = [base] * max(1, len(cfg.stages))
+    for i, stage in enumerate(cfg.stages):
+        if not stage.parallel:
+            continue
+        own = stage_layout_config(cfg, i)
+        found, layouts[i] = _problems(own, world_size)
+        if found:
+            messages += [_head(own.parallel, world_size, f"stages[{i}] ('{stage.name}') parallel"),
+                         *(_in_stage(msg, i, stage) for msg in found)]
+    if messages:
+        raise LayoutError("\n  - ".join(messages))
+    assert all(layout is not None for layout in layouts)
+    return layouts
 
 
 def compatibility_markdown() -> str:
@@ -360,4 +422,4 @@ def compatibility_markdown() -> str:
 
 
 __all__ = ["DIMENSIONS", "RULES", "SUPPORTED", "Dimension", "Layout", "LayoutError", "Rule",
-           "compatibility_markdown", "validate_layout"]
+           "compatibility_markdown", "stage_layout_config", "validate_layout", "validate_layouts"]

@@ -2,13 +2,18 @@
 
 Every rank, whichever launcher started it, calls
 
-    ctx = initialize(cfg)              # discover ranks -> device -> validate layout -> groups
+    ctx = initialize(cfg)              # discover ranks -> device -> validate layouts -> groups
     engine, *_ = deepspeed.initialize(model=..., mpu=mpu(), config=...)
+    ...
+    ctx = switch_layout(stage_cfg)     # a curriculum stage with its own layout: new groups, same world
     ...
     destroy()
 
-The layout is validated before any process group exists, so a wrong layout fails on every rank
-with the same message and leaves nothing to tear down. After ``initialize`` every other module
+The layouts (the run's and every curriculum stage's own) are validated before any process group
+exists, so a wrong layout fails on every rank with the same message and leaves nothing to tear down;
+``initialize`` builds the first stage's. ``switch_layout`` destroys the model-parallel groups (and
+Megatron-core's and DeepSpeed's references to them) and builds another layout's on the same world;
+torch.distributed's default group and the device stay. After ``initialize`` every other module
 asks Megatron-core's ``parallel_state`` (or this module's ``ParallelContext``) for its group and
 rank; nothing else creates groups.
 """
@@ -30,7 +35,7 @@ from xoron_dist.config import XoronConfig
 from xoron_dist.parallel.device import DeviceInfo, detect_device, set_matmul_precision
 from xoron_dist.parallel.experts import register_expert_groups
 from xoron_dist.parallel.launcher_env import LaunchError, RankInfo, discover_ranks
-from xoron_dist.parallel.layout import Layout, validate_layout
+from xoron_dist.parallel.layout import Layout, validate_layout, validate_layouts
 
 with warnings.catch_warnings():
     # megatron.core's package import warns, once per rank, that Transformer Engine and apex are
@@ -124,7 +129,7 @@ def initialize(cfg: XoronConfig) -> ParallelContext:
         )
     rank_info = discover_ranks()
     device_info = detect_device(rank_info.local_rank, cfg.train.precision)
-    layout = validate_layout(cfg, rank_info.world_size)
+    layout = validate_layouts(cfg, rank_info.world_size)[0]  # every stage's checked; the first stage's built
     accelerator = get_accelerator().device_name()
     if accelerator != device_info.kind:
         raise LaunchError(
@@ -150,15 +155,7 @@ def initialize(cfg: XoronConfig) -> ParallelContext:
         world_size=rank_info.world_size,
     )
     try:
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp,
-            pipeline_model_parallel_size=layout.pp,
-            context_parallel_size=layout.sp,
-            expert_model_parallel_size=layout.ep,
-            distributed_timeout_minutes=cfg.train.dist_timeout_minutes,
-        )
-        if layout.ep > 1:
-            register_expert_groups(layout.ep)  # DeepSpeed uses Megatron's expert groups, builds none
+        _build_groups(layout, cfg)
         _seed(cfg.train.seed, device_info)
     except BaseException:
         destroy()
@@ -168,6 +165,67 @@ def initialize(cfg: XoronConfig) -> ParallelContext:
                 rank_info.world_size, device_info.device, device_info.backend, device_info.dtype,
                 layout.describe())
     return _CONTEXT
+
+
+def switch_layout(cfg: XoronConfig) -> ParallelContext:
+    """Re-form the model-parallel groups for ``cfg.parallel`` on the same world (a curriculum stage with
+    its own layout; ``cfg``: ``layout.stage_layout_config``). Every rank calls it, after the previous
+    layout's DeepSpeed engines are destroyed; the default group, device and RNG stay as they are."""
+    global _CONTEXT
+    ctx = get_context()
+    layout = validate_layout(cfg, ctx.world_size)
+    _destroy_groups()
+    try:
+        _build_groups(layout, cfg)
+    except BaseException:
+        destroy()
+        raise
+    _CONTEXT = ParallelContext(ctx.rank_info, ctx.device_info, layout)
+    logger.info("switched to the layout %s", layout.describe())
+    return _CONTEXT
+
+
+def _build_groups(layout: Layout, cfg: XoronConfig) -> None:
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.sp,
+        expert_model_parallel_size=layout.ep,
+        distributed_timeout_minutes=cfg.train.dist_timeout_minutes,
+    )
+    if layout.ep > 1:
+        register_expert_groups(layout.ep)  # DeepSpeed uses Megatron's expert groups, builds none
+
+
+def _destroy_groups() -> None:
+    """Destroy the model-parallel groups and forget them: Megatron-core's (its globals, RNG tracker and
+    buffers) and the references DeepSpeed keeps (its ``mpu``, expert and ZeRO groups), so that nothing
+    can reach a group of the previous layout. Each group is destroyed (its communicator freed: on GPUs an
+    NCCL communicator holds device memory); ``destroy_model_parallel`` destroys only its gloo groups."""
+    from deepspeed.utils import groups
+    from torch.distributed import distributed_c10d
+
+    made = _megatron_groups()
+    if parallel_state.is_initialized():
+        parallel_state.destroy_model_parallel()
+    groups._release_process_group_references(None)  # what deepspeed.comm does at its own teardown
+    registered = distributed_c10d._world.pg_map  # destroy_model_parallel destroyed its gloo groups itself
+    for group in made:
+        if group in registered:
+            dist.destroy_process_group(group)
+
+
+def _megatron_groups() -> list[dist.ProcessGroup]:
+    """Every process group Megatron-core's ``parallel_state`` holds for this rank (its ``_*GROUP*``
+    globals, single or in lists), once each, without the default group."""
+    found: dict[int, dist.ProcessGroup] = {}
+    for name, value in vars(parallel_state).items():
+        if not (name.startswith("_") and "GROUP" in name):
+            continue
+        for group in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(group, dist.ProcessGroup) and group is not dist.GroupMember.WORLD:
+                found[id(group)] = group
+    return list(found.values())
 
 
 def get_context() -> ParallelContext:
@@ -351,4 +409,5 @@ def _seed(seed: int, device: DeviceInfo) -> None:
         megatron_random.model_parallel_cuda_manual_seed(seed)
 
 
-__all__ = ["DeepSpeedMPU", "ParallelContext", "destroy", "get_context", "initialize", "is_initialized", "mpu"]
+__all__ = ["DeepSpeedMPU", "ParallelContext", "destroy", "get_context", "initialize", "is_initialized", "mpu",
+           "switch_layout"]

@@ -206,6 +206,19 @@ def hash_matches(saved: str, cfg: XoronConfig) -> bool:
 _RENAMED = ((re.compile(r"(\.self_attn\.(?:q|k|v|out)_proj|\.mlp\.fc[12])\.layer\.weight$"), r"\1.weight"),)
 
 
+def layout_configs(cfg: XoronConfig) -> list[XoronConfig]:
+    """``cfg`` and, for each curriculum stage with its own ``parallel`` section, the config that stage runs
+    with (``layout.stage_layout_config``): a checkpoint saved in such a stage carries that config's hash."""
+    from xoron_dist.parallel.layout import stage_layout_config
+
+    return [cfg, *(stage_layout_config(cfg, i) for i, stage in enumerate(cfg.stages) if stage.parallel)]
+
+
+def config_for_hash(saved_hash: str, cfg: XoronConfig) -> XoronConfig | None:
+    """The one of ``layout_configs(cfg)`` that a checkpoint of config hash ``saved_hash`` was saved with."""
+    return next((found for found in layout_configs(cfg) if hash_matches(saved_hash, found)), None)
+
+
 def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
     """Load-state-dict pre-hook: the vision tower's ``<proj>.layer.weight`` is ``<proj>.weight`` now."""
     for key in [k for k in state_dict if k.startswith(prefix)]:

@@ -39,8 +39,8 @@ from xoron_dist.train.checkpoint import (
     STATE_FILE,
     CheckpointError,
     complete_tags,
+    config_for_hash,
     config_hash,
-    hash_matches,
     resolve_tag,
     verified_manifest,
 )
@@ -110,11 +110,14 @@ def run_config(run_dir: Path, saved_hash: str, tag_dir: Path) -> XoronConfig:
         cfg = load_config(path)
     except ConfigError as err:
         raise ConsolidationError(f"{path}: {err}") from None
-    if saved_hash and not hash_matches(saved_hash, cfg):
+    if not saved_hash:
+        return cfg
+    found = config_for_hash(saved_hash, cfg)  # the run's layout, or that of a stage with its own
+    if found is None:
         raise ConsolidationError(
             f"{tag_dir} holds another model config: it was saved with model/parallel config hash {saved_hash}, "
             f"{path} hashes to {config_hash(cfg)} (config.yaml edited, or the run directory reused)")
-    return cfg
+    return found
 
 
 def consolidate(path: str | Path) -> ConsolidatedCheckpoint:

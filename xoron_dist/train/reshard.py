@@ -44,6 +44,11 @@ What else carries over:
 
 Without ``--reshard`` a changed layout is refused, with the differences named. A changed model config
 is always refused: there is nothing to reslice into.
+
+The same path carries the weights across a curriculum stage boundary where the next stage sets its own
+layout (``stages[i].parallel``; ``train/trainer.py``): no flag is needed for that planned change. A
+checkpoint saved inside such a stage carries the config hash of that stage's layout
+(``checkpoint.layout_configs``), so a resume compares it with the stage's layout, not the run's.
 """
 
 from __future__ import annotations
@@ -65,8 +70,8 @@ from xoron_dist.train.checkpoint import (
     STATE_FILE,
     CheckpointError,
     TrainerState,
+    config_for_hash,
     config_hash,
-    hash_matches,
     restore_rng_state,
 )
 from xoron_dist.train.checkpoint_integrity import UnsafePickleError, tensors_only_unpickling
@@ -103,21 +108,25 @@ def archive_config(run_root: Path, cfg: XoronConfig) -> None:
 
 
 def saved_layout(run_root: Path, ckpt_dir: Path, cfg: XoronConfig) -> SavedLayout:
-    """The config and world size ``ckpt_dir`` was saved with. ``cfg`` (this run's) serves when the
-    hash matches it; else ``<run>/configs/`` must hold the config of that hash."""
+    """The config and world size ``ckpt_dir`` was saved with. ``cfg`` (this run's) or one of its stages'
+    layouts serves when the hash matches it; else ``<run>/configs/`` must hold the config of that hash
+    (or of the run whose stage it was)."""
     meta = json.loads((ckpt_dir / STATE_FILE).read_text())
     saved_hash, world = meta["state"].get("config_hash", ""), int(meta["world_size"])
-    if not saved_hash or hash_matches(saved_hash, cfg):
+    if not saved_hash:
         return SavedLayout(cfg, world)
+    found = config_for_hash(saved_hash, cfg)
+    if found is not None:
+        return SavedLayout(found, world)
     store = run_root / CONFIGS_DIR
     candidates = [store / f"{saved_hash}.yaml"] + sorted(store.glob("*.yaml")) if store.is_dir() else []
     for path in candidates:
         if path.is_file():
             try:
-                found = load_config(path)
+                found = config_for_hash(saved_hash, load_config(path))
             except ConfigError:
                 continue
-            if hash_matches(saved_hash, found):
+            if found is not None:
                 return SavedLayout(found, world)
     raise ConfigError(
         f"checkpoint {ckpt_dir} was saved with config hash {saved_hash}, and no config of that hash is kept in "
@@ -341,5 +350,5 @@ def load_resharded(engine: Any, ckpt_dir: Path, saved: SavedLayout, cfg: XoronCo
     return state
 
 
-__all__ = ["SavedLayout", "archive_config", "check_layout", "layout_changes", "load_full_weights",
-           "load_resharded", "local_state", "map_data_position", "saved_layout"]
+__all__ = ["SavedLayout", "archive_config", "check_layout", "layout_changes", "load_full_weights", "load_resharded",
+           "local_state", "map_data_position", "saved_layout"]

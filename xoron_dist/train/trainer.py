@@ -18,11 +18,19 @@ micro-batches, one optimizer update, then the expert-bias update from the load o
 the end of every stage, a checkpoint. A step whose loss or gradients are not finite is skipped
 (``guard.py``); a run that diverges rolls back to an earlier checkpoint or stops (exit status 4).
 A signal saves and stops (exit status 3).
+
+A stage may set its own parallel layout (``stages[i].parallel``; the world size stays). At a boundary
+where the layout changes, the finished stage's engine is destroyed, the process groups are re-formed
+(``parallel_state.switch_layout``) and the next stage's engine takes the finished stage's final
+checkpoint resliced into its layout (``reshard.py``, the code ``--resume --reshard`` runs; optimizer
+moments start afresh at every stage boundary anyway). Its checkpoints carry that layout's config hash,
+so a resume inside it compares the checkpoint with that stage's layout. Without a change: no extra work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import shutil
 import signal
@@ -34,12 +42,13 @@ import torch
 import torch.distributed as dist
 
 from data_prep.errors import PrepError
-from xoron_dist.config import ConfigError, XoronConfig
+from xoron_dist.config import ConfigError, ParallelConfig, XoronConfig
 from xoron_dist.data.loader import LoaderStateError
 from xoron_dist.data.schema import CorruptShardError
 from xoron_dist.data.shards import TokenizerMismatchError
 from xoron_dist.parallel import state as parallel_state
 from xoron_dist.parallel.launcher_env import LaunchError
+from xoron_dist.parallel.layout import stage_layout_config
 from xoron_dist.tokenizer import build_tokenizer
 from xoron_dist.train.build import BuiltStage, build_stage
 from xoron_dist.train.checkpoint import (
@@ -47,6 +56,7 @@ from xoron_dist.train.checkpoint import (
     NonFiniteStateError,
     TrainerState,
     config_hash,
+    hash_matches,
     latest_tag,
     load_checkpoint,
     peek_state,
@@ -59,7 +69,14 @@ from xoron_dist.train.guard import Divergence, NumericsGuard, TrainingDiverged, 
 from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer, step_flops_rates
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
 from xoron_dist.train.objectives import TokenGroups
-from xoron_dist.train.reshard import SavedLayout, archive_config, check_layout, load_resharded, saved_layout
+from xoron_dist.train.reshard import (
+    SavedLayout,
+    archive_config,
+    check_layout,
+    layout_changes,
+    load_resharded,
+    saved_layout,
+)
 from xoron_dist.train.run_lock import RunDirectoryBusy, RunLock
 from xoron_dist.train.samples import GenerationSamples
 from xoron_dist.train.sources import build_source, to_device
@@ -226,7 +243,9 @@ class Run:
     stop: StopRequest
     guard: NumericsGuard
     watchdog: HangWatchdog
+    plans: list[StagePlan]
     logs: RunLogs | None = None
+    parallel: ParallelConfig | None = None  # the layout whose groups exist now (``_use_layout``)
 
 
 @dataclass
@@ -263,13 +282,14 @@ def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], stop: StopRequest, *, 
                 ensure_prepared(cfg, paths.tokenizer)
             dist.barrier()
         watchdog.start()
-        start = _start_point(cfg, paths, resume, ctx.world_size)
+        start = _start_point(cfg, plans, paths, resume, ctx.world_size)
         if stage_at(plans, start.state.step) is None:
             logger.info("run already complete at step %d (train.steps=%d); raise train.steps to continue",
                         start.state.step, cfg.train.steps)
             return TrainResult(start.state.step, None, paths.root)
         guard = NumericsGuard(cfg.train, fp16=ctx.device_info.dtype == torch.float16)
-        run = Run(cfg, ctx, paths, tokenizer, stop, guard, watchdog)
+        run = Run(cfg, ctx, paths, tokenizer, stop, guard, watchdog, plans,
+                  parallel=stage_config(cfg, plans[0]).parallel)  # initialize built the first stage's layout
         return _train_stages(run, plans, start)
     finally:
         watchdog.stop()
@@ -277,7 +297,16 @@ def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], stop: StopRequest, *, 
             lock.release()
 
 
-def _start_point(cfg: XoronConfig, paths: RunPaths, resume: bool, world_size: int) -> StartPoint:
+def stage_config(cfg: XoronConfig, plan: StagePlan) -> XoronConfig:
+    """The config stage ``plan`` builds and checkpoints with: ``cfg`` itself, or for a stage with its own
+    ``parallel`` section ``layout.stage_layout_config`` (its layout; its config hash names it)."""
+    if cfg.stages and cfg.stages[plan.index].parallel:
+        return stage_layout_config(cfg, plan.index)
+    return cfg
+
+
+def _start_point(cfg: XoronConfig, plans: list[StagePlan], paths: RunPaths, resume: bool,
+                 world_size: int) -> StartPoint:
     """Step 0, or with --resume the newest checkpoint whose files verify (``resume_tag``)."""
     state = TrainerState(step=0, config_hash=config_hash(cfg))
     tag = resume_tag(paths.checkpoints) if resume else None
@@ -286,14 +315,26 @@ def _start_point(cfg: XoronConfig, paths: RunPaths, resume: bool, world_size: in
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", paths.checkpoints)
         return StartPoint(state)
     found = peek_state(paths.checkpoints, tag)
-    return StartPoint(found, tag, verified=True, saved=_layout_to_reshard(cfg, paths, tag, world_size))
+    return StartPoint(found, tag, verified=True, saved=_layout_to_reshard(cfg, plans, paths, tag, world_size))
 
 
-def _layout_to_reshard(cfg: XoronConfig, paths: RunPaths, tag: str, world_size: int) -> SavedLayout | None:
-    """The layout checkpoint ``tag`` was saved with when it is not this run's (None when it is); a
-    ``ConfigError`` naming the differences when it is not and ``--reshard`` is off, or the model differs."""
-    saved = saved_layout(paths.root, paths.checkpoints / tag, cfg)
-    return saved if check_layout(saved, cfg, world_size, paths.checkpoints / tag) else None
+def _layout_to_reshard(cfg: XoronConfig, plans: list[StagePlan], paths: RunPaths, tag: str,
+                       world_size: int) -> SavedLayout | None:
+    """The layout checkpoint ``tag`` was saved with when it is not that of the stage it goes into (None
+    when it is). A layout other than that of the stage that saved it (another world size, an edited
+    ``parallel``) is refused with the differences named unless ``--reshard`` is on; the change to the
+    next stage's own layout at a stage boundary is the run's plan and needs no flag. A changed model is
+    always refused."""
+    ckpt = paths.checkpoints / tag
+    saved = saved_layout(paths.root, ckpt, cfg)
+    found = peek_state(paths.checkpoints, tag)
+    entering = stage_at(plans, found.step)
+    saver = plans[found.stage_index] if found.stage_index < len(plans) else entering
+    if saver is None:
+        return None  # the run is complete at this checkpoint: nothing is loaded
+    check_layout(saved, stage_config(cfg, saver), world_size, ckpt)
+    target = stage_config(cfg, entering or saver)
+    return saved if layout_changes(saved, target, world_size) else None
 
 
 def _train_stages(run: Run, plans: list[StagePlan], start: StartPoint) -> TrainResult:
@@ -302,11 +343,18 @@ def _train_stages(run: Run, plans: list[StagePlan], start: StartPoint) -> TrainR
     run.logs = RunLogs.open(run.cfg, run.paths, run.ctx, start.state.step)
     try:
         while (plan := stage_at(plans, start.state.step)) is not None:
-            outcome = _run_stage(run, plan, start)
+            _use_layout(run, plan)
+            following = stage_at(plans, plan.last_step)
+            changes = following is not None and stage_config(run.cfg, following).parallel != run.parallel
+            outcome = _run_stage(run, plan, start, release=changes)
             if outcome.interrupted:
                 break
             if outcome.divergence is None:
                 start = StartPoint(outcome.state)
+                if changes:  # the next stage reslices this one's final checkpoint into its own layout
+                    tag = latest_tag(run.paths.checkpoints)
+                    start = StartPoint(outcome.state, tag, verified=True, saved=_layout_to_reshard(
+                        run.cfg, plans, run.paths, tag, run.ctx.world_size))
                 continue
             start = _roll_back(run, outcome)
             run.guard.reset()
@@ -342,12 +390,25 @@ def _roll_back(run: Run, outcome: StageOutcome) -> StartPoint:
                    "step(s) of data after it", divergence.reason, tag, state.rollbacks + 1, tc.max_rollbacks, skip)
     target = dataclasses.replace(target, skipped_steps=state.skipped_steps, rollbacks=state.rollbacks + 1)
     return StartPoint(target, tag, verified=True, skip_steps=skip,
-                      saved=_layout_to_reshard(run.cfg, run.paths, tag, run.ctx.world_size))
+                      saved=_layout_to_reshard(run.cfg, run.plans, run.paths, tag, run.ctx.world_size))
 
 
-def _run_stage(run: Run, plan: StagePlan, start: StartPoint) -> StageOutcome:
-    """Train one curriculum stage from ``start`` to its last step (or a stop, or a divergence)."""
-    cfg, ctx = run.cfg, run.ctx
+def _use_layout(run: Run, plan: StagePlan) -> None:
+    """Re-form the process groups when ``plan``'s layout is not the one that exists (the previous stage's
+    engine is destroyed by then: ``_run_stage``'s ``release``)."""
+    cfg = stage_config(run.cfg, plan)
+    if cfg.parallel == run.parallel:
+        return
+    gc.collect()  # the old engine's modules and hooks hold tensors in reference cycles
+    logger.info("stage %d '%s' has its own parallel layout", plan.index, plan.name)
+    run.ctx = parallel_state.switch_layout(cfg)
+    run.parallel = cfg.parallel
+
+
+def _run_stage(run: Run, plan: StagePlan, start: StartPoint, release: bool = False) -> StageOutcome:
+    """Train one curriculum stage from ``start`` to its last step (or a stop, or a divergence).
+    ``release``: the next stage has another layout, so this stage's engine is destroyed on the way out."""
+    cfg, ctx = stage_config(run.cfg, plan), run.ctx
     run.watchdog.beat(start.state.step, "stage build")
     built = build_stage(cfg, ctx, plan, run.paths.root)
     install_update_gate(built.engine)
@@ -362,12 +423,14 @@ def _run_stage(run: Run, plan: StagePlan, start: StartPoint) -> StageOutcome:
         close = getattr(source, "close", None)
         if close is not None:
             close()  # a rollback builds the stage again: the old loader workers go now
+        if release:
+            built.engine.destroy()  # hooks, optimizer state and buffers go before the groups change
 
 
 def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: TrainerState) -> StageOutcome:
     """The loop: a step, the guard's verdict, the updates that follow, logging, saving."""
     cfg, ctx, tc, logs = run.cfg, run.ctx, run.cfg.train, run.logs
-    runner = StepRunner(cfg, ctx, built, TokenGroups(cfg, run.tokenizer.token_id))
+    runner = StepRunner(stage_config(cfg, plan), ctx, built, TokenGroups(cfg, run.tokenizer.token_id))
     monitor = ExpertLoadMonitor(built.balancer.layer_ids(), cfg.llm.moe.num_experts,
                                 cfg.llm.moe.starved_expert_warn_steps)
     tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * ctx.dp_size * plan.seq_len
@@ -430,12 +493,12 @@ def _enter_stage(run: Run, built: BuiltStage, source, plan: StagePlan, start: St
     previous stage's weights and expert biases at a stage boundary, or ``start.state`` as it is; then,
     after a rollback, the batches of the steps that led to the divergence are skipped. A checkpoint of
     another layout (``start.saved``) is resliced into this one (``train/reshard.py``)."""
-    state, paths, accum = start.state, run.paths, run.cfg.train.grad_accum_steps
+    state, paths, accum, cfg = start.state, run.paths, run.cfg.train.grad_accum_steps, stage_config(run.cfg, plan)
     load = start.tag is not None or plan.index > 0
     found = peek_state(paths.checkpoints, start.tag) if load else None
     if found is not None and found.stage_index == plan.index:  # resume inside this stage
         if start.saved is not None:
-            state = load_resharded(built.engine, paths.checkpoints / start.tag, start.saved, run.cfg, run.ctx,
+            state = load_resharded(built.engine, paths.checkpoints / start.tag, start.saved, cfg, run.ctx,
                                    module_only=False)
         else:
             state = load_checkpoint(built.engine, paths.checkpoints, start.tag, verify=not start.verified)
@@ -443,13 +506,15 @@ def _enter_stage(run: Run, built: BuiltStage, source, plan: StagePlan, start: St
             source.load_state_dict(state.data_position["source"])
     elif found is not None:  # a new stage starts from the previous stage's weights and expert biases
         if start.saved is not None:
-            carried = load_resharded(built.engine, paths.checkpoints / start.tag, start.saved, run.cfg, run.ctx,
+            carried = load_resharded(built.engine, paths.checkpoints / start.tag, start.saved, cfg, run.ctx,
                                      module_only=True)
         else:
             carried = load_checkpoint(built.engine, paths.checkpoints, start.tag, module_only=True,
                                       verify=not start.verified)
         state = dataclasses.replace(carried, step=plan.first_step, data_position={})
     state.stage_index, state.stage_name = plan.index, plan.name
+    if not hash_matches(state.config_hash, cfg):  # a stage with its own layout: its checkpoints name that layout
+        state.config_hash = config_hash(cfg)
     state.skipped_steps, state.rollbacks = start.state.skipped_steps, start.state.rollbacks
     for _ in range(start.skip_steps * accum):
         source.next_batch()
@@ -481,6 +546,8 @@ def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, resul
     record = {"step": state.step, "stage": plan.name, "loss": loss, "lr": lr, "grad_norm": grad_norm,
               "label_tokens": result.counts["lm"], "tokens_per_s": logs.timer.tokens_per_s,
               "tokens_seen": state.tokens_seen, "skipped": skipped}
+    rates = step_flops_rates(cfg, ctx, plan.seq_len, logs.timer.tokens_per_s)  # TFLOP/s per device, MFU
+    record.update({"tflops": None, **rates})
     others = {name: value for name, value in result.losses.items() if name != "lm" and result.counts[name]}
     record.update({f"loss_{name}": value for name, value in others.items()})  # objectives with items this step
     logs.metrics.write(record)
@@ -493,6 +560,7 @@ def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, resul
         if logs.timer.tokens_per_s is not None:
             scalars["perf/tokens_per_s"] = logs.timer.tokens_per_s
             scalars["perf/step_s"] = logs.timer.mean_step_s
+        scalars.update({f"perf/{name}": value for name, value in rates.items()})
         if load is not None:
             scalars.update(monitor.scalars(load, built.balancer.biases(), ctx.pipeline_group))
         logs.tb.scalars(state.step, scalars)
@@ -505,6 +573,3 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
-    rates = step_flops_rates(cfg, ctx, plan.seq_len, logs.timer.tokens_per_s)  # TFLOP/s per device, MFU
-    record.update({"tflops": None, **rates})
-        scalars.update({f"perf/{name}": value for name, value in rates.items()})
