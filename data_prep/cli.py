@@ -1,11 +1,13 @@
 """``xoron prep``: parse the command line, call ``data_prep.convert.prepare``, print a summary.
 
     xoron prep --config RUN.yaml --out DIR [--workers N] [--strict] [--resume] [--no-progress]
-               [--max-consecutive-rejects N] [--data-root DIR] [--allow-outside-root]
+               [--max-consecutive-rejects N] [--data-root DIR] [--allow-outside-root] [--format NAME]
                INPUT... [key.sub=value ...]
     mpiexec -n 4 xoron prep --config RUN.yaml --out DIR INPUT...     (DIR on a shared filesystem)
 
-INPUT: a JSONL manifest, a webdataset .tar, or a folder (its *.jsonl and *.tar, sorted by name).
+INPUT: a JSONL manifest, a JSON array (.json), a Parquet file, a webdataset .tar, or a folder (its
+*.jsonl, *.json, *.parquet and *.tar, sorted by name). Records in a dataset's published layout are
+converted by the registry of ``data_prep.datasets`` (``--format NAME`` forces one).
 JSONL media paths are relative to the JSONL's folder and must stay inside the data root (that
 folder, or --data-root); --allow-outside-root reads them wherever they lead.
 An argument that is not an existing path and has the form key.sub=value is a config override.
@@ -38,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-outside-root", action="store_true",
                         help="also read absolute media paths and paths leading out of the data root "
                              "(only for manifests you trust)")
+    parser.add_argument("--format", dest="dataset_format", default=None, metavar="NAME",
+                        help="convert every JSONL/JSON/Parquet record with this registered dataset format "
+                             "(data_prep/README.md lists them; default: detect each record's)")
     parser.add_argument("items", nargs="+", metavar="INPUT_OR_OVERRIDE",
-                        help="JSONL files, .tar files or folders; then key.sub=value config overrides")
+                        help="JSONL, JSON, Parquet or .tar files or folders; then key.sub=value config overrides")
 
 
 def split_items(items: list[str]) -> tuple[list[Path], list[str]]:
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         manifest = prepare(inputs, args.out, cfg, workers=args.workers, strict=args.strict,
                            progress=not args.no_progress, resume=args.resume,
                            max_consecutive_rejects=args.max_consecutive_rejects, ranks=ranks,
-                           data_root=args.data_root, allow_outside_root=args.allow_outside_root)
+                           data_root=args.data_root, allow_outside_root=args.allow_outside_root,
+                           dataset_format=args.dataset_format)
     except PrepError as err:
         if ranks.rank == 0:  # every rank's failure reaches rank 0, which says it once
             print(f"error: {err}", file=sys.stderr)

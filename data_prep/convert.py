@@ -127,8 +127,9 @@ def prepare(
     ranks: Ranks | None = None,
     data_root: Path | None = None,
     allow_outside_root: bool = False,
+    dataset_format: str | None = None,
 ) -> Manifest:
-    """Convert ``inputs`` (JSONL files, webdataset tars, folders of them) into ``out``; return the manifest.
+    """Convert ``inputs`` (JSONL, JSON, Parquet, webdataset tars, folders of them) into ``out``; return the manifest.
 
     ``workers``: processes on this machine. ``strict``: the first rejected sample stops the run
     (``PrepError`` with the reject's message). ``resume``: reopen a finished folder (a partial one
@@ -137,7 +138,9 @@ def prepare(
     a few bad files. ``ranks``: the MPI ranks sharing the work (``ranks.detect_ranks()``; default
     this process alone). ``data_root``: the folder JSONL media paths must stay inside (default: each
     JSONL's own folder); ``allow_outside_root``: also read absolute paths and paths leading out of it
-    (see ``sources``). Every rank returns the manifest; only rank 0 writes it.
+    (see ``sources``). ``dataset_format``: convert every JSONL/JSON/Parquet record with this format of
+    ``data_prep.datasets.REGISTRY`` instead of detecting each one's. Every rank returns the manifest;
+    only rank 0 writes it.
     """
     ranks = ranks or Ranks()
     out = Path(out)
@@ -150,7 +153,7 @@ def prepare(
             raise PrepError(f"--data-root {data_root} is not a folder; name the folder that holds the media")
         data_root = Path(data_root).resolve()
     setup = _rank0_first(ranks, lambda: _setup(inputs, out, cfg, strict, resume, max_consecutive_rejects,
-                                               data_root, allow_outside_root))
+                                               data_root, allow_outside_root, dataset_format))
     units = [unit for plan in setup.plans for unit in plan.units]
     mine = units[ranks.rank :: ranks.size]
     show = progress and ranks.rank == 0
@@ -170,7 +173,8 @@ def prepare(
 
 
 def _setup(inputs: list[Path], out: Path, cfg: XoronConfig, strict: bool, resume: bool,
-           max_consecutive_rejects: int, data_root: Path | None, allow_outside_root: bool) -> _Setup:
+           max_consecutive_rejects: int, data_root: Path | None, allow_outside_root: bool,
+           dataset_format: str | None = None) -> _Setup:
     prep = cfg.data.prep
     for medium in ("image", "video"):
         size = getattr(prep, f"{medium}_size")
@@ -179,7 +183,7 @@ def _setup(inputs: list[Path], out: Path, cfg: XoronConfig, strict: bool, resume
                 f"data.prep.{medium}_size = {size} with {medium}_resize = max_side: sides are rounded down to "
                 f"multiples of data.prep.patch_multiple ({prep.patch_multiple}), so the size must be at least that"
             )
-    sources = discover_sources([Path(p) for p in inputs])
+    sources = discover_sources([Path(p) for p in inputs], dataset_format=dataset_format)
     _check_output_folder(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg, out / TOKENIZER_DIR)
@@ -199,6 +203,7 @@ def _setup(inputs: list[Path], out: Path, cfg: XoronConfig, strict: bool, resume
         # which media paths are read decides which samples are rejected
         "media_paths": {"data_root": None if data_root is None else Path(os.path.relpath(data_root)).as_posix(),
                         "allow_outside_root": allow_outside_root},
+        "dataset_format": dataset_format,  # a forced record format converts other samples
     }
     _check_or_write_state(out, state)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the folder is a conversion in progress

@@ -21,12 +21,15 @@ class PrepError(RuntimeError):
 
 
 def describe_reject(record: dict) -> str:
-    """``data/a.jsonl:12 (id img-7): reason`` for one ``rejects.jsonl`` record."""
+    """``data/a.jsonl:12 (id img-7): reason`` (``a.parquet:row 12`` for Parquet / JSON-array rows) for one
+    ``rejects.jsonl`` record."""
     where = record["source"]
     if record.get("line") is not None:
         where += f":{record['line']}"
     elif record.get("key") is not None:
         where += f":{record['key']}"
+    elif record.get("row") is not None:
+        where += f":row {record['row']}"
     if record.get("id") is not None:
         where += f" (id {record['id']})"
     return f"{where}: {record['reason']}"

@@ -7,7 +7,8 @@ A record without an ``id`` gets ``<source stem>-<line or key>``, unique within i
 
     name          fields                               becomes
     chatml        messages [{role, content, tool_calls?}], tools?   conversation / tool_use (HF chat layout)
-    sharegpt      conversations [{from, value}]        conversation (from: system|human|gpt|tool)
+    sharegpt      conversations [{from, value}]        conversation (from: system|human|gpt|tool); tool_use
+                                                       when gpt values hold Hermes <tool_call>{json}</tool_call>
     alpaca        instruction, output, input?          conversation
     seed_cot      question, thinking, answer           conversation; assistant = thinking + answer
     seed_response question, response                   conversation (the seed's anti-hallucination sets)
@@ -16,12 +17,16 @@ A record without an ``id`` gets ``<source stem>-<line or key>``, unique within i
     seed_exec     code, output, explanation            conversation; assistant <|exec|><|code|>..  output  explanation
     seed_shell    task, command, output                conversation; assistant <|code|>cmd<|/code|><|exec_result|>..
 
-Conversion errors are ``FormatError`` (prep rejects the sample with the message).
+These are the chat layouts; ``data_prep.datasets`` adds the families of the seed card's public
+datasets (caption, QA, tool-calling, speech, ...) and orders all of them into one ``REGISTRY``
+(most fields first), which ``detect_format`` searches. Conversion errors are ``FormatError``
+(prep rejects the sample with the message).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,17 +40,23 @@ class FormatError(ValueError):
 class RecordFormat:
     name: str
     fields: tuple[str, ...]  # all present -> this format
-    convert: Callable[[dict[str, Any]], dict[str, Any]]  # -> {"kind", "turns", "tools"?}
+    convert: Callable[[dict[str, Any]], dict[str, Any]]  # -> our record minus "id"
+    kind: str = "conversation"  # what its records become (documentation; convert decides)
+    covers: tuple[str, ...] = ()  # the seed card's datasets published in this layout
+    auto: bool = True  # False: only by name (--format), as its fields are ours minus "kind"
 
 
-def _str(record: dict, name: str) -> str:
-    value = record.get(name, "")
+def str_field(record: dict, name: str) -> str:
+    """A string field; absent or null (Parquet's missing value) is ``""``."""
+    value = record.get(name)
+    if value is None:
+        return ""
     if not isinstance(value, str):
         raise FormatError(f"field '{name}' must be a string, got {type(value).__name__}")
     return value
 
 
-def _pair(user: str, assistant: str) -> dict[str, Any]:
+def chat_pair(user: str, assistant: str) -> dict[str, Any]:
     return {"kind": "conversation", "turns": [{"role": "user", "content": user},
                                               {"role": "assistant", "content": assistant}]}
 
@@ -61,7 +72,7 @@ def _chatml(record: dict) -> dict[str, Any]:
         turn = {"role": message.get("role"), "content": message.get("content") or ""}
         calls = message.get("tool_calls") or []
         if calls:  # OpenAI layout: {"function": {"name", "arguments": json string}} or ours
-            turn["tool_calls"] = [_call(call, i) for call in calls]
+            turn["tool_calls"] = [tool_call(call, f"messages[{i}].tool_calls") for call in calls]
         if message.get("role") == "tool":
             turn["name"] = message.get("name")
         turns.append(turn)
@@ -70,16 +81,17 @@ def _chatml(record: dict) -> dict[str, Any]:
     return {"kind": kind, "turns": turns, **({"tools": tools} if tools else {})}
 
 
-def _call(call: Any, index: int) -> dict[str, Any]:
+def tool_call(call: Any, where: str) -> dict[str, Any]:
+    """``{"name", "arguments"}`` from an OpenAI call (``{"function": {...}}``, arguments as a JSON string) or ours."""
     if not isinstance(call, dict):
-        raise FormatError(f"messages[{index}].tool_calls holds a {type(call).__name__}, not an object")
+        raise FormatError(f"{where} holds a {type(call).__name__}, not an object")
     function = call.get("function", call)
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
         except ValueError as err:
-            raise FormatError(f"messages[{index}].tool_calls arguments are not JSON: {err}") from None
+            raise FormatError(f"{where} arguments are not JSON: {err}") from None
     return {"name": function.get("name"), "arguments": arguments}
 
 
@@ -87,85 +99,117 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "tool": "tool", "observation": "tool"}
 
 
+# Hermes function calling (NousResearch's layout, used by ShareGPT-style tool sets): a call is a JSON
+# object between tags inside the assistant's text.
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
 def _sharegpt(record: dict) -> dict[str, Any]:
-    turns = []
+    turns: list[dict[str, Any]] = []
+    last_call = "tool"
     for i, message in enumerate(record["conversations"]):
         speaker = message.get("from") if isinstance(message, dict) else None
         if speaker not in _SHAREGPT_ROLES:
             raise FormatError(f"conversations[{i}].from is {speaker!r}; expected one of {', '.join(_SHAREGPT_ROLES)}")
         turn = {"role": _SHAREGPT_ROLES[speaker], "content": message.get("value") or ""}
+        if turn["role"] == "assistant" and _HERMES_CALL.search(turn["content"]):
+            calls = []
+            for raw in _HERMES_CALL.findall(turn["content"]):
+                try:
+                    parsed = json.loads(raw)
+                except ValueError as err:
+                    raise FormatError(f"conversations[{i}] has a <tool_call> that is not JSON: {err}") from None
+                calls.append(tool_call(parsed, f"conversations[{i}] <tool_call>"))
+            turn["tool_calls"] = calls
+            turn["content"] = _HERMES_CALL.sub("", turn["content"]).strip()
+            last_call = calls[-1]["name"] or last_call
         if turn["role"] == "tool":
-            turn["name"] = message.get("name", "tool")
+            turn["name"] = message.get("name", last_call)
         turns.append(turn)
-    return {"kind": "conversation", "turns": turns}
+    kind = "tool_use" if any("tool_calls" in turn for turn in turns) else "conversation"
+    return {"kind": kind, "turns": turns}
 
 
 def _alpaca(record: dict) -> dict[str, Any]:
-    extra = _str(record, "input")
-    return _pair(_str(record, "instruction") + (f"\n\n{extra}" if extra else ""), _str(record, "output"))
+    extra = str_field(record, "input")
+    return chat_pair(str_field(record, "instruction") + (f"\n\n{extra}" if extra else ""), str_field(record, "output"))
 
 
 def _seed_cot(record: dict) -> dict[str, Any]:
-    return _pair(_str(record, "question"), f"{_str(record, 'thinking')}\n{_str(record, 'answer')}")
+    return chat_pair(str_field(record, "question"), f"{str_field(record, 'thinking')}\n{str_field(record, 'answer')}")
 
 
 def _seed_response(record: dict) -> dict[str, Any]:
-    return _pair(_str(record, "question"), _str(record, "response"))
+    return chat_pair(str_field(record, "question"), str_field(record, "response"))
 
 
 def _seed_fim(record: dict) -> dict[str, Any]:
-    prefix, middle, suffix = _str(record, "prefix"), _str(record, "middle"), _str(record, "suffix")
-    return _pair(f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>", middle)
+    prefix, middle, suffix = str_field(record, "prefix"), str_field(record, "middle"), str_field(record, "suffix")
+    return chat_pair(f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>", middle)
 
 
 def _seed_commit(record: dict) -> dict[str, Any]:
-    user = (f"<|commit_before|>{_str(record, 'before')}<|/commit_before|>"
-            f"<|commit_after|>{_str(record, 'after')}<|/commit_after|>")
-    return _pair(user, f"<|commit_msg|>{_str(record, 'commit_message')}<|/commit_msg|>")
+    user = (f"<|commit_before|>{str_field(record, 'before')}<|/commit_before|>"
+            f"<|commit_after|>{str_field(record, 'after')}<|/commit_after|>")
+    return chat_pair(user, f"<|commit_msg|>{str_field(record, 'commit_message')}<|/commit_msg|>")
 
 
 def _seed_exec(record: dict) -> dict[str, Any]:
-    code = _str(record, "code")
-    output = _str(record, "output")
+    code = str_field(record, "code")
+    output = str_field(record, "output")
     if "<|exec_error|>" not in output and "<|exec_result|>" not in output:
         output = f"<|exec_result|>{output}<|/exec_result|>"
-    return _pair(f"Run this:\n{code}", f"<|exec|><|code|>{code}<|/code|><|/exec|>\n{output}\n"
-                                       f"{_str(record, 'explanation')}")
+    return chat_pair(f"Run this:\n{code}", f"<|exec|><|code|>{code}<|/code|><|/exec|>\n{output}\n"
+                                       f"{str_field(record, 'explanation')}")
 
 
 def _seed_shell(record: dict) -> dict[str, Any]:
-    return _pair(_str(record, "task"),
-                 f"<|code|>{_str(record, 'command')}<|/code|>\n<|exec_result|>{_str(record, 'output')}<|/exec_result|>")
+    command, output = str_field(record, "command"), str_field(record, "output")
+    return chat_pair(str_field(record, "task"), f"<|code|>{command}<|/code|>\n<|exec_result|>{output}<|/exec_result|>")
 
 
 FORMATS: tuple[RecordFormat, ...] = (
-    RecordFormat("chatml", ("messages",), _chatml),
-    RecordFormat("sharegpt", ("conversations",), _sharegpt),
+    RecordFormat("chatml", ("messages",), _chatml, "conversation | tool_use",
+                 ("m-a-p/Code-Feedback", "HuggingFaceH4/no_robots")),
+    RecordFormat("sharegpt", ("conversations",), _sharegpt, "conversation | tool_use",
+                 ("THUDM/AgentInstruct", "RyokoAI/ShareGPT52K", "interstellarninja/tool-calls-singleturn",
+                  "interstellarninja/tool-calls-multiturn")),
     RecordFormat("seed_cot", ("question", "thinking", "answer"), _seed_cot),
     RecordFormat("seed_response", ("question", "response"), _seed_response),
     RecordFormat("seed_fim", ("prefix", "middle", "suffix"), _seed_fim),
     RecordFormat("seed_commit", ("before", "after", "commit_message"), _seed_commit),
     RecordFormat("seed_exec", ("code", "output", "explanation"), _seed_exec),
     RecordFormat("seed_shell", ("task", "command", "output"), _seed_shell),
-    RecordFormat("alpaca", ("instruction", "output"), _alpaca),
+    RecordFormat("alpaca", ("instruction", "output"), _alpaca, "conversation",
+                 ("iamtarun/python_code_instructions_18k_alpaca",)),
 )
 
 
 def detect_format(record: dict[str, Any]) -> RecordFormat | None:
-    """The first format whose fields the record has; None for our own records (with ``kind``) and unknown ones."""
+    """The registered format of ``record`` (``data_prep.datasets.REGISTRY``: most fields first, ties in
+    table order; formats with ``auto=False`` only by name); None for our own records (with ``kind``)
+    and unknown ones."""
+    from data_prep.datasets import REGISTRY  # the dataset families build on this module's converters
+
     if "kind" in record:
         return None
-    return next((f for f in FORMATS if all(name in record for name in f.fields)), None)
+    return next((f for f in REGISTRY if f.auto and all(name in record for name in f.fields)), None)
 
 
-def to_native(record: dict[str, Any], default_id: str) -> dict[str, Any]:
-    """``record`` in our layout (unchanged when it is ours or of no known format)."""
-    found = detect_format(record)
+def to_native(record: dict[str, Any], default_id: str, forced: RecordFormat | None = None) -> dict[str, Any]:
+    """``record`` in our layout (unchanged when it is ours or of no known format). ``forced``: convert
+    with that format whatever the record looks like (``xoron prep --format``); missing fields are an error."""
+    found = forced or detect_format(record)
     if found is None:
         return record
+    missing = [name for name in found.fields if name not in record]
+    if missing:
+        raise FormatError(f"the record has no {', '.join(repr(m) for m in missing)}, which format "
+                          f"'{found.name}' needs (it has {', '.join(map(repr, record)) or 'no fields'})")
     native = found.convert(record)
     native["id"] = record["id"] if isinstance(record.get("id"), str) and record["id"] else default_id
     return native
 
 
-__all__ = ["FORMATS", "FormatError", "RecordFormat", "detect_format", "to_native"]
+__all__ = ["FORMATS", "FormatError", "RecordFormat", "chat_pair", "detect_format", "str_field", "to_native",
+           "tool_call"]

@@ -1,4 +1,4 @@
-"""Input files -> units of work -> raw samples, alike for JSONL manifests and webdataset tars.
+"""Input files -> units of work -> raw samples, alike for JSONL manifests, JSON arrays, Parquet and webdataset tars.
 
 A *source* is one input file. Its name in the prepared data (the ``source`` column, the shard
 file names, the unit names) is the file's stem: ``data/captions.jsonl`` and ``data/captions.tar``
@@ -17,6 +17,20 @@ root, the JSONL's own folder unless ``--data-root`` names another, and absolute 
 ``--allow-outside-root`` lifts both for manifests the user trusts. A refused path is a rejected
 sample, and messages name media relative to the data root, never by an absolute path.
 
+Parquet: one sample per row (Hugging Face dataset repositories publish their splits this way), read
+in batches of ``PARQUET_BATCH_ROWS`` rows from the row group holding a unit's first row, never the
+whole file; a unit's offset is its first row's index. Planning reads only the footer and an ``id``
+column. A cell holding a Hugging Face ``Image()``/``Audio()`` struct (``{"bytes", "path"}``) becomes
+a ``Blob`` of its bytes (its path, relative to the file's folder, when the bytes are null). Rejects
+name ``{"row": n}`` (from 1). JSON: a ``.json`` file holding an array is read element by element
+(the file is memory-mapped; a scan for strings and brackets finds where each element ends, so a unit
+starts at an element's byte offset and parses only its own elements; a malformed element is a reject
+like a malformed JSONL line); a ``.json`` file that is not an array is read as JSON Lines (many
+repositories publish JSON Lines under ``.json``).
+JSONL, JSON and Parquet records pass through ``data_prep.formats.to_native`` (the dataset registry
+of ``data_prep.datasets``, or the one format ``--format`` names) before their ``image``/``video``/
+``audio`` fields become media, so a dataset's own media column names map onto ours.
+
 Tar (webdataset layout): members are grouped into samples by key, the name up to the first dot
 of the file name (webdataset's ``base_plus_ext``), consecutive members sharing it;
 suffixes are lower-cased. Per sample: ``json`` (the fields), and the media: ``png``/``jpg``/
@@ -30,6 +44,7 @@ reports the rest as one reject.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import tarfile
@@ -39,9 +54,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_prep.errors import PrepError
+from data_prep.formats import FormatError, to_native
 from data_prep.media import IMAGE_EXTENSIONS, Blob, FrameList
 
 MEDIA_FIELDS = ("image", "video", "audio")
+INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar")
+PARQUET_BATCH_ROWS = 64  # rows decoded at a time: media columns make rows large
 # webdataset.tariterators.base_plus_ext's rule (key = path up to the first dot of the file name),
 # written out because importing webdataset imports torch: ~0.8 s in every worker, for one regex.
 _KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -57,7 +75,8 @@ class SourceFile:
     path: Path
     name: str
     source: str
-    format: Literal["jsonl", "tar"]
+    format: Literal["jsonl", "tar", "parquet", "json"]
+    dataset_format: str | None = None  # a registered record format forced on every record (--format)
 
 
 @dataclass(frozen=True)
@@ -110,23 +129,33 @@ class RawSample:
 # --------------------------------------------------------------------------- inputs
 
 
-def discover_sources(inputs: list[Path], cwd: Path | None = None) -> list[SourceFile]:
-    """Input arguments (JSONL files, tar files, folders of them) -> sources in processing order.
+def discover_sources(inputs: list[Path], cwd: Path | None = None,
+                     dataset_format: str | None = None) -> list[SourceFile]:
+    """Input arguments (JSONL, JSON, Parquet and tar files, folders of them) -> sources in processing order.
 
-    A folder contributes its ``*.jsonl`` and ``*.tar``, sorted by name.
+    A folder contributes its ``*.jsonl``, ``*.json``, ``*.parquet`` and ``*.tar``, sorted by name.
+    ``dataset_format``: a name in ``data_prep.datasets.REGISTRY`` to convert every record with.
     """
+    if dataset_format is not None:
+        from data_prep.datasets import resolve
+
+        try:
+            resolve(dataset_format)
+        except ValueError as err:
+            raise PrepError(f"--format: {err}") from None
     cwd = Path(cwd or os.getcwd())
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".tar"))
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
             if not found:
-                raise PrepError(f"input folder {path} holds no *.jsonl or *.tar files")
+                raise PrepError(f"input folder {path} holds no *.jsonl or *.tar, *.json or *.parquet files")
             files.extend(found)
         elif path.is_file():
-            if path.suffix not in (".jsonl", ".tar"):
-                raise PrepError(f"input {path}: expected a .jsonl manifest, a webdataset .tar or a folder of them")
+            if path.suffix not in INPUT_SUFFIXES:
+                raise PrepError(f"input {path}: expected a .jsonl manifest, a .json array, a .parquet file, "
+                                "a webdataset .tar or a folder of them")
             files.append(path)
         else:
             raise PrepError(f"input {path} does not exist")
@@ -142,10 +171,20 @@ def discover_sources(inputs: list[Path], cwd: Path | None = None) -> list[Source
         seen[stem] = path
         absolute = path.resolve()
         name = Path(os.path.relpath(absolute, cwd)).as_posix()
-        sources.append(SourceFile(absolute, name, stem, "jsonl" if path.suffix == ".jsonl" else "tar"))
+        sources.append(SourceFile(absolute, name, stem, _file_format(absolute), dataset_format))
     if not sources:
-        raise PrepError("no inputs given: pass JSONL files, webdataset .tar files or folders of them")
+        raise PrepError("no inputs given: pass JSONL, JSON, Parquet or webdataset .tar files or folders of them")
     return sources
+
+
+def _file_format(path: Path) -> Literal["jsonl", "tar", "parquet", "json"]:
+    """By suffix; a ``.json`` file is a JSON array when its first non-blank byte is ``[``, else JSON Lines
+    (many dataset repositories publish JSON Lines under ``.json``)."""
+    if path.suffix != ".json":
+        return {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix, "tar")
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return "json" if head.startswith(b"[") else "jsonl"
 
 
 # --------------------------------------------------------------------------- planning
@@ -199,6 +238,14 @@ def plan_source(source: SourceFile, samples_per_unit: int) -> SourcePlan:
                     cutter.sample(offset, number, _json_id(line), f"line {number}")
                 offset += len(line)
         return cutter.finish([])
+    if source.format == "parquet":
+        return _plan_parquet(source, cutter)
+    if source.format == "json":
+        with open(source.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            first = m.find(b"[") + 1  # _file_format saw "[" as the first non-blank byte
+            for number, (begin, end) in enumerate(_json_array_spans(m, first), start=1):
+                cutter.sample(begin, number, _json_id(m[begin:end]), f"row {number}")
+        return cutter.finish([])
     rejects: list[dict[str, Any]] = []
     groups = _tar_groups(source.path, 0, read=lambda suffix: suffix == "json")
     try:
@@ -209,6 +256,62 @@ def plan_source(source: SourceFile, samples_per_unit: int) -> SourcePlan:
                         "reason": f"the tar is damaged after {cutter.samples} samples ({err}); "
                                   "the members from there on were skipped"})
     return cutter.finish(rejects)
+
+
+def _plan_parquet(source: SourceFile, cutter: _UnitCutter) -> SourcePlan:
+    """Rows are counted from the footer; only an ``id`` column is read (in batches) to flag repeats."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source.path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        return cutter.finish([{"source": source.name, "row": None, "id": None,
+                               "reason": f"not a readable Parquet file ({err})"}])
+    row = 0
+    if "id" in parquet.schema_arrow.names:
+        for batch in parquet.iter_batches(batch_size=4096, columns=["id"]):
+            for value in batch.column(0).to_pylist():
+                cutter.sample(row, row + 1, value, f"row {row + 1}")
+                row += 1
+    else:
+        for _ in range(parquet.metadata.num_rows):
+            cutter.sample(row, row + 1, None, f"row {row + 1}")
+            row += 1
+    return cutter.finish([])
+
+
+# A JSON string (escapes included) or one structural byte: enough to find where array elements end.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)
+
+
+def _json_array_spans(m: mmap.mmap, pos: int) -> Iterator[tuple[int, int]]:
+    """(begin, end) byte spans of the elements of a JSON array, from ``pos`` (just after ``[`` or at an
+    element) to the closing ``]``, found without parsing them or holding the file (``m`` is mapped). A
+    malformed element still gets a span (its parse then fails and it is rejected); a file cut short ends
+    with a span running to its end."""
+    size = len(m)
+    while True:
+        while pos < size and m[pos:pos + 1].isspace():
+            pos += 1
+        if pos >= size or m[pos:pos + 1] == b"]":
+            return
+        begin, depth, end = pos, 0, size
+        for token in _JSON_TOKEN.finditer(m, pos):
+            char = m[token.start():token.start() + 1]
+            if char in (b"[", b"{"):
+                depth += 1
+            elif char in (b"]", b"}"):
+                depth -= 1
+                if depth < 0:  # the array's own "]"
+                    end = token.start()
+                    break
+            elif char == b"," and depth == 0:
+                end = token.start()
+                break
+        yield begin, end
+        if end >= size or m[end:end + 1] == b"]":
+            return
+        pos = end + 1
 
 
 def _json_id(raw: bytes) -> Any:
@@ -229,10 +332,18 @@ def read_unit(unit: Unit, data_root: Path | None = None, allow_outside_root: boo
     ``data_root``: where JSONL media paths must lead (None: the JSONL's folder);
     ``allow_outside_root``: accept absolute paths and paths leading out of it."""
     duplicates = dict(unit.duplicates)
-    if unit.source.format == "jsonl":
-        samples = _read_jsonl(unit, data_root or unit.source.path.parent, allow_outside_root)
-    else:
+    folder = unit.source.path.parent
+    root = data_root or folder
+    forced = None
+    if unit.source.dataset_format is not None:
+        from data_prep.datasets import resolve
+
+        forced = resolve(unit.source.dataset_format)
+    if unit.source.format == "tar":
         samples = _read_tar(unit)
+    else:
+        reader = {"jsonl": _read_jsonl, "parquet": _read_parquet, "json": _read_json_array}[unit.source.format]
+        samples = (_native_sample(sample, forced, folder, root, allow_outside_root) for sample in reader(unit))
     count = 0
     for sample in samples:
         sample.duplicate_of = duplicates.get(unit.first + count)
@@ -244,8 +355,7 @@ def read_unit(unit: Unit, data_root: Path | None = None, allow_outside_root: boo
                     "the input changed while it was being converted")
 
 
-def _read_jsonl(unit: Unit, root: Path, allow_outside_root: bool) -> Iterator[RawSample]:
-    folder = unit.source.path.parent
+def _read_jsonl(unit: Unit) -> Iterator[RawSample]:
     with open(unit.source.path, "rb") as f:
         f.seek(unit.offset)
         for number, line in enumerate(f, start=unit.first_line):
@@ -258,22 +368,92 @@ def _read_jsonl(unit: Unit, root: Path, allow_outside_root: bool) -> Iterator[Ra
                 sample.error = "the line is not valid UTF-8"
             except ValueError as err:
                 sample.error = f"malformed JSON: {err}"
-            if isinstance(sample.fields, dict):
-                for name in MEDIA_FIELDS:
-                    if name not in sample.fields:
-                        continue
-                    value = sample.fields.pop(name)
-                    if not isinstance(value, str) or not value:
-                        sample.error = sample.error or f"field '{name}' must be a non-empty path string, got {value!r}"
-                        continue
-                    if Path(value).is_absolute() and not allow_outside_root:
-                        sample.error = sample.error or (
-                            f"field '{name}' is an absolute path; write media paths relative to the manifest's "
-                            "folder (or pass --allow-outside-root for a manifest you trust)"
-                        )
-                        continue
-                    sample.media[name] = _media_blob(value, folder, root, allow_outside_root)
             yield sample
+
+
+def _read_parquet(unit: Unit) -> Iterator[RawSample]:
+    """Row batches from the row group that holds the unit's first row; HF media structs become Blobs."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(unit.source.path)
+        group, start = 0, 0
+        while start + parquet.metadata.row_group(group).num_rows <= unit.offset:
+            start += parquet.metadata.row_group(group).num_rows
+            group += 1
+        row = start
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS,
+                                       row_groups=range(group, parquet.metadata.num_row_groups))
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                if row <= unit.offset:
+                    continue
+                yield RawSample(unit.source, {"row": row},
+                                _media_structs(record, f"{unit.source.path.name}:row {row}"))
+    except (OSError, ValueError, IndexError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise PrepError(f"{unit.source.name}: the Parquet file cannot be read in unit {unit.name} ({err}); "
+                        "it changed or is damaged after planning") from err
+
+
+def _media_structs(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """Hugging Face ``Image()``/``Audio()`` cells (``{"bytes", "path"}``) -> a Blob of the bytes, or the
+    path (relative to the file's folder) when the bytes are absent."""
+    for column, value in record.items():
+        if isinstance(value, dict) and "bytes" in value and set(value) <= {"bytes", "path", "sampling_rate"}:
+            data, path = value.get("bytes"), value.get("path")
+            if data is not None:
+                ext = Path(path).suffix.lower().lstrip(".") if isinstance(path, str) else ""
+                record[column] = Blob(f"{where}.{column}", ext, data=bytes(data))
+            else:
+                record[column] = path
+    return record
+
+
+def _read_json_array(unit: Unit) -> Iterator[RawSample]:
+    """Elements of a JSON array from the unit's first one (a byte offset), parsed one at a time."""
+    with open(unit.source.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        for number, (begin, end) in enumerate(_json_array_spans(m, unit.offset), start=unit.first_line):
+            sample = RawSample(unit.source, {"row": number})
+            try:
+                sample.fields = json.loads(m[begin:end])
+            except UnicodeDecodeError:
+                sample.error = "the element is not valid UTF-8"
+            except ValueError as err:
+                sample.error = f"malformed JSON: {err}"
+            yield sample
+
+
+def _native_sample(sample: RawSample, forced: Any, folder: Path, root: Path, allow_outside_root: bool) -> RawSample:
+    """Convert the record to ours (``data_prep.formats.to_native``), then turn its media fields into Blobs:
+    a path (relative to the input's folder, contained in ``root``) or bytes from a Parquet cell."""
+    if sample.error is not None or not isinstance(sample.fields, dict):
+        return sample
+    place = sample.where.get("line", sample.where.get("row"))
+    try:
+        sample.fields = to_native(sample.fields, f"{sample.source.source}-{place}", forced)
+    except FormatError as err:
+        sample.error = str(err)
+        return sample
+    for name in MEDIA_FIELDS:
+        if name not in sample.fields:
+            continue
+        value = sample.fields.pop(name)
+        if isinstance(value, (bytes, Blob)):
+            sample.media[name] = value if isinstance(value, Blob) else Blob(f"{sample.source.path.name}:{place}.{name}",
+                                                                            "", data=value)
+            continue
+        if not isinstance(value, str) or not value:
+            sample.error = sample.error or f"field '{name}' must be a non-empty path string, got {value!r}"
+            continue
+        if Path(value).is_absolute() and not allow_outside_root:
+            sample.error = sample.error or (
+                f"field '{name}' is an absolute path; write media paths relative to the manifest's "
+                "folder (or pass --allow-outside-root for a manifest you trust)"
+            )
+            continue
+        sample.media[name] = _media_blob(value, folder, root, allow_outside_root)
+    return sample
 
 
 def _media_blob(value: str, folder: Path, root: Path, allow_outside_root: bool) -> Blob:
