@@ -41,8 +41,9 @@ else, at one training LM loss (~0.287) whatever the lever (RVQ 4 x 256 codes, th
 a codec stage before it, the audio encoder at 3x or 0.1x the lr, lr 1e-3). What was found since:
 
 - The tokenizer's default conv biases made a random tokenizer's latents one bias-made vector (held-out clips'
-  mean latents 1.5 % apart, every frame on one code); zero-initialised biases (now the model's init) give
-  93 % apart. Alone (200 steps) it changes nothing.
+  mean latents 1.5 % apart, every frame on one code); zero-initialised biases give 93 % apart. Alone (200
+  steps) it changes nothing. (The tokenizer's convolutions are now bias-free, the same function at init: learnable
+  biases were what collapsed the codec, see ``bench.audio_codec``; checkpoints saved before hold those biases.)
 - During training the audio path collapses within ~10 steps: a probe of the projected audio tokens (relative
   spread of the clips' mean tokens) gives 0.80 at init, 0.005 after 10 steps when the encoder trains (the LM's
   gradient on the audio tokens is mostly one common direction, and Adam turns it into a constant offset in

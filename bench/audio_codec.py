@@ -36,22 +36,25 @@ perplexity exp(H(ids)) (the number of equally used codes with the same entropy; 
 Writes bench/out/audio_codec.json: headline MR-STFT distance, ours vs the per-clip mean-spectrum baseline;
 ratio = baseline distance / ours (> 1: ours better). Earlier runs' settings and results stay under "attempts".
 
-Measured (2 shared cores, 1 thread, ~2 minutes of training): 3.64 vs 4.08 for the per-clip mean spectrum (ratio
-1.12), but silence scores 3.71: the log-magnitude term punishes any sound in the clips' gaps (28 % of the held-out
-frames are digital zeros), and the codec has learnt little beyond the level and the silences. Both RVQ levels
-collapse to about one code (perplexity 1.3-2 of 32 on held-out clips). Levers tried, none kept a codebook spread
-or beat silence (see "attempts"): aggressive dead-code restarts; no / lower (0.05) commitment loss; codebooks
-seeded from the first batch's frames; Euclidean codes without the l2 norm and an RVQ input projection without
-bias; zero-initialised tokenizer biases (now the model's init: at init the clips' latents are 93 % apart instead
-of 1.5 %, which the ASR uses); lr 5e-4. The collapse is not the quantiser's: a probe with the quantiser bypassed
-(continuous latents straight into BigVGAN) shows the same thing -- within 60 steps the decoder's output falls to
-a quarter of the real RMS and the tokenizer's latents grow into one constant vector (mean norm 0.04 -> 37 at lr
-2e-3, relative spread between frames 1.0 -> 0.03; at lr 5e-4 the same, slower). The mel loss on these clips
-rewards quiet output first, and Adam turns that consistent gradient into a constant offset. What is likely
-needed next: a normalisation of the latents the offset cannot escape (e.g. a non-affine LayerNorm on the
-tokenizer output before the quantiser), dither or a noise floor in the synth gaps (or a loss floor on silent
-frames), and more steps than a CPU bench gives. The tiny preset's BigVGAN (width 32) did worse (4.06); the GAN
-terms' last 50 steps change the distance by < 0.01.
+Measured (2 shared cores, 1 thread). At the defaults (300 steps, GAN from 250; 92 s of training): 3.05 vs 4.08
+for the per-clip mean spectrum (ratio 1.34) and 3.71 for silence; mel L1 5.45 vs 8.77 and 9.37; both RVQ levels use
+all 32 codes (perplexity 15.2 and 17.6). 600 steps (GAN from 500; 260 s): 2.83, perplexity 15.8 / 14.3.
+
+History (all in "attempts"): before the fix every run ended at 3.63-4.34, no better than silence, with both levels
+on about one code (perplexity 1.3-2) whatever the lever (BigVGAN width, aggressive restarts, no or lower commitment,
+data-seeded or Euclidean codebooks, lr 5e-4). The cause was the tokenizer's learnable conv biases: on random crops
+the decoder's gradient is mostly common to every frame, Adam turns it into a bias offset of ~lr per step, and in
+~25 steps the latents are one constant vector (relative spread across frames 0.99 -> 0.1-0.2) that the cosine quantiser
+maps to one code, which the decoder cannot learn from; the tokenizer's convolutions are now bias-free
+(``xoron_dist.model.audio.codec``). A sanity ladder on 8 clips found it: BigVGAN alone on one clip from a fixed random
+latent learns (5.71 -> 1.93 in 150 steps, silence 4.84); tokenizer + BigVGAN with continuous latents learn; with the
+RVQ they learn on fixed crops (perplexity 21 of 32) but collapse on random crops of any length (1280, 3840, 8000
+samples); dither, skipping silent crops, a LayerNorm before the quantiser and a DAC-style straight-through estimator
+did not stop it; freezing the tokenizer's biases did (the RVQ input projections keep theirs: without them too
+the default run scores 3.62). What the metric measures: these synth clips have sparse
+spectra and 28 % digital silence, so the log-magnitude term is mostly a noise-floor test (the real clips plus white
+noise of amplitude 1e-3 already score 2.84, 1e-4 scores 1.25); the GAN steps lower it (3.29 -> 3.05 at the
+defaults), and more steps keep lowering it.
 """
 
 from __future__ import annotations

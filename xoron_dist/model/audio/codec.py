@@ -11,10 +11,20 @@ strides (2, 4, 5, 8) give hop 320, 50 frames per second at 16 kHz, as wav2vec2: 
 downsamples 64x (250 frames/s), which makes attention over a 10 s clip 25x costlier (2,500 frames)
 for little gain; 50 Hz keeps 10 s at 500 frames. Each strided convolution has kernel 2·s and pads
 s samples in total (⌊s/2⌋ before, the rest after), so T = frames · hop maps to exactly ``frames``.
-Every convolution's bias starts at 0 (weights: PyTorch's default): with PyTorch's default biases
-(uniform ±1/√fan_in, up to ±0.38 on the 7-tap input conv) the latents of a random tokenizer are one
-bias-made vector plus small changes (held-out synth clips: mean latents of different clips 1.5 % apart,
-every frame on one code); with zero biases they are 93 % apart (``bench/audio_asr.py``).
+
+The tokenizer's convolutions have **no bias** (weights: PyTorch's default), for two reasons. At init,
+PyTorch's default biases (uniform ±1/√fan_in, up to ±0.38 on the 7-tap input conv) make every latent
+one bias-made vector plus small changes (held-out synth clips: mean latents of different clips 1.5 %
+apart, every frame on one code; bias-free: 93 % apart, ``bench/audio_asr.py``). In training, biases
+that start at 0 but learn are worse: on random crops the decoder's gradient is mostly common to all
+frames, Adam moves every bias by ~lr per step in that one direction, and within ~25 steps the latents
+become one constant vector (relative spread across frames 0.99 -> 0.1-0.2) that the cosine quantiser
+maps to a single code, after which the decoder hears nothing and the collapse never undoes itself
+(issue 12's codec: perplexity 1.3 of 32, reconstruction no better than silence). Without biases an
+offset can only come from the input, so silence encodes to 0 and every latent is a function of the
+sound: ``bench/audio_codec.py`` at its defaults went from MR-STFT 3.64 (silence 3.71), perplexity
+1.3 / 2.0 of 32, to 3.05 and 15 / 18 with every code in use (``tests/model/test_audio_encoder.py``
+trains 15 steps and checks that the frames stay apart).
 
 Residual VQ (SoundStream §3.2) with factorised, l2-normalised codes (DAC, Kumar et al. 2023 §3.2):
 each stage projects the residual to ``code_dim``, normalises it, picks the nearest code by cosine
@@ -42,12 +52,13 @@ def padded_length(samples: int, hop: int) -> int:
 
 
 class ResidualUnit(nn.Module):
-    """SEANet's residual unit: ELU → dilated Conv1d(k3) to C/2 → ELU → Conv1d(k1) back to C, plus the input."""
+    """SEANet's residual unit: ELU → dilated Conv1d(k3) to C/2 → ELU → Conv1d(k1) back to C, plus the input
+    (bias-free convolutions, see the module docstring)."""
 
     def __init__(self, channels: int, dilation: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv1d(channels, channels // 2, 3, dilation=dilation, padding=dilation)
-        self.conv2 = nn.Conv1d(channels // 2, channels, 1)
+        self.conv1 = nn.Conv1d(channels, channels // 2, 3, dilation=dilation, padding=dilation, bias=False)
+        self.conv2 = nn.Conv1d(channels // 2, channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """x (batch, C, t); ``keep`` (batch, 1, t) zeroes what lies beyond each clip (as a conv's padding)."""
@@ -60,7 +71,7 @@ class StridedDown(nn.Module):
     def __init__(self, channels: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
-        self.conv = nn.Conv1d(channels, 2 * channels, 2 * stride, stride=stride)
+        self.conv = nn.Conv1d(channels, 2 * channels, 2 * stride, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         left = self.stride // 2
@@ -77,16 +88,12 @@ class WaveformEncoder(nn.Module):
         super().__init__()
         self.strides = list(strides)
         self.hop = math.prod(self.strides)
-        self.conv_in = nn.Conv1d(1, channels, 7, padding=3)
+        self.conv_in = nn.Conv1d(1, channels, 7, padding=3, bias=False)
         self.units = nn.ModuleList(nn.ModuleList((ResidualUnit(channels * 2**i, 1), ResidualUnit(channels * 2**i, 3)))
                                    for i in range(len(self.strides)))
         self.downs = nn.ModuleList(StridedDown(channels * 2**i, s) for i, s in enumerate(self.strides))
         channels *= 2 ** len(self.strides)
-        self.conv_out = nn.Conv1d(channels, latent_dim, 3, padding=1)
-        with torch.no_grad():  # see the module docstring: biases start at 0
-            for conv in self.modules():
-                if isinstance(conv, nn.Conv1d):
-                    conv.bias.zero_()
+        self.conv_out = nn.Conv1d(channels, latent_dim, 3, padding=1, bias=False)  # no biases: module docstring
 
     def frames(self, lengths: torch.Tensor) -> torch.Tensor:
         """Latent frames of clips of ``lengths`` samples: ceil(length / hop)."""
