@@ -251,13 +251,14 @@ def _layout_cfg(*extra):
     return tiny_cfg("data.source=arrow", "data.path=x", "train.seq_len=32", *extra)
 
 
-def test_layout_accepts_sp2_multimodal_and_refuses_pp2_generators_and_tp_under_sp():
+def test_layout_accepts_sp2_multimodal_and_refuses_generators_and_tp_or_pp_under_sp():
     from xoron_dist.parallel.layout import LayoutError, validate_layout
 
     assert validate_layout(_layout_cfg("parallel.sp=2"), 2).sp == 2
-    with pytest.raises(LayoutError, match="parallel.pp=2") as err:
-        validate_layout(_layout_cfg("parallel.pp=2", "parallel.zero_stage=1"), 2)
-    assert "set parallel.pp=1" in str(err.value)
+    assert validate_layout(_layout_cfg("parallel.pp=2", "parallel.zero_stage=1"), 2).pp == 2  # test_multimodal_pp.py
+    with pytest.raises(LayoutError, match="parallel.pp=2 and parallel.sp=2") as err:
+        validate_layout(_layout_cfg("parallel.pp=2", "parallel.sp=2", "parallel.zero_stage=1"), 4)
+    assert "set parallel.sp=1, or parallel.pp=1" in str(err.value)
     with pytest.raises(LayoutError, match="model.image_gen enabled with parallel.sp=2") as err:
         validate_layout(_layout_cfg("parallel.sp=2", "model.image_gen.enabled=true"), 2)
     assert "parallel.sp=1" in str(err.value)

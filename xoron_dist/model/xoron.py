@@ -36,9 +36,18 @@ per target, so the layout rules keep them off ZeRO-3: ``xoron_dist.parallel.layo
 (``WholeRows``) all of both. Sequence parallelism swaps in ``ZigzagMediaRows``
 (``xoron_dist.parallel.media_exchange``): the SP ranks share out the encoding, exchange the projected
 media, fill the whole rows' spans and keep their zig-zag part of the rows.
+
+Pipeline parallelism prunes this model to a stage (``xoron_dist.parallel.pipeline.split``): stage 0
+keeps the encoders and projectors, each stage the fusion layers before its own decoder layers. A stage
+before the last returns a ``StageOutput``: the hidden states and the fusion layers' media tokens
+(``MediaContext.tokens``), which the next stage takes as ``inputs_embeds`` and ``media_tokens``; it
+rebuilds the rest of the media context (which text reads which media) from the spans and document ids
+of the same micro-batch (``media_carry_shape``: the tokens' shape, known on every stage).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -49,6 +58,15 @@ from xoron_dist.model.fusion import FusionLayers, MediaContext
 from xoron_dist.model.llm import LLMOutput, XoronLLM
 from xoron_dist.model.modalities import MODALITIES, Modality, generated, understood
 from xoron_dist.model.prompts import prompt_states
+
+
+@dataclass
+class StageOutput(LLMOutput):
+    """A pipeline stage's output before the last stage: the hidden states and, when the micro-batch has
+    media and the model fusion layers, the fusion layers' media tokens (batch, width, hidden)
+    (``MediaContext.tokens``), which travel to the next stage beside the hidden states."""
+
+    media_tokens: torch.Tensor | None = None
 
 
 class WholeRows:
@@ -130,13 +148,23 @@ class XoronMultimodalModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        media_tokens: torch.Tensor | None = None,
         **media: object,
     ) -> LLMOutput:
         """input_ids/labels/position_ids/document_ids/loss_weights as ``XoronLLM.forward``; per medium x
         of the table, ``xs`` (a list: images uint8 (H, W, 3), videos uint8 (T, H, W, 3)) with ``x_spans``
         (n, 3) = row, start, length in ``input_ids`` and optional ``x_is_target`` (n,) flags (True: a
-        generation target, not encoded here)."""
+        generation target, not encoded here).
+
+        A later pipeline stage (no embedding, no encoders: ``parallel/pipeline/split.py``) takes the
+        previous stage's hidden states as ``inputs_embeds`` and its ``StageOutput.media_tokens`` as
+        ``media_tokens`` (with ``input_ids`` and the media spans still given: they place the media); a
+        stage without the LM head returns a ``StageOutput``."""
         given = _media_arguments(media)
+        if inputs_embeds is not None:
+            return self._later_stage(input_ids, inputs_embeds, media_tokens, given, labels, position_ids,
+                                     document_ids, loss_weights)
         embeds = self.llm.embed_tokens(input_ids)  # the whole rows (under SP, on every SP rank: one lookup)
         encoded: list[tuple[torch.Tensor, torch.Tensor]] = []
         unused = None  # dummy media tokens, when an encoder had nothing to encode
@@ -160,7 +188,7 @@ class XoronMultimodalModel(nn.Module):
             embeds, labels, position_ids, loss_weights = map(self.row_layout.cut,
                                                              (embeds, labels, position_ids, loss_weights))
         whole_documents, document_ids = document_ids, self.row_layout.cut(document_ids)
-        before_layer = None
+        before_layer, context = None, None
         if self.fusion is not None:
             context = MediaContext.build(encoded, batch, seq, whole_documents, local)
             if context is not None:
@@ -171,7 +199,73 @@ class XoronMultimodalModel(nn.Module):
         generate = labels is not None and bool(self.generators)
         out = self.llm(labels=labels, position_ids=position_ids, document_ids=document_ids, inputs_embeds=embeds,
                        before_layer=before_layer, loss_weights=loss_weights, keep_normed=generate)
+        if self.llm.lm_head is None:  # a pipeline stage before the last: the media travel on
+            return _stage_output(out, context.tokens if context is not None else None)
         if generate:
+            for row in self.generators:
+                out.objective_sums.update(self._generator_losses(row, given.get(row.name), out.normed, document_ids))
+        return out
+
+    def _understood_spans(self, given: dict[str, tuple]) -> list[tuple[Modality, torch.Tensor]]:
+        """(row, spans) of every medium with items to understand in this micro-batch, in encoding order."""
+        out = []
+        for row in self.media:
+            items, spans = _understanding(row, *given.get(row.name, (None, None, None)), True)
+            if items:
+                out.append((row, spans))
+        return out
+
+    def media_carry_shape(self, batch: dict) -> tuple[int, int, int] | None:
+        """The shape (batch, width, hidden) of the media tokens a pipeline stage sends beside its hidden
+        states for the micro-batch ``batch`` (the forward keywords), or None when it sends none (no fusion
+        layers, or no media): every stage computes it from the spans alone, so the receiving stage knows
+        what to receive."""
+        given = _media_arguments({k: v for k, v in batch.items() if k not in _TEXT_KEYWORDS})
+        spans = self._understood_spans(given)
+        if self.fusion is None or not spans:
+            return None
+        rows = batch["input_ids"].shape[0]
+        per_row = [0] * rows
+        for _, medium_spans in spans:
+            for row, _, length in medium_spans.tolist():
+                per_row[row] += length
+        return rows, max(per_row), self.cfg.llm.hidden_size
+
+    def _later_stage(self, input_ids, hidden, media_tokens, given, labels, position_ids, document_ids,
+                     loss_weights) -> LLMOutput:
+        """A pipeline stage after the first: ``hidden`` (batch, local seq, D) from the previous stage, the
+        fusion layers' media context rebuilt from the spans with the received ``media_tokens``."""
+        batch, seq = input_ids.shape
+        local = self.row_layout.positions(seq, input_ids.device)
+        if local is not None:  # the received hidden states are this rank's part already
+            if position_ids is None:
+                position_ids = torch.arange(seq, device=input_ids.device).expand(batch, -1)
+            labels, position_ids, loss_weights = map(self.row_layout.cut, (labels, position_ids, loss_weights))
+        whole_documents, document_ids = document_ids, self.row_layout.cut(document_ids)
+        before_layer = None
+        if self.fusion is not None:
+            spans = self._understood_spans(given)
+            width = self.cfg.llm.hidden_size
+            placed = [(torch.zeros(len(s), int(s[:, 2].max()), width, dtype=hidden.dtype, device=hidden.device), s)
+                      for _, s in spans]  # values come from media_tokens; these only place them
+            context = MediaContext.build(placed, batch, seq, whole_documents, local)
+            if context is not None:
+                if media_tokens is None or media_tokens.shape != context.tokens.shape:
+                    got = None if media_tokens is None else tuple(media_tokens.shape)
+                    raise ValueError(f"pipeline stage: the micro-batch's media spans need media_tokens of shape "
+                                     f"{tuple(context.tokens.shape)}, got {got}: pass the previous stage's "
+                                     "StageOutput.media_tokens")
+                context.tokens = media_tokens
+                before_layer = lambda index, x: self.fusion.before_layer(index, x, context)  # noqa: E731
+            elif self.training:  # as on the first stage: each fusion layer runs, times 0, on a zero medium
+                probe = self._fusion_probe_context(hidden.new_zeros(1, 1, width), hidden.dtype)
+                before_layer = lambda index, x: x + 0.0 * self._fusion_probe(index, probe)  # noqa: E731
+        generate = labels is not None and bool(self.generators) and self.llm.lm_head is not None
+        out = self.llm(labels=labels, position_ids=position_ids, document_ids=document_ids, inputs_embeds=hidden,
+                       before_layer=before_layer, loss_weights=loss_weights, keep_normed=generate)
+        if self.llm.lm_head is None:
+            return _stage_output(out, media_tokens)
+        if generate:  # the generator heads sit on the last stage, beside the LM head
             for row in self.generators:
                 out.objective_sums.update(self._generator_losses(row, given.get(row.name), out.normed, document_ids))
         return out
@@ -279,6 +373,14 @@ class XoronMultimodalModel(nn.Module):
     def generate_text(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Text-only decoding with the LLM (see ``XoronLLM.generate_text``)."""
         return self.llm.generate_text(input_ids, max_new_tokens, **kwargs)
+
+
+_TEXT_KEYWORDS = ("input_ids", "labels", "position_ids", "document_ids", "loss_weights", "inputs_embeds",
+                  "media_tokens")
+
+
+def _stage_output(out: LLMOutput, media_tokens: torch.Tensor | None) -> StageOutput:
+    return StageOutput(**{f.name: getattr(out, f.name) for f in fields(out)}, media_tokens=media_tokens)
 
 
 def _media_arguments(media: dict[str, object]) -> dict[str, tuple]:

@@ -219,11 +219,19 @@ def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
                                   + [row.generator_section for row in generated(cfg)]))
     if not encoders or cfg.data.source != "arrow":  # synthetic text trains the LLM alone
         return None
-    if s.pp > 1:
-        return (f"model.{'/'.join(encoders)} enabled with parallel.pp={s.pp}: the encoders sit outside the "
-                "pipeline stages (multimodal pipeline parallelism is not built yet); set parallel.pp=1 (long "
-                "sequences: parallel.sp, ring attention)")
     generators = [row.generator_section for row in generated(cfg)]
+    if s.pp > 1 and "speech" in generators:
+        return (f"model.speech enabled with parallel.pp={s.pp}: the speech head (on the last pipeline stage) also "
+                "trains through the audio encoder, which sits on stage 0; set parallel.pp=1, or "
+                "model.speech.enabled=false for this stage")
+    if s.pp > 1 and generators and cfg.train.sample_every:
+        return (f"train.sample_every = {cfg.train.sample_every} with model.{generators[0]} and parallel.pp={s.pp}: "
+                "generating samples through the pipeline stages is not built (the LLM is split over the stages, "
+                "the generator sits on the last); set train.sample_every=0 for this stage, or parallel.pp=1")
+    if s.pp > 1 and (bad := _above_one(s, "tp", "sp", "ep")):
+        return (f"model.{'/'.join(encoders)} enabled with parallel.pp={s.pp} and {', '.join(bad)}: the multimodal "
+                "pipeline (encoders on stage 0, media tokens sent beside the hidden states) is tested with data "
+                f"parallelism only; set {', '.join(b.split('=')[0] + '=1' for b in bad)}, or parallel.pp=1")
     if s.sp > 1 and generators:
         return (f"model.{generators[0]} enabled with parallel.sp={s.sp}: a generator reads the LLM's states of "
                 f"whole requests, which the ring cuts over the sequence-parallel ranks; set parallel.sp=1, or "
@@ -323,7 +331,10 @@ RULES: tuple[Rule, ...] = (
     Rule("pp", "`model.llm.tie_word_embeddings` with pp > 1: the first and last stages' copies sum their "
                "gradients each step; not with bf16 fp32 gradient accumulation (`train.grad_accum_dtype=bf16`)",
          _pipeline_tied_bf16),
-    Rule("dp", "with an encoder or generator enabled (`model.vision`, `model.video`, ...; Arrow data): pp = 1; "
+    Rule("dp", "with an encoder or generator enabled (`model.vision`, `model.video`, ...; Arrow data): pp > 1 "
+               "(encoders and projectors on stage 0, each fusion layer on its decoder layer's stage, the media "
+               "tokens sent beside the hidden states, image/video generators on the last stage) only without "
+               "`model.speech`, without generation samples (`train.sample_every` = 0) and with tp = sp = ep = 1; "
                "sp > 1 (each medium encoded once per replica, its tokens exchanged over the SP ranks, rows cut "
                "after the spans are filled) only without generators and with tp = 1",
          _multimodal_layout),

@@ -128,7 +128,9 @@ def estimate_step(cfg: XoronConfig, layout: Layout, shape: TrainingShape, cluste
     compute = flops / (tp * sp * pp) / (cluster.peak_tflops * 1e12 * cluster.mfu)
 
     stage = max(stage_parameters(cfg, tp, pp, ep), key=lambda st: st.params.total)
-    params = sum((part.params for part in rank_parts(cfg, layout)), stage.params)  # parts: pp = 1, one stage
+    # the multimodal parts sit on the first stage (encoders) and the last (generators); counted on the busiest
+    # stage here, an upper bound of its step time
+    params = sum((part.params for part in rank_parts(cfg, layout)), stage.params)
     layers = len(stage.layers)
     moe_layers = sum(1 for i in stage.layers if llm.is_moe_layer(i))
     tokens = shape.micro_batch_size * shape.seq_len // sp  # per rank per micro-batch

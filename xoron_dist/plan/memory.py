@@ -9,7 +9,7 @@ A test checks the counts against the real model built on the meta device for sev
 The multimodal parts (encoders, projectors, fusion layers, generators; ``xoron_dist.plan.parts``)
 add their per-rank parameters, split by the same TP plan and EP rule, to the rank's weights,
 gradients and optimizer states under the same ZeRO rules (their routed generator experts as expert
-weights); multimodal runs have one pipeline stage (layout rules), which holds them. Their
+weights); with pp > 1 the first pipeline stage holds them (``rank_parts``). Their
 activations are not modelled (``parts``' docstring says why), except the vision tower's and the
 video encoder's under ``data.multiscale``, whose largest scale bucket bounds every medium's shape
 (``media_activation_bytes``).
@@ -379,13 +379,9 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
 
 def rank_parts(cfg: XoronConfig, layout: Layout) -> list[PartParameters]:
     """The multimodal parts on one rank of ``layout`` (``xoron_dist.plan.parts``); empty without any.
-    They sit outside the pipeline stages, so a layout with pp > 1 (which the layout rules refuse for
-    multimodal runs) has no place for them: ValueError."""
-    parts = part_parameters(cfg, layout.tp, layout.ep)
-    if parts and layout.pp > 1:
-        raise ValueError(f"parallel.pp = {layout.pp} with the multimodal parts {', '.join(p.name for p in parts)}: "
-                         "multimodal runs train with pp = 1 (xoron_dist.parallel.layout)")
-    return parts
+    With pp > 1 the first stage holds them (the encoders and projectors sit there; the fusion layers sit
+    with their decoder layers' stages, so this overstates stage 0 by the fusion layers)."""
+    return part_parameters(cfg, layout.tp, layout.ep)
 
 
 def _largest_optimizer_tensor(cfg: XoronConfig, params: ParameterCount, layout: Layout, dense_shards: int,

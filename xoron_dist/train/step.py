@@ -42,8 +42,6 @@ class StepRunner:
         self.cfg, self.ctx, self.built = cfg, ctx, built
         self.objectives = active_objectives(cfg)
         self.token_groups = token_groups
-        if built.pipeline is not None and [o.name for o, _ in self.objectives] != ["lm"]:
-            raise NotImplementedError("pipeline parallelism trains the LM objective only")
         # tied word embeddings under PP: the first and last stages' copies sum their gradients each step
         self.tied = TiedEmbeddingSync(built.engine, built.pipeline) if built.pipeline is not None else None
 
@@ -78,7 +76,8 @@ class StepRunner:
         scales = [weight * gradient_divisor(ctx.layout) * accum / max(count.item(), 1.0)
                   for (_, weight), count in zip(self.objectives, counts, strict=True)]
         if self.built.pipeline is not None:  # every micro-batch through the pipeline's stages (1F1B)
-            sums = train_step_1f1b(engine, self.built.pipeline, inputs, scales[0], self.tied).reshape(1)
+            sums = train_step_1f1b(engine, self.built.pipeline, inputs, scales, self.tied,
+                                   [obj.loss_sum for obj, _ in self.objectives])
         else:
             sums = torch.zeros(len(self.objectives), device=ctx.device)
             for micro in inputs:

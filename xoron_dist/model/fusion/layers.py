@@ -143,6 +143,13 @@ class FusionLayers(nn.Module):
                 layer.attn_gate.zero_()
                 layer.ffn_gate.zero_()
 
+    def keep_only(self, decoder_layers: set[int]) -> None:
+        """Prune to the fusion layers placed before ``decoder_layers`` (a pipeline stage's): the others
+        become parameter-free placeholders, so the kept ones keep their index and parameter names."""
+        for i, position in enumerate(self.positions):
+            if position not in decoder_layers:
+                self.layers[i], self.positions[i] = nn.Identity(), None
+
     def before_layer(self, index: int, x: torch.Tensor, media: MediaContext) -> torch.Tensor:
         """Run the fusion layers placed before decoder layer ``index`` (in config order)."""
         here = [layer for position, layer in zip(self.positions, self.layers, strict=True) if position == index]

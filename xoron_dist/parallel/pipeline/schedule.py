@@ -3,6 +3,7 @@
     stage 0                     stage 1 ... stage pp-2         stage pp-1
     embed_tokens ─► layers[a:b] ─► layers[b:c] ─► ... ─► layers[y:L] ─► norm ─► lm_head ─► loss
                  send (batch, seq, hidden) ─►        ◄─ send d loss / d hidden
+    (multimodal: encoders + projectors on stage 0; the media tokens travel beside the hidden states)
 
 Engine choice: our own 1F1B schedule over Megatron-core's pipeline group, driving the ordinary
 (non-pipeline) ``DeepSpeedEngine`` of each stage. The alternatives, read in the installed sources:
@@ -44,11 +45,21 @@ loss scale divided out. Every parameter then gets the single-rank gradient.
 Partitioning: contiguous runs of layers, each stage at least one, minimising the largest stage
 cost. Costs are parameter counts (``split.parameter_costs``) or measured forward + backward seconds
 (``split.measured_costs``); the embedding counts towards stage 0, the final norm, LM head and loss
-towards the last stage. Multimodal hook: the encoders and projector belong to stage 0 and the
-generator heads to the last stage; their cost goes into ``StageCosts.first``/``last`` so the
-layers are balanced around them. The fusion layers, which read the media tokens before chosen
-decoder layers, would also need those tokens on later stages; until that is built the layout
-validator refuses pp > 1 with the encoders.
+towards the last stage.
+
+The multimodal model: the encoders and projectors sit on stage 0 (their parameters count in
+``StageCosts.first``), each fusion layer on the stage of the decoder layer it runs before. What
+crosses a boundary is then a list: the hidden states and, when the micro-batch holds media, the fusion
+layers' media tokens (batch, width, hidden) (``MediaContext.tokens``, ``XoronMultimodalModel.
+media_carry_shape`` gives every stage their shape from the spans, which all stages read from the same
+micro-batch; the document masks are rebuilt from the spans and document ids on each stage, so only the
+tokens travel). A later stage passes the received media tokens on unchanged; in backward each stage
+returns the gradient of both (fusion reads on this stage plus what the next stage sent back), so stage
+0's projectors and encoders get the gradient of every fusion layer downstream, exactly as on one rank.
+Without media nothing extra travels and a later stage's fusion layers read a zero medium times 0 (as
+stage 0 reads its blank medium: every parameter in the graph, gradients exact zeros). The image and
+video generators sit on the last stage; their objectives' sums are computed there beside the LM's
+(``objectives``), each with its own weight, and returned per objective.
 
 A stage is the single-rank ``XoronLLM`` (same seed, so the same initial weights for any pp)
 pruned to its modules (``split.py``), under the whole model's names (``embed_tokens``,
@@ -64,7 +75,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -77,6 +88,9 @@ with warnings.catch_warnings():
     from megatron.core import parallel_state
 
 
+Tensors = list[torch.Tensor]  # what crosses one stage boundary: the hidden states, then any media tokens
+
+
 class _Links:
     """Point-to-point exchanges with the neighbouring stages over Megatron's pipeline group."""
 
@@ -85,18 +99,15 @@ class _Links:
         self.prev = None if stage.is_first else parallel_state.get_pipeline_model_parallel_prev_rank()
         self.next = None if stage.is_last else parallel_state.get_pipeline_model_parallel_next_rank()
 
-    def exchange(self, *, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
-                 recv_next: torch.Tensor | None = None, recv_prev: torch.Tensor | None = None) -> None:
-        """Post every given send/receive at once, then wait for all (received tensors are filled in)."""
+    def exchange(self, *, send_next: Tensors | None = None, send_prev: Tensors | None = None,
+                 recv_next: Tensors | None = None, recv_prev: Tensors | None = None) -> None:
+        """Post every given send/receive at once, then wait for all (received tensors are filled in).
+        The tensors of one list go in order; both sides list them in the same order."""
         ops = []
-        if send_prev is not None and self.prev is not None:
-            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev, self.group))
-        if recv_prev is not None and self.prev is not None:
-            ops.append(dist.P2POp(dist.irecv, recv_prev, self.prev, self.group))
-        if send_next is not None and self.next is not None:
-            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next, self.group))
-        if recv_next is not None and self.next is not None:
-            ops.append(dist.P2POp(dist.irecv, recv_next, self.next, self.group))
+        for tensors, op, peer in ((send_prev, dist.isend, self.prev), (recv_prev, dist.irecv, self.prev),
+                                  (send_next, dist.isend, self.next), (recv_next, dist.irecv, self.next)):
+            if tensors is not None and peer is not None:
+                ops += [dist.P2POp(op, t.contiguous() if op is dist.isend else t, peer, self.group) for t in tensors]
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
@@ -105,29 +116,39 @@ class _Links:
 class _StageWork:
     """One stage's forward, backward and receive of one micro-batch, and the loss it sums (last stage)."""
 
-    def __init__(self, engine, stage: StageInfo, links: _Links, device: torch.device, scale: float) -> None:
-        self.engine, self.stage, self.links, self.device, self.scale = engine, stage, links, device, scale
+    def __init__(self, engine, stage: StageInfo, links: _Links, device: torch.device, scales: Sequence[float],
+                 objectives: Sequence[Callable]) -> None:
+        self.engine, self.stage, self.links, self.device = engine, stage, links, device
+        self.scales, self.objectives = list(scales), list(objectives)
         self.dtype = next(p for p in engine.module.parameters()).dtype
-        self.loss_sum = torch.zeros((), device=device)
+        self.loss_sums = torch.zeros(len(self.objectives), device=device)
         self.unscale = 1.0 / _loss_scale(engine, device)
+        self.media_shape = getattr(engine.module, "media_carry_shape", None)  # the multimodal model's
 
-    def activation(self, batch: dict) -> torch.Tensor:
-        """An empty (batch, seq, hidden) buffer: what crosses a stage boundary."""
-        return torch.empty(*batch["input_ids"].shape, self.stage.hidden_size, dtype=self.dtype, device=self.device)
+    def activations(self, batch: dict) -> Tensors:
+        """Empty buffers for what crosses a stage boundary: (batch, seq, hidden), then, for the multimodal
+        model with media in this micro-batch, the fusion layers' media tokens (batch, width, hidden)."""
+        shapes = [(*batch["input_ids"].shape, self.stage.hidden_size)]
+        media = self.media_shape(batch) if self.media_shape is not None else None
+        shapes += [media] if media is not None else []
+        return [torch.empty(*shape, dtype=self.dtype, device=self.device) for shape in shapes]
 
-    def forward(self, batch: dict, received: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, batch: dict, received: Tensors | None) -> Tensors | torch.Tensor:
         stage = self.stage
         inputs = dict(batch, labels=batch["labels"] if stage.is_last else None)
-        if not stage.is_first:
-            inputs.update(input_ids=None, inputs_embeds=received)
+        if not stage.is_first:  # input_ids stay: the LLM reads inputs_embeds first, the multimodal model
+            inputs["inputs_embeds"] = received[0]  # places its media by them
+            if len(received) > 1:
+                inputs["media_tokens"] = received[1]
         out = self.engine(**inputs)
         if not stage.is_last:
-            return out.hidden
-        micro_sum = out.loss * out.num_tokens
-        self.loss_sum += micro_sum.detach().float()
-        return micro_sum * self.scale
+            media = getattr(out, "media_tokens", None)
+            return [out.hidden] if media is None else [out.hidden, media]
+        parts = [objective(out) for objective in self.objectives]  # each objective's Σ over its items
+        self.loss_sums += torch.stack([part.detach().float() for part in parts])
+        return sum(part * scale for part, scale in zip(parts, self.scales, strict=True))
 
-    def backward(self, received: torch.Tensor | None, output: torch.Tensor, grad: torch.Tensor | None):
+    def backward(self, received: Tensors | None, output: Tensors | torch.Tensor, grad: Tensors | None):
         # What DeepSpeed's backward prologue would do, had its forward hook found our (dataclass) output:
         # tell ZeRO whether this micro-batch ends the step, or its gradient hooks reduce on a stale flag.
         optimizer = self.engine.optimizer
@@ -138,35 +159,56 @@ class _StageWork:
         else:
             # d/d output of sum(output * grad) is grad: the received gradient, already divided by the
             # accumulation steps and loss-scaled on the last stage, so neither is applied again.
-            self.engine.backward((output * grad).sum() * self.unscale, scale_wrt_gas=False)
-        return None if received is None else received.grad
+            surrogate = sum((o * g).sum() for o, g in zip(output, grad, strict=True))
+            self.engine.backward(surrogate * self.unscale, scale_wrt_gas=False)
+        if received is None:
+            return None
+        # media tokens that no fusion layer of this stage or later read get a zero gradient
+        return [r.grad if r.grad is not None else torch.zeros_like(r) for r in received]
 
-    def receive_forward(self, batch: dict) -> torch.Tensor | None:
+    def receive_forward(self, batch: dict) -> Tensors | None:
         if self.stage.is_first:
             return None
-        buffer = self.activation(batch)
-        self.links.exchange(recv_prev=buffer)
-        return buffer.requires_grad_()
+        buffers = self.activations(batch)
+        self.links.exchange(recv_prev=buffers)
+        return [b.requires_grad_() for b in buffers]
 
 
-def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: float,
-                    tied: TiedEmbeddingSync | None = None) -> torch.Tensor:
+def _detached(output: Tensors) -> Tensors:
+    return [t.detach() for t in output]
+
+
+def _grad_buffers(output: Tensors) -> Tensors:
+    return [torch.empty_like(t) for t in output]
+
+
+def _lm_token_sum(out) -> torch.Tensor:
+    return out.loss * out.num_tokens
+
+
+def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: float | Sequence[float],
+                    tied: TiedEmbeddingSync | None = None,
+                    objectives: Sequence[Callable] = (_lm_token_sum,)) -> torch.Tensor:
     """Forward and backward every micro-batch of one optimizer step through the pipeline (1F1B),
     calling ``engine.step()`` after each backward (once its input gradient is sent), as the
     single-stage loop does.
 
     engine: this stage's ``DeepSpeedEngine`` (its module is the pruned model). batches: the step's
     micro-batches as the model's keyword arguments, the same on every stage of a pipeline
-    (``input_ids``, ``labels``, ``position_ids``, ``document_ids``, ``loss_weights``). scale: the
-    weight of each micro-batch's loss *sum* (``xoron_dist.train.step``). Returns the summed token
-    loss of the micro-batches, an fp32 scalar, on every stage (the last stage computes it; the
-    others receive it). tied: the tied-embedding gradient sum of this engine (default: made here); the
-    step's last backward runs inside its ``last_backward`` block, which sums the two copies' gradients
-    once the input gradient has been sent (``tied.py``).
+    (``input_ids``, ``labels``, ``position_ids``, ``document_ids``, ``loss_weights``; the multimodal
+    model's media and spans). objectives: functions of the last stage's output giving each objective's
+    loss *sum* over a micro-batch (default: the LM's token loss sum; the generators' objectives read
+    ``objective_sums``); scale: the weight of each (one float per objective, or one float for the
+    default; ``xoron_dist.train.step``). Returns each objective's sum over the micro-batches, fp32 of
+    shape (len(objectives),), on every stage (the last stage computes them; the others receive them).
+    tied: the tied-embedding gradient sum of this engine (default: made here); the step's last backward
+    runs inside its ``last_backward`` block, which sums the two copies' gradients once the input gradient
+    has been sent (``tied.py``).
     """
     tied = tied if tied is not None else TiedEmbeddingSync(engine, stage)
     links = _Links(stage)
-    work = _StageWork(engine, stage, links, batches[0]["input_ids"].device, scale)
+    scales = [scale] if isinstance(scale, float | int) else list(scale)
+    work = _StageWork(engine, stage, links, batches[0]["input_ids"].device, scales, objectives)
     # warm-up: forwards only; steady state: one forward, one backward; cool-down: backwards only.
     micro = len(batches)
     warmup = min(stage.num_stages - stage.stage - 1, micro)
@@ -175,19 +217,19 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
     for i in range(warmup):
         received = work.receive_forward(batches[i])
         output = work.forward(batches[i], received)
-        links.exchange(send_next=None if stage.is_last else output.detach())
+        links.exchange(send_next=None if stage.is_last else _detached(output))
         inputs.append(received)
         outputs.append(output)
 
     received = work.receive_forward(batches[warmup]) if warmup < micro else None
     for i in range(warmup, micro):
         output = work.forward(batches[i], received)
-        grad = None
-        if not stage.is_last:
-            grad = work.activation(batches[i - warmup])
-            links.exchange(send_next=output.detach(), recv_next=grad)
         inputs.append(received)
         outputs.append(output)
+        grad = None
+        if not stage.is_last:  # the gradient of the oldest output in flight (micro-batch i - warmup)
+            grad = _grad_buffers(outputs[0])
+            links.exchange(send_next=_detached(output), recv_next=grad)
         last = warmup == 0 and i == micro - 1  # no cool-down: this is the step's last backward
         with tied.last_backward() if last else contextlib.nullcontext():
             input_grad = work.backward(inputs.popleft(), outputs.popleft(), grad)
@@ -195,9 +237,9 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
                 links.exchange(send_prev=input_grad)
                 received = None
             else:
-                received = work.activation(batches[i + 1])
+                received = work.activations(batches[i + 1])
                 links.exchange(send_prev=input_grad, recv_prev=received)
-                received.requires_grad_()
+                received = [r.requires_grad_() for r in received]
             if last:
                 tied.sum_gradients()
         # Only once the input gradient has left: the last step() is the optimizer step, whose
@@ -205,7 +247,7 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
         engine.step()
 
     for i in range(micro - warmup, micro):
-        grad = work.activation(batches[i])
+        grad = _grad_buffers(outputs[0])
         links.exchange(recv_next=grad)
         last = i == micro - 1
         with tied.last_backward() if last else contextlib.nullcontext():
@@ -214,8 +256,8 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
                 tied.sum_gradients()
         engine.step()
 
-    dist.all_reduce(work.loss_sum, group=links.group)  # only the last stage holds a non-zero sum
-    return work.loss_sum
+    dist.all_reduce(work.loss_sums, group=links.group)  # only the last stage holds non-zero sums
+    return work.loss_sums
 
 
 def _loss_scale(engine, device: torch.device) -> float:

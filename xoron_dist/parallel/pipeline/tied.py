@@ -51,6 +51,7 @@ class TiedEmbeddingError(RuntimeError):
 def tied_copy(model: nn.Module, stage: StageInfo) -> nn.Parameter | None:
     """This stage's copy of the tied embedding matrix: the embedding's on the first stage, the LM head's
     on the last; None on middle stages, with untied weights, or when the copy is frozen."""
+    model = model.llm if isinstance(getattr(model, "llm", None), nn.Module) else model  # the multimodal model's LLM
     if not getattr(model, "cfg", None) or not model.cfg.tie_word_embeddings or stage.num_stages == 1:
         return None
     if stage.is_first:
