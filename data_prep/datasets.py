@@ -276,6 +276,30 @@ NOT_COVERED: dict[str, str] = {
 }
 
 
+def detect_format(record: dict[str, Any]) -> RecordFormat | None:
+    """The registered format of ``record`` (``data_prep.datasets.REGISTRY``: most fields first, ties in
+    table order; formats with ``auto=False`` only by name); None for our own records (with ``kind``)
+    and unknown ones."""
+    if "kind" in record:
+        return None
+    return next((f for f in REGISTRY if f.auto and all(name in record for name in f.fields)), None)
+
+
+def to_native(record: dict[str, Any], default_id: str, forced: RecordFormat | None = None) -> dict[str, Any]:
+    """``record`` in our layout (unchanged when it is ours or of no known format). ``forced``: convert
+    with that format whatever the record looks like (``xoron prep --format``); missing fields are an error."""
+    found = forced or detect_format(record)
+    if found is None:
+        return record
+    missing = [name for name in found.fields if name not in record]
+    if missing:
+        raise FormatError(f"the record has no {', '.join(repr(m) for m in missing)}, which format "
+                          f"'{found.name}' needs (it has {', '.join(map(repr, record)) or 'no fields'})")
+    native = found.convert(record)
+    native["id"] = record["id"] if isinstance(record.get("id"), str) and record["id"] else default_id
+    return native
+
+
 def resolve(name: str) -> RecordFormat:
     """The registered format called ``name``; an unknown name is an error listing the known ones."""
     if name not in BY_NAME:
@@ -283,4 +307,4 @@ def resolve(name: str) -> RecordFormat:
     return BY_NAME[name]
 
 
-__all__ = ["BY_NAME", "DATASET_FORMATS", "NOT_COVERED", "REGISTRY", "resolve"]
+__all__ = ["BY_NAME", "DATASET_FORMATS", "NOT_COVERED", "REGISTRY", "detect_format", "resolve", "to_native"]

@@ -19,7 +19,7 @@ A record without an ``id`` gets ``<source stem>-<line or key>``, unique within i
 
 These are the chat layouts; ``data_prep.datasets`` adds the families of the seed card's public
 datasets (caption, QA, tool-calling, speech, ...) and orders all of them into one ``REGISTRY``
-(most fields first), which ``detect_format`` searches. Conversion errors are ``FormatError``
+(most fields first), which its ``detect_format`` searches. Conversion errors are ``FormatError``
 (prep rejects the sample with the message).
 """
 
@@ -185,31 +185,4 @@ FORMATS: tuple[RecordFormat, ...] = (
 )
 
 
-def detect_format(record: dict[str, Any]) -> RecordFormat | None:
-    """The registered format of ``record`` (``data_prep.datasets.REGISTRY``: most fields first, ties in
-    table order; formats with ``auto=False`` only by name); None for our own records (with ``kind``)
-    and unknown ones."""
-    from data_prep.datasets import REGISTRY  # the dataset families build on this module's converters
-
-    if "kind" in record:
-        return None
-    return next((f for f in REGISTRY if f.auto and all(name in record for name in f.fields)), None)
-
-
-def to_native(record: dict[str, Any], default_id: str, forced: RecordFormat | None = None) -> dict[str, Any]:
-    """``record`` in our layout (unchanged when it is ours or of no known format). ``forced``: convert
-    with that format whatever the record looks like (``xoron prep --format``); missing fields are an error."""
-    found = forced or detect_format(record)
-    if found is None:
-        return record
-    missing = [name for name in found.fields if name not in record]
-    if missing:
-        raise FormatError(f"the record has no {', '.join(repr(m) for m in missing)}, which format "
-                          f"'{found.name}' needs (it has {', '.join(map(repr, record)) or 'no fields'})")
-    native = found.convert(record)
-    native["id"] = record["id"] if isinstance(record.get("id"), str) and record["id"] else default_id
-    return native
-
-
-__all__ = ["FORMATS", "FormatError", "RecordFormat", "chat_pair", "detect_format", "str_field", "to_native",
-           "tool_call"]
+__all__ = ["FORMATS", "FormatError", "RecordFormat", "chat_pair", "str_field", "tool_call"]

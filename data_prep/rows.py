@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from data_prep.datasets import to_native
 from data_prep.errors import RejectedSample
-from data_prep.formats import FormatError, to_native
+from data_prep.formats import FormatError
 from data_prep.media import decode_audio, decode_image, decode_video
 from data_prep.sources import MEDIA_FIELDS, RawSample
 from xoron_dist.config import PrepConfig

@@ -27,7 +27,7 @@ name ``{"row": n}`` (from 1). JSON: a ``.json`` file holding an array is read el
 starts at an element's byte offset and parses only its own elements; a malformed element is a reject
 like a malformed JSONL line); a ``.json`` file that is not an array is read as JSON Lines (many
 repositories publish JSON Lines under ``.json``).
-JSONL, JSON and Parquet records pass through ``data_prep.formats.to_native`` (the dataset registry
+JSONL, JSON and Parquet records pass through ``data_prep.datasets.to_native`` (the dataset registry
 of ``data_prep.datasets``, or the one format ``--format`` names) before their ``image``/``video``/
 ``audio`` fields become media, so a dataset's own media column names map onto ours.
 
@@ -53,8 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from data_prep.datasets import to_native
 from data_prep.errors import PrepError
-from data_prep.formats import FormatError, to_native
+from data_prep.formats import FormatError
 from data_prep.media import IMAGE_EXTENSIONS, Blob, FrameList
 
 MEDIA_FIELDS = ("image", "video", "audio")
@@ -425,7 +426,7 @@ def _read_json_array(unit: Unit) -> Iterator[RawSample]:
 
 
 def _native_sample(sample: RawSample, forced: Any, folder: Path, root: Path, allow_outside_root: bool) -> RawSample:
-    """Convert the record to ours (``data_prep.formats.to_native``), then turn its media fields into Blobs:
+    """Convert the record to ours (``data_prep.datasets.to_native``), then turn its media fields into Blobs:
     a path (relative to the input's folder, contained in ``root``) or bytes from a Parquet cell."""
     if sample.error is not None or not isinstance(sample.fields, dict):
         return sample

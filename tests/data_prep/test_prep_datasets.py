@@ -13,9 +13,9 @@ import pytest
 import soundfile
 
 from data_prep import prepare
-from data_prep.datasets import BY_NAME, DATASET_FORMATS, NOT_COVERED, REGISTRY
+from data_prep.datasets import BY_NAME, DATASET_FORMATS, NOT_COVERED, REGISTRY, detect_format, to_native
 from data_prep.errors import PrepError
-from data_prep.formats import FormatError, detect_format, to_native
+from data_prep.formats import FormatError
 from data_prep.sources import discover_sources
 from tests.data_prep.inputs import gradient_image, png_bytes, sine, tiny_config
 from xoron_dist.data.schema import REJECTS_FILE

@@ -5,7 +5,8 @@ import json
 import pyarrow as pa
 
 from data_prep import prepare
-from data_prep.formats import FORMATS, detect_format
+from data_prep.datasets import detect_format
+from data_prep.formats import FORMATS
 from tests.data_prep.inputs import tiny_config
 from xoron_dist.data.chat import parse, target_mask
 from xoron_dist.data.schema import REJECTS_FILE
