@@ -9,7 +9,11 @@ Cases (model @ tokens per row x rows):
     tiny@1024x2    the same model on longer rows (attention-heavy)
     small@512x2    4x wider, 2x deeper, 4x the vocabulary
 
-    python -m bench.llm_step [--cases tiny@128x8,small@512x2] [--rounds 5]
+    python -m bench.llm_step [--cases tiny@128x8,small@512x2] [--rounds 5] [--compile]
+
+``--compile`` adds ours with every decoder block compiled (``train.compile``, inductor; the routed
+experts stay eager): its first step must give eager's loss, the compile time is reported apart, and
+its tokens/s join the case (``ours_compiled``, ratio ``compiled_over_eager``).
 
 Writes bench/out/llm_step.json.
 """
@@ -17,7 +21,9 @@ Writes bench/out/llm_step.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import re
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +33,7 @@ from bench.common import machine, time_alternating, write_result
 from xoron_dist.config import load_config
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.model.llm.hf import from_hf_state_dict, hf_config_kwargs
+from xoron_dist.train.compile import compile_blocks
 
 MODELS = {
     "tiny": ["preset=tiny"],
@@ -53,11 +60,12 @@ def make_step(model: torch.nn.Module, batches: list[torch.Tensor]):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
 
-def run_case(case: str, rounds: int) -> dict:
+def run_case(case: str, rounds: int, compiled: bool = False) -> dict:
     match = re.fullmatch(r"(\w+)@(\d+)x(\d+)", case)
     if not match or match.group(1) not in MODELS:
         raise SystemExit(f"case '{case}' must look like MODEL@SEQxBATCH with MODEL in {sorted(MODELS)}")
@@ -78,25 +86,43 @@ def run_case(case: str, rounds: int) -> dict:
                 - peers["hf_eager"](batches[0][:, :-1]).logits[..., :usable]).abs().max()
         assert diff < 1e-3, f"models differ by {diff}"
     fns = {"ours": make_step(ours, batches)} | {name: make_step(m, batches) for name, m in peers.items()}
+    compile_s = None
+    if compiled:
+        twin = copy.deepcopy(ours)
+        if not compile_blocks(twin, torch.device("cpu")):
+            raise SystemExit("--compile: inductor has no C++ compiler here (see the log)")
+        fns["ours_compiled"] = make_step(twin, batches)
+        eager_loss = fns["ours"]()  # both take their first step on the same batch from the same weights
+        start = time.perf_counter()
+        compiled_loss = fns["ours_compiled"]()
+        compile_s = time.perf_counter() - start
+        assert torch.allclose(compiled_loss, eager_loss, rtol=1e-4), (compiled_loss, eager_loss)
     reps = max(1, 8192 // (seq * batch))  # about 8K tokens per timed sample
     seconds = time_alternating(fns, rounds=rounds, reps=reps)
     tps = {name: batch * seq / s for name, s in seconds.items()}
-    best_peer = max((n for n in tps if n != "ours"), key=tps.get)
+    best_peer = max((n for n in tps if n.startswith("hf_")), key=tps.get)
     print(f"\n{case}: {batch} x {seq} tokens per step")
     for name in fns:
         print(f"  {name:<14} {seconds[name] * 1e3:>9.1f} ms/step {tps[name]:>10.0f} tokens/s")
     print(f"  ours / {best_peer} = {tps['ours'] / tps[best_peer]:.3f}")
-    return {"tokens_per_s": {k: round(v, 1) for k, v in tps.items()}, "best_peer": best_peer,
-            "ratio": round(tps["ours"] / tps[best_peer], 3), "config": MODELS[model_name]}
+    result = {"tokens_per_s": {k: round(v, 1) for k, v in tps.items()}, "best_peer": best_peer,
+              "ratio": round(tps["ours"] / tps[best_peer], 3), "config": MODELS[model_name]}
+    if compiled:
+        result["compiled_over_eager"] = round(tps["ours_compiled"] / tps["ours"], 3)
+        result["compile_first_step_s"] = round(compile_s, 1)
+        print(f"  ours_compiled / ours = {result['compiled_over_eager']:.3f} (first step with compile "
+              f"{compile_s:.1f} s)")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time ours with train.compile")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cases = {case: run_case(case, args.rounds) for case in args.cases.split(",")}
+    cases = {case: run_case(case, args.rounds, args.compile) for case in args.cases.split(",")}
     head = cases.get(HEADLINE) or next(iter(cases.values()))
     head_name = HEADLINE if HEADLINE in cases else next(iter(cases))
     result = {
@@ -111,6 +137,10 @@ def main() -> None:
         "machine": machine(),
         "cases": cases,
     }
+    if args.compile:  # train.compile on the headline case: tokens/s with compiled blocks over eager ones
+        result["compile"] = {"case": head_name, "compiled_over_eager": head["compiled_over_eager"],
+                             "compile_first_step_s": head["compile_first_step_s"],
+                             "ours_compiled_tokens_per_s": head["tokens_per_s"]["ours_compiled"]}
     print(f"\n-> {write_result('llm_step', result)}")
 
 

@@ -17,10 +17,17 @@ of a step and waited for after it, so communication overlaps the block attention
 Causal balance (zig-zag, ``xoron_dist.parallel.sequence``): the sequence is cut into 2·sp chunks and
 rank r holds chunks r and 2·sp-1-r, so every rank has the same number of unmasked (query, key) pairs
 (the layout of Llama 3's context parallelism, arXiv:2407.21783 §3.3.2). Masking itself does not
-assume that layout: every block travels with its rows' global positions and optional document ids,
-each (query half, key half) tile is classified as skipped (entirely masked: no compute, the ring
-still moves), full, causal-diagonal (the kernel's own mask), or masked with an explicit mask; query
-rows that see no key of a tile contribute nothing (their tile log-sum-exp is -inf).
+assume that layout: each (query half, key half) tile is classified (``ring_tiles``) as skipped
+(entirely masked: no compute, the ring still moves), full, causal-diagonal (the kernel's own mask),
+or masked with an explicit mask built from the rows' global positions and optional document ids;
+query rows that see no key of a tile contribute nothing (their tile log-sum-exp is -inf).
+
+Host reads: the plan of every tile of every ring step is made once per layer call, before the ring
+turns, and the backward reuses it. Zig-zag rows without documents are planned from the layout alone
+(whether the positions are that layout rides on the input check's all-gather, its one read); any
+other rows gather every rank's positions/document ids once and classify all tiles on the device,
+read back in one ``tolist()``. So a layer call reads the host once (zig-zag) or twice (packed), and
+its backward never, whatever the number of tiles (tests/parallel/test_ring_host_syncs.py).
 
 MLA latent option (``ring_attention_latent``): MLA's keys and values are an up-projection of a
 normed latent (kv_lora_rank) plus one rope key shared by all heads (DeepSeek-V2 §2.1,
@@ -51,6 +58,7 @@ from xoron_dist.model.common.attention_kernels import (
     attention_forward,
     select_kernel,
 )
+from xoron_dist.parallel.ring_tiles import Plan, _plan, _plans, _zigzag_plans  # noqa: F401 (_plan: for tests)
 
 # Distinct tags keep the K/V stream and the gradient stream apart when both are in flight
 # between the same two ranks (always the case at sp=2).
@@ -83,80 +91,6 @@ class RingTraffic:
 
 
 traffic = RingTraffic()  # module-level counter read by tests and bench/ring_attention.py
-
-
-# ---------------------------------------------------------------------------------------------
-# Masks: which (query tile, key tile) pairs to compute, and how
-# ---------------------------------------------------------------------------------------------
-
-
-def _allowed(q_meta: torch.Tensor, k_meta: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(Bm, rows, cols) bool, True = may attend: by position if causal, and within one document if packed.
-
-    q_meta (1 or 2, Bm, rows), k_meta (1 or 2, Bm, cols): positions, then document ids if packed.
-    """
-    allowed = torch.ones(q_meta.shape[1], q_meta.shape[2], k_meta.shape[2], dtype=torch.bool, device=q_meta.device)
-    if causal:
-        allowed &= k_meta[0][:, None, :] <= q_meta[0][:, :, None]
-    if q_meta.shape[0] == 2:
-        allowed &= k_meta[1][:, None, :] == q_meta[1][:, :, None]
-    return allowed
-
-
-@dataclass(frozen=True)
-class _Tile:
-    """One (query rows, key rows) pair to attend; pairs that are entirely masked have no _Tile."""
-
-    rows: slice
-    cols: slice
-    causal: bool = False  # same positions on both sides: the kernel's own causal mask is exact
-    metas: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # set when the tile needs an explicit mask
-    empty_rows: torch.Tensor | None = None  # (Bm, rows) True where a row sees no key of the tile
-
-    def allowed(self) -> torch.Tensor | None:
-        """(Bm, 1, rows, cols) bool, True = may attend; built only while its kernel call runs (it is rows x cols)."""
-        return None if self.metas is None else _allowed(*self.metas)[:, None]
-
-
-def _halves(n: int) -> list[slice]:
-    # Tiles follow the zig-zag chunks (two per rank), which is what makes causal skipping pay.
-    return [slice(0, n // 2), slice(n // 2, n)] if n >= 2 and n % 2 == 0 else [slice(0, n)]
-
-
-def _classify(q_meta: torch.Tensor, k_meta: torch.Tensor, causal: bool, rows: slice, cols: slice) -> _Tile | None:
-    """q_meta (1 or 2, Bm, rows), k_meta (1 or 2, Bm, cols): positions, then document ids if packed."""
-    q_pos, k_pos = q_meta[0], k_meta[0]
-    if causal and bool((k_pos.amin(-1) > q_pos.amax(-1)).all()):
-        return None  # every key comes after every query
-    packed = q_meta.shape[0] == 2
-    if packed:
-        q_doc, k_doc = q_meta[1], k_meta[1]
-        one_doc = (q_doc.amin(-1) == q_doc.amax(-1)) & (k_doc.amin(-1) == k_doc.amax(-1)) & (q_doc[:, 0] == k_doc[:, 0])
-        packed = not bool(one_doc.all())  # one document on both sides: the ids change nothing
-    if not packed:
-        if not causal or bool((k_pos.amax(-1) <= q_pos.amin(-1)).all()):
-            return _Tile(rows, cols)
-        if torch.equal(q_pos, k_pos) and bool((q_pos.diff(dim=-1) > 0).all()):
-            return _Tile(rows, cols, causal=True)
-    allowed = _allowed(q_meta, k_meta, causal)
-    if not bool(allowed.any()):
-        return None
-    if bool(allowed.all()):
-        return _Tile(rows, cols)
-    empty = ~allowed.any(-1)
-    return _Tile(rows, cols, metas=(q_meta, k_meta, causal), empty_rows=empty if bool(empty.any()) else None)
-
-
-def _plan(q_meta: torch.Tensor, k_meta: torch.Tensor, causal: bool) -> list[list[_Tile]]:
-    """The tiles of one (local queries, key block) pair that have anything to compute, grouped by key tile."""
-    groups = []
-    for cols in _halves(k_meta.shape[-1]):
-        tiles = [_classify(q_meta[..., rows], k_meta[..., cols], causal, rows, cols)
-                 for rows in _halves(q_meta.shape[-1])]
-        tiles = [tile for tile in tiles if tile is not None]
-        if tiles:
-            groups.append(tiles)
-    return groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +176,7 @@ class _LatentKV:
 Codec = _FullKV | _LatentKV
 
 
-def _attend_block(q: torch.Tensor, payload: Sequence[torch.Tensor], codec: Codec, plan: list[list[_Tile]],
+def _attend_block(q: torch.Tensor, payload: Sequence[torch.Tensor], codec: Codec, plan: Plan,
                   scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """q (b, s, h, W); merge the block's result into out (b, s, h, dv), lse (b, s, h), both fp32."""
     for tiles in plan:
@@ -259,7 +193,7 @@ def _attend_block(q: torch.Tensor, payload: Sequence[torch.Tensor], codec: Codec
 
 
 def _attend_block_backward(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                           payload: Sequence[torch.Tensor], codec: Codec, plan: list[list[_Tile]], scale: float,
+                           payload: Sequence[torch.Tensor], codec: Codec, plan: Plan, scale: float,
                            dq: torch.Tensor) -> list[torch.Tensor]:
     """One block's gradients from the final out/lse (FlashAttention-2 backward, per tile).
 
@@ -327,30 +261,27 @@ def _wait(works: list) -> None:
         work.wait()
 
 
-def _ring_forward(ring: _Ring, q: torch.Tensor, payload: Sequence[torch.Tensor], codec: Codec, meta: torch.Tensor,
-                  causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """q (b, s, h, W). Returns out (b, s, h, dv) fp32, lse (b, s, h) fp32, and every SP rank's meta."""
+def _ring_forward(ring: _Ring, q: torch.Tensor, payload: Sequence[torch.Tensor], codec: Codec, plans: list[Plan],
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (b, s, h, W); plans[step] for the block held at each step. Returns out (b, s, h, dv), lse (b, s, h), fp32."""
     b, s, h, _ = q.shape
     out = torch.zeros(b, s, h, codec.dv_width, dtype=torch.float32, device=q.device)
     lse = torch.full((b, s, h), float("-inf"), dtype=torch.float32, device=q.device)
-    metas: list[torch.Tensor] = [meta] * ring.size
-    current = [t.contiguous() for t in payload] + [meta]  # the block's rows travel with their meta
+    current = [t.contiguous() for t in payload]
     for step in range(ring.size):
         last = step == ring.size - 1
         if not last:
             incoming, works = ring.exchange(current, _BLOCK_TAG, backward=False)
-        metas[(ring.rank - step) % ring.size] = current[-1]
-        plan = _plan(meta, current[-1], causal)
-        if plan:  # an entirely masked block costs nothing but its hop
-            _attend_block(q, current[:-1], codec, plan, scale, out, lse)
+        if plans[step]:  # an entirely masked block costs nothing but its hop
+            _attend_block(q, current, codec, plans[step], scale, out, lse)
         if not last:
             _wait(works)
             current = incoming
-    return out, lse, metas
+    return out, lse
 
 
 def _ring_backward(ring: _Ring, dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                   payload: Sequence[torch.Tensor], codec: Codec, metas: list[torch.Tensor], causal: bool,
+                   payload: Sequence[torch.Tensor], codec: Codec, plans: list[Plan],
                    scale: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Returns dq (b, s, h, W) fp32 and the fp32 gradients of this rank's payload."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -362,7 +293,7 @@ def _ring_backward(ring: _Ring, dout: torch.Tensor, q: torch.Tensor, out: torch.
         last = step == ring.size - 1
         if not last:
             incoming, works = ring.exchange(current, _BLOCK_TAG, backward=True)
-        plan = _plan(metas[ring.rank], metas[(ring.rank - step) % ring.size], causal)
+        plan = plans[step]  # the forward's plan: the backward reads nothing from the host
         mine = _attend_block_backward(dout, q, out, lse, current, codec, plan, scale, dq) if plan else None
         if step == 0:
             grads = mine or [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in current]
@@ -385,13 +316,13 @@ def _ring_backward(ring: _Ring, dout: torch.Tensor, q: torch.Tensor, out: torch.
 
 class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, meta, ring, causal, scale):
+    def forward(ctx, q, k, v, plans, ring, scale):
         codec = _FullKV(max(q.shape[-1], v.shape[-1]), k.shape[-1], v.shape[-1])
         # contiguous(): the fused kernel silently misreads a last dim whose stride is not 1
-        out, lse, metas = _ring_forward(ring, _pad(q, codec.width).contiguous(), (k, v), codec, meta, causal, scale)
+        out, lse = _ring_forward(ring, _pad(q, codec.width).contiguous(), (k, v), codec, plans, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.metas, ctx.causal, ctx.scale = ring, metas, causal, scale
+        ctx.ring, ctx.plans, ctx.scale = ring, plans, scale
         return out
 
     @staticmethod
@@ -400,20 +331,20 @@ class _RingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         codec = _FullKV(max(q.shape[-1], v.shape[-1]), k.shape[-1], v.shape[-1])
         dq, (dk, dv) = _ring_backward(ctx.ring, dout.to(q.dtype).contiguous(), _pad(q, codec.width).contiguous(), out,
-                                      lse, (k, v), codec, ctx.metas, ctx.causal, ctx.scale)
-        return dq[..., : q.shape[-1]].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+                                      lse, (k, v), codec, ctx.plans, ctx.scale)
+        return dq[..., : q.shape[-1]].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 class _RingLatentAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_nope, q_rope, latent, k_rope, weight, meta, ring, causal, scale, num_heads, v_dim):
+    def forward(ctx, q_nope, q_rope, latent, k_rope, weight, plans, ring, scale, num_heads, v_dim):
         q = torch.cat((q_nope, q_rope), dim=-1)
         nope, rope = q_nope.shape[-1], q_rope.shape[-1]
         codec = _LatentKV(weight, num_heads, nope, rope, v_dim, max(nope + rope, v_dim))
-        out, lse, metas = _ring_forward(ring, _pad(q, codec.width), (latent, k_rope), codec, meta, causal, scale)
+        out, lse = _ring_forward(ring, _pad(q, codec.width), (latent, k_rope), codec, plans, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, latent, k_rope, weight, out, lse)
-        ctx.ring, ctx.metas, ctx.causal, ctx.scale = ring, metas, causal, scale
+        ctx.ring, ctx.plans, ctx.scale = ring, plans, scale
         ctx.num_heads, ctx.nope, ctx.v_dim = num_heads, nope, v_dim
         return out
 
@@ -424,9 +355,9 @@ class _RingLatentAttentionFunction(torch.autograd.Function):
         nope, rope = ctx.nope, k_rope.shape[-1]
         codec = _LatentKV(weight, ctx.num_heads, nope, rope, ctx.v_dim, max(nope + rope, ctx.v_dim))
         dq, (d_latent, d_k_rope) = _ring_backward(ctx.ring, dout.to(q.dtype).contiguous(), _pad(q, codec.width),
-                                                  out, lse, (latent, k_rope), codec, ctx.metas, ctx.causal, ctx.scale)
+                                                  out, lse, (latent, k_rope), codec, ctx.plans, ctx.scale)
         return (dq[..., :nope].to(q.dtype), dq[..., nope : nope + rope].to(q.dtype), d_latent.to(latent.dtype),
-                d_k_rope.to(k_rope.dtype), codec.weight_grad.to(weight.dtype), *([None] * 6))
+                d_k_rope.to(k_rope.dtype), codec.weight_grad.to(weight.dtype), *([None] * 5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,23 +397,27 @@ def _tensors_problem(named: dict[str, torch.Tensor], batch_seq: tuple[int, int])
     return None
 
 
-def _agree(ring: _Ring, fields: dict[str, int], problem: str | None, device: torch.device) -> None:
-    """Every SP rank learns whether all ranks' inputs are valid and alike (one small all-gather).
+def _agree(ring: _Ring, fields: dict[str, int], problem: str | None, zigzag: torch.Tensor) -> bool:
+    """Every SP rank learns whether all ranks' inputs are valid and alike (one small all-gather, one read).
 
     A rank with a bad input raises its own message; the others name it instead of hanging in the ring.
+    ``zigzag`` (0-dim, on the inputs' device) rides along: True where this rank's rows are the
+    zig-zag layout without documents. Returns whether they are on every rank (then the tile plan
+    follows from the layout).
     """
     names = list(fields)
-    mine = torch.tensor([problem is None, *fields.values()], dtype=torch.int64, device=device)
+    checks = torch.tensor([problem is None, *fields.values()], dtype=torch.int64, device=zigzag.device)
+    mine = torch.cat((checks, zigzag.to(torch.int64).view(1)))
     everyone = [torch.empty_like(mine) for _ in range(ring.size)]
     dist.all_gather(everyone, mine, group=ring.group)
+    table = torch.stack(everyone).tolist()  # the one host read of the check
     if problem is not None:
         raise RingLayoutError(f"ring attention (SP rank {ring.rank}): {problem}")
-    rejected = [rank for rank, got in enumerate(everyone) if not got[0]]
+    rejected = [rank for rank, row in enumerate(table) if not row[0]]
     if rejected:
         raise RingLayoutError(f"ring attention: SP rank(s) {rejected} rejected their inputs (their error says why)")
-    table = torch.stack(everyone)[:, 1:].tolist()
     differ = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(names, start=1):
         values = [row[i] for row in table]
         if len(set(values)) > 1:
             shown = [str(_DTYPES[x]) if name == "dtype" else str(x) for x in values]
@@ -493,6 +428,35 @@ def _agree(ring: _Ring, fields: dict[str, int], problem: str | None, device: tor
             "hold the same (batch, seq_local) rows — cut the sequence with zigzag_split — in the same dtype, with the "
             "same causal flag and the same document-ids option."
         )
+    return all(row[-1] for row in table)
+
+
+def _zigzag_flag(meta: torch.Tensor | None, causal: bool, ring: _Ring, device: torch.device) -> torch.Tensor:
+    """0-dim bool on the device (no host read): causal rows without documents at the zig-zag positions of
+    this rank (``xoron_dist.parallel.sequence.zigzag_positions``), the only case the layout alone plans."""
+    seq = -1 if meta is None else meta.shape[-1]
+    if meta is None or not causal or meta.shape[0] != 1 or seq < 2 or seq % 2:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    chunk, first, second = seq // 2, ring.rank, 2 * ring.size - 1 - ring.rank
+    expected = torch.cat((torch.arange(first * chunk, (first + 1) * chunk, device=device),
+                          torch.arange(second * chunk, (second + 1) * chunk, device=device)))
+    return (meta[0] == expected).all()
+
+
+def _ring_plans(ring: _Ring, meta: torch.Tensor, causal: bool, zigzag: bool) -> list[Plan]:
+    """The plan of every ring step of this layer call, made before the ring turns; the backward reuses it.
+
+    Zig-zag rows without documents: from the layout. Otherwise every rank's meta is gathered (one
+    all-gather, counted as forward traffic) and every tile classified in one device pass, read once.
+    """
+    if zigzag:
+        return _zigzag_plans(ring.rank, ring.size, meta.shape[-1])
+    if not causal and meta.shape[0] == 1:
+        return _plans(meta, [meta] * ring.size, causal)  # every tile is full: no one's rows are needed
+    everyone = [torch.empty_like(meta) for _ in range(ring.size)]
+    dist.all_gather(everyone, meta, group=ring.group)
+    traffic.forward_bytes += (ring.size - 1) * meta.numel() * meta.element_size()
+    return _plans(meta, [everyone[(ring.rank - step) % ring.size] for step in range(ring.size)], causal)
 
 
 def _pack_meta(positions: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
@@ -546,8 +510,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
         meta = _pack_meta(positions, document_ids)
     fields = _common_fields(*(q.shape[:3] if q.dim() == 4 else (-1, -1, -1)), q.dtype, meta, causal)
     fields |= {"qk head dim": q.shape[-1], "v head dim": v.shape[-1]}
-    _agree(ring, fields, problem, q.device)
-    return _RingAttentionFunction.apply(q, k, v, meta, ring, causal, float(scale))
+    zigzag = _agree(ring, fields, problem, _zigzag_flag(meta, causal, ring, q.device))
+    plans = _ring_plans(ring, meta, causal, zigzag)
+    return _RingAttentionFunction.apply(q, k, v, plans, ring, float(scale))
 
 
 def ring_attention_latent(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
@@ -591,6 +556,7 @@ def ring_attention_latent(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: to
     lead = q_nope.shape[:2] if q_nope.dim() == 4 else (-1, -1)
     fields = _common_fields(*lead, num_heads, latent.dtype, meta, causal)
     fields |= {"nope_dim": nope_dim, "rope_dim": rope_dim, "v_dim": v_dim, "kv_rank": kv_rank}
-    _agree(ring, fields, problem, latent.device)
-    return _RingLatentAttentionFunction.apply(q_nope, q_rope, latent, k_rope, kv_up_weight, meta, ring, causal,
+    zigzag = _agree(ring, fields, problem, _zigzag_flag(meta, causal, ring, latent.device))
+    plans = _ring_plans(ring, meta, causal, zigzag)
+    return _RingLatentAttentionFunction.apply(q_nope, q_rope, latent, k_rope, kv_up_weight, plans, ring,
                                               float(scale), num_heads, v_dim)

@@ -6,6 +6,7 @@
     freeze_parameters(model, stage)      the stage's frozen prefixes and its ``trains``, on the whole model's names
     parallelize(model, cfg)              pipeline stage, TP, EP, SP, checkpointing, ZeRO-3 marks
     deepspeed.initialize(...)            one engine (per pipeline stage) on Megatron-core's groups (mpu)
+    compile_blocks(model)                train.compile: torch.compile each decoder block in place (train/compile.py)
     ExpertBalancer(model)                every bias-routed MoE, balanced after each optimizer step
     CodebookKeeper(model)                every vector quantiser's dead codes, restarted after each step
 """
@@ -29,6 +30,7 @@ from xoron_dist.parallel import state as parallel_state
 from xoron_dist.parallel.parallelize import parallelize
 from xoron_dist.parallel.pipeline.split import StageInfo
 from xoron_dist.train.codebooks import CodebookKeeper
+from xoron_dist.train.compile import compile_blocks
 from xoron_dist.train.ds_config import build_ds_config, write_ds_config
 from xoron_dist.train.expert_balance import ExpertBalancer
 from xoron_dist.train.lora import add_adapters, lora_plus_groups
@@ -97,6 +99,8 @@ def build_stage(cfg: XoronConfig, ctx, plan: StagePlan, run_root: Path) -> Built
         # DeepSpeed's engine would move to cuda:<LOCAL_RANK>; a GPU bound per task is cuda:0 (parallel/device.py)
         args=SimpleNamespace(device_rank=ctx.device.index) if ctx.device.type == "cuda" else None,
     )
+    if plan.train.compile:
+        compile_blocks(engine.module, ctx.device)  # in place: the engine and checkpoints see the same module
     balancer = ExpertBalancer(engine.module)
     balancer.keep_fp32()
     return BuiltStage(engine, scheduler, engine.module, parallel.stage, balancer, CodebookKeeper(engine.module), frozen)
