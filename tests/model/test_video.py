@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.model.test_xoron_multimodal import TINY as TINY_MULTIMODAL  # vision 32 wide on 4 px patches, video 24
 from xoron_dist.config import VideoConfig, VisionConfig, load_config
 from xoron_dist.model.common.rope_nd import apply_axial_rope
 from xoron_dist.model.video import TowerVideoEncoder, VideoEncoder, frames_to_patches, sample_frames
@@ -16,19 +17,6 @@ CFG = VideoConfig(enabled=True, hidden_size=24, num_layers=2, num_heads=2, patch
                   expert_intermediate_size=32, motion_dim=8)
 
 
-# the tiny model of test_xoron_multimodal (vision 32 wide on 4 px patches, video 24 wide)
-TINY_MULTIMODAL = [
-    "preset=tiny", "data.image_tokens=4", "data.video_tokens=4",
-    "model.vision.enabled=true", "model.vision.hidden_size=32", "model.vision.num_layers=1",
-    "model.vision.num_heads=2", "model.vision.intermediate_size=64", "model.vision.image_size=16",
-    "model.vision.patch_size=4", "model.vision.max_patches=16",
-    "model.video.enabled=true", "model.video.hidden_size=24", "model.video.num_layers=1", "model.video.num_heads=2",
-    "model.video.patch_size=4", "model.video.min_resolution=8", "model.video.max_resolution=16",
-    "model.video.expert_intermediate_size=32", "model.video.motion_dim=8", "model.video.min_frames=1",
-    "model.video.max_frames=8",
-    "model.projector.num_layers=1", "model.projector.num_heads=4", "model.projector.intermediate_size=64",
-    "model.fusion.layers=[0,0,1,1]", "model.fusion.num_heads=4", "model.fusion.intermediate_size=64",
-]
 
 
 def _video(frames, height, width, seed):

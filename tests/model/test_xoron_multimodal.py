@@ -34,8 +34,9 @@ def tiny_cfg(*extra):
     return load_config(None, TINY + list(extra))
 
 
-def packed_batch(seed=0):
-    """Two packed rows of 32 tokens, several documents, media in some of them::
+def packed_batch(seed=0, image_spans=((0, 1, 4), (1, 13, 4)), video_spans=((0, 24, 4),)):
+    """Two packed rows of 32 tokens, several documents, media in some of them (spans: row, start, length;
+    by default)::
 
         row 0: doc 0 = <img> text | doc 1 = text only | doc 2 = <video> text
         row 1: doc 0 = text only | doc 1 = text <img> text | padding
@@ -43,8 +44,7 @@ def packed_batch(seed=0):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, 1000, (2, 32), generator=gen)
     docs = torch.tensor([[0] * 15 + [1] * 9 + [2] * 8, [0] * 10 + [1] * 16 + [-1] * 6])
-    image_spans = torch.tensor([[0, 1, 4], [1, 13, 4]])
-    video_spans = torch.tensor([[0, 24, 4]])
+    image_spans, video_spans = torch.tensor(image_spans), torch.tensor(video_spans)
     labels = torch.full_like(ids, IGNORE_INDEX)
     for row in range(2):
         for t in range(31):

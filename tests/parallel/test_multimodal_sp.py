@@ -14,40 +14,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.test_xoron_multimodal import tiny_cfg
+from tests.model.test_xoron_multimodal import packed_batch, tiny_cfg
 from tests.parallel.harness import run_ranks
 from xoron_dist.model.llm import IGNORE_INDEX
 from xoron_dist.model.xoron import XoronMultimodalModel
 
 
 def _batch() -> dict:
-    """Two rows of 32 tokens::
+    """Two rows of 32 tokens (test_xoron_multimodal's documents, other spans)::
 
         row 0: doc 0 = text <img 6-9> text | doc 1 = text only (15-23) | doc 2 = text <video 25-28> text
         row 1: doc 0 = text only (0-9) | doc 1 = text <img 21-24> text (10-25) | padding
     """
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(10, 1000, (2, 32), generator=gen)
-    docs = torch.tensor([[0] * 15 + [1] * 9 + [2] * 8, [0] * 10 + [1] * 16 + [-1] * 6])
-    image_spans, video_spans = torch.tensor([[0, 6, 4], [1, 21, 4]]), torch.tensor([[0, 25, 4]])
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for row in range(2):
-        for t in range(31):
-            if docs[row, t] >= 0 and docs[row, t + 1] == docs[row, t]:
-                labels[row, t] = ids[row, t + 1]
-    for row, start, length in torch.cat((image_spans, video_spans)).tolist():
-        ids[row, start : start + length] = 3
-        labels[row, start - 1 : start + length] = IGNORE_INDEX
-    positions = torch.zeros_like(ids)
-    for row in range(2):
-        for doc in docs[row].unique().tolist():
-            where = docs[row] == doc
-            positions[row, where] = torch.arange(int(where.sum())) if doc >= 0 else 0
-    images = [torch.randint(0, 256, (16, 12, 3), dtype=torch.uint8, generator=gen),
-              torch.randint(0, 256, (12, 16, 3), dtype=torch.uint8, generator=gen)]
-    videos = [torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=gen)]
-    return dict(input_ids=ids, labels=labels, position_ids=positions, document_ids=docs, images=images,
-                image_spans=image_spans, videos=videos, video_spans=video_spans)
+    return packed_batch(5, image_spans=((0, 6, 4), (1, 21, 4)), video_spans=((0, 25, 4),))
 
 
 def _text_only() -> dict:

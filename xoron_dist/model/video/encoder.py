@@ -72,7 +72,9 @@ def frames_to_patches(video: torch.Tensor, cfg: VideoConfig) -> tuple[torch.Tens
 
 
 class VideoSelfAttention(nn.Module):
-    """Multi-head self-attention with 3D-RoPE on q and k (heads split by tensor parallelism)."""
+    """Multi-head self-attention with 3D-RoPE on q and k (heads split by tensor parallelism), over the
+    middle axis of (groups, n, hidden): whole clips here, frames or per-patch time lines in the factorised
+    encoder (``causal``: SDPA's ``is_causal``)."""
 
     def __init__(self, cfg: VideoConfig) -> None:
         super().__init__()
@@ -82,14 +84,16 @@ class VideoSelfAttention(nn.Module):
         self.v_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """x (batch, n, hidden); rope cos/sin (batch, n, pairs); mask (batch, 1, n, n) bool."""
-        batch, n, _ = x.shape
-        q, k, v = (proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (batch, heads here, n, head_dim)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """x (groups, n, hidden); rope cos/sin (groups, n, pairs); mask bool, broadcastable to
+        (groups, 1, n, n), or None."""
+        groups, n, _ = x.shape
+        q, k, v = (proj(x).view(groups, n, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (groups, heads here, n, head_dim)
         q, k = apply_axial_rope(q, *rope), apply_axial_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(groups, n, -1))
 
 
 class MotionAwareMoE(nn.Module):

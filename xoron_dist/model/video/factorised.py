@@ -44,8 +44,8 @@ from xoron_dist.model.common.attention import CrossAttention
 from xoron_dist.model.common.init import empty_linear, init_weights_
 from xoron_dist.model.common.moe import RoutedExperts
 from xoron_dist.model.common.norm import RMSNorm
-from xoron_dist.model.common.rope_nd import AxialRoPE, apply_axial_rope
-from xoron_dist.model.video.encoder import MotionAwareMoE
+from xoron_dist.model.common.rope_nd import AxialRoPE
+from xoron_dist.model.video.encoder import MotionAwareMoE, VideoSelfAttention
 
 
 def sample_frames(video: torch.Tensor, frames: int | None, max_frames: int) -> torch.Tensor:
@@ -61,38 +61,15 @@ def sample_frames(video: torch.Tensor, frames: int | None, max_frames: int) -> t
     return video[keep.to(video.device)]
 
 
-class FactorisedAttention(nn.Module):
-    """Multi-head self-attention over the middle axis of (groups, n, hidden), 3D-RoPE on q and k;
-    ``causal`` uses SDPA's ``is_causal`` (temporal), else an optional key mask (spatial)."""
-
-    def __init__(self, cfg: VideoConfig) -> None:
-        super().__init__()
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.q_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = empty_linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], causal: bool,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (groups, n, hidden); rope cos/sin (groups, n, pairs); key_mask (groups, 1, 1, n) bool or None."""
-        groups, n, _ = x.shape
-        q, k, v = (proj(x).view(groups, n, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (groups, heads here, n, head_dim)
-        q, k = apply_axial_rope(q, *rope), apply_axial_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=causal)
-        return self.out_proj(out.transpose(1, 2).reshape(groups, n, -1))
-
-
 class FactorisedVideoLayer(nn.Module):
     """Spatial attention, causal temporal attention, motion-routed temporal MoE (pre-norm residuals)."""
 
     def __init__(self, cfg: VideoConfig) -> None:
         super().__init__()
         self.spatial_norm = RMSNorm(cfg.hidden_size)
-        self.spatial = FactorisedAttention(cfg)
+        self.spatial = VideoSelfAttention(cfg)
         self.temporal_norm = RMSNorm(cfg.hidden_size)
-        self.temporal = FactorisedAttention(cfg)
+        self.temporal = VideoSelfAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size)
         self.ffn = MotionAwareMoE(cfg)
 
@@ -103,11 +80,11 @@ class FactorisedVideoLayer(nn.Module):
         b, t, p, d = x.shape
         cos, sin = rope
         spatial_rope = (cos.reshape(b * t, p, -1), sin.reshape(b * t, p, -1))
-        x = x + self.spatial(self.spatial_norm(x).reshape(b * t, p, d), spatial_rope, False, key_mask).view(b, t, p, d)
+        x = x + self.spatial(self.spatial_norm(x).reshape(b * t, p, d), spatial_rope, key_mask).view(b, t, p, d)
         # (B, T, P, d) -> (B·P, T, d): each patch position's frames, causal in time
         temporal_rope = (cos.transpose(1, 2).reshape(b * p, t, -1), sin.transpose(1, 2).reshape(b * p, t, -1))
         by_position = self.temporal_norm(x).transpose(1, 2).reshape(b * p, t, d)
-        x = x + self.temporal(by_position, temporal_rope, True).view(b, p, t, d).transpose(1, 2)
+        x = x + self.temporal(by_position, temporal_rope, causal=True).view(b, p, t, d).transpose(1, 2)
         # experts see only real tokens: padding neither costs compute nor counts as expert load
         update = self.ffn(self.ffn_norm(x)[valid], motion)
         return x.index_put((valid,), x[valid] + update)
