@@ -228,7 +228,8 @@ def _one_rank_ring(emulate: bool, monkeypatch, dtype, causal: bool):
     docs = (torch.rand(b, s, generator=gen) < 0.2).long().cumsum(-1)
     meta = ra._pack_meta(torch.arange(s)[None], docs)
     ring = SimpleNamespace(size=1, rank=0)
-    out = ra._RingAttentionFunction.apply(q, k, v, meta, ring, causal, d**-0.5)
+    plans = ra._plans(meta, [meta], causal)  # one rank: its own block at the one ring step
+    out = ra._RingAttentionFunction.apply(q, k, v, plans, ring, d**-0.5)
     out.backward(torch.ones_like(out))
     monkeypatch.undo()
     return [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
