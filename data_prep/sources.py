@@ -44,6 +44,7 @@ reports the rest as one reject.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import re
@@ -57,6 +58,8 @@ from data_prep.datasets import to_native
 from data_prep.errors import PrepError
 from data_prep.formats import FormatError
 from data_prep.media import IMAGE_EXTENSIONS, Blob, FrameList
+
+logger = logging.getLogger(__name__)
 
 MEDIA_FIELDS = ("image", "video", "audio")
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar")
@@ -134,8 +137,9 @@ def discover_sources(inputs: list[Path], cwd: Path | None = None,
                      dataset_format: str | None = None) -> list[SourceFile]:
     """Input arguments (JSONL, JSON, Parquet and tar files, folders of them) -> sources in processing order.
 
-    A folder contributes its ``*.jsonl``, ``*.json``, ``*.parquet`` and ``*.tar``, sorted by name.
-    ``dataset_format``: a name in ``data_prep.datasets.REGISTRY`` to convert every record with.
+    A folder contributes its ``*.jsonl``, ``*.json`` (not metadata files: ``_is_metadata_json``),
+    ``*.parquet`` and ``*.tar``, sorted by name. ``dataset_format``: a name in
+    ``data_prep.datasets.REGISTRY`` to convert every record with.
     """
     if dataset_format is not None:
         from data_prep.datasets import resolve
@@ -149,7 +153,8 @@ def discover_sources(inputs: list[Path], cwd: Path | None = None,
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES
+                           and not _is_metadata_json(p))
             if not found:
                 raise PrepError(f"input folder {path} holds no *.jsonl or *.tar, *.json or *.parquet files")
             files.extend(found)
@@ -176,6 +181,25 @@ def discover_sources(inputs: list[Path], cwd: Path | None = None,
     if not sources:
         raise PrepError("no inputs given: pass JSONL, JSON, Parquet or webdataset .tar files or folders of them")
     return sources
+
+
+def _is_metadata_json(path: Path) -> bool:
+    """A folder's ``.json`` that describes the data rather than holding it (``synth.json``,
+    ``dataset_info.json``, ...): neither an array nor JSON Lines, i.e. its first line is not a whole JSON
+    value (a pretty-printed object). Skipped when a folder is scanned; a file named on the command line is
+    read whatever it holds."""
+    if path.suffix != ".json":
+        return False
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20).strip()
+    if not first or first.startswith(b"["):
+        return False
+    try:
+        json.loads(first)
+    except ValueError:
+        logger.info("input folder: %s is not an array or JSON Lines (metadata?); skipped", path)
+        return True
+    return False
 
 
 def _file_format(path: Path) -> Literal["jsonl", "tar", "parquet", "json"]:

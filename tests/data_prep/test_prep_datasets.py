@@ -297,3 +297,15 @@ def test_json_arrays_json_lines_and_parquet_rows_auto_detected(tmp_path):
     assert broken["row"] is None and broken["reason"].startswith("not a readable Parquet file")
     assert malformed["row"] == 2 and malformed["reason"].startswith("malformed JSON: Expecting value")
     assert dup["row"] == 3 and dup["reason"] == "duplicate id 'o1' (first seen at row 1)"
+
+
+def test_a_folder_skips_its_metadata_json_but_reads_json_lines_and_arrays(tmp_path):
+    """A pretty-printed object (synth.json, dataset_info.json) describes the data: a folder scan skips it;
+    JSON Lines and arrays under .json are data. Named explicitly, a file is read whatever it holds."""
+    from data_prep.sources import discover_sources
+
+    (tmp_path / "info.json").write_text(json.dumps({"counts": {"text": 2}}, indent=2))
+    (tmp_path / "lines.json").write_text('{"id": "a", "kind": "text", "text": "x"}\n')
+    (tmp_path / "array.json").write_text('[\n  {"id": "b", "kind": "text", "text": "y"}\n]\n')
+    assert [s.source for s in discover_sources([tmp_path], cwd=tmp_path)] == ["array", "lines"]
+    assert [s.source for s in discover_sources([tmp_path / "info.json"], cwd=tmp_path)] == ["info"]
