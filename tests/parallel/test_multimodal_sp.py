@@ -57,13 +57,14 @@ def _loss_and_grads(model, group=None, batch=None) -> tuple[float, dict[str, tor
     return (loss / total).item(), grads
 
 
-def _sp_body(full_state: dict) -> dict:
+def _sp_body(full_state: dict, extra: tuple[str, ...] = ()) -> dict:
     from megatron.core import parallel_state as ps
 
+    from tests.parallel.test_multimodal_zero3 import split_meta
     from xoron_dist.parallel import state
     from xoron_dist.parallel.parallelize import parallelize
 
-    cfg = tiny_cfg("parallel.sp=2")
+    cfg = tiny_cfg("parallel.sp=2", *extra)
     state.initialize(cfg)
     model = XoronMultimodalModel(cfg)
     model.load_state_dict(full_state)
@@ -75,11 +76,17 @@ def _sp_body(full_state: dict) -> dict:
     loss, grads = _loss_and_grads(model, ps.get_context_parallel_group())
     text_loss, _ = _loss_and_grads(model, ps.get_context_parallel_group(), _text_only())
     return {"loss": loss, "grads": grads, "encoded": encoded, "layout": type(model.row_layout).__name__,
-            "text_loss": text_loss}
+            "text_loss": text_loss, "meta": split_meta(model), "sp": ps.get_context_parallel_rank(),
+            "tp": (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())}
 
 
 @pytest.mark.multirank
-def test_multimodal_sp2_with_a_span_across_the_chunk_boundary_equals_one_rank():
+@pytest.mark.parametrize("tp", [1, 2], ids=["sp2", "sp2xtp2"])
+def test_multimodal_sp2_with_a_span_across_the_chunk_boundary_equals_one_rank(tp):
+    """SP = 2, and SP = 2 x TP = 2 (TP-split encoders, projectors and fusion; each TP rank exchanges the
+    media within its own SP group, the TP peers encode the same share): loss and gradients (TP slices)."""
+    from tests.parallel.test_multimodal_zero3 import rank_part
+
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = XoronMultimodalModel(cfg)
@@ -92,17 +99,21 @@ def test_multimodal_sp2_with_a_span_across_the_chunk_boundary_equals_one_rank():
     assert float(model.fusion.layers[0].attn.q_proj.weight.grad.abs().sum()) > 0
     assert float(model.vision.patch_embed.weight.grad.abs().sum()) > 0
     ref_text_loss, _ = _loss_and_grads(model, batch=_text_only())
-    results = run_ranks(_sp_body, 2, full_state)
+    results = run_ranks(_sp_body, 2 * tp, full_state, (f"parallel.tp={tp}",))
     blank_image, blank_video = (16, 16, 3), (1, 8, 8, 3)
     text_only = [("vision", [blank_image]), ("video", [blank_video])]  # then every rank encodes the blanks
-    assert results[0]["encoded"] == [("vision", [(16, 12, 3)]), ("video", [(3, 16, 16, 3)]), *text_only]
-    assert results[1]["encoded"] == [("vision", [(12, 16, 3)]), ("video", [blank_video]), *text_only]
+    encoded = [[("vision", [(16, 12, 3)]), ("video", [(3, 16, 16, 3)]), *text_only],
+               [("vision", [(12, 16, 3)]), ("video", [blank_video]), *text_only]]
+    assert sorted((out["sp"], out["tp"][0]) for out in results) == [(s, t) for s in range(2) for t in range(tp)]
     for rank, out in enumerate(results):
+        assert out["encoded"] == encoded[out["sp"]], rank
         assert out["layout"] == "ZigzagMediaRows"
         assert out["loss"] == pytest.approx(ref_loss, rel=1e-5), (rank, out["loss"], ref_loss)
         assert out["text_loss"] == pytest.approx(ref_text_loss, rel=1e-5), (rank, out["text_loss"], ref_text_loss)
+        assert (tp > 1) == any(out["meta"][n][0] for n in out["grads"] if n.startswith("video."))
         for name, grad in out["grads"].items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=2e-6, msg=f"rank {rank}: {name}")
+            torch.testing.assert_close(grad, rank_part(name, out["meta"][name], ref_grads, *out["tp"]),
+                                       rtol=1e-4, atol=2e-6, msg=f"rank {rank}: {name}")
 
 
 Z3 = ["parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=2", "train.grad_clip=0",
@@ -230,17 +241,14 @@ def _layout_cfg(*extra):
     return tiny_cfg("data.source=arrow", "data.path=x", "train.seq_len=32", *extra)
 
 
-def test_layout_accepts_sp2_multimodal_and_refuses_generators_and_tp_or_pp_under_sp():
+def test_layout_accepts_sp2_multimodal_with_tp_pp_and_refuses_generators():
     from xoron_dist.parallel.layout import LayoutError, validate_layout
 
     assert validate_layout(_layout_cfg("parallel.sp=2"), 2).sp == 2
     assert validate_layout(_layout_cfg("parallel.pp=2", "parallel.zero_stage=1"), 2).pp == 2  # test_multimodal_pp.py
-    with pytest.raises(LayoutError, match="parallel.pp=2 and parallel.sp=2") as err:
-        validate_layout(_layout_cfg("parallel.pp=2", "parallel.sp=2", "parallel.zero_stage=1"), 4)
-    assert "set parallel.sp=1, or parallel.pp=1" in str(err.value)
+    assert validate_layout(_layout_cfg("parallel.pp=2", "parallel.sp=2", "parallel.zero_stage=1"), 4).sp == 2
+    assert validate_layout(_layout_cfg("parallel.sp=2", "parallel.tp=2"), 4).tp == 2
     with pytest.raises(LayoutError, match="model.image_gen enabled with parallel.sp=2") as err:
         validate_layout(_layout_cfg("parallel.sp=2", "model.image_gen.enabled=true"), 2)
     assert "parallel.sp=1" in str(err.value)
-    with pytest.raises(LayoutError, match="parallel.sp=2 and parallel.tp=2: .* set parallel.tp=1, or parallel.sp=1"):
-        validate_layout(_layout_cfg("parallel.sp=2", "parallel.tp=2"), 4)
     assert validate_layout(_layout_cfg("parallel.sp=2", "parallel.zero_stage=3"), 4).dp == 2

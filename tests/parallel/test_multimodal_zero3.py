@@ -10,6 +10,10 @@ image, rank 1 two images and no video; step 2, rank 0 holds images and a video, 
 a gloo size mismatch or as wrong gradients. Checked against the plain single-rank model on the
 global batch: loss and every gradient of both steps, the weights after two AdamW steps as the
 consolidation reads them from the ZeRO-3 checkpoint, and the checkpoint reloaded into the engine.
+
+The same batches on 4 ranks, dp 2 x tp 2 with EP = 2 over the data ranks, check ZeRO-3 with TP-split
+encoders, projectors and fusion layers and with spread experts (whole on each TP rank: with TP-split
+experts DeepSpeed's ZeRO-3 gradient norm misses the other TP ranks' slices, which the layout refuses).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from tests.model.test_xoron_multimodal import packed_batch, tiny_cfg
 from tests.parallel.harness import run_ranks
 from xoron_dist.model.llm import IGNORE_INDEX
 from xoron_dist.model.xoron import XoronMultimodalModel
+from xoron_dist.parallel.tensor import tp_slice
 
+# Adam's eps at 1e-6: with 1e-8 a weight whose gradient is ~1e-8 moves by g / (|g| + eps), which turns a
+# gradient difference far inside the gradients' tolerance (reduction order) into a visible weight difference.
 CFG = ["parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=2",
-       "train.grad_clip=0", "train.weight_decay=0"]
+       "train.grad_clip=0", "train.weight_decay=0", "train.eps=1e-6"]
 TEXT_KEYS = ("input_ids", "labels", "position_ids", "document_ids")
 
 
@@ -138,6 +145,123 @@ def test_multimodal_zero3_two_ranks_with_media_on_some_ranks_equal_one_rank(tmp_
         assert result["resumed"] == pytest.approx(result["saved"], rel=1e-6), rank
 
 
+EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."
+
+
+def split_meta(model) -> dict[str, tuple]:
+    """name -> (TP-split, partition dim, stride, first expert or None, rows along the partition dim) of every
+    parameter of a parallelized model (read before ``deepspeed.initialize``: ZeRO-3 empties the parameters)."""
+    firsts = {name: module.first_expert for name, module in model.named_modules() if hasattr(module, "first_expert")}
+    return {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0),
+                getattr(p, "partition_stride", 1), firsts.get(n.split(EXPERTS)[0]) if EXPERTS in n else None,
+                p.shape[getattr(p, "partition_dim", 0)] if p.ndim else 1)
+            for n, p in model.named_parameters()}
+
+
+def rank_part(name: str, meta: tuple, full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> torch.Tensor:
+    """What a tensor/expert-parallel rank's parameter ``name`` holds of the single-rank tensors ``full``:
+    an expert-parallel expert (``...experts.deepspeed_moe.experts.deepspeed_experts.<i>.<w>``) is row
+    ``first + i`` of the stacked ``...experts.<w>``; a TP-split tensor is this rank's slice (the vocabulary
+    padded to a multiple of tp first)."""
+    split, dim, stride, first, local_rows = meta
+    if first is not None:
+        prefix, rest = name.split(EXPERTS)
+        local, weight = rest.split(".")
+        tensor = full[f"{prefix}.{weight}"][first + int(local)]
+    else:
+        tensor = full[name]
+    if not split:
+        return tensor
+    rows = local_rows * tp
+    if tensor.shape[dim] < rows:  # the vocabulary padded for TP
+        pad = list(tensor.shape)
+        pad[dim] = rows - tensor.shape[dim]
+        tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=dim)
+    return tp_slice(tensor, dim, stride, tp_rank, tp)
+
+
+def _tp_ep_body(full_state: dict, extra: tuple[str, ...]) -> dict:
+    """Two ZeRO-3 steps (all weights partitioned, small buckets) of the layout ``extra``: per step the
+    summed token loss of this rank's rows, every full gradient, and DeepSpeed's gradient norm."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from megatron.core import parallel_state as ps
+
+    from xoron_dist.parallel import state
+    from xoron_dist.parallel.parallelize import parallelize
+    from xoron_dist.train.build import parameter_groups
+    from xoron_dist.train.ds_config import build_ds_config
+
+    cfg = tiny_cfg(*CFG, *extra)
+    ctx = state.initialize(cfg)
+    model = XoronMultimodalModel(cfg)
+    model.load_state_dict(full_state)
+    parallelize(model, cfg)
+    meta = split_meta(model)
+    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
+    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, reduce_bucket_size=20_000,
+                                   stage3_prefetch_bucket_size=20_000)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
+                                      mpu=state.mpu())
+    divisor = ctx.dp_size * cfg.parallel.sp  # what ZeRO-3 divides the gradients summed over data x sequence by
+    losses, grads, norms = [], [], []
+    for parts in _rank_batches():
+        batch = parts[ctx.dp_rank] if ctx.dp_size == len(parts) else _global(parts)
+        total = float(sum((p["labels"] != IGNORE_INDEX).sum() for p in parts))
+        out = engine(**batch)
+        token_sum = out.loss * out.num_tokens
+        engine.backward(token_sum * divisor / total)
+        losses.append(token_sum.item())
+        grads.append({n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()})
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    return dict(losses=losses, grads=grads, norms=norms, meta=meta, dp=(ctx.dp_rank, ctx.dp_size),
+                sp=ps.get_context_parallel_rank(),
+                tp=(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()))
+
+
+@pytest.mark.multirank
+def test_multimodal_zero3_with_tensor_and_expert_parallel_equals_one_rank():
+    """dp 2 x tp 2 with the LLM's experts spread over the 2 data ranks (EP = 2, whole experts), ZeRO-3
+    over 4 ranks; the data ranks hold different media (the batches above), the encoders, projectors,
+    fusion and generator-free LLM are TP-split and every weight partitioned over its data-parallel
+    group (experts over their replicas): the loss, every gradient (this rank's TP slice, its experts)
+    and DeepSpeed's gradient norm of two steps equal the single-rank model's."""
+    from xoron_dist.train.build import parameter_groups
+
+    layout = ("parallel.tp=2", "parallel.ep=2", "parallel.tp_experts=false")
+    cfg = tiny_cfg(*CFG)
+    torch.manual_seed(0)
+    model = XoronMultimodalModel(cfg)
+    with torch.no_grad():  # open the fusion gates, so the fusion layers' gradients are not all zero
+        for layer in model.fusion.layers:
+            layer.attn_gate.fill_(0.5)
+            layer.ffn_gate.fill_(0.5)
+    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = run_ranks(_tp_ep_body, 4, full_state, layout)
+
+    tc = cfg.train
+    opt = torch.optim.AdamW(parameter_groups(model, 0.0), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    assert {r["dp"] for r in results} == {(0, 2), (1, 2)} and {r["tp"] for r in results} == {(0, 2), (1, 2)}
+    for step, parts in enumerate(_rank_batches()):
+        opt.zero_grad()
+        out = model(**_global(parts))
+        out.loss.backward()
+        norm = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()) ** 0.5
+        full = {n: p.grad for n, p in model.named_parameters()}
+        by_dp = {r["dp"][0]: r["losses"][step] for r in results}
+        assert sum(by_dp.values()) / out.num_tokens == pytest.approx(out.loss.item(), rel=1e-5)
+        for rank, result in enumerate(results):
+            assert result["norms"][step] == pytest.approx(norm, rel=1e-5), (step, rank)
+            assert any(m[0] for n, m in result["meta"].items() if n.startswith("video."))
+            assert any(m[3] is not None for m in result["meta"].values())
+            for name, grad in result["grads"][step].items():
+                expected = rank_part(name, result["meta"][name], full, *result["tp"])
+                torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6,
+                                           msg=f"step {step + 1}, rank {rank}: gradient of {name}")
+        opt.step()
+
+
 def _layout_cfg(*extra):
     return tiny_cfg("data.source=arrow", "data.path=x", "parallel.zero_stage=3", *extra)
 
@@ -146,13 +270,17 @@ def test_layout_accepts_vision_and_video_under_zero3_and_refuses_the_rest_with_t
     from xoron_dist.parallel.layout import LayoutError, validate_layout
 
     assert validate_layout(_layout_cfg(), 2).zero_stage == 3
+    assert validate_layout(_layout_cfg("parallel.tp=2"), 2).tp == 2
+    assert validate_layout(_layout_cfg("parallel.ep=2"), 2).ep == 2
+    assert validate_layout(_layout_cfg("parallel.tp=2", "parallel.ep=2", "parallel.tp_experts=false"), 4).ep == 2
     refused = [
-        (("model.image_gen.enabled=true",), "model.image_gen enabled with parallel.zero_stage=3"),
-        (("model.audio.enabled=true",), "model.audio.enabled with parallel.zero_stage=3"),
-        (("parallel.tp=2",), "parallel.zero_stage=3 and parallel.tp=2"),
+        (("model.image_gen.enabled=true",), 2, "model.image_gen enabled with parallel.zero_stage=3"),
+        (("model.audio.enabled=true",), 2, "model.audio.enabled with parallel.zero_stage=3"),
+        (("parallel.tp=2", "parallel.ep=2"), 4, "parallel.tp_experts = true with parallel.ep=2, parallel.tp=2 and "
+                                                "parallel.zero_stage=3: .* set parallel.tp_experts=false"),
     ]
-    for extra, message in refused:
+    for extra, world, message in refused:
         with pytest.raises(LayoutError, match=message) as err:
-            validate_layout(_layout_cfg(*extra), 2)
+            validate_layout(_layout_cfg(*extra), world)
         assert "parallel.zero_stage<=2" in str(err.value)
     assert validate_layout(_layout_cfg("model.image_gen.enabled=true", "parallel.zero_stage=2"), 2).zero_stage == 2

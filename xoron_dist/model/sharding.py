@@ -23,7 +23,9 @@ def tensor_plan(model: nn.Module, cfg: XoronConfig) -> TensorPlan:
         return llm_plan(cfg.llm, split_experts)
     plan = dict(nest("llm", llm_plan(cfg.llm, split_experts)))
     for row in model.media:
-        plan.update(nest(row.encoder, row.tensor_plan(cfg, getattr(model, row.encoder))))
+        encoder = getattr(model, row.encoder)
+        if encoder is not None:  # None on a pipeline stage after the first (the encoders sit on stage 0)
+            plan.update(nest(row.encoder, row.tensor_plan(cfg, encoder)))
         plan.update(nest(row.projector, perceiver_plan(cfg.llm.hidden_size, cfg.model.projector.num_heads)))
     for row in model.generators:
         plan.update(nest(row.generator, row.generator_plan(cfg)))

@@ -209,11 +209,6 @@ def _encoder_heads_divide(cfg: XoronConfig, s: _Sizes) -> str | None:
             f"by heads; pick tp from {_divisors(n)}")
 
 
-def _above_one(s: _Sizes, *keys: str) -> list[str]:
-    """``parallel.<key>=<value>`` for each of ``keys`` whose size exceeds 1 (what a rule names as the cause)."""
-    return [f"parallel.{key}={getattr(s, key)}" for key in keys if getattr(s, key) > 1]
-
-
 def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
     encoders = list(dict.fromkeys([row.section for row in understood(cfg)]
                                   + [row.generator_section for row in generated(cfg)]))
@@ -228,23 +223,15 @@ def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
         return (f"train.sample_every = {cfg.train.sample_every} with model.{generators[0]} and parallel.pp={s.pp}: "
                 "generating samples through the pipeline stages is not built (the LLM is split over the stages, "
                 "the generator sits on the last); set train.sample_every=0 for this stage, or parallel.pp=1")
-    if s.pp > 1 and (bad := _above_one(s, "tp", "sp", "ep")):
-        return (f"model.{'/'.join(encoders)} enabled with parallel.pp={s.pp} and {', '.join(bad)}: the multimodal "
-                "pipeline (encoders on stage 0, media tokens sent beside the hidden states) is tested with data "
-                f"parallelism only; set {', '.join(b.split('=')[0] + '=1' for b in bad)}, or parallel.pp=1")
     if s.sp > 1 and generators:
         return (f"model.{generators[0]} enabled with parallel.sp={s.sp}: a generator reads the LLM's states of "
                 f"whole requests, which the ring cuts over the sequence-parallel ranks; set parallel.sp=1, or "
                 f"model.{generators[0]}.enabled=false for this stage")
-    if s.sp > 1 and s.tp > 1:
-        return (f"model.{'/'.join(encoders)} enabled with parallel.sp={s.sp} and parallel.tp={s.tp}: the media "
-                "exchange over the sequence-parallel ranks is tested with whole (tp = 1) encoders only; set "
-                "parallel.tp=1, or parallel.sp=1")
     return None
 
 
 # Media whose every module runs the same calls on every rank for any micro-batch (``XoronMultimodalModel``),
-# tested under ZeRO-3 on 2 ranks against one (tests/parallel/test_multimodal_zero3.py).
+# tested under ZeRO-3 on 2 ranks (dp) and 4 (dp x tp, ep) against one (tests/parallel/test_multimodal_zero3.py).
 _ZERO3_MEDIA = ("vision", "video")
 
 
@@ -263,13 +250,17 @@ def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
         return (f"model.{untested[0]}.enabled with parallel.zero_stage=3: only the {' and '.join(_ZERO3_MEDIA)} "
                 f"encoders are built and tested under ZeRO-3; use parallel.zero_stage<=2, or set "
                 f"model.{untested[0]}.enabled=false")
-    bad = _above_one(s, "tp", "ep")
-    if not bad:
+    return None
+
+
+def _zero3_split_experts(cfg: XoronConfig, s: _Sizes) -> str | None:
+    if s.zero_stage != 3 or s.ep == 1 or s.tp == 1 or not cfg.parallel.tp_experts:
         return None
-    return (f"the multimodal model with parallel.zero_stage=3 and {', '.join(bad)}: ZeRO-3 trains it with data "
-            "and sequence parallelism only (tensor and expert parallelism of the encoders under ZeRO-3 are not "
-            "tested yet); "
-            "set parallel.tp=1 and parallel.ep=1, or parallel.zero_stage<=2")
+    return (f"parallel.tp_experts = true with parallel.ep={s.ep}, parallel.tp={s.tp} and parallel.zero_stage=3: "
+            "DeepSpeed's ZeRO-3 adds up the expert gradients' norm over the expert groups but not over the "
+            "tensor-parallel ranks, so with experts split on their FFN dim the gradient norm (clipping, logging) "
+            "would miss the other TP ranks' slices; set parallel.tp_experts=false (whole experts on every TP "
+            "rank), or parallel.zero_stage<=2")
 
 
 def _pipeline_zero(cfg: XoronConfig, s: _Sizes) -> str | None:
@@ -322,6 +313,9 @@ RULES: tuple[Rule, ...] = (
          _experts_divide),
     Rule("ep", "ep divides dp·sp (expert groups are carved out of the data/sequence-parallel ranks)",
          _experts_carved_from_dp),
+    Rule("ep", "ZeRO-3 with ep > 1 and tp > 1: `parallel.tp_experts=false` (ZeRO-3's gradient norm of TP-split "
+               "experts misses the other TP ranks' slices)",
+         _zero3_split_experts),
     Rule("pp", "`model.llm.num_layers` ≥ pp (every stage at least one layer; uneven splits balanced)",
          _layers_fill_stages),
     Rule("pp", "`parallel.zero_stage` ≤ 1 when pp > 1 (DeepSpeed's pipeline engine refuses ZeRO-2/3)",
@@ -333,14 +327,16 @@ RULES: tuple[Rule, ...] = (
          _pipeline_tied_bf16),
     Rule("dp", "with an encoder or generator enabled (`model.vision`, `model.video`, ...; Arrow data): pp > 1 "
                "(encoders and projectors on stage 0, each fusion layer on its decoder layer's stage, the media "
-               "tokens sent beside the hidden states, image/video generators on the last stage) only without "
-               "`model.speech`, without generation samples (`train.sample_every` = 0) and with tp = sp = ep = 1; "
-               "sp > 1 (each medium encoded once per replica, its tokens exchanged over the SP ranks, rows cut "
-               "after the spans are filled) only without generators and with tp = 1",
+               "tokens sent beside the hidden states, image/video generators on the last stage; with any of "
+               "tp, sp, ep) only without `model.speech` (its head on the last stage trains the audio encoder on "
+               "stage 0) and without generation samples (`train.sample_every` = 0); sp > 1 (each medium "
+               "encoded once per replica, its tokens exchanged over the SP ranks of each TP rank, rows cut after "
+               "the spans are filled; with any of tp, pp, ep) only without generators (they read whole requests)",
          _multimodal_layout),
     Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision and video encoders (with projectors and fusion) "
-               "on data and sequence parallelism only (tp = 1, ep = 1); no generator (`model.image_gen`, "
-               "`model.video_gen`, `model.speech`) and no audio encoder",
+               "with any of dp, tp, sp, ep; no generator (`model.image_gen`, `model.video_gen`, `model.speech`: "
+               "per-item calls would make the ranks' ZeRO-3 gathers differ) and no audio encoder (not built "
+               "for ZeRO-3 yet)",
          _multimodal_zero3),
 )
 

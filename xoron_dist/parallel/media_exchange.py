@@ -20,6 +20,12 @@ model (``XoronMultimodalModel``) asks its ``row_layout`` three things, and this 
    simply split between its chunks. Embedding the whole row on every SP rank costs one embedding
    lookup per rank; the decoder layers, fusion layers and LM head see only this rank's rows.
 
+With tensor parallelism the SP group is Megatron's context-parallel group of this rank's TP rank: the
+TP peers of an SP rank own the same media and run its (TP-split) encoders together, and each TP rank
+exchanges the projected tokens, which are whole on every TP rank, within its own SP group. Under
+pipeline parallelism this happens on stage 0; the hidden states of the rank's rows and all the media
+tokens travel on to the SP rank's peer on the next stage.
+
 The fusion layers get the global positions of the rank's rows (``positions``) and the whole rows'
 document ids, so a token reads the media of its own document that start at or before it, wherever
 its text and the media's span live. Every SP rank makes the same collective calls for every

@@ -126,9 +126,14 @@ class _StageWork:
         self.media_shape = getattr(engine.module, "media_carry_shape", None)  # the multimodal model's
 
     def activations(self, batch: dict) -> Tensors:
-        """Empty buffers for what crosses a stage boundary: (batch, seq, hidden), then, for the multimodal
-        model with media in this micro-batch, the fusion layers' media tokens (batch, width, hidden)."""
-        shapes = [(*batch["input_ids"].shape, self.stage.hidden_size)]
+        """Empty buffers for what crosses a stage boundary: (batch, seq or this SP rank's rows, hidden), then,
+        for the multimodal model with media in this micro-batch, the fusion layers' media tokens (batch, width,
+        hidden)."""
+        rows, seq = batch["input_ids"].shape
+        # the multimodal model reads whole rows and, under sequence parallelism, computes its zig-zag part
+        layout = getattr(self.engine.module, "row_layout", None)
+        local = layout.positions(seq, self.device) if layout is not None else None
+        shapes = [(rows, seq if local is None else local.numel(), self.stage.hidden_size)]
         media = self.media_shape(batch) if self.media_shape is not None else None
         shapes += [media] if media is not None else []
         return [torch.empty(*shape, dtype=self.dtype, device=self.device) for shape in shapes]
