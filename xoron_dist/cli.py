@@ -1,6 +1,6 @@
 """``xoron <verb>``: the one command line of the project. Each verb parses, then calls a function.
 
-    xoron train --config pipelines/smoke.yaml [--nproc N] [--resume [--reshard]] [key.sub=value ...]
+    xoron train --config pipelines/smoke.yaml [--nproc N] [--resume [--reshard [--reshard-optimizer M]]] [k=v ...]
     xoron build --config pipelines/xoron_full.yaml [key.sub=value ...]
     xoron synth --out DIR [--config RUN.yaml]          (xoron_dist/synth/cli.py)
     xoron prep --config RUN.yaml --out DIR INPUT...    (data_prep/cli.py)
@@ -31,6 +31,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             print("error: --reshard goes with --resume (it reslices the checkpoint a resume loads)", file=sys.stderr)
             return 2
         args.overrides = [*args.overrides, "train.reshard=true"]
+    if args.reshard_optimizer != "auto":
+        if not args.reshard:
+            print("error: --reshard-optimizer goes with --resume --reshard (it says what the reshard does with Adam's "
+                  "moments)", file=sys.stderr)
+            return 2
+        args.overrides = [*args.overrides, f"train.reshard_optimizer={str(args.reshard_optimizer == 'carry').lower()}"]
     if args.nproc == 1:
         from xoron_dist.train.__main__ import main as train_main
 
@@ -94,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="start again, deleting old checkpoints")
     train.add_argument("--reshard", action="store_true",
                        help="with --resume: accept a checkpoint of another world size, layout or ZeRO stage "
-                            "(consolidated and resliced; optimizer moments start at zero)")
+                            "(consolidated and resliced, Adam's moments too where the checkpoint's layout holds "
+                            "them readably)")
+    train.add_argument("--reshard-optimizer", choices=("auto", "carry", "fresh"), default="auto",
+                       help="with --reshard: Adam's moments carried or refused (carry), started at zero (fresh), or "
+                            "carried where readable, else zero with a warning (auto; train.reshard_optimizer)")
     train.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     train.set_defaults(func=cmd_train)
 

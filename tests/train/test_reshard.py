@@ -1,8 +1,10 @@
 """Resharding (``train/reshard.py``): a checkpoint saved on 2 ranks under ZeRO-3 (dp 2) is resumed with
 ``train.reshard`` on 2 ranks under TP=2 and on 1 rank. The first loss after the resume must equal a
 one-rank reference: the plain model with the checkpoint's consolidated weights (expert biases
-included) on the batch at the saved data position. Without the flag, the resume is refused with the
-differences named. The trainer runs in-process on the multi-rank harness's forked ranks (no launcher)."""
+included) on the batch at the saved data position; with Adam's moments carried, the step after the resume
+updates the weights as the saved run did when it went on in its own layout without a stop. Without the flag,
+the resume is refused with the differences named. The trainer runs in-process on the multi-rank harness's
+forked ranks (no launcher)."""
 
 from __future__ import annotations
 
@@ -41,40 +43,57 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    """A run of 2 steps on 2 ranks, ZeRO-3 (its checkpoint step00000002), made once for the module."""
+    """A run on 2 ranks, ZeRO-3, made once for the module: its checkpoint step00000002 is what the tests
+    resume from; the same run went on to step 3 (step00000003: layout A continued, without a stop)."""
     root = tmp_path_factory.mktemp("reshard")
-    run_ranks(_train_rank, 2, str(root), SAVED, False, timeout=240)
+    run_ranks(_train_rank, 2, str(root), (*SAVED[:-1], "train.steps=3"), False, timeout=240)
     return root
 
 
 def _resumed_copy(saved: Path, tmp_path: Path) -> Path:
-    shutil.copytree(saved / "run", tmp_path / "run")
+    """The saved run as it stood after step 2 (its step-3 checkpoint left behind)."""
+    shutil.copytree(saved / "run", tmp_path / "run", ignore=shutil.ignore_patterns("step00000003"))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step00000002")
     return tmp_path
 
 
-def _reference_loss(saved: Path, zero_biases: bool = False) -> float:
-    """The step-3 loss of one rank that loads the consolidated step-2 weights: the global batch of step 3
-    (data position step 2, micro-step 0) through the plain model."""
+def _reference_loss(saved: Path, zero_biases: bool = False, step: int = 2) -> float:
+    """The loss of step ``step`` + 1 on one rank that loads the consolidated weights of step ``step``: the
+    global batch of 4 rows (one data-parallel rank) at data position ``step``, micro-step 0, through the plain
+    model."""
     from xoron_dist.data.synthetic_text import SyntheticTextDataset
     from xoron_dist.export import consolidate
     from xoron_dist.tokenizer import build_tokenizer
 
-    ckpt = consolidate(saved / "run" / "checkpoints" / "step00000002")
+    ckpt = consolidate(saved / "run" / "checkpoints" / f"step{step:08d}")
     if zero_biases:
         ckpt.state = {k: torch.zeros_like(v) if k.endswith("expert_bias") else v for k, v in ckpt.state.items()}
     model = ckpt.build_model()
     tokenizer = build_tokenizer(ckpt.cfg, saved / "run" / "tokenizer")
     data = SyntheticTextDataset(tokenizer, ckpt.cfg.data.num_documents, ckpt.cfg.data.seed, 64)
-    rows = data.batch(2, 0, 0, 1, 4, grad_accum_steps=1)
+    rows = data.batch(step, 0, 0, 1, 4, grad_accum_steps=1)
     with torch.no_grad():
         return model(input_ids=rows[:, :-1], labels=rows[:, 1:]).loss.item()
 
 
+def _moments(root: Path, tag: str):
+    from xoron_dist.config import load_config
+    from xoron_dist.train.consolidation import read_full_moments
+    from xoron_dist.train.reshard import saved_layout
+
+    run = root / "run"
+    ckpt = run / "checkpoints" / tag
+    layout = saved_layout(run, ckpt, load_config(run / "config.yaml"))
+    return read_full_moments(ckpt, layout.cfg, layout.world_size)
+
+
 @pytest.mark.multirank
 def test_dp2_zero3_checkpoint_resumes_on_tp2_and_on_one_rank(saved, tmp_path):
-    """dp2 ZeRO-3 -> tp2 ZeRO-1 (2 ranks), and -> 1 rank ZeRO-3 (its partitions written directly): the first
-    loss after the resume is the one-rank reference's, with the data position and the LR schedule where the
-    run stopped; the expert biases travel (the reference without them differs)."""
+    """dp2 ZeRO-3 -> tp2 ZeRO-1 (2 ranks) with Adam's moments carried, and -> 1 rank ZeRO-3 (its partitions
+    written directly) without them. The first loss after the resume is the one-rank reference's, with the data
+    position and the LR schedule where the run stopped; the expert biases travel (the reference without them
+    differs). The update of step 3 on tp2 equals that of the saved run, which went on in its own layout without a
+    stop; with fresh moments it does not."""
     state = torch.load(saved / "run" / "checkpoints" / "step00000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)["module"]
     assert state["layers.1.ffn.router.expert_bias"].abs().sum() > 0  # the biases moved during the 2 steps
@@ -84,10 +103,12 @@ def test_dp2_zero3_checkpoint_resumes_on_tp2_and_on_one_rank(saved, tmp_path):
 
     tp2 = _resumed_copy(saved, tmp_path / "tp2")
     run_ranks(_train_rank, 2, str(tp2), ("parallel.tp=2", "parallel.zero_stage=1", "train.micro_batch_size=4",
-                                          "train.steps=3", "train.reshard=true"), True, timeout=240)
+                                          "train.steps=3", "train.reshard=true", "train.reshard_optimizer=true"),
+              True, timeout=240)
     one = _resumed_copy(saved, tmp_path / "one")
     run_ranks(_train_rank, 1, str(one), ("parallel.zero_stage=3", "train.micro_batch_size=4", "train.steps=3",
-                                          "train.reshard=true"), True, timeout=240)
+                                          "train.reshard=true", "train.reshard_optimizer=false"), True, timeout=240)
+    assert _losses(saved / "run")[3] == pytest.approx(reference, rel=1e-5, abs=1e-6)  # layout A, no stop
     for root in (tp2, one):
         losses = _losses(root / "run")
         assert sorted(losses) == [1, 2, 3]
@@ -97,19 +118,30 @@ def test_dp2_zero3_checkpoint_resumes_on_tp2_and_on_one_rank(saved, tmp_path):
         assert (root / "run" / "checkpoints" / "step00000003" / "trainer_state.json").is_file()
     assert (tp2 / "run" / "checkpoints" / "step00000003" / "mp_rank_01_model_states.pt").is_file()
 
-    # The update after the resume: one AdamW step (fresh moments: about lr = 3e-3 per weight) from the
-    # step-2 weights, the same on both layouts (the fp32 weights the checkpoints hold, read back).
+    # The weights after the resumed step (the fp32 masters the step-3 checkpoints hold, read back): tp2 with the
+    # moments carried makes the update the dp2 ZeRO-3 run made (measured 6e-8 apart: summation order); the
+    # one rank with fresh moments makes Adam's first step (about lr = 3e-3 per weight; measured 4e-3 apart)
     from xoron_dist.export import consolidate
 
     before = consolidate(saved / "run" / "checkpoints" / "step00000002").state
     after = {root.name: consolidate(root / "run" / "checkpoints" / "step00000003").state for root in (tp2, one)}
+    after["same"] = consolidate(saved / "run" / "checkpoints" / "step00000003").state  # layout A, no stop
+    weights = [k for k in before if not k.endswith("expert_bias")]  # biases follow the balancer, not AdamW
     for state in after.values():
-        weights = [k for k in before if not k.endswith("expert_bias")]  # biases follow the balancer, not AdamW
         moved, name = max(((state[k] - before[k]).abs().max().item(), k) for k in weights)
         assert 0 < moved < 1e-2, (moved, name)
-    # Adam's first step from zero moments is lr·g/(|g| + eps): where |g| is near eps, the layouts' different
-    # summation orders move a weight by a visible fraction of lr (3e-3), so the bound is 1e-4, not 1e-5
-    assert max((after["tp2"][k] - after["one"][k]).abs().max().item() for k in before) < 1e-4
+    assert max((after["tp2"][k] - after["same"][k]).abs().max().item() for k in weights) < 1e-6
+    assert max((after["one"][k] - after["same"][k]).abs().max().item() for k in weights) > 1e-3
+
+    # The moments themselves: tp2's (ZeRO-1 fragments of TP slices) and the ZeRO-3 run's (partitions) read back
+    # to the same full tensors (measured 5e-7 of each tensor's largest entry apart), at Adam's step 3; the fresh
+    # run's count started again
+    carried, continued = _moments(tp2, "step00000003"), _moments(saved, "step00000003")
+    assert carried.step == continued.step == 3 and _moments(one, "step00000003").step == 1
+    for key, full in continued.moments.items():
+        assert sorted(carried.moments[key]) == sorted(full)
+        for name, value in full.items():
+            assert (carried.moments[key][name] - value).abs().max() <= 1e-5 * value.abs().max(), (key, name)
 
 
 def test_a_changed_layout_without_reshard_is_refused_with_what_differs(saved, tmp_path, capsys):
@@ -135,3 +167,21 @@ def test_a_changed_layout_without_reshard_is_refused_with_what_differs(saved, tm
 
     assert xoron(["train", "--config", str(SMOKE), "--reshard"]) == 2
     assert "--reshard goes with --resume" in capsys.readouterr().err
+    assert xoron(["train", "--config", str(SMOKE), "--resume", "--reshard-optimizer", "carry"]) == 2
+    assert "--reshard-optimizer goes with --resume --reshard" in capsys.readouterr().err
+
+
+def test_moments_of_a_zero0_checkpoint_are_refused_with_the_reason(saved, tmp_path):
+    """ZeRO-0 saves torch's positional optimizer state_dict: its moments are refused naming why and the way
+    out (the weights of the same files still consolidate)."""
+    from xoron_dist.config import load_config
+    from xoron_dist.export import consolidate
+    from xoron_dist.train.consolidation import ConsolidationError, read_full_moments, read_full_tensors
+
+    cfg = load_config(SMOKE, [*COMMON, "parallel.zero_stage=0"])
+    torch.save({"module": consolidate(saved / "run" / "checkpoints" / "step00000002").state},
+               tmp_path / "mp_rank_00_model_states.pt")  # a one-rank ZeRO-0 checkpoint's model file
+    assert len(dict(read_full_tensors(tmp_path, cfg, 1))) > 0
+    with pytest.raises(ConsolidationError, match=r"ZeRO-0 checkpoint's optimizer state .* cannot be matched to "
+                                                 r"their parameters; .*train\.reshard_optimizer=false"):
+        read_full_moments(tmp_path, cfg, 1)

@@ -16,29 +16,43 @@ from pathlib import Path
 import pytest
 
 from tests.parallel.harness import run_ranks
-from tests.train.test_reshard import _losses, _reference_loss, _train_rank
+from tests.train.test_reshard import _losses, _moments, _reference_loss, _train_rank
 
 REPO = Path(__file__).resolve().parents[2]
 CURRICULUM = REPO / "pipelines" / "curriculum_smoke.yaml"
-# dp2 ZeRO-1 for 2 steps (global batch 2 ranks x 4 rows), then tp2 (dp 1, 4 rows): the batch of step 3 is the
-# one test_reshard's reference takes (position step 2, 4 rows of 64 tokens)
-DP_THEN_TP = ("train.micro_batch_size=4", "train.steps=3",
-              "stages=[{name: dp, steps: 2}, {name: tp, steps: 1, parallel: {tp: 2}}]")
+# dp2 ZeRO-1 for 2 steps (global batch 2 ranks x 4 rows), then tp2 (dp 1, 4 rows) carrying Adam's moments, then
+# sp2 x dp1 (ring attention, 4 rows): the batch of step k + 1 is the one test_reshard's reference takes at
+# position k (4 rows of 64 tokens)
+DP_TP_SP = ("train.micro_batch_size=4", "train.steps=4", "train.keep_checkpoints=3",
+            "stages=[{name: dp, steps: 2}, {name: tp, steps: 1, parallel: {tp: 2}, carry_optimizer: true}, "
+            "{name: sp, steps: 1, parallel: {sp: 2}}]")
 
 
 @pytest.mark.multirank
-def test_dp2_zero1_then_tp2_first_loss_equals_one_rank_on_the_consolidated_weights(tmp_path):
-    run_ranks(_train_rank, 2, str(tmp_path), DP_THEN_TP, False, timeout=240)
+def test_dp2_then_tp2_then_sp2_first_losses_equal_one_rank_on_the_consolidated_weights(tmp_path):
+    """Two layout changes in one run: dp2 ZeRO-1 -> tp2 (Adam's moments carried: the stage sets
+    carry_optimizer) -> sp2 x dp1. The first loss of each new stage equals a one-rank reference that loads the
+    same consolidated weights."""
+    run_ranks(_train_rank, 2, str(tmp_path), DP_TP_SP, False, timeout=240)
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records] == ["dp", "dp", "tp"]
+    assert [r["stage"] for r in records] == ["dp", "dp", "tp", "sp"]
     assert _losses(run)[3] == pytest.approx(_reference_loss(tmp_path), rel=1e-5, abs=1e-6)
+    assert _losses(run)[4] == pytest.approx(_reference_loss(tmp_path, step=3), rel=1e-5, abs=1e-6)
     # each stage's checkpoint is written in its own layout and names it by its config hash
     assert not (run / "checkpoints" / "step00000002" / "mp_rank_01_model_states.pt").exists()
     assert (run / "checkpoints" / "step00000003" / "mp_rank_01_model_states.pt").is_file()
     hashes = {json.loads((run / "checkpoints" / tag / "trainer_state.json").read_text())["state"]["config_hash"]
-              for tag in ("step00000002", "step00000003")}
-    assert len(hashes) == 2
+              for tag in ("step00000002", "step00000003", "step00000004")}
+    assert len(hashes) == 3
+
+    # The tp stage continued the dp stage's Adam: step count 2 + 1, and exp_avg_sq = beta2 * the carried one
+    # + (1 - beta2) * grad^2 >= beta2 * the carried one everywhere (fresh moments, (1 - beta2) * grad^2 alone,
+    # fall below it almost everywhere)
+    first, carried = _moments(tmp_path, "step00000002"), _moments(tmp_path, "step00000003")
+    assert (first.step, carried.step) == (2, 3)
+    for name, before in first.moments["exp_avg_sq"].items():
+        assert (carried.moments["exp_avg_sq"][name] >= 0.95 * before * (1 - 1e-5)).all(), name
 
     from xoron_dist.config import ConfigError, load_config
     from xoron_dist.export import consolidate
@@ -80,6 +94,12 @@ def test_stage_layouts_are_validated_by_the_rules_and_leave_the_run_hash_alone()
     stages[1] = dataclasses.replace(stages[1], parallel={"zero_stag": 3})
     with pytest.raises(ConfigError, match=r"unknown config key 'stages\[1\]\.parallel\.zero_stag'; did you mean"):
         dataclasses.replace(cfg, stages=stages)
+    from xoron_dist.train.stages import plan_stages
+
+    stages = [dataclasses.replace(cfg.stages[0], carry_optimizer=True), *cfg.stages[1:]]
+    with pytest.raises(ConfigError, match=r"'stages\[0\]\.carry_optimizer' = True is invalid: the first stage has no "
+                                          r"previous stage"):
+        plan_stages(dataclasses.replace(cfg, stages=stages))
 
     # the full recipe: each stage's xoron plan layout for 4 nodes x 8 GPUs
     full = load_config(REPO / "pipelines" / "xoron_full.yaml")

@@ -91,6 +91,10 @@ class TrainConfig:
     # --resume from a checkpoint of another world size, parallel layout or ZeRO stage: consolidate it and
     # reslice it into this layout (train/reshard.py; ``xoron train --resume --reshard``). Off: refused.
     reshard: bool = False
+    # With reshard: Adam's moments and step count resliced too (train/reshard.py). None: when the checkpoint's
+    # layout holds readable moments (ZeRO 1-3), else they start at zero with a warning; true: carried, or the
+    # resume is refused naming why; false: they start at zero.
+    reshard_optimizer: bool | None = None
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -419,6 +423,9 @@ class StageConfig:
     # This stage's own parallel layout: ParallelConfig fields (tp, pp, sp, ep, zero_stage, ...) that override
     # the run's ``parallel``; empty: the run's. A change between stages reslices the weights (train/reshard.py).
     parallel: dict[str, Any] = field(default_factory=dict)
+    # Adam's moments and step count from the previous stage's final checkpoint, resliced into this stage's
+    # layout (train/reshard.py); false: this stage's optimizer starts afresh. Refused when they cannot be read.
+    carry_optimizer: bool = False
 
     def parallel_over(self, base: ParallelConfig) -> ParallelConfig:
         """The stage's layout: ``base`` (the run's ``parallel``) with this stage's fields replaced."""

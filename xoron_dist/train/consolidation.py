@@ -11,6 +11,9 @@
       ─► the plain model's ``state_dict()`` names (``XoronLLM``, or ``XoronMultimodalModel`` when the
          run trained one), one tensor at a time
 
+``read_full_moments`` joins Adam's moments (``exp_avg``, ``exp_avg_sq``) the same way, from the same
+optimizer files (``moment_shards.py``), for the trainer's reshard.
+
 The world size of the run is never started: the files are memory-mapped and each full tensor is
 built from its pieces alone, so the peak memory is the output (one fp32 copy of the model) plus
 the largest tensor (README, Export, has the measured numbers).
@@ -57,6 +60,7 @@ from xoron_dist.train.deepspeed_shards import (
     zero12_masters,
     zero_file,
 )
+from xoron_dist.train.moment_shards import MOMENTS, RankMoments, zero3_moments, zero12_moments
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +148,23 @@ def read_full_tensors(tag_dir: Path, cfg: XoronConfig, world_size: int) -> Itera
     return _LayoutReader(Path(tag_dir), cfg, world_size).full_tensors()
 
 
+@dataclass
+class FullMoments:
+    """Adam's moments of a checkpoint as full tensors: ``moments[key][name]`` (key ``exp_avg`` /
+    ``exp_avg_sq``; the plain model's names and shapes, like the weights) and Adam's ``step`` count.
+    Tensors the optimizer held no moments for (buffers, frozen weights) are absent."""
+
+    moments: dict[str, dict[str, torch.Tensor]]
+    step: int
+
+
+def read_full_moments(tag_dir: Path, cfg: XoronConfig, world_size: int) -> FullMoments:
+    """Adam's moments of the checkpoint ``tag_dir`` (saved by ``world_size`` ranks in ``cfg``'s layout),
+    joined exactly as ``read_full_tensors`` joins the fp32 masters (``moment_shards.py`` says which
+    layouts hold readable moments; the others raise ``ConsolidationError`` naming why)."""
+    return _LayoutReader(Path(tag_dir), cfg, world_size).full_moments()
+
+
 class _LayoutReader:
     """One checkpoint's files, read per model-parallel rank and joined into the plain model's tensors."""
 
@@ -193,6 +214,52 @@ class _LayoutReader:
         elif self.zero == 3:
             state.update(zero3_masters(self.tag_dir, mp, self.grid, local))
         return stack_experts(state, self.num_experts)
+
+    def rank_moments(self, mp: int) -> RankMoments:
+        """Model-parallel rank ``mp``'s Adam moments, experts stacked as the weights are."""
+        local = {moe: count // self.grid.ep for moe, count in self.num_experts.items()}
+        if self.zero in (1, 2):
+            shapes = {name: tuple(piece().shape) for name, piece in module_state(self.tag_dir, mp, self.zero).items()}
+            found = zero12_moments(self.tag_dir, mp, self.grid, shapes, local, self.bf16)
+        elif self.zero == 3:
+            found = zero3_moments(self.tag_dir, mp, self.grid, local)
+        else:
+            raise ConsolidationError(
+                f"{self.tag_dir}: a ZeRO-0 checkpoint's optimizer state is torch's state_dict, keyed by position in "
+                "parameter groups that no file names, so its moments cannot be matched to their parameters; it "
+                "can be resharded with fresh moments (train.reshard_optimizer=false), or saved under ZeRO 1-3")
+        return RankMoments({key: stack_experts(state, self.num_experts) for key, state in found.states.items()},
+                           found.step)
+
+    def full_moments(self) -> FullMoments:
+        """Every rank's moments joined over pipeline stages and tensor-parallel slices, by plain-model name."""
+        tp, pp = self.grid.tp, self.grid.pp
+        states: dict[str, list[RankState]] = {key: [{} for _ in range(tp)] for key in MOMENTS}
+        steps = set()
+        for stage in range(pp):
+            for t in range(tp):
+                found = self.rank_moments(stage * tp + t)
+                steps.add(found.step)
+                for key in MOMENTS:
+                    states[key][t].update(found.states[key])
+        if len(steps) != 1:
+            raise ConsolidationError(f"{self.tag_dir}: the model-parallel ranks' optimizer files hold different Adam "
+                                     f"step counts {sorted(steps)} (files from different saves)")
+        splits = _tp_splits(self.cfg, self.multimodal) if tp > 1 else {}
+        twins = _tied_twins(self.plain)
+        moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in MOMENTS}
+        for key, by_rank in states.items():
+            used = set()
+            for name, ref in self.plain.state_dict().items():
+                source = name if name in by_rank[0] else twins.get(name, name)
+                if source in by_rank[0]:
+                    used.add(source)
+                    moments[key][name] = self._full(name, [s.get(source) for s in by_rank], splits.get(name), ref)
+            extra = sorted(set(by_rank[0]) - used)
+            if extra:
+                raise ConsolidationError(f"{self.tag_dir} holds another model config: Adam moments of {len(extra)} "
+                                         f"tensor(s) the run's config does not build, e.g. '{extra[0]}'")
+        return FullMoments(moments, steps.pop())
 
     def tp_states(self) -> list[RankState]:
         """Per tensor-parallel rank, its pipeline stages' tensors together."""
@@ -291,5 +358,5 @@ def parameter_counts(state: dict[str, Any], multimodal: bool) -> dict[str, int]:
     return counts
 
 
-__all__ = ["ConsolidatedCheckpoint", "ConsolidationError", "consolidate", "find_checkpoint", "parameter_counts",
-           "read_full_tensors", "run_config"]
+__all__ = ["ConsolidatedCheckpoint", "ConsolidationError", "FullMoments", "consolidate", "find_checkpoint",
+           "parameter_counts", "read_full_moments", "read_full_tensors", "run_config"]

@@ -12,6 +12,10 @@ layout and loads it into this run's freshly built engine:
       ─► into the engine: parameters and buffers (expert biases) copied; under ZeRO-3 this rank's
          flat partition written straight into ``ds_tensor``; then the optimizer's fp32 masters
          refreshed from them (DeepSpeed's own ``refresh_fp32_params``)
+      ─► Adam's moments (``train.reshard_optimizer``): the same three steps for ``exp_avg`` and
+         ``exp_avg_sq`` (``consolidation.read_full_moments``: joined like the masters, from the same
+         ZeRO files, ``train/moment_shards.py``; cut by the same ``parallelize``), written where this
+         rank's optimizer keeps them (``load_into_optimizer``), with Adam's step count
 
 Consolidate-and-reslice, not DeepSpeed's universal checkpoint. The universal checkpoint
 (``ds_to_universal`` + ``load_universal``) converts the ZeRO files to per-parameter fp32 folders,
@@ -21,12 +25,21 @@ would each need a pattern description, it needs an offline conversion step and a
 the checkpoint on disk, and its loading path for MoE under ZeRO-3 is tied to DeepSpeed's MoE
 classes. Consolidation already reads every layout we write (tested against the single-rank weights
 in tests/export/), and slicing through ``parallelize`` means a resharded rank holds exactly what a
-fresh build of the new layout holds, by construction. What it costs: optimizer moments are not
-carried (they start at zero with a logged warning; the fp32 master weights are carried), and each
-rank holds one full fp32 copy of the model on the host while it slices (the same peak a fresh build
-has: ``build_stage`` builds the whole plain model on every rank before it parallelizes it). Every
-rank reads the (shared, memory-mapped) files itself instead of rank 0 reading and broadcasting:
-no collective moves a full tensor, and the host memory per rank is the same either way.
+fresh build of the new layout holds, by construction; the moments take the same path, so they land
+beside their weights by the same construction. What it costs: each rank holds one full fp32 copy of
+the model on the host while it slices (the same peak a fresh build has: ``build_stage`` builds the
+whole plain model on every rank before it parallelizes it), three with the moments (weights,
+``exp_avg``, ``exp_avg_sq``). Every rank reads the (shared, memory-mapped) files itself instead of
+rank 0 reading and broadcasting: no collective moves a full tensor, and the host memory per rank is
+the same either way.
+
+Adam's moments (``train.reshard_optimizer``; default null = carried when the checkpoint's layout holds
+them readably, which is what a resume means: the run continues as if it had not stopped):
+ZeRO 1, 2 and 3 checkpoints (with TP, PP, EP, bf16) are read. ZeRO-0 is not: DeepSpeed saves torch's own
+optimizer ``state_dict()``, keyed by position in parameter groups no file names. ``true`` then refuses
+the resume naming that reason; null warns and starts the moments at zero; ``false`` always starts them
+at zero. Any target layout takes them (ZeRO 0-3, bf16), except an optimizer swapped to NVMe and fp16
+without ZeRO (refused naming it).
 
 What else carries over:
 
@@ -48,7 +61,11 @@ is always refused: there is nothing to reslice into.
 The same path carries the weights across a curriculum stage boundary where the next stage sets its own
 layout (``stages[i].parallel``; ``train/trainer.py``): no flag is needed for that planned change. A
 checkpoint saved inside such a stage carries the config hash of that stage's layout
-(``checkpoint.layout_configs``), so a resume compares it with the stage's layout, not the run's.
+(``checkpoint.layout_configs``), so a resume compares it with the stage's layout, not the run's. A new
+stage's optimizer starts afresh (its own LR schedule, often other frozen parts) unless the stage sets
+``carry_optimizer: true``: then the moments and step count come through this path too, whether or not
+the layout changes (parameters the previous stage froze start at zero moments), and a layout whose
+moments cannot be read is refused.
 """
 
 from __future__ import annotations
@@ -266,18 +283,119 @@ def _write_partition(param: torch.nn.Parameter, value: torch.Tensor, name: str) 
         part.data[:count].copy_(flat[start:start + count])
 
 
-def load_full_weights(engine: Any, ckpt_dir: Path, saved: SavedLayout, cfg: XoronConfig) -> None:
-    """Consolidate ``ckpt_dir`` (saved in ``saved``'s layout) and load this rank's share into ``engine``."""
-    from xoron_dist.train.consolidation import ConsolidationError, read_full_tensors
+def load_full_weights(engine: Any, ckpt_dir: Path, saved: SavedLayout, cfg: XoronConfig, *,
+                      moments: bool | None = False) -> bool:
+    """Consolidate ``ckpt_dir`` (saved in ``saved``'s layout) and load this rank's share into ``engine``;
+    with ``moments`` also Adam's moments and step count into its optimizer (True: or ``CheckpointError``
+    naming why they cannot be read; None: when they can be read, else a warning). Returns whether the
+    moments were carried."""
+    from xoron_dist.train.consolidation import ConsolidationError, read_full_moments, read_full_tensors
 
     try:
         full = dict(read_full_tensors(ckpt_dir, saved.cfg, saved.world_size))
     except ConsolidationError as err:
         raise CheckpointError(f"reshard: {err}") from None
     multimodal = any(name.startswith("llm.") for name in full)
-    local = local_state(full, cfg, multimodal)
+    load_into_engine(engine, local_state(full, cfg, multimodal))
+    if moments is False:
+        return False
+    try:
+        found = read_full_moments(ckpt_dir, saved.cfg, saved.world_size)
+    except ConsolidationError as err:
+        if moments:
+            raise CheckpointError(f"reshard: Adam's moments cannot be carried: {err}") from None
+        logger.warning("reshard: Adam's moments start at zero: %s", err)
+        return False
+    local = {}
+    for key, by_name in found.moments.items():
+        # buffers and weights the saving optimizer did not train have no moments: zero, as a fresh start has
+        whole = {name: by_name[name] if name in by_name else torch.zeros_like(tensor) for name, tensor in full.items()}
+        local[key] = local_state(whole, cfg, multimodal)
     del full
-    load_into_engine(engine, local)
+    load_into_optimizer(engine, local, found.step)
+    return True
+
+
+# --------------------------------------------------------------------------- optimizer moments
+
+
+def load_into_optimizer(engine: Any, moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+    """Write this rank's resliced Adam ``moments`` (key -> this rank's model names -> tensor, shaped like the
+    parameters) into the engine's optimizer, where it keeps them, and set Adam's ``step`` count:
+
+        ZeRO-3           the parameter's partition of its flat fp32 group (``grad_position``), cut as
+                         ``_write_partition`` cuts the weights
+        ZeRO-1/2, bf16   the parameter's fragment in this rank's flat fp32 partition (``_hp_mapping``:
+                         where DeepSpeed itself links the fragment)
+        no ZeRO (fp32)   torch's per-parameter state
+
+    The states are created here (torch's Adam creates them lazily at the first step, which then finds and
+    continues them)."""
+    optimizer = engine.optimizer
+    base = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside DeepSpeed's wrappers
+    params = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    if getattr(optimizer, "swap_optimizer", False):
+        raise CheckpointError("reshard: Adam's moments cannot be carried into an optimizer swapped to NVMe "
+                              "(offload_optimizer.device=nvme); set train.reshard_optimizer=false")
+    if any(hasattr(p, "ds_id") for _, p in params):
+        flats = list(optimizer.fp32_partitioned_groups_flat)
+    elif any(hasattr(p, "_hp_mapping") for _, p in params):
+        flats = [group["params"][0] for group in base.param_groups]
+    elif isinstance(base, torch.optim.Optimizer) and base is optimizer:
+        flats = [p for group in base.param_groups for p in group["params"]]
+    else:
+        raise CheckpointError(f"reshard: Adam's moments cannot be carried into {type(optimizer).__name__} (fp16 "
+                              "without ZeRO); set train.reshard_optimizer=false")
+    for flat in flats:
+        state = base.state[flat]
+        for key in moments:
+            state[key] = torch.zeros_like(flat, dtype=torch.float32)
+        state["step"] = _step_value(base, flat, step)
+    for group in base.param_groups:
+        if "step" in group:  # DeepSpeed's FusedAdam also keeps a group step
+            group["step"] = step
+    with torch.no_grad():
+        for name, param in params:
+            values = {key: _value(local, name) for key, local in moments.items()}
+            if hasattr(param, "ds_id"):
+                _write_zero3_moments(optimizer, param, values)
+            elif hasattr(param, "_hp_mapping"):
+                _write_fragment_moments(base, param, values)
+            else:
+                for key, value in values.items():
+                    base.state[param][key].copy_(value.view_as(param))
+
+
+def _step_value(base: Any, flat: torch.Tensor, step: int) -> Any:
+    """Adam's step in the form the optimizer keeps it: torch's Adam(W) a float32 tensor (on the device when
+    fused or capturable), DeepSpeed's FusedAdam and CPU Adam an int."""
+    if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
+        return int(step)
+    on_device = any(group.get("fused") or group.get("capturable") for group in base.param_groups)
+    return torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu")
+
+
+def _write_fragment_moments(base: Any, param: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
+    """ZeRO-1/2 (and bf16): the part of the parameter this rank's flat partition holds, if any."""
+    mapping = param._hp_mapping
+    if mapping is None:
+        return
+    flat = base.param_groups[mapping.param_group_index]["params"][0]
+    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+    for key, value in values.items():
+        base.state[flat][key].narrow(0, hp.start, hp.numel).copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
+
+
+def _write_zero3_moments(optimizer: Any, param: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
+    """ZeRO-3: this rank's partition (``partition_numel`` elements from ``partition_numel * rank`` in the
+    parameter's partition group, the tail beyond its elements zero) at its offset in its flat group."""
+    group, offset, size = optimizer.grad_position[optimizer.get_param_id(param)]
+    flat = optimizer.fp32_partitioned_groups_flat[group]
+    start = size * dist.get_rank(group=param.ds_process_group)
+    for key, value in values.items():
+        count = max(0, min(size, value.numel() - start))
+        if count:
+            optimizer.optimizer.state[flat][key].narrow(0, offset, count).copy_(value.reshape(-1)[start:start + count])
 
 
 # --------------------------------------------------------------------------- the rest of the state
@@ -317,13 +435,14 @@ def _scheduler_state(ckpt_dir: Path, saved: SavedLayout) -> dict[str, Any]:
 
 
 def load_resharded(engine: Any, ckpt_dir: Path, saved: SavedLayout, cfg: XoronConfig, ctx, *,
-                   module_only: bool) -> TrainerState:
+                   module_only: bool, moments: bool | None = False) -> TrainerState:
     """Restore a run from ``ckpt_dir`` (any layout) into this layout's ``engine``; every rank calls it.
     ``module_only``: weights and expert biases only (a new curriculum stage); else also the LR schedule,
     DeepSpeed's step counters, RNG and this rank's data position (in ``state.data_position``, or empty
-    when the data starts afresh). Optimizer moments start at zero (logged)."""
+    when the data starts afresh). ``moments``: Adam's moments and step count too (True: or refused;
+    None: when readable, else they start at zero with a warning; False: they start at zero)."""
     meta = json.loads((ckpt_dir / STATE_FILE).read_text())
-    load_full_weights(engine, ckpt_dir, saved, cfg)
+    carried = load_full_weights(engine, ckpt_dir, saved, cfg, moments=moments)
     state = TrainerState(**{k: v for k, v in meta["state"].items() if k in {f.name for f in
                                                                            dataclasses.fields(TrainerState)}})
     state.config_hash = config_hash(cfg)
@@ -344,8 +463,10 @@ def load_resharded(engine: Any, ckpt_dir: Path, saved: SavedLayout, cfg: XoronCo
         positions = [_rank_file(ckpt_dir, r).get("data_position", {}) for r in range(saved.world_size)]
         mapped = map_data_position(positions, ctx.dp_rank, ctx.dp_size)
         state.data_position = {} if mapped is None else {"source": mapped}
-        logger.warning("reshard: optimizer moments start at zero (the fp32 master weights are carried, Adam's "
-                       "moments are not)")
+    if moments is False and not module_only:  # a new stage's fresh optimizer is its plan, not news
+        logger.warning("reshard: optimizer moments start at zero (train.reshard_optimizer=false: the fp32 master "
+                       "weights are carried, Adam's moments are not)")
+    logger.info("reshard: Adam's moments and step count %s", "carried" if carried else "start afresh")
     logger.info("resharded %s (step %d) into this layout", ckpt_dir, state.step)
     return state
 

@@ -31,6 +31,7 @@ class StagePlan:
     bias_update: bool
     bias_update_rate: float
     trains: str = "all"  # all | base | adapters (``train/lora.py``)
+    carry_optimizer: bool = False  # Adam's moments from the previous stage (``train/reshard.py``)
 
     @property
     def last_step(self) -> int:
@@ -61,11 +62,14 @@ def plan_stages(cfg: XoronConfig) -> list[StagePlan]:
                                           warmup_steps=min(tc.warmup_steps, stage.steps))
         bias = cfg.llm.moe.bias_update if stage.expert_bias_update is None else stage.expert_bias_update
         rate = cfg.llm.moe.bias_update_rate if stage.expert_bias_update_rate is None else stage.expert_bias_update_rate
+        if stage.carry_optimizer and i == 0:
+            raise field_error("stages[0].carry_optimizer", True, "the first stage has no previous stage to carry "
+                              "Adam's moments from; set it on a later stage")
         if stage.trains not in (None, "all") and not cfg.model.lora.enabled:
             raise field_error(f"stages[{i}].trains", stage.trains, "needs adapters: set model.lora.enabled: true")
         plans.append(StagePlan(i, stage.name, first, stage.steps, seq_len, stage_train,
                                dict(stage.mix or cfg.data.mix), tuple(stage.kinds), tuple(stage.freeze), bias, rate,
-                               stage.trains or default_trains))
+                               stage.trains or default_trains, stage.carry_optimizer))
         first += stage.steps
     return plans
 

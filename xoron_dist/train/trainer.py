@@ -22,9 +22,11 @@ A signal saves and stops (exit status 3).
 A stage may set its own parallel layout (``stages[i].parallel``; the world size stays). At a boundary
 where the layout changes, the finished stage's engine is destroyed, the process groups are re-formed
 (``parallel_state.switch_layout``) and the next stage's engine takes the finished stage's final
-checkpoint resliced into its layout (``reshard.py``, the code ``--resume --reshard`` runs; optimizer
-moments start afresh at every stage boundary anyway). Its checkpoints carry that layout's config hash,
-so a resume inside it compares the checkpoint with that stage's layout. Without a change: no extra work.
+checkpoint resliced into its layout (``reshard.py``, the code ``--resume --reshard`` runs). Its
+checkpoints carry that layout's config hash, so a resume inside it compares the checkpoint with that
+stage's layout. Without a change: no extra work. A new stage's optimizer starts afresh, unless the stage
+sets ``carry_optimizer``: then Adam's moments and step count come through the same reslicing, whether or
+not the layout changes.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from xoron_dist.train.checkpoint import (
     latest_tag,
     load_checkpoint,
     peek_state,
+    resolve_tag,
     resume_tag,
     save_checkpoint,
 )
@@ -499,15 +502,17 @@ def _enter_stage(run: Run, built: BuiltStage, source, plan: StagePlan, start: St
     if found is not None and found.stage_index == plan.index:  # resume inside this stage
         if start.saved is not None:
             state = load_resharded(built.engine, paths.checkpoints / start.tag, start.saved, cfg, run.ctx,
-                                   module_only=False)
+                                   module_only=False, moments=cfg.train.reshard_optimizer)
         else:
             state = load_checkpoint(built.engine, paths.checkpoints, start.tag, verify=not start.verified)
         if state.data_position:  # empty after a reshard that starts the stage's data afresh
             source.load_state_dict(state.data_position["source"])
     elif found is not None:  # a new stage starts from the previous stage's weights and expert biases
-        if start.saved is not None:
-            carried = load_resharded(built.engine, paths.checkpoints / start.tag, start.saved, cfg, run.ctx,
-                                     module_only=True)
+        if start.saved is not None or plan.carry_optimizer:
+            tag = start.tag or resolve_tag(paths.checkpoints)  # the tag ``found`` was read from
+            saved = start.saved or saved_layout(paths.root, paths.checkpoints / tag, run.cfg)
+            carried = load_resharded(built.engine, paths.checkpoints / tag, saved, cfg, run.ctx, module_only=True,
+                                     moments=plan.carry_optimizer)
         else:
             carried = load_checkpoint(built.engine, paths.checkpoints, start.tag, module_only=True,
                                       verify=not start.verified)
