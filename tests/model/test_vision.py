@@ -217,9 +217,10 @@ def test_seed_path_shapes_padding_and_gradients() -> None:
         torch.testing.assert_close(tower.encode_patches(images).features, plain(images).features, rtol=0, atol=0)
 
 
-def test_reconstruction_loss_follows_its_weight() -> None:
-    """TiTok's reconstruction as an auxiliary loss: off at 0 (no decoder), linear in the weight, and its
-    gradient reaches the compressor and the tower through the straight-through VQ."""
+def test_reconstruction_loss_is_the_unweighted_sum_over_the_images() -> None:
+    """TiTok's reconstruction as an auxiliary loss: off at 0 (no decoder), the sum of each image's own
+    loss whatever the weight (the training step weighs it: ``train/objectives.py``), and its gradient
+    reaches the compressor and the tower through the straight-through VQ."""
     images = _images((16, 40), (32, 28))
     losses = {}
     for weight in (0.5, 2.0):
@@ -227,7 +228,8 @@ def test_reconstruction_loss_follows_its_weight() -> None:
         tower = VisionTower(replace(TINY, **SEED_PATH, **TINY_TITOK, reconstruction_weight=weight))
         losses[weight] = tower(images).aux_loss
     assert losses[0.5] > 0
-    torch.testing.assert_close(losses[2.0], 4 * losses[0.5])
+    torch.testing.assert_close(losses[2.0], losses[0.5])
+    torch.testing.assert_close(losses[2.0], tower(images[:1]).aux_loss + tower(images[1:]).aux_loss)
     losses[2.0].backward()
     assert tower.compressor.queries.grad.abs().sum() > 0 and tower.patch_embed.weight.grad.abs().sum() > 0
     with torch.no_grad():

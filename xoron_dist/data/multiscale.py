@@ -42,9 +42,10 @@ the aspect. Note the vision tower with ``vision.resize: native`` re-grids every 
 count; the video encoder (``video.frame_encoder: own``) keeps a frame's size within
 [min_resolution, max_resolution] and at most ``max_frames`` frames, so the video bucket sets its
 token count (frames x (scale / patch)²), which the planner counts at the largest bucket
-(``xoron_dist.plan.memory.media_activation_bytes``). With ``frame_encoder: tower`` the encoder
-resamples each clip to ``video_tokens / tokens_per_frame`` frames at the tower's size, so there the
-video bucket, like the image scale, changes the detail the encoder sees, not its shapes.
+(``xoron_dist.plan.memory.media_activation_bytes``). With ``frame_encoder: tower`` the span stays
+``video_tokens`` tokens whatever the bucket: a clip of T frames gives ``video_tokens / T`` tokens per
+frame (the compressor's queries resampled to that count), so every bucket's T must divide
+``video_tokens`` (``xoron_dist.model.video.tower_clip_sizes`` checks it).
 """
 
 from __future__ import annotations

@@ -116,12 +116,12 @@ def _build_vision(cfg: XoronConfig) -> nn.Module:
 
 
 def _build_video(cfg: XoronConfig) -> nn.Module:
-    from xoron_dist.model.video import TowerVideoEncoder, VideoEncoder, tower_clip_frames
+    from xoron_dist.model.video import TowerVideoEncoder, VideoEncoder, tower_clip_sizes
 
     video = cfg.model.video
     if video.frame_encoder == "own":
         return VideoEncoder(video, cfg.llm.init_std)
-    return TowerVideoEncoder(video, cfg.model.vision.hidden_size, cfg.llm.init_std, tower_clip_frames(cfg))
+    return TowerVideoEncoder(video, cfg.model.vision.hidden_size, cfg.llm.init_std, *tower_clip_sizes(cfg))
 
 
 def _attach_video(model: nn.Module, encoder: nn.Module) -> None:

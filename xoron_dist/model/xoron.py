@@ -17,8 +17,11 @@ the identity.
 
 The media come from the modality table (``xoron_dist.model.modalities``): each understood medium
 has an encoder and a projector under the names its row gives, and this model loops over the
-table, so a new medium adds no code here. Parameter names: ``llm.*`` (the text model, same names
-under the prefix), ``vision.*``, ``video.*``, ``image_projector.*``, ``video_projector.*``,
+table, so a new medium adds no code here. An encoder whose output carries an ``aux_loss`` (the vision
+tower's TiTok reconstruction, in training) adds it to ``objective_sums`` under the objective it names
+(``aux_objective``), summed over the media this rank encodes (a blank medium's times 0); on a pipeline
+stage before the last it rides in the ``StageOutput``. Parameter names: ``llm.*`` (the text model, same
+names under the prefix), ``vision.*``, ``video.*``, ``image_projector.*``, ``video_projector.*``,
 ``fusion.*``; curriculum stages freeze any of them by prefix (``train/stages.py``).
 
 In training, the encoders, projectors and fusion layers run the same module calls in the same
@@ -131,9 +134,15 @@ class XoronMultimodalModel(nn.Module):
     def encode(self, medium: str, media: list[torch.Tensor]) -> torch.Tensor:
         """Images (H, W, 3) / videos (T, H, W, 3) uint8 / audio (samples,) int16 -> projected tokens
         (n, longest span, llm hidden); medium i fills the first ``span_lengths`` of its row."""
-        row = next(r for r in self.media if r.name == medium)
-        features, mask = getattr(self, row.encoder)(media)[:2]  # every encoder returns (features, mask, ...)
-        return getattr(self, row.projector)(features, mask, self.span_lengths(medium, media).to(features.device))
+        return self._encode(next(r for r in self.media if r.name == medium), media)[0]
+
+    def _encode(self, row: Modality, media: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``encode``'s tokens, and the encoder's auxiliary loss summed over the media (its output's
+        ``aux_loss``, e.g. the vision tower's reconstruction in training), or None."""
+        output = getattr(self, row.encoder)(media)
+        features, mask = output[:2]  # every encoder returns (features, mask, ...)
+        tokens = getattr(self, row.projector)(features, mask, self.span_lengths(row.name, media).to(features.device))
+        return tokens, getattr(output, "aux_loss", None)
 
     def span_lengths(self, medium: str, media: list[torch.Tensor]) -> torch.Tensor:
         """(n,) tokens each medium takes in the stream: the fixed span of an image or video, or the
@@ -168,16 +177,19 @@ class XoronMultimodalModel(nn.Module):
         embeds = self.llm.embed_tokens(input_ids)  # the whole rows (under SP, on every SP rank: one lookup)
         encoded: list[tuple[torch.Tensor, torch.Tensor]] = []
         unused = None  # dummy media tokens, when an encoder had nothing to encode
+        aux_sums: dict[str, torch.Tensor] = {}  # encoders' auxiliary objectives: name -> Σ over this rank's media
         for row in MODALITIES:
             items, spans = _understanding(row, *given.get(row.name, (None, None, None)), row in self.media)
             if row not in self.media:
                 continue
             if not items:  # the same calls on every rank, every parameter in the graph (see the module docstring)
                 if self.training:
-                    unused = self._encode_blank(row, input_ids.device)
+                    unused, aux = self._encode_blank(row, input_ids.device)
                     embeds = embeds + 0.0 * unused.sum()
+                    _add_aux(aux_sums, getattr(self, row.encoder), aux, 0.0)
                 continue
-            tokens = self._encode_shared(row, items, input_ids.device)
+            tokens, aux = self._encode_shared(row, items, input_ids.device)
+            _add_aux(aux_sums, getattr(self, row.encoder), aux)
             embeds = fill_spans(embeds, tokens, spans, row, self.span_lengths(row.name, items).to(spans.device))
             encoded.append((tokens, spans))
         batch, seq = input_ids.shape
@@ -199,6 +211,7 @@ class XoronMultimodalModel(nn.Module):
         generate = labels is not None and bool(self.generators)
         out = self.llm(labels=labels, position_ids=position_ids, document_ids=document_ids, inputs_embeds=embeds,
                        before_layer=before_layer, loss_weights=loss_weights, keep_normed=generate)
+        out.objective_sums.update(aux_sums)
         if self.llm.lm_head is None:  # a pipeline stage before the last: the media travel on
             return _stage_output(out, context.tokens if context is not None else None)
         if generate:
@@ -281,30 +294,34 @@ class XoronMultimodalModel(nn.Module):
         encoder = getattr(self, row.encoder) if row in self.media else None
         return getattr(self, row.generator).objective_sums(encoder, items, is_target, request, mask)
 
-    def _encode_shared(self, row: Modality, items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    def _encode_shared(self, row: Modality, items: list[torch.Tensor],
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Projected tokens (n, longest, D) of all ``items``, of which this rank encodes its share
-        (``row_layout.owned``); a rank with an empty share encodes the blank medium times 0, so every
-        rank calls the same modules (and touches no other weight: under ZeRO-3 that would gather it)."""
+        (``row_layout.owned``), and the encoder's auxiliary loss summed over that share (or None); a rank
+        with an empty share encodes the blank medium times 0, so every rank calls the same modules (and
+        touches no other weight: under ZeRO-3 that would gather it)."""
         lengths = self.span_lengths(row.name, items)
         owned = self.row_layout.owned(len(items))
         if owned:
-            mine = self.encode(row.name, [items[i] for i in owned])
+            mine, aux = self._encode(row, [items[i] for i in owned])
         else:
-            blank = self._encode_blank(row, device)
+            blank, aux = self._encode_blank(row, device)
             mine = blank[:0] + 0.0 * blank.sum()  # no rows, but the encoder in the graph (zero gradients)
-        return self.row_layout.gather_media(mine, lengths)
+            aux = 0.0 * aux if aux is not None else None
+        return self.row_layout.gather_media(mine, lengths), aux
 
-    def _encode_blank(self, row: Modality, device: torch.device) -> torch.Tensor:
-        """Projected tokens (1, length, D) of the row's blank medium; its routing is not counted as expert load."""
+    def _encode_blank(self, row: Modality, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projected tokens (1, length, D) of the row's blank medium and its auxiliary loss (see ``_encode``);
+        its routing is not counted as expert load."""
         encoder = getattr(self, row.encoder)
         with uncounted_routing(encoder):
-            return self.encode(row.name, [row.blank(encoder).to(device)])
+            return self._encode(row, [row.blank(encoder).to(device)])
 
     def _fusion_probe_context(self, media_tokens: torch.Tensor | None, dtype: torch.dtype) -> MediaContext:
         """One zero query that reads ``media_tokens`` (1, n, D) (a dummy medium's): what the fusion layers
         see in a training forward without media."""
         if media_tokens is None:  # no encoder ran (cannot happen in training; kept for direct calls)
-            media_tokens = self._encode_blank(self.media[0], self.llm.embed_tokens.weight.device)
+            media_tokens = self._encode_blank(self.media[0], self.llm.embed_tokens.weight.device)[0]
         tokens = media_tokens[:1].to(dtype)
         device, width = tokens.device, tokens.shape[1]
         return MediaContext(tokens, torch.zeros(1, 1, dtype=torch.long, device=device),
@@ -381,6 +398,14 @@ _TEXT_KEYWORDS = ("input_ids", "labels", "position_ids", "document_ids", "loss_w
 
 def _stage_output(out: LLMOutput, media_tokens: torch.Tensor | None) -> StageOutput:
     return StageOutput(**{f.name: getattr(out, f.name) for f in fields(out)}, media_tokens=media_tokens)
+
+
+def _add_aux(sums: dict[str, torch.Tensor], encoder: nn.Module, aux: torch.Tensor | None, times: float = 1.0) -> None:
+    """Add an encoder's auxiliary loss sum (times ``times``: 0 for a blank medium, which keeps the loss's
+    modules in the graph with zero gradients) to ``sums`` under the objective the encoder names."""
+    if aux is not None:
+        name = encoder.aux_objective
+        sums[name] = sums[name] + times * aux if name in sums else times * aux
 
 
 def _media_arguments(media: dict[str, object]) -> dict[str, tuple]:

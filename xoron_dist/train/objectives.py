@@ -14,6 +14,8 @@ objectives, before the first backward) and how to read their loss sum off the mo
     text_to_image  image targets    rectified flow of the MoE-DiT                  0.1
     video_vae      videos           3D causal autoencoder, same terms              0.1
     text_to_video  video targets    per-chunk rectified flow                       0.1
+    reconstruction understood images TiTok's reconstruction from the compressor's  ``model.vision.
+                                    tokens: pixel MSE + codebook + β·commitment    reconstruction_weight``
 
 The modality table (``xoron_dist.model.modalities``) names the objectives a medium's generator
 adds; generation losses start at the seed's 0.1, except the codec's: at initialisation one clip's
@@ -24,6 +26,19 @@ clipping and the tokenizer. Adam's per-parameter scaling keeps the vocoder's pac
 (``train.token_groups``): the LM loss of tokens inside a group's blocks (``<|think|>`` ...
 ``<|/think|>``) counts ``weight`` times (the seed's chain-of-thought, tool-call, uncertainty and
 code-execution groups, 1.2-1.5x); ``token_weights`` computes the per-token weights from the labels.
+
+``reconstruction`` is an encoder's auxiliary objective, not a generator's: the vision tower's seed path
+(``model.vision.reconstruction_weight`` > 0 builds TiTok's decoder) reconstructs each image it
+understands from its compressed tokens. Its items are the images the model encodes (generation targets
+left out) and an item's loss is that image's own pixel MSE (mean over its 3·S² values at
+``titok_image_size``) plus its codebook and β·commitment terms (means over its k tokens): the tower sums
+these over the images (``VisionOutput.aux_loss``), the model adds the sum to ``objective_sums``, and the
+step divides by the step's image count, as for every per-item objective above. Its weight defaults to
+``model.vision.reconstruction_weight`` (``train.objectives.reconstruction`` overrides it, e.g. per stage).
+A micro-batch without images encodes a blank image whose loss enters times 0 (the decoder's gradients are
+exact zeros, as ZeRO-3 and the data-parallel gradient reduction need). Under pipeline parallelism the
+tower sits on stage 0, which computes the sum and back-propagates it there (``Objective.first_stage``;
+``parallel/pipeline/schedule.py``).
 """
 
 from __future__ import annotations
@@ -41,9 +56,16 @@ from xoron_dist.model.modalities import MODALITIES
 @dataclass(frozen=True)
 class Objective:
     name: str
-    default_weight: float
+    default_weight: float | Callable[[XoronConfig], float]  # a constant, or read off the run's config
     count: Callable[[dict], int]  # items of this objective in a micro-batch's model inputs
     loss_sum: Callable[[object], torch.Tensor]  # the model output -> Σ of the items' losses
+    first_stage: bool = False  # computed by an encoder: under pipeline parallelism on stage 0, not the last
+
+    def weight(self, cfg: XoronConfig) -> float:
+        """The run's weight: ``train.objectives.<name>`` when given, else the default."""
+        if self.name in cfg.train.objectives:
+            return float(cfg.train.objectives[self.name])
+        return float(self.default_weight(cfg) if callable(self.default_weight) else self.default_weight)
 
 
 def _lm_count(inputs: dict) -> int:
@@ -67,18 +89,38 @@ def _targets(medium: str) -> Callable[[dict], int]:
     return count
 
 
-def _generator_sum(name: str) -> Callable[[object], torch.Tensor]:
+def _understood(medium: str) -> Callable[[dict], int]:
+    """Counts the items of a medium the model encodes in a micro-batch (generation targets left out)."""
+    def count(inputs: dict) -> int:
+        flags = inputs.get(f"{medium}_is_target")
+        return len(inputs.get(f"{medium}s") or ()) - (int(flags.sum()) if flags is not None else 0)
+    return count
+
+
+def _output_sum(name: str) -> Callable[[object], torch.Tensor]:
+    """Reads an objective's sum off the model output's ``objective_sums`` (generators, encoders' aux losses)."""
     return lambda out: out.objective_sums[name]
+
+
+def _reconstruction_weight(cfg: XoronConfig) -> float:
+    return cfg.model.vision.reconstruction_weight
+
+
+def _reconstructs(cfg: XoronConfig, multimodal: bool) -> bool:
+    """Whether the run's model has the vision tower's reconstruction decoder (``VisionTower.reconstruction``)."""
+    return multimodal and cfg.model.vision.enabled and cfg.model.vision.reconstruction_weight > 0
 
 
 OBJECTIVES: dict[str, Objective] = {
     "lm": Objective("lm", 1.0, _lm_count, _lm_loss_sum),
-    "codec": Objective("codec", 0.002, _items("audio"), _generator_sum("codec")),
-    "tts": Objective("tts", 0.1, _targets("audio"), _generator_sum("tts")),
-    "image_vae": Objective("image_vae", 0.1, _items("image"), _generator_sum("image_vae")),
-    "text_to_image": Objective("text_to_image", 0.1, _targets("image"), _generator_sum("text_to_image")),
-    "video_vae": Objective("video_vae", 0.1, _items("video"), _generator_sum("video_vae")),
-    "text_to_video": Objective("text_to_video", 0.1, _targets("video"), _generator_sum("text_to_video")),
+    "codec": Objective("codec", 0.002, _items("audio"), _output_sum("codec")),
+    "tts": Objective("tts", 0.1, _targets("audio"), _output_sum("tts")),
+    "image_vae": Objective("image_vae", 0.1, _items("image"), _output_sum("image_vae")),
+    "text_to_image": Objective("text_to_image", 0.1, _targets("image"), _output_sum("text_to_image")),
+    "video_vae": Objective("video_vae", 0.1, _items("video"), _output_sum("video_vae")),
+    "text_to_video": Objective("text_to_video", 0.1, _targets("video"), _output_sum("text_to_video")),
+    "reconstruction": Objective("reconstruction", _reconstruction_weight, _understood("image"),
+                                _output_sum("reconstruction"), first_stage=True),
 }
 
 
@@ -86,16 +128,13 @@ def active_objectives(cfg: XoronConfig) -> list[tuple[Objective, float]]:
     """The run's objectives with their weights: the LM's, and those of the media the model builds.
     Raises ``ConfigError`` for a weight given to an objective this run does not have."""
     multimodal = cfg.data.source == "arrow"  # synthetic text trains the plain LLM (``train/build.py``)
-    if multimodal and cfg.model.vision.enabled and cfg.model.vision.reconstruction_weight > 0:
-        raise ConfigError(f"model.vision.reconstruction_weight = {cfg.model.vision.reconstruction_weight}: the "
-                          "tower computes TiTok's reconstruction loss (VisionOutput.aux_loss) but the training step "
-                          "does not optimise it yet, so its decoder would get no gradient; set it to 0")
     names = ["lm"] + [name for m in MODALITIES if multimodal and m.generated(cfg) for name in m.objectives]
+    names += ["reconstruction"] if _reconstructs(cfg, multimodal) else []
     unknown = sorted(set(cfg.train.objectives) - set(names))
     if unknown:
         raise ConfigError(f"train.objectives names {', '.join(unknown)}, which this run does not optimise; "
                           f"its objectives are: {', '.join(names)}")
-    return [(OBJECTIVES[n], cfg.train.objectives.get(n, OBJECTIVES[n].default_weight)) for n in names]
+    return [(OBJECTIVES[n], OBJECTIVES[n].weight(cfg)) for n in names]
 
 
 class TokenGroups:

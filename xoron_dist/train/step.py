@@ -77,7 +77,8 @@ class StepRunner:
                   for (_, weight), count in zip(self.objectives, counts, strict=True)]
         if self.built.pipeline is not None:  # every micro-batch through the pipeline's stages (1F1B)
             sums = train_step_1f1b(engine, self.built.pipeline, inputs, scales, self.tied,
-                                   [obj.loss_sum for obj, _ in self.objectives])
+                                   [obj.loss_sum for obj, _ in self.objectives],
+                                   [obj.first_stage for obj, _ in self.objectives])
         else:
             sums = torch.zeros(len(self.objectives), device=ctx.device)
             for micro in inputs:

@@ -19,17 +19,18 @@ that update on one rank; the model itself never communicates.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
-class Quantized:
+class Quantized(NamedTuple):
     """``ids`` (...,); ``codes`` (..., code_dim) the straight-through quantised latents (forward: the
-    codes; backward: identity into the latents); the two VQ losses (fp32 scalars)."""
+    codes; backward: identity into the latents); the two VQ losses (fp32 scalars). A named tuple, not a
+    dataclass: DeepSpeed's ZeRO-3 finds a module's output tensors (to re-gather the codebook for the
+    backward) only in tuples, lists and dicts."""
 
     ids: torch.Tensor
     codes: torch.Tensor
@@ -78,16 +79,23 @@ class CosineQuantizer(nn.Module):
         return torch.bincount(ids.flatten(), minlength=self.size).float()
 
     @torch.no_grad()
-    def apply_usage(self, counts: torch.Tensor, fresh: Callable[[int], torch.Tensor]) -> int:
+    def apply_usage(self, counts: torch.Tensor, fresh: Callable[[int], torch.Tensor],
+                    write: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> int:
         """Update the usage average with ``counts`` (summed over the replicas) and re-seed the dead codes
-        with ``fresh(n)`` (n, code_dim) latents; clears ``pending``; returns how many codes restarted."""
+        with ``fresh(n)`` (n, code_dim) latents; clears ``pending``; returns how many codes restarted.
+        ``write(rows, values)`` sets codebook rows (default: in place; the trainer's keeper passes one that
+        also reaches a ZeRO optimizer's partitioned weights)."""
         decay = self.usage_decay
         self.code_usage.mul_(decay).add_(counts / counts.sum().clamp(min=1), alpha=1 - decay)
         dead = (self.code_usage < self.dead_code_share / self.size).nonzero().flatten()
         if not self.dead_code_share or dead.numel() == 0:
             self.pending = None
             return 0
-        self.codebook.weight[dead] = fresh(dead.numel()).to(self.codebook.weight.dtype)
+        values = fresh(dead.numel()).to(self.codebook.weight.dtype)
+        if write is None:
+            self.codebook.weight[dead] = values
+        else:
+            write(dead, values)
         self.pending = None
         self.code_usage[dead] = 1.0 / self.size  # a fresh code gets the uniform share to prove itself
         self.restarts += int(dead.numel())

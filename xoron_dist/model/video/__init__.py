@@ -9,7 +9,8 @@ from xoron_dist.model.video.factorised import (
     VideoTokenProjector,
     sample_frames,
     tower_clip_frames,
+    tower_clip_sizes,
 )
 
 __all__ = ["TowerVideoEncoder", "VideoEncoder", "VideoTokenProjector", "frames_to_patches", "sample_frames",
-           "tower_clip_frames"]
+           "tower_clip_frames", "tower_clip_sizes"]

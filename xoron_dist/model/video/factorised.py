@@ -26,6 +26,16 @@ The seed's video encoder (``video.frame_encoder: tower``)::
   entry, one TP swap, one ZeRO partition); a stage that freezes ``video`` leaves the tower to
   ``vision``'s freeze. Gradients of the video loss reach it through the call.
 
+**Frame counts from the multi-scale loader** (``span`` given, ``frames`` None: ``tower_clip_sizes``).
+The loader brings every clip of a micro-batch to its bucket's frame count T (``data.multiscale.
+video_frames``), while the placeholder span stays ``data.video_tokens`` = S tokens (the packer does not
+know the bucket). So a clip of T frames gives k_T = S / T tokens per frame: the compressor's
+``tokens_per_frame`` learned queries are resampled linearly along the query axis to k_T (as a position
+table is resized; at T = S / tokens_per_frame they are used as they are, so that bucket is exactly the
+fixed-count encoder). Every bucket's T must divide S (checked against the config). One T per call: the
+loader's buckets keep a micro-batch's clips at one count, and a rank without videos encodes a one-frame
+blank (S queries), which makes the same module calls.
+
 Videos of different lengths or frame sizes share a batch: frames are padded to the longest video
 and patches to the largest frame; padded frames come after a video's real ones, so causal
 temporal attention never lets a real frame read them, and padded patches are masked out of the
@@ -100,8 +110,13 @@ class FrameCompressor(nn.Module):
         self.feature_norm = RMSNorm(cfg.hidden_size)
         self.attn = CrossAttention(cfg.hidden_size, cfg.hidden_size, cfg.num_heads)
 
-    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        queries = self.queries.to(frames.dtype).expand(frames.shape[0], -1, -1)
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """``count`` queries per frame (default: the ``tokens_per_frame`` learned ones; another count
+        resamples them linearly along the query axis, see the module docstring)."""
+        queries = self.queries
+        if count is not None and count != queries.shape[0]:
+            queries = F.interpolate(queries.t()[None], size=count, mode="linear", align_corners=True)[0].t()
+        queries = queries.to(frames.dtype).expand(frames.shape[0], -1, -1)
         attend = mask[:, None, :].expand(-1, queries.shape[1], -1)  # a padded frame reads nothing: zero output
         return queries + self.attn(self.query_norm(queries), self.feature_norm(frames), attend)
 
@@ -110,13 +125,18 @@ class TowerVideoEncoder(nn.Module):
     """list of (T, H, W, 3) uint8 videos -> features (batch, T·k, hidden), mask (batch, T·k).
 
     ``frames``: every clip resampled to exactly this many frames (the model's span is frames · k);
-    None keeps each clip's own count (at most ``max_frames``). Call ``use_tower`` before ``forward``.
+    None keeps each clip's own count (at most ``max_frames``). ``span``: with ``frames`` None, the tokens
+    every clip takes: a call's clips share one frame count T, each frame gives span / T tokens (the
+    multi-scale loader's frame buckets, see the module docstring). Call ``use_tower`` before ``forward``.
     """
 
     def __init__(self, cfg: VideoConfig, tower_width: int, init_std: float = 0.02,
-                 frames: int | None = None) -> None:
+                 frames: int | None = None, span: int | None = None) -> None:
         super().__init__()
-        self.cfg, self.init_std, self.frames = cfg, init_std, frames
+        if frames is not None and span is not None:
+            raise ValueError("give frames (a fixed count, span frames x tokens_per_frame) or span (the clip's "
+                             "frame count sets the tokens per frame), not both")
+        self.cfg, self.init_std, self.frames, self.span = cfg, init_std, frames, span
         self.in_proj = empty_linear(tower_width, cfg.hidden_size)
         self.motion_embed = empty_linear(tower_width, cfg.motion_dim)
         self.rope = AxialRoPE(cfg.hidden_size // cfg.num_heads, axes=3, theta=cfg.rope_theta)
@@ -154,6 +174,7 @@ class TowerVideoEncoder(nn.Module):
         tower = self.tower
         clips = [sample_frames(v, self.frames, self.cfg.max_frames) for v in videos]
         counts = [c.shape[0] for c in clips]
+        k = self.cfg.tokens_per_frame if self.span is None else self._tokens_per_frame(counts)
         # one call, every frame of every video; the patch grid whatever the tower's seed-path switches say
         out = tower.encode_patches([frame for clip in clips for frame in clip])
         features, frame_mask, grids = out.features, out.mask, out.grids  # (N, P, dv), (N, P), (N, 2)
@@ -183,10 +204,16 @@ class TowerVideoEncoder(nn.Module):
             key_mask = (frames_mask | ~frames_mask.any(dim=-1, keepdim=True))[:, None, None, :]
         for layer in self.layers:
             x = layer(x, rope, key_mask, valid, motion)
-        k = self.cfg.tokens_per_frame
-        tokens = self.compress(x.reshape(batch * longest, patches, -1), frames_mask)
+        tokens = self.compress(x.reshape(batch * longest, patches, -1), frames_mask, k)
         mask = valid.any(dim=-1)[..., None].expand(-1, -1, k).reshape(batch, longest * k)
         return self.norm(tokens.reshape(batch, longest * k, -1)), mask
+
+    def _tokens_per_frame(self, counts: list[int]) -> int:
+        """span / T for the call's one frame count T (``span`` mode)."""
+        if len(set(counts)) != 1 or self.span % counts[0]:
+            raise ValueError(f"tower video encoder with a {self.span}-token span: the clips of one call need one "
+                             f"frame count dividing {self.span} (data.multiscale.video_frames buckets); got {counts}")
+        return self.span // counts[0]
 
 
 class VideoTokenProjector(nn.Module):
@@ -229,3 +256,23 @@ def tower_clip_frames(cfg) -> int:
                           f"frames in [model.video.min_frames, max_frames] = [{video.min_frames}, {video.max_frames}]:"
                           f" set it to a multiple of {k} in [{video.min_frames * k}, {video.max_frames * k}]")
     return frames
+
+
+def tower_clip_sizes(cfg) -> tuple[int | None, int | None]:
+    """``TowerVideoEncoder``'s ``(frames, span)`` for a ``XoronConfig``: without ``data.multiscale`` the fixed
+    ``(tower_clip_frames(cfg), None)``; with it ``(None, data.video_tokens)``, the bucket's frame count T
+    setting video_tokens / T tokens per frame, after checking every bucket count divides video_tokens."""
+    from xoron_dist.utils.typed_config import field_error
+
+    frames = tower_clip_frames(cfg)  # the tower and the default count are checked in any case
+    buckets = cfg.data.multiscale
+    if buckets is None:
+        return frames, None
+    tokens = cfg.data.video_tokens
+    bad = [f for f in buckets.video_frames if tokens % f]
+    if bad:
+        divisors = [f for f in range(cfg.model.video.min_frames, cfg.model.video.max_frames + 1) if tokens % f == 0]
+        raise field_error("data.multiscale.video_frames", buckets.video_frames,
+                          f"in tower mode a clip of T frames takes data.video_tokens ({tokens}) / T tokens per frame, "
+                          f"so T must divide {tokens}: {bad} do not; use counts from {divisors}")
+    return None, tokens

@@ -28,10 +28,10 @@ same latent-token encoder TiTok's tokenizer uses (``titok.py``): one implementat
 **Reconstruction** (``reconstruction_weight`` > 0): TiTok's decoder half (``titok.TiTokDecoder``:
 cosine VQ, then a ViT decoder of mask tokens reading the quantised latents) reconstructs each image,
 resized to ``titok_image_size``², from its k tokens; the MSE + codebook + β·commitment loss, summed
-over the images and times the weight, is ``VisionOutput.aux_loss`` (training forwards only). The
-straight-through VQ lets the decoder's gradient reach the compressor and the tower. Adding it to a
-step's loss is the trainer's part (an objective over the step's images, ``train/objectives.py``):
-not wired yet (issue 16), so a training run leaves it at 0.
+over the images (each image's own loss once), is ``VisionOutput.aux_loss`` (training forwards only).
+The straight-through VQ lets the decoder's gradient reach the compressor and the tower. The step
+optimises it as the objective ``reconstruction`` (``train/objectives.py``): the mean over the step's
+understood images, times ``reconstruction_weight``.
 
 Tensor parallelism (``sharding.py``): the same column/row splits as the tower's blocks.
 """

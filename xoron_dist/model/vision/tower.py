@@ -141,9 +141,10 @@ class VisionOutput(NamedTuple):
     the compressor on its (batch, compressor_tokens, hidden) 1D tokens; ``mask`` (batch, tokens) True =
     a real token (padded rows are zero); ``grids`` (batch, 2) each image's (rows, cols) patch grid
     (row-major in ``features`` when they are patches); ``latents`` (batch, L, hidden) the latent
-    tokens' outputs, or None; ``aux_loss`` the weighted reconstruction loss summed over the images
-    (``reconstruction_weight`` > 0, in training), or None. A named tuple, not a dataclass: DeepSpeed's ZeRO-3 finds
-    the tensors of a module's output (to re-gather its weights for backward) only in tuples, lists, dicts."""
+    tokens' outputs, or None; ``aux_loss`` TiTok's reconstruction loss summed over the images, each
+    image's own loss once, unweighted (``reconstruction_weight`` > 0, in training), or None. A named
+    tuple, not a dataclass: DeepSpeed's ZeRO-3 finds the tensors of a module's output (to re-gather its
+    weights for backward) only in tuples, lists, dicts."""
 
     features: torch.Tensor
     mask: torch.Tensor
@@ -159,6 +160,8 @@ class VisionOutput(NamedTuple):
 
 class VisionTower(nn.Module):
     """SigLIP-2 style ViT: images in, patch features (+ mask and grids) out. See the module docstring."""
+
+    aux_objective = "reconstruction"  # the step's objective whose item sum ``VisionOutput.aux_loss`` is
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -236,9 +239,10 @@ class VisionTower(nn.Module):
             from xoron_dist.model.vision.compressor import reconstruction_target
 
             target = reconstruction_target(pixels, self.cfg.titok_image_size).to(features.dtype)
-            # the decoder's loss is a mean over equal-size images: times the count, a sum over them
-            aux_loss = self.cfg.reconstruction_weight * len(pixels) * self.reconstruction.reconstruct(
-                features, target).loss
+            # the decoder's loss is a mean over equal-size images (and their equal token counts): times the
+            # count, the sum of each image's own loss; the step weighs and averages it (objective
+            # ``reconstruction``, ``xoron_dist.train.objectives``)
+            aux_loss = len(pixels) * self.reconstruction.reconstruct(features, target).loss
         return VisionOutput(features, tokens_mask, grids, latents, aux_loss)
 
     def encode_patches(self, images: list[torch.Tensor] | torch.Tensor) -> VisionOutput:

@@ -59,7 +59,9 @@ returns the gradient of both (fusion reads on this stage plus what the next stag
 Without media nothing extra travels and a later stage's fusion layers read a zero medium times 0 (as
 stage 0 reads its blank medium: every parameter in the graph, gradients exact zeros). The image and
 video generators sit on the last stage; their objectives' sums are computed there beside the LM's
-(``objectives``), each with its own weight, and returned per objective.
+(``objectives``), each with its own weight, and returned per objective. An encoder's auxiliary objective
+(the vision tower's reconstruction) is computed on stage 0 and back-propagated there, beside the
+received gradient (``first_stage``): nothing extra crosses a boundary.
 
 A stage is the single-rank ``XoronLLM`` (same seed, so the same initial weights for any pp)
 pruned to its modules (``split.py``), under the whole model's names (``embed_tokens``,
@@ -117,9 +119,11 @@ class _StageWork:
     """One stage's forward, backward and receive of one micro-batch, and the loss it sums (last stage)."""
 
     def __init__(self, engine, stage: StageInfo, links: _Links, device: torch.device, scales: Sequence[float],
-                 objectives: Sequence[Callable]) -> None:
+                 objectives: Sequence[Callable], first_stage: Sequence[bool] | None = None) -> None:
         self.engine, self.stage, self.links, self.device = engine, stage, links, device
         self.scales, self.objectives = list(scales), list(objectives)
+        self.first_stage = list(first_stage) if first_stage is not None else [False] * len(self.objectives)
+        self.own_losses: deque = deque()  # a stage before the last: its objectives' weighted sum per micro-batch
         self.dtype = next(p for p in engine.module.parameters()).dtype
         self.loss_sums = torch.zeros(len(self.objectives), device=device)
         self.unscale = 1.0 / _loss_scale(engine, device)
@@ -146,12 +150,24 @@ class _StageWork:
             if len(received) > 1:
                 inputs["media_tokens"] = received[1]
         out = self.engine(**inputs)
+        own = self._own_loss(out)
         if not stage.is_last:
+            self.own_losses.append(own)
             media = getattr(out, "media_tokens", None)
             return [out.hidden] if media is None else [out.hidden, media]
-        parts = [objective(out) for objective in self.objectives]  # each objective's Σ over its items
-        self.loss_sums += torch.stack([part.detach().float() for part in parts])
-        return sum(part * scale for part, scale in zip(parts, self.scales, strict=True))
+        return own
+
+    def _own_loss(self, out) -> torch.Tensor | None:
+        """Σ scale · sum of the objectives this stage computes (the LM's and the generators' on the last
+        stage, an encoder's auxiliary loss on the first), each sum added to ``loss_sums``; None if none."""
+        total = None
+        for k, (objective, scale, first) in enumerate(zip(self.objectives, self.scales, self.first_stage,
+                                                          strict=True)):
+            if self.stage.is_first if first else self.stage.is_last:
+                part = objective(out)  # the objective's Σ over its items
+                self.loss_sums[k] += part.detach().float()
+                total = part * scale if total is None else total + part * scale
+        return total
 
     def backward(self, received: Tensors | None, output: Tensors | torch.Tensor, grad: Tensors | None):
         # What DeepSpeed's backward prologue would do, had its forward hook found our (dataclass) output:
@@ -164,8 +180,11 @@ class _StageWork:
         else:
             # d/d output of sum(output * grad) is grad: the received gradient, already divided by the
             # accumulation steps and loss-scaled on the last stage, so neither is applied again.
-            surrogate = sum((o * g).sum() for o, g in zip(output, grad, strict=True))
-            self.engine.backward(surrogate * self.unscale, scale_wrt_gas=False)
+            surrogate = sum((o * g).sum() for o, g in zip(output, grad, strict=True)) * self.unscale
+            own = self.own_losses.popleft()
+            if own is not None:  # this stage's own objectives: divided by the accumulation steps here
+                surrogate = surrogate + own / self.engine.gradient_accumulation_steps()
+            self.engine.backward(surrogate, scale_wrt_gas=False)
         if received is None:
             return None
         # media tokens that no fusion layer of this stage or later read get a zero gradient
@@ -193,7 +212,8 @@ def _lm_token_sum(out) -> torch.Tensor:
 
 def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: float | Sequence[float],
                     tied: TiedEmbeddingSync | None = None,
-                    objectives: Sequence[Callable] = (_lm_token_sum,)) -> torch.Tensor:
+                    objectives: Sequence[Callable] = (_lm_token_sum,),
+                    first_stage: Sequence[bool] | None = None) -> torch.Tensor:
     """Forward and backward every micro-batch of one optimizer step through the pipeline (1F1B),
     calling ``engine.step()`` after each backward (once its input gradient is sent), as the
     single-stage loop does.
@@ -204,8 +224,12 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
     model's media and spans). objectives: functions of the last stage's output giving each objective's
     loss *sum* over a micro-batch (default: the LM's token loss sum; the generators' objectives read
     ``objective_sums``); scale: the weight of each (one float per objective, or one float for the
-    default; ``xoron_dist.train.step``). Returns each objective's sum over the micro-batches, fp32 of
-    shape (len(objectives),), on every stage (the last stage computes them; the others receive them).
+    default; ``xoron_dist.train.step``). first_stage: per objective, True when the first stage computes
+    it instead (an encoder's auxiliary loss in its ``StageOutput.objective_sums``, e.g. the vision
+    tower's reconstruction): that stage adds it, divided by the accumulation steps, to the surrogate it
+    back-propagates, since only its own parameters depend on it. Returns each objective's sum over the
+    micro-batches, fp32 of shape (len(objectives),), on every stage (the stage that computes one sums it;
+    the others receive it).
     tied: the tied-embedding gradient sum of this engine (default: made here); the step's last backward
     runs inside its ``last_backward`` block, which sums the two copies' gradients once the input gradient
     has been sent (``tied.py``).
@@ -213,7 +237,7 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
     tied = tied if tied is not None else TiedEmbeddingSync(engine, stage)
     links = _Links(stage)
     scales = [scale] if isinstance(scale, float | int) else list(scale)
-    work = _StageWork(engine, stage, links, batches[0]["input_ids"].device, scales, objectives)
+    work = _StageWork(engine, stage, links, batches[0]["input_ids"].device, scales, objectives, first_stage)
     # warm-up: forwards only; steady state: one forward, one backward; cool-down: backwards only.
     micro = len(batches)
     warmup = min(stage.num_stages - stage.stage - 1, micro)
@@ -261,7 +285,7 @@ def train_step_1f1b(engine, stage: StageInfo, batches: Sequence[dict], scale: fl
                 tied.sum_gradients()
         engine.step()
 
-    dist.all_reduce(work.loss_sums, group=links.group)  # only the last stage holds non-zero sums
+    dist.all_reduce(work.loss_sums, group=links.group)  # each sum is non-zero on the stage computing it only
     return work.loss_sums
 
 
