@@ -13,6 +13,7 @@ from xoron_dist.config import ConfigError
 from xoron_dist.data.schema import KINDS
 from xoron_dist.synth import cli
 from xoron_dist.synth.bad_samples import BAD_CASES
+from xoron_dist.synth.corpus import EXTRA_SOURCES
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--text", "3", "--image-caption", "2", "--video-caption", "1", "--audio-transcript", "1",
@@ -30,7 +31,7 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_count_flags_cover_every_kind():
-    assert cli.COUNT_FIELDS == tuple(KINDS)
+    assert cli.COUNT_FIELDS == (*KINDS, *EXTRA_SOURCES)  # and the capability sources with files of their own
 
 
 def test_config_precedence(tmp_path):

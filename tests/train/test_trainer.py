@@ -62,7 +62,9 @@ def test_smoke_run_end_to_end_with_tensorboard_and_resume(tmp_path, smoke_data):
     loss = dict(scalars["train/loss"])
     steps = sorted(loss)
     assert steps[-1] == 120 and len(steps) == 12
-    assert loss[120] < loss[steps[0]] - 3.0, loss  # visibly learning, not noise
+    # visibly learning, not noise: the mean of the last three logged losses (one logged loss is a 10-step mean
+    # that swings by ~0.5 with the mix of kinds in those steps)
+    assert sum(loss[s] for s in steps[-3:]) / 3 < loss[steps[0]] - 3.0, loss
     for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "moe/layer0/max_over_mean",
                 "moe/layer1/expert7/tokens", "moe/layer1/expert7/bias"):
         assert tag in scalars, tag

@@ -234,6 +234,11 @@ class SynthConfig:
     # similarity of word 3-grams two kept samples of a kind may share) and quality-filtered
     conversation: int = 0
     tool_use: int = 0
+    # more capability conversations, each source in its own JSONL (document.jsonl ...) of kind conversation:
+    # a file attached and questions on it; server diagnostics in shell commands; Jupyter sessions
+    document: int = 0
+    sysadmin: int = 0
+    jupyter: int = 0
     dedup_threshold: float = 0.9
     min_image_size: int = 128
     max_image_size: int = 512
@@ -244,7 +249,7 @@ class SynthConfig:
 
     def validate(self, where: str) -> None:
         non_negative(self, where, "text", "image_caption", "video_caption", "audio_transcript", "text_to_image",
-                      "text_to_video", "text_to_speech", "conversation", "tool_use")
+                      "text_to_video", "text_to_speech", "conversation", "tool_use", "document", "sysadmin", "jupyter")
         if not 0.0 < self.dedup_threshold <= 1.0:
             raise field_error(f"{where}.dedup_threshold", self.dedup_threshold,
                               "a Jaccard similarity in (0, 1]; 1 drops only exact duplicates")

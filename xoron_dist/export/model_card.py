@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from xoron_dist.data.schema import KINDS
+from xoron_dist.synth.corpus import EXTRA_SOURCES
 from xoron_dist.train.consolidation import ConsolidatedCheckpoint, parameter_counts
 
 
@@ -51,7 +52,7 @@ def _training(ckpt: ConsolidatedCheckpoint) -> list[str]:
     data = cfg.data
     if data.source == "arrow" and data.synth is not None:
         counts = asdict(data.synth)
-        kinds = ", ".join(f"{kind} ({counts[kind]:,})" for kind in KINDS if counts.get(kind))
+        kinds = ", ".join(f"{kind} ({counts[kind]:,})" for kind in (*KINDS, *EXTRA_SOURCES) if counts.get(kind))
         source = f"Arrow shards prepared from the synthetic multimodal corpus: {kinds}"
     elif data.source == "arrow":
         source = f"Arrow shards from `{data.path}`" + (f", blend {dict(data.mix)}" if data.mix else "")

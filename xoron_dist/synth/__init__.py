@@ -6,8 +6,11 @@ raw JSONL + media that ``xoron prep`` reads (contract: ``xoron_dist.data.schema`
 
 Modules: ``scenes`` (still images and their words), ``clips`` (moving shapes), ``sounds`` (tones,
 chirps, vowels, espeak-ng), ``encoders`` (deterministic file writers), ``bad_samples`` (broken
-samples for prep's tests), ``corpus`` (one sample per (seed, kind, index); the output layout),
-``cli`` (the ``xoron synth`` verb).
+samples for prep's tests), ``capability`` (chat samples: reasoning, anti-hallucination, agentic, tool
+use; filters and deduplication) with its sources ``documents`` (files and questions on them),
+``sysadmin`` (server diagnostics in shell commands) and ``notebooks`` (Jupyter sessions, outputs from
+running the cells), ``corpus`` (one sample per (seed, kind, index); the output layout), ``cli`` (the
+``xoron synth`` verb).
 """
 
 from __future__ import annotations

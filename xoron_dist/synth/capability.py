@@ -17,6 +17,15 @@ tool-use data, as ``conversation`` / ``tool_use`` samples in the chat template (
     followup         two user/assistant rounds (multi-turn)
     tool_use kind    available tools; the assistant calls one, the tool answers, the assistant replies
 
+Three more sources write ``conversation`` samples into files of their own (``SOURCES``; each has its
+``data.synth`` count and its structure check, which ``quality_problem`` applies):
+
+    document         a file in <|filename|>..<|/filename|><|doc|>..<|/doc|>: questions answered from it
+                     with <|quote|>, <|summary|>, JSON extraction, <|unknown|> for what it lacks (documents.py)
+    sysadmin         nginx, docker, disk, cron, systemd and log diagnostics in <|exec|>/<|exec_result|>/
+                     <|exec_error|> (sysadmin.py)
+    jupyter          notebook sessions in <|jupyter|> cells whose outputs come from running them (notebooks.py)
+
 Sample ``i`` of a kind is a pure function of ``(seed, kind, i)``: candidates are drawn in order, each
 from its own ``random.Random``, and kept unless a quality filter rejects it or it is a near duplicate
 of a kept one (Jaccard similarity of word 3-grams above ``dedup_threshold``; exact repeats always).
@@ -30,6 +39,7 @@ import re
 from collections.abc import Callable
 
 from xoron_dist.data.chat import ChatFormatError, conversation_from_json, render
+from xoron_dist.synth import documents, notebooks, sysadmin
 
 Sample = dict  # {"turns": [...], "tools"?: [...], "category": str}
 
@@ -251,12 +261,30 @@ def tool_use(rng: random.Random) -> Sample:
 
 # --------------------------------------------------------------------------- filters and deduplication
 
-_PAIRED = re.compile(r"<\|(think|plan|step|verify|uncertain|cite|exec|code|exec_result|exec_error|diff|commit_msg)\|>")
+_PAIRED_NAMES = ("think", "plan", "step", "verify", "uncertain", "cite", "exec", "code", "exec_result", "exec_error",
+                 "diff", "commit_msg", "commit_before", "commit_after", "jupyter", "jupyter_code", "jupyter_output",
+                 "jupyter_text", "jupyter_error", "doc", "filename", "summary", "quote")
+_PAIRED = re.compile(r"<\|(/?)(" + "|".join(_PAIRED_NAMES) + r")\|>")
+# category prefix -> the structure check of that source's samples (None: the sample is right)
+STRUCTURE_CHECKS: dict[str, Callable[[Sample], str | None]] = {
+    "document": documents.check_document, "sysadmin": sysadmin.check_sysadmin, "jupyter": notebooks.check_jupyter}
+
+
+def _unbalanced(text: str) -> str | None:
+    """The first paired token that is not closed in order (``<|a|><|b|><|/a|><|/b|>`` is wrong), or None."""
+    open_names: list[str] = []
+    for closing, name in _PAIRED.findall(text):
+        if not closing:
+            open_names.append(name)
+        elif not open_names or open_names.pop() != name:
+            return f"<|/{name}|> closes nothing open"
+    return f"<|{open_names[-1]}|> is not closed" if open_names else None
 
 
 def quality_problem(sample: Sample) -> str | None:
     """Why ``sample`` fails the quality filters, or None: it must render in the chat template, every
-    assistant turn must say something, paired tokens must close, and no line may repeat 4 times."""
+    assistant turn must say something, paired tokens must close in order, no line may repeat 4 times,
+    and a sample of a checked source (``STRUCTURE_CHECKS``) must pass its structure check."""
     try:
         text = render(conversation_from_json(sample))
     except ChatFormatError as err:
@@ -264,15 +292,15 @@ def quality_problem(sample: Sample) -> str | None:
     for turn in sample["turns"]:
         if turn["role"] == "assistant" and not (turn["content"].strip() or turn.get("tool_calls")):
             return "an assistant turn is empty"
-    for name in set(_PAIRED.findall(text)):
-        if text.count(f"<|{name}|>") != text.count(f"<|/{name}|>"):
-            return f"<|{name}|> is not closed"
+    if (problem := _unbalanced(text)) is not None:
+        return problem
     lines = [line for line in text.splitlines() if line.strip()]
     if any(lines.count(line) >= 4 for line in set(lines)):
         return "a line repeats 4 or more times"
     if "[PLACEHOLDER]" in text:
         return "placeholder text"
-    return None
+    check = STRUCTURE_CHECKS.get(str(sample.get("category", "")).split(":")[0])
+    return check(sample) if check is not None else None
 
 
 def shingles(text: str, n: int = 3) -> frozenset[str]:
@@ -313,10 +341,22 @@ class NearDuplicateFilter:
         return True
 
 
+# source (its JSONL file's stem and its data.synth count) -> (the schema kind of its samples, its generators)
+SOURCES: dict[str, tuple[str, tuple[Callable[[random.Random], Sample], ...]]] = {
+    "conversation": ("conversation", CONVERSATION_GENERATORS),
+    "tool_use": ("tool_use", (tool_use,)),
+    "document": ("conversation", documents.GENERATORS),
+    "sysadmin": ("conversation", sysadmin.GENERATORS),
+    "jupyter": ("conversation", notebooks.GENERATORS),
+}
+
+
 def capability_samples(seed: int, kind: str, count: int, threshold: float) -> list[Sample]:
-    """``count`` samples of ``kind`` ("conversation" or "tool_use"), filtered and deduplicated (see the
+    """``count`` samples of the source ``kind`` (a key of ``SOURCES``), filtered and deduplicated (see the
     module docstring). Raises ``ValueError`` when the generators cannot give that many distinct ones."""
-    generators = CONVERSATION_GENERATORS if kind == "conversation" else (tool_use,)
+    if kind not in SOURCES:
+        raise ValueError(f"unknown capability source '{kind}'; known: {', '.join(SOURCES)}")
+    generators = SOURCES[kind][1]
     dedup, out, attempts = NearDuplicateFilter(threshold), [], 0
     limit = 50 * count + 100
     while len(out) < count:
@@ -332,5 +372,5 @@ def capability_samples(seed: int, kind: str, count: int, threshold: float) -> li
     return out
 
 
-__all__ = ["CONVERSATION_GENERATORS", "NearDuplicateFilter", "TOOLS", "capability_samples", "jaccard",
-           "quality_problem", "shingles", "tool_use"]
+__all__ = ["CONVERSATION_GENERATORS", "NearDuplicateFilter", "SOURCES", "STRUCTURE_CHECKS", "TOOLS",
+           "capability_samples", "jaccard", "quality_problem", "shingles", "tool_use"]

@@ -18,9 +18,10 @@ from pathlib import Path
 from xoron_dist.config import ConfigError, SynthConfig, load_config
 from xoron_dist.utils.typed_config import from_dict, parse_override, to_dict, validate_tree
 
-# The per-kind sample counts of SynthConfig (the kinds of xoron_dist.data.schema, which imports pyarrow).
+# The per-kind sample counts of SynthConfig (the kinds of xoron_dist.data.schema, which imports pyarrow),
+# then the capability sources that write conversations into files of their own (synth/capability.py SOURCES).
 COUNT_FIELDS = ("text", "image_caption", "video_caption", "audio_transcript", "text_to_image", "text_to_video",
-                "text_to_speech", "conversation", "tool_use")
+                "text_to_speech", "conversation", "tool_use", "document", "sysadmin", "jupyter")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,11 +5,13 @@ asks)::
 
     text.jsonl  image_caption.jsonl  ...        one per kind with a count > 0
     conversation.jsonl  tool_use.jsonl           capability samples (capability.py), no media
+    document.jsonl  sysadmin.jsonl  jupyter.jsonl  more capability sources, samples of kind conversation
     images/<id>.png|.jpg                         image_caption, text_to_image (1 in 5 JPEG)
     videos/<id>/frame000.png ...  videos/<id>.mp4  video_caption, text_to_video (1 in 4 MP4)
     audio/<id>.wav                               audio_transcript, text_to_speech
     bad.jsonl, images|videos|audio/bad/          only with bad_samples (see bad_samples.py)
-    synth.json                                   config, counts, content hash; written last
+    synth.json                                   config, counts (per kind; jsonl_counts per file),
+                                                 content hash; written last
 
 Every sample is a pure function of ``(cfg.seed, kind, index)`` and the media settings: its own
 ``random.Random`` (string seeds hash with SHA-512, so they are stable across processes and
@@ -48,7 +50,7 @@ from xoron_dist.data.schema import CHAT_KINDS, KINDS
 from xoron_dist.data.synthetic_text import FRAMES, generate_documents
 from xoron_dist.synth import clips, scenes, sounds
 from xoron_dist.synth.bad_samples import BAD_FILE, write_bad_samples
-from xoron_dist.synth.capability import capability_samples
+from xoron_dist.synth.capability import SOURCES, capability_samples
 from xoron_dist.synth.encoders import write_frame_folder, write_image, write_mp4, write_wav
 from xoron_dist.utils.typed_config import field_error
 
@@ -141,10 +143,16 @@ def text_records(cfg: SynthConfig) -> list[dict[str, str | int]]:
     return records
 
 
-def capability_records(cfg: SynthConfig, kind: str) -> list[dict[str, Any]]:
-    """The chat samples of ``kind`` (conversation, tool_use) from ``synth/capability.py``."""
-    samples = capability_samples(cfg.seed, kind, getattr(cfg, kind), cfg.dedup_threshold)
-    return [{"id": sample_id(kind, index), "kind": kind, **sample} for index, sample in enumerate(samples)]
+# capability sources with a JSONL of their own but no kind of their own (their samples are conversations)
+EXTRA_SOURCES = tuple(source for source in SOURCES if source not in KINDS)
+
+
+def capability_records(cfg: SynthConfig, source: str) -> list[dict[str, Any]]:
+    """The chat samples of a capability ``source`` (conversation, tool_use, document, sysadmin, jupyter)
+    from ``synth/capability.py``; ids are ``<source>-NNNNNN``, the kind is the source's schema kind."""
+    samples = capability_samples(cfg.seed, source, getattr(cfg, source), cfg.dedup_threshold)
+    kind = SOURCES[source][0]
+    return [{"id": sample_id(source, index), "kind": kind, **sample} for index, sample in enumerate(samples)]
 
 
 def image_record(ctx: _Context, kind: str, index: int) -> dict[str, str | int]:
@@ -241,7 +249,7 @@ def _prepare_output(out: Path) -> None:
     for name in MEDIA_DIRS:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-    for name in [f"{kind}.jsonl" for kind in KINDS] + [BAD_FILE, SYNTH_FILE, PARTIAL_MARKER]:
+    for name in [f"{kind}.jsonl" for kind in (*KINDS, *EXTRA_SOURCES)] + [BAD_FILE, SYNTH_FILE, PARTIAL_MARKER]:
         (out / name).unlink(missing_ok=True)
 
 
@@ -264,7 +272,8 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def synthesize(cfg: SynthConfig, out: Path, *, progress: bool = True, bad_samples: bool = False,
                espeak: bool = False) -> list[Path]:
     """Write the corpus ``cfg`` describes into ``out``; return the JSONL files written, in
-    ``schema.KINDS`` order, then ``bad.jsonl`` when ``bad_samples``.
+    ``schema.KINDS`` order, then the extra capability sources (document, sysadmin, jupyter), then
+    ``bad.jsonl`` when ``bad_samples``.
 
     ``espeak``: speak some audio_transcript (3 in 10) and text_to_speech (1 in 2) samples with
     espeak-ng instead of tones (raises ``EspeakError`` when it is not on PATH). ``out`` must be new,
@@ -281,16 +290,20 @@ def synthesize(cfg: SynthConfig, out: Path, *, progress: bool = True, bad_sample
     _prepare_output(out)
     (out / PARTIAL_MARKER).touch()
     ctx = _Context(cfg, out, espeak)
-    counts = {kind: getattr(cfg, kind) for kind in KINDS if getattr(cfg, kind) > 0}
+    files = {name: getattr(cfg, name) for name in (*KINDS, *EXTRA_SOURCES) if getattr(cfg, name) > 0}
+    counts: dict[str, int] = {}  # per schema kind, as xoron prep counts the rows
+    for name, count in files.items():
+        kind = SOURCES[name][0] if name in SOURCES else name
+        counts[kind] = counts.get(kind, 0) + count
     written = []
     show = progress and sys.stderr.isatty()
-    with tqdm(total=sum(counts.values()), unit="sample", disable=not show, desc="xoron synth") as bar:
-        for kind, count in counts.items():
+    with tqdm(total=sum(files.values()), unit="sample", disable=not show, desc="xoron synth") as bar:
+        for kind, count in files.items():
             bar.set_postfix_str(kind)
             if kind == "text":
                 records = text_records(cfg)
                 bar.update(count)
-            elif kind in CHAT_KINDS:
+            elif kind in CHAT_KINDS or kind in EXTRA_SOURCES:
                 records = capability_records(cfg, kind)
                 bar.update(count)
             else:
@@ -307,6 +320,7 @@ def synthesize(cfg: SynthConfig, out: Path, *, progress: bool = True, bad_sample
         "format": SYNTH_FORMAT,
         "config": asdict(cfg),
         "counts": counts,
+        "jsonl_counts": files,
         "jsonl": [p.name for p in written],
         "bad_samples": bad_samples,
         "video_fps": VIDEO_FPS,
