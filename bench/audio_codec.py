@@ -191,6 +191,23 @@ def save_codec(path: str, encoder: AudioEncoder, head: SpeechHead, overrides: li
     torch.save({"state_dict": state, "overrides": overrides}, path)
 
 
+def load_codec_file(path: str) -> tuple[AudioEncoder, SpeechHead]:
+    """``save_codec``'s file -> its tokenizer + RVQ (``AudioEncoder``) and BigVGAN (``SpeechHead``), in eval mode:
+    ``reconstruct`` with them resynthesises a clip as the codec hears it (``bench.audio_asr --resynth-codec``)."""
+    saved = torch.load(path, weights_only=True)
+    cfg = load_config(SMOKE, saved["overrides"])
+    encoder, head = AudioEncoder(cfg.model.audio), SpeechHead(cfg)
+    state = saved["state_dict"]
+    encoder.load_state_dict({k[len("audio."):]: v for k, v in state.items() if k.startswith("audio.")}, strict=False)
+    generator = "speech.vocoder.generator."
+    head.vocoder.generator.load_state_dict({k[len(generator):]: v for k, v in state.items() if k.startswith(generator)})
+    missing = [k for k in encoder.state_dict() if k.startswith(("tokenizer.", "quantizer."))
+               and f"audio.{k}" not in state]  # fmt: skip
+    if missing:
+        raise SystemExit(f"{path} lacks the codec tensors {missing[:3]}: save it with bench.audio_codec --save")
+    return encoder.eval(), head.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)

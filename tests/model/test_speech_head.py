@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from xoron_dist.config import ConfigError, load_config
+from xoron_dist.model.audio.encoder import batch_clips
 from xoron_dist.model.prompts import prompt_states
 from xoron_dist.model.xoron import build_model
 from xoron_dist.parallel.layout import LayoutError, validate_layout
@@ -122,6 +123,23 @@ def test_generate_speech_is_seeded_and_frames_times_hop_long(model, one_thread):
             model.generate_speech(ids, speaker_audio=reference[:1])
         with pytest.raises(ValueError, match="exactly one of prompt_ids and prompt_embeds"):
             model.generate_speech(speaker_audio=reference)
+    finally:
+        model.train()
+
+
+def test_snapped_generation_decodes_the_requantised_latents(model, one_thread):
+    model.eval()
+    try:
+        ids = torch.randint(0, model.cfg.llm.usable_vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+        request, mask = model.requests(ids, torch.ones(1, 6, dtype=torch.bool))
+        reference = [_clip(0.3, 7)]
+        snapped = model.speech.generate(request, mask, reference, seed=4, snap_to=model.audio.quantizer)[0]
+        voice = model.speech.speaker(*batch_clips(reference, request.device))
+        latents, frames = model.speech.tts.generate(request, mask, voice, model.speech.flow_steps,
+                                                    torch.Generator().manual_seed(4))
+        requantised = model.audio.quantizer(latents[frames]).latents[None]
+        torch.testing.assert_close(snapped, model.speech.vocoder.decode(requantised)[0])
+        assert not torch.equal(snapped, model.speech.generate(request, mask, reference, seed=4)[0])
     finally:
         model.train()
 

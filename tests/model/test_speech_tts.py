@@ -13,7 +13,13 @@ import torch
 
 from xoron_dist.config import ConformerConfig
 from xoron_dist.model.speech.alignment import alignment_mask, durations, gaussian_log_likelihood, maximum_path
-from xoron_dist.model.speech.tts import SpeechGenerator, expand_by_path, path_from_durations
+from xoron_dist.model.speech.tts import (
+    DurationPredictor,
+    SpeechGenerator,
+    duration_loss,
+    expand_by_path,
+    path_from_durations,
+)
 
 SYMBOLS, LATENT, TEXT_DIM, SPEAKER_DIM = 6, 8, 16, 4
 
@@ -82,3 +88,80 @@ def test_same_seed_same_speech_and_masked_padding(one_thread):
     b, _ = model.generate(text, text_mask, speaker, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert bool((a[~mask] == 0).all())
+
+
+def test_learned_length_scale_keeps_clip_length_when_durations_are_unpredictable(one_thread):
+    """Tokens of 1 or 20 frames, equally likely whatever the text: the per-token log-MSE alone predicts
+    exp(E log(1 + d)) - 1 = 5.5 frames a token (Jensen), clips about half their length; the learned length
+    scale (``duration_loss``'s clip term) brings the totals back to the truth."""
+    torch.manual_seed(0)
+    predictor = DurationPredictor(8)
+    opt = torch.optim.Adam(predictor.parameters(), lr=2e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / 200)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n: int):
+        mask = torch.ones(n, 12, dtype=torch.bool)
+        mask[::2, 8:] = False  # clips of 8 and 12 tokens
+        frames = torch.where(torch.rand(n, 12, generator=gen) < 0.5, 1, 20) * mask
+        return torch.randn(n, 12, 8, generator=gen), mask, frames
+
+    for _ in range(200):
+        h, mask, frames = batch(16)
+        loss = duration_loss(predictor(h, mask), predictor.log_rate, frames, mask).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    h, mask, frames = batch(256)
+    with torch.no_grad():
+        per_token_only = (torch.expm1(predictor(h, mask)) * mask).sum() / frames.sum()
+        scaled = (predictor.frames(h, mask) * mask).sum() / frames.sum()
+    assert per_token_only < 0.65, per_token_only  # the shortfall the length scale exists for
+    assert 0.9 < scaled < 1.1, scaled
+
+
+def test_generation_follows_the_speaker_vector(one_thread):
+    """Two voices shift every latent frame by their own offset: after a short training, generating the same
+    text with the other voice vector moves the frames by the offsets' difference (the voice reaches both the
+    prior and the velocity network, and is used)."""
+    torch.manual_seed(0)
+    model = _generator()
+    offsets = torch.randn(2, LATENT, generator=torch.Generator().manual_seed(7))
+    voices = torch.nn.functional.normalize(torch.randn(2, SPEAKER_DIM, generator=torch.Generator().manual_seed(8)),
+                                           dim=-1)  # unit vectors, as the speaker encoder gives
+    who = torch.arange(8) % 2
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(60):
+        text, text_mask, latents, frame_mask, _, _ = _data(gen)
+        latents = (latents + offsets[who][:, None]) * frame_mask[..., None]
+        loss = model(text, text_mask, latents, frame_mask, voices[who], generator=gen).total().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    text, text_mask, _, _, _, _ = _data(torch.Generator().manual_seed(99))
+    means = []
+    for voice in voices:
+        out, mask = model.generate(text, text_mask, voice.expand(8, -1), steps=8,
+                                   generator=torch.Generator().manual_seed(3))
+        means.append(((out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).mean(0))
+    moved, wanted = means[1] - means[0], offsets[1] - offsets[0]
+    assert torch.nn.functional.cosine_similarity(moved, wanted, dim=0) > 0.9
+    assert 0.7 < moved.norm() / wanted.norm() < 1.3, moved.norm() / wanted.norm()
+
+
+def test_generation_frames_apply_the_learned_and_the_given_length_scale():
+    predictor = DurationPredictor(4)
+    with torch.no_grad():
+        predictor.out.weight.zero_()
+        predictor.out.bias.fill_(torch.log(torch.tensor(5.0)))  # exp(pred) - 1 = 4 frames a token
+        h, mask = torch.randn(1, 3, 4), torch.tensor([[True, True, False]])
+        assert predictor.frames(h, mask).tolist() == [[4, 4, 1]]  # padding: clamped to 1, dropped by the mask
+        assert predictor.frames(h, mask, length_scale=2.0).tolist() == [[8, 8, 1]]
+        predictor.log_rate.fill_(torch.log(torch.tensor(1.5)))
+        assert predictor.frames(h, mask).tolist() == [[6, 6, 1]]
+    old = {k: v for k, v in predictor.state_dict().items() if k != "log_rate"}  # a checkpoint from before it
+    predictor.load_state_dict(old)
+    assert float(predictor.log_rate) == 0.0

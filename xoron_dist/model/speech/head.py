@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from xoron_dist.config import XoronConfig
+from xoron_dist.model.audio.codec import ResidualQuantizer
 from xoron_dist.model.audio.encoder import AudioEncoder, batch_clips
 from xoron_dist.model.common.noise import NoiseClock
 from xoron_dist.model.speech.speaker import SpeakerEncoder
@@ -103,9 +104,12 @@ class SpeechHead(nn.Module):
 
     @torch.no_grad()
     def generate(self, request: torch.Tensor, request_mask: torch.Tensor, speaker_audio: list[torch.Tensor],
-                 steps: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+                 steps: int | None = None, seed: int = 0, length_scale: float = 1.0,
+                 snap_to: ResidualQuantizer | None = None) -> list[torch.Tensor]:
         """Requests (n, L, D) + mask, one reference clip per request (int16 or float samples) -> n float
-        waveforms in [-1, 1] at the codec's rate, each ``frames · hop`` samples. Same seed, same output."""
+        waveforms in [-1, 1] at the codec's rate, each ``frames · hop`` samples. Same seed, same output.
+        ``length_scale`` multiplies the predicted durations; ``snap_to`` (the codec's quantiser): the
+        generated latents are quantised again before BigVGAN (``bench.audio_tts --snap`` measures it)."""
         if len(speaker_audio) != request.shape[0]:
             raise ValueError(f"{request.shape[0]} requests but {len(speaker_audio)} speaker clips: give one "
                              "reference clip per request")
@@ -114,7 +118,9 @@ class SpeechHead(nn.Module):
         voice = self.speaker(samples, lengths)
         generator = torch.Generator(device=device).manual_seed(seed)
         latents, frame_mask = self.tts.generate(request.float(), request_mask, voice, steps or self.flow_steps,
-                                                generator)
+                                                generator, length_scale)
+        if snap_to is not None:
+            latents = latents.index_put((frame_mask,), snap_to(latents[frame_mask]).latents)
         waves = self.vocoder.decode(latents)
         hop = self.vocoder.hop
         return [waves[i, : int(frame_mask[i].sum()) * hop] for i in range(waves.shape[0])]
