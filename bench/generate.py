@@ -20,6 +20,10 @@ Cases (model @ prompt+new x batch):
     small@128+64x1   4x wider, 2x deeper: bigger caches
 
     python -m bench.generate [--cases tiny@32+64x1] [--rounds 5] [--threads 1]
+    python -m bench.generate --against DIR --lever NAME    (the headline decode, this tree vs DIR's)
+
+``--against`` works as in ``bench.llm_step`` (``time_against``, workload "generate"); sections a run does
+not measure (``levers``, ``attempts``) are kept from the previous JSON.
 
 Writes bench/out/generate.json.
 """
@@ -27,13 +31,15 @@ Writes bench/out/generate.json.
 from __future__ import annotations
 
 import argparse
+import json
 import re
+from pathlib import Path
 
 import torch
 import transformers
 
-from bench.common import machine, time_alternating, write_result
-from bench.llm_step import MODELS
+from bench.common import OUT_DIR, machine, time_alternating, write_result
+from bench.llm_step import MODELS, kept_sections, record_lever
 from xoron_dist.config import load_config
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.model.llm.attention import LatentKVCache
@@ -99,12 +105,23 @@ def main() -> None:
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
+    parser.add_argument("--against", type=Path, help="folder holding the xoron_dist of before a change")
+    parser.add_argument("--lever", default="levers", help="the change's name in the JSON's levers list")
+    parser.add_argument("--lever-what", default="", help="one line saying what the change is")
+    parser.add_argument("--lever-rounds", type=int, default=6)
     args = parser.parse_args()
+    if args.against is not None:  # only the lever: the rest of the JSON stays as recorded
+        result = json.loads((OUT_DIR / "generate.json").read_text())
+        record_lever(result, args.lever, args.against, "generate", args.lever_rounds, args.lever_what)
+        print(f"\n-> {write_result('generate', result)}")
+        return
     torch.set_num_threads(args.threads)
     cases = {case: run_case(case, args.rounds) for case in args.cases.split(",")}
-    head_name = HEADLINE if HEADLINE in cases else next(iter(cases))
-    head = cases[head_name]
+    kept = kept_sections("generate", {"headline": HEADLINE, "machine": machine(), "cases": cases})
+    head_name = HEADLINE if HEADLINE in kept["cases"] else next(iter(cases))
+    head = kept["cases"][head_name]
     result = {
+        "headline": head_name,
         "metric": f"greedy decoding tokens/s (prefill + decode), case {head_name}, higher is better; "
                   "and KV-cache bytes per token of context",
         "unit": "tokens/s",
@@ -117,8 +134,9 @@ def main() -> None:
         "cache_ratio_vs_full_kv": head["cache_ratio_vs_full_kv"],
         "cache_ratio_vs_hf": head["cache_ratio_vs_hf"],
         "machine": machine(),
-        "cases": cases,
+        "cases": kept["cases"],
     }
+    result |= {key: value for key, value in kept.items() if key not in result}
     print(f"\n-> {write_result('generate', result)}")
 
 

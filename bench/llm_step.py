@@ -11,6 +11,11 @@ Cases (model @ tokens per row x rows):
 
     python -m bench.llm_step [--cases tiny@128x8,small@512x2] [--rounds 5] [--compile]
 
+``--against DIR --lever NAME`` (alone: no cases run) times this tree's model against the one in DIR (a copy
+of the code before a change, e.g. ``git archive <commit> xoron_dist | tar -x -C DIR``) on the headline
+step, in alternating fresh processes (``time_against``), and records the speedup under ``levers`` in the
+JSON. Sections a run does not measure (``compile``, ``levers``, ``attempts``) are kept from the previous JSON.
+
 ``--compile`` adds ours with every decoder block compiled (``train.compile``, inductor; the routed
 experts stay eager): its first step must give eager's loss, the compile time is reported apart, and
 its tokens/s join the case (``ours_compiled``, ratio ``compiled_over_eager``).
@@ -22,14 +27,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import re
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
 
-from bench.common import machine, time_alternating, write_result
+from bench.common import OUT_DIR, machine, time_alternating, write_result
 from xoron_dist.config import load_config
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.model.llm.hf import from_hf_state_dict, hf_config_kwargs
@@ -63,6 +74,109 @@ def make_step(model: torch.nn.Module, batches: list[torch.Tensor]):
         return loss.detach()
 
     return step
+
+
+# One workload on the xoron_dist tree at sys.argv[1] (stable APIs only: it runs against older trees too):
+# prints the least process-seconds per call over 5 samples, and a checksum that must agree between trees.
+_TREE_WORKLOAD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch, torch.nn.functional as F
+import xoron_dist
+assert xoron_dist.__file__.startswith(sys.argv[1]), xoron_dist.__file__
+from xoron_dist.config import load_config
+from xoron_dist.model.llm import XoronLLM
+torch.set_num_threads(1)
+cfg = load_config(None, ["preset=tiny"]).llm
+torch.manual_seed(0)
+model = XoronLLM(cfg)
+if sys.argv[2] == "generate":  # tiny@32+64x1, greedy
+    model.eval()
+    prompt = torch.randint(0, cfg.usable_vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    def call():
+        return model.generate_text(prompt, 64, temperature=0).sum()
+    per_sample = 4
+else:  # tiny@128x8 training step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (8, 129))
+    def call():
+        loss = F.cross_entropy(model(ids[:, :-1]).logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    per_sample = 10
+check = call().item()
+call()
+samples = []
+for _ in range(5):
+    start = time.process_time()
+    for _ in range(per_sample):
+        call()
+    samples.append((time.process_time() - start) / per_sample)
+print(min(samples), round(check, 4))
+"""
+
+
+def time_against(before: Path, workload: str, rounds: int) -> dict:
+    """Speedup of this tree's ``workload`` ("step" | "generate") over the tree at ``before``.
+
+    Each round runs both trees once, each in a fresh process, in alternating order; a process reports
+    its least CPU (process) time per call over 5 samples, which other jobs on a shared machine disturb
+    less than wall time. Returns the median, min and max over rounds of before / now."""
+    here = Path(__file__).resolve().parent.parent
+    trees = {"before": before.resolve(), "now": here}
+    for name, tree in trees.items():
+        if not (tree / "xoron_dist" / "__init__.py").is_file():
+            raise SystemExit(f"--against: {tree} holds no xoron_dist package ({name}); give the folder above it")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    seconds: dict[str, list[float]] = {"before": [], "now": []}
+    checks: dict[str, set[str]] = {"before": set(), "now": set()}
+    for r in range(rounds):
+        for name in ("before", "now") if r % 2 == 0 else ("now", "before"):
+            run = subprocess.run([sys.executable, "-c", _TREE_WORKLOAD, str(trees[name]), workload],
+                                 capture_output=True, text=True, env=env, cwd="/")
+            if run.returncode:
+                raise SystemExit(f"--against: the {name} tree's {workload} failed:\n{run.stderr[-2000:]}")
+            value, check = run.stdout.split()[-2:]
+            seconds[name].append(float(value))
+            checks[name].add(check)
+    ratios = [b / n for b, n in zip(seconds["before"], seconds["now"], strict=True)]
+    return {"now_over_before_median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3), "rounds": rounds,
+            "ms_per_call": {k: round(statistics.median(v) * 1e3, 2) for k, v in seconds.items()},
+            "same_result": checks["before"] == checks["now"] and len(checks["now"]) == 1}
+
+
+def kept_sections(name: str, measured: dict,
+                  sections: tuple[str, ...] = ("compile", "levers", "attempts", "where_time_goes")) -> dict:
+    """What the previous bench/out/<name>.json recorded that this run did not measure: its other sections, the
+    cases this run left out (each case is its own side-by-side measurement), and the headline's earlier runs,
+    to which this run's headline ratio is appended (``headline_runs``: the last 10, with their median and spread:
+    one run on a shared machine is noise)."""
+    path = OUT_DIR / f"{name}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {key: previous[key] for key in sections if key in previous and key not in measured}
+    kept["cases"] = previous.get("cases", {}) | measured["cases"]
+    head = measured["cases"].get(measured["headline"])
+    runs = previous.get("headline_runs", {}).get("runs", []) if previous.get("headline") == measured["headline"] else []
+    if head is not None:
+        runs = [*runs, {"ratio": head["ratio"], "tokens_per_s": head["tokens_per_s"], "machine": measured["machine"]}]
+    if runs:
+        ratios = [run["ratio"] for run in runs[-10:]]
+        kept["headline_runs"] = {"median_ratio": round(statistics.median(ratios), 3), "min": min(ratios),
+                                 "max": max(ratios), "runs": runs[-10:]}
+    return kept
+
+
+def record_lever(result: dict, name: str, before: Path, workload: str, rounds: int, what: str) -> None:
+    """Time this tree against ``before`` and append the lever to ``result["levers"]`` (replacing one of that name)."""
+    measured = time_against(before, workload, rounds)
+    print(f"\nlever '{name}' ({workload}): now / before = {measured['now_over_before_median']:.3f} "
+          f"(min {measured['min']}, max {measured['max']}, {rounds} rounds), same result: {measured['same_result']}")
+    levers = [lever for lever in result.get("levers", []) if lever.get("name") != name]
+    result["levers"] = [*levers, {"name": name, "what": what, "workload": workload, **measured,
+                                  "machine": machine()}]
 
 
 def run_case(case: str, rounds: int, compiled: bool = False) -> dict:
@@ -120,12 +234,23 @@ def main() -> None:
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time ours with train.compile")
+    parser.add_argument("--against", type=Path, help="folder holding the xoron_dist of before a change")
+    parser.add_argument("--lever", default="levers", help="the change's name in the JSON's levers list")
+    parser.add_argument("--lever-what", default="", help="one line saying what the change is")
+    parser.add_argument("--lever-rounds", type=int, default=6)
     args = parser.parse_args()
+    if args.against is not None:  # only the lever: the rest of the JSON stays as recorded
+        result = json.loads((OUT_DIR / "llm_step.json").read_text())
+        record_lever(result, args.lever, args.against, "step", args.lever_rounds, args.lever_what)
+        print(f"\n-> {write_result('llm_step', result)}")
+        return
     torch.manual_seed(0)
     cases = {case: run_case(case, args.rounds, args.compile) for case in args.cases.split(",")}
-    head = cases.get(HEADLINE) or next(iter(cases.values()))
-    head_name = HEADLINE if HEADLINE in cases else next(iter(cases))
+    kept = kept_sections("llm_step", {"headline": HEADLINE, "machine": machine(), "cases": cases})
+    head_name = HEADLINE if HEADLINE in kept["cases"] else next(iter(cases))
+    head = kept["cases"][head_name]
     result = {
+        "headline": head_name,
         "metric": f"training-step tokens/s (fwd+bwd+AdamW), case {head_name}, higher is better",
         "unit": "tokens/s",
         "ours": head["tokens_per_s"]["ours"],
@@ -135,12 +260,13 @@ def main() -> None:
         "ratio": head["ratio"],
         "goal": 1.5,
         "machine": machine(),
-        "cases": cases,
+        "cases": kept["cases"],
     }
-    if args.compile:  # train.compile on the headline case: tokens/s with compiled blocks over eager ones
+    if args.compile and head_name in cases:  # train.compile on the headline: compiled blocks' tokens/s over eager
         result["compile"] = {"case": head_name, "compiled_over_eager": head["compiled_over_eager"],
                              "compile_first_step_s": head["compile_first_step_s"],
                              "ours_compiled_tokens_per_s": head["tokens_per_s"]["ours_compiled"]}
+    result |= {key: value for key, value in kept.items() if key not in result}
     print(f"\n-> {write_result('llm_step', result)}")
 
 

@@ -98,6 +98,7 @@ class RotaryEmbedding(Fp32BufferModule):
             )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("long_inv_freq", long_inv, persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # ``span``'s cos, sin (positions, rope_dim/2)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (batch, seq) -> cos, sin each (batch, seq, rope_dim/2), fp32."""
@@ -107,6 +108,23 @@ class RotaryEmbedding(Fp32BufferModule):
             inv_freq = self.long_inv_freq
         angles = position_ids[..., None].float() * inv_freq.to(position_ids.device)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+    def span(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, length, rope_dim/2) of positions start..start+length-1, fp32: what ``forward`` gives
+        for them, sliced from a table kept across calls (a decode step or a training step then computes
+        no angles). The table grows by doubling and follows the device; LongRoPE, whose factors depend
+        on the whole span, computes every call."""
+        end = start + length
+        if self.long_inv_freq is not None:
+            return self(torch.arange(start, end, device=device)[None])
+        table = self._table
+        if table is None or table[0].shape[0] < end or table[0].device != torch.device(device):
+            size = max(end, 2 * table[0].shape[0]) if table is not None else end
+            # a plain tensor even when built while decoding (inference mode): training may read it later
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = self(torch.arange(size, device=device)[None])
+            table = self._table = (cos[0], sin[0])
+        return table[0][None, start:end], table[1][None, start:end]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

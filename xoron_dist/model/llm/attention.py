@@ -44,31 +44,42 @@ LATENT_NORM_EPS = 1e-6
 
 @dataclass
 class LatentKVCache:
-    """Preallocated latent cache of every layer: (batch, max_len, kv_lora_rank) + (batch, max_len, rope_dim)."""
+    """Preallocated latent cache: per layer one buffer (batch, max_len, kv_lora_rank + rope_dim) holding
+    [c_kv | k_rope] side by side, so decoding scores a query against both in one matmul."""
 
-    latent: list[torch.Tensor]
-    rope_key: list[torch.Tensor]
+    entries: list[torch.Tensor]
+    kv_rank: int
     length: int = 0
 
     @classmethod
     def allocate(cls, cfg: LLMConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        def make(width: int) -> list[torch.Tensor]:
-            return [torch.zeros(batch, max_len, width, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        entries = [torch.zeros(batch, max_len, width, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        return cls(entries=entries, kv_rank=cfg.kv_lora_rank)
 
-        return cls(latent=make(cfg.kv_lora_rank), rope_key=make(cfg.qk_rope_head_dim))
+    @property
+    def latent(self) -> list[torch.Tensor]:
+        """Every layer's c_kv part (batch, max_len, kv_lora_rank) (views of ``entries``)."""
+        return [e[..., : self.kv_rank] for e in self.entries]
+
+    @property
+    def rope_key(self) -> list[torch.Tensor]:
+        """Every layer's rope-key part (batch, max_len, rope_dim) (views of ``entries``)."""
+        return [e[..., self.kv_rank :] for e in self.entries]
 
     @property
     def capacity(self) -> int:
-        return self.latent[0].shape[1]
+        return self.entries[0].shape[1]
 
-    def write(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new positions [length, length+seq) of one layer; return all cached positions so far."""
+    def write(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor) -> torch.Tensor:
+        """Store new positions [length, length+seq) of one layer; return its cached [c_kv | k_rope] so far."""
         start, end = self.length, self.length + latent.shape[1]
         if end > self.capacity:
             raise ValueError(f"latent KV cache holds {self.capacity} positions; writing up to {end}")
-        self.latent[layer][:, start:end] = latent
-        self.rope_key[layer][:, start:end] = rope_key
-        return self.latent[layer][:, :end], self.rope_key[layer][:, :end]
+        entry = self.entries[layer]
+        entry[:, start:end, : self.kv_rank] = latent
+        entry[:, start:end, self.kv_rank :] = rope_key
+        return entry[:, :end]
 
 
 def attention_mask(
@@ -160,7 +171,12 @@ class MultiLatentAttention(nn.Module):
         cache: LatentKVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        """x (batch, seq, hidden); rope = cos, sin (batch, seq, rope_dim/2); positions (batch, seq)."""
+        """x (batch, seq, hidden); rope = cos, sin (batch, seq, rope_dim/2); positions (batch, seq).
+
+        With a ``cache``, several new tokens attend by ``positions`` (a prompt's prefill); a single new
+        token attends every cached position without a mask: the cache holds each row's text in order,
+        so the newest token follows all of it.
+        """
         batch, seq, _ = x.shape
         cos, sin = rope
         q = self._queries(x)
@@ -176,9 +192,12 @@ class MultiLatentAttention(nn.Module):
         else:
             if document_ids is not None:
                 raise ValueError("packed documents (document_ids) are a training feature; decode one text per row")
-            k_positions = torch.arange(cache.length + seq, device=x.device).expand(batch, -1)
-            latent, k_rope = cache.write(layer, latent, k_rope)
-            out = self._absorbed(q_nope, q_rope, latent, k_rope, attention_mask(positions, k_positions, None, None))
+            cached = cache.write(layer, latent, k_rope)
+            mask = None  # one new token (the decode loop): it follows every cached one, so it sees them all
+            if seq > 1:
+                k_positions = torch.arange(cache.length + seq, device=x.device).expand(batch, -1)
+                mask = attention_mask(positions, k_positions, None, None)
+            out = self._absorbed(q_nope, q_rope, cached, mask)
         return self.out_proj(out.reshape(batch, seq, -1))
 
     def expand_kv(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,14 +207,21 @@ class MultiLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         return torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, k_nope.shape[2], -1)), dim=-1), v
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
-        """Attend against cached latents (b, t, kv_rank) without expanding them. Returns (b, s, h, v_dim)."""
+    def _absorbed(self, q_nope, q_rope, cached, mask) -> torch.Tensor:
+        """Attend against cached [c_kv | k_rope] (b, t, kv_rank + rope) without expanding the latents.
+
+        q_nope (b, s, h, nope), q_rope (b, s, h, rope); mask (b, 1, s, t) bool or None (all allowed).
+        Scores are [q_nope·W^UK | q_rope] · [c_kv | k_rope] in one matmul (eq. 10 with the rope part
+        appended). Returns (b, s, h, v_dim).
+        """
         w = self.kv_up.weight.view(-1, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (h, nope, r), (h, v, r)
-        q_latent = torch.einsum("bshd,hdr->bhsr", q_nope, w_uk)
-        scores = torch.einsum("bhsr,btr->bhst", q_latent, latent)
-        scores = scores + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
-        scores = (scores * self.softmax_scale).float().masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(latent.dtype)
-        out_latent = torch.einsum("bhst,btr->bhsr", probs, latent)
-        return torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
+        q_latent = q_nope.transpose(1, 2) @ w_uk  # (b, h, s, r)
+        query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (b, h, s, r + rope)
+        keys = cached[:, None]  # (b, 1, t, r + rope): every head reads the same latents
+        scores = ((query @ keys.transpose(-1, -2)) * self.softmax_scale).float()  # (b, h, s, t)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(cached.dtype)
+        out_latent = probs @ keys[..., : self.kv_rank]  # (b, h, s, r)
+        return (out_latent @ w_uv.transpose(-1, -2)).transpose(1, 2)  # (b, s, h, v)

@@ -11,7 +11,6 @@ import torch
 from xoron_dist.model.llm.attention import LatentKVCache
 
 
-@torch.no_grad()
 def generate_text(
     model,
     input_ids: torch.Tensor,
@@ -29,37 +28,56 @@ def generate_text(
     ``temperature=0`` is greedy. Rows that emitted ``eos_token_id`` keep emitting it; decoding
     stops early once every row has. ``on_token(ids)`` sees each step's new ids (batch,) as they come
     (streaming to a terminal: ``xoron generate text``).
+
+    Decoding runs under ``torch.inference_mode`` (no autograd bookkeeping per op); the returned ids
+    are copied out of it, so a caller may feed them to a training forward.
     """
     cfg = model.cfg
-    was_training = model.training
-    model.eval()
     batch, prompt = input_ids.shape
     if prompt + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(
             f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings "
             f"({cfg.max_position_embeddings})"
         )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            tokens = _decode(model, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, use_cache,
+                             generator, on_token)
+    finally:
+        model.train(was_training)
+    return tokens.clone()
+
+
+def _decode(model, input_ids, max_new_tokens, temperature, top_p, top_k, eos_token_id, use_cache, generator,
+            on_token) -> torch.Tensor:
+    """The decode loop of ``generate_text`` (arguments as there); ids land in one preallocated buffer."""
+    cfg = model.cfg
+    batch, prompt = input_ids.shape
     cache = None
     if use_cache:
         dtype = model.embed_tokens.weight.dtype
         cache = LatentKVCache.allocate(cfg, batch, prompt + max_new_tokens, input_ids.device, dtype)
-    tokens, step_input = input_ids, input_ids
+    tokens = torch.empty(batch, prompt + max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
+    tokens[:, :prompt] = input_ids
+    end, step_input = prompt, input_ids
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(step_input if use_cache else tokens, cache=cache).logits[:, -1]
+        logits = model(step_input if use_cache else tokens[:, :end], cache=cache).logits[:, -1]
         logits = model.lm_head.gather(logits)[:, : cfg.usable_vocab_size]
         nxt = sample_next_token(logits.float(), temperature, top_p, top_k, generator)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done |= nxt == eos_token_id
-        tokens = torch.cat((tokens, nxt[:, None]), dim=1)
-        step_input = nxt[:, None]
+        tokens[:, end] = nxt
+        step_input = tokens[:, end : end + 1]
+        end += 1
         if on_token is not None:
             on_token(nxt)
         if eos_token_id is not None and bool(done.all()):
             break
-    model.train(was_training)
-    return tokens
+    return tokens[:, :end]
 
 
 def sample_next_token(

@@ -98,10 +98,12 @@ class XoronLLM(nn.Module):
             raise ValueError("this model has no embedding (a later pipeline stage): pass the hidden states "
                              "of the previous stage as inputs_embeds")
         batch, seq = x.shape[:2]
-        if position_ids is None:
+        if position_ids is None:  # 0..seq-1 after the cached positions: their rotary angles come from a table
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + seq, device=x.device).expand(batch, -1)
-        cos, sin = self.rope(position_ids)
+            cos, sin = self.rope.span(start, seq, x.device)  # (1, seq, rope_dim/2): broadcast over the rows
+        else:
+            cos, sin = self.rope(position_ids)
         rope = (cos.to(x.dtype), sin.to(x.dtype))
         for layer in self.layers.values():
             if before_layer is not None:
