@@ -14,6 +14,8 @@ alternating round by round (bench/common.py). One call = forward, a mean-square 
 - DeepSpeed: ``deepspeed.moe.layer.MoE`` (top-2 softmax gate, dropless ``drop_tokens=False``, no
   second-expert sampling noise) with a SwiGLU expert of the same width, plus the same shared expert
   added alongside (its gate differs from ours, so only the work, not the output, is the same).
+- limit: not a peer but the bound: one dense SwiGLU of width (top_k + 1) x the expert width over the same
+  tokens: the routed and shared experts' FLOPs as two large GEMMs (forward), no routing, no gather/scatter.
 
     python -m bench.moe_layer [--cases tiny@4096,mid@2048,full@1024] [--rounds 5]
 
@@ -73,10 +75,14 @@ class SwiGLUExpert(nn.Module):
 
 
 class DeepSpeedMoEWithShared(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    """DeepSpeed's dropless MoE plus a shared SwiGLU expert; ``ep_size`` > 1 needs torch.distributed up
+    (bench/ep_overlap.py: DeepSpeed reuses the expert group ``ep_size_<n>`` when one is registered)."""
+
+    def __init__(self, hidden: int, intermediate: int, ep_size: int = 1, num_experts: int = NUM_EXPERTS,
+                 top_k: int = TOP_K) -> None:
         super().__init__()
-        self.moe = deepspeed.moe.layer.MoE(hidden, SwiGLUExpert(hidden, intermediate), num_experts=NUM_EXPERTS,
-                                           ep_size=1, k=TOP_K, drop_tokens=False, use_rts=False,
+        self.moe = deepspeed.moe.layer.MoE(hidden, SwiGLUExpert(hidden, intermediate), num_experts=num_experts,
+                                           ep_size=ep_size, k=top_k, drop_tokens=False, use_rts=False,
                                            top2_2nd_expert_sampling=False)
         self.moe.set_deepspeed_parallelism()
         self.shared = SwiGLUExpert(hidden, intermediate)
@@ -145,17 +151,20 @@ def run_case(case: str, rounds: int) -> dict:
         assert torch.equal(ours(x), ours_loop(x)), "grouped and looped experts differ"
     fns = {"ours": make_call(ours, x), "ours_loop": make_call(ours_loop, x)}
     fns |= {n: make_call(m, x) for n, m in peers.items()}
+    limit = SwiGLUExpert(hidden, (TOP_K + 1) * inter).train()  # the experts' FLOPs in one dense SwiGLU
+    fns["limit"] = make_call(limit, x)
     reps = max(1, 4096 // tokens)
     seconds = time_alternating(fns, rounds=rounds, reps=reps)
     tps = {n: tokens / s for n, s in seconds.items()}
-    best_peer = max((n for n in tps if not n.startswith("ours")), key=tps.get)
+    best_peer = max((n for n in tps if not n.startswith("ours") and n != "limit"), key=tps.get)
     print(f"\n{case}: hidden {hidden}, {NUM_EXPERTS}+1 experts of {inter}, top-{TOP_K}, {tokens} tokens")
     for n in fns:
         print(f"  {n:<14} {seconds[n] * 1e3:>9.1f} ms/call {tps[n]:>10.0f} tokens/s")
     print(f"  ours / {best_peer} = {tps['ours'] / tps[best_peer]:.3f}; ours / ours_loop = "
-          f"{tps['ours'] / tps['ours_loop']:.3f}")
+          f"{tps['ours'] / tps['ours_loop']:.3f}; ours / limit = {tps['ours'] / tps['limit']:.3f}")
     return {"tokens_per_s": {k: round(v, 1) for k, v in tps.items()}, "best_peer": best_peer,
-            "ratio": round(tps["ours"] / tps[best_peer], 3), "hidden": hidden, "expert_intermediate_size": inter,
+            "ratio": round(tps["ours"] / tps[best_peer], 3), "of_limit": round(tps["ours"] / tps["limit"], 3),
+            "hidden": hidden, "expert_intermediate_size": inter,
             "tokens": tokens}
 
 
@@ -177,6 +186,8 @@ def main() -> None:
                      f"{transformers.__version__} DeepseekV3MoE (grouped_mm / eager): {head['best_peer']}",
         "ratio": head["ratio"],
         "goal": 1.2,
+        "of_limit": head["of_limit"],  # ours / one dense SwiGLU of the same FLOPs
+        "goal_of_limit": 0.9,
         "machine": machine(),
         "cases": cases,
     }

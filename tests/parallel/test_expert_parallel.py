@@ -142,6 +142,7 @@ def _single(cfg, batches):
     [
         pytest.param(2, ["parallel.ep=2"], id="ep2"),
         pytest.param(2, ["parallel.ep=2", "model.llm.dense_layers=0"], id="ep2-all-moe"),
+        pytest.param(2, ["parallel.ep=2", "train.ep_overlap_chunks=2"], id="ep2-overlap2"),
         pytest.param(4, ["parallel.ep=2"], id="ep2xdp2"),
         pytest.param(4, ["parallel.ep=2", "parallel.tp=2"], id="ep2xtp2"),
         pytest.param(4, ["parallel.ep=2", "parallel.tp=2", "parallel.tp_experts=false"], id="ep2xtp2-whole"),

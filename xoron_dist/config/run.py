@@ -115,6 +115,10 @@ class TrainConfig:
     # > 0: the LM head and loss run on chunks of this many tokens, recomputed in backward, so the
     # whole (tokens x vocabulary) logits never exist at once (long sequences); 0 = in one piece
     loss_chunk_tokens: int = 0
+    # parallel.ep > 1, dropless: the expert dispatch runs as a pipeline of this many chunks of tokens, so one
+    # chunk's all-to-all travels while another chunk's experts compute (parallel/experts.py); 1 = no overlap.
+    # An execution choice, not a layout: checkpoints do not depend on it (so it is not in the config hash).
+    ep_overlap_chunks: int = 1
     # Collectives that wait longer than this fail (torch.distributed's timeout; minutes, fractions allowed).
     dist_timeout_minutes: float = 10.0
     # A rank whose training makes no progress for this long dumps its Python stacks into
@@ -149,7 +153,7 @@ class TrainConfig:
     def validate(self, where: str) -> None:
         positive(self, where, "steps", "micro_batch_size", "grad_accum_steps", "seq_len", "lr", "eps",
                   "log_every", "save_every", "keep_checkpoints", "dist_timeout_minutes",
-                  "activation_checkpointing_every", "loss_spike_window", "peak_tflops")
+                  "activation_checkpointing_every", "loss_spike_window", "peak_tflops", "ep_overlap_chunks")
         non_negative(self, where, "warmup_steps", "weight_decay", "grad_clip", "loss_chunk_tokens", "watchdog_minutes",
                      "max_skipped_steps", "max_rollbacks", "loss_spike_factor", "sample_every")
         if self.sample_every and not self.sample_prompts:

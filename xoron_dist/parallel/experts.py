@@ -12,11 +12,25 @@ MoE step on every rank:
    expert runs one matmul over its rows, and the results travel back by the inverse all-to-all;
 5. the combine weights apply and the rows are summed into their tokens (``index_add_``).
 
-Autograd runs the same all-to-alls backwards (``torch.distributed.nn.functional.all_to_all_single``),
-so an expert's gradient holds the contributions of every EP rank's tokens; the data-parallel
-reduction then sums it over the expert's replicas (the expert-data-parallel group, ``world / (tp·ep·pp)``
-ranks) and divides by the *dense* data-parallel size, exactly as for dense weights, so the result does
-not depend on ``ep``.
+The counts come from a ``searchsorted`` over the sorted expert ids (not ``bincount``) and are read on the
+host once per layer, together with the exchanged ones: one device-to-host sync per dropless MoE layer forward.
+
+Overlap (``train.ep_overlap_chunks`` = N > 1, dropless only): the tokens are cut into N chunks and the
+pairs sorted by (chunk, expert), so steps 3-4 run as a pipeline. Every chunk's dispatch starts at once
+(``all_to_all_single(async_op=True)``); while the experts run on chunk c, the later chunks' rows are still
+travelling and chunk c-1's results are on their way back. Each exchange is a pair of autograd functions,
+``_StartAllToAll`` and ``_WaitAllToAll`` (``PendingAllToAll``): in backward the wait's node starts the
+inverse exchange and the start's node waits for it, so autograd computes one chunk's expert gradients
+while another chunk's gradients travel. Every token's rows meet the same expert weights with the same ops,
+so the result equals the unchunked one up to fp32 rounding (the BLAS picks its kernel by row count, and an
+expert's weight gradient is summed over chunks). N=1 is the plain sequential dispatch. On gloo (CPU) the
+exchange is a copy done by the same cores that compute, so there is little to win (bench/ep_overlap.py:
+the default stays 1); on NCCL the exchange runs on the interconnect beside the GEMMs.
+
+Autograd runs the same all-to-alls backwards (the inverse exchange), so an expert's gradient holds the
+contributions of every EP rank's tokens; the data-parallel reduction then sums it over the expert's
+replicas (the expert-data-parallel group, ``world / (tp·ep·pp)`` ranks) and divides by the *dense*
+data-parallel size, exactly as for dense weights, so the result does not depend on ``ep``.
 
 ``capacity_factor`` (optional) gives fixed shapes instead: every expert takes at most
 ``ceil(capacity_factor · tokens · k / num_experts)`` rows from each rank (the earliest tokens win, as in
@@ -68,24 +82,70 @@ from xoron_dist.model.lora import StackedLoRA
 from xoron_dist.parallel.tensor import mark_tp_split, replace_submodule
 
 
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with uneven splits whose backward is the inverse exchange."""
+class _InFlight:
+    """One all-to-all started and not yet waited for, in forward and (inverse) in backward: the work
+    handles and the buffers they write, shared by the ``_StartAllToAll`` / ``_WaitAllToAll`` pair."""
+
+    __slots__ = ("work", "grad_work", "grad_in", "grad_out")
+
+    def __init__(self) -> None:
+        self.work = self.grad_work = self.grad_in = self.grad_out = None
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Starts the exchange (``async_op``) and returns its output buffer, written while other work runs;
+    ``_WaitAllToAll`` waits for it. Backward: waits for the inverse exchange ``_WaitAllToAll.backward``
+    started, so the gradient travels while autograd computes other nodes."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-        ctx.send, ctx.recv, ctx.group = send, recv, group
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group, flight: _InFlight) -> torch.Tensor:
+        ctx.flight = flight
         out = x.new_empty(sum(recv), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        flight.work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send,
+                                             group=group, async_op=True)
         return out
 
     @staticmethod
+    def backward(ctx, _unused: torch.Tensor):
+        flight = ctx.flight
+        flight.grad_work.wait()
+        grad = flight.grad_out
+        flight.grad_work = flight.grad_in = flight.grad_out = None
+        return grad, None, None, None, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Waits for the exchange its ``_StartAllToAll`` started; backward starts the inverse exchange."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, send: list[int], recv: list[int], group, flight: _InFlight) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group, ctx.flight = send, recv, group, flight
+        flight.work.wait()
+        flight.work = None
+        return out.view_as(out)
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _AllToAll.apply(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+        flight = ctx.flight
+        flight.grad_in = grad.contiguous()  # held until the exchange is done: the collective reads it
+        flight.grad_out = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        flight.grad_work = dist.all_to_all_single(flight.grad_out, flight.grad_in, output_split_sizes=ctx.send,
+                                                  input_split_sizes=ctx.recv, group=ctx.group, async_op=True)
+        return grad, None, None, None, None  # a placeholder: _StartAllToAll.backward returns the exchanged one
 
 
-def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    """Rows ``x`` (``send[r]`` of them for rank r, in rank order) -> the rows every rank sent here."""
-    return _AllToAll.apply(x, send, recv, group)
+class PendingAllToAll:
+    """An all-to-all in flight: constructing it starts the exchange of ``x`` (``send[r]`` rows for rank r, in
+    rank order; ``recv[r]`` come from rank r), other work runs, then ``wait()`` returns the received rows.
+    Autograd-aware both ways: the backward of ``wait`` starts the inverse exchange, the backward of the
+    start waits for it. Every rank of the group must start its exchanges in the same order."""
+
+    def __init__(self, x: torch.Tensor, send: list[int], recv: list[int], group) -> None:
+        self._args = (send, recv, group, _InFlight())
+        self._buffer = _StartAllToAll.apply(x, *self._args)
+
+    def wait(self) -> torch.Tensor:
+        return _WaitAllToAll.apply(self._buffer, *self._args)
 
 
 def group_name(ep: int) -> str:
@@ -120,6 +180,7 @@ class ExpertSplit:
     data_group: object  # the expert-data-parallel group: the ranks holding replicas of the same experts
     capacity_factor: float | None = None  # None: dropless
     zero3: bool = False  # the run uses ZeRO-3 (expert parameters marked for stage-3 placement)
+    overlap_chunks: int = 1  # dropless: the dispatched rows travel and compute in this many pipelined chunks
 
 
 def expert_split(cfg) -> ExpertSplit | None:
@@ -131,7 +192,8 @@ def expert_split(cfg) -> ExpertSplit | None:
         return None
     return ExpertSplit(parallel_state.get_expert_model_parallel_group(),
                        parallel_state.get_expert_model_parallel_rank(), p.ep, group_name(p.ep),
-                       parallel_state.get_expert_data_parallel_group(), p.expert_capacity_factor, p.zero_stage == 3)
+                       parallel_state.get_expert_data_parallel_group(), capacity_factor=p.expert_capacity_factor,
+                       zero3=p.zero_stage == 3, overlap_chunks=cfg.train.ep_overlap_chunks)
 
 
 class LocalExpert(nn.Module):
@@ -225,20 +287,37 @@ class ExpertParallelExperts(nn.Module):
                                "xoron_dist.parallel.state.initialize registers it when parallel.ep > 1")
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.split.capacity_factor is not None:
+            return self._capacity_forward(x, chosen, weights)
+        tokens, k = chosen.shape
+        chunks, experts = self.split.overlap_chunks, self.num_experts
+        flat = chosen.flatten()
+        # (token, choice) pairs sorted by (chunk, expert), tokens in order: each chunk's rows are contiguous
+        # and grouped by expert. The chunk count is the same on every rank (each chunk is one collective),
+        # so a chunk may be empty when a rank has fewer tokens than chunks.
+        chunk_of_token = torch.arange(tokens, device=flat.device) * chunks // max(tokens, 1)
+        key = chunk_of_token.repeat_interleave(k) * experts + flat
+        order = key.argsort(stable=True)
+        ends = torch.searchsorted(key[order], torch.arange(1, chunks * experts + 1, device=flat.device))
+        counts = torch.diff(ends, prepend=ends.new_zeros(1)).view(chunks, experts)  # no bincount: no sync
+        token_of = order // k
+        out = self._exchange_and_compute(self.entry(x)[token_of], counts)
+        combined = self.exit(out) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, combined)
+
+    def _capacity_forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Fixed shapes (``capacity_factor``): one exchange of ``capacity`` rows per expert, no chunks."""
         tokens, k = chosen.shape
         flat = chosen.flatten()
-        order = flat.argsort(stable=True)  # (token, choice) pairs grouped by expert, tokens in order
+        order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
         pair_weights = weights.flatten()[order, None].to(x.dtype)
         token_of = order // k
-        if self.split.capacity_factor is None:
-            out = self._exchange_and_compute(self.entry(x)[token_of], counts)
-        else:
-            rows, kept, keep = self._capacity_rows(x, flat[order], counts, token_of, tokens * k)
-            token_of, pair_weights = token_of[keep], pair_weights[keep]
-            out = self._exchange_and_compute(rows, torch.full_like(counts, rows.shape[0] // self.num_experts))
-            out = out.view(self.num_experts, -1, out.shape[-1])
-            out = torch.cat([out[e, :n] for e, n in enumerate(kept)])  # drop the padding, keep expert order
+        rows, kept, keep = self._capacity_rows(x, flat[order], counts, token_of, tokens * k)
+        token_of, pair_weights = token_of[keep], pair_weights[keep]
+        out = self._exchange_and_compute(rows, torch.full_like(counts, rows.shape[0] // self.num_experts)[None])
+        out = out.view(self.num_experts, -1, out.shape[-1])
+        out = torch.cat([out[e, :n] for e, n in enumerate(kept)])  # drop the padding, keep expert order
         combined = self.exit(out) * pair_weights
         return torch.zeros_like(x).index_add_(0, token_of, combined)
 
@@ -259,29 +338,47 @@ class ExpertParallelExperts(nn.Module):
         return rows, counts.clamp(max=cap).tolist(), keep
 
     def _exchange_and_compute(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Send ``rows`` (grouped by global expert, ``counts`` each) to their experts' ranks, run them,
-        bring the results back in the same order."""
+        """Send ``rows`` (grouped by chunk, then by global expert: ``counts`` (chunks, experts) of them) to
+        their experts' ranks, run them, bring the results back in the same order.
+
+        The chunks form a pipeline: every chunk's exchange starts at once, and while the experts run on
+        chunk c the later chunks' rows are still travelling and chunk c-1's results are on their way
+        back (the same in backward, where the inverse exchanges start and are waited for in the mirror
+        order). One chunk is the unpipelined dispatch."""
+        ep, local, group = self.ep_size, self.num_local_experts, self.split.group
+        chunks = counts.shape[0]
+        sent = counts.view(chunks, ep, local).transpose(0, 1).contiguous()  # (dest rank, chunk, its expert)
+        received = torch.empty_like(sent)  # received[src, c, i]: rows from src for my expert i in chunk c
+        dist.all_to_all_single(received, sent, group=group)
+        host = torch.cat([counts.flatten(), received.flatten()]).tolist()  # the layer's one host sync
+        split_at = chunks * ep * local
+        mine, theirs = host[:split_at], host[split_at:]
+        outgoing = [[sum(mine[(c * ep + r) * local:(c * ep + r + 1) * local]) for r in range(ep)]
+                    for c in range(chunks)]
+        incoming = [[theirs[(src * chunks + c) * local:(src * chunks + c + 1) * local] for src in range(ep)]
+                    for c in range(chunks)]  # incoming[c][src][i]
+        inbound = [PendingAllToAll(part, outgoing[c], [sum(n) for n in incoming[c]], group)
+                   for c, part in enumerate(rows.split([sum(send) for send in outgoing]))]
+        returning = []
+        for c, pending in enumerate(inbound):
+            computed = self._run_local_experts(pending.wait(), incoming[c])
+            returning.append(PendingAllToAll(computed, [sum(n) for n in incoming[c]], outgoing[c], group))
+        return torch.cat([pending.wait() for pending in returning])
+
+    def _run_local_experts(self, inbound: torch.Tensor, incoming: list[list[int]]) -> torch.Tensor:
+        """inbound (rows, hidden) grouped by (source rank, local expert), ``incoming[src][i]`` rows each ->
+        the experts' outputs in the same order."""
         ep, local = self.ep_size, self.num_local_experts
-        group = self.split.group
-        received = torch.empty_like(counts)
-        dist.all_to_all_single(received, counts, group=group)  # received[src * local + i]: rows for my expert i
-        send_splits = counts.view(ep, local).sum(1).tolist()
-        recv_matrix = received.view(ep, local)
-        recv_splits = recv_matrix.sum(1).tolist()
-        inbound = all_to_all(rows, send_splits, recv_splits, group)
-        # inbound is grouped by (source rank, local expert); a stable sort on (local expert, source rank)
-        # regroups it by local expert, each expert's rows still in source-rank order.
-        block_key = torch.arange(local, device=rows.device) * ep + torch.arange(ep, device=rows.device)[:, None]
-        perm = torch.repeat_interleave(block_key.flatten(), recv_matrix.flatten().to(rows.device)).argsort(stable=True)
-        grouped = inbound[perm]
-        per_expert = recv_matrix.sum(0).tolist()
-        # Each local expert runs through its own module call: under ZeRO-3 the parity test drifted
-        # (~1e-6 at step 2, 1e-4 by step 4) when the local weights were used outside their module's
-        # forward (a grouped kernel over all of them), and is exact this way.
-        parts = grouped.split(per_expert)
-        computed = torch.cat([expert(part) for expert, part in zip(self.local_experts, parts, strict=True)])
-        outbound = torch.empty_like(computed).index_copy(0, perm, computed)  # back to (source, expert) order
-        return all_to_all(outbound, recv_splits, send_splits, group)
+        pieces = inbound.split([n for per_src in incoming for n in per_src])
+        outputs = [None] * (ep * local)
+        # Each local expert runs through its own module call, on every rank even with no rows: under ZeRO-3
+        # the parity test drifted (~1e-6 at step 2, 1e-4 by step 4) when the local weights were used outside
+        # their module's forward (a grouped kernel over all of them), and is exact this way.
+        for i, expert in enumerate(self.local_experts):
+            rows = torch.cat([pieces[src * local + i] for src in range(ep)])  # expert i's rows, by source rank
+            for src, out in enumerate(expert(rows).split([incoming[src][i] for src in range(ep)])):
+                outputs[src * local + i] = out
+        return torch.cat(outputs)  # back to (source rank, expert) order
 
 
 def _deepspeed_moe_class() -> type:
@@ -311,5 +408,5 @@ def apply_expert_parallel(model: nn.Module, split: ExpertSplit) -> int:
     return len(names)
 
 
-__all__ = ["ExpertParallelExperts", "ExpertSplit", "LocalExpert", "apply_expert_parallel",
+__all__ = ["ExpertParallelExperts", "ExpertSplit", "LocalExpert", "PendingAllToAll", "apply_expert_parallel",
            "build_expert_parallel_experts", "expert_split", "group_name", "register_expert_groups"]
