@@ -20,6 +20,8 @@ whose latent frames fill whole chunks (8 prepared frames at factor 4 and one-fra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -49,6 +51,10 @@ def check_size(height: int, width: int, multiple: int, section: str) -> None:
                          f"(the autoencoder's factor times the DiT's patch); e.g. {near[0]}x{near[1]}")
 
 
+def _own_count(calls: int, device: torch.device) -> int:
+    return calls
+
+
 class _LatentGenerator(nn.Module):
     """What the image and the video generator share: the clock, the autoencoder's loss, the bookkeeping."""
 
@@ -60,6 +66,11 @@ class _LatentGenerator(nn.Module):
         self.gen_cfg = getattr(cfg.model, self.section)
         self.clock = NoiseClock()
         self.vae_loss = VAELoss(self.gen_cfg.vae.loss)
+        # How many flow-network calls a micro-batch makes, given this rank's own count and device: its own
+        # here. Expert parallelism replaces it with the most of any rank in the expert group, since each
+        # call runs the DiT experts' all-to-alls and every EP rank must run them equally often
+        # (``xoron_dist.parallel.experts.AgreedCallCount``); the extra calls are idle ones, times zero.
+        self.agree_calls: Callable[[int, torch.device], int] = _own_count
 
     def objective_sums(self, encoder, items: list[torch.Tensor], is_target: torch.Tensor | None,
                        request: torch.Tensor, request_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,12 +78,12 @@ class _LatentGenerator(nn.Module):
         rank without any trains on a blank item, times zero (every parameter in every step)."""
         flags = is_target.tolist() if is_target is not None else [False] * len(items)
         vae_name, flow_name = self.objectives
+        targets = sum(flags)
+        calls = self.agree_calls(max(targets, 1), request.device)  # the flow network runs at least once
         if not items:
             blank = self.blank(request.device)
             vae, latents = self.autoencode(blank)
-            zeros = request.new_zeros(1, 1, request.shape[-1])
-            flow = self.flow_sum(blank, latents, zeros, torch.ones(1, 1, dtype=torch.bool, device=zeros.device))
-            return {vae_name: 0.0 * vae, flow_name: 0.0 * flow}
+            return {vae_name: 0.0 * vae, flow_name: self._idle_flows(blank, latents, request, calls)}
         vae_total, flow_total, target = 0.0, 0.0, 0
         for item, is_gen in zip(items, flags, strict=True):
             vae, latents = self.autoencode(item)
@@ -82,11 +93,17 @@ class _LatentGenerator(nn.Module):
                 flow_total = flow_total + self.flow_sum(item, latents, request[target: target + 1, :length],
                                                         request_mask[target: target + 1, :length])
                 target += 1
-        if target == 0:  # the flow network still takes part (see objective_sums' docstring)
-            zeros = request.new_zeros(1, 1, request.shape[-1])
-            flow_total = 0.0 * self.flow_sum(items[0], latents, zeros, torch.ones(1, 1, dtype=torch.bool,
-                                                                                   device=zeros.device))
+        # the flow network still takes part without a target (see the docstring), and as often as agreed
+        flow_total = flow_total + self._idle_flows(items[-1], latents, request, calls - targets)
         return {vae_name: vae_total, flow_name: flow_total}
+
+    def _idle_flows(self, item: torch.Tensor, latents: torch.Tensor, request: torch.Tensor,
+                    calls: int) -> torch.Tensor | float:
+        """``calls`` flow losses of ``item`` under an empty (zero) request, times zero: the flow network's
+        parameters in the graph with zero gradients, its collectives made; 0.0 when ``calls`` is 0."""
+        zeros = request.new_zeros(1, 1, request.shape[-1])
+        ones = torch.ones(1, 1, dtype=torch.bool, device=zeros.device)
+        return sum((0.0 * self.flow_sum(item, latents, zeros, ones) for _ in range(calls)), 0.0)
 
     def autoencode(self, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The autoencoder loss of one item, and its posterior sample (detached) in the diffusion scale."""
