@@ -206,17 +206,23 @@ def _dp_body(full_state):
     return _engine_step(model, cfg, _rows(_dp_batch(), rows), ctx.dp_size, ctx.dp_group)
 
 
+def open_gated_model(cfg) -> tuple[XoronMultimodalModel, dict[str, torch.Tensor]]:
+    """The model of seed 0 with its fusion gates opened to 0.5 (so the fusion layers' gradients are not all
+    zero), and a copy of its state for the ranks to load."""
+    torch.manual_seed(0)
+    model = XoronMultimodalModel(cfg)
+    with torch.no_grad():
+        for layer in model.fusion.layers:
+            layer.attn_gate.fill_(0.5)
+            layer.ffn_gate.fill_(0.5)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
 @pytest.mark.multirank
 def test_two_rank_data_parallel_step_equals_single_rank():
     """Rank 1 holds no video: its video encoder must still reduce (zero) gradients with rank 0's."""
     cfg = tiny_cfg(*DP_CFG, "train.micro_batch_size=4")
-    torch.manual_seed(0)
-    model = XoronMultimodalModel(cfg)
-    with torch.no_grad():  # open the fusion gates, so the fusion layers' gradients are not all zero
-        for layer in model.fusion.layers:
-            layer.attn_gate.fill_(0.5)
-            layer.ffn_gate.fill_(0.5)
-    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, full_state = open_gated_model(cfg)
     (ref_loss, ref_grads), = run_ranks(_dp_body, 1, full_state)  # in its own process: DeepSpeed's groups
     results = run_ranks(_dp_body, 2, full_state)
     for rank, (loss, grads) in enumerate(results):

@@ -14,27 +14,15 @@ import pytest
 import torch
 
 from tests.parallel.harness import run_ranks
+from tests.parallel.test_expert_parallel import _routing
 
-E, H, FFN, K = 8, 16, 12, 2  # experts, hidden, expert width, top-k
+E, H, FFN, K = 8, 16, 12, 2  # experts, hidden, expert width, top-k (test_expert_parallel's, whose _routing this uses)
 TOKENS = (13, 3)  # per rank: rank 1 has fewer tokens than chunks
 CHUNKS = (1, 2, 4)
 # Chunked vs one chunk: the same ops per token, equal up to fp32 rounding, not bit for bit: the BLAS picks its
 # kernel by row count (an expert's 1-3 row products differ in the last bit from the same rows inside a larger
 # matmul) and an expert's weight gradient sums its rows in one matmul per chunk, added up, instead of one.
 SAME = {"rtol": 1e-6, "atol": 1e-6}
-
-
-def _routing(seed):
-    gen = torch.Generator().manual_seed(seed)
-    xs, chosen, weights = [], [], []
-    for tokens in TOKENS:
-        xs.append(torch.randn(tokens, H, generator=gen))
-        logits = torch.randn(tokens, E, generator=gen)
-        logits[:, 0] += 2.0
-        logits[:, 5] += 1.0
-        chosen.append(torch.topk(logits, K, dim=-1).indices)
-        weights.append(torch.rand(tokens, K, generator=gen))
-    return xs, chosen, weights
 
 
 def _stacked(gate_up, down):
@@ -102,7 +90,7 @@ def _chunked_body(xs, chosen, weights, gate_up, down):
 
 @pytest.mark.multirank
 def test_chunked_dispatch_equals_one_chunk_and_the_single_process_experts():
-    xs, chosen, weights = _routing(3)
+    xs, chosen, weights = _routing(3, TOKENS)
     gen = torch.Generator().manual_seed(5)
     gate_up = torch.randn(E, 2 * FFN, H, generator=gen) * 0.2
     down = torch.randn(E, H, FFN, generator=gen) * 0.2

@@ -183,17 +183,18 @@ def test_expert_parallel_equals_single_rank(world, overrides):
 E, H, FFN, T, K = 8, 16, 12, 12, 2  # experts, hidden, expert width, tokens per rank, top-k
 
 
-def _routing(seed):
-    """Per-rank tokens, expert choices skewed towards experts 0 and 5, and combine weights."""
+def _routing(seed, tokens=(T, T)):
+    """Per-rank tokens (``tokens[r]`` on rank r), expert choices skewed towards experts 0 and 5, and
+    combine weights."""
     gen = torch.Generator().manual_seed(seed)
     xs, chosen, weights = [], [], []
-    for _ in range(2):
-        xs.append(torch.randn(T, H, generator=gen))
-        logits = torch.randn(T, E, generator=gen)
+    for count in tokens:
+        xs.append(torch.randn(count, H, generator=gen))
+        logits = torch.randn(count, E, generator=gen)
         logits[:, 0] += 2.0
         logits[:, 5] += 1.0
         chosen.append(torch.topk(logits, K, dim=-1).indices)
-        weights.append(torch.rand(T, K, generator=gen))
+        weights.append(torch.rand(count, K, generator=gen))
     return xs, chosen, weights
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.test_xoron_multimodal import packed_batch, tiny_cfg
+from tests.model.test_xoron_multimodal import open_gated_model, packed_batch, tiny_cfg
 from tests.parallel.harness import run_ranks
 from xoron_dist.model.llm import IGNORE_INDEX
 from xoron_dist.model.xoron import XoronMultimodalModel
@@ -109,13 +109,7 @@ def test_multimodal_zero3_two_ranks_with_media_on_some_ranks_equal_one_rank(tmp_
     from xoron_dist.train.consolidation import read_full_tensors
 
     cfg = tiny_cfg(*CFG)
-    torch.manual_seed(0)
-    model = XoronMultimodalModel(cfg)
-    with torch.no_grad():  # open the fusion gates, so the fusion layers' gradients are not all zero
-        for layer in model.fusion.layers:
-            layer.attn_gate.fill_(0.5)
-            layer.ffn_gate.fill_(0.5)
-    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, full_state = open_gated_model(cfg)
     results = run_ranks(_zero3_body, 2, full_state, str(tmp_path / "ckpt"))
 
     tc = cfg.train
@@ -231,13 +225,7 @@ def test_multimodal_zero3_with_tensor_and_expert_parallel_equals_one_rank():
 
     layout = ("parallel.tp=2", "parallel.ep=2", "parallel.tp_experts=false")
     cfg = tiny_cfg(*CFG)
-    torch.manual_seed(0)
-    model = XoronMultimodalModel(cfg)
-    with torch.no_grad():  # open the fusion gates, so the fusion layers' gradients are not all zero
-        for layer in model.fusion.layers:
-            layer.attn_gate.fill_(0.5)
-            layer.ffn_gate.fill_(0.5)
-    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, full_state = open_gated_model(cfg)
     results = run_ranks(_tp_ep_body, 4, full_state, layout)
 
     tc = cfg.train

@@ -117,18 +117,24 @@ def _check_codebooks(results: list[dict], label: str) -> None:
         torch.testing.assert_close(book["module"], books[0]["module"], rtol=0, atol=0, msg=label)
 
 
-@pytest.mark.multirank
-def test_two_ranks_and_two_micro_batches_give_the_single_process_step():
-    torch.manual_seed(0)
-    model = XoronMultimodalModel(tiny_cfg(*Z3)).train()
-    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+def _single_process_step(model) -> tuple[int, dict[str, float]]:
+    """The step of both micro-batches in this process (the gradients left in ``model``): the LM's token
+    count, and each objective's loss (the LM's mean over the tokens, reconstruction's over the 2 images)."""
     batches = _micro_batches()
     outs = [model(**batch) for batch in batches]
     tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     lm = sum(out.loss * out.num_tokens for out in outs)
     reconstruction = sum(out.objective_sums["reconstruction"] for out in outs)
     (lm / tokens + WEIGHT * reconstruction / 2).backward()
-    expected = {"lm": lm.item() / tokens, "reconstruction": reconstruction.item() / 2}
+    return tokens, {"lm": lm.item() / tokens, "reconstruction": reconstruction.item() / 2}
+
+
+@pytest.mark.multirank
+def test_two_ranks_and_two_micro_batches_give_the_single_process_step():
+    torch.manual_seed(0)
+    model = XoronMultimodalModel(tiny_cfg(*Z3)).train()
+    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens, expected = _single_process_step(model)
 
     runs = {"dp2": run_ranks(_step_body, 2, full_state, 1), "accum2": run_ranks(_step_body, 1, full_state, 2),
             "sp2": run_ranks(_step_body, 2, full_state, 2, 2)}
@@ -191,20 +197,15 @@ def test_two_pipeline_stages_give_the_single_process_step():
         for layer in model.fusion.layers:
             layer.attn_gate.fill_(0.5)
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = _micro_batches()
-    outs = [model(**batch) for batch in batches]
-    tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-    lm = sum(out.loss * out.num_tokens for out in outs)
-    reconstruction = sum(out.objective_sums["reconstruction"] for out in outs)
-    (lm / tokens + WEIGHT * reconstruction / 2).backward()
+    tokens, expected = _single_process_step(model)
 
     results = run_ranks(_pipeline_body, 2, full_state)
     held = {name for result in results for name in result["updates"]}
     assert held == {name for name, _ in model.named_parameters()}
     for rank, result in enumerate(results):
         assert result["counts"] == {"lm": tokens, "reconstruction": 2}, rank
-        assert result["losses"]["reconstruction"] == pytest.approx(reconstruction.item() / 2, rel=1e-5), rank
-        assert result["losses"]["lm"] == pytest.approx(lm.item() / tokens, rel=1e-5), rank
+        for name, value in expected.items():
+            assert result["losses"][name] == pytest.approx(value, rel=1e-5), (rank, name)
         for name, update in result["updates"].items():
             torch.testing.assert_close(update, model.get_parameter(name).grad, rtol=1e-4, atol=2e-6,
                                        msg=f"stage {rank}: {name}")
