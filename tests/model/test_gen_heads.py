@@ -225,3 +225,4 @@ def test_expert_parallel_generators_equal_single_rank(one_thread, tmp_path):
             else:
                 expected = ref[name]
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad of {name}")
+

@@ -28,7 +28,9 @@ def prompt_states(states: torch.Tensor, spans: torch.Tensor,
     padding and its mask (n, L) (True = a prompt token), L the longest prompt (at least 1)."""
     batch, seq, width = states.shape
     if spans.shape[0] == 0:
-        return states.new_zeros(0, 1, width), torch.zeros(0, 1, dtype=torch.bool, device=states.device)
+        # an empty slice of the states, not a new tensor: in the states' graph like any request (an idle
+        # generator call reads it and should have a real call's graph: model/generation/heads.py)
+        return states[:0, :1], torch.zeros(0, 1, dtype=torch.bool, device=states.device)
     spans = spans.to(states.device)
     rows, ends = spans[:, 0], spans[:, 1]
     begins = document_starts(document_ids, batch, seq, states.device)[rows, ends]

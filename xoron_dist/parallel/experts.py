@@ -398,35 +398,17 @@ def build_expert_parallel_experts(experts: RoutedExperts, split: ExpertSplit) ->
     return cls(experts, split)
 
 
-class AgreedCallCount:
-    """The most calls any rank of the expert-parallel group makes: a module that runs its MoE layers a
-    data-dependent number of times per micro-batch (a generator's flow network, once per target) asks
-    this, then pads its own calls with idle ones, so every EP rank runs the same all-to-alls in the same
-    order (a rank that ran fewer would meet another rank's exchange: a collective mismatch)."""
-
-    def __init__(self, group) -> None:
-        self.group = group
-
-    def __call__(self, calls: int, device: torch.device) -> int:
-        count = torch.tensor([calls], dtype=torch.int64, device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.group)
-        return int(count.item())
-
-
 def apply_expert_parallel(model: nn.Module, split: ExpertSplit) -> int:
-    """Swap the routed experts of every ``MoEFeedForward`` of ``model`` for this rank's EP container, and
-    give every module that makes a data-dependent number of calls (``agree_calls``) the group's count
-    (``AgreedCallCount``); returns how many MoE layers were swapped."""
+    """Swap the routed experts of every ``MoEFeedForward`` of ``model`` for this rank's EP container;
+    returns how many. (Modules that call their MoE layers a data-dependent number of times agree on the
+    count: ``xoron_dist.parallel.calls``.)"""
     names = [name for name, module in model.named_modules() if isinstance(module, MoEFeedForward)]
     for name in names:
         moe = model.get_submodule(name)
         replace_submodule(model, f"{name}.experts", build_expert_parallel_experts(moe.experts, split))
-    for module in model.modules():
-        if hasattr(module, "agree_calls") and any(isinstance(m, MoEFeedForward) for m in module.modules()):
-            module.agree_calls = AgreedCallCount(split.group)
     return len(names)
 
 
-__all__ = ["AgreedCallCount", "ExpertParallelExperts", "ExpertSplit", "LocalExpert", "PendingAllToAll",
+__all__ = ["ExpertParallelExperts", "ExpertSplit", "LocalExpert", "PendingAllToAll",
            "apply_expert_parallel", "build_expert_parallel_experts", "expert_split", "group_name",
            "register_expert_groups"]

@@ -242,8 +242,9 @@ def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
     if generators:
         names = "/".join(generators)
         return (f"model.{names} enabled with parallel.zero_stage=3: a generator runs its autoencoder once per "
-                "item and its flow network once per target, so ranks with different micro-batches would make "
-                "different numbers of ZeRO-3 weight gathers (its collectives would fall out of step); use "
+                "item and its flow network once per target; DeepSpeed's ZeRO-3 reduces the gradient of a module "
+                "that runs several times in a micro-batch once per run (and asserts on it), and the generation "
+                "samples would read partitioned weights (xoron_dist/parallel/calls.py); use "
                 f"parallel.zero_stage<=2, or set model.{generators[0]}.enabled=false for this stage")
     untested = [row.section for row in understood(cfg) if row.section not in _ZERO3_MEDIA]
     if untested:

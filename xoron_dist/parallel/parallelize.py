@@ -47,6 +47,7 @@ def parallelize(model: nn.Module, cfg: XoronConfig, *, pipeline_costs: StageCost
     initialised). ``pipeline_costs``: what balances the pipeline stages (default: parameter counts)."""
     from megatron.core import parallel_state as ps
 
+    from xoron_dist.parallel.calls import apply_agreed_calls
     from xoron_dist.parallel.experts import apply_expert_parallel, expert_split
     from xoron_dist.parallel.media_exchange import apply_media_rows
     from xoron_dist.parallel.sequence import SequenceSplit, apply_sequence_parallel
@@ -63,6 +64,7 @@ def parallelize(model: nn.Module, cfg: XoronConfig, *, pipeline_costs: StageCost
         apply_tensor_parallel(model, tensor_plan(model, cfg), ps.get_tensor_model_parallel_rank(), p.tp)
     if p.ep > 1:
         apply_expert_parallel(model, expert_split(cfg))
+        apply_agreed_calls(model, get_context().token_group)  # the same MoE calls on every rank (parallel/calls.py)
     if p.sp > 1:
         split = SequenceSplit(ps.get_context_parallel_group(), ps.get_context_parallel_rank(), p.sp, p.ring_latent)
         apply_sequence_parallel(model, split)

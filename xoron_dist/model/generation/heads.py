@@ -51,8 +51,8 @@ def check_size(height: int, width: int, multiple: int, section: str) -> None:
                          f"(the autoencoder's factor times the DiT's patch); e.g. {near[0]}x{near[1]}")
 
 
-def _own_count(calls: int, device: torch.device) -> int:
-    return calls
+def _own_counts(counts: list[int], device: torch.device) -> list[int]:
+    return counts
 
 
 class _LatentGenerator(nn.Module):
@@ -66,44 +66,39 @@ class _LatentGenerator(nn.Module):
         self.gen_cfg = getattr(cfg.model, self.section)
         self.clock = NoiseClock()
         self.vae_loss = VAELoss(self.gen_cfg.vae.loss)
-        # How many flow-network calls a micro-batch makes, given this rank's own count and device: its own
-        # here. Expert parallelism replaces it with the most of any rank in the expert group, since each
-        # call runs the DiT experts' all-to-alls and every EP rank must run them equally often
-        # (``xoron_dist.parallel.experts.AgreedCallCount``); the extra calls are idle ones, times zero.
-        self.agree_calls: Callable[[int, torch.device], int] = _own_count
+        # How many autoencoder and flow-network calls a micro-batch makes, given this rank's own counts and
+        # device: its own here. Expert parallelism (the DiT experts' all-to-alls) replaces it with the most of
+        # any rank of the step (``xoron_dist.parallel.calls``); the extra calls are idle ones, times zero.
+        self.agree_calls: Callable[[list[int], torch.device], list[int]] = _own_counts
 
     def objective_sums(self, encoder, items: list[torch.Tensor], is_target: torch.Tensor | None,
                        request: torch.Tensor, request_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Σ over the batch's items of the autoencoder loss and over its targets of the flow loss; a
-        rank without any trains on a blank item, times zero (every parameter in every step)."""
+        """Σ over the batch's items of the autoencoder loss and over its targets of the flow loss. The
+        autoencoder runs on every item, then the flow network on every target, each at least once and as
+        often as ``agree_calls`` says: the missing calls run on a blank item (or without a request), times
+        zero, so every parameter is in every step and every rank of the step makes the same calls."""
         flags = is_target.tolist() if is_target is not None else [False] * len(items)
         vae_name, flow_name = self.objectives
         targets = sum(flags)
-        calls = self.agree_calls(max(targets, 1), request.device)  # the flow network runs at least once
-        if not items:
-            blank = self.blank(request.device)
-            vae, latents = self.autoencode(blank)
-            return {vae_name: 0.0 * vae, flow_name: self._idle_flows(blank, latents, request, calls)}
-        vae_total, flow_total, target = 0.0, 0.0, 0
-        for item, is_gen in zip(items, flags, strict=True):
-            vae, latents = self.autoencode(item)
-            vae_total = vae_total + vae
+        vae_calls, flow_calls = self.agree_calls([max(len(items), 1), max(targets, 1)], request.device)
+        blank = self.blank(request.device)
+        encoded = [self.autoencode(item) for item in items]
+        idle = [self.autoencode(blank) for _ in range(vae_calls - len(items))]
+        vae_total = sum((vae for vae, _ in encoded), 0.0) + sum((0.0 * vae for vae, _ in idle), 0.0)
+        flow_total, target = 0.0, 0
+        for item, (_, latents), is_gen in zip(items, encoded, flags, strict=True):
             if is_gen:
                 length = max(int(request_mask[target].sum()), 1)
                 flow_total = flow_total + self.flow_sum(item, latents, request[target: target + 1, :length],
                                                         request_mask[target: target + 1, :length])
                 target += 1
-        # the flow network still takes part without a target (see the docstring), and as often as agreed
-        flow_total = flow_total + self._idle_flows(items[-1], latents, request, calls - targets)
-        return {vae_name: vae_total, flow_name: flow_total}
-
-    def _idle_flows(self, item: torch.Tensor, latents: torch.Tensor, request: torch.Tensor,
-                    calls: int) -> torch.Tensor | float:
-        """``calls`` flow losses of ``item`` under an empty (zero) request, times zero: the flow network's
-        parameters in the graph with zero gradients, its collectives made; 0.0 when ``calls`` is 0."""
-        zeros = request.new_zeros(1, 1, request.shape[-1])
+        item, latents = (items[-1], encoded[-1][1]) if items else (blank, idle[0][1])
+        # an empty request, still in the LLM's graph as a real one is, so an idle call has a real one's graph
+        zeros = request.new_zeros(1, 1, request.shape[-1]) + 0.0 * request.sum()
         ones = torch.ones(1, 1, dtype=torch.bool, device=zeros.device)
-        return sum((0.0 * self.flow_sum(item, latents, zeros, ones) for _ in range(calls)), 0.0)
+        for _ in range(flow_calls - targets):
+            flow_total = flow_total + 0.0 * self.flow_sum(item, latents, zeros, ones)
+        return {vae_name: vae_total, flow_name: flow_total}
 
     def autoencode(self, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The autoencoder loss of one item, and its posterior sample (detached) in the diffusion scale."""

@@ -1,0 +1,48 @@
+"""Modules whose number of calls depends on the data agree on it across the ranks that share a step.
+
+A generator runs its autoencoder once per item and its flow network once per target, so two ranks with
+different micro-batches make different numbers of calls. Under expert parallelism each flow-network call
+runs the DiT experts' all-to-alls, which every EP rank must run equally often, or one rank's exchange
+meets another's (a gloo size mismatch in the first backward). Such a module holds ``agree_calls(counts,
+device) -> counts``, its own counts in the plain model (``xoron_dist.model.generation.heads``);
+``parallelize`` gives it an ``AgreedCallCount`` over the ranks that hold distinct tokens of the step (data
+x sequence parallel, which contains every expert-parallel group), and the module pads its calls with idle
+ones, times zero, up to the agreed counts, grouped by kind in a fixed order (all autoencoder calls, then
+all flow calls) and shaped like real calls (an idle request is still in the LLM's graph).
+
+ZeRO-3 would need the same (a weight gather per call, in the same order on every rank), and with it the
+generators' calls do agree, but DeepSpeed 0.19.8 then reduces the gradient of a module that runs several
+times per micro-batch once per run (at its default bucket size it asserts on the repeated parameter) and
+the generation samples read partitioned weights outside a forward; so the layout rules keep generators off
+ZeRO-3 (``xoron_dist.parallel.layout``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class AgreedCallCount:
+    """Per kind of call, the most any rank of ``group`` makes (one all-reduce of a few integers)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def __call__(self, counts: list[int], device: torch.device) -> list[int]:
+        agreed = torch.tensor(counts, dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+        return agreed.tolist()
+
+
+def apply_agreed_calls(model: nn.Module, group) -> int:
+    """Give every module of ``model`` that makes a data-dependent number of calls (it has ``agree_calls``)
+    the count agreed over ``group``; returns how many."""
+    modules = [module for module in model.modules() if hasattr(module, "agree_calls")]
+    for module in modules:
+        module.agree_calls = AgreedCallCount(group)
+    return len(modules)
+
+
+__all__ = ["AgreedCallCount", "apply_agreed_calls"]
