@@ -15,12 +15,22 @@ aligned offset): ``collate`` writes straight into it and ``to_batch()`` turns it
 ``PackedBatch`` of views without copying. A loader worker hands the trainer's process one
 shared-memory block per batch, one file descriptor, instead of a dozen tensors (each its own
 shared-memory segment and descriptor hand-over, most of a batch's cost) and several media copies.
+
+**Media stay in the shards.** A medium read as is from a prepared shard need not be in the block at
+all: its entry then names the shard file and the byte offset there (``collate_block(map_media=True)``)
+and ``to_batch`` views it in that file's mapping (``mapped_file``: a private copy-on-write mapping of
+each file per batch, so the tensor is writable and a write reaches neither the file nor another batch). A batch's
+~5 MB of media then cross no copy at all, neither into the block nor out of it: the shard's page
+cache is the one copy (what the loader's benchmark calls zero-copy media to the trainer).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -86,9 +96,41 @@ class PackedBatch:
 
 ALIGN = 64  # bytes: each tensor of a block starts on a cache line, aligned for every dtype
 
-# A block's entries: (PackedBatch field, numpy dtype, shape, byte offset); a list field
-# (images, videos, audios) has one entry per tensor, in order.
-Entry = tuple[str, np.dtype, tuple[int, ...], int]
+# A block's entries: (PackedBatch field, numpy dtype, shape, where); a list field (images, videos,
+# audios) has one entry per tensor, in order. where: the byte offset in the block, or for a medium
+# left in its shard (the file's key, byte offset in the file).
+FileKey = tuple[str, int, int, int]  # a shard file as a loader opened it: (absolute path, inode, mtime_ns, size)
+Entry = tuple[str, np.dtype, tuple[int, ...], "int | tuple[FileKey, int]"]
+
+class ShardChangedError(RuntimeError):
+    """A shard file was replaced or rewritten after the loader had opened it."""
+
+
+_OPEN: OrderedDict[FileKey, int] = OrderedDict()  # this process's checked shard files' descriptors, newest last
+MAX_OPEN = 64  # descriptors kept (thousands of shards would pass the open-file limit); mappings hold their own
+
+
+def mapped_file(key: FileKey) -> np.ndarray:
+    """The whole shard file ``key`` as a writable uint8 array over a new private (copy-on-write) mapping:
+    a write changes this mapping's pages only, never the file or another mapping (so a batch that edits
+    its media in place leaves every other batch's alone). The page cache is shared, so mapping costs no
+    copy. The file must be the one the loader opened (same inode, mtime and size; checked when this
+    process first opens it), else ``ShardChangedError``. The mapping lives as long as arrays view it."""
+    fd = _OPEN.get(key)
+    if fd is None:
+        path, inode, mtime_ns, size = key
+        fd = os.open(path, os.O_RDONLY)
+        found = os.fstat(fd)
+        if (found.st_ino, found.st_mtime_ns, found.st_size) != (inode, mtime_ns, size):
+            os.close(fd)
+            raise ShardChangedError(f"shard {path} changed after the loader opened it (prepared again?); "
+                                    "restart the loader")
+        _OPEN[key] = fd
+        while len(_OPEN) > MAX_OPEN:
+            os.close(_OPEN.popitem(last=False)[1])
+    else:
+        _OPEN.move_to_end(key)
+    return np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY), np.uint8)
 
 
 class BlockLayout:
@@ -103,11 +145,16 @@ class BlockLayout:
         """Reserve room for one tensor; its byte offset."""
         return self.add_run(name, dtype, [shape])
 
-    def add_run(self, name: str, dtype: np.dtype, shapes: list[tuple[int, ...]]) -> int:
+    def add_run(self, name: str, dtype: np.dtype, shapes: list[tuple[int, ...]],
+                sources: list[tuple[FileKey, int] | None] | None = None) -> int:
         """Reserve one region for tensors of one dtype back to back (each stays aligned for its
-        dtype), so that a single copy can fill them all; the region's byte offset."""
+        dtype), so that a single copy can fill them all; the region's byte offset. ``sources``: per
+        tensor, its (file, offset) to leave it there (no room in the region), or None."""
         start = offset = self.nbytes
-        for shape in shapes:
+        for k, shape in enumerate(shapes):
+            if sources is not None and sources[k] is not None:
+                self.entries.append((name, dtype, shape, sources[k]))
+                continue
             self.entries.append((name, dtype, shape, offset))
             offset += math.prod(shape) * dtype.itemsize
         self.nbytes = start + -(-(offset - start) // ALIGN) * ALIGN
@@ -141,8 +188,17 @@ class BatchBlock:
         """The batch as views of the buffer (no copy)."""
         data = self.buffer.numpy()
         fields: dict[str, object] = {name: [] for name in _TENSOR_LISTS}
+        from_numpy, ndarray = torch.from_numpy, np.ndarray  # ~50 tensors a batch: ``view`` inlined
+        files: dict[FileKey, np.ndarray] = {}  # this batch's own mapping of each shard it reads
         for name, dtype, shape, offset in self.entries:
-            tensor = torch.from_numpy(view(data, dtype, shape, offset))
+            if type(offset) is int:
+                tensor = from_numpy(ndarray(shape, dtype, data, offset))
+            else:  # a medium left in its shard file
+                key, offset = offset
+                mapping = files.get(key)
+                if mapping is None:
+                    mapping = files[key] = mapped_file(key)
+                tensor = from_numpy(ndarray(shape, dtype, mapping, offset))
             if name in _TENSOR_LISTS:
                 fields[name].append(tensor)
             else:
@@ -154,10 +210,33 @@ class BatchBlock:
 
     def pin_memory(self) -> BatchBlock:
         """A page-locked copy (``DataLoader(pin_memory=True)`` calls this); frees a pool block at once."""
-        pinned = replace(self, buffer=self.buffer[: self.nbytes].pin_memory(), pool_id=None)
+        whole = self.materialize()
+        pinned = replace(whole, buffer=whole.buffer[: whole.nbytes].pin_memory(), pool_id=None)
         if self.pool_id is not None:
             _release(self.buffer[:1].numpy())
         return pinned
+
+    def materialize(self) -> BatchBlock:
+        """The block with every tensor in its buffer: media left in shard files are copied in after
+        the rest (a new private buffer; the block itself when none is left outside)."""
+        outside = [k for k, entry in enumerate(self.entries) if type(entry[3]) is not int]
+        if not outside:
+            return self
+        entries, nbytes = list(self.entries), self.nbytes
+        for k in outside:
+            name, dtype, shape, _ = entries[k]
+            entries[k] = (name, dtype, shape, nbytes)
+            nbytes += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        data = buffer.numpy()
+        data[: self.nbytes] = self.buffer[: self.nbytes].numpy()
+        files: dict[FileKey, np.ndarray] = {}
+        for k in outside:
+            name, dtype, shape, (key, offset) = self.entries[k]
+            mapping = files[key] if key in files else files.setdefault(key, mapped_file(key))
+            view(data, dtype, shape, entries[k][3])[...] = view(mapping, dtype, shape, offset)
+        data[0] = 0  # a private buffer: no busy flag
+        return replace(self, buffer=buffer, entries=entries, nbytes=nbytes, pool_id=None)
 
 
 def _release(flag: np.ndarray) -> None:
@@ -172,4 +251,5 @@ def allocate_local(nbytes: int) -> tuple[torch.Tensor, None]:
     return torch.empty(nbytes, dtype=torch.uint8), None
 
 
-__all__ = ["IGNORE_INDEX", "PAD_DOCUMENT", "Allocate", "BatchBlock", "BlockLayout", "PackedBatch", "allocate_local"]
+__all__ = ["IGNORE_INDEX", "PAD_DOCUMENT", "Allocate", "BatchBlock", "BlockLayout", "FileKey", "PackedBatch",
+           "ShardChangedError", "allocate_local", "mapped_file"]

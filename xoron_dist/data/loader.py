@@ -16,6 +16,9 @@ round-robin from its workers, so consumed batch k came from worker ``k % W``.
 it reuses once the trainer has dropped the batch; a block's file descriptor crosses once, later
 batches in it only name it (``shared_blocks.py``). The trainer's side rebuilds the ``PackedBatch``
 as views of the block, without copying. Without workers, batches are collated into private buffers.
+Media read as is from the shards are not in the block at all: it names their file and offset, and
+the trainer's process views them in its own mapping of the shard (``batch.mapped_file``; zero-copy);
+with ``pin_memory`` they are copied into the block instead, which is then pinned as a whole.
 
 **Resume with prefetching.** Workers run ahead of the trainer, so their own positions are not the
 run's. Every batch therefore travels with its worker's state *after* that batch; the loader keeps,
@@ -117,7 +120,8 @@ class _SlotIterable(IterableDataset):
     def stream(self, worker: int) -> SlotStream:
         kwargs: dict[str, Any] = dict(seed=self.seed, slot=slot_index(self.dp_rank, worker, self.dp_size),
                                       num_slots=self.dp_size * self.workers, micro_batch_size=self.micro_batch_size,
-                                      lookahead=self.lookahead, pad_id=self.pad_id)
+                                      lookahead=self.lookahead, pad_id=self.pad_id,
+                                      map_media=not self.pin_memory)
         if self.scales is None:
             stream = SlotStream(self.datasets, self.entries, self.layout, **kwargs)
         else:  # one scale bucket per micro-batch (multiscale.py)

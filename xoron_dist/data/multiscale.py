@@ -231,7 +231,8 @@ class ScaledSlotStream(SlotStream):
         for i, doc in enumerate(row):
             span = doc.media
             if span is not None and not span.is_target and span.medium in ("image", "video"):
-                row[i] = _with_media(doc, replace(span, data=fit_medium(span.medium, span.data, self.bucket, fit)))
+                row[i] = _with_media(doc, replace(span, data=fit_medium(span.medium, span.data, self.bucket, fit),
+                                                  source=None))
         return row
 
 

@@ -52,6 +52,7 @@ from xoron_dist.data.batch import (
     Allocate,
     BatchBlock,
     BlockLayout,
+    FileKey,
     PackedBatch,
     allocate_local,
     view,
@@ -76,6 +77,7 @@ class MediaSpan:
     length: int  # placeholders
     data: np.ndarray  # the medium as read from the shard (read-only view)
     is_target: bool  # True: the generator's target (generation kinds); False: encoder input
+    source: tuple[FileKey, int] | None = None  # ``data``'s shard file and byte offset (None: not the shard's bytes)
 
 
 class Document:
@@ -204,12 +206,14 @@ class TokenLayout:
             # prompt + text <|gen_x|> <|x_start|> pads <|x_end|> <eos>: the one target is <|gen_x|>
             length = p + t + n + 4
             doc = Document(sample.id, length, (prompt, text, self._span(medium, n, True)), p + t, p + t + 1,
-                           MediaSpan(medium, p + t + 2, n, sample.media, True), (dataset, position, 0))
+                           MediaSpan(medium, p + t + 2, n, sample.media, True, sample.media_ref),
+                           (dataset, position, 0))
         else:
             # <|x_start|> pads <|x_end|> prompt + text <eos>: targets are the text and <eos>
             length = n + p + t + 3
             doc = Document(sample.id, length, (self._span(medium, n, False), prompt, text, self._eos), n + 2 + p,
-                           length, MediaSpan(medium, 1, n, sample.media, False), (dataset, position, 0))
+                           length, MediaSpan(medium, 1, n, sample.media, False, sample.media_ref),
+                           (dataset, position, 0))
         if length > self.seq_len:
             raise SampleTooLongError(
                 f"sample '{sample.id}' of dataset '{sample.dataset}' ({sample.kind}) needs {length} tokens "
@@ -307,17 +311,21 @@ class SequencePacker:
 
 
 def collate(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int) -> PackedBatch:
-    """Rows of documents -> ``PackedBatch`` (batch = len(rows)); media are copied out of the shards."""
-    return collate_block(rows, seq_len, pad_id, allocate_local).to_batch()
+    """Rows of documents -> ``PackedBatch`` (batch = len(rows)); media read as is from a shard are views of
+    the shard file (copy-on-write, ``batch.mapped_file``), other media are copied into the batch."""
+    return collate_block(rows, seq_len, pad_id, allocate_local, map_media=True).to_batch()
 
 
-def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int, allocate: Allocate) -> BatchBlock:
+def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int, allocate: Allocate,
+                  map_media: bool = False) -> BatchBlock:
     """``collate`` into one buffer from ``allocate`` (see ``batch.BatchBlock``).
 
     One pass over the documents gathers their token parts (each row closed by padding), and per
     segment (document or padding) its length and document id, and each document's label run; then
     whole-batch numpy operations fill the four token tensors, and each medium is copied once, from
-    the mapped shard into its place in the buffer.
+    the mapped shard into its place in the buffer. ``map_media``: a medium read as is from a shard
+    (``MediaSpan.source``) is not copied at all: the block names its file and offset, and
+    ``BatchBlock.to_batch`` views it in that file's mapping (zero-copy, in any process).
     """
     batch, total = len(rows), len(rows) * seq_len
     padding = np.full(seq_len, pad_id, np.int64)
@@ -331,19 +339,29 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     sample_ids = []
     for b, row in enumerate(rows):
         base = offset = b * seq_len
-        for d, doc in enumerate(row):
-            parts.extend(doc.parts)
-            seg_lengths.append(doc.length)
-            seg_ids.append(d)
+        lengths = [doc.length for doc in row]
+        seg_lengths += lengths
+        seg_ids += range(len(row))
+        for doc, length in zip(row, lengths, strict=True):  # ~140 documents a batch: few operations each
+            parts += doc.parts
             # token t is a target -> label at t - 1 (not before the document's first token)
-            for target_start, target_end in doc.target_runs:
-                start, end = offset + max(target_start, 1) - 1, offset + target_end - 1
+            if doc.runs is None:  # one run
+                start, end = offset + doc.target_start - 1, offset + doc.target_end - 1
+                if start < offset:
+                    start = offset
                 if start < end:
                     label_starts.append(start)
                     label_ends.append(end)
-            if doc.media is not None:
-                media[doc.media.medium].append((b, offset - base, doc.media))
-            offset += doc.length
+            else:
+                for target_start, target_end in doc.runs:
+                    start, end = offset + max(target_start, 1) - 1, offset + target_end - 1
+                    if start < end:
+                        label_starts.append(start)
+                        label_ends.append(end)
+            span = doc.media
+            if span is not None:
+                media[span.medium].append((b, offset - base, span))
+            offset += length
         used = offset - base
         if used > seq_len:
             raise ValueError(f"documents of row {b} take more than seq_len = {seq_len} tokens")
@@ -356,7 +374,7 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     layout = BlockLayout()
     for name in ("input_ids", "labels", "position_ids", "document_ids"):
         layout.add(name, _INT64, (batch, seq_len))
-    media_runs = [_lay_out_medium(layout, medium, found) for medium, found in media.items()]
+    media_runs = [_lay_out_medium(layout, medium, found, map_media) for medium, found in media.items()]
     buffer, pool_id = allocate(layout.nbytes)
     data = buffer.numpy()
     input_ids, labels, position_ids, document_ids = (view(data, dtype, (total,), offset)
@@ -383,22 +401,30 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     return BatchBlock(buffer, layout.entries, sample_ids, num_labels, layout.nbytes, pool_id)
 
 
-def _lay_out_medium(layout: BlockLayout, medium: str, found: list[tuple[int, int, MediaSpan]]) -> tuple:
-    """Reserve a medium's spans, flags and data in the block; returns what ``_write_medium`` needs."""
+def _lay_out_medium(layout: BlockLayout, medium: str, found: list[tuple[int, int, MediaSpan]],
+                    map_media: bool) -> tuple:
+    """Reserve a medium's spans, flags and data in the block; returns what ``_write_medium`` needs.
+    ``map_media``: the media with a shard ``source`` take no room (their entry names the source)."""
     spans = layout.add(f"{medium}_spans", _INT64, (len(found), 3))
     flags = layout.add(f"{medium}_is_target", _BOOL, (len(found),))
     arrays = [span.data for _, _, span in found]
     dtype = arrays[0].dtype if arrays else np.dtype(np.uint8)
-    run = layout.add_run(f"{medium}s", dtype, [array.shape for array in arrays])
+    sources = [span.source for _, _, span in found] if map_media else None
+    run = layout.add_run(f"{medium}s", dtype, [array.shape for array in arrays], sources)
+    if sources is not None:  # only the others are copied
+        arrays = [array for array, source in zip(arrays, sources, strict=True) if source is None]
     return found, spans, flags, arrays, dtype, run
 
 
 def _write_medium(data: np.ndarray, found, spans: int, flags: int, arrays, dtype, run: int) -> None:
-    """Fill a medium's spans (row, start, length), flags and data (found: (row, offset, MediaSpan))."""
+    """Fill a medium's spans (row, start, length), flags and data (found: (row, offset, MediaSpan);
+    arrays: the media to copy into the block)."""
     if not found:
         return
     view(data, _INT64, (len(found), 3), spans)[:] = [(b, offset + span.start, span.length) for b, offset, span in found]
     view(data, _BOOL, (len(found),), flags)[:] = [span.is_target for _, _, span in found]
+    if not arrays:
+        return
     # the one copy of the media out of the mapped shards, all of a medium in one call
     flat = [array.reshape(-1) for array in arrays]
     np.concatenate(flat, out=view(data, dtype, (sum(len(f) for f in flat),), run))

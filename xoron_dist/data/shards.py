@@ -7,7 +7,9 @@ the record-batch offsets inside the shard. A shard is checked against its manife
 time a process opens it (size always, sha256 when asked, row count and kind always) and
 memory-mapped (``pa.memory_map`` + ``pa.ipc.open_file``): reading a row touches only the pages of
 that row, never the whole table. Token lists and media come back as read-only numpy views into the
-mapping (zero-copy); whoever needs a tensor copies once (``packing`` does, into the batch).
+mapping (zero-copy); a medium also carries where it lies in its shard file (``media_ref``), so that
+the loader can hand it to the trainer's process as a view of the same file, never copied
+(``packing.collate_block``, ``batch.mapped_file``).
 
 A worker process inherits the set of shards its parent already hashed, so the sha256 pass runs
 once per process tree (the loader hashes in the trainer's process before it starts workers).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,7 @@ class ArrowSample:
     sample_rate: int | None = None  # audio only
     fps: float | None = None  # video only
     target_runs: np.ndarray | None = None  # chat kinds: flat (start, end) pairs into text_tokens, int32
+    media_ref: tuple[tuple[str, int, int, int], int] | None = None  # the medium's shard file (batch.FileKey), offset
 
     @property
     def audio_seconds(self) -> float:
@@ -77,15 +81,24 @@ class _Columns:
     called for every sample the loader reads, so its few dozen operations are the cost per row.
     """
 
-    def __init__(self, batch: pa.RecordBatch, dataset: str, kind: str, medium: str | None, path: Path) -> None:
+    def __init__(self, batch: pa.RecordBatch, dataset: str, kind: str, medium: str | None, path: Path,
+                 base: int = 0, file_key: tuple[str, int, int, int] | None = None) -> None:
         self.dataset, self.kind, self.medium, self.path = dataset, kind, medium, path
         self.id_offsets, self.id_data = _binary_views(batch.column("id"))
         self.prompt_offsets, self.prompt_values = _list_views(batch.column("prompt_tokens"))
         self.text_offsets, self.text_values = _list_views(batch.column("text_tokens"))
         self.runs = _list_views(batch.column("target_runs")) if "target_runs" in batch.schema.names else None
         if medium is not None:
-            self.media_offsets, media_data = _binary_views(batch.column(medium))
+            column = batch.column(medium)
+            self.media_offsets, media_data = _binary_views(column)
             self.media_data = np.frombuffer(media_data, dtype=np.uint8)
+            # file offset of the column's data buffer (``base``: the mapping's address); offsets index into it
+            data_buffer = column.buffers()[2]
+            offset = data_buffer.address - base if data_buffer is not None else -1
+            # only a buffer inside the file's mapping has a file offset (a compressed shard's would not)
+            inside = file_key is not None and 0 <= offset and offset + data_buffer.size <= file_key[3]
+            self.media_file = file_key if inside else None
+            self.media_base = offset if inside else 0
             self.dims = [memoryview(batch.column(name).to_numpy()) for name in _DIMS[medium]]
 
     def row(self, i: int) -> ArrowSample:
@@ -121,6 +134,8 @@ class _Columns:
                 f"{named} need {size}"
             )
         sample.medium = medium
+        if self.media_file is not None:
+            sample.media_ref = (self.media_file, self.media_base + start)
         raw = self.media_data[start:end]
         sample.media = raw.view(np.int16) if medium == "audio" else raw.reshape(shape)
 
@@ -140,8 +155,12 @@ class _OpenShard:
     """A memory-mapped shard: its record batches and their first-row offsets."""
 
     def __init__(self, path: Path, info: ShardInfo, kind: str) -> None:
-        self.path = path
+        self.path = path = Path(os.path.abspath(path))
         self.mapping = pa.memory_map(str(path), "r")
+        self.base = self.mapping.read_buffer(1).address  # the mapping's first byte: file offsets of buffers
+        self.mapping.seek(0)
+        stat = os.stat(path)
+        self.file_key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)  # batch.FileKey
         try:
             reader = pa.ipc.open_file(self.mapping)
         except pa.ArrowInvalid as err:
@@ -208,7 +227,7 @@ class ArrowDataset:
         columns = shard.columns[batch_index]
         if columns is None:
             columns = shard.columns[batch_index] = _Columns(shard.batches[batch_index], self.name, self.kind,
-                                                            self.medium, shard.path)
+                                                            self.medium, shard.path, shard.base, shard.file_key)
         return columns.row(local - shard.starts[batch_index])
 
 

@@ -45,11 +45,13 @@ class SlotStream:
     gives the same next batches as continuing."""
 
     def __init__(self, datasets: Sequence[ArrowDataset], entries: Sequence[BlendEntry], layout: TokenLayout, *,
-                 seed: int, slot: int, num_slots: int, micro_batch_size: int, lookahead: int, pad_id: int) -> None:
+                 seed: int, slot: int, num_slots: int, micro_batch_size: int, lookahead: int, pad_id: int,
+                 map_media: bool = False) -> None:
         self.datasets, self.entries, self.layout = list(datasets), list(entries), layout
         self.blend = BlendSampler(entries, seed, slot, num_slots)
         self.packer = SequencePacker(layout.seq_len, lookahead, self._next_document)
         self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
+        self.map_media = map_media  # media left in the shard files, not copied (``collate_block``)
         count = len(self.entries)
         self.pending: list[int] | None = None  # [dataset, position, index into _pieces]
         self._pieces: list[Document] = []
@@ -111,7 +113,7 @@ class SlotStream:
         """The next batch, collated into a buffer from ``allocate`` (``BatchBlock.to_batch()`` reads it)."""
         rows = [self.packer.next_row() for _ in range(self.micro_batch_size)]
         self.batches += 1
-        return collate_block(rows, self.layout.seq_len, self.pad_id, allocate)
+        return collate_block(rows, self.layout.seq_len, self.pad_id, allocate, self.map_media)
 
     def state_dict(self) -> dict[str, Any]:
         return {
