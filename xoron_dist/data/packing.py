@@ -377,9 +377,20 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     media_runs = [_lay_out_medium(layout, medium, found, map_media) for medium, found in media.items()]
     buffer, pool_id = allocate(layout.nbytes)
     data = buffer.numpy()
-    input_ids, labels, position_ids, document_ids = (view(data, dtype, (total,), offset)
-                                                     for _, dtype, _, offset in layout.entries[:4])
+    tokens = [view(data, dtype, (total,), offset) for _, dtype, _, offset in layout.entries[:4]]
+    _fill_tokens(*tokens, parts, seg_lengths, seg_ids, pads, label_starts, label_ends, seq_len)
+    for media_run in media_runs:
+        _write_medium(data, *media_run)
+    num_labels = sum(label_ends) - sum(label_starts)
+    return BatchBlock(buffer, layout.entries, sample_ids, num_labels, layout.nbytes, pool_id)
 
+
+def _fill_tokens(input_ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray, document_ids: np.ndarray,
+                 parts: list[np.ndarray], seg_lengths: list[int], seg_ids: list[int], pads: list[int],
+                 label_starts: list[int], label_ends: list[int], seq_len: int) -> None:
+    """``collate_block``'s whole-batch numpy pass: the four flat token tensors from the gathered parts,
+    segment lengths and ids, each row's padding start and the label runs."""
+    total = input_ids.shape[0]
     if parts:  # else an empty batch (no rows)
         np.concatenate(parts, out=input_ids)
     lengths = np.array(seg_lengths, np.int64)
@@ -394,11 +405,6 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     has_label = np.cumsum(runs[:-1], dtype=np.int32).astype(bool)
     labels.fill(IGNORE_INDEX)
     np.copyto(labels[:-1], input_ids[1:], where=has_label[:-1])
-
-    for media_run in media_runs:
-        _write_medium(data, *media_run)
-    num_labels = sum(label_ends) - sum(label_starts)
-    return BatchBlock(buffer, layout.entries, sample_ids, num_labels, layout.nbytes, pool_id)
 
 
 def _lay_out_medium(layout: BlockLayout, medium: str, found: list[tuple[int, int, MediaSpan]],
