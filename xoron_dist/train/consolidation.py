@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,60 +233,51 @@ class _LayoutReader:
 
     def full_moments(self) -> FullMoments:
         """Every rank's moments joined over pipeline stages and tensor-parallel slices, by plain-model name."""
-        tp, pp = self.grid.tp, self.grid.pp
-        states: dict[str, list[RankState]] = {key: [{} for _ in range(tp)] for key in MOMENTS}
-        steps = set()
-        for stage in range(pp):
-            for t in range(tp):
-                found = self.rank_moments(stage * tp + t)
-                steps.add(found.step)
-                for key in MOMENTS:
-                    states[key][t].update(found.states[key])
+        ranks = {mp: self.rank_moments(mp) for mp in range(self.grid.tp * self.grid.pp)}
+        steps = {found.step for found in ranks.values()}
         if len(steps) != 1:
             raise ConsolidationError(f"{self.tag_dir}: the model-parallel ranks' optimizer files hold different Adam "
                                      f"step counts {sorted(steps)} (files from different saves)")
-        splits = _tp_splits(self.cfg, self.multimodal) if tp > 1 else {}
-        twins = _tied_twins(self.plain)
-        moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in MOMENTS}
-        for key, by_rank in states.items():
-            used = set()
-            for name, ref in self.plain.state_dict().items():
-                source = name if name in by_rank[0] else twins.get(name, name)
-                if source in by_rank[0]:
-                    used.add(source)
-                    moments[key][name] = self._full(name, [s.get(source) for s in by_rank], splits.get(name), ref)
-            extra = sorted(set(by_rank[0]) - used)
-            if extra:
-                raise ConsolidationError(f"{self.tag_dir} holds another model config: Adam moments of {len(extra)} "
-                                         f"tensor(s) the run's config does not build, e.g. '{extra[0]}'")
+        moments = {key: dict(self._joined(self.tp_states(lambda mp, key=key: ranks[mp].states[key]),
+                                          complete=False, what="Adam moments of "))
+                   for key in MOMENTS}
         return FullMoments(moments, steps.pop())
 
-    def tp_states(self) -> list[RankState]:
-        """Per tensor-parallel rank, its pipeline stages' tensors together."""
+    def tp_states(self, read: Callable[[int], RankState] | None = None) -> list[RankState]:
+        """Per tensor-parallel rank, its pipeline stages' tensors together (``read``: a model-parallel rank's
+        tensors; default its fp32 masters, ``rank_state``)."""
+        read = read or self.rank_state
         tp, pp = self.grid.tp, self.grid.pp
         states: list[RankState] = [{} for _ in range(tp)]
         for stage in range(pp):
             for t in range(tp):
-                states[t].update(self.rank_state(stage * tp + t))
+                states[t].update(read(stage * tp + t))
         return states
 
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) in the plain model's ``state_dict()`` order."""
-        states = self.tp_states()
+        yield from self._joined(self.tp_states(), complete=True, what="")
+
+    def _joined(self, states: list[RankState], *, complete: bool, what: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """(plain-model name, full tensor) from per-TP-rank ``states``, in ``state_dict()`` order; a name the
+        states lack is an error when ``complete``, else skipped. A state the plain model does not have is an
+        error (``what`` names the kind in its message)."""
         splits = _tp_splits(self.cfg, self.multimodal) if self.grid.tp > 1 else {}
         twins = _tied_twins(self.plain)
         used = set()
         for name, ref in self.plain.state_dict().items():
             source = name if name in states[0] else twins.get(name, name)
             if source not in states[0]:
+                if not complete:
+                    continue
                 raise ConsolidationError(f"{self.tag_dir} holds another model config: it has no '{name}', which the "
                                          f"run's config builds")
             used.add(source)
             yield name, self._full(name, [s.get(source) for s in states], splits.get(name), ref)
         extra = sorted(set(states[0]) - used)
         if extra:
-            raise ConsolidationError(f"{self.tag_dir} holds another model config: {len(extra)} tensor(s) the run's "
-                                     f"config does not build, e.g. '{extra[0]}'")
+            raise ConsolidationError(f"{self.tag_dir} holds another model config: {what}{len(extra)} tensor(s) the "
+                                     f"run's config does not build, e.g. '{extra[0]}'")
 
     def _full(self, name: str, pieces: list, split: tuple[int, int] | None, ref: torch.Tensor) -> torch.Tensor:
         if split is None:
