@@ -19,8 +19,8 @@ shared-memory segment and descriptor hand-over, most of a batch's cost) and seve
 **Media stay in the shards.** A medium read as is from a prepared shard need not be in the block at
 all: its entry then names the shard file and the byte offset there (``collate_block(map_media=True)``)
 and ``to_batch`` views it in that file's mapping (``mapped_file``: a private copy-on-write mapping of
-each file per batch, so the tensor is writable and a write reaches neither the file nor another batch). A batch's
-~5 MB of media then cross no copy at all, neither into the block nor out of it: the shard's page
+each file per batch, so the tensor is writable and a write reaches neither the file nor another
+batch). A batch's ~5 MB of media then cross no copy at all, neither into the block nor out of it: the shard's page
 cache is the one copy (what the loader's benchmark calls zero-copy media to the trainer).
 """
 
@@ -102,6 +102,7 @@ ALIGN = 64  # bytes: each tensor of a block starts on a cache line, aligned for 
 FileKey = tuple[str, int, int, int]  # a shard file as a loader opened it: (absolute path, inode, mtime_ns, size)
 Entry = tuple[str, np.dtype, tuple[int, ...], "int | tuple[FileKey, int]"]
 
+
 class ShardChangedError(RuntimeError):
     """A shard file was replaced or rewritten after the loader had opened it."""
 
@@ -131,6 +132,14 @@ def mapped_file(key: FileKey) -> np.ndarray:
     else:
         _OPEN.move_to_end(key)
     return np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY), np.uint8)
+
+
+class _Mappings(dict):
+    """One batch's own mapping of each shard file it reads (``mapped_file``, made on first use)."""
+
+    def __missing__(self, key: FileKey) -> np.ndarray:
+        mapping = self[key] = mapped_file(key)
+        return mapping
 
 
 class BlockLayout:
@@ -189,16 +198,13 @@ class BatchBlock:
         data = self.buffer.numpy()
         fields: dict[str, object] = {name: [] for name in _TENSOR_LISTS}
         from_numpy, ndarray = torch.from_numpy, np.ndarray  # ~50 tensors a batch: ``view`` inlined
-        files: dict[FileKey, np.ndarray] = {}  # this batch's own mapping of each shard it reads
+        files = _Mappings()
         for name, dtype, shape, offset in self.entries:
             if type(offset) is int:
                 tensor = from_numpy(ndarray(shape, dtype, data, offset))
             else:  # a medium left in its shard file
                 key, offset = offset
-                mapping = files.get(key)
-                if mapping is None:
-                    mapping = files[key] = mapped_file(key)
-                tensor = from_numpy(ndarray(shape, dtype, mapping, offset))
+                tensor = from_numpy(ndarray(shape, dtype, files[key], offset))
             if name in _TENSOR_LISTS:
                 fields[name].append(tensor)
             else:
@@ -230,11 +236,10 @@ class BatchBlock:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         data = buffer.numpy()
         data[: self.nbytes] = self.buffer[: self.nbytes].numpy()
-        files: dict[FileKey, np.ndarray] = {}
+        files = _Mappings()
         for k in outside:
             name, dtype, shape, (key, offset) = self.entries[k]
-            mapping = files[key] if key in files else files.setdefault(key, mapped_file(key))
-            view(data, dtype, shape, entries[k][3])[...] = view(mapping, dtype, shape, offset)
+            view(data, dtype, shape, entries[k][3])[...] = view(files[key], dtype, shape, offset)
         data[0] = 0  # a private buffer: no busy flag
         return replace(self, buffer=buffer, entries=entries, nbytes=nbytes, pool_id=None)
 

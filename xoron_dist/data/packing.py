@@ -339,29 +339,19 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
     sample_ids = []
     for b, row in enumerate(rows):
         base = offset = b * seq_len
-        lengths = [doc.length for doc in row]
-        seg_lengths += lengths
-        seg_ids += range(len(row))
-        for doc, length in zip(row, lengths, strict=True):  # ~140 documents a batch: few operations each
-            parts += doc.parts
+        for d, doc in enumerate(row):
+            parts.extend(doc.parts)
+            seg_lengths.append(doc.length)
+            seg_ids.append(d)
             # token t is a target -> label at t - 1 (not before the document's first token)
-            if doc.runs is None:  # one run
-                start, end = offset + doc.target_start - 1, offset + doc.target_end - 1
-                if start < offset:
-                    start = offset
+            for target_start, target_end in doc.target_runs:
+                start, end = offset + max(target_start, 1) - 1, offset + target_end - 1
                 if start < end:
                     label_starts.append(start)
                     label_ends.append(end)
-            else:
-                for target_start, target_end in doc.runs:
-                    start, end = offset + max(target_start, 1) - 1, offset + target_end - 1
-                    if start < end:
-                        label_starts.append(start)
-                        label_ends.append(end)
-            span = doc.media
-            if span is not None:
-                media[span.medium].append((b, offset - base, span))
-            offset += length
+            if doc.media is not None:
+                media[doc.media.medium].append((b, offset - base, doc.media))
+            offset += doc.length
         used = offset - base
         if used > seq_len:
             raise ValueError(f"documents of row {b} take more than seq_len = {seq_len} tokens")

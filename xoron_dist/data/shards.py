@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from xoron_dist.data.batch import FileKey
 from xoron_dist.data.schema import (
     MANIFEST_FILE,
     CorruptShardError,
@@ -61,7 +62,7 @@ class ArrowSample:
     sample_rate: int | None = None  # audio only
     fps: float | None = None  # video only
     target_runs: np.ndarray | None = None  # chat kinds: flat (start, end) pairs into text_tokens, int32
-    media_ref: tuple[tuple[str, int, int, int], int] | None = None  # the medium's shard file (batch.FileKey), offset
+    media_ref: tuple[FileKey, int] | None = None  # the medium's shard file and byte offset
 
     @property
     def audio_seconds(self) -> float:
@@ -82,7 +83,7 @@ class _Columns:
     """
 
     def __init__(self, batch: pa.RecordBatch, dataset: str, kind: str, medium: str | None, path: Path,
-                 base: int = 0, file_key: tuple[str, int, int, int] | None = None) -> None:
+                 base: int = 0, file_key: FileKey | None = None) -> None:
         self.dataset, self.kind, self.medium, self.path = dataset, kind, medium, path
         self.id_offsets, self.id_data = _binary_views(batch.column("id"))
         self.prompt_offsets, self.prompt_values = _list_views(batch.column("prompt_tokens"))
@@ -160,7 +161,7 @@ class _OpenShard:
         self.base = self.mapping.read_buffer(1).address  # the mapping's first byte: file offsets of buffers
         self.mapping.seek(0)
         stat = os.stat(path)
-        self.file_key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)  # batch.FileKey
+        self.file_key: FileKey = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
         try:
             reader = pa.ipc.open_file(self.mapping)
         except pa.ArrowInvalid as err:
