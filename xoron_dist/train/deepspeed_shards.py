@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -204,45 +204,70 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def zero12_fragments(optim: dict[str, Any], d: int, mp: int, grid: RankGrid,
+                     local_experts: dict[str, int]) -> Iterator[tuple[int, str, int, int, int]]:
+    """Where one ZeRO-1/2 optimizer file (data-parallel rank ``d`` of model-parallel rank ``mp``) keeps each
+    parameter's fragment: (flat group index, global name, partition position, start, numel). Dense
+    parameters are partitioned over the data-parallel ranks, experts over their replicas."""
+    rank = grid.rank_of(mp, d)
+    for group, mapping in enumerate(optim["param_slice_mappings"]):
+        for local, fragment in mapping.items():
+            expert = is_expert_name(local)
+            name = global_expert_name(local, grid.ep_rank(rank), local_experts) if expert else local
+            yield group, name, grid.edp_rank(rank) if expert else d, fragment.start, fragment.numel
+
+
+Partition = tuple[int, str, int, int, int, tuple[int, ...], int]  # see zero3_partitions
+
+
+def zero3_partitions(model: dict[str, Any], optim: dict[str, Any], d: int, mp: int, grid: RankGrid,
+                     local_experts: dict[str, int]) -> Iterator[Partition]:
+    """Where one ZeRO-3 optimizer file (data-parallel rank ``d`` of model-parallel rank ``mp``) keeps each
+    trained parameter's partition: (flat group index, global name, partition rank, offset, size, the
+    parameter's shape, partition count)."""
+    rank = grid.rank_of(mp, d)
+    groups = optim.get("ds_zero_partition_groups") or [
+        {"partition_count": optim["partition_count"], "partition_rank": d} for _ in model["param_shapes"]]
+    for index, (shapes, group) in enumerate(zip(model["param_shapes"], groups, strict=True)):
+        offset, count = 0, group["partition_count"]
+        for local, shape in shapes.items():
+            size = math.ceil(math.prod(shape) / count)
+            name = global_expert_name(local, grid.ep_rank(rank), local_experts)
+            yield index, name, group["partition_rank"], offset, size, tuple(shape), count
+            offset += size
+
+
 def zero12_masters(ckpt_dir: Path, mp: int, grid: RankGrid, shapes: dict[str, tuple[int, ...]],
                    local_experts: dict[str, int], bf16: bool = False) -> RankState:
     """ZeRO-1/2 fp32 master weights of rank ``mp``: every data-parallel rank's fragments, joined in
-    partition order (dense parameters over the data-parallel ranks, experts over their replicas)."""
+    partition order (``zero12_fragments``)."""
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for d in range(grid.dp):
         optim = load_file(ckpt_dir / zero_file(d, mp, "optim", bf16))["optimizer_state_dict"]
-        rank = grid.rank_of(mp, d)
-        for flat, mapping in zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"], strict=True):
-            for local, fragment in mapping.items():
-                expert = is_expert_name(local)
-                name = global_expert_name(local, grid.ep_rank(rank), local_experts) if expert else local
-                position = grid.edp_rank(rank) if expert else d
-                parts.setdefault(name, []).append((position, flat.narrow(0, fragment.start, fragment.numel)))
+        flats = optim["single_partition_of_fp32_groups"]
+        for group, name, position, start, numel in zero12_fragments(optim, d, mp, grid, local_experts):
+            parts.setdefault(name, []).append((position, flats[group].narrow(0, start, numel)))
     return {name: partial(_fragments, p, tuple(shapes[name]), name) for name, p in parts.items()}
 
 
 def zero3_masters(ckpt_dir: Path, mp: int, grid: RankGrid, local_experts: dict[str, int]) -> RankState:
     """ZeRO-3 fp32 master weights (and frozen weights) of rank ``mp``: each parameter's partitions from
-    the ranks of its partition group, in partition order."""
+    the ranks of its partition group, in partition order (``zero3_partitions``)."""
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     meta: dict[str, tuple[tuple[int, ...], int]] = {}  # name -> (shape, partition count)
     for d in range(grid.dp):
         model = load_file(ckpt_dir / zero_file(d, mp, "model"))
         optim = load_file(ckpt_dir / zero_file(d, mp, "optim"))["optimizer_state_dict"]
         rank = grid.rank_of(mp, d)
-        groups = optim.get("ds_zero_partition_groups") or [
-            {"partition_count": optim["partition_count"], "partition_rank": d} for _ in optim["fp32_flat_groups"]]
-        if not len(model["param_shapes"]) == len(optim["fp32_flat_groups"]) == len(groups):
-            raise ConsolidationError(f"{ckpt_dir / zero_file(d, mp, 'optim')}: {len(optim['fp32_flat_groups'])} "
+        flats = optim["fp32_flat_groups"]
+        groups = optim.get("ds_zero_partition_groups") or flats  # without the groups' list: one per flat group
+        if not len(model["param_shapes"]) == len(flats) == len(groups):
+            raise ConsolidationError(f"{ckpt_dir / zero_file(d, mp, 'optim')}: {len(flats)} "
                                      f"flat groups for {len(model['param_shapes'])} parameter groups")
-        for shapes, flat, group in zip(model["param_shapes"], optim["fp32_flat_groups"], groups, strict=True):
-            offset, count = 0, group["partition_count"]
-            for local, shape in shapes.items():
-                size = math.ceil(math.prod(shape) / count)
-                name = global_expert_name(local, grid.ep_rank(rank), local_experts)
-                parts.setdefault(name, []).append((group["partition_rank"], flat.narrow(0, offset, size)))
-                meta[name] = (tuple(shape), count)
-                offset += size
+        for group, name, position, offset, size, shape, count in zero3_partitions(model, optim, d, mp, grid,
+                                                                                   local_experts):
+            parts.setdefault(name, []).append((position, flats[group].narrow(0, offset, size)))
+            meta[name] = (shape, count)
         for local, fragment in (model.get("frozen_param_fragments") or {}).items():
             expert = is_expert_name(local)
             name = global_expert_name(local, grid.ep_rank(rank), local_experts)
@@ -253,4 +278,5 @@ def zero3_masters(ckpt_dir: Path, mp: int, grid: RankGrid, local_experts: dict[s
 
 
 __all__ = ["ConsolidationError", "Piece", "RankGrid", "RankState", "is_expert_name", "load_file", "model_file",
-           "module_state", "require_files", "stack_experts", "zero12_masters", "zero3_masters", "zero_file"]
+           "module_state", "require_files", "stack_experts", "zero12_fragments", "zero12_masters", "zero3_masters",
+           "zero3_partitions", "zero_file"]

@@ -29,7 +29,6 @@ checkpoint taken before the first optimizer step) is refused the same way.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,9 +42,9 @@ from xoron_dist.train.deepspeed_shards import (
     RankState,
     _fragments,
     _joined,
-    global_expert_name,
-    is_expert_name,
     load_file,
+    zero3_partitions,
+    zero12_fragments,
     zero_file,
 )
 
@@ -97,7 +96,7 @@ def _one_step(steps: set[int], ckpt_dir: Path) -> int:
 def zero12_moments(ckpt_dir: Path, mp: int, grid: RankGrid, shapes: dict[str, tuple[int, ...]],
                    local_experts: dict[str, int], bf16: bool = False) -> RankMoments:
     """ZeRO-1/2 moments of rank ``mp``: every data-parallel rank's fragments, joined in partition order
-    (``deepspeed_shards.zero12_masters``' walk over the same files)."""
+    (the fragments ``deepspeed_shards.zero12_masters`` reads, from the moments' flat groups)."""
     parts: dict[str, dict[str, list[tuple[int, torch.Tensor]]]] = {key: {} for key in MOMENTS}
     steps: set[int] = set()
     for d in range(grid.dp):
@@ -106,22 +105,16 @@ def zero12_moments(ckpt_dir: Path, mp: int, grid: RankGrid, shapes: dict[str, tu
         base = optim["base_optimizer_state"]
         states = _group_states(base, len(optim["single_partition_of_fp32_groups"]), path)
         steps.add(_step(states, base, optim, path))
-        rank = grid.rank_of(mp, d)
-        for state, mapping in zip(states, optim["param_slice_mappings"], strict=True):
-            for local, fragment in mapping.items():
-                expert = is_expert_name(local)
-                name = global_expert_name(local, grid.ep_rank(rank), local_experts) if expert else local
-                position = grid.edp_rank(rank) if expert else d
-                for key in MOMENTS:
-                    parts[key].setdefault(name, []).append((position, state[key].narrow(0, fragment.start,
-                                                                                        fragment.numel)))
+        for group, name, position, start, numel in zero12_fragments(optim, d, mp, grid, local_experts):
+            for key in MOMENTS:
+                parts[key].setdefault(name, []).append((position, states[group][key].narrow(0, start, numel)))
     return RankMoments({key: {name: partial(_fragments, p, tuple(shapes[name]), name) for name, p in by.items()}
                         for key, by in parts.items()}, _one_step(steps, ckpt_dir))
 
 
 def zero3_moments(ckpt_dir: Path, mp: int, grid: RankGrid, local_experts: dict[str, int]) -> RankMoments:
     """ZeRO-3 moments of rank ``mp``: each parameter's partitions from the ranks of its partition group,
-    in partition order (``deepspeed_shards.zero3_masters``' walk; frozen parameters have none)."""
+    in partition order (the partitions ``deepspeed_shards.zero3_masters`` reads; frozen parameters have none)."""
     parts: dict[str, dict[str, list[tuple[int, torch.Tensor]]]] = {key: {} for key in MOMENTS}
     meta: dict[str, tuple[tuple[int, ...], int]] = {}  # name -> (shape, partition count)
     steps: set[int] = set()
@@ -132,19 +125,11 @@ def zero3_moments(ckpt_dir: Path, mp: int, grid: RankGrid, local_experts: dict[s
         base = optim["optimizer_state_dict"]
         states = _group_states(base, len(optim["fp32_flat_groups"]), path)
         steps.add(_step(states, base, optim, path))
-        rank = grid.rank_of(mp, d)
-        groups = optim.get("ds_zero_partition_groups") or [
-            {"partition_count": optim["partition_count"], "partition_rank": d} for _ in states]
-        for shapes, state, group in zip(model["param_shapes"], states, groups, strict=True):
-            offset, count = 0, group["partition_count"]
-            for local, shape in shapes.items():
-                size = math.ceil(math.prod(shape) / count)
-                name = global_expert_name(local, grid.ep_rank(rank), local_experts)
-                for key in MOMENTS:
-                    parts[key].setdefault(name, []).append((group["partition_rank"], state[key].narrow(0, offset,
-                                                                                                       size)))
-                meta[name] = (tuple(shape), count)
-                offset += size
+        for group, name, position, offset, size, shape, count in zero3_partitions(model, optim, d, mp, grid,
+                                                                                   local_experts):
+            for key in MOMENTS:
+                parts[key].setdefault(name, []).append((position, states[group][key].narrow(0, offset, size)))
+            meta[name] = (shape, count)
     return RankMoments({key: {name: partial(_joined, p, meta[name][0], name, meta[name][1]) for name, p in by.items()}
                         for key, by in parts.items()}, _one_step(steps, ckpt_dir))
 
