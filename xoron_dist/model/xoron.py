@@ -460,7 +460,7 @@ def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, 
         raise ValueError(f"{row.name} {bad}'s span has {int(spans[bad, 2])} placeholders but the {row.name} "
                          f"projector emits {int(lengths[bad])} tokens: the data was packed with another "
                          f"data.{row.span}")
-    offsets = torch.arange(longest)
+    offsets = torch.arange(longest, device=lengths.device)
     valid = offsets[None] < lengths[:, None]  # (n, longest)
     rows = spans[:, 0, None].expand(-1, longest)[valid].to(embeds.device)
     cols = (spans[:, 1, None] + offsets)[valid].to(embeds.device)
