@@ -235,6 +235,26 @@ def test_mel_loss_matches_bigvgan():
     torch.testing.assert_close(MultiScaleMelLoss(16000)(y_hat, y), expected)
 
 
+def test_spectral_losses_and_discriminators_take_bf16_as_cufft_does(monkeypatch):
+    """cuFFT has no bf16 FFT (the first GPU smoke run died in the mel loss): with torch.stft standing in for
+    the CUDA one (refusing bf16), the losses and the resolution discriminator still run on bf16 inputs, the
+    losses equal their fp32 values (the FFT runs in fp32) and the discriminator returns bf16."""
+    real_stft = torch.stft
+
+    def cufft_stft(x, *args, **kwargs):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("cuFFT doesn't support tensor of type: BFloat16")
+        return real_stft(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "stft", cufft_stft)
+    torch.manual_seed(0)
+    y_hat, y = (0.3 * torch.randn(2, 1, 4000)).bfloat16(), (0.3 * torch.randn(2, 1, 4000)).bfloat16()
+    for loss in (MultiResolutionSTFTLoss(), MultiScaleMelLoss(16000)):
+        torch.testing.assert_close(loss(y_hat, y), loss(y_hat.float(), y.float()))
+    logits, fmaps = MultiResolutionDiscriminator(channel_mult=0.25).bfloat16()(y_hat)
+    assert {t.dtype for t in (*logits, *fmaps[0])} == {torch.bfloat16}
+
+
 def test_generator_learns_tones_from_spectral_loss(one_thread):
     """Fit a tiny generator (hop 16) to three 0.1 s tones with the multi-resolution STFT loss only.
 

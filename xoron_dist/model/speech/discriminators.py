@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.model.speech.bigvgan import make_conv, reset_conv_
+from xoron_dist.model.speech.losses import stft
 
 LEAKY_SLOPE = 0.1
 MPD_PERIODS = (2, 3, 5, 7, 11)
@@ -103,9 +104,7 @@ class ResolutionDiscriminator(nn.Module):
         n_fft, hop, win = self.resolution
         pad = (n_fft - hop) // 2
         x = F.pad(x, (pad, pad), mode="reflect").squeeze(1)
-        spec = torch.stft(x, n_fft=n_fft, hop_length=hop, win_length=win, window=self.window.to(x.dtype),
-                          center=False, return_complex=True)
-        return spec.abs()
+        return stft(x, n_fft, hop, win, self.window, center=False).abs().to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.spectrogram(x).unsqueeze(1)

@@ -33,6 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
+def stft(x: torch.Tensor, n_fft: int, hop: int, win: int, window: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """``torch.stft`` (complex) computed in fp32 at least, whatever ``x``'s dtype: cuFFT takes no bf16 (and fp16
+    only at power-of-two sizes), so a bf16 model's spectral losses and discriminators would fail on a GPU
+    (the CPU's FFT accepts bf16, hiding it). fp64 stays fp64; the caller casts what it feeds back to a layer."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.stft(x.to(dtype), n_fft, hop, win, window=window.to(dtype), center=center, return_complex=True)
+
 STFT_RESOLUTIONS_16K = ((1024, 80, 400), (2048, 160, 800), (512, 32, 160))
 MEL_WINDOWS = (32, 64, 128, 256, 512, 1024, 2048)
 MEL_BANDS = (5, 10, 20, 40, 80, 160, 320)
@@ -96,8 +104,7 @@ class MultiResolutionSTFTLoss(nn.Module):
     def magnitude(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """(batch, time) -> sqrt(max(|STFT|^2, eps)) (batch, n_fft/2 + 1, frames) at resolution ``index``."""
         n_fft, hop, win = self.resolutions[index]
-        window = getattr(self, f"window{index}").to(x.dtype)
-        spec = torch.stft(x, n_fft, hop, win, window, return_complex=True)
+        spec = stft(x, n_fft, hop, win, getattr(self, f"window{index}"))
         return (spec.real**2 + spec.imag**2).clamp(min=self.eps).sqrt()
 
     def forward(self, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -177,9 +184,8 @@ class MultiScaleMelLoss(nn.Module):
     def log_mel(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """(batch, time) -> log10 mel magnitude (batch, n_mels, frames) at scale ``index``."""
         w = self.window_lengths[index]
-        window = getattr(self, f"window{index}").to(x.dtype)
-        mag = torch.stft(x, w, w // 4, window=window, return_complex=True).abs()
-        mel = getattr(self, f"mel{index}").to(x.dtype) @ mag
+        mag = stft(x, w, w // 4, w, getattr(self, f"window{index}")).abs()
+        mel = getattr(self, f"mel{index}").to(mag.dtype) @ mag
         return mel.clamp(min=self.clamp).log10()
 
     def forward(self, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
