@@ -57,7 +57,7 @@ from torch.nn.utils import skip_init
 
 from xoron_dist.config import ConformerConfig
 from xoron_dist.model.common.init import empty_linear, init_weights_
-from xoron_dist.model.common.norm import RMSNorm
+from xoron_dist.model.common.norm import BatchNorm1d, RMSNorm
 from xoron_dist.model.common.rope_nd import AxialRoPE
 from xoron_dist.model.common.sharding import SplitEntry
 
@@ -218,7 +218,7 @@ class FeedForward(nn.Module):
         return self.fc2(self.dropout(F.silu(self.fc1(x))))
 
 
-class MaskedBatchNorm(nn.BatchNorm1d):
+class MaskedBatchNorm(BatchNorm1d):
     """BatchNorm over the channels of real frames only: (b, t, C) with mask (b, t) -> (b, t, C), padded
     frames zero. Training statistics come from the real frames of this batch on this rank (no
     SyncBatchNorm: data-parallel ranks keep their own running statistics, one reason the default

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config.speech import SpeakerConfig
+from xoron_dist.model.common.norm import BatchNorm1d
 
 
 def frame_mask(lengths: torch.Tensor, frames: int, hop: int) -> torch.Tensor:
@@ -100,9 +101,10 @@ class ComplexSincFilterbank(nn.Module):
     def forward(self, waveform: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         """waveform (n, samples) -> log band magnitude (n, filters, ceil(samples / hop)); frame t is centred
         on sample t · hop, so the first frame of a clip is the same alone or batched."""
-        out = F.conv1d(waveform[:, None], self.kernels(), stride=self.hop, padding=self.taps // 2)
-        real, imag = out.chunk(2, dim=1)
-        return 0.5 * torch.log(real**2 + imag**2 + eps)  # log |analytic band signal|
+        # the filters are built in fp32 (buffers) and cast to the clip's dtype; the log magnitude is taken in fp32
+        out = F.conv1d(waveform[:, None], self.kernels().to(waveform.dtype), stride=self.hop, padding=self.taps // 2)
+        real, imag = out.float().chunk(2, dim=1)
+        return (0.5 * torch.log(real**2 + imag**2 + eps)).to(waveform.dtype)  # log |analytic band signal|
 
 
 class TDNNBlock(nn.Module):
@@ -111,7 +113,7 @@ class TDNNBlock(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, dilation: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv1d(cin, cout, kernel, dilation=dilation, padding=dilation * (kernel - 1) // 2)
-        self.norm = nn.BatchNorm1d(cout)
+        self.norm = BatchNorm1d(cout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(n, cin, T), mask (n, T) -> (n, cout, T), zero at padding."""
@@ -189,7 +191,7 @@ class SpeakerEncoder(nn.Module):
         aggregated = cfg.channels * len(cfg.dilations)
         self.aggregate = TDNNBlock(aggregated, aggregated, 1)
         self.pool = AttentiveStatisticsPooling(aggregated, cfg.attention_channels)
-        self.pool_norm = nn.BatchNorm1d(2 * aggregated)
+        self.pool_norm = BatchNorm1d(2 * aggregated)
         self.embed = nn.Linear(2 * aggregated, cfg.embed_dim)
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
