@@ -10,7 +10,10 @@ compares them with the ops' meta registrations), and refuse what the real ops re
 * efficient: fp32/fp16/bf16, q and k one head dim (v may differ); a bias in q's dtype whose row
   stride is a multiple of 16; its LSE is padded along the query axis to a multiple of 32 (the
   padding holds +inf here, so a caller that reads it breaks loudly), and its backward wants the
-  padded LSE back.
+  padded LSE back. Its output is laid out (batch, seq, heads, dim) in memory, and in fp16/bf16 its
+  backward misreads ``out`` and ``grad_out`` held any other way: dq and dk came out wrong by 60-200 %
+  on an H200 (torch 2.11, CUDA 13) for contiguous (batch, heads, seq, dim) tensors, while fp32 and
+  dv were right. The emulator refuses such a call.
 
 Math in fp64 from the definitions (softmax(q kᵀ · scale + bias) v; FlashAttention-2's backward
 from out and LSE), then cast to the input dtype. A query row whose every key is masked gets NaN,
@@ -123,12 +126,20 @@ def efficient(query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0, i
     padded = torch.full((b, h, rows), float("inf"), dtype=torch.float32)
     padded[..., : min(rows, s)] = lse[..., :rows]
     seed = torch.zeros((), dtype=torch.int64)
-    return out, padded, seed, seed.clone()
+    return out.transpose(1, 2).contiguous().transpose(1, 2), padded, seed, seed.clone()
+
+
+def _bshd(t: torch.Tensor) -> bool:
+    return t.transpose(1, 2).is_contiguous()
 
 
 def efficient_backward(grad_out_, query, key, value, attn_bias, out, logsumexp, philox_seed, philox_offset, dropout_p,
                        grad_input_mask, is_causal=False, *, scale=None):
     _efficient_checks(query, key, value, attn_bias)
+    if query.dtype in (torch.float16, torch.bfloat16) and not (_bshd(out) and _bshd(grad_out_)):
+        raise RuntimeError("efficient backward in half precision: out and grad_out must be laid out (batch, seq, "
+                           f"heads, dim) in memory, as the forward returns out; got strides {out.stride()} and "
+                           f"{grad_out_.stride()} (the real kernel returns wrong dq, dk here instead of raising)")
     b, h, s = query.shape[:3]
     rows = math.ceil(s / 32) * 32
     if logsumexp.shape != (b, h, rows):

@@ -111,8 +111,8 @@ def test_emulator_outputs_match_the_meta_registrations(seq):
         q, k, v = efficient(d)[:3]
         lse = make(d, b, h, math.ceil(seq / 32) * 32, dtype=torch.float32)
         seed = torch.zeros((), dtype=torch.int64, device=d)
-        return (make(d, b, h, seq, 8), q, k, v, None, make(d, b, h, seq, 8), lse, seed, seed, 0.0,
-                [True, True, True, False], False)
+        out = make(d, b, seq, h, 8).transpose(1, 2)  # the forward's own (b, s, h, d) memory
+        return (out, q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], False)
 
     for name, args in (("flash", flash), ("flash_backward", flash_bwd), ("efficient", efficient),
                        ("efficient_backward", efficient_bwd)):
@@ -139,8 +139,12 @@ def test_emulator_refuses_what_the_cuda_ops_refuse():
         emu.efficient(half, half, half, torch.zeros(1, 1, 8, 16)[..., :8], True)
     out, lse, seed, offset = emu.efficient(half, half, half, None, True)
     assert lse.shape == (1, 2, 32) and lse[..., 8:].isinf().all()  # padded rows are not LSEs
+    assert out.transpose(1, 2).is_contiguous()  # laid out (b, s, h, d), as the real kernel's
     with pytest.raises(RuntimeError, match="ceil32"):
-        emu.efficient_backward(half, half, half, half, None, out, lse[..., :8], seed, offset, 0.0,
+        emu.efficient_backward(out, half, half, half, None, out, lse[..., :8], seed, offset, 0.0,
+                               [True, True, True, False])
+    with pytest.raises(RuntimeError, match=r"laid out \(batch, seq, heads, dim\)"):  # half: dq, dk wrong on a GPU
+        emu.efficient_backward(half, half, half, half, None, out.contiguous(), lse, seed, offset, 0.0,
                                [True, True, True, False])
 
 

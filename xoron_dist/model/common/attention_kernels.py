@@ -137,6 +137,12 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype, heads: int, aligned: bo
     return bias.expand(-1, heads, rows, cols)
 
 
+def _bshd(x: torch.Tensor) -> torch.Tensor:
+    """x (b, h, s, d) laid out (b, s, h, d) in memory, the efficient kernel's own output layout: its fp16/bf16
+    backward misreads ``out`` and ``grad_out`` held any other way (dq, dk wrong, dv right; H200, torch 2.11)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _uint64_seed(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # the flash kernel's (rng_state, unused) pair; read only when dropout_p > 0, which these calls never use
     return torch.zeros(2, dtype=torch.uint64, device=device), torch.zeros((), dtype=torch.uint64, device=device)
@@ -208,7 +214,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         rows = _round_up(q.shape[2], EFFICIENT_LSE_ROWS)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         gq, gk, gv, _ = CUDA_OPS.efficient_backward(
-            _pad(dout, wv).contiguous(), _pad(q, wqk), _pad(k, wqk), _pad(v, wv), bias, _pad(out, wv).contiguous(),
+            _bshd(_pad(dout, wv)), _pad(q, wqk), _pad(k, wqk), _pad(v, wv), bias, _bshd(_pad(out, wv)),
             F.pad(lse, (0, rows - q.shape[2])).contiguous(), seed, seed, 0.0, [True, True, True, False], causal,
             scale=scale)
     return gq[..., :dq_dim], gk[..., :dq_dim], gv[..., :dv_dim]
