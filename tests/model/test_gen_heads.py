@@ -226,3 +226,75 @@ def test_expert_parallel_generators_equal_single_rank(one_thread, tmp_path):
                 expected = ref[name]
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad of {name}")
 
+
+
+def _zero3_body(state_path):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from xoron_dist.parallel import state
+    from xoron_dist.parallel.parallelize import parallelize
+    from xoron_dist.parallel.zero import generators_gathered
+    from xoron_dist.train.build import parameter_groups
+    from xoron_dist.train.ds_config import build_ds_config
+
+    torch.set_num_threads(1)
+    cfg = _cfg(*EP, "parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=1")
+    ctx = state.initialize(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    model.load_state_dict(torch.load(state_path))
+    parallelize(model, cfg)
+    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every weight partitioned; default buckets
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
+                                      mpu=state.mpu())
+    out = engine(**_split_batch(cfg, ctx.dp_rank))
+    sums = torch.stack([out.objective_sums[name].detach() for name in NAMES])
+    engine.backward((out.loss * out.num_tokens + sum(out.objective_sums[name] for name in NAMES)) * ctx.dp_size)
+    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()
+             if n.startswith(("image_gen.", "video_gen."))}
+    torch.distributed.all_reduce(sums)
+    engine.module.eval()  # samples as the trainer makes them (train.samples): every rank generates
+    with torch.no_grad(), generators_gathered(engine.module):
+        samples = _samples(engine.module)
+    return sums.tolist(), grads, samples
+
+
+def _samples(model):
+    ids = torch.arange(10, 18)[None]
+    return (model.generate_image(ids, height=32, width=32, steps=2, seed=1),
+            model.generate_video(ids, frames=5, height=32, width=32, steps=2, seed=1))
+
+
+@pytest.mark.multirank
+def test_zero3_generators_equal_single_rank(one_thread, tmp_path):
+    """ZeRO-3 on 2 ranks partitions both generators (every weight, DeepSpeed's default bucket sizes): the
+    objective sums and every generator gradient equal one rank's on the whole batch. Rank 1 has one more
+    image target than rank 0, so the ranks' DiTs run a different number of times unless the calls are
+    agreed (a gloo size mismatch in the gathers); and a DiT's MoE blocks gathered as ZeRO-3 leaves would
+    have their gradients reduced once per call (DeepSpeed asserts on the repeated parameters). The image
+    and video samples every rank makes from its partitioned weights equal one rank's."""
+    from tests.parallel.harness import run_ranks
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(*EP)).train()
+    with torch.no_grad():  # as if trained: adaLN-Zero's zero gates would leave the experts without gradient
+        for name, param in model.named_parameters():
+            if name.startswith(("image_gen.dit.", "video_gen.dit.")) and not param.any():
+                param.normal_(0.0, 0.05)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    out = model(**_split_batch(model.cfg, None))
+    (out.loss * out.num_tokens + sum(out.objective_sums[name] for name in NAMES)).backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if n.startswith(("image_gen.", "video_gen."))}
+    model.eval()
+    with torch.no_grad():
+        samples = _samples(model)
+    for rank, (sums, grads, ranks_samples) in enumerate(run_ranks(_zero3_body, 2, str(tmp_path / "state.pt"))):
+        for ours, theirs in zip(ranks_samples, samples, strict=True):  # uint8: at most a rounding step apart
+            assert ours.shape == theirs.shape and (ours.int() - theirs.int()).abs().max() <= 1, rank
+        assert sums == pytest.approx([out.objective_sums[n].item() for n in NAMES], rel=1e-5), rank
+        assert grads.keys() == ref.keys()
+        assert any(".experts." in n and grads[n].abs().sum() > 0 for n in grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad of {name}")

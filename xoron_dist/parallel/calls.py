@@ -10,11 +10,9 @@ x sequence parallel, which contains every expert-parallel group), and the module
 ones, times zero, up to the agreed counts, grouped by kind in a fixed order (all autoencoder calls, then
 all flow calls) and shaped like real calls (an idle request is still in the LLM's graph).
 
-ZeRO-3 would need the same (a weight gather per call, in the same order on every rank), and with it the
-generators' calls do agree, but DeepSpeed 0.19.8 then reduces the gradient of a module that runs several
-times per micro-batch once per run (at its default bucket size it asserts on the repeated parameter) and
-the generation samples read partitioned weights outside a forward; so the layout rules keep generators off
-ZeRO-3 (``xoron_dist.parallel.layout``).
+ZeRO-3 needs the same (a weight gather per call, in the same order on every rank), so ``parallelize`` gives
+the count under ZeRO-3 too; there the MoE blocks inside such a module are gathered per call rather than as
+one unit (``xoron_dist.parallel.zero``), since DeepSpeed reduces a unit's gradients once per call.
 """
 
 from __future__ import annotations

@@ -231,26 +231,28 @@ def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
 
 
 # Media whose every module runs the same calls on every rank for any micro-batch (``XoronMultimodalModel``),
-# tested under ZeRO-3 on 2 ranks (dp) and 4 (dp x tp, ep) against one (tests/parallel/test_multimodal_zero3.py).
+# tested under ZeRO-3 on 2 ranks (dp) and 4 (dp x tp, ep) against one (tests/parallel/test_multimodal_zero3.py);
+# and generators whose calls the ranks agree on (``parallel.calls``), tested on 2 ranks (tests/model/test_gen_heads.py).
 _ZERO3_MEDIA = ("vision", "video")
+_ZERO3_GENERATORS = ("image_gen", "video_gen")
 
 
 def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
     if s.zero_stage != 3 or cfg.data.source != "arrow" or not (understood(cfg) or generated(cfg)):
         return None
     generators = [row.generator_section for row in generated(cfg)]
-    if generators:
-        names = "/".join(generators)
-        return (f"model.{names} enabled with parallel.zero_stage=3: a generator runs its autoencoder once per "
-                "item and its flow network once per target; DeepSpeed's ZeRO-3 reduces the gradient of a module "
-                "that runs several times in a micro-batch once per run (and asserts on it), and the generation "
-                "samples would read partitioned weights (xoron_dist/parallel/calls.py); use "
-                f"parallel.zero_stage<=2, or set model.{generators[0]}.enabled=false for this stage")
-    untested = [row.section for row in understood(cfg) if row.section not in _ZERO3_MEDIA]
+    untested = [g for g in generators if g not in _ZERO3_GENERATORS]
+    untested += [row.section for row in understood(cfg) if row.section not in _ZERO3_MEDIA]
     if untested:
         return (f"model.{untested[0]}.enabled with parallel.zero_stage=3: only the {' and '.join(_ZERO3_MEDIA)} "
-                f"encoders are built and tested under ZeRO-3; use parallel.zero_stage<=2, or set "
-                f"model.{untested[0]}.enabled=false")
+                f"encoders and the {' and '.join(_ZERO3_GENERATORS)} generators are built and tested under ZeRO-3; "
+                f"use parallel.zero_stage<=2, or set model.{untested[0]}.enabled=false")
+    if generators and s.ep > 1:
+        names = "/".join(generators)
+        return (f"model.{names} enabled with parallel.zero_stage=3 and parallel.ep={s.ep}: a generator runs its DiT "
+                "several times per micro-batch, and ZeRO-3 gathers spread experts as one unit whose gradients "
+                "DeepSpeed reduces once per call (it asserts on the repeated parameters); use parallel.ep=1 "
+                f"(local experts, gathered per call), parallel.zero_stage<=2, or model.{generators[0]}.enabled=false")
     return None
 
 
@@ -335,9 +337,10 @@ RULES: tuple[Rule, ...] = (
                "the spans are filled; with any of tp, pp, ep) only without generators (they read whole requests)",
          _multimodal_layout),
     Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision and video encoders (with projectors and fusion) "
-               "with any of dp, tp, sp, ep; no generator (`model.image_gen`, `model.video_gen`, `model.speech`: "
-               "per-item calls would make the ranks' ZeRO-3 gathers differ) and no audio encoder (not built "
-               "for ZeRO-3 yet)",
+               "with any of dp, tp, sp, ep; image and video generators (`model.image_gen`, `model.video_gen`: "
+               "their calls agreed over the ranks) with ep = 1 (spread DiT experts are gathered as a unit whose "
+               "gradients DeepSpeed reduces once per call); no audio encoder or speech head (not built for "
+               "ZeRO-3 yet)",
          _multimodal_zero3),
 )
 

@@ -64,7 +64,8 @@ def parallelize(model: nn.Module, cfg: XoronConfig, *, pipeline_costs: StageCost
         apply_tensor_parallel(model, tensor_plan(model, cfg), ps.get_tensor_model_parallel_rank(), p.tp)
     if p.ep > 1:
         apply_expert_parallel(model, expert_split(cfg))
-        apply_agreed_calls(model, get_context().token_group)  # the same MoE calls on every rank (parallel/calls.py)
+    if p.ep > 1 or p.zero_stage == 3:  # the same all-to-alls / ZeRO-3 gathers on every rank (parallel/calls.py)
+        apply_agreed_calls(model, get_context().token_group)
     if p.sp > 1:
         split = SequenceSplit(ps.get_context_parallel_group(), ps.get_context_parallel_rank(), p.sp, p.ring_latent)
         apply_sequence_parallel(model, split)

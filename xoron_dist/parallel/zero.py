@@ -9,10 +9,12 @@
     ``ds_zero_partition_process_group``; expert parameters already carry their expert-data-parallel
     group, ``parallel.experts``).
   - ZeRO-3 gathers an MoE block's weights as one unit (``set_z3_leaf_modules``): which experts run
-    varies per step and would break its prefetch trace.
+    varies per step and would break its prefetch trace. Not inside a module that runs several times per
+    micro-batch (a generator's DiT): a leaf's gradients are reduced once per call (``_unleaf_repeated_calls``).
   - ZeRO-3 gathers a module's weights around that module's own calls. The ring attention core with
     the MLA latent uses ``kv_up``'s weight directly (every rank expands the blocks it receives), so
     that weight is registered as an external parameter of the attention module that calls the core.
+* ``generators_gathered(model)``: the generators' weights whole on every rank while samples are made.
 * ``gradient_divisor(layout)``: the number DeepSpeed divides the summed gradients by, which the
   trainer's loss scale cancels (``scale = divisor * accum / global tokens``, so the gradient is that
   of the token mean over the whole step). ZeRO 0-2 divide by the data-parallel size (they divide the
@@ -21,14 +23,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from xoron_dist.parallel.layout import Layout
 
 
+@contextmanager
+def generators_gathered(model: nn.Module) -> Iterator[None]:
+    """Every rank holds the generators' whole weights inside (under ZeRO-3; a no-op otherwise): generation
+    reads some of them outside a forward (a DiT's null condition when it starts a video's KV cache), where
+    ZeRO-3's hooks would leave them partitioned. A collective: every rank of the data-parallel group
+    enters it, as every rank generates the training samples (``train.samples``)."""
+    params = [p for owner in model.modules() if hasattr(owner, "agree_calls") for p in owner.parameters()]
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
 def gradient_divisor(layout: Layout) -> int:
     """What DeepSpeed divides the gradients summed over the data x sequence ranks by (see module doc)."""
     return layout.dp * layout.sp if layout.zero_stage == 3 else layout.dp
+
+
+def _unleaf_repeated_calls(model: nn.Module) -> None:
+    """MoE blocks inside a module that runs several times per micro-batch (it has ``agree_calls``: a
+    generator's DiT, once per target) are gathered per call like any module, not as leaves: DeepSpeed
+    reduces a leaf's gradients from the leaf's backward hook, once per call, so a second call would put
+    the same parameters in a reduce bucket again (it asserts at the default bucket size). With local
+    experts every call runs every expert's weights (one stacked tensor), so the prefetch trace holds;
+    the layout keeps such modules off ZeRO-3 under expert parallelism (``parallel.layout``)."""
+    from deepspeed.utils import set_z3_leaf_module
+    from deepspeed.utils.z3_leaf_module import z3_leaf_module
+
+    for owner in model.modules():
+        if hasattr(owner, "agree_calls"):
+            for module in owner.modules():
+                if z3_leaf_module(module):
+                    set_z3_leaf_module(module, False)
 
 
 def mark_for_zero3(model: nn.Module, leaf_types: tuple[type, ...], token_group, sp: int) -> None:
@@ -41,6 +79,7 @@ def mark_for_zero3(model: nn.Module, leaf_types: tuple[type, ...], token_group, 
     present = [t for t in leaf_types if any(isinstance(m, t) for m in model.modules())]
     if present:
         set_z3_leaf_modules(model, present)
+        _unleaf_repeated_calls(model)
     for module in model.modules():
         core = getattr(module, "core", None)
         if isinstance(core, RingAttentionCore) and core.split.latent:

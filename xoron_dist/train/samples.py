@@ -6,8 +6,9 @@ images at the prepared image size, videos with the most frames the prepared clip
 their frames side by side), speech in the voice of a fixed synthetic reference speaker. Fixed seeds,
 so the samples of successive steps differ only by training.
 
-Every rank generates (tensor- and expert-parallel layers communicate inside the forward; the
-multimodal layouts keep whole weights on every rank, ZeRO 0-2), rank 0 writes. The model is put in
+Every rank generates (tensor- and expert-parallel layers communicate inside the forward; under ZeRO-3
+the generators' weights are gathered whole on every rank for the samples, ``parallel.zero``), rank 0
+writes. The model is put in
 eval mode for the samples and back in training mode after; the time is left out of the throughput.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from xoron_dist.config import XoronConfig
 from xoron_dist.model.modalities import BY_NAME, generated
+from xoron_dist.parallel.zero import generators_gathered
 
 SEED = 0
 
@@ -58,9 +60,10 @@ class GenerationSamples:
         was_training = model.training
         model.eval()
         try:
-            for i, prompt in enumerate(self.cfg.train.sample_prompts):
-                for medium in self.media:
-                    self._sample(medium, i, prompt, step, model, tb)
+            with generators_gathered(model):
+                for i, prompt in enumerate(self.cfg.train.sample_prompts):
+                    for medium in self.media:
+                        self._sample(medium, i, prompt, step, model, tb)
         finally:
             model.train(was_training)
 
