@@ -231,10 +231,11 @@ def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
 
 
 # Media whose every module runs the same calls on every rank for any micro-batch (``XoronMultimodalModel``),
-# tested under ZeRO-3 on 2 ranks (dp) and 4 (dp x tp, ep) against one (tests/parallel/test_multimodal_zero3.py);
-# and generators whose calls the ranks agree on (``parallel.calls``), tested on 2 ranks (tests/model/test_gen_heads.py).
-_ZERO3_MEDIA = ("vision", "video")
-_ZERO3_GENERATORS = ("image_gen", "video_gen")
+# tested under ZeRO-3 on 2 ranks (dp) and 4 (dp x tp, ep) against one (tests/parallel/test_multimodal_zero3.py;
+# audio with the speech head: tests/model/test_speech_head.py); and generators whose calls the ranks agree on
+# (``parallel.calls``), tested on 2 ranks (tests/model/test_gen_heads.py).
+_ZERO3_MEDIA = ("vision", "video", "audio")
+_ZERO3_GENERATORS = ("image_gen", "video_gen", "speech")
 
 
 def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
@@ -244,8 +245,8 @@ def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
     untested = [g for g in generators if g not in _ZERO3_GENERATORS]
     untested += [row.section for row in understood(cfg) if row.section not in _ZERO3_MEDIA]
     if untested:
-        return (f"model.{untested[0]}.enabled with parallel.zero_stage=3: only the {' and '.join(_ZERO3_MEDIA)} "
-                f"encoders and the {' and '.join(_ZERO3_GENERATORS)} generators are built and tested under ZeRO-3; "
+        return (f"model.{untested[0]}.enabled with parallel.zero_stage=3: only the {', '.join(_ZERO3_MEDIA)} "
+                f"encoders and the {', '.join(_ZERO3_GENERATORS)} generators are built and tested under ZeRO-3; "
                 f"use parallel.zero_stage<=2, or set model.{untested[0]}.enabled=false")
     if generators and s.ep > 1:
         names = "/".join(generators)
@@ -336,11 +337,10 @@ RULES: tuple[Rule, ...] = (
                "encoded once per replica, its tokens exchanged over the SP ranks of each TP rank, rows cut after "
                "the spans are filled; with any of tp, pp, ep) only without generators (they read whole requests)",
          _multimodal_layout),
-    Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision and video encoders (with projectors and fusion) "
-               "with any of dp, tp, sp, ep; image and video generators (`model.image_gen`, `model.video_gen`: "
-               "their calls agreed over the ranks) with ep = 1 (spread DiT experts are gathered as a unit whose "
-               "gradients DeepSpeed reduces once per call); no audio encoder or speech head (not built for "
-               "ZeRO-3 yet)",
+    Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision, video and audio encoders (with projectors and "
+               "fusion) with any of dp, tp, sp, ep; the generators (`model.image_gen`, `model.video_gen`, "
+               "`model.speech`: their calls agreed over the ranks) with ep = 1 (spread DiT experts are gathered as "
+               "a unit whose gradients DeepSpeed reduces once per call)",
          _multimodal_zero3),
 )
 

@@ -34,10 +34,15 @@ from xoron_dist.parallel.layout import Layout
 @contextmanager
 def generators_gathered(model: nn.Module) -> Iterator[None]:
     """Every rank holds the generators' whole weights inside (under ZeRO-3; a no-op otherwise): generation
-    reads some of them outside a forward (a DiT's null condition when it starts a video's KV cache), where
-    ZeRO-3's hooks would leave them partitioned. A collective: every rank of the data-parallel group
-    enters it, as every rank generates the training samples (``train.samples``)."""
-    params = [p for owner in model.modules() if hasattr(owner, "agree_calls") for p in owner.parameters()]
+    reads some of them outside a forward (a DiT's null condition when it starts a video's KV cache, the
+    duration predictor's length scale), where ZeRO-3's hooks would leave them partitioned. Enter it once per
+    generated sample: ZeRO-3's hooks partition the weights again during a generation, so a second sample in
+    the same context reads empty weights (seen with two speech samples). A collective: every rank of the
+    data-parallel group enters it, as every rank generates the training samples (``train.samples``)."""
+    from xoron_dist.model.modalities import MODALITIES
+
+    heads = [getattr(model, row.generator, None) for row in MODALITIES if row.generator]
+    params = [p for head in heads if head is not None for p in head.parameters()]
     if not any(hasattr(p, "ds_id") for p in params):
         yield
         return

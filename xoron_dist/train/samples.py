@@ -60,9 +60,9 @@ class GenerationSamples:
         was_training = model.training
         model.eval()
         try:
-            with generators_gathered(model):
-                for i, prompt in enumerate(self.cfg.train.sample_prompts):
-                    for medium in self.media:
+            for i, prompt in enumerate(self.cfg.train.sample_prompts):
+                for medium in self.media:
+                    with generators_gathered(model):  # per sample: ZeRO-3 may partition them between samples
                         self._sample(medium, i, prompt, step, model, tb)
         finally:
             model.train(was_training)

@@ -7,12 +7,12 @@
     quantiser         codebook + commitment losses of the residual VQ
 
 Both sides of the GAN are summed into one loss and trained by one backward and one optimizer step:
-the discriminators see the generator's audio detached (no generator gradient from L_D) and the
-generator's terms run the discriminators through ``torch.func.functional_call`` with their weights
-detached (no discriminator gradient from L_adv or L_fm), so each side gets exactly the gradient
-of its own loss, as in HiFi-GAN's alternating steps taken from the same weights. This needs the
-discriminators' full weights in every rank's forward, i.e. ZeRO stage 0-2 (the layout rules refuse
-``model.speech`` under stage 3).
+the discriminators see the generator's audio detached (no generator gradient from L_D), and the
+generator's terms (L_adv, L_fm) take their gradient with respect to the generated audio at once and
+hand it to the generator through a linear term (no discriminator gradient from them:
+``Vocoder._generator_terms``), so each side gets exactly the gradient of its own loss, as in HiFi-GAN's
+alternating steps taken from the same weights; and every discriminator weight is used through its
+module, which ZeRO-3 needs.
 
 The codec trains on one ``segment_samples`` crop per clip (as HiFi-GAN trains on 8192-sample
 segments): equal lengths, so every loss is a mean over items and ``n ·`` it is their sum. The crop's
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from xoron_dist.config import AudioConfig
 from xoron_dist.config.speech import VocoderConfig
@@ -88,12 +87,28 @@ class Vocoder(nn.Module):
             real_logits, real_maps = disc(real)
             fake_logits_d, _ = disc(fake.detach())
             critic = critic + discriminator_loss(real_logits, fake_logits_d)
-            frozen = {name: p.detach() for name, p in disc.named_parameters()}
-            fake_logits, fake_maps = functional_call(disc, frozen, (fake,))
-            adversarial = adversarial + generator_adversarial_loss(fake_logits)
-            feature = feature + feature_matching_loss([[m.detach() for m in maps] for maps in real_maps], fake_maps)
+            adv, feat = self._generator_terms(disc, fake, [[m.detach() for m in maps] for maps in real_maps])
+            adversarial, feature = adversarial + adv, feature + feat
         terms.update(adversarial=adversarial, feature=feature, discriminator=critic)
         return terms
+
+    def _generator_terms(self, disc: nn.Module, fake: torch.Tensor,
+                         real_maps: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_adv and L_fm of one discriminator set on ``fake``, whose gradient reaches the generator only.
+
+        The discriminator runs on a detached copy of ``fake``; the gradient of L_adv + fm · L_fm with
+        respect to that copy is taken at once, and a linear term fake · g (value 0, gradient g) carries it
+        to the generator in the one backward. The discriminator's weights are ordinary module weights all
+        the way, so ZeRO-3 gathers them as for any call (detached weight copies handed to
+        ``torch.func.functional_call``, the obvious alternative, bypass its gathering)."""
+        probe = fake.detach().requires_grad_(torch.is_grad_enabled())
+        logits, maps = disc(probe)
+        adversarial, feature = generator_adversarial_loss(logits), feature_matching_loss(real_maps, maps)
+        if not torch.is_grad_enabled():
+            return adversarial, feature
+        (grad,) = torch.autograd.grad(adversarial + self.cfg.fm_weight * feature, probe)
+        link = (fake * grad).sum()
+        return adversarial.detach() + (link - link.detach()), feature.detach()
 
     def loss_sum(self, fake: torch.Tensor, real: torch.Tensor, quantizer_loss: torch.Tensor) -> torch.Tensor:
         """The codec objective summed over the n segments: n · (mel · L_mel + L_adv + fm · L_fm + L_D + VQ)."""
