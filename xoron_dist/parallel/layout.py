@@ -250,9 +250,10 @@ def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
                 f"use parallel.zero_stage<=2, or set model.{untested[0]}.enabled=false")
     if generators and s.ep > 1:
         names = "/".join(generators)
-        return (f"model.{names} enabled with parallel.zero_stage=3 and parallel.ep={s.ep}: a generator runs its DiT "
-                "several times per micro-batch, and ZeRO-3 gathers spread experts as one unit whose gradients "
-                "DeepSpeed reduces once per call (it asserts on the repeated parameters); use parallel.ep=1 "
+        return (f"model.{names} enabled with parallel.zero_stage=3 and parallel.ep={s.ep}: generators are built "
+                "for ZeRO-3 with ep=1 only: the image and video DiTs run several times per micro-batch, and ZeRO-3 "
+                "gathers spread experts as one unit whose gradients DeepSpeed reduces once per call (it asserts on "
+                "the repeated parameters); use parallel.ep=1 "
                 f"(local experts, gathered per call), parallel.zero_stage<=2, or model.{generators[0]}.enabled=false")
     return None
 
