@@ -154,6 +154,31 @@ def _split_batch(cfg, rank: int | None):
                 video_is_target=torch.tensor([True] * len(chosen)))
 
 
+def _load_full_state(model, full: dict) -> dict[str, int]:
+    """Load the one-rank state into an expert-parallel model: this rank's experts are rows first + i of the
+    stacked weights. Returns each MoE block's first local expert."""
+    own, firsts = model.state_dict(), {}
+    for name in own:
+        if ".deepspeed_experts." in name:
+            prefix, rest = name.split(".deepspeed_moe.experts.deepspeed_experts.")
+            local, weight = rest.split(".")
+            first = firsts.setdefault(prefix, model.get_submodule(prefix).first_expert)
+            own[name] = full[f"{prefix}.{weight}"][first + int(local)]
+        else:
+            own[name] = full[name]
+    model.load_state_dict(own)
+    return firsts
+
+
+def _expected_grad(name: str, ref: dict, firsts: dict[str, int]) -> torch.Tensor:
+    """The one-rank gradient of ``name``: a local expert's is its row of the stacked one."""
+    if ".deepspeed_experts." not in name:
+        return ref[name]
+    prefix, rest = name.split(".deepspeed_moe.experts.deepspeed_experts.")
+    local, weight = rest.split(".")
+    return ref[f"{prefix}.{weight}"][firsts[prefix] + int(local)]
+
+
 def _ep_body(state_path):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -166,18 +191,7 @@ def _ep_body(state_path):
     state.initialize(cfg)
     torch.manual_seed(0)
     model = parallelize(build_model(cfg), cfg).model.train()
-    full = torch.load(state_path)
-    own = model.state_dict()
-    firsts = {}
-    for name in own:
-        if ".deepspeed_experts." in name:  # this rank's experts: rows first + i of the stacked weights
-            prefix, rest = name.split(".deepspeed_moe.experts.deepspeed_experts.")
-            local, weight = rest.split(".")
-            first = firsts.setdefault(prefix, model.get_submodule(prefix).first_expert)
-            own[name] = full[f"{prefix}.{weight}"][first + int(local)]
-        else:
-            own[name] = full[name]
-    model.load_state_dict(own)
+    firsts = _load_full_state(model, torch.load(state_path))
     out = model(**_split_batch(cfg, ps.get_data_parallel_rank()))
     sum(out.objective_sums[name] for name in NAMES).backward()
     grads = {}
@@ -218,17 +232,12 @@ def test_expert_parallel_generators_equal_single_rank(one_thread, tmp_path):
         assert any(n.startswith("image_gen.") for n in spread) and any(n.startswith("video_gen.") for n in spread)
         assert all(grads[n].abs().sum() > 0 for n in spread), rank
         for name, grad in grads.items():
-            if ".deepspeed_experts." in name:
-                prefix, rest = name.split(".deepspeed_moe.experts.deepspeed_experts.")
-                local, weight = rest.split(".")
-                expected = ref[f"{prefix}.{weight}"][firsts[prefix] + int(local)]
-            else:
-                expected = ref[name]
-            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad of {name}")
+            torch.testing.assert_close(grad, _expected_grad(name, ref, firsts), rtol=1e-4, atol=1e-6,
+                                       msg=f"rank {rank} grad of {name}")
 
 
 
-def _zero3_body(state_path):
+def _zero3_body(state_path, ep):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -239,12 +248,12 @@ def _zero3_body(state_path):
     from xoron_dist.train.ds_config import build_ds_config
 
     torch.set_num_threads(1)
-    cfg = _cfg(*EP, "parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=1")
+    cfg = _cfg(*EP, "parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=1",
+               f"parallel.ep={ep}")
     ctx = state.initialize(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg).train()
-    model.load_state_dict(torch.load(state_path))
-    parallelize(model, cfg)
+    model = parallelize(build_model(cfg), cfg).model.train()
+    firsts = _load_full_state(model, torch.load(state_path))
     ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every weight partitioned; default buckets
     engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
@@ -256,19 +265,23 @@ def _zero3_body(state_path):
              if n.startswith(("image_gen.", "video_gen."))}
     torch.distributed.all_reduce(sums)
     engine.module.eval()  # samples as the trainer makes them (train.samples): every rank generates
-    with torch.no_grad(), generators_gathered(engine.module):
-        samples = _samples(engine.module)
-    return sums.tolist(), grads, samples
+    samples = []
+    for make in _SAMPLES:  # the weights gathered per sample, as the trainer does
+        with torch.no_grad(), generators_gathered(engine.module):
+            samples.append(make(engine.module))
+    return sums.tolist(), grads, samples, firsts
 
 
-def _samples(model):
-    ids = torch.arange(10, 18)[None]
-    return (model.generate_image(ids, height=32, width=32, steps=2, seed=1),
-            model.generate_video(ids, frames=5, height=32, width=32, steps=2, seed=1))
+_SAMPLES = (lambda model: model.generate_image(torch.arange(10, 18)[None], height=32, width=32, steps=2, seed=1),
+            lambda model: model.generate_video(torch.arange(10, 18)[None], frames=5, height=32, width=32, steps=2,
+                                               seed=1))
+
+
 
 
 @pytest.mark.multirank
-def test_zero3_generators_equal_single_rank(one_thread, tmp_path):
+@pytest.mark.parametrize("ep", [1, 2], ids=["local_experts", "ep2"])
+def test_zero3_generators_equal_single_rank(one_thread, tmp_path, ep):
     """ZeRO-3 on 2 ranks partitions both generators (every weight, DeepSpeed's default bucket sizes): the
     objective sums and every generator gradient equal one rank's on the whole batch. Rank 1 has one more
     image target than rank 0, so the ranks' DiTs run a different number of times unless the calls are
@@ -289,12 +302,14 @@ def test_zero3_generators_equal_single_rank(one_thread, tmp_path):
     ref = {n: p.grad for n, p in model.named_parameters() if n.startswith(("image_gen.", "video_gen."))}
     model.eval()
     with torch.no_grad():
-        samples = _samples(model)
-    for rank, (sums, grads, ranks_samples) in enumerate(run_ranks(_zero3_body, 2, str(tmp_path / "state.pt"))):
+        samples = [make(model) for make in _SAMPLES]
+    for rank, (sums, grads, ranks_samples, firsts) in enumerate(run_ranks(_zero3_body, 2, str(tmp_path / "state.pt"),
+                                                                          ep)):
         for ours, theirs in zip(ranks_samples, samples, strict=True):  # uint8: at most a rounding step apart
             assert ours.shape == theirs.shape and (ours.int() - theirs.int()).abs().max() <= 1, rank
         assert sums == pytest.approx([out.objective_sums[n].item() for n in NAMES], rel=1e-5), rank
-        assert grads.keys() == ref.keys()
         assert any(".experts." in n and grads[n].abs().sum() > 0 for n in grads)
+        assert (ep > 1) == any(".deepspeed_experts." in n for n in grads)
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad of {name}")
+            torch.testing.assert_close(grad, _expected_grad(name, ref, firsts), rtol=1e-4, atol=1e-6,
+                                       msg=f"rank {rank} grad of {name}")

@@ -233,7 +233,7 @@ def _multimodal_layout(cfg: XoronConfig, s: _Sizes) -> str | None:
 # Media whose every module runs the same calls on every rank for any micro-batch (``XoronMultimodalModel``),
 # tested under ZeRO-3 on 2 ranks (dp) and 4 (dp x tp, ep) against one (tests/parallel/test_multimodal_zero3.py;
 # audio with the speech head: tests/model/test_speech_head.py); and generators whose calls the ranks agree on
-# (``parallel.calls``), tested on 2 ranks (tests/model/test_gen_heads.py).
+# (``parallel.calls``), tested on 2 ranks with local and with spread experts (tests/model/test_gen_heads.py).
 _ZERO3_MEDIA = ("vision", "video", "audio")
 _ZERO3_GENERATORS = ("image_gen", "video_gen", "speech")
 
@@ -248,13 +248,12 @@ def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
         return (f"model.{untested[0]}.enabled with parallel.zero_stage=3: only the {', '.join(_ZERO3_MEDIA)} "
                 f"encoders and the {', '.join(_ZERO3_GENERATORS)} generators are built and tested under ZeRO-3; "
                 f"use parallel.zero_stage<=2, or set model.{untested[0]}.enabled=false")
-    if generators and s.ep > 1:
+    if generators and s.tp > 1:
         names = "/".join(generators)
-        return (f"model.{names} enabled with parallel.zero_stage=3 and parallel.ep={s.ep}: generators are built "
-                "for ZeRO-3 with ep=1 only: the image and video DiTs run several times per micro-batch, and ZeRO-3 "
-                "gathers spread experts as one unit whose gradients DeepSpeed reduces once per call (it asserts on "
-                "the repeated parameters); use parallel.ep=1 "
-                f"(local experts, gathered per call), parallel.zero_stage<=2, or model.{generators[0]}.enabled=false")
+        return (f"model.{names} enabled with parallel.zero_stage=3 and parallel.tp={s.tp}: generators are built and "
+                "tested under ZeRO-3 over data and expert parallel ranks only (tensor-split generators are tested "
+                "at ZeRO <= 2); use parallel.tp=1, parallel.zero_stage<=2, or "
+                f"model.{generators[0]}.enabled=false")
     return None
 
 
@@ -340,8 +339,8 @@ RULES: tuple[Rule, ...] = (
          _multimodal_layout),
     Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision, video and audio encoders (with projectors and "
                "fusion) with any of dp, tp, sp, ep; the generators (`model.image_gen`, `model.video_gen`, "
-               "`model.speech`: their calls agreed over the ranks) with ep = 1 (spread DiT experts are gathered as "
-               "a unit whose gradients DeepSpeed reduces once per call)",
+               "`model.speech`: their calls agreed over the ranks, a DiT's experts gathered per call) with any of "
+               "dp, ep and tp = 1",
          _multimodal_zero3),
 )
 

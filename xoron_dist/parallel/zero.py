@@ -61,9 +61,9 @@ def _unleaf_repeated_calls(model: nn.Module) -> None:
     """MoE blocks inside a module that runs several times per micro-batch (it has ``agree_calls``: a
     generator's DiT, once per target) are gathered per call like any module, not as leaves: DeepSpeed
     reduces a leaf's gradients from the leaf's backward hook, once per call, so a second call would put
-    the same parameters in a reduce bucket again (it asserts at the default bucket size). With local
-    experts every call runs every expert's weights (one stacked tensor), so the prefetch trace holds;
-    the layout keeps such modules off ZeRO-3 under expert parallelism (``parallel.layout``)."""
+    the same parameters in a reduce bucket again (it asserts at the default bucket size). Every call runs
+    every expert's weights (local experts: one stacked tensor; spread ones: each local expert's module is
+    called on every rank, with no rows too), so the prefetch trace holds."""
     from deepspeed.utils import set_z3_leaf_module
     from deepspeed.utils.z3_leaf_module import z3_leaf_module
 
