@@ -153,8 +153,7 @@ def test_speech_config_and_layout_errors_name_the_fix():
         validate_layout(_cfg("parallel.tp=2", "model.speech.decoder.num_heads=3",
                              "model.speech.decoder.v_head_dim=16"), 2)
     assert validate_layout(_cfg("parallel.zero_stage=3"), 2).zero_stage == 3
-    with pytest.raises(LayoutError, match="parallel.zero_stage=3 and parallel.tp=2: .* use parallel.tp=1"):
-        validate_layout(_cfg("parallel.zero_stage=3", "parallel.tp=2"), 2)
+    assert validate_layout(_cfg("parallel.zero_stage=3", "parallel.tp=2"), 4).tp == 2
 
 
 # --------------------------------------------------------------------------- TP=2 parity

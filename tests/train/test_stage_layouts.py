@@ -85,12 +85,12 @@ def test_stage_layouts_are_validated_by_the_rules_and_leave_the_run_hash_alone()
     assert config_for_hash(config_hash(stage4), cfg).parallel.tp == 2
 
     stages = list(cfg.stages)
-    stages[1] = dataclasses.replace(stages[1], parallel={"zero_stage": 3, "tp": 3})
+    stages[1] = dataclasses.replace(stages[1], parallel={"zero_stage": 3, "tp": 3, "ep": 2})
     with pytest.raises(LayoutError) as err:
         validate_layouts(dataclasses.replace(cfg, stages=stages), 2)
     assert "stages[1] ('pretrain') parallel layout (tp=3" in str(err.value)
     assert "not divisible by stages[1].parallel.tp = 3" in str(err.value)
-    assert "enabled with stages[1].parallel.zero_stage=3 and stages[1].parallel.tp=3" in str(err.value)
+    assert "tp_experts = true with stages[1].parallel.ep=2, stages[1].parallel.tp=3" in str(err.value)
     stages[1] = dataclasses.replace(stages[1], parallel={"zero_stag": 3})
     with pytest.raises(ConfigError, match=r"unknown config key 'stages\[1\]\.parallel\.zero_stag'; did you mean"):
         dataclasses.replace(cfg, stages=stages)

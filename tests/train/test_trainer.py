@@ -386,3 +386,26 @@ def test_multimodal_eight_rank_layout_matches_single_rank(tmp_path, smoke_data):
     for a, b in zip(single, ours, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
+
+
+@pytest.mark.multirank
+@pytest.mark.skipif(not os.environ.get("XORON_MORE_LAYOUTS"), reason="by hand (4 ranks): XORON_MORE_LAYOUTS=1")
+def test_multimodal_zero3_with_generators_under_tp_and_ep_matches_data_parallel(tmp_path, smoke_data):
+    """The whole smoke model (every encoder and generator) under ZeRO-3 with samples: DP2 x TP2 (4 ranks) and
+    DP2 with EP2 log the losses and grad norms of plain DP2 over 4 steps (the same global batch; DP2 under
+    ZeRO-3 equals one rank in tests/model/test_gen_heads.py and test_speech_head.py). Minutes on 2 cores."""
+    common = (f"data.path={smoke_data}", "model.image_gen.enabled=true", "model.video_gen.enabled=true",
+              "train.sample_every=2", "train.log_every=1", "train.steps=4", "parallel.zero_stage=3",
+              "train.ds_config=ds_configs/zero3.json")
+    runs = {"dp2": (2, ()), "dp2xtp2": (4, ("parallel.tp=2",)), "dp2xep2": (2, ("parallel.ep=2",))}
+    for name, (ranks, layout) in runs.items():
+        launcher = [shutil.which("deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+                    "--module", "xoron_dist.train"]
+        run_train(tmp_path, name, *layout, *common, launcher=launcher, timeout=900)
+    logged = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in runs}
+    assert [r["step"] for r in logged["dp2"]] == [1, 2, 3, 4]
+    for name in ("dp2xtp2", "dp2xep2"):
+        for a, b in zip(logged["dp2"], logged[name], strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (name, a, b)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a, b)

@@ -248,12 +248,6 @@ def _multimodal_zero3(cfg: XoronConfig, s: _Sizes) -> str | None:
         return (f"model.{untested[0]}.enabled with parallel.zero_stage=3: only the {', '.join(_ZERO3_MEDIA)} "
                 f"encoders and the {', '.join(_ZERO3_GENERATORS)} generators are built and tested under ZeRO-3; "
                 f"use parallel.zero_stage<=2, or set model.{untested[0]}.enabled=false")
-    if generators and s.tp > 1:
-        names = "/".join(generators)
-        return (f"model.{names} enabled with parallel.zero_stage=3 and parallel.tp={s.tp}: generators are built and "
-                "tested under ZeRO-3 over data and expert parallel ranks only (tensor-split generators are tested "
-                "at ZeRO <= 2); use parallel.tp=1, parallel.zero_stage<=2, or "
-                f"model.{generators[0]}.enabled=false")
     return None
 
 
@@ -337,10 +331,9 @@ RULES: tuple[Rule, ...] = (
                "encoded once per replica, its tokens exchanged over the SP ranks of each TP rank, rows cut after "
                "the spans are filled; with any of tp, pp, ep) only without generators (they read whole requests)",
          _multimodal_layout),
-    Rule("dp", "multimodal with `parallel.zero_stage` = 3: vision, video and audio encoders (with projectors and "
-               "fusion) with any of dp, tp, sp, ep; the generators (`model.image_gen`, `model.video_gen`, "
-               "`model.speech`: their calls agreed over the ranks, a DiT's experts gathered per call) with any of "
-               "dp, ep and tp = 1",
+    Rule("dp", "multimodal with `parallel.zero_stage` = 3: every encoder (with projectors and fusion) with any "
+               "of dp, tp, sp, ep; the generators (`model.image_gen`, `model.video_gen`, `model.speech`: their "
+               "calls agreed over the ranks, a DiT's experts gathered per call) with any of dp, tp, ep",
          _multimodal_zero3),
 )
 
