@@ -154,6 +154,19 @@ def _split_batch(cfg, rank: int | None):
                 video_is_target=torch.tensor([True] * len(chosen)))
 
 
+def _trained_like_generators(path):
+    """The one-rank model with both generators, its DiT weights drawn as if trained (adaLN-Zero's zero gates
+    would leave the experts without gradient), saved to ``path`` for the ranks."""
+    torch.manual_seed(0)
+    model = build_model(_cfg(*EP)).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("image_gen.dit.", "video_gen.dit.")) and not param.any():
+                param.normal_(0.0, 0.05)
+    torch.save(model.state_dict(), path)
+    return model
+
+
 def _load_full_state(model, full: dict) -> dict[str, int]:
     """Load the one-rank state into an expert-parallel model: this rank's experts are rows first + i of the
     stacked weights. Returns each MoE block's first local expert."""
@@ -216,13 +229,7 @@ def test_expert_parallel_generators_equal_single_rank(one_thread, tmp_path):
     size mismatch, as the smoke run with parallel.ep=2 met)."""
     from tests.parallel.harness import run_ranks
 
-    torch.manual_seed(0)
-    model = build_model(_cfg(*EP)).train()
-    with torch.no_grad():  # as if trained: adaLN-Zero's zero gates would leave the experts without gradient
-        for name, param in model.named_parameters():
-            if name.startswith(("image_gen.dit.", "video_gen.dit.")) and not param.any():
-                param.normal_(0.0, 0.05)
-    torch.save(model.state_dict(), tmp_path / "state.pt")
+    model = _trained_like_generators(tmp_path / "state.pt")
     out = model(**_split_batch(model.cfg, None))
     sum(out.objective_sums[name] for name in NAMES).backward()
     ref = {n: p.grad for n, p in model.named_parameters()}
@@ -290,13 +297,7 @@ def test_zero3_generators_equal_single_rank(one_thread, tmp_path, ep):
     and video samples every rank makes from its partitioned weights equal one rank's."""
     from tests.parallel.harness import run_ranks
 
-    torch.manual_seed(0)
-    model = build_model(_cfg(*EP)).train()
-    with torch.no_grad():  # as if trained: adaLN-Zero's zero gates would leave the experts without gradient
-        for name, param in model.named_parameters():
-            if name.startswith(("image_gen.dit.", "video_gen.dit.")) and not param.any():
-                param.normal_(0.0, 0.05)
-    torch.save(model.state_dict(), tmp_path / "state.pt")
+    model = _trained_like_generators(tmp_path / "state.pt")
     out = model(**_split_batch(model.cfg, None))
     (out.loss * out.num_tokens + sum(out.objective_sums[name] for name in NAMES)).backward()
     ref = {n: p.grad for n, p in model.named_parameters() if n.startswith(("image_gen.", "video_gen."))}
