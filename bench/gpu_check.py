@@ -1,4 +1,4 @@
-"""The first-GPU check of issue 18, one command (``bench/gpu_check.sh``), about 8 minutes on one H200.
+"""The GPU check of issue 18, one command (``bench/gpu_check.sh``), at most 9.5 minutes on one H200.
 
 Parts, each in its own subprocess with its own time box (a crash, an out-of-memory or a timeout is
 recorded in the report, and the next part runs):
@@ -21,6 +21,14 @@ recorded in the report, and the next part runs):
                trainer tests (``tests/train/test_trainer.py -k bf16``).
     smoke      the multimodal smoke run on the GPU: ``xoron train --config pipelines/smoke.yaml`` for
                ``SMOKE_STEPS`` steps; its last metrics.jsonl line (loss, TFLOP/s, MFU).
+    compile    ``train.compile`` on the GPU: the backbone (layers as the backbone part ran) eager vs with
+               every decoder block compiled (``xoron_dist.train.compile.compile_blocks``, inductor), bf16
+               fwd + bwd at the backbone's shape: the speedup and the first compiled step's seconds (on CPU
+               it won nothing, so the option defaults off; this decides the GPU default).
+    moe        one MoE layer of the full model (LLMConfig's: hidden 1024, 8 routed experts + 1 shared of
+               width 2048, top-2) fwd + bwd in bf16 on ``MOE_TOKENS`` tokens: ours (grouped GEMMs) vs
+               DeepSpeed's dropless ``MoE`` with the same shared expert (``bench/moe_layer.py``'s peer),
+               tokens/s.
 
 Writes bench/out/gpu_check.json: the benchmark fields of DESIGN.md (headline: our MFU over the
 peer's, higher is better) plus every part's status, seconds and numbers.
@@ -57,7 +65,10 @@ OUT = REPO / "bench" / "out" / "gpu_check.json"
 SEQ, BATCH = 4096, 2
 SMOKE_STEPS = 40
 # seconds per part; together under 8 minutes with the interpreter starts
-TIME_BOX = {"backbone": 150, "kernels": 45, "tests": 90, "smoke": 190}  # smoke: 105 s on the first H200 run
+MOE_TOKENS = 8192
+# seconds per part (the first H200 run took 24, 8, 56 and 105 s for the first four); bench/gpu_check.sh
+# gives the whole check 570 s
+TIME_BOX = {"backbone": 90, "kernels": 30, "tests": 100, "smoke": 150, "compile": 130, "moe": 60}
 PARTS = tuple(TIME_BOX)
 
 
@@ -348,7 +359,55 @@ def part_smoke() -> dict:
     return run
 
 
-PART_FUNCTIONS = {"backbone": part_backbone, "kernels": part_kernels, "tests": part_tests, "smoke": part_smoke}
+def part_compile() -> dict:
+    from xoron_dist.config import LLMConfig
+    from xoron_dist.model.llm.model import XoronLLM
+    from xoron_dist.train.compile import compile_blocks
+
+    device = _require_cuda()
+    llm = LLMConfig()
+    ids = torch.randint(0, llm.vocab_size, (BATCH, SEQ), device=device)
+    torch.manual_seed(0)
+    model = XoronLLM(llm).to(device=device, dtype=torch.bfloat16)
+    eager = _fwd_bwd_seconds(model, lambda m: m(ids, labels=ids).loss)
+    blocks = compile_blocks(model, device)
+    start = time.perf_counter()
+    model(ids, labels=ids).loss.backward()  # the first compiled step compiles
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    compiled = _fwd_bwd_seconds(model, lambda m: m(ids, labels=ids).loss)
+    return {"blocks": blocks, "eager_s": eager, "compiled_s": compiled, "speedup": eager / compiled,
+            "first_compiled_step_s": first, "batch": BATCH, "seq": SEQ}
+
+
+def part_moe() -> dict:
+    from bench.moe_layer import DeepSpeedMoEWithShared, _init_single_rank_comm, make_call
+    from xoron_dist.config import LLMConfig
+    from xoron_dist.model.common.moe import MoEFeedForward
+
+    device = _require_cuda()
+    llm = LLMConfig()
+    hidden, moe = llm.hidden_size, llm.moe
+    _init_single_rank_comm("nccl")  # DeepSpeed's MoE asks for its expert groups
+    torch.manual_seed(0)
+    ours = MoEFeedForward(hidden, moe).to(device=device, dtype=torch.bfloat16).train()
+    peer = DeepSpeedMoEWithShared(hidden, moe.expert_intermediate_size, num_experts=moe.num_experts,
+                                  top_k=moe.top_k).to(device=device, dtype=torch.bfloat16).train()
+    with torch.no_grad():  # DeepSpeed's init is not ours: both at the bench's std
+        for param in (*ours.parameters(), *peer.parameters()):
+            param.normal_(std=0.02)
+    x = torch.randn(1, MOE_TOKENS, hidden, device=device, dtype=torch.bfloat16)
+    times = {name: _time_cuda(make_call(module, x), warmup=3, iters=10)
+             for name, module in (("ours", ours), ("deepspeed", peer))}
+    return {"tokens": MOE_TOKENS, "hidden": hidden, "experts": moe.num_experts, "top_k": moe.top_k,
+            "expert_intermediate_size": moe.expert_intermediate_size,
+            "tokens_per_s": {name: MOE_TOKENS / t for name, t in times.items()},
+            "ratio": times["deepspeed"] / times["ours"]}
+
+
+PART_FUNCTIONS = {"backbone": part_backbone, "kernels": part_kernels, "tests": part_tests, "smoke": part_smoke,
+                  "compile": part_compile, "moe": part_moe}
 
 
 # --- the driver -----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The first-GPU check of issue 18, one command, about 8 minutes on one H200 (bench/gpu_check.py says what
-# it runs): full-size backbone fwd+bwd in bf16 beside a Megatron-core GPTModel (MFU, tokens/s, peak
-# memory), the attention-kernel adapter on CUDA against SDPA, the real-CUDA kernel tests and the bf16 lane,
-# and the multimodal smoke run on the GPU. Each part is time-boxed; a failed part is recorded, not fatal.
+# The GPU check of issue 18, one command, at most 9.5 minutes on one H200 (bench/gpu_check.py says what it
+# runs): full-size backbone fwd+bwd in bf16 beside a Megatron-core GPTModel (MFU, tokens/s, peak memory),
+# the attention-kernel adapter on CUDA against SDPA, the real-CUDA kernel tests and the bf16 lane, the
+# multimodal smoke run on the GPU, train.compile eager vs compiled, and one MoE layer beside DeepSpeed's.
+# Each part is time-boxed; a failed part is recorded, not fatal.
 # Writes bench/out/gpu_check.json (also after every part, so a hard stop keeps what was measured).
 #
 #   bash bench/gpu_check.sh            # PYTHON=/path/to/python to choose the interpreter
@@ -17,4 +18,4 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
-exec timeout 480 "$PY" -m bench.gpu_check "$@"
+exec timeout 570 "$PY" -m bench.gpu_check "$@"

@@ -92,14 +92,15 @@ class DeepSpeedMoEWithShared(nn.Module):
         return out + self.shared(x)
 
 
-def _init_single_rank_comm() -> None:
+def _init_single_rank_comm(backend: str = "gloo") -> None:
+    """A one-rank process group for DeepSpeed's MoE (its expert groups); nccl for CUDA tensors."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as parallel/state.py: no JIT build on CPU
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
 def make_call(module: nn.Module, x: torch.Tensor):
