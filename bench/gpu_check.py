@@ -17,8 +17,9 @@ recorded in the report, and the next part runs):
     kernels    the attention-kernel adapter (``xoron_dist.model.common.attention_kernels``, the ring's
                block step) on CUDA against ``F.scaled_dot_product_attention``: max error of out and
                gradients, and forward + backward time, bf16 (flash kernel) and fp32 (efficient kernel).
-    tests      ``pytest tests/model/test_attention_kernels.py -k real_cuda`` and the bf16 lane of the
-               trainer tests (``tests/train/test_trainer.py -k bf16``).
+    tests      ``pytest tests/model/test_attention_kernels.py -k real_cuda``, the bf16 lane of the
+               trainer tests (``tests/train/test_trainer.py -k bf16``) and the pinned-memory batch path
+               (``tests/data/test_arrow_blocks.py -k pin``, skipped without an accelerator).
     smoke      the multimodal smoke run on the GPU: ``xoron train --config pipelines/smoke.yaml`` for
                ``SMOKE_STEPS`` steps; its last metrics.jsonl line (loss, TFLOP/s, MFU).
     compile    ``train.compile`` on the GPU: the backbone (layers as the backbone part ran) eager vs with
@@ -68,7 +69,7 @@ SMOKE_STEPS = 40
 MOE_TOKENS = 8192
 # seconds per part (the first H200 run took 24, 8, 56 and 105 s for the first four); bench/gpu_check.sh
 # gives the whole check 570 s
-TIME_BOX = {"backbone": 90, "kernels": 30, "tests": 100, "smoke": 150, "compile": 130, "moe": 60}
+TIME_BOX = {"backbone": 90, "kernels": 30, "tests": 120, "smoke": 140, "compile": 130, "moe": 60}
 PARTS = tuple(TIME_BOX)
 
 
@@ -341,7 +342,8 @@ def part_tests() -> dict:
     _require_cuda()
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     return {"real_cuda_kernels": _run([*pytest, "tests/model/test_attention_kernels.py", "-k", "real_cuda"], 40),
-            "bf16_lane": _run([*pytest, "tests/train/test_trainer.py", "-k", "bf16"], 60)}
+            "bf16_lane": _run([*pytest, "tests/train/test_trainer.py", "-k", "bf16"], 60),
+            "pinned_memory": _run([*pytest, "tests/data/test_arrow_blocks.py", "-k", "pin"], 20)}
 
 
 def part_smoke() -> dict:
