@@ -8,9 +8,9 @@
     parameter is given the data x sequence group as its partition group (DeepSpeed's
     ``ds_zero_partition_process_group``; expert parameters already carry their expert-data-parallel
     group, ``parallel.experts``).
-  - ZeRO-3 gathers an MoE block's weights as one unit (``set_z3_leaf_modules``): which experts run
+  - ZeRO-3 gathers an MoE block's weights as one unit (``set_z3_leaf_module``): which experts run
     varies per step and would break its prefetch trace. Not inside a module that runs several times per
-    micro-batch (a generator's DiT): a leaf's gradients are reduced once per call (``_unleaf_repeated_calls``).
+    micro-batch (a generator's DiT): a leaf's gradients are reduced once per call (``_leaves``).
   - ZeRO-3 gathers a module's weights around that module's own calls. The ring attention core with
     the MLA latent uses ``kv_up``'s weight directly (every rank expands the blocks it receives), so
     that weight is registered as an external parameter of the attention module that calls the core.
@@ -57,34 +57,26 @@ def gradient_divisor(layout: Layout) -> int:
     return layout.dp * layout.sp if layout.zero_stage == 3 else layout.dp
 
 
-def _unleaf_repeated_calls(model: nn.Module) -> None:
-    """MoE blocks inside a module that runs several times per micro-batch (it has ``agree_calls``: a
-    generator's DiT, once per target) are gathered per call like any module, not as leaves: DeepSpeed
-    reduces a leaf's gradients from the leaf's backward hook, once per call, so a second call would put
-    the same parameters in a reduce bucket again (it asserts at the default bucket size). Every call runs
-    every expert's weights (local experts: one stacked tensor; spread ones: each local expert's module is
-    called on every rank, with no rows too), so the prefetch trace holds."""
-    from deepspeed.utils import set_z3_leaf_module
-    from deepspeed.utils.z3_leaf_module import z3_leaf_module
-
-    for owner in model.modules():
-        if hasattr(owner, "agree_calls"):
-            for module in owner.modules():
-                if z3_leaf_module(module):
-                    set_z3_leaf_module(module, False)
+def _leaves(model: nn.Module, leaf_types: tuple[type, ...]) -> list[nn.Module]:
+    """The modules of ``leaf_types`` ZeRO-3 gathers whole, except those inside a module that runs several times
+    per micro-batch (it has ``agree_calls``: a generator's DiT, once per target), which are gathered per call
+    like any module: DeepSpeed reduces a leaf's gradients from the leaf's backward hook, once per call, so a
+    second call would put the same parameters in a reduce bucket again (it asserts at the default bucket
+    size). Every call runs every expert's weights (local experts: one stacked tensor; spread ones: each local
+    expert's module is called on every rank, with no rows too), so the prefetch trace holds."""
+    repeated = {id(m) for owner in model.modules() if hasattr(owner, "agree_calls") for m in owner.modules()}
+    return [m for m in model.modules() if isinstance(m, leaf_types) and id(m) not in repeated]
 
 
 def mark_for_zero3(model: nn.Module, leaf_types: tuple[type, ...], token_group, sp: int) -> None:
     """ZeRO-3 leaf modules and, with sequence parallelism, the dense parameters' partition group."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-    from deepspeed.utils import set_z3_leaf_modules
+    from deepspeed.utils import set_z3_leaf_module
 
     from xoron_dist.parallel.sequence import RingAttentionCore
 
-    present = [t for t in leaf_types if any(isinstance(m, t) for m in model.modules())]
-    if present:
-        set_z3_leaf_modules(model, present)
-        _unleaf_repeated_calls(model)
+    for leaf in _leaves(model, leaf_types):
+        set_z3_leaf_module(leaf, True)
     for module in model.modules():
         core = getattr(module, "core", None)
         if isinstance(core, RingAttentionCore) and core.split.latent:
