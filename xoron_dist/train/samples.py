@@ -7,9 +7,9 @@ their frames side by side), speech in the voice of a fixed synthetic reference s
 so the samples of successive steps differ only by training.
 
 Every rank generates (tensor- and expert-parallel layers communicate inside the forward; under ZeRO-3
-the generators' weights are gathered whole on every rank for the samples, ``parallel.zero``), rank 0
-writes. The model is put in
-eval mode for the samples and back in training mode after; the time is left out of the throughput.
+the generators' weights are gathered whole on every rank for each sample, ``parallel.zero``), rank 0
+writes. The model is put in eval mode for the samples and back in training mode after; the time is left
+out of the throughput.
 """
 
 from __future__ import annotations

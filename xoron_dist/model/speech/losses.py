@@ -33,6 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+STFT_RESOLUTIONS_16K = ((1024, 80, 400), (2048, 160, 800), (512, 32, 160))
+MEL_WINDOWS = (32, 64, 128, 256, 512, 1024, 2048)
+MEL_BANDS = (5, 10, 20, 40, 80, 160, 320)
+
 
 def stft(x: torch.Tensor, n_fft: int, hop: int, win: int, window: torch.Tensor, center: bool = True) -> torch.Tensor:
     """``torch.stft`` (complex) computed in fp32 at least, whatever ``x``'s dtype: cuFFT takes no bf16 (and fp16
@@ -40,10 +44,6 @@ def stft(x: torch.Tensor, n_fft: int, hop: int, win: int, window: torch.Tensor, 
     (the CPU's FFT accepts bf16, hiding it). fp64 stays fp64; the caller casts what it feeds back to a layer."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.stft(x.to(dtype), n_fft, hop, win, window=window.to(dtype), center=center, return_complex=True)
-
-STFT_RESOLUTIONS_16K = ((1024, 80, 400), (2048, 160, 800), (512, 32, 160))
-MEL_WINDOWS = (32, 64, 128, 256, 512, 1024, 2048)
-MEL_BANDS = (5, 10, 20, 40, 80, 160, 320)
 
 
 def discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
