@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.parallel.harness import zero3_engine
 from xoron_dist.config import ConfigError, load_config
 from xoron_dist.model.xoron import build_model
 from xoron_dist.parallel.layout import LayoutError, validate_layout
@@ -243,16 +244,12 @@ def test_expert_parallel_generators_equal_single_rank(one_thread, tmp_path):
                                        msg=f"rank {rank} grad of {name}")
 
 
-
 def _zero3_body(state_path, ep):
-    import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     from xoron_dist.parallel import state
     from xoron_dist.parallel.parallelize import parallelize
     from xoron_dist.parallel.zero import generators_gathered
-    from xoron_dist.train.build import parameter_groups
-    from xoron_dist.train.ds_config import build_ds_config
 
     torch.set_num_threads(1)
     cfg = _cfg(*EP, "parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=1",
@@ -261,10 +258,7 @@ def _zero3_body(state_path, ep):
     torch.manual_seed(0)
     model = parallelize(build_model(cfg), cfg).model.train()
     firsts = _load_full_state(model, torch.load(state_path))
-    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every weight partitioned; default buckets
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
-                                      mpu=state.mpu())
+    engine = zero3_engine(model, cfg, ctx)  # every weight partitioned; default buckets
     out = engine(**_split_batch(cfg, ctx.dp_rank))
     sums = torch.stack([out.objective_sums[name].detach() for name in NAMES])
     engine.backward((out.loss * out.num_tokens + sum(out.objective_sums[name] for name in NAMES)) * ctx.dp_size)
@@ -282,8 +276,6 @@ def _zero3_body(state_path, ep):
 _SAMPLES = (lambda model: model.generate_image(torch.arange(10, 18)[None], height=32, width=32, steps=2, seed=1),
             lambda model: model.generate_video(torch.arange(10, 18)[None], frames=5, height=32, width=32, steps=2,
                                                seed=1))
-
-
 
 
 @pytest.mark.multirank

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.parallel.harness import zero3_engine
 from xoron_dist.config import ConfigError, load_config
 from xoron_dist.model.audio.encoder import batch_clips
 from xoron_dist.model.prompts import prompt_states
@@ -263,14 +264,11 @@ def _zero3_batch(model, rank: int | None):
 
 
 def _zero3_body(state_path):
-    import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     from xoron_dist.parallel import state
     from xoron_dist.parallel.parallelize import parallelize
     from xoron_dist.parallel.zero import generators_gathered
-    from xoron_dist.train.build import parameter_groups
-    from xoron_dist.train.ds_config import build_ds_config
 
     torch.set_num_threads(1)
     cfg = _cfg("parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=1")
@@ -279,10 +277,7 @@ def _zero3_body(state_path):
     model = build_model(cfg).train()
     model.load_state_dict(torch.load(state_path))
     parallelize(model, cfg)
-    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every weight partitioned; default buckets
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
-                                      mpu=state.mpu())
+    engine = zero3_engine(model, cfg, ctx)  # every weight partitioned; default buckets
     out = engine(**_zero3_batch(engine.module, ctx.dp_rank))
     sums = torch.stack([out.objective_sums[name].detach() for name in ("codec", "tts")])
     engine.backward((out.loss * out.num_tokens + out.objective_sums["codec"] + out.objective_sums["tts"])

@@ -184,3 +184,20 @@ def _finish_distributed() -> None:
     from xoron_dist.parallel import state
 
     state.destroy()
+
+
+def zero3_engine(model: torch.nn.Module, cfg, ctx, **zero: Any):
+    """Inside a rank: the parallelized ``model`` in a DeepSpeed ZeRO-3 engine (CPU, fp32, the run's optimizer
+    groups), every weight partitioned (persistence threshold 0); ``zero`` sets more ``zero_optimization`` keys
+    (small buckets, say). ``ctx``: ``xoron_dist.parallel.state.initialize``'s context."""
+    import deepspeed
+
+    from xoron_dist.parallel import state
+    from xoron_dist.train.build import parameter_groups
+    from xoron_dist.train.ds_config import build_ds_config
+
+    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
+    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, **zero)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
+                                      mpu=state.mpu())
+    return engine

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.model.test_xoron_multimodal import open_gated_model, packed_batch, tiny_cfg
-from tests.parallel.harness import run_ranks
+from tests.parallel.harness import run_ranks, zero3_engine
 from xoron_dist.model.llm import IGNORE_INDEX
 from xoron_dist.model.xoron import XoronMultimodalModel
 from xoron_dist.parallel.tensor import tp_slice
@@ -59,24 +59,17 @@ def _global(parts: list[dict]) -> dict:
 
 
 def _zero3_body(full_state: dict, ckpt_dir: str) -> dict:
-    import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     from xoron_dist.parallel import state
     from xoron_dist.parallel.parallelize import parallelize
-    from xoron_dist.train.build import parameter_groups
-    from xoron_dist.train.ds_config import build_ds_config
 
     cfg = tiny_cfg(*CFG)
     ctx = state.initialize(cfg)
     model = XoronMultimodalModel(cfg)
     model.load_state_dict(full_state)
     parallelize(model, cfg)
-    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
-    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, reduce_bucket_size=20_000,
-                                   stage3_prefetch_bucket_size=20_000)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
-                                      mpu=state.mpu())
+    engine = zero3_engine(model, cfg, ctx, reduce_bucket_size=20_000, stage3_prefetch_bucket_size=20_000)
     partitioned = {n: p.ds_tensor.numel() == -(-p.ds_numel // 2) for n, p in engine.module.named_parameters()}
     losses, grads = [], []
     for parts in _rank_batches():
@@ -177,14 +170,11 @@ def rank_part(name: str, meta: tuple, full: dict[str, torch.Tensor], tp_rank: in
 def _tp_ep_body(full_state: dict, extra: tuple[str, ...]) -> dict:
     """Two ZeRO-3 steps (all weights partitioned, small buckets) of the layout ``extra``: per step the
     summed token loss of this rank's rows, every full gradient, and DeepSpeed's gradient norm."""
-    import deepspeed
     from deepspeed.utils import safe_get_full_grad
     from megatron.core import parallel_state as ps
 
     from xoron_dist.parallel import state
     from xoron_dist.parallel.parallelize import parallelize
-    from xoron_dist.train.build import parameter_groups
-    from xoron_dist.train.ds_config import build_ds_config
 
     cfg = tiny_cfg(*CFG, *extra)
     ctx = state.initialize(cfg)
@@ -192,11 +182,7 @@ def _tp_ep_body(full_state: dict, extra: tuple[str, ...]) -> dict:
     model.load_state_dict(full_state)
     parallelize(model, cfg)
     meta = split_meta(model)
-    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
-    ds["zero_optimization"].update(stage3_param_persistence_threshold=0, reduce_bucket_size=20_000,
-                                   stage3_prefetch_bucket_size=20_000)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
-                                      mpu=state.mpu())
+    engine = zero3_engine(model, cfg, ctx, reduce_bucket_size=20_000, stage3_prefetch_bucket_size=20_000)
     divisor = ctx.dp_size * cfg.parallel.sp  # what ZeRO-3 divides the gradients summed over data x sequence by
     losses, grads, norms = [], [], []
     for parts in _rank_batches():

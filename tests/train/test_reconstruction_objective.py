@@ -29,7 +29,7 @@ import torch
 
 from tests.model.test_vision_reconstruction import RECONSTRUCTION, image_batch
 from tests.model.test_xoron_multimodal import tiny_cfg
-from tests.parallel.harness import run_ranks
+from tests.parallel.harness import run_ranks, zero3_engine
 from xoron_dist.model.llm import IGNORE_INDEX
 from xoron_dist.model.xoron import XoronMultimodalModel
 
@@ -48,13 +48,11 @@ def _step_body(full_state: dict, accum: int, sp: int = 1) -> dict:
     the full gradients are read at the accumulation boundary, just before the optimizer step."""
     from types import SimpleNamespace
 
-    import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     from xoron_dist.parallel import state
     from xoron_dist.parallel.parallelize import parallelize
-    from xoron_dist.train.build import BuiltStage, parameter_groups
-    from xoron_dist.train.ds_config import build_ds_config
+    from xoron_dist.train.build import BuiltStage
     from xoron_dist.train.objectives import TokenGroups
     from xoron_dist.train.step import StepRunner
 
@@ -63,10 +61,7 @@ def _step_body(full_state: dict, accum: int, sp: int = 1) -> dict:
     model = XoronMultimodalModel(cfg)
     model.load_state_dict(full_state)
     parallelize(model, cfg)
-    ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
-    ds["zero_optimization"].update(stage3_param_persistence_threshold=0)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.0, 3), config=ds,
-                                      mpu=state.mpu())
+    engine = zero3_engine(model, cfg, ctx)
     grads = {}
     real_step = engine.step
 
