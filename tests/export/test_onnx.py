@@ -1,5 +1,6 @@
 """ONNX export: every graph of a tiny multimodal model (LLM, vision tower, video encoder, audio encoder,
-vocoder) is exported once per module; onnxruntime then reproduces the eager components' own forwards
+vocoder with its voice input, speaker encoder) is exported once per module; onnxruntime then reproduces
+the eager components' own forwards
 (their list entry points, not the export wrappers) within 1e-4 at two input sizes other than the
 export's, the inputs' batch/sequence/frames/samples/patch axes are symbolic in the graph, and the
 manifest says what was exported. A text-only checkpoint exports the LLM alone, and bad requests are
@@ -47,8 +48,13 @@ def exported(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _inputs(model, name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(graph input, eager output) for graph ``name`` at a size (0 or 1) the export did not check."""
+def _inputs(model, name: str, size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """(graph inputs, eager output) for graph ``name`` at a size (0 or 1) the export did not check."""
+    xs, want = _input(model, name, size)
+    return (xs if isinstance(xs, tuple) else (xs,)), want
+
+
+def _input(model, name: str, size: int):
     g = torch.Generator().manual_seed(100 + size)
     batch = 4 + size
     with torch.no_grad():
@@ -66,19 +72,28 @@ def _inputs(model, name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if name == "audio":
             x = torch.rand(batch, model.audio.tokenizer.hop * (9 + 13 * size), generator=g) * 2 - 1
             return x, model.audio(list(x)).features
+        if name == "speaker":  # real-looking clips: a tone in noise, each its own pitch and length
+            hop = model.speech.speaker.cfg.hop
+            t = torch.arange(hop * (7 + 5 * size)) / 16_000
+            pitch = 100 + 300 * torch.rand(batch, 1, generator=g)
+            x = 0.5 * torch.sin(2 * torch.pi * pitch * t) + 0.05 * torch.randn(batch, t.shape[0], generator=g)
+            return x, model.speech.speaker(x)
         x = torch.randn(batch, 4 + 7 * size, model.cfg.model.audio.latent_dim, generator=g)
-        return x, model.speech.vocoder.decode(x)
+        voice = torch.nn.functional.normalize(torch.randn(batch, model.speech.vocoder.generator.cfg.cond_channels,
+                                                          generator=g), dim=-1)
+        return (x, voice), model.speech.vocoder.decode(x, voice)
 
 
 @pytest.mark.parametrize("name", PARTS)
 def test_onnxruntime_equals_pytorch_at_two_sizes(exported, name):
     model, out, manifest, _ = exported
     session = ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"])
-    (input_name,) = [i.name for i in session.get_inputs()]
+    names = [i.name for i in session.get_inputs()]
+    assert names == (["latents", "voice"] if name == "vocoder" else names[:1])
     for size in (0, 1):
-        x, want = _inputs(model, name, size)
-        got = torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
-        assert max_abs_diff(want, got) <= 1e-4, (name, tuple(x.shape))
+        xs, want = _inputs(model, name, size)
+        got = torch.from_numpy(session.run(None, {n: x.numpy() for n, x in zip(names, xs, strict=True)})[0])
+        assert max_abs_diff(want, got) <= 1e-4, (name, tuple(xs[0].shape))
     if name == "llm":  # the padded vocabulary rows stay -inf, the real ones finite
         assert torch.isinf(got[..., model.cfg.llm.usable_vocab_size:]).all() and torch.isfinite(
             got[..., : model.cfg.llm.usable_vocab_size]).all()
@@ -86,7 +101,7 @@ def test_onnxruntime_equals_pytorch_at_two_sizes(exported, name):
 
 SYMBOLIC = {"llm": {0: "batch", 1: "seq"}, "vision": {0: "batch", 2: "8*rows", 3: "8*cols"},
             "video": {0: "batch", 1: "frames"}, "audio": {0: "batch", 1: "20*codec_frames"},
-            "vocoder": {0: "batch", 1: "codec_frames"}}
+            "vocoder": {0: "batch", 1: "codec_frames"}, "speaker": {0: "batch", 1: "160*speaker_frames"}}
 
 
 @pytest.mark.parametrize("name", PARTS)
@@ -97,8 +112,12 @@ def test_graph_inputs_are_symbolic_and_the_manifest_says_so(exported, name):
     assert {axis: dims[axis].dim_param for axis in SYMBOLIC[name]} == SYMBOLIC[name]
     entry = manifest["graphs"][name]
     assert entry["dynamic_axes"][graph.input[0].name] == {str(axis): dim for axis, dim in SYMBOLIC[name].items()}
-    assert all(isinstance(d, str) for d in entry["outputs"][0]["shape"][:2])  # batch and its length axis
+    symbolic_out = 1 if name == "speaker" else 2  # batch and its length axis; a voice vector has no length
+    assert all(isinstance(d, str) for d in entry["outputs"][0]["shape"][:symbolic_out])
     assert "static_reason" not in entry
+    if name == "vocoder":  # the voice shares the latents' batch dimension
+        assert graph.input[1].type.tensor_type.shape.dim[0].dim_param == "batch"
+        assert entry["dynamic_axes"]["voice"] == {"0": "batch"}
 
 
 def test_manifest_lists_what_was_exported(exported):
@@ -136,7 +155,7 @@ def test_a_text_only_checkpoint_exports_the_llm_alone(tmp_path):
         export_onnx(ckpt, tmp_path / "asked", parts=["llm", "vision"])
     manifest = export_onnx(ckpt, tmp_path / "onnx")
     assert list(manifest["graphs"]) == ["llm"] and manifest["step"] == 5
-    assert sorted(manifest["skipped"]) == ["audio", "video", "vision", "vocoder"]
+    assert sorted(manifest["skipped"]) == ["audio", "speaker", "video", "vision", "vocoder"]
     assert all(check["max_abs_diff"] <= 1e-4 for check in manifest["graphs"]["llm"]["parity"])
 
 

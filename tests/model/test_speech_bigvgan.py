@@ -145,6 +145,32 @@ def test_config_and_input_errors_name_the_fix():
         gen(torch.randn(1, 12, 16))
 
 
+def test_conditioning_adds_a_per_item_offset_and_leaves_the_plain_generator_alone():
+    """cond_channels > 0: a 1x1 map of each item's vector joins conv_pre's output, so items with the same
+    latents but other vectors decode differently; the unconditioned generator's weights are the ones it drew
+    before conditioning existed (``cond`` is drawn last), and a vector given to it, or missing, is an error."""
+    torch.manual_seed(3)
+    plain = BigVGANGenerator(BigVGANConfig(**TINY))
+    torch.manual_seed(3)
+    conditioned = BigVGANGenerator(BigVGANConfig(**TINY, cond_channels=6))
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(conditioned.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    latents = torch.randn(1, TINY["in_channels"], 9).expand(2, -1, -1)
+    voices = torch.randn(2, 6)
+    with torch.no_grad():
+        out = conditioned(latents, voices)
+        assert not torch.allclose(out[0], out[1], atol=1e-4)
+        conditioned.cond.weight.zero_()
+        conditioned.cond.bias.zero_()  # a zero map: exactly the generator without conditioning
+        torch.testing.assert_close(conditioned(latents, voices), plain(latents), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has cond_channels=0"):
+        plain(latents, voices)
+    with pytest.raises(ValueError, match=r"needs cond of shape \(2, 6\).*got None"):
+        conditioned(latents)
+    with pytest.raises(ValueError, match="cond_channels=-1"):
+        BigVGANConfig(cond_channels=-1)
+
+
 def _worst_spur_db(wave: torch.Tensor, f0: float, sample_rate: int) -> float:
     """Largest spectral peak (dB relative to the tone) away from DC and the in-band harmonics k * f0 < Nyquist.
 

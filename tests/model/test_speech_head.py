@@ -99,6 +99,28 @@ def test_every_parameter_gets_a_gradient_with_and_without_speech(model, one_thre
     assert all(g.abs().sum() == 0 for g in speech)  # the blank paths add exact zeros
 
 
+def test_codec_vocoder_hears_the_clip_voice_without_training_the_speaker_encoder(model, one_thread):
+    """The speaker-conditioned BigVGAN reads each clip's voice vector in the codec objective: its ``cond`` map
+    gets a gradient, the speaker encoder none (the codec never trains it), and another voice changes the loss."""
+    assert model.speech.vocoder.conditioned
+    clips = [_clip(0.4, 5), _clip(0.3, 6)]
+    model.zero_grad()
+    model.speech.codec_sum(model.audio, clips).backward()
+    assert model.speech.vocoder.generator.cond.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.speech.speaker.parameters())
+    with torch.no_grad():
+        same = model.speech.codec_sum(model.audio, clips)
+        speaker = model.speech.speaker
+        original = speaker.forward
+        speaker.forward = lambda wave, lengths=None: -original(wave, lengths)  # the opposite voice
+        try:
+            other = model.speech.codec_sum(model.audio, clips)
+        finally:
+            del speaker.forward
+        assert not torch.allclose(same, other) and torch.equal(same, model.speech.codec_sum(model.audio, clips))
+    model.zero_grad()
+
+
 def test_speaker_batch_norm_keeps_stored_statistics_in_training(model):
     fresh = build_model(_cfg())  # never switched with .train(): the trainer does not call it
     for candidate in (fresh, model.train()):
@@ -139,7 +161,7 @@ def test_snapped_generation_decodes_the_requantised_latents(model, one_thread):
         latents, frames = model.speech.tts.generate(request, mask, voice, model.speech.flow_steps,
                                                     torch.Generator().manual_seed(4))
         requantised = model.audio.quantizer(latents[frames]).latents[None]
-        torch.testing.assert_close(snapped, model.speech.vocoder.decode(requantised)[0])
+        torch.testing.assert_close(snapped, model.speech.vocoder.decode(requantised, voice)[0])
         assert not torch.equal(snapped, model.speech.generate(request, mask, reference, seed=4)[0])
     finally:
         model.train()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from xoron_dist.config.speech import SpeakerConfig
-from xoron_dist.model.speech.speaker import AAMSoftmaxHead, SpeakerEncoder
+from xoron_dist.model.common.norm import BatchNorm1d
+from xoron_dist.model.speech.speaker import AAMSoftmaxHead, SpeakerEncoder, masked_batch_norm
 from xoron_dist.synth import corpus, sounds
 
 RATE = 16_000
@@ -101,6 +102,20 @@ def test_padding_content_never_matters_even_in_training():
     noisy = waves.clone()
     noisy[0, 6000:] = torch.randn(noisy.shape[1] - 6000)
     torch.testing.assert_close(model(waves, lengths), model(noisy, lengths))
+
+
+def test_masked_batch_norm_with_stored_statistics_is_the_gathered_norm():
+    """Stored statistics (how Xoron runs the speaker encoder): every frame normalised then masked equals the
+    norm of the valid frames gathered (the training path); no gather, so it exports and never syncs."""
+    gen = torch.Generator().manual_seed(0)
+    norm = BatchNorm1d(6).eval()
+    with torch.no_grad():
+        for tensor in (norm.running_mean, norm.running_var, norm.weight, norm.bias):
+            tensor.copy_(torch.rand(6, generator=gen) + 0.5)
+    x, mask = torch.randn(3, 6, 10, generator=gen), torch.arange(10)[None] < torch.tensor([[10], [4], [7]])
+    gathered = torch.zeros(3, 10, 6)
+    gathered[mask] = norm(x.transpose(1, 2)[mask])
+    torch.testing.assert_close(masked_batch_norm(norm, x, mask), gathered.transpose(1, 2), rtol=0, atol=0)
 
 
 def test_filterbank_filter_centred_on_a_tone_answers_most():

@@ -32,7 +32,9 @@ class VocoderConfig:
     ``upsample_initial_channel`` (halved per upsampling stage). Generator loss (BigVGAN-v2):
     ``adversarial + fm_weight * 2 * feature matching + mel_weight * multi-scale log-mel L1``; the
     discriminators' LSGAN loss joins the same backward (the generator's audio detached for it, the
-    discriminators' weights detached for the generator's terms), so one optimizer step trains both."""
+    discriminators' weights detached for the generator's terms), so one optimizer step trains both.
+    ``speaker_conditioned``: the generator also reads the speaker encoder's voice vector (timbre the
+    codec's few bits per frame cannot carry; zero-shot cloning needs it)."""
 
     channels: int = 512
     resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
@@ -43,6 +45,9 @@ class VocoderConfig:
     mel_weight: float = 15.0
     fm_weight: float = 1.0  # on top of the x2 HiFi-GAN folds into its feature-matching loss
     adversarial: bool = True  # False: spectral loss only (a quick codec warm-up)
+    # BigVGAN reads a voice vector besides the latents (``model.speech.vocoder``'s docstring): the speaker
+    # encoder's embedding of the clip in codec training, of the reference clip at generation
+    speaker_conditioned: bool = True
 
     def validate(self, where: str) -> None:
         positive(self, where, "channels", "discriminator_scale", "segment_samples")

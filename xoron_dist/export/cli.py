@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the run's tokenizer/)")
     parser.add_argument("--quant", default=None, help="gguf only: f32 (default) | f16 | q8_0 | q4_0")
     parser.add_argument("--parts", default=None,
-                        help="onnx only: comma-separated graphs, of llm,vision,video,audio,vocoder (default: all "
-                             "the model has)")
+                        help="onnx only: comma-separated graphs, of llm,vision,video,audio,vocoder,speaker "
+                             "(default: all the model has)")
     parser.add_argument("--merge-lora", action="store_true",
                         help="fold the run's LoRA adapters into the weights (default for hf: base model, and the "
                              "adapters in PEFT's format under <out>/lora)")

@@ -5,6 +5,8 @@
     <out>/video.onnx        frames (batch, frames, height, width, 3) uint8 -> features (batch, tokens, hidden)
     <out>/audio.onnx        samples (batch, samples) fp32 in [-1, 1]      -> features (batch, codec frames, hidden)
     <out>/vocoder.onnx      latents (batch, codec frames, latent) fp32    -> waveform (batch, samples)
+                            [, voice (batch, speaker dim) fp32: a speaker-conditioned BigVGAN's second input]
+    <out>/speaker.onnx      samples (batch, samples) fp32 in [-1, 1]      -> voice (batch, speaker dim), unit length
     <out>/<name>.onnx.data  a graph's weights, beside it, when they exceed protobuf's 2 GB (the exporter's rule)
     <out>/onnx_manifest.json   per graph: inputs/outputs with their symbolic axes, opset, the parity
                                measured at export (two input sizes), export seconds; skipped parts and why
@@ -66,7 +68,8 @@ logger = logging.getLogger(__name__)
 OPSET = 20
 TOLERANCE = 1e-4
 MANIFEST = "onnx_manifest.json"
-PARTS = ("llm", "vision", "video", "audio", "vocoder")
+PARTS = ("llm", "vision", "video", "audio", "vocoder", "speaker")
+SPEECH = ("vocoder", "speaker")  # the parts of model.speech
 
 
 # --------------------------------------------------------------------------- the MoE's export path
@@ -195,14 +198,28 @@ class AudioGraph(nn.Module):
 
 
 class VocoderGraph(nn.Module):
-    """latents (batch, frames, latent_dim) -> waveform (batch, frames · hop) in [-1, 1] (``Vocoder.decode``)."""
+    """latents (batch, frames, latent_dim) [, voice (batch, speaker dim) when speaker-conditioned] ->
+    waveform (batch, frames · hop) in [-1, 1] (``Vocoder.decode``)."""
 
     def __init__(self, vocoder: nn.Module) -> None:
         super().__init__()
         self.vocoder = vocoder
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vocoder.decode(latents)
+    def forward(self, latents: torch.Tensor, voice: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vocoder.decode(latents, voice)
+
+
+class SpeakerGraph(nn.Module):
+    """samples (batch, samples) fp32 in [-1, 1], whole clips of equal length -> voice vectors (batch, dim),
+    unit length (``SpeakerEncoder``): the speaker-conditioned vocoder's second input."""
+
+    def __init__(self, speaker: nn.Module) -> None:
+        super().__init__()
+        self.speaker = speaker
+
+    def forward(self, samples: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full(samples.shape[:1], samples.shape[1], device=samples.device)
+        return self.speaker.embed_clips(samples, lengths)
 
 
 # --------------------------------------------------------------------------- what each graph is
@@ -212,26 +229,53 @@ Dim = torch.export.Dim
 
 
 @dataclass
+class GraphInput:
+    """A graph's input beyond its first: its name, a tensor for each of the spec's two sizes (same batch
+    as the first input's), and its dynamic axes as in ``GraphSpec.axes`` (a name shared with another
+    input is one dimension, e.g. ``batch``)."""
+
+    name: str
+    examples: tuple[torch.Tensor, torch.Tensor]
+    axes: dict[int, tuple[str, int, int | None]]
+
+
+@dataclass
 class GraphSpec:
     """One graph: the wrapper, the eager reference, an input at two sizes, and its dynamic axes.
-    ``axes``: per input, {axis: (name, multiple)}, the size being ``multiple`` · a dynamic ``name``."""
+    ``axes``: per input, {axis: (name, multiple)}, the size being ``multiple`` · a dynamic ``name``.
+    ``more_inputs``: further inputs (the reference and the wrapper take them after the first)."""
 
     name: str
     graph: nn.Module
-    reference: Callable[[torch.Tensor], torch.Tensor]
+    reference: Callable[..., torch.Tensor]
     inputs: tuple[torch.Tensor, torch.Tensor]  # example size, second size
     input_name: str
     output_name: str
     axes: dict[int, tuple[str, int, int | None]]  # axis -> (dim name, multiple, max of the dim or None)
     output_axes: dict[int, str]  # names for the output's symbolic axes (the exporter writes expressions)
     notes: list[str] = field(default_factory=list)
+    more_inputs: list[GraphInput] = field(default_factory=list)
 
-    def dynamic_shapes(self) -> tuple[dict[int, Any]]:
-        dims = {}
-        for axis, (name, multiple, high) in self.axes.items():
-            dim = Dim(name, min=1, max=high) if high else Dim(name, min=1)
-            dims[axis] = dim * multiple if multiple > 1 else dim
-        return (dims,)
+    @property
+    def all_inputs(self) -> list[GraphInput]:
+        """Every input, the first one included, as ``GraphInput``s."""
+        return [GraphInput(self.input_name, self.inputs, self.axes), *self.more_inputs]
+
+    def examples(self, size: int) -> tuple[torch.Tensor, ...]:
+        """The inputs at size 0 (the export's) or 1 (the second check)."""
+        return tuple(i.examples[size] for i in self.all_inputs)
+
+    def dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
+        made: dict[str, Any] = {}  # one Dim per name: inputs sharing a name share the dimension
+        shapes = []
+        for graph_input in self.all_inputs:
+            dims = {}
+            for axis, (name, multiple, high) in graph_input.axes.items():
+                if name not in made:
+                    made[name] = Dim(name, min=1, max=high) if high else Dim(name, min=1)
+                dims[axis] = made[name] * multiple if multiple > 1 else made[name]
+            shapes.append(dims)
+        return tuple(shapes)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -296,15 +340,34 @@ def _audio_spec(encoder: nn.Module) -> GraphSpec:
 
 
 def _vocoder_spec(vocoder: nn.Module) -> GraphSpec:
-    width = vocoder.generator.cfg.in_channels
+    width, voice_dim = vocoder.generator.cfg.in_channels, vocoder.generator.cfg.cond_channels
 
     def latents(batch: int, frames: int, seed: int) -> torch.Tensor:
         return torch.randn(batch, frames, width, generator=_generator(seed))
 
+    def voice(batch: int, seed: int) -> torch.Tensor:
+        return F.normalize(torch.randn(batch, voice_dim, generator=_generator(seed)), dim=-1)
+
+    notes = ["the BigVGAN generator with its weight norm as trained (folded into the graph's weights)"]
+    more = []
+    if vocoder.conditioned:
+        more = [GraphInput("voice", (voice(2, 10), voice(3, 11)), {0: ("batch", 1, None)})]
+        notes.append("speaker-conditioned: voice is the speaker graph's output for a reference clip (unit length)")
     return GraphSpec("vocoder", VocoderGraph(vocoder), vocoder.decode, (latents(2, 3, 8), latents(3, 5, 9)),
                      "latents", "waveform", {0: ("batch", 1, None), 1: ("codec_frames", 1, None)},
-                     {0: "batch", 1: "samples"},
-                     ["the BigVGAN generator with its weight norm as trained (folded into the graph's weights)"])
+                     {0: "batch", 1: "samples"}, notes, more)
+
+
+def _speaker_spec(speaker: nn.Module) -> GraphSpec:
+    hop = speaker.cfg.hop
+
+    def samples(batch: int, frames: int, seed: int) -> torch.Tensor:
+        return torch.rand(batch, frames * hop, generator=_generator(seed)) * 2 - 1
+
+    notes = [f"whole clips of equal length, a multiple of {hop} samples (the encoder's frame hop; pad clips "
+             "with zeros to whole frames): padding a shorter clip changes its vector, embed it alone"]
+    return GraphSpec("speaker", SpeakerGraph(speaker), speaker, (samples(2, 6, 12), samples(3, 9, 13)), "samples",
+                     "voice", {0: ("batch", 1, None), 1: ("speaker_frames", hop, None)}, {0: "batch"}, notes)
 
 
 def graph_specs(model: nn.Module) -> tuple[list[GraphSpec], dict[str, str]]:
@@ -315,10 +378,12 @@ def graph_specs(model: nn.Module) -> tuple[list[GraphSpec], dict[str, str]]:
              "audio": getattr(model, "audio", None)}
     speech = getattr(model, "speech", None)
     found["vocoder"] = speech.vocoder if speech is not None else None
-    builders = {"vision": _vision_spec, "video": _video_spec, "audio": _audio_spec, "vocoder": _vocoder_spec}
+    found["speaker"] = speech.speaker if speech is not None else None
+    builders = {"vision": _vision_spec, "video": _video_spec, "audio": _audio_spec, "vocoder": _vocoder_spec,
+                "speaker": _speaker_spec}
     for part, module in found.items():
         if module is None:
-            skipped[part] = f"the model has no {part} ({'model.speech' if part == 'vocoder' else 'model.' + part}" \
+            skipped[part] = f"the model has no {part} ({'model.speech' if part in SPEECH else 'model.' + part}" \
                             ".enabled is false in its config)"
         elif part == "video" and module.cfg.frame_encoder == "tower":
             skipped[part] = ("its video encoder runs frames through the vision tower (model.video.frame_encoder: "
@@ -388,9 +453,10 @@ def _torch_export(spec: GraphSpec, path: Path, dynamic: bool) -> None:
     """The dynamo exporter, its progress prints kept off stdout (they go to the debug log)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), torch.no_grad():
-        program = torch.onnx.export(spec.graph, (spec.inputs[0],), dynamo=True, opset_version=OPSET,
+        program = torch.onnx.export(spec.graph, spec.examples(0), dynamo=True, opset_version=OPSET,
                                     dynamic_shapes=spec.dynamic_shapes() if dynamic else None,
-                                    input_names=[spec.input_name], output_names=[spec.output_name], verbose=False)
+                                    input_names=[i.name for i in spec.all_inputs], output_names=[spec.output_name],
+                                    verbose=False)
         program.save(path)
     logger.debug("onnx exporter, %s: %s", spec.name, printed.getvalue())
 
@@ -416,26 +482,29 @@ def _export_graph(spec: GraphSpec, out: Path, onnxruntime) -> dict[str, Any]:
                     from again
     seconds = time.perf_counter() - start
     inputs, outputs = _graph_io(path, spec.output_axes)
-    dynamic_axes = {spec.input_name: {str(axis): inputs[0]["shape"][axis] for axis in spec.axes}}  # JSON keys
+    dynamic_axes = {i.name: {str(axis): inputs[k]["shape"][axis] for axis in i.axes}  # JSON keys
+                    for k, i in enumerate(spec.all_inputs)}
     if static_reason is None:
-        fixed = {axis: dim for axis, dim in dynamic_axes[spec.input_name].items() if not isinstance(dim, str)}
-        if fixed:
-            path.unlink()
-            raise ExportError(f"onnx {spec.name}: axes {sorted(fixed)} of {spec.input_name} were declared dynamic but "
-                              f"the exporter specialised them to {fixed}")
-    sizes = spec.inputs if static_reason is None else spec.inputs[:1]
+        for name, axes in dynamic_axes.items():
+            fixed = {axis: dim for axis, dim in axes.items() if not isinstance(dim, str)}
+            if fixed:
+                path.unlink()
+                raise ExportError(f"onnx {spec.name}: axes {sorted(fixed)} of {name} were declared dynamic but "
+                                  f"the exporter specialised them to {fixed}")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diffs = []
-    for x in sizes:
+    for size in (0, 1) if static_reason is None else (0,):
+        xs = spec.examples(size)
         with torch.no_grad(), uncounted_routing(spec.graph):
-            want = spec.reference(x)
-        got = torch.from_numpy(session.run(None, {spec.input_name: x.numpy()})[0])
+            want = spec.reference(*xs)
+        got = torch.from_numpy(session.run(None, {i.name: x.numpy() for i, x in zip(spec.all_inputs, xs,
+                                                                                       strict=True)})[0])
         diff = max_abs_diff(want, got)
         if not diff <= TOLERANCE:
             path.unlink()
             raise ExportError(f"onnx {spec.name}: onnxruntime differs from PyTorch by {diff:.3g} (> {TOLERANCE}) at "
-                              f"{spec.input_name} of shape {tuple(x.shape)}; the graph was not kept")
-        diffs.append({"shape": list(x.shape), "max_abs_diff": diff})
+                              f"{spec.input_name} of shape {tuple(xs[0].shape)}; the graph was not kept")
+        diffs.append({"shape": list(xs[0].shape), "max_abs_diff": diff})
     logger.info("onnx: %s exported in %.1f s, parity %s", spec.name, seconds,
                 ", ".join(f"{d['max_abs_diff']:.1e} at {tuple(d['shape'])}" for d in diffs))
     entry = {"file": path.name, "inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic_axes,

@@ -141,15 +141,27 @@ _HASHED_WHEN_CHANGED: dict[tuple[str, str], Any] = {("audio", "understand_from")
                                                      ("vision", "compressor_tokens"): 0,
                                                      ("vision", "compressor_layers"): 2,
                                                      ("vision", "reconstruction_weight"): 0.0}
+# Fields added since whose default builds a different model than earlier checkpoints hold (the value
+# those hold beside it): hashed only while their section is enabled and they differ from it, so an
+# earlier checkpoint resumes with the field set to that value, and a config without the section keeps
+# its hash whatever the field says.
+_NEW_DEFAULTS: dict[tuple[str, ...], Any] = {("speech", "vocoder", "speaker_conditioned"): False}
 
 
 def _hashed_model(cfg: XoronConfig) -> dict[str, Any]:
     """The model config as the hash sees it (``_HASHED_WHEN_ENABLED`` sections dropped while off,
-    ``_HASHED_WHEN_CHANGED`` fields dropped at their old value)."""
+    ``_HASHED_WHEN_CHANGED`` fields dropped at their old value, ``_NEW_DEFAULTS`` fields at their old
+    value or while their section is off)."""
     model = cfg.to_dict()["model"]
     for (section, name), old in _HASHED_WHEN_CHANGED.items():
         if model[section].get(name) == old:
             del model[section][name]
+    for (section, *parents, name), old in _NEW_DEFAULTS.items():
+        node = model[section]
+        for key in parents:
+            node = node[key]
+        if not model[section]["enabled"] or node.get(name) == old:
+            node.pop(name, None)
     return {key: value for key, value in model.items()
             if key not in _HASHED_WHEN_ENABLED or value["enabled"]}
 

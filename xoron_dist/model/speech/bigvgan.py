@@ -73,6 +73,10 @@ class BigVGANConfig:
     weight_norm: weight-normalise every conv (Salimans & Kingma 2016, arXiv:1602.07868), as trained;
         ``BigVGANGenerator.remove_weight_norm`` folds it for inference.
     sample_rate: output rate in Hz; only used to report the frame rate.
+    cond_channels: width of a global conditioning vector (Xoron: the speaker embedding), 0 for none. When
+        set, a 1x1 conv ``cond`` maps it to ``upsample_initial_channel`` and adds it to every frame of
+        conv_pre's output (the multi-speaker HiFi-GAN of VITS, Kim et al. 2021, arXiv:2106.06103: its
+        ``gin_channels``); NVIDIA's BigVGAN has none, so parity with it is at 0.
     """
 
     in_channels: int = 128
@@ -87,10 +91,14 @@ class BigVGANConfig:
     use_bias_at_final: bool = False
     weight_norm: bool = True
     sample_rate: int = 16000
+    cond_channels: int = 0
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"BigVGANConfig.activation={self.activation!r}: use one of {ACTIVATIONS}")
+        if self.cond_channels < 0:
+            raise ValueError(f"BigVGANConfig.cond_channels={self.cond_channels}: use 0 (no conditioning) or the "
+                             "width of the conditioning vector")
         if self.in_channels < 1 or not self.upsample_rates or min(self.upsample_rates) < 1:
             raise ValueError(f"BigVGANConfig: in_channels={self.in_channels}, upsample_rates={self.upsample_rates}: "
                              "need in_channels >= 1 and at least one rate, every rate >= 1")
@@ -294,6 +302,8 @@ class BigVGANGenerator(nn.Module):
         self.activation_post = _snake(out_channels, cfg)
         self.conv_post = make_conv(nn.Conv1d, out_channels, 1, 7, padding=3, bias=cfg.use_bias_at_final,
                                    weight_norm=wn)
+        # Last in module order, so an unconditioned generator draws the same weights as before it existed.
+        self.cond = make_conv(nn.Conv1d, cfg.cond_channels, c0, 1, weight_norm=False) if cfg.cond_channels else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -310,18 +320,32 @@ class BigVGANGenerator(nn.Module):
         """Output samples per input frame."""
         return self.cfg.hop_length
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (batch, in_channels, frames) -> waveform (batch, 1, frames * hop_length)."""
+    def forward(self, latents: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (batch, in_channels, frames), cond (batch, cond_channels) when the generator is
+        conditioned (``cfg.cond_channels``), else None -> waveform (batch, 1, frames * hop_length)."""
         if latents.dim() != 3 or latents.shape[1] != self.cfg.in_channels:
             raise ValueError(f"BigVGANGenerator expects latents (batch, {self.cfg.in_channels}, frames), got "
                              f"{tuple(latents.shape)}: transpose (batch, frames, channels) codec output first")
         x = self.conv_pre(latents)
+        if self.cond is not None or cond is not None:
+            x = x + self._condition(cond, latents.shape[0])
         for i, up in enumerate(self.ups):
             x = up(x)
             blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
             x = sum(block(x) for block in blocks) / self.num_kernels
         x = self.conv_post(self.activation_post(x))
         return torch.tanh(x) if self.cfg.use_tanh_at_final else x.clamp(-1.0, 1.0)
+
+    def _condition(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """cond (batch, cond_channels) -> its per-channel offset (batch, C, 1), or a clear error."""
+        if self.cond is None:
+            raise ValueError("BigVGANGenerator: a conditioning vector was given but this generator has "
+                             "cond_channels=0; build it with cond_channels set, or pass none")
+        if cond is None or cond.shape != (batch, self.cfg.cond_channels):
+            got = None if cond is None else tuple(cond.shape)
+            raise ValueError(f"BigVGANGenerator (cond_channels={self.cfg.cond_channels}) needs cond of shape "
+                             f"({batch}, {self.cfg.cond_channels}), one vector per item; got {got}")
+        return self.cond(cond.to(self.cond.weight.dtype)[..., None])
 
     def remove_weight_norm(self) -> None:
         """Fold weight norm into plain weights (inference; the forward is unchanged)."""

@@ -1,14 +1,15 @@
 """``SpeechHead``: Xoron's voice, the generator of the audio row (``model.speech``).
 
     training, per micro-batch (its audio clips, some of them generation targets):
-      codec  every clip: a segment ─► the audio encoder's tokenizer + residual VQ ─► BigVGAN ─► GAN +
-             mel losses (``vocoder.py``): the tokenizer learns to keep what the waveform needs
+      codec  every clip: a segment ─► the audio encoder's tokenizer + residual VQ ─► BigVGAN (+ the
+             clip's voice vector, detached) ─► GAN + mel losses (``vocoder.py``): the tokenizer learns to
+             keep what the waveform needs beyond the voice
       tts    every target clip: its codec latents (no gradient to the codec), a voice vector from
              the clip itself (speaker encoder), and the LLM's reading of the request (the states of
              the document's tokens before the clip: ``model.prompts``) ─► prior + MAS + durations +
              rectified-flow losses (``tts.py``)
     generation: request states + a reference clip ─► durations, Euler steps of the velocity field
-             ─► latent frames ─► BigVGAN ─► 16 kHz samples
+             ─► latent frames ─► BigVGAN (+ the reference's voice vector) ─► 16 kHz samples
 
 The speaker encoder learns through the TTS loss: the voice vector must tell the decoder what the
 text does not (pitch, timbre, breath), and a pooled vector of one clip cannot carry its timing.
@@ -43,7 +44,7 @@ class SpeechHead(nn.Module):
         self.commitment, self.segment, self.flow_steps = audio.rvq_commitment, speech.vocoder.segment_samples, \
             speech.flow_steps
         self.clock = NoiseClock()  # crops and flow noise per clip and step (``model.common.noise``)
-        self.vocoder = Vocoder(speech.vocoder, audio)
+        self.vocoder = Vocoder(speech.vocoder, audio, speech.speaker.embed_dim)
         self.speaker = SpeakerEncoder(speech.speaker)
         self.tts = SpeechGenerator(cfg.llm.hidden_size, audio.latent_dim, speech.speaker.embed_dim,
                                    speech.text_encoder, speech.decoder)
@@ -79,10 +80,15 @@ class SpeechHead(nn.Module):
         samples, lengths = batch_clips(clips, device)
         starts = [int(torch.randint(max(1, clip.shape[-1] - self.segment + 1), (),
                                     generator=self.clock.generator(clip))) for clip in clips]
-        segments = crop_segments(samples, lengths, self.segment, starts).to(encoder.tokenizer.conv_in.weight.dtype)
+        dtype = encoder.tokenizer.conv_in.weight.dtype
+        segments = crop_segments(samples, lengths, self.segment, starts).to(dtype)
         latents = encoder.tokenizer(segments)  # (n, frames, latent), every frame real
         quantized = encoder.quantizer(latents)
-        fake = self.vocoder.generator(quantized.latents.transpose(1, 2))  # (n, 1, segment)
+        voice = None
+        if self.vocoder.conditioned:  # the whole clip's voice; the codec does not train the speaker encoder
+            with torch.no_grad():
+                voice = self.speaker(samples.to(dtype), lengths)
+        fake = self.vocoder.decode(quantized.latents, voice)[:, None]  # (n, 1, segment)
         vq = quantized.codebook_loss + self.commitment * quantized.commitment_loss
         return self.vocoder.loss_sum(fake, segments[:, None], vq)
 
@@ -121,7 +127,7 @@ class SpeechHead(nn.Module):
                                                 generator, length_scale)
         if snap_to is not None:
             latents = latents.index_put((frame_mask,), snap_to(latents[frame_mask]).latents)
-        waves = self.vocoder.decode(latents)
+        waves = self.vocoder.decode(latents, voice if self.vocoder.conditioned else None)
         hop = self.vocoder.hop
         return [waves[i, : int(frame_mask[i].sum()) * hop] for i in range(waves.shape[0])]
 

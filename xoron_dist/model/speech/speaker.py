@@ -48,7 +48,10 @@ def frame_mask(lengths: torch.Tensor, frames: int, hop: int) -> torch.Tensor:
 
 def masked_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``norm`` over the valid frames only (training statistics included): x (n, C, T), mask (n, T) ->
-    (n, C, T), zero at padded frames."""
+    (n, C, T), zero at padded frames. With stored statistics the norm is a per-channel affine map, applied
+    to every frame and masked after (the same values, no data-dependent gather: exportable, no host sync)."""
+    if not (norm.training or norm.running_mean is None):
+        return norm(x) * mask[:, None].to(x.dtype)
     out = x.new_zeros(x.shape[0], x.shape[2], x.shape[1])
     out[mask] = norm(x.transpose(1, 2)[mask])  # (valid frames, C): padding never enters the statistics
     return out.transpose(1, 2)
@@ -104,7 +107,10 @@ class ComplexSincFilterbank(nn.Module):
         # the filters are built in fp32 (buffers) and cast to the clip's dtype; the log magnitude is taken in fp32
         out = F.conv1d(waveform[:, None], self.kernels().to(waveform.dtype), stride=self.hop, padding=self.taps // 2)
         real, imag = out.float().chunk(2, dim=1)
-        return (0.5 * torch.log(real**2 + imag**2 + eps)).to(waveform.dtype)  # log |analytic band signal|
+        # log |analytic band signal| = 0.5 log(|z|² + eps), written as 0.5 (log eps + log1p(|z|² / eps)): torch's
+        # ONNX exporter (onnxscript's optimizer) drops an ``x + 1e-8`` as adding zero, which turns near-silent
+        # bands' log magnitudes into -20 instead of -9 in the exported graph (found by the ONNX parity test)
+        return (0.5 * (math.log(eps) + torch.log1p((real**2 + imag**2) / eps))).to(waveform.dtype)
 
 
 class TDNNBlock(nn.Module):
@@ -206,6 +212,11 @@ class SpeakerEncoder(nn.Module):
         if int(lengths.min()) < 1 or int(lengths.max()) > samples:
             raise ValueError(f"speaker encoder: lengths must lie in [1, {samples}] (the padded width), got "
                              f"{lengths.tolist()}")
+        return self.embed_clips(waveform, lengths)
+
+    def embed_clips(self, waveform: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``forward`` without its checks (no host reads: the ONNX speaker graph traces this)."""
+        samples = waveform.shape[1]
         sample_mask = torch.arange(samples, device=waveform.device)[None] < lengths[:, None]  # (n, samples)
         waveform = waveform * sample_mask
         # Loudness out: each clip scaled to unit RMS over its own samples, so gain is not a speaker cue.
