@@ -121,6 +121,33 @@ def test_codec_vocoder_hears_the_clip_voice_without_training_the_speaker_encoder
     model.zero_grad()
 
 
+def test_speaker_consistency_trains_the_generator_against_a_fixed_speaker_encoder(model, one_thread):
+    """``vocoder.speaker_weight``: 1 - cos(speaker(fake), speaker(real)); the generated audio gets exactly that
+    loss's gradient and the speaker encoder none; ``codec_sum`` adds weight x it per segment."""
+    vocoder, speaker = model.speech.vocoder, model.speech.speaker
+    gen = torch.Generator().manual_seed(3)
+    real = torch.randn(2, 1, 3200, generator=gen) * 0.3
+    fake = (torch.randn(2, 1, 3200, generator=gen) * 0.3).requires_grad_()
+    model.zero_grad()
+    loss = vocoder.speaker_consistency(speaker, fake, real)
+    loss.backward()
+    assert all(p.grad is None for p in speaker.parameters())
+    probe = fake.detach().clone().requires_grad_()
+    plain = (1 - (speaker(probe[:, 0]) * speaker(real[:, 0]).detach()).sum(-1)).mean()
+    (want,) = torch.autograd.grad(plain, probe)
+    torch.testing.assert_close(loss, plain.detach())
+    torch.testing.assert_close(fake.grad, want)
+    clips = [_clip(0.4, 5), _clip(0.3, 6)]
+    with torch.no_grad():
+        without = model.speech.codec_sum(model.audio, clips)
+        vocoder.cfg.speaker_weight = 2.0
+        try:
+            weighted = model.speech.codec_sum(model.audio, clips)
+        finally:
+            vocoder.cfg.speaker_weight = 0.0
+    assert 0 < (weighted - without).item() <= 2.0 * 2 * len(clips)  # 2 x the sum of two terms in [0, 2]
+
+
 def test_speaker_batch_norm_keeps_stored_statistics_in_training(model):
     fresh = build_model(_cfg())  # never switched with .train(): the trainer does not call it
     for candidate in (fresh, model.train()):

@@ -48,10 +48,13 @@ class VocoderConfig:
     # BigVGAN reads a voice vector besides the latents (``model.speech.vocoder``'s docstring): the speaker
     # encoder's embedding of the clip in codec training, of the reference clip at generation
     speaker_conditioned: bool = True
+    # > 0: the speaker-consistency loss (YourTTS): 1 - cos(speaker encoder of the generated segment, of the
+    # real one), its gradient to BigVGAN only; two speaker-encoder passes per segment
+    speaker_weight: float = 0.0
 
     def validate(self, where: str) -> None:
         positive(self, where, "channels", "discriminator_scale", "segment_samples")
-        non_negative(self, where, "mel_weight", "fm_weight")
+        non_negative(self, where, "mel_weight", "fm_weight", "speaker_weight")
         if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes) or not self.resblock_kernel_sizes:
             raise field_error(f"{where}.resblock_dilation_sizes", self.resblock_dilation_sizes,
                               f"one list of dilations per resblock kernel ({self.resblock_kernel_sizes})")

@@ -145,7 +145,8 @@ _HASHED_WHEN_CHANGED: dict[tuple[str, str], Any] = {("audio", "understand_from")
 # those hold beside it): hashed only while their section is enabled and they differ from it, so an
 # earlier checkpoint resumes with the field set to that value, and a config without the section keeps
 # its hash whatever the field says.
-_NEW_DEFAULTS: dict[tuple[str, ...], Any] = {("speech", "vocoder", "speaker_conditioned"): False}
+_NEW_DEFAULTS: dict[tuple[str, ...], Any] = {("speech", "vocoder", "speaker_conditioned"): False,
+                                             ("speech", "vocoder", "speaker_weight"): 0.0}
 
 
 def _hashed_model(cfg: XoronConfig) -> dict[str, Any]:

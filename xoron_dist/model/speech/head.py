@@ -90,7 +90,11 @@ class SpeechHead(nn.Module):
                 voice = self.speaker(samples.to(dtype), lengths)
         fake = self.vocoder.decode(quantized.latents, voice)[:, None]  # (n, 1, segment)
         vq = quantized.codebook_loss + self.commitment * quantized.commitment_loss
-        return self.vocoder.loss_sum(fake, segments[:, None], vq)
+        total = self.vocoder.loss_sum(fake, segments[:, None], vq)
+        if self.vocoder.cfg.speaker_weight:
+            consistency = self.vocoder.speaker_consistency(self.speaker, fake, segments[:, None])
+            total = total + self.vocoder.cfg.speaker_weight * consistency * len(clips)
+        return total
 
     def tts_sum(self, encoder: AudioEncoder, targets: list[torch.Tensor], request: torch.Tensor,
                 request_mask: torch.Tensor) -> torch.Tensor:

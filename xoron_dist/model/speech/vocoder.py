@@ -128,6 +128,21 @@ class Vocoder(nn.Module):
         link = (fake * grad).sum()
         return adversarial.detach() + (link - link.detach()), feature.detach()
 
+    def speaker_consistency(self, speaker: nn.Module, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Batch mean of 1 - cos(speaker(fake), speaker(real)) over (n, 1, S) segments (YourTTS's speaker
+        consistency loss, Casanova et al. 2022, arXiv:2112.02418), its gradient reaching the generator only:
+        the speaker encoder is the fixed judge, as the discriminators are for ``_generator_terms``, and is
+        trained the same way (a detached probe, the gradient taken at once and carried by a linear term)."""
+        with torch.no_grad():
+            target = speaker(real.squeeze(1))
+        probe = fake.detach().squeeze(1).requires_grad_(torch.is_grad_enabled())
+        loss = (1 - (speaker(probe) * target).sum(-1)).mean()
+        if not torch.is_grad_enabled():
+            return loss
+        (grad,) = torch.autograd.grad(loss, probe)
+        link = (fake.squeeze(1) * grad).sum()
+        return loss.detach() + (link - link.detach())
+
     def loss_sum(self, fake: torch.Tensor, real: torch.Tensor, quantizer_loss: torch.Tensor) -> torch.Tensor:
         """The codec objective summed over the n segments: n · (mel · L_mel + L_adv + fm · L_fm + L_D + VQ)."""
         terms = self.gan_losses(fake, real)
