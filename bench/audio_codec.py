@@ -28,22 +28,39 @@ Baselines, scored the same way (each a signal as long as its clip):
   to the clip's RMS.
 - ``silence``: all zeros.
 
+Voice (``voice_scores``): the speaker encoder, first trained alone to classify the 8 synth voices
+(``--speaker-pretrain-steps``, AAM-softmax on 1 s crops of training clips with vowels, then frozen), judges
+whether the voice survives the codec: nearest speaker centroid (6 training clips each) for the held-out clips
+with vowels, for their resyntheses, and -- with a speaker-conditioned BigVGAN, which reads that encoder's
+vector of each clip in training (``model.speech.vocoder.speaker_conditioned``) -- for resyntheses given
+another speaker's vector (does the decoder follow the vector?). Chance is 1/8.
+
 Codebook usage on the held-out clips' real frames: per RVQ level, the fraction of the codebook used and the
 perplexity exp(H(ids)) (the number of equally used codes with the same entropy; at most the codebook size).
 
-    python -m bench.audio_codec [--steps 300] [--batch 8] [--gan-from 250] [--lr 2e-3] [--threads 1] [a.b=c ...]
+    python -m bench.audio_codec [--steps 1200] [--batch 8] [--gan-from 1000] [--lr 2e-3] [--threads 1] [a.b=c ...]
         [--save runs/bench/audio_codec.pt]
 
-``--save``: the trained codec (tokenizer, RVQ, BigVGAN generator; the discriminators stay behind) under the
+``--save``: the trained codec (tokenizer, RVQ, BigVGAN generator and the speaker encoder it reads; the
+discriminators stay behind) under the
 multimodal model's parameter names, with the overrides it was built from: ``bench.audio_tts --codec-from``.
 
 Writes bench/out/audio_codec.json: headline MR-STFT distance, ours vs the per-clip mean-spectrum baseline;
 ratio = baseline distance / ours (> 1: ours better). Earlier runs' settings and results stay under "attempts".
 
-Measured (2 shared cores, 1 thread). At the defaults (300 steps, GAN from 250; 92 s of training): 3.05 vs 4.08
-for the per-clip mean spectrum (ratio 1.34) and 3.71 for silence; mel L1 5.45 vs 8.77 and 9.37; both RVQ levels use
-all 32 codes (perplexity 15.2 and 17.6). 600 steps (GAN from 500; 260 s): 2.83, perplexity 15.8 / 14.3.
-A rerun at the defaults (with ``--save``) reproduced these numbers exactly: the run is deterministic.
+Measured (2 shared cores, 1 thread), 2026-12-04. At the defaults (1200 steps, GAN from 1000, 240 ms crops, speaker-
+conditioned BigVGAN with the speaker-consistency loss x5; 8 min of training on shared cores): MR-STFT 1.88 vs 4.08
+for the per-clip mean spectrum (ratio 2.18) and 3.71 for silence; both RVQ levels use all 32 codes (perplexity 19.0
+and 18.6). The voice (19 held-out clips with vowels, chance 0.125), by the independent ECAPA: real clips 0.74
+(cosine margin to the other voices 0.76), resyntheses 0.21 (margin 0.23), resyntheses told the next speaker's vector
+0.21 of that speaker (margin 0.13 toward it, 0.006 toward the clip's own); by the ECAPA BigVGAN reads (and the
+consistency loss used): 0.79, 0.42 (0.31), 0.21 (0.30). Resemblyzer is at chance even on real clips (0.26).
+
+Levers for the voice, each measured (``attempts``): conditioning alone: resyntheses at 0.16 and a swapped vector
+changed nothing (BigVGAN ignored it; MR-STFT 2.38 vs 2.46 unconditioned at 1200 steps); 8 RVQ levels (2000
+bit/s, MR-STFT 2.03): 0.16; 240 ms crops instead of 80 ms (MR-STFT 1.84): 0.16; the consistency loss (YourTTS)
+on top: 0.42, and the vector steers the voice; the same loss without conditioning: 0.16 by the independent judge
+(margin 0.02): both are needed. At the old defaults (300 steps, 80 ms crops, unconditioned) the codec scored 3.05.
 
 History (all in "attempts"): before the fix every run ended at 3.63-4.34, no better than silence, with both levels
 on about one code (perplexity 1.3-2) whatever the lever (BigVGAN width, aggressive restarts, no or lower commitment,
@@ -75,21 +92,36 @@ import auraloss
 import numpy as np
 import torch
 
-from bench.audio_common import float_wave, int16_tensor, synth_audio
+from bench.audio_common import (
+    AudioSample,
+    Judges,
+    cloning_scores,
+    float_wave,
+    has_voice,
+    int16_tensor,
+    pretrain_speaker,
+    speaker_centroids,
+    synth_audio,
+    voice_pool,
+)
 from bench.common import OUT_DIR, machine, write_result
 from xoron_dist.config import load_config
 from xoron_dist.model.audio.encoder import AudioEncoder
 from xoron_dist.model.common.noise import advance_clocks
 from xoron_dist.model.speech.head import SpeechHead
 from xoron_dist.model.speech.losses import MultiResolutionSTFTLoss, MultiScaleMelLoss
+from xoron_dist.model.speech.speaker import SpeakerEncoder
 from xoron_dist.train.codebooks import CodebookKeeper
 
 SMOKE = "pipelines/smoke.yaml"
 SPEECH_ONLY = ["model.vision.enabled=false", "model.video.enabled=false", "model.speech.enabled=true",
                "model.image_gen.enabled=false", "model.video_gen.enabled=false"]  # fmt: skip
-# The bench's one size change from the tiny preset: BigVGAN's initial width 64 (tiny: 32, whose last upsampling
-# stage runs at 16 kHz with 2 channels): 3.65 vs 4.06 MR-STFT at the same steps (see "attempts").
-BENCH_SIZES = ["model.speech.vocoder.channels=64"]
+# The bench's changes from the tiny preset (each measured, see "attempts"): BigVGAN's initial width 64 (tiny: 32,
+# whose last upsampling stage runs at 16 kHz with 2 channels): 3.65 vs 4.06 MR-STFT at the same steps; 240 ms
+# crops (tiny: 80 ms): 1.84 vs 2.38 at 1200 steps; the speaker-consistency loss x5: the voice survives (ECAPA
+# finds the speaker in 0.42 of resyntheses vs 0.16 without it, MR-STFT 1.88).
+BENCH_SIZES = ["model.speech.vocoder.channels=64", "model.speech.vocoder.segment_samples=3840",
+               "model.speech.vocoder.speaker_weight=5"]
 BASELINE_STFT = dict(n_fft=1024, hop_length=256, win_length=1024)
 
 
@@ -134,11 +166,19 @@ def train(encoder: AudioEncoder, head: SpeechHead, clips: list[torch.Tensor], ar
 
 
 @torch.no_grad()
-def reconstruct(encoder: AudioEncoder, head: SpeechHead, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One whole clip (samples,) int16 -> its decoding (samples,) float and its ids (frames, levels)."""
+def reconstruct(encoder: AudioEncoder, head: SpeechHead, clip: torch.Tensor,
+                voice_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole clip (samples,) int16 -> its decoding (samples,) float and its ids (frames, levels). A
+    speaker-conditioned BigVGAN reads the voice of ``voice_of`` (int16 samples; default the clip itself)."""
     wave = clip.float()[None] / 32768.0
     quantized = encoder.quantizer(encoder.tokenizer(wave))
-    return head.vocoder.decode(quantized.latents)[0, : clip.shape[0]], quantized.ids[0]
+    voice = None
+    if head.vocoder.conditioned:
+        reference = wave if voice_of is None else voice_of.float()[None] / 32768.0
+        was_training = head.speaker.training
+        voice = head.speaker.eval()(reference, torch.tensor([reference.shape[1]]))
+        head.speaker.train(was_training)
+    return head.vocoder.decode(quantized.latents, voice)[0, : clip.shape[0]], quantized.ids[0]
 
 
 def random_phase(magnitude: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -179,14 +219,16 @@ def codebook_usage(ids: torch.Tensor, size: int) -> list[dict]:
     return levels
 
 
-CODEC_PARTS = ("audio.tokenizer.", "audio.quantizer.", "speech.vocoder.generator.")
+CODEC_PARTS = ("audio.tokenizer.", "audio.quantizer.", "speech.vocoder.generator.", "speech.speaker.")
 
 
 def save_codec(path: str, encoder: AudioEncoder, head: SpeechHead, overrides: list[str]) -> None:
-    """The trained codec under the multimodal model's parameter names (``CODEC_PARTS``), with the overrides
-    it was built from: ``bench.audio_tts --codec-from`` loads it into a Xoron model of the same sizes."""
+    """The trained codec under the multimodal model's parameter names (``CODEC_PARTS``: with the speaker
+    encoder whose voice vectors its BigVGAN reads), with the overrides it was built from:
+    ``bench.audio_tts --codec-from`` loads it into a Xoron model of the same sizes."""
     state = {**{f"audio.{k}": v for k, v in encoder.state_dict().items() if k.startswith(("tokenizer.", "quantizer."))},
-             **{f"speech.vocoder.generator.{k}": v for k, v in head.vocoder.generator.state_dict().items()}}
+             **{f"speech.vocoder.generator.{k}": v for k, v in head.vocoder.generator.state_dict().items()},
+             **{f"speech.speaker.{k}": v for k, v in head.speaker.state_dict().items()}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "overrides": overrides}, path)
 
@@ -199,8 +241,8 @@ def load_codec_file(path: str) -> tuple[AudioEncoder, SpeechHead]:
     encoder, head = AudioEncoder(cfg.model.audio), SpeechHead(cfg)
     state = saved["state_dict"]
     encoder.load_state_dict({k[len("audio."):]: v for k, v in state.items() if k.startswith("audio.")}, strict=False)
-    generator = "speech.vocoder.generator."
-    head.vocoder.generator.load_state_dict({k[len(generator):]: v for k, v in state.items() if k.startswith(generator)})
+    for prefix, module in (("speech.vocoder.generator.", head.vocoder.generator), ("speech.speaker.", head.speaker)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     missing = [k for k in encoder.state_dict() if k.startswith(("tokenizer.", "quantizer."))
                and f"audio.{k}" not in state]  # fmt: skip
     if missing:
@@ -208,17 +250,61 @@ def load_codec_file(path: str) -> tuple[AudioEncoder, SpeechHead]:
     return encoder.eval(), head.eval()
 
 
+def voice_scores(encoder: AudioEncoder, head: SpeechHead, judges: Judges, train: list[AudioSample],
+                 held_out: list[AudioSample]) -> dict:
+    """Does the voice survive the codec? Per judge, the nearest-centroid accuracy (centroids: 6 training clips of
+    each voice) on the held-out clips with vowels, on their resyntheses, and (conditioned BigVGAN) on
+    resyntheses told another voice: each clip's latents with the voice vector of a training clip of the next
+    speaker, scored against the voice given (does BigVGAN follow the vector?) and against the clip's own."""
+    pool = voice_pool(train)
+    owners = [k for k in range(len(pool)) for _ in pool[k][:6]]
+    centroids = {name: speaker_centroids(e, owners)
+                 for name, e in judges.embed([float_wave(s) for k in pool for s in pool[k][:6]]).items()}
+    voiced = [s for s in held_out if has_voice(s)]
+    own = [s.speaker for s in voiced]
+    sets = {"real_held_out": [float_wave(s) for s in voiced],
+            "resynthesis": [reconstruct(encoder, head, int16_tensor(s))[0] for s in voiced]}
+    given = [(s.speaker + 1) % len(pool) for s in voiced]
+    if head.vocoder.conditioned:
+        told = [int16_tensor(pool[k][i % len(pool[k])]) for i, k in enumerate(given)]
+        sets["resynthesis_other_voice"] = [reconstruct(encoder, head, int16_tensor(s), voice)[0]
+                                           for s, voice in zip(voiced, told, strict=True)]
+    scores: dict = {name: {} for name in centroids}
+    for which, waves in sets.items():
+        for name, embeddings in judges.embed(waves).items():
+            if which == "resynthesis_other_voice":
+                scores[name][which] = {"as_the_voice_given": cloning_scores(embeddings, given, centroids[name]),
+                                       "as_the_clip_speaker": cloning_scores(embeddings, own, centroids[name])}
+            else:
+                scores[name][which] = cloning_scores(embeddings, own, centroids[name])
+    return scores
+
+
+def independent_judge(cfg, train: list[AudioSample], steps: int, lr: float, seed: int) -> SpeakerEncoder:
+    """A second speaker encoder, trained like the one BigVGAN reads but from another seed: a judge that was
+    never the codec's conditioning input nor the speaker-consistency loss's network."""
+    torch.manual_seed(seed + 1)
+    judge = SpeakerEncoder(cfg.model.speech.speaker)
+    pretrain_speaker(judge, voice_pool(train), steps, lr, seed + 1)
+    return judge.requires_grad_(False).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--gan-from", type=int, default=250,
+    parser.add_argument("--gan-from", type=int, default=1000,
                         help="steps of mel + VQ loss only before the adversarial terms join (0: GAN from the start)")
     parser.add_argument("--train", type=int, default=600, help="synth clips for training (seed 0)")
     parser.add_argument("--held-out", type=int, default=64, help="held-out synth clips (seed 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speaker-pretrain-steps", type=int, default=400,
+                        help="first train the speaker encoder to classify the synth voices (AAM-softmax; 0: leave "
+                        "it at its random init); it stays frozen in the codec run, where a speaker-conditioned "
+                        "BigVGAN reads it, and judges the voice of the resyntheses")
+    parser.add_argument("--speaker-lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="audio_codec", help="result name: bench/out/<out>.json")
     parser.add_argument("--note", default="", help="why this attempt (kept with it under 'attempts')")
@@ -230,7 +316,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     cfg = load_config(SMOKE, [*SPEECH_ONLY, *BENCH_SIZES, *args.overrides])
-    train_clips = [int16_tensor(s) for s in synth_audio("audio_transcript", args.train, seed=0)]
+    train_samples = synth_audio("audio_transcript", args.train, seed=0)
+    train_clips = [int16_tensor(s) for s in train_samples]
     held_out = synth_audio("audio_transcript", args.held_out, seed=1)
     synth_seconds = time.perf_counter() - start
 
@@ -259,8 +346,19 @@ def main() -> None:
         before_gan["scores"], before_gan["codebook_usage"] = score()
         print(f"  before the GAN terms (step {step}): {before_gan['scores']}", flush=True)
 
+    speaker_stage = None
+    if args.speaker_pretrain_steps:  # the voice judge (voice_scores), and what a conditioned BigVGAN reads
+        speaker_stage = pretrain_speaker(head.speaker, voice_pool(train_samples), args.speaker_pretrain_steps,
+                                         args.speaker_lr, args.seed)
+    head.speaker.requires_grad_(False)
     run = train(encoder, head, train_clips, args, on_gan_start if 0 < args.gan_from < args.steps else None)
     ours, usage = score()
+    judges = Judges({"ecapa (read by BigVGAN)": head.speaker})
+    if args.speaker_pretrain_steps:
+        judges.encoders["ecapa (independent)"] = independent_judge(cfg, train_samples, args.speaker_pretrain_steps,
+                                                                   args.speaker_lr, args.seed)
+    voice = voice_scores(encoder, head, judges, train_samples, held_out)
+    print(f"voice (nearest speaker centroid): {voice}", flush=True)
 
     gen = torch.Generator().manual_seed(1234)
     corpus_mean = torch.stack([mean_magnitude(c.float() / 32768.0) for c in train_clips[:200]]).mean(0)
@@ -283,6 +381,9 @@ def main() -> None:
                "mel_l1": ours["mel_l1"],
                "mr_stft_before_gan": before_gan["scores"]["mr_stft"] if before_gan else None,
                "mean_spectrum_clip": peer, "usage": [(u["used_fraction"], u["perplexity"]) for u in usage],
+               "speaker_conditioned": head.vocoder.conditioned, "speaker_pretrain_steps": args.speaker_pretrain_steps,
+               "voice_accuracy": {judge: {k: v.get("accuracy", v.get("as_the_voice_given", {}).get("accuracy"))
+                                          for k, v in sets.items()} for judge, sets in voice.items()},
                "train_seconds": run["seconds"]}  # fmt: skip
     previous = OUT_DIR / f"{args.out}.json"
     attempts = json.loads(previous.read_text()).get("attempts", []) if previous.is_file() else []
@@ -302,7 +403,9 @@ def main() -> None:
         "ours_before_gan": before_gan or None,
         "baselines": baselines,
         "codebook_usage": usage,
+        "voice": voice,
         "bitrate_bps": bits,
+        "speaker_pretrain": speaker_stage,
         "train": run,
         "model": {"params": params, "overrides": [*SPEECH_ONLY, *BENCH_SIZES, *args.overrides],
                   "audio": {"codec_channels": audio.codec_channels, "latent_dim": audio.latent_dim,

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data_prep.media import Blob, decode_audio
 from xoron_dist.config import SynthConfig
+from xoron_dist.model.audio.encoder import batch_clips
+from xoron_dist.model.speech.speaker import AAMSoftmaxHead
 from xoron_dist.synth.corpus import speaker_of, synthesize
+from xoron_dist.synth.sounds import SPEAKERS
 
 RATE = 16_000
 NO_OTHER_KINDS = dict(text=0, image_caption=0, video_caption=0, audio_transcript=0, text_to_image=0,
@@ -59,3 +65,95 @@ def int16_tensor(sample: AudioSample) -> torch.Tensor:
 
 def float_wave(sample: AudioSample) -> torch.Tensor:
     return int16_tensor(sample).float() / 32768.0
+
+
+def has_voice(sample: AudioSample) -> bool:
+    return "vowel" in sample.text
+
+
+def pretrain_speaker(speaker, pool: dict[int, list[AudioSample]], steps: int, lr: float, seed: int) -> dict:
+    """The speaker encoder alone, classifying the synth voices (AAM-softmax, ``AAMSoftmaxHead``) on training
+    clips with vowels: 16 clips a step, each a random 1 s crop (or the whole clip if shorter)."""
+    head = AAMSoftmaxHead(speaker.cfg.embed_dim, len(SPEAKERS))
+    params = [*speaker.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    items = [(s, who) for who, clips in pool.items() for s in clips]
+    order, losses, start = torch.Generator().manual_seed(seed), [], time.perf_counter()
+    for _ in range(steps):
+        picked = [items[i] for i in torch.randint(len(items), (16,), generator=order).tolist()]
+        crops = []
+        for sample, _ in picked:
+            wave = int16_tensor(sample).float() / 32768.0
+            first = int(torch.randint(max(1, wave.shape[0] - 16_000 + 1), (), generator=order))
+            crops.append(wave[first: first + 16_000])
+        samples, lengths = batch_clips(crops, torch.device("cpu"))
+        loss = head(speaker(samples, lengths), torch.tensor([who for _, who in picked]))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        losses.append(loss.item())
+    print(f"  speaker pretraining: {steps} steps, loss {losses[0]:.2f} -> {np.mean(losses[-20:]):.2f} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return {"steps": steps, "lr": lr, "batch": 16, "crop_seconds": 1.0, "clips": len(items),
+            "first_loss": round(losses[0], 4), "last_loss": round(float(np.mean(losses[-20:])), 4),
+            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def cloning_scores(embeddings: torch.Tensor, speakers: list[int], centroids: torch.Tensor) -> dict:
+    """(n, d) unit embeddings, their intended speakers, (8, d) unit centroids -> accuracy and margin."""
+    cos = embeddings @ centroids.t()  # (n, 8)
+    own = cos[torch.arange(len(speakers)), torch.tensor(speakers)]
+    others = (cos.sum(1) - own) / (cos.shape[1] - 1)
+    hits = (cos.argmax(1) == torch.tensor(speakers)).float()
+    return {"accuracy": round(float(hits.mean()), 4), "margin": round(float((own - others).mean()), 4),
+            "cos_own": round(float(own.mean()), 4), "cos_others": round(float(others.mean()), 4),
+            "clips": len(speakers), "chance_accuracy": round(1 / cos.shape[1], 4)}  # fmt: skip
+
+
+@torch.no_grad()
+def ecapa_embed(speaker, waves: list[torch.Tensor]) -> torch.Tensor:
+    """Float waveforms -> (n, d) unit embeddings by ``speaker`` (a ``SpeakerEncoder``), one clip at a time."""
+    was_training = speaker.training
+    speaker.eval()
+    out = torch.cat([F.normalize(speaker(w[None].float(), torch.tensor([w.shape[0]])), dim=-1) for w in waves])
+    speaker.train(was_training)
+    return out
+
+
+def speaker_centroids(embeddings: torch.Tensor, owners: list[int]) -> torch.Tensor:
+    """(n, d) unit embeddings of clips of known speakers -> (len(SPEAKERS), d) unit mean per speaker."""
+    owner = torch.tensor(owners)
+    return F.normalize(torch.stack([embeddings[owner == k].mean(0) for k in range(len(SPEAKERS))]), dim=-1)
+
+
+def voice_pool(samples: list[AudioSample]) -> dict[int, list[AudioSample]]:
+    """Speaker -> that voice's clips with vowels (the clips a speaker encoder can tell apart)."""
+    pool: dict[int, list[AudioSample]] = {k: [] for k in range(len(SPEAKERS))}
+    for s in samples:
+        if has_voice(s):
+            pool[s.speaker].append(s)
+    return pool
+
+
+class Judges:
+    """Speaker embeddings of waveforms by speaker encoders of ours (name -> ``SpeakerEncoder``) and by
+    Resemblyzer's pretrained GE2E encoder (an outside judge; weak on these synthetic voices)."""
+
+    def __init__(self, encoders: dict) -> None:
+        from resemblyzer import VoiceEncoder
+
+        self.encoders = encoders
+        self.resemblyzer = VoiceEncoder(device="cpu", verbose=False)
+
+    @torch.no_grad()
+    def embed(self, waves: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        from resemblyzer import preprocess_wav
+
+        out = {name: ecapa_embed(encoder, waves) for name, encoder in self.encoders.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ge2e = torch.from_numpy(np.stack([self.resemblyzer.embed_utterance(
+                preprocess_wav(w.numpy().astype(np.float32), source_sr=16_000)) for w in waves]))
+        out["resemblyzer GE2E"] = F.normalize(ge2e.float(), dim=-1)
+        return out
