@@ -312,6 +312,10 @@ def _zero3_batch(model, rank: int | None):
                 audio_is_target=torch.tensor([targets[i] for i in mine]))
 
 
+# The ZeRO-3 test also runs the speaker-consistency loss: one more speaker-encoder call with a gradient probe.
+SPEAKER_LOSS = "model.speech.vocoder.speaker_weight=1"
+
+
 def _zero3_body(state_path):
     from deepspeed.utils import safe_get_full_grad
 
@@ -320,7 +324,8 @@ def _zero3_body(state_path):
     from xoron_dist.parallel.zero import generators_gathered
 
     torch.set_num_threads(1)
-    cfg = _cfg("parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=1")
+    cfg = _cfg("parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=1",
+               SPEAKER_LOSS)
     ctx = state.initialize(cfg)
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -349,14 +354,15 @@ def _speech_sample(model, seed):
 @pytest.mark.multirank
 def test_zero3_audio_encoder_and_speech_head_equal_single_rank(one_thread, tmp_path):
     """ZeRO-3 on 2 ranks partitions the audio encoder (tokenizer, quantizer, Conformer, projector) and the
-    speech head (text encoder, flow, vocoder, discriminators, speaker encoder), every weight, at DeepSpeed's
+    speech head (text encoder, flow, vocoder, discriminators, speaker encoder; the speaker-consistency loss on),
+    every weight, at DeepSpeed's
     default bucket sizes: the codec and TTS sums and every audio and speech gradient equal one rank's on the
     whole batch, the ranks holding one and two clips; and two speech samples made from the partitioned weights
     (gathered per sample, as the trainer does) equal one rank's."""
     from tests.parallel.harness import run_ranks
 
     torch.manual_seed(0)
-    model = build_model(_cfg()).train()
+    model = build_model(_cfg(SPEAKER_LOSS)).train()
     torch.save(model.state_dict(), tmp_path / "state.pt")
     out = model(**_zero3_batch(model, None))
     (out.loss * out.num_tokens + out.objective_sums["codec"] + out.objective_sums["tts"]).backward()
