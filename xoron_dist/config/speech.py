@@ -48,9 +48,10 @@ class VocoderConfig:
     # BigVGAN reads a voice vector besides the latents (``model.speech.vocoder``'s docstring): the speaker
     # encoder's embedding of the clip in codec training, of the reference clip at generation
     speaker_conditioned: bool = True
-    # > 0: the speaker-consistency loss (YourTTS): 1 - cos(speaker encoder of the generated segment, of the
-    # real one), its gradient to BigVGAN only; two speaker-encoder passes per segment
-    speaker_weight: float = 0.0
+    # the speaker-consistency loss (YourTTS): 1 - cos(speaker encoder of the generated segment, of the real
+    # one), its gradient to BigVGAN only; two speaker-encoder passes per segment. Without it BigVGAN learned
+    # to ignore the voice vector (bench.audio_codec); 0 turns it off (the tiny preset: 80 ms segments)
+    speaker_weight: float = 5.0
 
     def validate(self, where: str) -> None:
         positive(self, where, "channels", "discriminator_scale", "segment_samples")
