@@ -40,6 +40,16 @@ Measured (``bench/out/audio_asr_judge.json``): held-out CER 0.270 on real clips 
 constant 0.759, shuffled audio 0.850) and 0.332 on their resynthesis by the codec (the judge before it: 0.571 on the
 ``text_to_speech`` clips' resynthesis); 150 steps, 20 min of training and 43 min of decoding on the loaded cores.
 
+``--tts-clips N`` trains on N ``text_to_speech`` clips as transcripts beside the transcript corpus and scores 48
+held-out ones (``cer_on_tts_clips``): the generated speech is judged on those clips' distribution, which the
+transcript corpus alone reads poorly (0.603). The current judge (2026-12-04, ``bench/out/audio_asr_judge.json``):
+
+    python -m bench.audio_asr --steps 800 --freeze-audio-steps 800 --tts-clips 600 --out audio_asr_judge \
+        --save runs/bench/audio_asr_tts_judge.pt model.audio.understand_from=latents
+
+reads held-out text_to_speech clips at CER 0.502 and transcript clips at 0.463 (best constant 0.759, shuffled
+audio 0.866); 8 min of training, 14 min in all.
+
 Writes bench/out/audio_asr.json (headline: held-out CER, ours vs the best constant; ratio = constant CER /
 our CER, > 1: ours better) and keeps the earlier runs' settings and results under "attempts".
 
@@ -109,6 +119,12 @@ TRANSCRIPT_PROMPTS = (None, "Transcribe the audio.", "What sounds do you hear, i
 
 def is_transcript(sample: AudioSample) -> bool:
     return sample.prompt in TRANSCRIPT_PROMPTS
+
+
+def as_transcripts(samples: list[AudioSample]) -> list[AudioSample]:
+    """``text_to_speech`` samples as ``audio_transcript`` ones (the clip, then its text; no prompt): what an ASR
+    judge of generated speech should have heard (``bench.audio_tts``'s clips differ from the transcript corpus)."""
+    return [dataclasses.replace(s, id=f"tts-{s.id}", kind="audio_transcript", prompt=None) for s in samples]
 
 
 def arrow_sample(sample: AudioSample, tokenizer: XoronTokenizer) -> ArrowSample:
@@ -328,6 +344,9 @@ def main() -> None:
                         "their resynthesis through that codec, and the held-out CER is also scored on resynthesis "
                         "(a judge for speech that codec speaks: bench.audio_tts)")
     parser.add_argument("--resynth-share", type=float, default=0.5)
+    parser.add_argument("--tts-clips", type=int, default=0,
+                        help="also train on this many text_to_speech clips as transcripts (seed 0) and score 48 "
+                        "held-out ones (seed 1): a judge for bench.audio_tts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", default=None, help="also save the trained model's state dict here (for "
@@ -352,6 +371,10 @@ def main() -> None:
     if args.train_mix == "transcripts":
         train_samples = [s for s in train_samples if is_transcript(s)]
     held_out = [s for s in synth_audio("audio_transcript", args.held_out, seed=1) if is_transcript(s)]
+    held_spoken = []
+    if args.tts_clips:  # the TTS corpus's clips as transcripts: train on some (seed 0), score held-out ones (seed 1)
+        train_samples += as_transcripts(synth_audio("text_to_speech", args.tts_clips, seed=0))
+        held_spoken = as_transcripts(synth_audio("text_to_speech", 48, seed=1))
     synth_seconds = time.perf_counter() - start
     print(f"{len(train_samples)} training and {len(held_out)} held-out clips ({synth_seconds:.0f} s)", flush=True)
     resynth = None
@@ -393,6 +416,9 @@ def main() -> None:
         resynth_clips = [torch.from_numpy(resynth(c)) for c in held_clips]
         resynth_text = [tokenizer.decode(ids) for ids in greedy_decode(model, held_docs, resynth_clips, eos, pad,
                                                                        args.max_new)]
+    spoken_text = [tokenizer.decode(ids) for ids in greedy_decode(
+        model, [layout.documents(arrow_sample(s, tokenizer))[0] for s in held_spoken],
+        [int16_tensor(s) for s in held_spoken], eos, pad, args.max_new)] if held_spoken else None
     decode_seconds = time.perf_counter() - decode_start
 
     common, common_count = collections.Counter(s.text for s in train_samples).most_common(1)[0]
@@ -413,6 +439,8 @@ def main() -> None:
                "init_from": args.init_from, "resynth_codec": args.resynth_codec,
                "resynth_share": args.resynth_share if args.resynth_codec else None,
                "cer_on_resynthesis": cer(references, resynth_text) if resynth_text else None,
+               "tts_clips": args.tts_clips,
+               "cer_on_tts_clips": cer([s.text for s in held_spoken], spoken_text) if spoken_text else None,
                "train_seconds": run["seconds"]}  # fmt: skip
     previous = OUT_DIR / f"{args.out}.json"
     attempts = json.loads(previous.read_text()).get("attempts", []) if previous.is_file() else []
@@ -445,6 +473,9 @@ def main() -> None:
                     "total": round(time.perf_counter() - start, 1)},  # fmt: skip
         "attempts": [*attempts, summary],
     }
+    if spoken_text is not None:
+        print(f"held-out CER on 48 text_to_speech clips {summary['cer_on_tts_clips']:.4f}", flush=True)
+        result["cer_on_tts_clips"] = summary["cer_on_tts_clips"]
     if resynth_text is not None:
         print(f"held-out CER on the codec's resynthesis {summary['cer_on_resynthesis']:.4f}", flush=True)
         result["cer_on_resynthesis"] = summary["cer_on_resynthesis"]

@@ -58,6 +58,10 @@ trained with the speaker-consistency loss; 150 TTS steps, 2 min; whole run 8 min
   deranged references; the judge reads the real ``text_to_speech`` clips at only 0.603 and their resyntheses at
   0.626. With a conditioned codec trained without the consistency loss (1200 steps, MR-STFT 2.38) the same run
   gave CER 0.579 vs 0.622 (silence) and 0.905 (deranged) but cloning at chance (0.09): the judge is the limit.
+- **a judge that heard the TTS corpus** (``--judge-from`` ``bench.audio_asr --tts-clips 600``: real text_to_speech
+  clips 0.502 instead of 0.603): generated 0.628 vs 0.608 for silence and 0.860 deranged, but the codec's own
+  resynthesis of the real clips scores 0.712, worse than silence: that judge has not heard the codec, and the TTS
+  cannot read better than its codec. Next: a judge that also hears resyntheses (``--resynth-codec``).
 - **the text is followed by spectrum**: long-term spectrum match 0.79 (0.69 within the same voice) vs 0.44
   (0.48) for a real clip of another transcript; codec resynthesis 0.98 (0.94).
 
