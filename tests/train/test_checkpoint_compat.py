@@ -10,7 +10,8 @@ import torch
 
 from xoron_dist.config import load_config
 from xoron_dist.model.vision import VisionTower
-from xoron_dist.train.checkpoint import _rename_legacy_keys, config_hash, hash_matches
+from xoron_dist.model.xoron import build_model
+from xoron_dist.train.checkpoint import _rename_legacy_keys, config_hash, hash_matches, model_mismatch_hint
 
 # The smoke config had the tiny preset's 64 special-token slots until the seed's chat and capability
 # tokens needed 256: its earlier checkpoints hold the 64-slot model.
@@ -73,3 +74,16 @@ def test_the_vision_towers_old_weight_names_load():
     fresh.load_state_dict(old)
     hook.remove()
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+
+def test_loading_an_unconditioned_vocoder_into_a_conditioned_one_names_the_fix():
+    """The error load_state_dict raises for such a checkpoint (taken from a real load) maps to the overrides
+    that build the old model; other errors get no hint."""
+    old = build_model(load_config("pipelines/smoke.yaml", ["model.speech.vocoder.speaker_conditioned=false"]))
+    new = build_model(load_config("pipelines/smoke.yaml"))
+    with pytest.raises(RuntimeError) as caught:
+        new.load_state_dict(old.state_dict())
+    hint = model_mismatch_hint(str(caught.value))
+    assert hint and "model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0" in hint
+    assert model_mismatch_hint("Missing key(s) in state_dict: \"llm.layers.0.attn.q_proj.weight\"") is None
+    assert model_mismatch_hint("unexpected EOF") is None

@@ -501,12 +501,32 @@ def _load_files(engine: Any, root: Path, tag: str, module_only: bool) -> dict[st
     except UnsafePickleError as err:
         raise CheckpointError(str(err)) from None
     except _LOAD_ERRORS as err:
+        hint = model_mismatch_hint(str(err))
+        if hint:
+            raise CheckpointError(f"{ckpt_dir} holds a different model than this config builds: {hint}") from err
         raise CheckpointError(f"{ckpt_dir}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     finally:
         renames.remove()
     if load_path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed found no model-states file to load")
     return rank_state
+
+
+# Parameters that only a newer option builds, and the overrides that build the model older checkpoints hold.
+_OPTION_PARAMETERS = {"speech.vocoder.generator.cond.": "model.speech.vocoder.speaker_conditioned=false "
+                                                          "model.speech.vocoder.speaker_weight=0"}
+
+
+def model_mismatch_hint(message: str) -> str | None:
+    """A load error's text -> what to change when it names parameters of an option the checkpoint predates
+    (``_OPTION_PARAMETERS``), else None."""
+    if "Missing key(s)" not in message:
+        return None
+    for name, overrides in _OPTION_PARAMETERS.items():
+        if name in message:
+            return (f"its parameters lack {name}* (saved before that option existed); resume with {overrides}, "
+                    "as the run it continues was built")
+    return None
 
 
 def _state_of(meta: dict[str, Any]) -> TrainerState:
