@@ -99,8 +99,8 @@ from bench.audio_common import (
     float_wave,
     has_voice,
     int16_tensor,
+    judge_centroids,
     pretrain_speaker,
-    speaker_centroids,
     synth_audio,
     voice_pool,
 )
@@ -173,11 +173,9 @@ def reconstruct(encoder: AudioEncoder, head: SpeechHead, clip: torch.Tensor,
     wave = clip.float()[None] / 32768.0
     quantized = encoder.quantizer(encoder.tokenizer(wave))
     voice = None
-    if head.vocoder.conditioned:
+    if head.vocoder.conditioned:  # the speaker encoder's BatchNorms always use stored statistics in a SpeechHead
         reference = wave if voice_of is None else voice_of.float()[None] / 32768.0
-        was_training = head.speaker.training
-        voice = head.speaker.eval()(reference, torch.tensor([reference.shape[1]]))
-        head.speaker.train(was_training)
+        voice = head.speaker(reference, torch.tensor([reference.shape[1]]))
     return head.vocoder.decode(quantized.latents, voice)[0, : clip.shape[0]], quantized.ids[0]
 
 
@@ -257,9 +255,7 @@ def voice_scores(encoder: AudioEncoder, head: SpeechHead, judges: Judges, train:
     resyntheses told another voice: each clip's latents with the voice vector of a training clip of the next
     speaker, scored against the voice given (does BigVGAN follow the vector?) and against the clip's own."""
     pool = voice_pool(train)
-    owners = [k for k in range(len(pool)) for _ in pool[k][:6]]
-    centroids = {name: speaker_centroids(e, owners)
-                 for name, e in judges.embed([float_wave(s) for k in pool for s in pool[k][:6]]).items()}
+    centroids = judge_centroids(judges, pool)
     voiced = [s for s in held_out if has_voice(s)]
     own = [s.speaker for s in voiced]
     sets = {"real_held_out": [float_wave(s) for s in voiced],

@@ -113,11 +113,14 @@ def cloning_scores(embeddings: torch.Tensor, speakers: list[int], centroids: tor
 
 @torch.no_grad()
 def ecapa_embed(speaker, waves: list[torch.Tensor]) -> torch.Tensor:
-    """Float waveforms -> (n, d) unit embeddings by ``speaker`` (a ``SpeakerEncoder``), one clip at a time."""
-    was_training = speaker.training
+    """Float waveforms -> (n, d) unit embeddings by ``speaker`` (a ``SpeakerEncoder``), one clip at a time, in
+    eval mode; every submodule's mode is put back as it was (``train(True)`` would also switch the BatchNorms
+    that a ``SpeechHead`` keeps on stored statistics to batch statistics)."""
+    modes = [(module, module.training) for module in speaker.modules()]
     speaker.eval()
     out = torch.cat([F.normalize(speaker(w[None].float(), torch.tensor([w.shape[0]])), dim=-1) for w in waves])
-    speaker.train(was_training)
+    for module, training in modes:
+        module.training = training
     return out
 
 
@@ -125,6 +128,15 @@ def speaker_centroids(embeddings: torch.Tensor, owners: list[int]) -> torch.Tens
     """(n, d) unit embeddings of clips of known speakers -> (len(SPEAKERS), d) unit mean per speaker."""
     owner = torch.tensor(owners)
     return F.normalize(torch.stack([embeddings[owner == k].mean(0) for k in range(len(SPEAKERS))]), dim=-1)
+
+
+def judge_centroids(judges: Judges, pool: dict[int, list[AudioSample]],
+                    per_speaker: int = 6) -> dict[str, torch.Tensor]:
+    """Per judge, every voice's unit centroid (``speaker_centroids``) over its first ``per_speaker`` clips in
+    ``pool`` (``voice_pool``)."""
+    owners = [k for k in pool for _ in pool[k][:per_speaker]]
+    clips = [float_wave(s) for k in pool for s in pool[k][:per_speaker]]
+    return {name: speaker_centroids(embeddings, owners) for name, embeddings in judges.embed(clips).items()}
 
 
 def voice_pool(samples: list[AudioSample]) -> dict[int, list[AudioSample]]:

@@ -161,10 +161,11 @@ from bench.audio_common import (
     AudioSample,
     Judges,
     cloning_scores,
+    float_wave,
     has_voice,
     int16_tensor,
+    judge_centroids,
     pretrain_speaker,
-    speaker_centroids,
     synth_audio,
     voice_pool,
 )
@@ -174,7 +175,6 @@ from xoron_dist.data.packing import SequencePacker, TokenLayout, collate
 from xoron_dist.model.common.noise import advance_clocks
 from xoron_dist.model.speech.losses import MultiScaleMelLoss
 from xoron_dist.model.xoron import build_model
-from xoron_dist.synth.sounds import SPEAKERS
 from xoron_dist.tokenizer import build_tokenizer
 
 TRAINED = ("speech.tts.", "speech.speaker.")
@@ -469,20 +469,12 @@ def main() -> None:
         judges.encoders["ecapa (independent)"] = independent_judge(cfg, train_samples, 400, args.speaker_lr, args.seed)
     voiced = [i for i, s in enumerate(held) if has_voice(s)]
     cloning = {}
-    for judge, _ in judges.embed([int16_tensor(held[0]).float() / 32768]).items():
-        cloning[judge] = {}
-    centroid_clips, centroid_owner = [], []
-    for speaker in range(len(SPEAKERS)):
-        for s in references_pool[speaker][:6]:
-            centroid_clips.append(int16_tensor(s).float() / 32768)
-            centroid_owner.append(speaker)
-    pool = judges.embed(centroid_clips)
+    centroids_of = judge_centroids(judges, references_pool)
     gen_emb = judges.embed([waves[i] for i in voiced])
-    real_emb = judges.embed([int16_tensor(held[i]).float() / 32768 for i in voiced])
+    real_emb = judges.embed([float_wave(held[i]) for i in voiced])
     resynth_emb = judges.embed([resynthesised[i] for i in voiced])  # do the codec's latents keep the voice?
     speakers = [held[i].speaker for i in voiced]
-    for judge in pool:
-        centroids = speaker_centroids(pool[judge], centroid_owner)
+    for judge, centroids in centroids_of.items():
         cloning[judge] = {"generated": cloning_scores(gen_emb[judge], speakers, centroids),
                           "real_held_out": cloning_scores(real_emb[judge], speakers, centroids),
                           "codec_resynthesis": cloning_scores(resynth_emb[judge], speakers, centroids)}
