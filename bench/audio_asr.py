@@ -286,6 +286,19 @@ def greedy_decode(model, docs: list[Document], clips: list[torch.Tensor], eos: i
     return results
 
 
+def load_front_end(model, path: str) -> None:
+    """``bench.audio_codec --save``'s tokenizer and RVQ into ``model.audio``: the ASR reads a codec's latents
+    (a trained front end; the random one reads poorly), the same latents a TTS over that codec predicts."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    parts = {k[len("audio."):]: v for k, v in state.items() if k.startswith(("audio.tokenizer.", "audio.quantizer."))}
+    own = {k: v for k, v in model.audio.state_dict().items() if k.startswith(("tokenizer.", "quantizer."))}
+    if set(parts) != set(own) or any(own[k].shape != v.shape for k, v in parts.items()):
+        raise SystemExit(f"{path}'s tokenizer + RVQ do not fit this model's audio encoder: missing "
+                         f"{sorted(set(own) - set(parts))[:3]}, unexpected {sorted(set(parts) - set(own))[:3]}, or "
+                         "other shapes; build both with the same model.audio sizes")
+    model.audio.load_state_dict(parts, strict=False)
+
+
 def resynthesiser(path: str):
     """int16 clip (samples,) -> numpy int16 of its resynthesis by ``bench.audio_codec --save``'s codec at ``path``."""
     from bench.audio_codec import load_codec_file, reconstruct
@@ -344,6 +357,9 @@ def main() -> None:
                         "their resynthesis through that codec, and the held-out CER is also scored on resynthesis "
                         "(a judge for speech that codec speaks: bench.audio_tts)")
     parser.add_argument("--resynth-share", type=float, default=0.5)
+    parser.add_argument("--front-end-from", default=None,
+                        help="bench.audio_codec --save's file: its trained tokenizer + RVQ replace the random ones "
+                        "before training (with --freeze-audio-steps they stay as the codec learnt them)")
     parser.add_argument("--tts-clips", type=int, default=0,
                         help="also train on this many text_to_speech clips as transcripts (seed 0) and score 48 "
                         "held-out ones (seed 1): a judge for bench.audio_tts")
@@ -395,6 +411,8 @@ def main() -> None:
     model = build_model(cfg)
     if initial:
         model.load_state_dict(initial["state_dict"])
+    if args.front_end_from:
+        load_front_end(model, args.front_end_from)
     params = {name: sum(p.numel() for p in getattr(model, name).parameters())
               for name in ("llm", "audio", "audio_projector", "fusion")}  # fmt: skip
     if args.codec_pretrain_steps and not args.codec_weight:
@@ -439,7 +457,7 @@ def main() -> None:
                "init_from": args.init_from, "resynth_codec": args.resynth_codec,
                "resynth_share": args.resynth_share if args.resynth_codec else None,
                "cer_on_resynthesis": cer(references, resynth_text) if resynth_text else None,
-               "tts_clips": args.tts_clips,
+               "tts_clips": args.tts_clips, "front_end_from": args.front_end_from,
                "cer_on_tts_clips": cer([s.text for s in held_spoken], spoken_text) if spoken_text else None,
                "train_seconds": run["seconds"]}  # fmt: skip
     previous = OUT_DIR / f"{args.out}.json"
