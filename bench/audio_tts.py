@@ -156,7 +156,7 @@ import numpy as np
 import torch
 
 from bench.audio_asr import SMOKE, arrow_sample, batch_fields, cer, greedy_decode, param_groups
-from bench.audio_codec import independent_judge, reconstruct
+from bench.audio_codec import CODEC_PARTS, independent_judge, reconstruct
 from bench.audio_common import (
     AudioSample,
     Judges,
@@ -322,8 +322,6 @@ def spectral_match(generated: list[torch.Tensor], real: list[torch.Tensor], text
 
 def load_codec(model, path: str) -> None:
     """``bench.audio_codec --save``'s tokenizer, RVQ and BigVGAN into ``model`` (every codec tensor, nothing else)."""
-    from bench.audio_codec import CODEC_PARTS
-
     state = torch.load(path, weights_only=True)["state_dict"]
     own = model.state_dict()
     wanted = {k for k in own if k.startswith(CODEC_PARTS)}
@@ -383,9 +381,11 @@ def main() -> None:
     layout = TokenLayout.from_config(cfg.data, tokenizer.special_ids, cfg.train.seq_len)
     torch.manual_seed(args.seed)
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
-    fresh_speech = bool(missing)
-    if unexpected or any(not k.startswith("speech.") for k in missing):
+    # with --codec-from the codec's tensors come from there (its sizes may differ, e.g. more RVQ levels)
+    source_state = {k: v for k, v in saved["state_dict"].items() if codec is None or not k.startswith(CODEC_PARTS)}
+    missing, unexpected = model.load_state_dict(source_state, strict=False)
+    fresh_speech = any(k.startswith("speech.") and not k.startswith(CODEC_PARTS) for k in missing)
+    if unexpected or any(not k.startswith("speech.") and not (codec and k.startswith(CODEC_PARTS)) for k in missing):
         raise SystemExit(f"{args.source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     judge = model
     if codec is not None:  # the ASR judge: the source model as it was trained, its own tokenizer in front

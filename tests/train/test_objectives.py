@@ -67,3 +67,25 @@ def test_a_group_token_the_tokenizer_lacks_is_named():
         _groups({"name": "planning", "open": ["<|plan|>"], "close": ["<|/think|>"]})
     with pytest.raises(ConfigError, match="needs open and close tokens"):
         _groups({"name": "empty", "open": [], "close": ["<|/think|>"]})
+
+
+def test_a_stage_weighs_its_objectives_over_the_runs():
+    """``stages[i].objectives`` (curriculum_smoke's codec stage: lm 0, codec 1) reaches the stage's step
+    (``stage_config``, what ``StepRunner`` reads); other stages keep the run's weights; a name the run does not
+    optimise is refused when the stages are planned, naming the stage, and a negative weight at load."""
+    import dataclasses
+
+    from xoron_dist.train.stages import plan_stages
+    from xoron_dist.train.trainer import stage_config
+
+    cfg = load_config("pipelines/curriculum_smoke.yaml", ["train.objectives={tts: 0.3}"])
+    codec, align = plan_stages(cfg)[:2]
+    weights = dict((o.name, w) for o, w in active_objectives(stage_config(cfg, codec)))
+    assert (weights["lm"], weights["codec"], weights["tts"], weights["image_vae"]) == (0.0, 1.0, 0.3, 0.1)
+    weights = dict((o.name, w) for o, w in active_objectives(stage_config(cfg, align)))
+    assert (weights["lm"], weights["codec"], weights["tts"]) == (1.0, 0.002, 0.3)
+    stages = [dataclasses.replace(cfg.stages[0], objectives={"reconstruction": 1.0}), *cfg.stages[1:]]
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.objectives names reconstruction, which this run does not"):
+        plan_stages(dataclasses.replace(cfg, stages=stages))
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.objectives\.codec.*must be >= 0"):
+        load_config("pipelines/curriculum_smoke.yaml", ["stages=[{name: codec, steps: 48, objectives: {codec: -1}}]"])

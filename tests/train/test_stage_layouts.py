@@ -76,8 +76,8 @@ def test_stage_layouts_are_validated_by_the_rules_and_leave_the_run_hash_alone()
 
     cfg = load_config(CURRICULUM)
     layouts = validate_layouts(cfg, 2)
-    assert [(lay.dp, lay.tp, lay.zero_stage) for lay in layouts] == [(2, 1, 1), (2, 1, 2), (2, 1, 2), (1, 2, 1),
-                                                                     (1, 2, 1)]
+    assert [(lay.dp, lay.tp, lay.zero_stage) for lay in layouts] == [(2, 1, 1), (2, 1, 1), (2, 1, 2), (2, 1, 2),
+                                                                     (1, 2, 1), (1, 2, 1)]
     # per-stage sections do not change the run's hash; a run without them hashes as before
     plain = dataclasses.replace(cfg, stages=[dataclasses.replace(s, parallel={}) for s in cfg.stages])
     assert config_hash(plain) == config_hash(cfg) == config_hash(dataclasses.replace(cfg, stages=[]))
@@ -85,14 +85,14 @@ def test_stage_layouts_are_validated_by_the_rules_and_leave_the_run_hash_alone()
     assert config_for_hash(config_hash(stage4), cfg).parallel.tp == 2
 
     stages = list(cfg.stages)
-    stages[1] = dataclasses.replace(stages[1], parallel={"zero_stage": 3, "tp": 3, "ep": 2})
+    stages[2] = dataclasses.replace(stages[2], parallel={"zero_stage": 3, "tp": 3, "ep": 2})
     with pytest.raises(LayoutError) as err:
         validate_layouts(dataclasses.replace(cfg, stages=stages), 2)
-    assert "stages[1] ('pretrain') parallel layout (tp=3" in str(err.value)
-    assert "not divisible by stages[1].parallel.tp = 3" in str(err.value)
-    assert "tp_experts = true with stages[1].parallel.ep=2, stages[1].parallel.tp=3" in str(err.value)
-    stages[1] = dataclasses.replace(stages[1], parallel={"zero_stag": 3})
-    with pytest.raises(ConfigError, match=r"unknown config key 'stages\[1\]\.parallel\.zero_stag'; did you mean"):
+    assert "stages[2] ('pretrain') parallel layout (tp=3" in str(err.value)
+    assert "not divisible by stages[2].parallel.tp = 3" in str(err.value)
+    assert "tp_experts = true with stages[2].parallel.ep=2, stages[2].parallel.tp=3" in str(err.value)
+    stages[2] = dataclasses.replace(stages[2], parallel={"zero_stag": 3})
+    with pytest.raises(ConfigError, match=r"unknown config key 'stages\[2\]\.parallel\.zero_stag'; did you mean"):
         dataclasses.replace(cfg, stages=stages)
     from xoron_dist.train.stages import plan_stages
 
@@ -115,7 +115,7 @@ def _curriculum_cfg(root: str, data: str, steps: tuple[int, ...]):
     from xoron_dist.config import load_config
 
     cfg = load_config(CURRICULUM, [f"data.path={data}", f"train.output_dir={root}", "train.name=run",
-                                   f"train.steps={sum(steps)}", "train.micro_batch_size=1", "train.save_every=3",
+                                   f"train.steps={sum(steps)}", "train.micro_batch_size=1", "train.save_every=4",
                                    "train.log_every=1", "train.keep_checkpoints=10",
                                    "data.num_workers=0"])  # harness ranks are daemons: no loader workers
     stages = [dataclasses.replace(stage, steps=n) for stage, n in zip(cfg.stages, steps, strict=True)]
@@ -145,24 +145,26 @@ def _curriculum_rank(root: str, data: str, steps: tuple[int, ...], crash_at: int
 
 
 @pytest.mark.multirank
-def test_curriculum_smoke_killed_in_its_third_stage_resumes_there(tmp_path, smoke_data):
-    """All five stages of curriculum_smoke.yaml on 2 ranks (1, 1, 2, 1, 1 steps; layouts dp2 ZeRO-1 ->
-    dp2 ZeRO-2 -> dp2 ZeRO-2 -> tp2 -> tp2), crashed in the second step of stage 3 (after its step-3
-    checkpoint), resumed: it continues at step 4 in stage 3's own layout, trains only steps 4-6, and
-    crosses the later layout change."""
-    steps = (1, 1, 2, 1, 1)
-    first = run_ranks(_curriculum_rank, 2, str(tmp_path), str(smoke_data), steps, 4, False, timeout=400)
-    assert first == [("crashed", 4)] * 2
+def test_curriculum_smoke_killed_in_its_generation_stage_resumes_there(tmp_path, smoke_data):
+    """All six stages of curriculum_smoke.yaml on 2 ranks (1, 1, 1, 2, 1, 1 steps; layouts dp2 ZeRO-1 ->
+    dp2 ZeRO-1 -> dp2 ZeRO-2 -> dp2 ZeRO-2 -> tp2 -> tp2), crashed in the second step of the generation
+    stage (after its step-4 checkpoint), resumed: it continues at step 5 in that stage's own layout, trains
+    only steps 5-7, and crosses the later layout change."""
+    steps = (1, 1, 1, 2, 1, 1)
+    first = run_ranks(_curriculum_rank, 2, str(tmp_path), str(smoke_data), steps, 5, False, timeout=400)
+    assert first == [("crashed", 5)] * 2
     run = tmp_path / "run"
-    assert json.loads((run / "checkpoints" / "step00000003" / "trainer_state.json").read_text()
+    assert json.loads((run / "checkpoints" / "step00000004" / "trainer_state.json").read_text()
                       )["state"]["stage_name"] == "generation"
     second = run_ranks(_curriculum_rank, 2, str(tmp_path), str(smoke_data), steps, None, True, timeout=400)
-    assert second == [("done", 3)] * 2  # steps 4, 5, 6: no finished stage again
+    assert second == [("done", 3)] * 2  # steps 5, 6, 7: no finished stage again
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["stage"]) for r in records] == [
-        (1, "align"), (2, "pretrain"), (3, "generation"), (4, "generation"), (5, "long_context"), (6, "instruct")]
+        (1, "codec"), (2, "align"), (3, "pretrain"), (4, "generation"), (5, "generation"), (6, "long_context"),
+        (7, "instruct")]
     assert all(r["loss"] == r["loss"] for r in records)  # finite
-    assert (run / "checkpoints" / "step00000006" / "mp_rank_01_model_states.pt").is_file()  # tp2 at the end
+    assert records[0]["loss_codec"] == records[0]["loss_codec"]  # the codec stage's objective ran (finite)
+    assert (run / "checkpoints" / "step00000007" / "mp_rank_01_model_states.pt").is_file()  # tp2 at the end
     hashes = [json.loads((run / "checkpoints" / f"step{i:08d}" / "trainer_state.json").read_text()
-                         )["state"]["config_hash"] for i in range(1, 7)]
-    assert hashes[0] != hashes[1] == hashes[2] == hashes[3] != hashes[4] == hashes[5]  # ZeRO-1 | ZeRO-2 | tp2
+                         )["state"]["config_hash"] for i in range(1, 8)]
+    assert hashes[0] == hashes[1] != hashes[2] == hashes[3] == hashes[4] != hashes[5] == hashes[6]  # ZeRO-1 | 2 | tp2

@@ -435,6 +435,9 @@ class StageConfig:
     # Adam's moments and step count from the previous stage's final checkpoint, resliced into this stage's
     # layout (train/reshard.py); false: this stage's optimizer starts afresh. Refused when they cannot be read.
     carry_optimizer: bool = False
+    # objective name -> this stage's weight, over ``train.objectives`` (unset: the run's weight); e.g. a
+    # codec stage that trains the audio tokenizer and BigVGAN alone: {lm: 0, codec: 1}
+    objectives: dict[str, float] = field(default_factory=dict)
 
     def parallel_over(self, base: ParallelConfig) -> ParallelConfig:
         """The stage's layout: ``base`` (the run's ``parallel``) with this stage's fields replaced."""
@@ -450,3 +453,6 @@ class StageConfig:
         for key, weight in self.mix.items():
             if weight < 0:
                 raise field_error(f"{where}.mix.{key}", weight, "blend weights must be >= 0")
+        for name, weight in self.objectives.items():
+            if weight < 0:
+                raise field_error(f"{where}.objectives.{name}", weight, "objective weights must be >= 0")

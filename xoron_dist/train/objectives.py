@@ -124,15 +124,16 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def active_objectives(cfg: XoronConfig) -> list[tuple[Objective, float]]:
+def active_objectives(cfg: XoronConfig, where: str = "train.objectives") -> list[tuple[Objective, float]]:
     """The run's objectives with their weights: the LM's, and those of the media the model builds.
-    Raises ``ConfigError`` for a weight given to an objective this run does not have."""
+    Raises ``ConfigError`` for a weight given to an objective this run does not have (``where``: the
+    config field that gave ``cfg.train.objectives``, e.g. a stage's)."""
     multimodal = cfg.data.source == "arrow"  # synthetic text trains the plain LLM (``train/build.py``)
     names = ["lm"] + [name for m in MODALITIES if multimodal and m.generated(cfg) for name in m.objectives]
     names += ["reconstruction"] if _reconstructs(cfg, multimodal) else []
     unknown = sorted(set(cfg.train.objectives) - set(names))
     if unknown:
-        raise ConfigError(f"train.objectives names {', '.join(unknown)}, which this run does not optimise; "
+        raise ConfigError(f"{where} names {', '.join(unknown)}, which this run does not optimise; "
                           f"its objectives are: {', '.join(names)}")
     return [(OBJECTIVES[n], OBJECTIVES[n].weight(cfg)) for n in names]
 

@@ -1,7 +1,8 @@
 """Curriculum stages: the ordered plan a run follows, resolved from ``stages:`` or from ``train``.
 
 Each stage has its own step count, sequence length, learning-rate schedule (warmup + cosine
-over the stage), data mix and kinds, frozen parameters and expert-bias switch; everything a
+over the stage), data mix and kinds, frozen parameters, objectives' weights (a codec stage:
+``{lm: 0, codec: 1}``) and expert-bias switch; everything a
 stage leaves unset comes from ``train``/``data``. Steps are numbered globally: stage k starts
 where stage k-1 ended, and a checkpoint names its stage, so a resumed run re-enters the right
 one. A run without ``stages:`` is one stage named ``main``.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from xoron_dist.config import ConfigError, TrainConfig, XoronConfig
 from xoron_dist.train.lora import freeze_for_stage
+from xoron_dist.train.objectives import active_objectives
 from xoron_dist.utils.typed_config import field_error
 
 
@@ -24,7 +26,7 @@ class StagePlan:
     first_step: int  # global step this stage starts after (0 for the first stage)
     steps: int
     seq_len: int
-    train: TrainConfig  # the run's train section with this stage's steps and lr: drives the LR schedule
+    train: TrainConfig  # the run's train section with this stage's steps, lr and objectives' weights
     mix: dict[str, float]
     kinds: tuple[str, ...]
     freeze: tuple[str, ...]
@@ -59,7 +61,10 @@ def plan_stages(cfg: XoronConfig) -> list[StagePlan]:
                               "mix/kinds choose Arrow datasets; data.source=synthetic_text has none")
         seq_len = stage.seq_len or tc.seq_len
         stage_train = dataclasses.replace(tc, steps=stage.steps, lr=stage.lr or tc.lr, seq_len=seq_len,
-                                          warmup_steps=min(tc.warmup_steps, stage.steps))
+                                          warmup_steps=min(tc.warmup_steps, stage.steps),
+                                          objectives={**tc.objectives, **stage.objectives})
+        if stage.objectives:  # names checked now, not when the stages before it have run
+            active_objectives(dataclasses.replace(cfg, train=stage_train), f"stages[{i}].objectives")
         bias = cfg.llm.moe.bias_update if stage.expert_bias_update is None else stage.expert_bias_update
         rate = cfg.llm.moe.bias_update_rate if stage.expert_bias_update_rate is None else stage.expert_bias_update_rate
         if stage.carry_optimizer and i == 0:

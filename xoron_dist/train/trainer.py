@@ -302,10 +302,12 @@ def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], stop: StopRequest, *, 
 
 def stage_config(cfg: XoronConfig, plan: StagePlan) -> XoronConfig:
     """The config stage ``plan`` builds and checkpoints with: ``cfg`` itself, or for a stage with its own
-    ``parallel`` section ``layout.stage_layout_config`` (its layout; its config hash names it)."""
-    if cfg.stages and cfg.stages[plan.index].parallel:
-        return stage_layout_config(cfg, plan.index)
-    return cfg
+    ``parallel`` section ``layout.stage_layout_config`` (its layout; its config hash names it); with the
+    stage's objectives' weights (``stages[i].objectives`` over ``train.objectives``)."""
+    staged = stage_layout_config(cfg, plan.index) if cfg.stages and cfg.stages[plan.index].parallel else cfg
+    if staged.train.objectives == plan.train.objectives:
+        return staged
+    return dataclasses.replace(staged, train=dataclasses.replace(staged.train, objectives=dict(plan.train.objectives)))
 
 
 def _start_point(cfg: XoronConfig, plans: list[StagePlan], paths: RunPaths, resume: bool,
