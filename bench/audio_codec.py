@@ -62,6 +62,16 @@ bit/s, MR-STFT 2.03): 0.16; 240 ms crops instead of 80 ms (MR-STFT 1.84): 0.16; 
 on top: 0.42, and the vector steers the voice; the same loss without conditioning: 0.16 by the independent judge
 (margin 0.02): both are needed. At the old defaults (300 steps, 80 ms crops, unconditioned) the codec scored 3.05.
 
+Longer runs (2026-12-04, for the TTS's limits: ``bench.audio_tts`` now reads the codec's resyntheses about as well
+as its generated speech): 2400 steps (GAN from 2000) MR-STFT 1.81, resyntheses' voice 0.47 by the independent
+ECAPA; 3600 steps 1.80, 0.47; 2400 steps with the speaker encoder pretrained 2000 steps instead of 400 (its real
+held-out clips 0.95 instead of 0.79) 1.80, 0.21 (0.42 by that encoder); 8 RVQ levels at 1200 steps 1.87, 0.05.
+The spectrum has nearly stopped improving with steps at this size. Resemblyzer, which places real vowel-only
+utterances of these voices (0.84, margin +0.12: ``bench.audio_tts``'s ``voice_cloning_vowels``), places their
+resyntheses at 0.19 (1200 steps), 0.125 (2400) and 0.25 (2400, speaker encoder 2000 steps), margins 0.003-0.023:
+the codec keeps little of what GE2E hears in these voices (the independent ECAPA: 0.31, -, 0.47 of the same
+resyntheses; real 1.00).
+
 History (all in "attempts"): before the fix every run ended at 3.63-4.34, no better than silence, with both levels
 on about one code (perplexity 1.3-2) whatever the lever (BigVGAN width, aggressive restarts, no or lower commitment,
 data-seeded or Euclidean codebooks, lr 5e-4). The cause was the tokenizer's learnable conv biases: on random crops
