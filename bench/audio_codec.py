@@ -69,7 +69,7 @@ held-out clips 0.95 instead of 0.79) 1.80, 0.21 (0.42 by that encoder); 8 RVQ le
 The spectrum has nearly stopped improving with steps at this size. Resemblyzer, which places real vowel-only
 utterances of these voices (0.84, margin +0.12: ``bench.audio_tts``'s ``voice_cloning_vowels``), places their
 resyntheses at 0.19 (1200 steps), 0.125 (2400) and 0.25 (2400, speaker encoder 2000 steps), margins 0.003-0.023:
-the codec keeps little of what GE2E hears in these voices (the independent ECAPA: 0.31, -, 0.47 of the same
+the codec keeps little of what GE2E hears in these voices (the independent ECAPA: 0.31, 0.25, 0.47 of the same
 resyntheses; real 1.00).
 
 History (all in "attempts"): before the fix every run ended at 3.63-4.34, no better than silence, with both levels
