@@ -66,9 +66,10 @@ Measured (``bench/out/audio_tts.json``; 150 TTS steps, 2 min; whole run 6-8 min 
   the same run gives CER 0.496 (silence 0.778), Resemblyzer on generated vowels 0.25 (margin +0.014),
   resyntheses 0.125; with its speaker encoder also pretrained 2000 steps instead of 400 (MR-STFT 1.80): CER 0.504
   (silence 0.764), generated vowels 0.22 by Resemblyzer (margin +0.015; resyntheses 0.25, +0.023) and 0.375 by
-  the independent ECAPA (resyntheses 0.47); with 8 RVQ levels (1200 steps, MR-STFT 1.87) CER 0.591 (silence
-  0.732). Resemblyzer's verdict on generated vowels stays at 4-8 of 32 clips (chance 4), margins under 0.025:
-  not yet a clear yes.
+  the independent ECAPA (resyntheses 0.47); with BigVGAN twice as wide (1200 steps, MR-STFT 1.75) CER 0.479
+  (silence 0.697; resyntheses 0.411, the best yet), generated vowels 0.19 by Resemblyzer (resyntheses 0.28);
+  with 8 RVQ levels (1200 steps, MR-STFT 1.87) CER 0.591 (silence 0.732). Resemblyzer's verdict on generated
+  vowels stays at 4-8 of 32 clips (chance 4), margins under 0.025: not yet a clear yes.
 
 ``--speaker-pretrain-steps``: before the TTS stage, the speaker encoder alone learns to classify the 8 synth
 voices (AAM-softmax, ``AAMSoftmaxHead``; 16 random 1 s crops of training clips with vowels a step).
