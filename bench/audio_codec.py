@@ -66,7 +66,8 @@ Longer runs (2026-12-04, for the TTS's limits: ``bench.audio_tts`` now reads the
 as its generated speech): 2400 steps (GAN from 2000) MR-STFT 1.81, resyntheses' voice 0.47 by the independent
 ECAPA; 3600 steps 1.80, 0.47; 2400 steps with the speaker encoder pretrained 2000 steps instead of 400 (its real
 held-out clips 0.95 instead of 0.79) 1.80, 0.21 (0.42 by that encoder); 8 RVQ levels at 1200 steps 1.87, 0.05;
-BigVGAN twice as wide (``model.speech.vocoder.channels=128``, 1200 steps, 6 min on 2 threads) 1.75, 0.21.
+BigVGAN twice as wide (``model.speech.vocoder.channels=128``, 1200 steps, 6 min on 2 threads) 1.75, 0.21; the
+tokenizer 4x wider (``model.audio.codec_channels=32``) 2.01, 0.16.
 The spectrum has nearly stopped improving with steps at this size. Resemblyzer, which places real vowel-only
 utterances of these voices (0.84, margin +0.12: ``bench.audio_tts``'s ``voice_cloning_vowels``), places their
 resyntheses at 0.19 (1200 steps), 0.125 (2400), 0.25 (2400, speaker encoder 2000 steps) and 0.28 (wide BigVGAN),
