@@ -297,14 +297,9 @@ def greedy_decode(model, docs: list[Document], clips: list[torch.Tensor], eos: i
 def load_front_end(model, path: str) -> None:
     """``bench.audio_codec --save``'s tokenizer and RVQ into ``model.audio``: the ASR reads a codec's latents
     (a trained front end; the random one reads poorly), the same latents a TTS over that codec predicts."""
-    state = torch.load(path, weights_only=True)["state_dict"]
-    parts = {k[len("audio."):]: v for k, v in state.items() if k.startswith(("audio.tokenizer.", "audio.quantizer."))}
-    own = {k: v for k, v in model.audio.state_dict().items() if k.startswith(("tokenizer.", "quantizer."))}
-    if set(parts) != set(own) or any(own[k].shape != v.shape for k, v in parts.items()):
-        raise SystemExit(f"{path}'s tokenizer + RVQ do not fit this model's audio encoder: missing "
-                         f"{sorted(set(own) - set(parts))[:3]}, unexpected {sorted(set(parts) - set(own))[:3]}, or "
-                         "other shapes; build both with the same model.audio sizes")
-    model.audio.load_state_dict(parts, strict=False)
+    from bench.audio_codec import load_codec
+
+    load_codec(model, path, parts=("audio.tokenizer.", "audio.quantizer."))
 
 
 def resynthesiser(path: str):

@@ -243,6 +243,19 @@ def save_codec(path: str, encoder: AudioEncoder, head: SpeechHead, overrides: li
     torch.save({"state_dict": state, "overrides": overrides}, path)
 
 
+def load_codec(model, path: str, parts: tuple[str, ...] = CODEC_PARTS) -> None:
+    """``save_codec``'s tensors under ``parts`` (default: every codec tensor) into ``model`` (a Xoron model of the
+    same sizes), nothing else; a missing, unexpected or misshapen tensor stops the bench with what differs."""
+    state = {k: v for k, v in torch.load(path, weights_only=True)["state_dict"].items() if k.startswith(parts)}
+    own = model.state_dict()
+    wanted = {k for k in own if k.startswith(parts)}
+    if set(state) != wanted or any(own[k].shape != v.shape for k, v in state.items()):
+        raise SystemExit(f"{path} does not fit this model's codec: missing {sorted(wanted - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - wanted)[:5]}, or other shapes; build it with the overrides "
+                         "it was saved with (bench.audio_codec's sizes)")
+    model.load_state_dict(state, strict=False)
+
+
 def load_codec_file(path: str) -> tuple[AudioEncoder, SpeechHead]:
     """``save_codec``'s file -> its tokenizer + RVQ (``AudioEncoder``) and BigVGAN (``SpeechHead``), in eval mode:
     ``reconstruct`` with them resynthesises a clip as the codec hears it (``bench.audio_asr --resynth-codec``)."""

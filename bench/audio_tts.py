@@ -162,7 +162,7 @@ import numpy as np
 import torch
 
 from bench.audio_asr import SMOKE, arrow_sample, batch_fields, cer, greedy_decode, param_groups
-from bench.audio_codec import CODEC_PARTS, independent_judge, reconstruct
+from bench.audio_codec import CODEC_PARTS, independent_judge, load_codec, reconstruct
 from bench.audio_common import (
     AudioSample,
     Judges,
@@ -328,6 +328,11 @@ def spectral_match(generated: list[torch.Tensor], real: list[torch.Tensor], text
     return {"generated": score(gen), "chance_deranged_real": score(ref.roll(-1, 0))}
 
 
+def reference_clips(samples: list[AudioSample], pool: dict[int, list[AudioSample]]) -> list[AudioSample]:
+    """For sample i, a training clip with vowels of its own speaker (``voice_pool``), cycling through them."""
+    return [pool[s.speaker][i % len(pool[s.speaker])] for i, s in enumerate(samples)]
+
+
 VOWELS_PER_UTTERANCE = 4  # the corpus's longest event sequences; Resemblyzer needs the vowels (see below)
 
 
@@ -343,7 +348,7 @@ def vowel_utterances(per_speaker: int, seed: int) -> list[AudioSample]:
             events = sample_vowels(rng, voice, VOWELS_PER_UTTERANCE)
             wave = render_events(events, 16_000, np.random.default_rng(rng.getrandbits(32)), voice)
             out.append(AudioSample(f"text_to_speech-{len(out) + 1:06d}", "text_to_speech", None, transcript(events),
-                                   (np.clip(wave, -1, 1) * 32767).round().astype(np.int16), speaker))
+                                   to_int16(torch.from_numpy(wave)).numpy(), speaker))
     return out
 
 
@@ -357,26 +362,13 @@ def vowel_cloning(model, judges: Judges, layout, tokenizer, references_pool: dic
     enrolled = judges.embed([float_wave(s) for s in enrol])
     centroids = {name: speaker_centroids(e, [s.speaker for s in enrol]) for name, e in enrolled.items()}
     docs = [layout.documents(arrow_sample(s, tokenizer))[0] for s in held]
-    refs = [references_pool[s.speaker][i % len(references_pool[s.speaker])] for i, s in enumerate(held)]
-    waves = generate(model, docs, [int16_tensor(r) for r in refs], tokenizer.pad_id)
+    waves = generate(model, docs, [int16_tensor(r) for r in reference_clips(held, references_pool)], tokenizer.pad_id)
     resynthesised = [reconstruct(model.audio, model.speech, int16_tensor(s))[0] for s in held]
     speakers = [s.speaker for s in held]
     scored = {kind: judges.embed(clips) for kind, clips in (
         ("generated", waves), ("real_held_out", [float_wave(s) for s in held]), ("codec_resynthesis", resynthesised))}
     return {judge: {kind: cloning_scores(embeddings[judge], speakers, centroids[judge])
                     for kind, embeddings in scored.items()} for judge in centroids}
-
-
-def load_codec(model, path: str) -> None:
-    """``bench.audio_codec --save``'s tokenizer, RVQ and BigVGAN into ``model`` (every codec tensor, nothing else)."""
-    state = torch.load(path, weights_only=True)["state_dict"]
-    own = model.state_dict()
-    wanted = {k for k in own if k.startswith(CODEC_PARTS)}
-    if set(state) != wanted or any(own[k].shape != v.shape for k, v in state.items()):
-        raise SystemExit(f"{path} does not fit this model's codec: missing {sorted(wanted - set(state))[:5]}, "
-                         f"unexpected {sorted(set(state) - wanted)[:5]}; build it with the overrides it was saved "
-                         "with (bench.audio_codec's sizes)")
-    model.load_state_dict(state, strict=False)
 
 
 def main() -> None:
@@ -429,10 +421,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     # with --codec-from the codec's tensors come from there (its sizes may differ, e.g. more RVQ levels)
-    source_state = {k: v for k, v in saved["state_dict"].items() if codec is None or not k.startswith(CODEC_PARTS)}
-    missing, unexpected = model.load_state_dict(source_state, strict=False)
-    fresh_speech = any(k.startswith("speech.") and not k.startswith(CODEC_PARTS) for k in missing)
-    if unexpected or any(not k.startswith("speech.") and not (codec and k.startswith(CODEC_PARTS)) for k in missing):
+    replaced = CODEC_PARTS if codec is not None else ()
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in saved["state_dict"].items() if not k.startswith(replaced)}, strict=False)
+    missing = [k for k in missing if not k.startswith(replaced)]
+    fresh_speech = bool(missing)
+    if unexpected or any(not k.startswith("speech.") for k in missing):
         raise SystemExit(f"{args.source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     judge = model
     if codec is not None:  # the ASR judge: the source model as it was trained, its own tokenizer in front
@@ -473,9 +467,9 @@ def main() -> None:
         torch.save({"state_dict": state, "tts_train": run, "args": vars(args)}, args.save_tts)
 
     held_docs = [layout.documents(arrow_sample(s, tokenizer))[0] for s in held]
-    reference_clips = [references_pool[s.speaker][i % len(references_pool[s.speaker])] for i, s in enumerate(held)]
+    references = reference_clips(held, references_pool)
     gen_start = time.perf_counter()
-    waves = generate(model, held_docs, [int16_tensor(r) for r in reference_clips], tokenizer.pad_id,
+    waves = generate(model, held_docs, [int16_tensor(r) for r in references], tokenizer.pad_id,
                      length_scale=args.length_scale, snap=args.snap)
     gen_seconds = time.perf_counter() - gen_start
     texts = [s.text for s in held]
