@@ -23,8 +23,11 @@ RATE = 16_000
 
 
 def _cfg(*overrides):
-    alone = ["model.image_gen.enabled=false", "model.video_gen.enabled=false"]  # the speech generator alone
-    return load_config(SMOKE, ["model.speech.enabled=true", *alone, *overrides])
+    """The smoke model with the speech generator alone, and BigVGAN's pitch source on (off by default): every
+    test here also runs the source-filter path (tracker, predictor loss, excitation) through the codec loss."""
+    alone = ["model.image_gen.enabled=false", "model.video_gen.enabled=false"]
+    return load_config(SMOKE, ["model.speech.enabled=true", "model.speech.vocoder.source_harmonics=8", *alone,
+                               *overrides])
 
 
 def _clip(seconds: float, seed: int) -> torch.Tensor:
@@ -378,6 +381,7 @@ def test_zero3_audio_encoder_and_speech_head_equal_single_rank(one_thread, tmp_p
         for name, grad in grads.items():
             expected = torch.zeros_like(grad) if ref[name] is None else ref[name]
             # atol scaled to the tensor: the vocoder's convolutions round differently over 1 or 2 segments
-            # than over 3 (its largest gradients reach ~100; one process summing the halves differs alike)
-            atol = max(1e-6, 2e-5 * expected.abs().max().item())
+            # than over 3 (its largest gradients reach ~100; one process summing the halves differs alike), and
+            # conv_pre also takes the pitch predictor's gradient (measured: 2.5e-5 of its largest element)
+            atol = max(1e-6, 4e-5 * expected.abs().max().item())
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=atol, msg=f"rank {rank} grad of {name}")

@@ -76,14 +76,19 @@ def test_the_vision_towers_old_weight_names_load():
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
 
 
-def test_loading_an_unconditioned_vocoder_into_a_conditioned_one_names_the_fix():
-    """The error load_state_dict raises for such a checkpoint (taken from a real load) maps to the overrides
-    that build the old model; other errors get no hint."""
-    old = build_model(load_config("pipelines/smoke.yaml", ["model.speech.vocoder.speaker_conditioned=false"]))
-    new = build_model(load_config("pipelines/smoke.yaml"))
+@pytest.mark.parametrize("older, newer", [
+    ("model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0", ""),
+    ("model.speech.vocoder.source_harmonics=0", "model.speech.vocoder.source_harmonics=8"),
+])
+def test_loading_a_vocoder_without_an_option_names_the_fix(older, newer):
+    """The error load_state_dict raises for a checkpoint saved without an option's parameters (an unconditioned
+    BigVGAN, one without the pitch source; taken from a real load) maps to the overrides that build the old
+    model; other errors get no hint."""
+    old = build_model(load_config("pipelines/smoke.yaml", older.split()))
+    new = build_model(load_config("pipelines/smoke.yaml", newer.split()))
     with pytest.raises(RuntimeError) as caught:
         new.load_state_dict(old.state_dict())
     hint = model_mismatch_hint(str(caught.value))
-    assert hint and "model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0" in hint
+    assert hint and older in hint
     assert model_mismatch_hint("Missing key(s) in state_dict: \"llm.layers.0.attn.q_proj.weight\"") is None
     assert model_mismatch_hint("unexpected EOF") is None

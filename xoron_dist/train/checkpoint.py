@@ -146,7 +146,12 @@ _HASHED_WHEN_CHANGED: dict[tuple[str, str], Any] = {("audio", "understand_from")
 # earlier checkpoint resumes with the field set to that value, and a config without the section keeps
 # its hash whatever the field says.
 _NEW_DEFAULTS: dict[tuple[str, ...], Any] = {("speech", "vocoder", "speaker_conditioned"): False,
-                                             ("speech", "vocoder", "speaker_weight"): 0.0}
+                                             ("speech", "vocoder", "speaker_weight"): 0.0,
+                                             # the pitch source (off by default) and its settings' defaults
+                                             ("speech", "vocoder", "source_harmonics"): 0,
+                                             ("speech", "vocoder", "pitch_weight"): 20.0,
+                                             ("speech", "vocoder", "f0_min"): 60.0,
+                                             ("speech", "vocoder", "f0_max"): 1000.0}
 
 
 def _hashed_model(cfg: XoronConfig) -> dict[str, Any]:
@@ -512,9 +517,11 @@ def _load_files(engine: Any, root: Path, tag: str, module_only: bool) -> dict[st
     return rank_state
 
 
-# Parameters that only a newer option builds, and the overrides that build the model older checkpoints hold.
+# Parameters that only an option builds (newer, or off by default), and the overrides that build the model a
+# checkpoint without them holds.
 _OPTION_PARAMETERS = {"speech.vocoder.generator.cond.": "model.speech.vocoder.speaker_conditioned=false "
-                                                          "model.speech.vocoder.speaker_weight=0"}
+                                                          "model.speech.vocoder.speaker_weight=0",
+                      "speech.vocoder.generator.pitch.": "model.speech.vocoder.source_harmonics=0"}
 
 
 def model_mismatch_hint(message: str) -> str | None:
@@ -524,8 +531,8 @@ def model_mismatch_hint(message: str) -> str | None:
         return None
     for name, overrides in _OPTION_PARAMETERS.items():
         if name in message:
-            return (f"its parameters lack {name}* (saved before that option existed); resume with {overrides}, "
-                    "as the run it continues was built")
+            return (f"its parameters lack {name}* (saved without that option, or before it existed); resume with "
+                    f"{overrides}, as the run it continues was built")
     return None
 
 

@@ -15,8 +15,11 @@ codec's hop (320 at 16 kHz). Mels exist only inside the spectral loss (``speech/
 
 Data flow, ``C = upsample_initial_channel``::
 
-    latents (B, in_channels, T) -> conv_pre k7 -> (B, C, T)
+    latents (B, in_channels, T) -> conv_pre k7 (+ voice offset) -> (B, C, T)
+        [source_harmonics: -> PitchPredictor -> f0, voiced -> HarmonicSource -> excitation e (B, 1, T * hop)]
     for stage i, rate u_i, kernel k_i:  ConvTranspose1d(C/2^i -> C/2^(i+1), k_i, stride u_i, pad (k_i-u_i)/2)
+                                        [+ source_convs.i(e), a conv of stride hop / prod(u_0..u_i),
+                                         no weight norm]
                                         -> mean over resblock kernels of AMPBlock(kernel, dilations)
     -> anti-aliased Snake -> conv_post k7 (C/2^n -> 1) -> clamp(-1, 1) (v2) or tanh (v1)
     -> (B, 1, T * prod(u_i))
@@ -43,11 +46,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, skip_init
+
+from xoron_dist.model.speech.pitch import HarmonicSource, PitchPredictor
 
 ACTIVATIONS = ("snake", "snakebeta")
 
@@ -77,6 +83,11 @@ class BigVGANConfig:
         set, a 1x1 conv ``cond`` maps it to ``upsample_initial_channel`` and adds it to every frame of
         conv_pre's output (the multi-speaker HiFi-GAN of VITS, Kim et al. 2021, arXiv:2106.06103: its
         ``gin_channels``); NVIDIA's BigVGAN has none, so parity with it is at 0.
+    source_harmonics: harmonics of the neural source-filter excitation (``xoron_dist.model.speech.pitch``), 0
+        for none (NVIDIA's BigVGAN, parity at 0). When set, a ``PitchPredictor`` reads conv_pre's output (after
+        the voice offset) for f0 and voicing per frame, a ``HarmonicSource`` turns them (or the pitch passed to
+        ``forward``) into a harmonic excitation, and stage i adds its strided conv ``source_convs.{i}`` of it.
+    f0_min, f0_max: the predictor's pitch range in Hz (its log f0 is a sigmoid between their logs).
     """
 
     in_channels: int = 128
@@ -92,6 +103,9 @@ class BigVGANConfig:
     weight_norm: bool = True
     sample_rate: int = 16000
     cond_channels: int = 0
+    source_harmonics: int = 0
+    f0_min: float = 60.0
+    f0_max: float = 1000.0
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -99,6 +113,10 @@ class BigVGANConfig:
         if self.cond_channels < 0:
             raise ValueError(f"BigVGANConfig.cond_channels={self.cond_channels}: use 0 (no conditioning) or the "
                              "width of the conditioning vector")
+        if self.source_harmonics < 0 or not 0 < self.f0_min < self.f0_max < self.sample_rate / 2:
+            raise ValueError(f"BigVGANConfig: source_harmonics={self.source_harmonics}, f0_min={self.f0_min}, "
+                             f"f0_max={self.f0_max}: need source_harmonics >= 0 (0: no source) and "
+                             f"0 < f0_min < f0_max < sample_rate / 2 = {self.sample_rate / 2}")
         if self.in_channels < 1 or not self.upsample_rates or min(self.upsample_rates) < 1:
             raise ValueError(f"BigVGANConfig: in_channels={self.in_channels}, upsample_rates={self.upsample_rates}: "
                              "need in_channels >= 1 and at least one rate, every rate >= 1")
@@ -304,6 +322,13 @@ class BigVGANGenerator(nn.Module):
                                    weight_norm=wn)
         # Last in module order, so an unconditioned generator draws the same weights as before it existed.
         self.cond = make_conv(nn.Conv1d, cfg.cond_channels, c0, 1, weight_norm=False) if cfg.cond_channels else None
+        self.pitch = self.source = self.source_convs = None  # the source-filter excitation, after everything else
+        if cfg.source_harmonics:
+            plain = partial(make_conv, weight_norm=False)
+            self.pitch = PitchPredictor(c0, cfg.f0_min, cfg.f0_max, plain)
+            self.source = HarmonicSource(cfg.source_harmonics, cfg.hop_length, cfg.sample_rate, plain)
+            self.source_convs = nn.ModuleList(_source_conv(c0 >> (i + 1), cfg.hop_length // math.prod(
+                cfg.upsample_rates[: i + 1])) for i in range(len(cfg.upsample_rates)))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -320,21 +345,55 @@ class BigVGANGenerator(nn.Module):
         """Output samples per input frame."""
         return self.cfg.hop_length
 
-    def forward(self, latents: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, cond: torch.Tensor | None = None,
+                pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """latents (batch, in_channels, frames), cond (batch, cond_channels) when the generator is
-        conditioned (``cfg.cond_channels``), else None -> waveform (batch, 1, frames * hop_length)."""
+        conditioned (``cfg.cond_channels``), else None; ``pitch``: (f0 Hz, voiced) each (batch, frames) to
+        drive the source (``cfg.source_harmonics``; None: the generator's own prediction) -> waveform
+        (batch, 1, frames * hop_length)."""
+        x = self._stem(latents, cond)
+        excitation = self._excitation(x, pitch)
+        for i, up in enumerate(self.ups):
+            x = up(x)
+            if excitation is not None:
+                x = x + self.source_convs[i](excitation)
+            blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
+            x = sum(block(x) for block in blocks) / self.num_kernels
+        x = self.conv_post(self.activation_post(x))
+        return torch.tanh(x) if self.cfg.use_tanh_at_final else x.clamp(-1.0, 1.0)
+
+    def predict_pitch(self, latents: torch.Tensor,
+                      cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (and cond) as for ``forward`` -> the predictor's log f0 and voicing logits, (batch, frames) fp32."""
+        if self.pitch is None:
+            raise ValueError("BigVGANGenerator.predict_pitch: this generator has no source (source_harmonics=0)")
+        return self.pitch(self._stem(latents, cond))
+
+    def _stem(self, latents: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """conv_pre of the latents, plus the voice offset when conditioned: (batch, C, frames)."""
         if latents.dim() != 3 or latents.shape[1] != self.cfg.in_channels:
             raise ValueError(f"BigVGANGenerator expects latents (batch, {self.cfg.in_channels}, frames), got "
                              f"{tuple(latents.shape)}: transpose (batch, frames, channels) codec output first")
         x = self.conv_pre(latents)
         if self.cond is not None or cond is not None:
             x = x + self._condition(cond, latents.shape[0])
-        for i, up in enumerate(self.ups):
-            x = up(x)
-            blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
-            x = sum(block(x) for block in blocks) / self.num_kernels
-        x = self.conv_post(self.activation_post(x))
-        return torch.tanh(x) if self.cfg.use_tanh_at_final else x.clamp(-1.0, 1.0)
+        return x
+
+    def _excitation(self, x: torch.Tensor, pitch: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        """The source's excitation (batch, 1, frames * hop) from ``pitch`` or the predictor; None without a source."""
+        if self.source is None:
+            if pitch is not None:
+                raise ValueError("BigVGANGenerator: a pitch was given but this generator has no source "
+                                 "(source_harmonics=0); build it with source_harmonics set, or pass none")
+            return None
+        if pitch is None:
+            log_f0, voicing = self.pitch(x)
+            return self.source(log_f0.exp(), voicing > 0)
+        f0, voiced = pitch
+        if f0.shape != (x.shape[0], x.shape[-1]) or voiced.shape != f0.shape:
+            raise ValueError(f"BigVGANGenerator: pitch needs f0 and voiced of shape ({x.shape[0]}, {x.shape[-1]}) "
+                             f"(batch, frames), got {tuple(f0.shape)} and {tuple(voiced.shape)}")
+        return self.source(f0, voiced)
 
     def _condition(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
         """cond (batch, cond_channels) -> its per-channel offset (batch, C, 1), or a clear error."""
@@ -352,6 +411,15 @@ class BigVGANGenerator(nn.Module):
         for m in self.modules():
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+
+
+def _source_conv(channels: int, rate: int) -> nn.Module:
+    """(batch, 1, S) excitation -> (batch, channels, S / rate): kernel rate + 2 (rate // 2), stride rate,
+    padding rate // 2, which gives exactly S / rate samples for odd and even rates (NSF-HiFiGAN's noise_convs).
+    Without weight norm, as NSF-HiFiGAN's: at rate 1 each output channel's weight is one number, whose
+    weight-norm direction has no gradient but rounding noise (a 2-rank step differed from one rank's there)."""
+    return make_conv(nn.Conv1d, 1, channels, rate + 2 * (rate // 2), stride=rate, padding=rate // 2,
+                     weight_norm=False)
 
 
 def state_dict_from_nvidia(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,6 +5,9 @@
     generator terms   L_adv(MPD, MRD; D's weights detached) + fm · L_fm + mel · multi-scale log-mel L1
     discriminator     L_D(MPD, MRD) on y and y_hat.detach()
     quantiser         codebook + commitment losses of the residual VQ
+    pitch             with the pitch source (``source_harmonics``): pitch_weight · (log-f0 L1 + voicing BCE) of
+                      BigVGAN's pitch predictor against the pitch tracked on y, which also drives the harmonic
+                      source of y_hat (``speech/pitch.py``)
 
 Both sides of the GAN are summed into one loss and trained by one backward and one optimizer step:
 the discriminators see the generator's audio detached (no generator gradient from L_D), and the
@@ -45,6 +48,7 @@ from xoron_dist.model.speech.losses import (
     feature_matching_loss,
     generator_adversarial_loss,
 )
+from xoron_dist.model.speech.pitch import pitch_loss, track_pitch
 
 
 def bigvgan_config(cfg: VocoderConfig, audio: AudioConfig, voice_dim: int) -> BigVGANConfig:
@@ -55,7 +59,8 @@ def bigvgan_config(cfg: VocoderConfig, audio: AudioConfig, voice_dim: int) -> Bi
                          resblock_kernel_sizes=tuple(cfg.resblock_kernel_sizes),
                          resblock_dilation_sizes=tuple(tuple(d) for d in cfg.resblock_dilation_sizes),
                          activation=cfg.activation, sample_rate=audio.sample_rate,
-                         cond_channels=voice_dim if cfg.speaker_conditioned else 0)
+                         cond_channels=voice_dim if cfg.speaker_conditioned else 0,
+                         source_harmonics=cfg.source_harmonics, f0_min=cfg.f0_min, f0_max=cfg.f0_max)
 
 
 def crop_segments(samples: torch.Tensor, lengths: torch.Tensor, segment: int, starts: list[int]) -> torch.Tensor:
@@ -89,11 +94,31 @@ class Vocoder(nn.Module):
         """Whether the generator reads a voice vector (``VocoderConfig.speaker_conditioned``)."""
         return self.generator.cond is not None
 
-    def decode(self, latents: torch.Tensor, voice: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def pitched(self) -> bool:
+        """Whether the generator has the source-filter excitation (``VocoderConfig.source_harmonics``)."""
+        return self.generator.source is not None
+
+    def decode(self, latents: torch.Tensor, voice: torch.Tensor | None = None,
+               pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """latents (n, frames, latent_dim), voice (n, voice_dim) unit vectors when ``conditioned`` (None
-        otherwise) -> waveform (n, frames · hop) in [-1, 1]. The voice is read at unit RMS per component."""
-        cond = None if voice is None else voice * voice.shape[-1] ** 0.5
-        return self.generator(latents.transpose(1, 2), cond).squeeze(1)
+        otherwise) -> waveform (n, frames · hop) in [-1, 1]. The voice is read at unit RMS per component.
+        ``pitch``: (f0, voiced) (n, frames) to drive the source (codec training); None: BigVGAN predicts it."""
+        return self.generator(latents.transpose(1, 2), _unit_rms(voice), pitch).squeeze(1)
+
+    def pitch_sum(self, latents: torch.Tensor, voice: torch.Tensor | None,
+                  real: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The pitch predictor's loss (``pitch.pitch_loss``) on latents (n, frames, latent_dim) against the pitch
+        tracked on the real segments (n, S), summed over them; returns (loss, (f0, voiced)) so the caller can drive the
+        source with the same tracked pitch."""
+        f0, voiced = track_pitch(real, self.hop, self.generator.cfg.sample_rate, self.cfg.f0_min, self.cfg.f0_max)
+        return pitch_loss(*self.predict_pitch(latents, voice), f0, voiced).sum(), (f0, voiced)
+
+    def predict_pitch(self, latents: torch.Tensor,
+                      voice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (n, frames, latent_dim) and voice as for ``decode`` -> BigVGAN's predicted log f0 (Hz) and
+        voicing logits, (n, frames) fp32: the pitch ``decode`` gives its source when none is passed."""
+        return self.generator.predict_pitch(latents.transpose(1, 2), _unit_rms(voice))
 
     def gan_losses(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """fake, real (n, 1, S) -> the batch-mean terms: ``mel``, ``adversarial``, ``feature``, ``discriminator``."""
@@ -150,6 +175,11 @@ class Vocoder(nn.Module):
         if self.cfg.adversarial:
             total = total + terms["adversarial"] + self.cfg.fm_weight * terms["feature"] + terms["discriminator"]
         return total * fake.shape[0]
+
+
+def _unit_rms(voice: torch.Tensor | None) -> torch.Tensor | None:
+    """A unit voice vector (n, d) -> unit RMS per component (x sqrt(d)), as BigVGAN reads it."""
+    return None if voice is None else voice * voice.shape[-1] ** 0.5
 
 
 __all__ = ["Vocoder", "bigvgan_config", "crop_segments"]

@@ -1,0 +1,156 @@
+"""Pitch for the codec's decoder: a YIN pitch tracker, the pitch predictor's loss, and the harmonic source.
+
+Why: a tiny BigVGAN trained for a few thousand steps does not learn to make a periodic waveform whose
+period follows its latents. Measured on the bench codec (``bench.audio_codec``, 1200 steps): every
+resynthesised vowel came out at one of a few pitches locked to the frame structure (133 or 100 Hz: 120 or
+160 samples) whatever its speaker's (85-320 Hz), and a linear probe found little pitch in the quantised
+latents (R² 0.19).
+The neural source-filter answer (NSF, Wang et al. 2019, arXiv:1904.12088; NSF-HiFiGAN of DiffSinger /
+so-vits-svc) gives the generator the period instead of asking it to invent one:
+
+    latents ─► conv_pre (+ voice) ─► PitchPredictor ─► f0 (frames), voiced (frames)
+    f0, voiced ─► HarmonicSource: sum_k w_k sin(2π k φ(t)), φ(t) = ∫ f0 dt / sample rate (voiced samples only)
+               ─► one strided conv per upsampling stage, added to that stage's output
+
+An option (``model.speech.vocoder.source_harmonics``, off by default: on the bench codec it brought the pitch
+back, 31 % -> 18 % median error, but not the voice or the intelligibility the judges measure; README).
+In codec training the source is driven by the pitch tracked on the real segment (teacher forcing) and
+the predictor learns to read it from the latents (``pitch_loss``: L1 on log f0 of voiced frames + BCE
+on voicing), whose gradient also reaches the tokenizer through the quantiser's straight-through
+estimator, so the tokens learn to carry the pitch. At generation the predictor's pitch drives it.
+
+``track_pitch`` is YIN (de Cheveigné & Kawahara 2002, JASA 111(4)): the cumulative-mean-normalised
+difference function d'(τ) over each frame's window, the first local minimum in [sr / f0_max, sr / f0_min]
+below ``threshold`` or near the global minimum (``_first_dip``), refined by a parabola; a frame is voiced when d' there
+is below ``voicing`` and its RMS above ``floor``. Frames are the codec's: frame t is centred on sample
+t·hop + hop/2 with a window of ``WINDOW_HOPS``·hop samples, so it returns one value per latent frame. Vectorised
+(FFT autocorrelation), no Python loop over frames; runs on the tensor's device, without gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WINDOW_HOPS = 3  # a 60 ms window at hop 320: fewer octave errors in the breathy synth voices than 2 or 4
+
+
+@torch.no_grad()
+def track_pitch(samples: torch.Tensor, hop: int, sample_rate: int, f0_min: float, f0_max: float,
+                threshold: float = 0.15, voicing: float = 0.5,
+                floor: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """samples (batch, S) float in [-1, 1] -> f0 (batch, ceil(S / hop)) Hz (0 where unvoiced), voiced (same) bool."""
+    if samples.dim() != 2:
+        raise ValueError(f"track_pitch expects samples (batch, samples), got {tuple(samples.shape)}")
+    lag_min, lag_max = max(2, math.floor(sample_rate / f0_max)), math.ceil(sample_rate / f0_min)
+    width = WINDOW_HOPS * hop
+    if lag_max + 2 >= width:
+        raise ValueError(f"track_pitch: f0_min={f0_min} Hz needs lags up to {lag_max} samples, more than the "
+                         f"{width}-sample window ({WINDOW_HOPS} x hop {hop}) allows; raise f0_min above "
+                         f"{sample_rate / (width - 3):.0f} Hz")
+    x = samples.float()
+    frames = -(-x.shape[1] // hop)
+    left = (width - hop) // 2
+    x = F.pad(x, (left, frames * hop - x.shape[1] + width - hop - left))
+    windows = x.unfold(1, width, hop)[:, :frames]  # (batch, frames, width)
+    windows = windows - windows.mean(-1, keepdim=True)
+    cmnd = _cmnd(windows, lag_max + 1)  # (batch, frames, lag_max + 2)
+    lag = _first_dip(cmnd, lag_min, lag_max, threshold)
+    best = cmnd.gather(-1, lag[..., None])[..., 0]
+    left, right = cmnd.gather(-1, lag[..., None] - 1)[..., 0], cmnd.gather(-1, lag[..., None] + 1)[..., 0]
+    curvature = left - 2 * best + right
+    shift = torch.where(curvature > 1e-9, 0.5 * (left - right) / curvature.clamp_min(1e-9), torch.zeros_like(best))
+    period = lag.float() + shift.clamp(-0.5, 0.5)
+    loud = windows.pow(2).mean(-1).sqrt() > floor
+    voiced = (best < voicing) & loud
+    return torch.where(voiced, sample_rate / period, torch.zeros_like(period)), voiced
+
+
+def _cmnd(windows: torch.Tensor, lags: int) -> torch.Tensor:
+    """(..., W) -> YIN's d'(τ) for τ = 0 .. lags (inclusive), (..., lags + 1), over the first W - lags samples."""
+    span = windows.shape[-1] - lags
+    n = 1 << (windows.shape[-1] + span).bit_length()
+    corr = torch.fft.irfft(torch.fft.rfft(windows[..., :span], n).conj() * torch.fft.rfft(windows, n), n)
+    corr = corr[..., : lags + 1]  # r(τ) = Σ_{j<span} x_j x_{j+τ}
+    energy = F.pad(windows.pow(2).cumsum(-1), (1, 0))  # c[i] = Σ_{j<i} x_j²
+    tau = torch.arange(lags + 1, device=windows.device)
+    shifted = energy[..., tau + span] - energy[..., tau]  # Σ_{j<span} x_{j+τ}²
+    diff = (energy[..., span : span + 1] + shifted - 2 * corr).clamp_min(0.0)
+    running = diff[..., 1:].cumsum(-1) / tau[1:]
+    return torch.cat([torch.ones_like(diff[..., :1]), diff[..., 1:] / running.clamp_min(1e-12)], dim=-1)
+
+
+def _first_dip(cmnd: torch.Tensor, lag_min: int, lag_max: int, threshold: float, slack: float = 0.1) -> torch.Tensor:
+    """The first local minimum of d' in [lag_min, lag_max] below ``threshold`` or within ``slack`` of the global
+    minimum there, whichever is higher: in a noisy, jittered voice no dip reaches the threshold and the global
+    minimum often falls on two or three periods (breathy synth voices: a third of their frames an octave or
+    more low), while the first dip near it is the period."""
+    inner = cmnd[..., lag_min : lag_max + 1]
+    before, after = cmnd[..., lag_min - 1 : lag_max], cmnd[..., lag_min + 1 : lag_max + 2]
+    limit = (inner.amin(-1, keepdim=True) + slack).clamp_min(threshold)
+    dip = (inner < limit) & (inner <= before) & (inner <= after)
+    first = dip.float().argmax(-1)  # the first True (0 when none)
+    return torch.where(dip.any(-1), first, inner.argmin(-1)) + lag_min
+
+
+class PitchPredictor(nn.Module):
+    """conv_pre's output (batch, channels, frames) -> log f0 (batch, frames) within [log f0_min, log f0_max]
+    and the voicing logit (batch, frames): two k5 convolutions with SiLU, then a 1x1 to the two outputs."""
+
+    def __init__(self, channels: int, f0_min: float, f0_max: float, conv) -> None:
+        super().__init__()
+        hidden = max(8, channels // 2)
+        self.log_range = (math.log(f0_min), math.log(f0_max))
+        self.conv1 = conv(nn.Conv1d, channels, hidden, 5, padding=2)
+        self.conv2 = conv(nn.Conv1d, hidden, hidden, 5, padding=2)
+        self.out = conv(nn.Conv1d, hidden, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.out(F.silu(self.conv2(F.silu(self.conv1(x))))).float()
+        low, high = self.log_range
+        return low + (high - low) * torch.sigmoid(raw[:, 0]), raw[:, 1]
+
+
+class HarmonicSource(nn.Module):
+    """f0 (batch, frames) Hz and voiced (batch, frames) -> the excitation (batch, 1, frames * hop): the
+    first ``harmonics`` multiples of the frame's f0 (those below Nyquist), phase-continuous across frames
+    (the phase integrates the frequency, sample by sample), mixed by a learned 1x1 conv and tanh;
+    zero in unvoiced frames. Computed in fp32 whatever the model's dtype (the phase is a long sum).
+    ``amplitude`` 1, not NSF's 0.1: at 0.1 the bench codec's BigVGAN hardly used the source (changing its
+    pitch changed the output by 5 %); at 1, after 400 steps, vowels decoded with the true pitch put 0.63 of
+    their 50 Hz - 4 kHz energy on its harmonics (real clips 0.68; 0.47 at 0.1)."""
+
+    def __init__(self, harmonics: int, hop: int, sample_rate: int, conv, amplitude: float = 1.0) -> None:
+        super().__init__()
+        self.hop, self.sample_rate, self.amplitude = hop, sample_rate, amplitude
+        self.register_buffer("multiples", torch.arange(1, harmonics + 1, dtype=torch.float32), persistent=False)
+        self.merge = conv(nn.Conv1d, harmonics, 1, 1)
+
+    def forward(self, f0: torch.Tensor, voiced: torch.Tensor) -> torch.Tensor:
+        step = f0.float() * voiced.float() / self.sample_rate  # (batch, frames) cycles per sample
+        start = torch.cumsum(step * self.hop, dim=1) - step * self.hop  # each frame's phase at its first sample:
+        start = start - start.floor()  # a sum over frames, not samples (less rounding, also in ONNX Runtime)
+        offsets = torch.arange(1, self.hop + 1, device=f0.device, dtype=step.dtype)
+        cycles = (start[..., None] + step[..., None] * offsets).flatten(1)  # (batch, samples), sum_{m<=n} f_m / sr
+        freq = (step * self.sample_rate).repeat_interleave(self.hop, dim=1)  # (batch, samples) Hz
+        turns = cycles[:, None, :] * self.multiples[None, :, None]  # (batch, harmonics, samples)
+        audible = (freq[:, None, :] * self.multiples[None, :, None]) < self.sample_rate / 2
+        sines = torch.sin(2 * math.pi * (turns - turns.floor())) * audible * self.amplitude
+        return torch.tanh(self.merge(sines.to(self.merge.weight.dtype)))
+
+
+def pitch_loss(log_f0: torch.Tensor, voicing_logit: torch.Tensor, f0: torch.Tensor,
+               voiced: torch.Tensor) -> torch.Tensor:
+    """Predicted log f0 and voicing logits (batch, frames) against tracked f0 / voiced (``track_pitch``) -> per
+    item (batch,) fp32: mean |log f0 - log f0_true| over its voiced frames (0 when none) + mean BCE on voicing.
+    Per item, so a batch's sum is the same however the items are split across ranks."""
+    target = voiced.float()
+    voicing = F.binary_cross_entropy_with_logits(voicing_logit.float(), target, reduction="none").mean(-1)
+    error = ((log_f0.float() - f0.clamp_min(1.0).log()).abs() * target).sum(-1)
+    return voicing + error / target.sum(-1).clamp_min(1.0)
+
+
+__all__ = ["HarmonicSource", "PitchPredictor", "pitch_loss", "track_pitch"]
