@@ -107,7 +107,7 @@ import jiwer
 import numpy as np
 import torch
 
-from bench.audio_common import AudioSample, int16_tensor, synth_audio
+from bench.audio_common import AudioSample, int16_tensor, saved_overrides, synth_audio
 from bench.common import OUT_DIR, machine, write_result
 from xoron_dist.config import load_config
 from xoron_dist.data.packing import Document, SequencePacker, TokenLayout, collate
@@ -378,7 +378,7 @@ def main() -> None:
     start = time.perf_counter()
     codec = ["model.speech.enabled=true", "model.speech.vocoder.adversarial=false"] if args.codec_weight else []
     initial = torch.load(args.init_from, weights_only=True) if args.init_from else None
-    model_overrides = initial["overrides"] if initial else [*AUDIO_ONLY, *codec, *args.overrides]
+    model_overrides = saved_overrides(initial) if initial else [*AUDIO_ONLY, *codec, *args.overrides]
     if initial and (args.overrides or args.codec_pretrain_steps):
         raise SystemExit("--init-from takes the saved model's overrides and codec: drop the overrides and "
                          "--codec-pretrain-steps")

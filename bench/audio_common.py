@@ -71,6 +71,19 @@ def has_voice(sample: AudioSample) -> bool:
     return "vowel" in sample.text
 
 
+def saved_overrides(saved: dict) -> list[str]:
+    """The config overrides a bench file (``torch.save({"state_dict", "overrides"})``: a codec, an ASR or TTS
+    model) was built from, with BigVGAN's pitch source (``model.speech.vocoder.source_harmonics``) set as its
+    tensors have it: files saved while the source was briefly on by default do not name it."""
+    state = saved["state_dict"]
+    if not any(k.startswith("speech.vocoder.generator.") for k in state):
+        return list(saved["overrides"])
+    merge = state.get("speech.vocoder.generator.source.merge.weight")  # (1, harmonics, 1)
+    harmonics = 0 if merge is None else merge.shape[1]
+    return [*(o for o in saved["overrides"] if not o.startswith("model.speech.vocoder.source_harmonics=")),
+            f"model.speech.vocoder.source_harmonics={harmonics}"]
+
+
 def pretrain_speaker(speaker, pool: dict[int, list[AudioSample]], steps: int, lr: float, seed: int) -> dict:
     """The speaker encoder alone, classifying the synth voices (AAM-softmax, ``AAMSoftmaxHead``) on training
     clips with vowels: 16 clips a step, each a random 1 s crop (or the whole clip if shorter)."""

@@ -172,6 +172,7 @@ from bench.audio_common import (
     int16_tensor,
     judge_centroids,
     pretrain_speaker,
+    saved_overrides,
     speaker_centroids,
     synth_audio,
     voice_pool,
@@ -409,12 +410,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     saved = torch.load(args.source, weights_only=True)
-    overrides = list(saved["overrides"])
+    overrides = saved_overrides(saved)
     if "model.speech.enabled=true" not in overrides:
         overrides += ["model.speech.enabled=true", "model.speech.vocoder.adversarial=false"]
     codec = torch.load(args.codec_from, weights_only=True) if args.codec_from else None
     if codec is not None:  # the codec's sizes (e.g. BigVGAN width) over the source's; the speech head stays on
-        overrides += [o for o in codec["overrides"] if o not in overrides and not o.endswith("enabled=false")]
+        overrides = [o for o in overrides if not o.startswith("model.speech.vocoder.source_harmonics=")]  # the codec's
+        overrides += [o for o in saved_overrides(codec) if o not in overrides and not o.endswith("enabled=false")]
     cfg = load_config(SMOKE, [*overrides, *args.overrides])
     tokenizer = build_tokenizer(cfg)
     layout = TokenLayout.from_config(cfg.data, tokenizer.special_ids, cfg.train.seq_len)
@@ -431,7 +433,7 @@ def main() -> None:
     judge = model
     if codec is not None:  # the ASR judge: the source model as it was trained, its own tokenizer in front
         judged = torch.load(args.judge_from, weights_only=True) if args.judge_from else saved
-        judge = build_model(load_config(SMOKE, judged["overrides"]))
+        judge = build_model(load_config(SMOKE, saved_overrides(judged)))
         judge.load_state_dict(judged["state_dict"])
         judge.requires_grad_(False)
         load_codec(model, args.codec_from)
