@@ -55,7 +55,7 @@ def test_mas_durations_the_predictor_and_generation_learn_the_true_speech(one_th
     speaker = torch.zeros(8, SPEAKER_DIM)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(2)
-    for _ in range(200):
+    for _ in range(300):  # at 200 the prior's error sat at the bound on some CPUs (0.0503 of the power vs 0.05)
         text, text_mask, latents, frame_mask, _, _ = _data(gen)
         loss = model(text, text_mask, latents, frame_mask, speaker, generator=gen).total().mean()
         opt.zero_grad()
