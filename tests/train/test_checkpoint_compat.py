@@ -35,9 +35,11 @@ def test_hashes_of_earlier_checkpoints_still_match(path, overrides, old):
 
 
 # config_hash as the code with the speech generator and before the image/video generators computed it
-# Their BigVGAN read no voice vector: they resume with the conditioning off, and only then.
+# Their BigVGAN read no voice vector and had no pitch source: they resume with the conditioning and the source
+# off, and only then.
 UNCONDITIONED = "model.speech.vocoder.speaker_conditioned=false"
-V2_HASHES = [("pipelines/smoke.yaml", [SMOKE_THEN, UNCONDITIONED], "ba9915ba2d63697a"),
+NO_SOURCE = "model.speech.vocoder.source_harmonics=0"
+V2_HASHES = [("pipelines/smoke.yaml", [SMOKE_THEN, UNCONDITIONED, NO_SOURCE], "ba9915ba2d63697a"),
              (None, ["preset=tiny", "parallel.tp=2"], "383413a7ac7695dd")]
 
 
@@ -49,6 +51,8 @@ def test_checkpoints_from_before_the_image_and_video_generators_resume(path, ove
         assert not hash_matches(old, load_config(path, overrides))
         conditioned = [o for o in overrides if o != UNCONDITIONED]  # a vocoder those checkpoints do not hold
         assert not hash_matches(old, load_config(path, [*conditioned, *off]))
+        pitched = [o for o in overrides if o != NO_SOURCE]  # today's default: BigVGAN with the pitch source
+        assert not hash_matches(old, load_config(path, [*pitched, *off]))
 
 
 def test_a_different_model_is_still_refused():
@@ -79,6 +83,8 @@ def test_the_vision_towers_old_weight_names_load():
 @pytest.mark.parametrize("older, newer", [
     ("model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0", ""),
     ("model.speech.vocoder.source_harmonics=0", "model.speech.vocoder.source_harmonics=8"),
+    ("model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0 "
+     "model.speech.vocoder.source_harmonics=0", ""),  # both options missing: one hint names both fixes
 ])
 def test_loading_a_vocoder_without_an_option_names_the_fix(older, newer):
     """The error load_state_dict raises for a checkpoint saved without an option's parameters (an unconditioned

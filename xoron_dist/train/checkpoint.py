@@ -529,11 +529,11 @@ def model_mismatch_hint(message: str) -> str | None:
     (``_OPTION_PARAMETERS``), else None."""
     if "Missing key(s)" not in message:
         return None
-    for name, overrides in _OPTION_PARAMETERS.items():
-        if name in message:
-            return (f"its parameters lack {name}* (saved without that option, or before it existed); resume with "
-                    f"{overrides}, as the run it continues was built")
-    return None
+    lacking = {name: overrides for name, overrides in _OPTION_PARAMETERS.items() if name in message}
+    if not lacking:
+        return None
+    return (f"its parameters lack {', '.join(name + '*' for name in lacking)} (saved without those options, or before "
+            f"they existed); resume with {' '.join(lacking.values())}, as the run it continues was built")
 
 
 def _state_of(meta: dict[str, Any]) -> TrainerState:
