@@ -3,7 +3,7 @@
 ``bench.audio_tts`` judges voice cloning with Resemblyzer's pretrained GE2E encoder on vowel-only utterances,
 where it places real ones of the 8 synth voices at 0.84 (chance 0.125). A voice (``synth.sounds.Voice``) is a
 pitch range, a formant scale (vocal-tract length), a spectral tilt, breathiness and jitter. This bench renders
-the same held-out utterances (``audio_tts.vowel_utterances``' events and noise draws, 4 per voice) again with one
+the same held-out utterances (``audio_common.vowel_utterances``' events and noise draws, 4 per voice) again with one
 cue set to a common value for every voice, and scores each set against the centroids of the real enrolment
 utterances (6 per voice, another seed), as ``audio_tts`` does: the cues whose loss costs the most accuracy are
 what a decoder must keep for Resemblyzer to recognise the voice.
@@ -30,8 +30,14 @@ import time
 import numpy as np
 import torch
 
-from bench.audio_common import Judges, cloning_scores, float_wave, speaker_centroids
-from bench.audio_tts import VOWELS_PER_UTTERANCE, vowel_utterances
+from bench.audio_common import (
+    VOWELS_PER_UTTERANCE,
+    Judges,
+    cloning_scores,
+    float_wave,
+    speaker_centroids,
+    vowel_utterances,
+)
 from bench.common import machine, write_result
 from xoron_dist.synth.sounds import SPEAKERS, render_events, sample_vowels
 
