@@ -178,8 +178,9 @@ def test_later_chunks_never_change_earlier_ones():
         earlier = latents.clone()
         earlier[:, :, :CHUNK] += 1.0
         assert (model(earlier, t, cond)[:, :, -CHUNK:] - base[:, :, -CHUNK:]).abs().max() > 1e-3
-    _note("causality: max |diff| of earlier chunks", worst)
-    assert worst <= 1e-6
+    scale = float(base.abs().max())  # fp32 roundoff of different attention shapes: 1.4e-6 absolute on some CPUs
+    _note("causality: max |diff| of earlier chunks / max |out|", worst / scale)
+    assert worst <= 1e-6 * scale, (worst, scale)  # as the CausVid oracle above; a leak moves outputs by > 1e-3
 
 
 def _teacher_forced(model, noise, cond, steps, guidance, sampler):
