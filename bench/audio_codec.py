@@ -85,15 +85,20 @@ The voice at 64 vowel-only utterances (2026-12-05, a fresh machine; ``voice_vowe
 at 0.86 (margin +0.12), the resyntheses of the codec without the pitch source at chance against real enrolment
 (0.125 and 0.20 over seeds 0 and 1), but at 0.53 and 0.53 (p 7e-15) against the resynthesised enrolment: the codec
 keeps the voices apart and moves all of them (cosine of a resynthesis to the real centroids 0.62, to the codec's
-0.99). The independent ECAPA agrees (SIM-o 0.25 / 0.52, SIM-r 0.56 / 0.91): the spread between two seeds of the
-same settings is large, so every lever below was measured once and reads within that spread unless stated.
-With the pitch source (now the default; seeds 0 and 1): MR-STFT 1.89 / 2.05 (without 1.89 / 1.82), pitch error
-13 % / 28 % (without 53 % / 44 %), Resemblyzer SIM-r 0.625 / 0.625 with a margin of 0.175 / 0.188 (without 0.039 /
-0.057), SIM-o 0.14 / 0.16; driving the source with the pitch tracked on the real clip (the predictor's error left
-out) lifts Resemblyzer's SIM-o to 0.31 / 0.20: the formants, then the pitch, are what the codec loses absolutely.
-An envelope loss was considered for the formants and not built: on these synth vowels (formant bandwidths narrower
-than the harmonic spacing) a cepstrally or power-smoothed log spectrum moves as much under a 1.5x pitch change
-as under a 15 % formant-scale change, so it cannot ask for the formants without asking for the pitch.
+0.99). The independent ECAPA agrees (SIM-o 0.25 / 0.52, SIM-r 0.56 / 0.91): the spread between two seeds of the same
+settings is large, so every lever below was measured once and reads within that spread unless stated. With the pitch
+source (now the default; seeds 0 and 1): MR-STFT 1.89 / 2.05 (without 1.89 / 1.82), pitch error 13 % / 28 % (without
+53 % / 44 %), Resemblyzer SIM-r 0.625 / 0.625 with a margin of 0.175 / 0.188 (without 0.039 / 0.057), SIM-o 0.14 /
+0.16; driving the source with the pitch tracked on the real clip (the predictor's error left out) lifts
+Resemblyzer's SIM-o to 0.31 / 0.20: the formants, then the pitch, are what the codec loses absolutely. Two levers on
+top of the source, one seed each: 4 RVQ levels (1000 bit/s) MR-STFT 1.98, predictor 8.9 % off but the resyntheses'
+pitch 48 %, Resemblyzer SIM-o 0.22, SIM-r 0.58 (margin 0.071); a 32-dim latent (16 before) 1.85, 21 %, 0.22, 0.625
+(margin 0.123): both within the spread of the seeds. The TTS over the 4-level codec (bench.audio_tts attempts):
+generated vowels at Resemblyzer SIM-r 0.44 (p 6e-10), SIM-o 0.19, CER 0.565 vs 0.801; a TTS over the 32-dim codec
+needs an ASR source reading 32-dim latents, not run. An envelope loss was considered for the formants and not built:
+on these synth vowels (formant bandwidths narrower than the harmonic spacing) a cepstrally or power-smoothed log
+spectrum moves as much under a 1.5x pitch change as under a 15 % formant-scale change, so it cannot ask for the
+formants without asking for the pitch.
 
 The pitch (2026-12-05): without a source, the codec decodes every vowel at one of a few pitches locked to its
 frame structure (16 kHz / 120 or 160 samples: 133 or 100 Hz, whatever the voice's 85-320 Hz; median error 31 %
