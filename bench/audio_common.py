@@ -76,7 +76,7 @@ def has_voice(sample: AudioSample) -> bool:
 def saved_overrides(saved: dict) -> list[str]:
     """The config overrides a bench file (``torch.save({"state_dict", "overrides"})``: a codec, an ASR or TTS
     model) was built from, with BigVGAN's pitch source (``model.speech.vocoder.source_harmonics``) set as its
-    tensors have it: files saved while the source was briefly on by default do not name it."""
+    tensors have it: files saved under another default of the source do not name it."""
     state = saved["state_dict"]
     if not any(k.startswith("speech.vocoder.generator.") for k in state):
         return list(saved["overrides"])
@@ -177,17 +177,19 @@ def to_int16(wave: torch.Tensor) -> torch.Tensor:
 VOWELS_PER_UTTERANCE = 4  # the corpus's longest event sequences; Resemblyzer needs the vowels (see below)
 
 
-def vowel_utterances(per_speaker: int, seed: int) -> list[AudioSample]:
+def vowel_utterances(per_speaker: int, seed: int, change=None) -> list[AudioSample]:
     """``per_speaker`` utterances of ``VOWELS_PER_UTTERANCE`` vowels by each synth voice (``sounds.sample_vowels``,
     rendered and quantised as the corpus's clips), as ``text_to_speech`` samples: vowels alone carry the voice,
     and the corpus's clips mix them with tones, beeps, chirps and noise, which Resemblyzer's GE2E cannot
-    place (on real mixed clips 0.23 nearest-centroid accuracy; on 4-5 real vowels 0.8-0.9)."""
+    place (on real mixed clips 0.23 nearest-centroid accuracy; on 4-5 real vowels 0.8-0.9). ``change(voice,
+    events) -> (voice, events)`` alters what is rendered, the draws staying the same (``bench.voice_cues``)."""
     out = []
     for speaker, voice in enumerate(SPEAKERS):
         for i in range(per_speaker):
             rng = random.Random(seed * 1_000 + speaker * 100 + i)
             events = sample_vowels(rng, voice, VOWELS_PER_UTTERANCE)
-            wave = render_events(events, 16_000, np.random.default_rng(rng.getrandbits(32)), voice)
+            rendered_voice, events = (voice, events) if change is None else change(voice, events)
+            wave = render_events(events, 16_000, np.random.default_rng(rng.getrandbits(32)), rendered_voice)
             out.append(AudioSample(f"text_to_speech-{len(out) + 1:06d}", "text_to_speech", None, transcript(events),
                                    to_int16(torch.from_numpy(wave)).numpy(), speaker))
     return out

@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 import time
 
-import numpy as np
 import torch
 
 from bench.audio_common import (
-    VOWELS_PER_UTTERANCE,
     Judges,
     cloning_scores,
     float_wave,
@@ -39,7 +36,6 @@ from bench.audio_common import (
     vowel_utterances,
 )
 from bench.common import machine, write_result
-from xoron_dist.synth.sounds import SPEAKERS, render_events, sample_vowels
 
 COMMON = dict(formant_scale=1.0, tilt=0.6, breathiness=0.1, jitter=0.01)  # mid-range values of the 8 voices
 CUES = {
@@ -51,21 +47,6 @@ CUES = {
     "tilt_common": lambda voice, events: (dataclasses.replace(voice, tilt=COMMON["tilt"]), events),
     "only_pitch_left": lambda voice, events: (dataclasses.replace(voice, **COMMON), events),
 }
-
-
-def rendered(cue, per_speaker: int, seed: int) -> tuple[list[torch.Tensor], list[int]]:
-    """``vowel_utterances(per_speaker, seed)``'s utterances (same events, same noise draws) rendered after
-    ``cue`` changes the voice or the events -> float waves and their speakers."""
-    waves, speakers = [], []
-    for speaker, voice in enumerate(SPEAKERS):
-        for i in range(per_speaker):
-            rng = random.Random(seed * 1_000 + speaker * 100 + i)  # as vowel_utterances draws them
-            events = sample_vowels(rng, voice, VOWELS_PER_UTTERANCE)
-            changed, events = cue(voice, events)
-            wave = render_events(events, 16_000, np.random.default_rng(rng.getrandbits(32)), changed)
-            waves.append(torch.from_numpy(wave).float())
-            speakers.append(speaker)
-    return waves, speakers
 
 
 def main() -> None:
@@ -81,8 +62,9 @@ def main() -> None:
                                   [s.speaker for s in enrol])
     cues = {}
     for name, cue in CUES.items():
-        waves, speakers = rendered(cue, args.per_speaker, seed=8)
-        cues[name] = cloning_scores(judges.embed(waves)["resemblyzer GE2E"], speakers, centroids)
+        held = vowel_utterances(args.per_speaker, seed=8, change=cue)
+        cues[name] = cloning_scores(judges.embed([float_wave(s) for s in held])["resemblyzer GE2E"],
+                                    [s.speaker for s in held], centroids)
         print(f"{name:26s} accuracy {cues[name]['accuracy']:.3f}  margin {cues[name]['margin']:.3f}", flush=True)
     ours, peer = cues["real"]["accuracy"], cues["formant_scale_common"]["accuracy"]
     result = {

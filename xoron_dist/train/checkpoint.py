@@ -147,7 +147,7 @@ _HASHED_WHEN_CHANGED: dict[tuple[str, str], Any] = {("audio", "understand_from")
 # its hash whatever the field says.
 _NEW_DEFAULTS: dict[tuple[str, ...], Any] = {("speech", "vocoder", "speaker_conditioned"): False,
                                              ("speech", "vocoder", "speaker_weight"): 0.0,
-                                             # the pitch source (off by default) and its settings' defaults
+                                             # the pitch source (none before it existed) and its settings
                                              ("speech", "vocoder", "source_harmonics"): 0,
                                              ("speech", "vocoder", "pitch_weight"): 20.0,
                                              ("speech", "vocoder", "f0_min"): 60.0,
