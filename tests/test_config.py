@@ -76,6 +76,9 @@ def test_overrides_beat_file_and_preset(tmp_path):
         ("train..lr=1", "empty key part"),
         ("preset=huge", "unknown preset 'huge'"),
         ("train.steps.x=1", "'steps' is a value, not a section"),
+        ("model.speech.vocoder.f0_max=50", "'model.speech.vocoder.f0_max' = 50.0 is invalid: a pitch range above "
+                                           "f0_min=60.0 Hz"),
+        ("model.speech.vocoder.source_harmonics=-1", "'model.speech.vocoder.source_harmonics' = -1 is invalid"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
