@@ -79,12 +79,19 @@ def test_overrides_beat_file_and_preset(tmp_path):
         ("model.speech.vocoder.f0_max=50", "'model.speech.vocoder.f0_max' = 50.0 is invalid: a pitch range above "
                                            "f0_min=60.0 Hz"),
         ("model.speech.vocoder.source_harmonics=-1", "'model.speech.vocoder.source_harmonics' = -1 is invalid"),
+        ("model.speech.vocoder.envelope_harmonics=-1", "'model.speech.vocoder.envelope_harmonics' = -1 is invalid"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["preset=tiny", override])
     assert message in str(err.value)
+
+
+def test_harmonic_branch_without_the_pitch_source_names_the_fix():
+    with pytest.raises(ConfigError, match="envelope_harmonics' = 8 is invalid: 0, or the pitch source on"):
+        load_config(None, ["preset=tiny", "model.speech.vocoder.source_harmonics=0",
+                           "model.speech.vocoder.envelope_harmonics=8"])
 
 
 def test_missing_and_malformed_files(tmp_path):

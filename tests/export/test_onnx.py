@@ -27,10 +27,12 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 REPO = Path(__file__).resolve().parents[2]
-# The smoke model, thinner: one vision and video layer, a two-stage codec (hop 20) and a narrow vocoder,
-# so the five exports take seconds each (the exporter's time grows with the number of ops traced).
+# The smoke model, thinner: one vision and video layer, a two-stage codec (hop 20) and a narrow vocoder (with
+# the optional harmonic branch, so its export is checked too), so the five exports take seconds each (the
+# exporter's time grows with the number of ops traced).
 TINY = ["model.vision.num_layers=1", "model.video.num_layers=1", "model.audio.codec_strides=[4,5]",
-        "model.audio.codec_channels=4", "model.speech.vocoder.channels=8", "model.speech.vocoder.segment_samples=200"]
+        "model.audio.codec_channels=4", "model.speech.vocoder.channels=8", "model.speech.vocoder.segment_samples=200",
+        "model.speech.vocoder.envelope_harmonics=8"]
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,12 @@ RATE = 16_000
 
 
 def _cfg(*overrides):
-    """The smoke model with the speech generator alone, and BigVGAN's pitch source on (off by default): every
-    test here also runs the source-filter path (tracker, predictor loss, excitation) through the codec loss."""
+    """The smoke model with the speech generator alone, BigVGAN's pitch source and its harmonic branch on: every
+    test here also runs the source-filter path (tracker, predictor and envelope losses, excitation, harmonics)
+    through the codec loss."""
     alone = ["model.image_gen.enabled=false", "model.video_gen.enabled=false"]
-    return load_config(SMOKE, ["model.speech.enabled=true", "model.speech.vocoder.source_harmonics=8", *alone,
-                               *overrides])
+    return load_config(SMOKE, ["model.speech.enabled=true", "model.speech.vocoder.source_harmonics=8",
+                               "model.speech.vocoder.envelope_harmonics=8", *alone, *overrides])
 
 
 def _clip(seconds: float, seed: int) -> torch.Tensor:

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from xoron_dist.model.speech.bigvgan import BigVGANConfig, BigVGANGenerator
-from xoron_dist.model.speech.pitch import HarmonicSource, pitch_loss, track_pitch
+from xoron_dist.model.speech.pitch import (
+    HarmonicEnvelope,
+    HarmonicSource,
+    envelope_loss,
+    harmonic_amplitudes,
+    harmonic_sines,
+    pitch_loss,
+    track_pitch,
+)
 from xoron_dist.synth.sounds import SPEAKERS, _tone, _vowel
 
 RATE, HOP = 16_000, 320
@@ -120,3 +128,92 @@ def test_generator_source_follows_the_pitch_given_and_leaves_the_plain_generator
         pitched(latents, pitch=(torch.full((1, 5), 100.0), voiced[:, :5]))
     with pytest.raises(ValueError, match="f0_min"):
         BigVGANConfig(**TINY, source_harmonics=4, f0_min=600.0, f0_max=500.0)
+
+
+def test_harmonic_envelope_plays_each_harmonic_at_its_frame_amplitude():
+    """The DDSP branch: amplitudes set through its output bias ring at k f0 with exactly those amplitudes (a
+    steady frame's spectrum), are silent in unvoiced frames and above Nyquist, ramp linearly between frame
+    centres, and start at the branch's base amplitude (zeroed output conv)."""
+    branch = HarmonicEnvelope(4, 3, HOP, RATE, lambda cls, *a, **k: cls(*a, **k))
+    frames = 20
+    x = torch.randn(1, 4, frames)
+    f0, voiced = torch.full((1, frames), 250.0), torch.ones(1, frames, dtype=torch.bool)
+    voiced[0, 15:] = False
+    with torch.no_grad():
+        branch.out.weight.zero_()
+        branch.out.bias.zero_()
+        torch.testing.assert_close(branch.amplitudes(x, voiced)[0, :, 0], torch.full((3,), branch.base))
+        wanted = torch.tensor([0.5, 0.2, 0.05])
+        branch.out.bias.copy_((wanted / branch.base).log() / branch.gain)
+        out = branch(x, f0, voiced)[0, 0]
+    assert out.shape == (frames * HOP,) and out[15 * HOP + HOP // 2:].abs().max() == 0
+    steady = out[2 * HOP: 12 * HOP]  # 10 frames, a whole number of 250 Hz periods (64 samples each)
+    spectrum = torch.fft.rfft(steady).abs() * 2 / steady.shape[0]
+    for k, amplitude in enumerate(wanted.tolist(), start=1):
+        assert float(spectrum[k * 250 * steady.shape[0] // RATE]) == pytest.approx(amplitude, abs=1e-4)
+    assert spectrum[4 * 250 * steady.shape[0] // RATE] < 1e-4  # no fourth harmonic built
+    ramp = branch.amplitudes(x, voiced).detach()[:, :1]  # the first harmonic's amplitude falls to 0 over frame 14 -> 15
+    upsampled = torch.nn.functional.interpolate(ramp, scale_factor=HOP, mode="linear", align_corners=False)[0, 0]
+    assert upsampled[14 * HOP + HOP // 2] == pytest.approx(0.5, abs=2e-3) and upsampled[15 * HOP + HOP // 2] == 0
+    high, all_voiced = torch.full((1, frames), 5000.0), torch.ones(1, frames, dtype=torch.bool)
+    with torch.no_grad():  # only the first harmonic (5 kHz) is below Nyquist: 10 and 15 kHz are silent
+        branch.out.bias.zero_()
+        first = branch.base * harmonic_sines(high, all_voiced, branch.multiples[:1], HOP, RATE)[0]
+        torch.testing.assert_close(branch(x, high, all_voiced)[0], first)
+
+
+def test_generator_envelope_branch_adds_its_harmonics_to_the_output_and_needs_the_source():
+    """envelope_harmonics > 0: the other weights are those drawn without it (built last), its output is added
+    after conv_post (the generator without it plus the branch's own waveform at the same pitch), it follows the
+    pitch given, and without the source it is a config error that names the fix."""
+    cfg = dict(TINY, source_harmonics=4, f0_min=60.0, f0_max=500.0, use_tanh_at_final=False)
+    torch.manual_seed(5)
+    source_only = BigVGANGenerator(BigVGANConfig(**cfg))
+    torch.manual_seed(5)
+    both = BigVGANGenerator(BigVGANConfig(**cfg, envelope_harmonics=6))
+    for name, tensor in source_only.state_dict().items():
+        torch.testing.assert_close(both.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    latents, voiced = torch.randn(1, 16, 6), torch.ones(1, 6, dtype=torch.bool)
+    pitch = (torch.full((1, 6), 150.0), voiced)
+    with torch.no_grad():
+        both.envelope.out.bias.fill_(0.3)
+        branch = both.envelope(both._stem(latents, None), *pitch)
+        expected = (source_only(latents, pitch=pitch) + branch).clamp(-1.0, 1.0)
+        torch.testing.assert_close(both(latents, pitch=pitch), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(both(latents, pitch=(torch.full((1, 6), 300.0), voiced)), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="set source_harmonics"):
+        BigVGANConfig(**TINY, envelope_harmonics=4)
+
+
+def test_harmonic_amplitudes_read_a_known_spectrum_and_the_envelope_loss_counts_what_counts():
+    """Two sinusoids at 200 and 400 Hz (amplitudes 0.5, 0.1) read 0.5, 0.1 and ~0 at f0 = 200 Hz in a whole
+    window; the same signal decoded by a branch with those amplitudes reads the same (its output is on the
+    targets' scale); harmonics above Nyquist and unvoiced frames do not count; the loss is the mean log
+    error over what counts, per item."""
+    t = torch.arange(RATE) / RATE
+    wave = 0.5 * torch.sin(2 * math.pi * 200 * t + 0.3) + 0.1 * torch.sin(2 * math.pi * 400 * t + 1.0)
+    f0, voiced = torch.full((1, 50), 200.0), torch.ones(1, 50, dtype=torch.bool)
+    voiced[0, 40:] = False
+    f0[0, 45:] = 5000.0
+    amps, counts = harmonic_amplitudes(wave[None], f0, voiced, 3, HOP, RATE)
+    assert amps.shape == counts.shape == (1, 3, 50)
+    torch.testing.assert_close(amps[0, :, 25], torch.tensor([0.5, 0.1, 0.0]), rtol=0, atol=1e-4)
+    assert counts[0, :, :40].all() and not counts[0, :, 40:].any()
+    _, high = harmonic_amplitudes(wave[None], f0, torch.ones_like(voiced), 3, HOP, RATE)
+    assert high[0, 0, 45:].all() and not high[0, 1:, 45:].any()  # 10 and 15 kHz are above Nyquist
+    branch = HarmonicEnvelope(4, 3, HOP, RATE, lambda cls, *a, **k: cls(*a, **k))
+    with torch.no_grad():
+        branch.out.weight.zero_()
+        branch.out.bias.copy_((torch.tensor([0.5, 0.1, 1e-6]) / branch.base).log() / branch.gain)
+        played = branch(torch.zeros(1, 4, 40), f0[:, :40], voiced[:, :40])[0]
+    torch.testing.assert_close(harmonic_amplitudes(played, f0[:, :40], voiced[:, :40], 3, HOP, RATE)[0][0, :, 20],
+                               torch.tensor([0.5, 0.1, 0.0]), rtol=0, atol=1e-4)
+    exact = (amps + 1e-3).log()
+    predicted = exact.clone()
+    predicted[0, 0, :10] += 1.0  # one harmonic in 10 of the 40 counted frames, ln-error 1 each
+    predicted[0, :, 40:] = 7.0  # frames that do not count
+    loss = envelope_loss(torch.cat([predicted, exact]), torch.cat([amps, amps]), torch.cat([counts, counts]))
+    assert loss.shape == (2,) and loss[0].item() == pytest.approx(10 / 120, rel=1e-5) and loss[1] == 0
+    far = torch.full_like(exact, -30.0).requires_grad_()  # a branch far below the floor still learns
+    envelope_loss(far, amps, counts).sum().backward()
+    assert (far.grad[counts] < 0).all()

@@ -83,13 +83,14 @@ def test_the_vision_towers_old_weight_names_load():
 @pytest.mark.parametrize("older, newer", [
     ("model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0", ""),
     ("model.speech.vocoder.source_harmonics=0", "model.speech.vocoder.source_harmonics=8"),
+    ("model.speech.vocoder.envelope_harmonics=0", "model.speech.vocoder.envelope_harmonics=16"),
     ("model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0 "
      "model.speech.vocoder.source_harmonics=0", ""),  # both options missing: one hint names both fixes
 ])
 def test_loading_a_vocoder_without_an_option_names_the_fix(older, newer):
     """The error load_state_dict raises for a checkpoint saved without an option's parameters (an unconditioned
-    BigVGAN, one without the pitch source; taken from a real load) maps to the overrides that build the old
-    model; other errors get no hint."""
+    BigVGAN, one without the pitch source or the harmonic branch; taken from a real load) maps to the overrides
+    that build the old model; other errors get no hint."""
     old = build_model(load_config("pipelines/smoke.yaml", older.split()))
     new = build_model(load_config("pipelines/smoke.yaml", newer.split()))
     with pytest.raises(RuntimeError) as caught:

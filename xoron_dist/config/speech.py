@@ -61,14 +61,24 @@ class VocoderConfig:
     # 20: predicted pitch 8.5 % off the real one (median) vs 14.7 % at 5
     source_harmonics: int = 8
     pitch_weight: float = 20.0
+    # a DDSP harmonic branch beside the source (``pitch.HarmonicEnvelope``): per-frame amplitudes of this many
+    # harmonics of the source's pitch, read from the latents, their sum added to BigVGAN's output, so the
+    # spectral loss reaches the formants directly; 0: none (needs source_harmonics). envelope_weight: its
+    # amplitudes' log L1 against the real segment's harmonic amplitudes at the tracked pitch
+    envelope_harmonics: int = 0
+    envelope_weight: float = 5.0
     f0_min: float = 60.0  # Hz; the pitch tracker's window (3 hops, speech/pitch.py) must hold a period and more
     f0_max: float = 1000.0
 
     def validate(self, where: str) -> None:
         positive(self, where, "channels", "discriminator_scale", "segment_samples", "f0_min", "f0_max")
-        non_negative(self, where, "mel_weight", "fm_weight", "speaker_weight", "source_harmonics", "pitch_weight")
+        non_negative(self, where, "mel_weight", "fm_weight", "speaker_weight", "source_harmonics", "pitch_weight",
+                     "envelope_harmonics", "envelope_weight")
         if self.f0_min >= self.f0_max:
             raise field_error(f"{where}.f0_max", self.f0_max, f"a pitch range above f0_min={self.f0_min} Hz")
+        if self.envelope_harmonics and not self.source_harmonics:
+            raise field_error(f"{where}.envelope_harmonics", self.envelope_harmonics,
+                              "0, or the pitch source on (source_harmonics > 0): the harmonic branch plays its pitch")
         if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes) or not self.resblock_kernel_sizes:
             raise field_error(f"{where}.resblock_dilation_sizes", self.resblock_dilation_sizes,
                               f"one list of dilations per resblock kernel ({self.resblock_kernel_sizes})")

@@ -151,7 +151,9 @@ _NEW_DEFAULTS: dict[tuple[str, ...], Any] = {("speech", "vocoder", "speaker_cond
                                              ("speech", "vocoder", "source_harmonics"): 0,
                                              ("speech", "vocoder", "pitch_weight"): 20.0,
                                              ("speech", "vocoder", "f0_min"): 60.0,
-                                             ("speech", "vocoder", "f0_max"): 1000.0}
+                                             ("speech", "vocoder", "f0_max"): 1000.0,
+                                             ("speech", "vocoder", "envelope_harmonics"): 0,
+                                             ("speech", "vocoder", "envelope_weight"): 5.0}
 
 
 def _hashed_model(cfg: XoronConfig) -> dict[str, Any]:
@@ -521,7 +523,8 @@ def _load_files(engine: Any, root: Path, tag: str, module_only: bool) -> dict[st
 # checkpoint without them holds.
 _OPTION_PARAMETERS = {"speech.vocoder.generator.cond.": "model.speech.vocoder.speaker_conditioned=false "
                                                           "model.speech.vocoder.speaker_weight=0",
-                      "speech.vocoder.generator.pitch.": "model.speech.vocoder.source_harmonics=0"}
+                      "speech.vocoder.generator.pitch.": "model.speech.vocoder.source_harmonics=0",
+                      "speech.vocoder.generator.envelope.": "model.speech.vocoder.envelope_harmonics=0"}
 
 
 def model_mismatch_hint(message: str) -> str | None:

@@ -17,11 +17,12 @@ Data flow, ``C = upsample_initial_channel``::
 
     latents (B, in_channels, T) -> conv_pre k7 (+ voice offset) -> (B, C, T)
         [source_harmonics: -> PitchPredictor -> f0, voiced -> HarmonicSource -> excitation e (B, 1, T * hop)]
+        [envelope_harmonics: -> HarmonicEnvelope(f0, voiced) -> harmonics h (B, 1, T * hop), added after conv_post]
     for stage i, rate u_i, kernel k_i:  ConvTranspose1d(C/2^i -> C/2^(i+1), k_i, stride u_i, pad (k_i-u_i)/2)
                                         [+ source_convs.i(e), a conv of stride hop / prod(u_0..u_i),
                                          no weight norm]
                                         -> mean over resblock kernels of AMPBlock(kernel, dilations)
-    -> anti-aliased Snake -> conv_post k7 (C/2^n -> 1) -> clamp(-1, 1) (v2) or tanh (v1)
+    -> anti-aliased Snake -> conv_post k7 (C/2^n -> 1) [+ h] -> clamp(-1, 1) (v2) or tanh (v1)
     -> (B, 1, T * prod(u_i))
 
 Parity with NVIDIA's ``bigvgan`` package (``bigvgan.bigvgan.BigVGAN``, torch activation path): the
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, skip_init
 
-from xoron_dist.model.speech.pitch import HarmonicSource, PitchPredictor
+from xoron_dist.model.speech.pitch import HarmonicEnvelope, HarmonicSource, PitchPredictor
 
 ACTIVATIONS = ("snake", "snakebeta")
 
@@ -87,6 +88,9 @@ class BigVGANConfig:
         for none (NVIDIA's BigVGAN, parity at 0). When set, a ``PitchPredictor`` reads conv_pre's output (after
         the voice offset) for f0 and voicing per frame, a ``HarmonicSource`` turns them (or the pitch passed to
         ``forward``) into a harmonic excitation, and stage i adds its strided conv ``source_convs.{i}`` of it.
+    envelope_harmonics: harmonics of the harmonic branch (``pitch.HarmonicEnvelope``, needs the source's pitch), 0
+        for none: their per-frame amplitudes are read from conv_pre's output and their sum at the source's pitch
+        is added to conv_post's output.
     f0_min, f0_max: the predictor's pitch range in Hz (its log f0 is a sigmoid between their logs).
     """
 
@@ -104,6 +108,7 @@ class BigVGANConfig:
     sample_rate: int = 16000
     cond_channels: int = 0
     source_harmonics: int = 0
+    envelope_harmonics: int = 0
     f0_min: float = 60.0
     f0_max: float = 1000.0
 
@@ -117,6 +122,10 @@ class BigVGANConfig:
             raise ValueError(f"BigVGANConfig: source_harmonics={self.source_harmonics}, f0_min={self.f0_min}, "
                              f"f0_max={self.f0_max}: need source_harmonics >= 0 (0: no source) and "
                              f"0 < f0_min < f0_max < sample_rate / 2 = {self.sample_rate / 2}")
+        if self.envelope_harmonics < 0 or (self.envelope_harmonics and not self.source_harmonics):
+            raise ValueError(f"BigVGANConfig.envelope_harmonics={self.envelope_harmonics}: the harmonic branch is "
+                             f"driven by the source's pitch; use 0, or set source_harmonics (now "
+                             f"{self.source_harmonics}) too")
         if self.in_channels < 1 or not self.upsample_rates or min(self.upsample_rates) < 1:
             raise ValueError(f"BigVGANConfig: in_channels={self.in_channels}, upsample_rates={self.upsample_rates}: "
                              "need in_channels >= 1 and at least one rate, every rate >= 1")
@@ -322,13 +331,15 @@ class BigVGANGenerator(nn.Module):
                                    weight_norm=wn)
         # Last in module order, so an unconditioned generator draws the same weights as before it existed.
         self.cond = make_conv(nn.Conv1d, cfg.cond_channels, c0, 1, weight_norm=False) if cfg.cond_channels else None
-        self.pitch = self.source = self.source_convs = None  # the source-filter excitation, after everything else
+        self.pitch = self.source = self.source_convs = self.envelope = None  # source-filter parts, after the rest
+        plain = partial(make_conv, weight_norm=False)
         if cfg.source_harmonics:
-            plain = partial(make_conv, weight_norm=False)
             self.pitch = PitchPredictor(c0, cfg.f0_min, cfg.f0_max, plain)
             self.source = HarmonicSource(cfg.source_harmonics, cfg.hop_length, cfg.sample_rate, plain)
             self.source_convs = nn.ModuleList(_source_conv(c0 >> (i + 1), cfg.hop_length // math.prod(
                 cfg.upsample_rates[: i + 1])) for i in range(len(cfg.upsample_rates)))
+        if cfg.envelope_harmonics:
+            self.envelope = HarmonicEnvelope(c0, cfg.envelope_harmonics, cfg.hop_length, cfg.sample_rate, plain)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -339,6 +350,9 @@ class BigVGANGenerator(nn.Module):
                 reset_conv_(m)
             elif isinstance(m, Snake):
                 m.reset_parameters()
+        if self.envelope is not None:  # every amplitude starts at the branch's base (about 40 dB down)
+            nn.init.zeros_(self.envelope.out.weight)
+            nn.init.zeros_(self.envelope.out.bias)
 
     @property
     def hop_length(self) -> int:
@@ -351,8 +365,8 @@ class BigVGANGenerator(nn.Module):
         conditioned (``cfg.cond_channels``), else None; ``pitch``: (f0 Hz, voiced) each (batch, frames) to
         drive the source (``cfg.source_harmonics``; None: the generator's own prediction) -> waveform
         (batch, 1, frames * hop_length)."""
-        x = self._stem(latents, cond)
-        excitation = self._excitation(x, pitch)
+        x = stem = self._stem(latents, cond)
+        excitation, pitch = self._excitation(x, pitch)
         for i, up in enumerate(self.ups):
             x = up(x)
             if excitation is not None:
@@ -360,6 +374,8 @@ class BigVGANGenerator(nn.Module):
             blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
             x = sum(block(x) for block in blocks) / self.num_kernels
         x = self.conv_post(self.activation_post(x))
+        if self.envelope is not None:
+            x = x + self.envelope(stem, *pitch).to(x.dtype)
         return torch.tanh(x) if self.cfg.use_tanh_at_final else x.clamp(-1.0, 1.0)
 
     def predict_pitch(self, latents: torch.Tensor,
@@ -368,6 +384,14 @@ class BigVGANGenerator(nn.Module):
         if self.pitch is None:
             raise ValueError("BigVGANGenerator.predict_pitch: this generator has no source (source_harmonics=0)")
         return self.pitch(self._stem(latents, cond))
+
+    def predict_envelope(self, latents: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (and cond) as for ``forward`` -> the harmonic branch's ln amplitudes (batch, envelope_harmonics,
+        frames) fp32 (its waveform silences unvoiced frames)."""
+        if self.envelope is None:
+            raise ValueError("BigVGANGenerator.predict_envelope: this generator has no harmonic branch "
+                             "(envelope_harmonics=0)")
+        return self.envelope.log_amplitudes(self._stem(latents, cond))
 
     def _stem(self, latents: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """conv_pre of the latents, plus the voice offset when conditioned: (batch, C, frames)."""
@@ -379,21 +403,23 @@ class BigVGANGenerator(nn.Module):
             x = x + self._condition(cond, latents.shape[0])
         return x
 
-    def _excitation(self, x: torch.Tensor, pitch: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
-        """The source's excitation (batch, 1, frames * hop) from ``pitch`` or the predictor; None without a source."""
+    def _excitation(self, x: torch.Tensor, pitch: tuple[torch.Tensor, torch.Tensor] | None
+                    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The source's excitation (batch, 1, frames * hop) and the (f0, voiced) driving it, from ``pitch`` or the
+        predictor; (None, None) without a source."""
         if self.source is None:
             if pitch is not None:
                 raise ValueError("BigVGANGenerator: a pitch was given but this generator has no source "
                                  "(source_harmonics=0); build it with source_harmonics set, or pass none")
-            return None
+            return None, None
         if pitch is None:
             log_f0, voicing = self.pitch(x)
-            return self.source(log_f0.exp(), voicing > 0)
+            pitch = log_f0.exp(), voicing > 0
         f0, voiced = pitch
         if f0.shape != (x.shape[0], x.shape[-1]) or voiced.shape != f0.shape:
             raise ValueError(f"BigVGANGenerator: pitch needs f0 and voiced of shape ({x.shape[0]}, {x.shape[-1]}) "
                              f"(batch, frames), got {tuple(f0.shape)} and {tuple(voiced.shape)}")
-        return self.source(f0, voiced)
+        return self.source(f0, voiced), pitch
 
     def _condition(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
         """cond (batch, cond_channels) -> its per-channel offset (batch, C, 1), or a clear error."""

@@ -88,12 +88,12 @@ class SpeechHead(nn.Module):
         if self.vocoder.conditioned:  # the whole clip's voice; the codec does not train the speaker encoder
             with torch.no_grad():
                 voice = self.speaker(samples.to(dtype), lengths)
-        pitch, pitch_term = None, 0.0
+        pitch, source_term = None, 0.0
         if self.vocoder.pitched:  # the source reads the real segment's pitch; the predictor learns it
-            pitch_term, pitch = self.vocoder.pitch_sum(quantized.latents, voice, segments)
+            source_term, pitch = self.vocoder.source_sum(quantized.latents, voice, segments)
         fake = self.vocoder.decode(quantized.latents, voice, pitch)[:, None]  # (n, 1, segment)
         vq = quantized.codebook_loss + self.commitment * quantized.commitment_loss
-        total = self.vocoder.loss_sum(fake, segments[:, None], vq) + self.vocoder.cfg.pitch_weight * pitch_term
+        total = self.vocoder.loss_sum(fake, segments[:, None], vq) + source_term
         if self.vocoder.cfg.speaker_weight:
             consistency = self.vocoder.speaker_consistency(self.speaker, fake, segments[:, None])
             total = total + self.vocoder.cfg.speaker_weight * consistency * len(clips)

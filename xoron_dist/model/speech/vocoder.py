@@ -7,7 +7,8 @@
     quantiser         codebook + commitment losses of the residual VQ
     pitch             with the pitch source (``source_harmonics``): pitch_weight · (log-f0 L1 + voicing BCE) of
                       BigVGAN's pitch predictor against the pitch tracked on y, which also drives the harmonic
-                      source of y_hat (``speech/pitch.py``)
+                      source of y_hat (``speech/pitch.py``); with its harmonic branch (``envelope_harmonics``)
+                      also envelope_weight · the log-amplitude L1 of the branch's harmonics against y's
 
 Both sides of the GAN are summed into one loss and trained by one backward and one optimizer step:
 the discriminators see the generator's audio detached (no generator gradient from L_D), and the
@@ -48,7 +49,7 @@ from xoron_dist.model.speech.losses import (
     feature_matching_loss,
     generator_adversarial_loss,
 )
-from xoron_dist.model.speech.pitch import pitch_loss, track_pitch
+from xoron_dist.model.speech.pitch import envelope_loss, harmonic_amplitudes, pitch_loss, track_pitch
 
 
 def bigvgan_config(cfg: VocoderConfig, audio: AudioConfig, voice_dim: int) -> BigVGANConfig:
@@ -60,7 +61,8 @@ def bigvgan_config(cfg: VocoderConfig, audio: AudioConfig, voice_dim: int) -> Bi
                          resblock_dilation_sizes=tuple(tuple(d) for d in cfg.resblock_dilation_sizes),
                          activation=cfg.activation, sample_rate=audio.sample_rate,
                          cond_channels=voice_dim if cfg.speaker_conditioned else 0,
-                         source_harmonics=cfg.source_harmonics, f0_min=cfg.f0_min, f0_max=cfg.f0_max)
+                         source_harmonics=cfg.source_harmonics,
+                         envelope_harmonics=cfg.envelope_harmonics, f0_min=cfg.f0_min, f0_max=cfg.f0_max)
 
 
 def crop_segments(samples: torch.Tensor, lengths: torch.Tensor, segment: int, starts: list[int]) -> torch.Tensor:
@@ -106,13 +108,21 @@ class Vocoder(nn.Module):
         ``pitch``: (f0, voiced) (n, frames) to drive the source (codec training); None: BigVGAN predicts it."""
         return self.generator(latents.transpose(1, 2), _unit_rms(voice), pitch).squeeze(1)
 
-    def pitch_sum(self, latents: torch.Tensor, voice: torch.Tensor | None,
-                  real: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The pitch predictor's loss (``pitch.pitch_loss``) on latents (n, frames, latent_dim) against the pitch
-        tracked on the real segments (n, S), summed over them; returns (loss, (f0, voiced)) so the caller can drive the
+    def source_sum(self, latents: torch.Tensor, voice: torch.Tensor | None,
+                   real: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The source's losses on latents (n, frames, latent_dim) against the real segments (n, S), summed over
+        them: pitch_weight · the pitch predictor's (``pitch.pitch_loss``, against the pitch tracked on them) and,
+        with the harmonic branch, envelope_weight · its amplitudes' (``pitch.envelope_loss``, against the
+        segments' harmonic amplitudes at that pitch). Returns (loss, (f0, voiced)) so the caller can drive the
         source with the same tracked pitch."""
-        f0, voiced = track_pitch(real, self.hop, self.generator.cfg.sample_rate, self.cfg.f0_min, self.cfg.f0_max)
-        return pitch_loss(*self.predict_pitch(latents, voice), f0, voiced).sum(), (f0, voiced)
+        sample_rate = self.generator.cfg.sample_rate
+        f0, voiced = track_pitch(real, self.hop, sample_rate, self.cfg.f0_min, self.cfg.f0_max)
+        total = self.cfg.pitch_weight * pitch_loss(*self.predict_pitch(latents, voice), f0, voiced).sum()
+        if self.generator.envelope is not None:
+            target, counts = harmonic_amplitudes(real, f0, voiced, self.cfg.envelope_harmonics, self.hop, sample_rate)
+            predicted = self.generator.predict_envelope(latents.transpose(1, 2), _unit_rms(voice))
+            total = total + self.cfg.envelope_weight * envelope_loss(predicted, target, counts).sum()
+        return total, (f0, voiced)
 
     def predict_pitch(self, latents: torch.Tensor,
                       voice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
