@@ -100,6 +100,24 @@ on these synth vowels (formant bandwidths narrower than the harmonic spacing) a 
 spectrum moves as much under a 1.5x pitch change as under a 15 % formant-scale change, so it cannot ask for the
 formants without asking for the pitch.
 
+The harmonic branch (2026-12-05; now the default, ``model.speech.vocoder.envelope_harmonics=48``). ``bench.voice_cues
+--codec`` put parts of the real clip back into the pitch-source codec's resyntheses: Resemblyzer's SIM-o 0.16
+becomes 0.53 with the real per-frame envelope (0.72 with the true pitch too), 0.31 with one fixed equaliser, 0.66
+with the real magnitude and the codec's phase: the codec loses the formants frame by frame. So BigVGAN got a DDSP
+harmonic branch (``speech/pitch.py``: per-frame amplitudes of 48 harmonics of the source's pitch read from the
+latents, their sum added to the output) whose amplitudes are fitted to the real segment's harmonic amplitudes at the
+tracked pitch (``harmonic_amplitudes``; ln-L1, ``envelope_weight`` 5), which samples the envelope at the harmonics
+and so asks for the formants without asking for a smoothed spectrum. Three seeds each, pitch source alone vs with
+the branch: Resemblyzer SIM-o of the resyntheses 0.14 / 0.16 / 0.11 vs **0.41 / 0.25 / 0.31**, SIM-r 0.625 / 0.625 /
+0.66 vs 0.69 / 0.77 / 0.69; MR-STFT 1.89 / 2.05 / 1.82 vs 2.36 / 2.30 / 2.38: the branch plays 48 harmonics of the
+*predicted* pitch, 11-14 % off (median), and with the true pitch the seed-0 codec scores 1.76. The latents carry
+little pitch of their own: a probe (two k5 convs, 128 wide, 600 steps) reads it from the quantised latents at 26 %
+median error, from the unquantised ones at 22 %, and with the voice vector beside them at 8.8 % (the built-in
+predictor: 9.1 %), so the pitch comes from the voice's mean, not the frames: a pitch code of its own among the
+tokens is the next lever, for the spectrum and the voice. Without the amplitude loss (two seeds) the branch gave
+SIM-o 0.20 / 0.25, MR-STFT 2.07 / 2.00; with a first loss floored on both sides, 0.14 / 0.31 and 1.73 / 1.99, but one
+seed's branch fell below the floor, lost its gradient and kept only its fundamental.
+
 The pitch (2026-12-05): without a source, the codec decodes every vowel at one of a few pitches locked to its
 frame structure (16 kHz / 120 or 160 samples: 133 or 100 Hz, whatever the voice's 85-320 Hz; median error 31 %
 by ``pitch_scores``), and a linear probe finds little pitch in the quantised latents (R² 0.19); a GAN phase 5x

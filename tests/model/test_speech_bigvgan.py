@@ -20,7 +20,11 @@ from xoron_dist.model.speech.bigvgan import (
     Snake,
     state_dict_from_nvidia,
 )
-from xoron_dist.model.speech.discriminators import MultiPeriodDiscriminator, MultiResolutionDiscriminator
+from xoron_dist.model.speech.discriminators import (
+    MultiPeriodDiscriminator,
+    MultiResolutionDiscriminator,
+    _strided_conv,
+)
 from xoron_dist.model.speech.losses import (
     MultiResolutionSTFTLoss,
     MultiScaleMelLoss,
@@ -145,16 +149,24 @@ def test_config_and_input_errors_name_the_fix():
         gen(torch.randn(1, 12, 16))
 
 
+def drawn_alike(seed: int, base: BigVGANConfig, extended: BigVGANConfig) -> tuple[BigVGANGenerator, BigVGANGenerator]:
+    """Generators of ``base`` and ``extended`` (``base`` plus an option) built from the same seed, after checking
+    that every weight they share is equal: the option's modules are drawn last, so turning it on leaves the rest
+    of an initialisation as it was."""
+    torch.manual_seed(seed)
+    plain = BigVGANGenerator(base)
+    torch.manual_seed(seed)
+    more = BigVGANGenerator(extended)
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(more.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    return plain, more
+
+
 def test_conditioning_adds_a_per_item_offset_and_leaves_the_plain_generator_alone():
     """cond_channels > 0: a 1x1 map of each item's vector joins conv_pre's output, so items with the same
     latents but other vectors decode differently; the unconditioned generator's weights are the ones it drew
     before conditioning existed (``cond`` is drawn last), and a vector given to it, or missing, is an error."""
-    torch.manual_seed(3)
-    plain = BigVGANGenerator(BigVGANConfig(**TINY))
-    torch.manual_seed(3)
-    conditioned = BigVGANGenerator(BigVGANConfig(**TINY, cond_channels=6))
-    for name, tensor in plain.state_dict().items():
-        torch.testing.assert_close(conditioned.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    plain, conditioned = drawn_alike(3, BigVGANConfig(**TINY), BigVGANConfig(**TINY, cond_channels=6))
     latents = torch.randn(1, TINY["in_channels"], 9).expand(2, -1, -1)
     voices = torch.randn(2, 6)
     with torch.no_grad():
@@ -279,6 +291,32 @@ def test_spectral_losses_and_discriminators_take_bf16_as_cufft_does(monkeypatch)
         torch.testing.assert_close(loss(y_hat, y), loss(y_hat.float(), y.float()))
     logits, fmaps = MultiResolutionDiscriminator(channel_mult=0.25).bfloat16()(y_hat)
     assert {t.dtype for t in (*logits, *fmaps[0])} == {torch.bfloat16}
+
+
+def test_resolution_discriminator_on_short_bf16_segments_equals_fp32():
+    """An 80 ms segment gives the 2048-point MRD two frames, which its stride-2 convs bring to one: torch's CPU
+    bf16 conv2d returns garbage or NaN there (the bf16 smoke lane's codec loss went NaN); the discriminator pads
+    such inputs, so its bf16 logits and maps stay within bf16 rounding of fp32's, and fp32 is unchanged."""
+    torch.manual_seed(0)
+    mrd = MultiResolutionDiscriminator(channel_mult=0.125)
+    x = 0.3 * torch.randn(2, 1, 1280)
+    reference, maps = mrd(x)
+    assert any(m.shape[-1] == 1 for m in maps[1])  # the shape that broke
+    with torch.no_grad():
+        low, low_maps = mrd.bfloat16()(x.bfloat16())
+        for a, b in zip(low + [m for fm in low_maps for m in fm], reference + [m for fm in maps for m in fm],
+                        strict=True):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.05 * b.abs().max().item() + 1e-3)
+    plain = mrd.float().discriminators[1]
+    with torch.no_grad():  # the padding is exact: the conv's own zeros
+        spec = plain.spectrogram(x).unsqueeze(1)
+        conv = plain.convs[0]
+        h = torch.nn.functional.leaky_relu(conv(spec), 0.1)
+        h = torch.nn.functional.leaky_relu(plain.convs[1](h), 0.1)
+        h = torch.nn.functional.leaky_relu(plain.convs[2](h), 0.1)
+        assert h.shape[-1] <= 2
+        torch.testing.assert_close(_strided_conv(plain.convs[3], h), plain.convs[3](h), rtol=0, atol=0)
 
 
 def test_generator_learns_tones_from_spectral_loss(one_thread):

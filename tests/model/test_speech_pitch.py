@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from xoron_dist.model.speech.bigvgan import BigVGANConfig, BigVGANGenerator
+from tests.model.test_speech_bigvgan import drawn_alike
+from xoron_dist.model.speech.bigvgan import BigVGANConfig
 from xoron_dist.model.speech.pitch import (
     HarmonicEnvelope,
     HarmonicSource,
@@ -102,12 +103,8 @@ def test_generator_source_follows_the_pitch_given_and_leaves_the_plain_generator
     last), a pitch given drives the excitation (two pitches, two waveforms), without one it predicts its own
     (log f0 within [f0_min, f0_max]); zeroed source convs give the plain generator's waveform exactly; a pitch
     for a sourceless generator, or of the wrong shape, is an error naming the fix."""
-    torch.manual_seed(5)
-    plain = BigVGANGenerator(BigVGANConfig(**TINY))
-    torch.manual_seed(5)
-    pitched = BigVGANGenerator(BigVGANConfig(**TINY, source_harmonics=4, f0_min=60.0, f0_max=500.0))
-    for name, tensor in plain.state_dict().items():
-        torch.testing.assert_close(pitched.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    plain, pitched = drawn_alike(5, BigVGANConfig(**TINY),
+                                 BigVGANConfig(**TINY, source_harmonics=4, f0_min=60.0, f0_max=500.0))
     latents = torch.randn(1, 16, 6)
     voiced = torch.ones(1, 6, dtype=torch.bool)
     with torch.no_grad():
@@ -167,12 +164,7 @@ def test_generator_envelope_branch_adds_its_harmonics_to_the_output_and_needs_th
     after conv_post (the generator without it plus the branch's own waveform at the same pitch), it follows the
     pitch given, and without the source it is a config error that names the fix."""
     cfg = dict(TINY, source_harmonics=4, f0_min=60.0, f0_max=500.0, use_tanh_at_final=False)
-    torch.manual_seed(5)
-    source_only = BigVGANGenerator(BigVGANConfig(**cfg))
-    torch.manual_seed(5)
-    both = BigVGANGenerator(BigVGANConfig(**cfg, envelope_harmonics=6))
-    for name, tensor in source_only.state_dict().items():
-        torch.testing.assert_close(both.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    source_only, both = drawn_alike(5, BigVGANConfig(**cfg), BigVGANConfig(**cfg, envelope_harmonics=6))
     latents, voiced = torch.randn(1, 16, 6), torch.ones(1, 6, dtype=torch.bool)
     pitch = (torch.full((1, 6), 150.0), voiced)
     with torch.no_grad():

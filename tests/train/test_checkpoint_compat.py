@@ -35,11 +35,12 @@ def test_hashes_of_earlier_checkpoints_still_match(path, overrides, old):
 
 
 # config_hash as the code with the speech generator and before the image/video generators computed it
-# Their BigVGAN read no voice vector and had no pitch source: they resume with the conditioning and the source
-# off, and only then.
+# Their BigVGAN read no voice vector and had no pitch source nor harmonic branch: they resume with the
+# conditioning, the source and the branch off, and only then.
 UNCONDITIONED = "model.speech.vocoder.speaker_conditioned=false"
 NO_SOURCE = "model.speech.vocoder.source_harmonics=0"
-V2_HASHES = [("pipelines/smoke.yaml", [SMOKE_THEN, UNCONDITIONED, NO_SOURCE], "ba9915ba2d63697a"),
+NO_ENVELOPE = "model.speech.vocoder.envelope_harmonics=0"
+V2_HASHES = [("pipelines/smoke.yaml", [SMOKE_THEN, UNCONDITIONED, NO_SOURCE, NO_ENVELOPE], "ba9915ba2d63697a"),
              (None, ["preset=tiny", "parallel.tp=2"], "383413a7ac7695dd")]
 
 
@@ -51,8 +52,10 @@ def test_checkpoints_from_before_the_image_and_video_generators_resume(path, ove
         assert not hash_matches(old, load_config(path, overrides))
         conditioned = [o for o in overrides if o != UNCONDITIONED]  # a vocoder those checkpoints do not hold
         assert not hash_matches(old, load_config(path, [*conditioned, *off]))
-        pitched = [o for o in overrides if o != NO_SOURCE]  # today's default: BigVGAN with the pitch source
+        pitched = [o for o in overrides if o != NO_SOURCE]  # BigVGAN with the pitch source
         assert not hash_matches(old, load_config(path, [*pitched, *off]))
+        branched = [o for o in overrides if o not in (NO_SOURCE, NO_ENVELOPE)]  # today's default: and the branch
+        assert not hash_matches(old, load_config(path, [*branched, *off]))
 
 
 def test_a_different_model_is_still_refused():
@@ -82,10 +85,10 @@ def test_the_vision_towers_old_weight_names_load():
 
 @pytest.mark.parametrize("older, newer", [
     ("model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0", ""),
-    ("model.speech.vocoder.source_harmonics=0", "model.speech.vocoder.source_harmonics=8"),
-    ("model.speech.vocoder.envelope_harmonics=0", "model.speech.vocoder.envelope_harmonics=16"),
+    ("model.speech.vocoder.source_harmonics=0 model.speech.vocoder.envelope_harmonics=0", ""),
+    ("model.speech.vocoder.envelope_harmonics=0", ""),
     ("model.speech.vocoder.speaker_conditioned=false model.speech.vocoder.speaker_weight=0 "
-     "model.speech.vocoder.source_harmonics=0", ""),  # both options missing: one hint names both fixes
+     "model.speech.vocoder.source_harmonics=0 model.speech.vocoder.envelope_harmonics=0", ""),  # all: one hint
 ])
 def test_loading_a_vocoder_without_an_option_names_the_fix(older, newer):
     """The error load_state_dict raises for a checkpoint saved without an option's parameters (an unconditioned

@@ -62,10 +62,13 @@ class VocoderConfig:
     source_harmonics: int = 8
     pitch_weight: float = 20.0
     # a DDSP harmonic branch beside the source (``pitch.HarmonicEnvelope``): per-frame amplitudes of this many
-    # harmonics of the source's pitch, read from the latents, their sum added to BigVGAN's output, so the
-    # spectral loss reaches the formants directly; 0: none (needs source_harmonics). envelope_weight: its
-    # amplitudes' log L1 against the real segment's harmonic amplitudes at the tracked pitch
-    envelope_harmonics: int = 0
+    # harmonics of the source's pitch, read from the latents, their sum added to BigVGAN's output, trained against
+    # the real segment's harmonic amplitudes at the tracked pitch (envelope_weight: that ln-amplitude L1), so the
+    # latents learn to carry the formants; 0: none (needs source_harmonics). On by default: over three bench codec
+    # seeds Resemblyzer placed their resyntheses with the real voices (SIM-o) at 0.25-0.41 vs 0.14-0.16 without,
+    # and the TTS's generated vowels at 0.20-0.27 vs 0.14-0.19 (chance 0.125), at a spectral-distance cost
+    # (MR-STFT 2.30-2.38 vs 1.89-2.05: the predicted pitch, 11-14 % off, drives its harmonics)
+    envelope_harmonics: int = 48
     envelope_weight: float = 5.0
     f0_min: float = 60.0  # Hz; the pitch tracker's window (3 hops, speech/pitch.py) must hold a period and more
     f0_max: float = 1000.0

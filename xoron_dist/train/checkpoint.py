@@ -523,7 +523,7 @@ def _load_files(engine: Any, root: Path, tag: str, module_only: bool) -> dict[st
 # checkpoint without them holds.
 _OPTION_PARAMETERS = {"speech.vocoder.generator.cond.": "model.speech.vocoder.speaker_conditioned=false "
                                                           "model.speech.vocoder.speaker_weight=0",
-                      "speech.vocoder.generator.pitch.": "model.speech.vocoder.source_harmonics=0",
+                      "speech.vocoder.generator.pitch.": "model.speech.vocoder.source_harmonics=0",  # with no envelope
                       "speech.vocoder.generator.envelope.": "model.speech.vocoder.envelope_harmonics=0"}
 
 

@@ -118,7 +118,7 @@ class Vocoder(nn.Module):
         sample_rate = self.generator.cfg.sample_rate
         f0, voiced = track_pitch(real, self.hop, sample_rate, self.cfg.f0_min, self.cfg.f0_max)
         total = self.cfg.pitch_weight * pitch_loss(*self.predict_pitch(latents, voice), f0, voiced).sum()
-        if self.generator.envelope is not None:
+        if self.generator.envelope is not None and self.cfg.envelope_weight:
             target, counts = harmonic_amplitudes(real, f0, voiced, self.cfg.envelope_harmonics, self.hop, sample_rate)
             predicted = self.generator.predict_envelope(latents.transpose(1, 2), _unit_rms(voice))
             total = total + self.cfg.envelope_weight * envelope_loss(predicted, target, counts).sum()
