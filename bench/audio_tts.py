@@ -51,12 +51,13 @@ in the runs before the source was on, the TTS's codec has it):
 over a random tokenizer reads them at 0.463 / 0.502. Earlier attempts used other sources and judges; see
 "attempts".)
 
-Over the harmonic-branch codec (the default since 2026-12-05, two codec seeds; the headline is seed 0's, the ASR
-judge the same): re-recognised at CER 0.83 against 1.16 for deranged references (seed 1: 0.51 against 0.89; the
-resyntheses 0.45); generated vowel utterances placed by Resemblyzer with the real voices (SIM-o) at **0.27 (p 0.002)
-and 0.20 (p 0.05)**, where the pitch-source codec's TTS stayed at chance (0.14 / 0.19), and among the codec's voices
-(SIM-r) at 0.41 / 0.45 (0.36 / 0.41 before); the independent ECAPA 0.20 / 0.39 (SIM-o). The spectral cost of the
-branch (``bench.audio_codec``) shows here as a weaker re-recognition ratio for seed 0 (1.39 vs 1.58 before).
+Over the harmonic-branch codec (the default since 2026-12-05, three codec seeds; the headline is seed 0's, the ASR
+judge the same): re-recognised at CER 0.83 against 1.16 for deranged references (seeds 1 and 2: 0.51 against 0.89,
+0.54 against 0.97; the resyntheses 0.43-0.45); generated vowel utterances placed by Resemblyzer with the real voices
+(SIM-o) at **0.27 (p 0.002), 0.20 (p 0.05) and 0.19 (p 0.10)**, where the pitch-source codec's TTS stayed at chance
+(0.14 / 0.19), and among the codec's voices (SIM-r) at 0.41 / 0.45 / 0.44 (0.36 / 0.41 before); the independent
+ECAPA 0.20 / 0.39 / 0.36 (SIM-o). The spectral cost of the branch (``bench.audio_codec``) shows here as a weaker
+re-recognition ratio for seed 0 (1.39; seeds 1 and 2 1.74 and 1.81; before 1.58 / 1.68).
 
 Measured earlier on 2026-12-05 on a fresh machine (then the headline; codec, ASR judge and TTS rerun
 at the documented settings, the codec now with BigVGAN's pitch source; 150 TTS steps; whole run 4-7 min). The ASR

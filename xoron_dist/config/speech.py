@@ -65,9 +65,9 @@ class VocoderConfig:
     # harmonics of the source's pitch, read from the latents, their sum added to BigVGAN's output, trained against
     # the real segment's harmonic amplitudes at the tracked pitch (envelope_weight: that ln-amplitude L1), so the
     # latents learn to carry the formants; 0: none (needs source_harmonics). On by default: over three bench codec
-    # seeds Resemblyzer placed their resyntheses with the real voices (SIM-o) at 0.25-0.41 vs 0.14-0.16 without,
-    # and the TTS's generated vowels at 0.20-0.27 vs 0.14-0.19 (chance 0.125), at a spectral-distance cost
-    # (MR-STFT 2.30-2.38 vs 1.89-2.05: the predicted pitch, 11-14 % off, drives its harmonics)
+    # seeds Resemblyzer placed their resyntheses with the real voices (SIM-o) at 0.25-0.41 vs 0.11-0.16 without,
+    # and the TTS's generated vowels at 0.19-0.27 vs 0.14-0.19 (chance 0.125), at a spectral-distance cost
+    # (MR-STFT 2.30-2.38 vs 1.82-2.05: the predicted pitch, 11-14 % off, drives its harmonics)
     envelope_harmonics: int = 48
     envelope_weight: float = 5.0
     f0_min: float = 60.0  # Hz; the pitch tracker's window (3 hops, speech/pitch.py) must hold a period and more

@@ -30,7 +30,7 @@ the real segment's (``harmonic_amplitudes``: a windowed projection at each k·f0
 without being asked for a smoothed spectrum that also moves with the pitch. Why: an outside speaker encoder
 (Resemblyzer) misses the per-frame envelope in the source codec's resyntheses most (``bench.voice_cues --codec``);
 with the branch, over three bench codec seeds, it places them with the real voices at 0.25-0.41 instead of
-0.11-0.16, and the TTS's generated vowels at 0.20-0.27 instead of 0.14-0.19 (chance 0.125); the spectral distance
+0.11-0.16, and the TTS's generated vowels at 0.19-0.27 instead of 0.14-0.19 (chance 0.125); the spectral distance
 rises (MR-STFT 2.30-2.38 vs 1.82-2.05), as 48 harmonics follow a predicted pitch 11-14 % off.
 
 ``track_pitch`` is YIN (de Cheveigné & Kawahara 2002, JASA 111(4)): the cumulative-mean-normalised
