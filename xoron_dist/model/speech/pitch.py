@@ -65,11 +65,7 @@ def track_pitch(samples: torch.Tensor, hop: int, sample_rate: int, f0_min: float
         raise ValueError(f"track_pitch: f0_min={f0_min} Hz needs lags up to {lag_max} samples, more than the "
                          f"{width}-sample window ({WINDOW_HOPS} x hop {hop}) allows; raise f0_min above "
                          f"{sample_rate / (width - 3):.0f} Hz")
-    x = samples.float()
-    frames = -(-x.shape[1] // hop)
-    left = (width - hop) // 2
-    x = F.pad(x, (left, frames * hop - x.shape[1] + width - hop - left))
-    windows = x.unfold(1, width, hop)[:, :frames]  # (batch, frames, width)
+    windows = frame_windows(samples, hop, -(-samples.shape[1] // hop))  # (batch, frames, width)
     windows = windows - windows.mean(-1, keepdim=True)
     cmnd = _cmnd(windows, lag_max + 1)  # (batch, frames, lag_max + 2)
     lag = _first_dip(cmnd, lag_min, lag_max, threshold)
@@ -81,6 +77,16 @@ def track_pitch(samples: torch.Tensor, hop: int, sample_rate: int, f0_min: float
     loud = windows.pow(2).mean(-1).sqrt() > floor
     voiced = (best < voicing) & loud
     return torch.where(voiced, sample_rate / period, torch.zeros_like(period)), voiced
+
+
+def frame_windows(samples: torch.Tensor, hop: int, frames: int) -> torch.Tensor:
+    """samples (batch, S) -> the codec's ``frames`` analysis windows (batch, frames, WINDOW_HOPS·hop) fp32: frame t
+    centred on sample t·hop + hop/2, zeros outside the clip (``track_pitch`` and ``harmonic_amplitudes`` read the
+    same frames)."""
+    width = WINDOW_HOPS * hop
+    left = (width - hop) // 2
+    x = F.pad(samples.float(), (left, frames * hop - samples.shape[1] + width - hop - left))
+    return x.unfold(1, width, hop)[:, :frames]
 
 
 def _cmnd(windows: torch.Tensor, lags: int) -> torch.Tensor:
@@ -212,13 +218,11 @@ def harmonic_amplitudes(samples: torch.Tensor, f0: torch.Tensor, voiced: torch.T
     frames) fp32 and where they count (same shape, bool: voiced frames, harmonics below Nyquist). The targets
     of ``envelope_loss``: they sample the spectral envelope at the harmonics, so they ask for the formants
     without asking for a smoothed spectrum that also moves with the pitch."""
-    frames, width = f0.shape[1], WINDOW_HOPS * hop
-    left = (width - hop) // 2
-    x = F.pad(samples.float(), (left, max(0, frames * hop - samples.shape[1]) + width - hop - left))
-    windows = x.unfold(1, width, hop)[:, :frames]  # (batch, frames, width)
-    window = torch.hann_window(width, periodic=False, device=x.device)
-    offsets = torch.arange(width, device=x.device, dtype=torch.float32) - (width - 1) / 2
-    multiples = torch.arange(1, harmonics + 1, device=x.device, dtype=torch.float32)
+    windows = frame_windows(samples, hop, f0.shape[1])  # (batch, frames, width)
+    width, device = windows.shape[-1], windows.device
+    window = torch.hann_window(width, periodic=False, device=device)
+    offsets = torch.arange(width, device=device, dtype=torch.float32) - (width - 1) / 2
+    multiples = torch.arange(1, harmonics + 1, device=device, dtype=torch.float32)
     freq = f0.float()[..., None] * multiples  # (batch, frames, harmonics) Hz
     turns = 2 * math.pi * (freq / sample_rate)[..., None] * offsets  # (batch, frames, harmonics, width)
     weighted = (windows * window)[..., None, :]
