@@ -73,17 +73,22 @@ def has_voice(sample: AudioSample) -> bool:
     return "vowel" in sample.text
 
 
+# BigVGAN options whose size a saved generator's tensors tell: override -> (tensor, the dimension holding it);
+# no such tensor: the option was off
+SIZED_BY_TENSOR = {"model.speech.vocoder.source_harmonics": ("speech.vocoder.generator.source.merge.weight", 1),
+                   "model.speech.vocoder.envelope_harmonics": ("speech.vocoder.generator.envelope.out.weight", 0)}
+
+
 def saved_overrides(saved: dict) -> list[str]:
     """The config overrides a bench file (``torch.save({"state_dict", "overrides"})``: a codec, an ASR or TTS
-    model) was built from, with BigVGAN's pitch source (``model.speech.vocoder.source_harmonics``) set as its
-    tensors have it: files saved under another default of the source do not name it."""
+    model) was built from, with BigVGAN's pitch source and harmonic branch (``SIZED_BY_TENSOR``) set as its
+    tensors have them: files saved under another default of those options do not name them."""
     state = saved["state_dict"]
     if not any(k.startswith("speech.vocoder.generator.") for k in state):
         return list(saved["overrides"])
-    merge = state.get("speech.vocoder.generator.source.merge.weight")  # (1, harmonics, 1)
-    harmonics = 0 if merge is None else merge.shape[1]
-    return [*(o for o in saved["overrides"] if not o.startswith("model.speech.vocoder.source_harmonics=")),
-            f"model.speech.vocoder.source_harmonics={harmonics}"]
+    sized = [f"{key}={0 if name not in state else state[name].shape[dim]}"
+             for key, (name, dim) in SIZED_BY_TENSOR.items()]
+    return [*(o for o in saved["overrides"] if o.split("=")[0] not in SIZED_BY_TENSOR), *sized]
 
 
 def pretrain_speaker(speaker, pool: dict[int, list[AudioSample]], steps: int, lr: float, seed: int) -> dict:
