@@ -264,7 +264,8 @@ def reconstruct(encoder: AudioEncoder, head: SpeechHead, clip: torch.Tensor, voi
         padded = torch.nn.functional.pad(wave, (0, frames * head.vocoder.hop - wave.shape[1]))
         cfg = head.vocoder.cfg
         pitch = track_pitch(padded, head.vocoder.hop, encoder.cfg.sample_rate, cfg.f0_min, cfg.f0_max)
-    return head.vocoder.decode(quantized.latents, voice, pitch)[0, : clip.shape[0]], quantized.ids[0]
+    frames = head.vocoder.frames(quantized.latents, wave)  # + the pitch code (VocoderConfig.pitch_levels)
+    return head.vocoder.decode(frames, voice, pitch)[0, : clip.shape[0]], quantized.ids[0]
 
 
 def random_phase(magnitude: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -425,7 +426,7 @@ def pitch_scores(encoder: AudioEncoder, head: SpeechHead, held_out: list[AudioSa
         pairs["resynthesis"].append(tuple(t[0] for t in track_pitch(resynthesis[None], hop, rate, vocoder.f0_min,
                                                                      vocoder.f0_max)))
         if head.vocoder.pitched:
-            latents = encoder.quantizer(encoder.tokenizer(wave[None])).latents
+            latents = head.vocoder.frames(encoder.quantizer(encoder.tokenizer(wave[None])).latents, wave[None])
             voice = head.speaker(wave[None], torch.tensor([wave.shape[0]])) if head.vocoder.conditioned else None
             log_f0, voicing = head.vocoder.predict_pitch(latents, voice)
             pairs["predicted"].append((log_f0[0].exp(), voicing[0] > 0))

@@ -27,6 +27,7 @@ from data_prep.media import Blob, decode_audio
 from xoron_dist.config import SynthConfig
 from xoron_dist.model.audio.encoder import batch_clips
 from xoron_dist.model.speech.speaker import AAMSoftmaxHead
+from xoron_dist.model.speech.vocoder import saved_vocoder_sizes
 from xoron_dist.synth.corpus import speaker_of, synthesize
 from xoron_dist.synth.sounds import SPEAKERS, render_events, sample_vowels, transcript
 
@@ -73,22 +74,13 @@ def has_voice(sample: AudioSample) -> bool:
     return "vowel" in sample.text
 
 
-# BigVGAN options whose size a saved generator's tensors tell: override -> (tensor, the dimension holding it);
-# no such tensor: the option was off
-SIZED_BY_TENSOR = {"model.speech.vocoder.source_harmonics": ("speech.vocoder.generator.source.merge.weight", 1),
-                   "model.speech.vocoder.envelope_harmonics": ("speech.vocoder.generator.envelope.out.weight", 0)}
-
-
 def saved_overrides(saved: dict) -> list[str]:
     """The config overrides a bench file (``torch.save({"state_dict", "overrides"})``: a codec, an ASR or TTS
-    model) was built from, with BigVGAN's pitch source and harmonic branch (``SIZED_BY_TENSOR``) set as its
+    model) was built from, with BigVGAN's pitch source and harmonic branch (``vocoder.SIZED_BY_TENSOR``) set as its
     tensors have them: files saved under another default of those options do not name them."""
-    state = saved["state_dict"]
-    if not any(k.startswith("speech.vocoder.generator.") for k in state):
-        return list(saved["overrides"])
-    sized = [f"{key}={0 if name not in state else state[name].shape[dim]}"
-             for key, (name, dim) in SIZED_BY_TENSOR.items()]
-    return [*(o for o in saved["overrides"] if o.split("=")[0] not in SIZED_BY_TENSOR), *sized]
+    sizes = saved_vocoder_sizes(saved["state_dict"])
+    sized = {f"model.speech.vocoder.{option}": size for option, size in sizes.items()}
+    return [*(o for o in saved["overrides"] if o.split("=")[0] not in sized), *(f"{k}={v}" for k, v in sized.items())]
 
 
 def pretrain_speaker(speaker, pool: dict[int, list[AudioSample]], steps: int, lr: float, seed: int) -> dict:

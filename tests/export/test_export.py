@@ -130,6 +130,24 @@ def test_multimodal_model_round_trips_whole(tmp_path):
     assert "| vision |" in card and "| speech |" in card and "xoron_multimodal.safetensors" in card
 
 
+def test_an_export_from_before_the_pitch_source_loads(tmp_path):
+    """An export written before BigVGAN's pitch source and harmonic branch were on by default has no such tensors
+    and its config names neither option: ``from_pretrained`` sizes them from the tensors (off) and loads strictly."""
+    off = ["model.speech.vocoder.source_harmonics=0", "model.speech.vocoder.envelope_harmonics=0"]
+    cfg = load_config(REPO / "pipelines" / "smoke.yaml", off)
+    torch.manual_seed(0)
+    state = {name: t.detach().clone() for name, t in build_model(cfg).state_dict().items()}
+    out = export_hf(ConsolidatedCheckpoint(cfg, state, multimodal=True, step=7), tmp_path / "old")
+    text = (out / "xoron_config.yaml").read_text()
+    old = "\n".join(line for line in text.splitlines() if not line.strip().startswith(("source_harmonics:",
+                                                                                      "envelope_harmonics:")))
+    assert old != text
+    (out / "xoron_config.yaml").write_text(old + "\n")
+    assert load_config(out / "xoron_config.yaml").model.speech.vocoder.source_harmonics > 0  # today's default
+    back = from_pretrained(out)
+    assert back.speech.vocoder.generator.source is None and _max_diff(back.state_dict(), state) == 0.0
+
+
 def _one_line_error(capsys, argv: list[str]) -> str:
     assert xoron(argv) == 2
     err = capsys.readouterr().err.strip()

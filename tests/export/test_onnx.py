@@ -80,7 +80,7 @@ def _input(model, name: str, size: int):
             pitch = 100 + 300 * torch.rand(batch, 1, generator=g)
             x = 0.5 * torch.sin(2 * torch.pi * pitch * t) + 0.05 * torch.randn(batch, t.shape[0], generator=g)
             return x, model.speech.speaker(x)
-        x = torch.randn(batch, 4 + 7 * size, model.cfg.model.audio.latent_dim, generator=g)
+        x = torch.randn(batch, 4 + 7 * size, model.speech.vocoder.frame_dim, generator=g)
         voice = torch.nn.functional.normalize(torch.randn(batch, model.speech.vocoder.generator.cfg.cond_channels,
                                                           generator=g), dim=-1)
         return (x, voice), model.speech.vocoder.decode(x, voice)
@@ -99,6 +99,22 @@ def test_onnxruntime_equals_pytorch_at_two_sizes(exported, name):
     if name == "llm":  # the padded vocabulary rows stay -inf, the real ones finite
         assert torch.isinf(got[..., model.cfg.llm.usable_vocab_size:]).all() and torch.isfinite(
             got[..., : model.cfg.llm.usable_vocab_size]).all()
+
+
+def test_a_vocoder_with_a_pitch_code_exports(tmp_path):
+    """``vocoder.pitch_levels``: the graph takes the latents with the code's two channels (random here: voiced
+    and unvoiced frames, positions past the range) and onnxruntime plays the same pitch as the eager vocoder."""
+    torch.manual_seed(0)
+    model = build_model(load_config(REPO / "pipelines" / "smoke.yaml",
+                                    [*TINY, "model.speech.vocoder.pitch_levels=16"])).eval()
+    manifest = export_onnx(model, tmp_path / "coded", parts=["vocoder"])
+    assert "pitch code" in " ".join(manifest["graphs"]["vocoder"]["notes"])
+    session = ort.InferenceSession(str(tmp_path / "coded" / "vocoder.onnx"), providers=["CPUExecutionProvider"])
+    for size in (0, 1):
+        (x, voice), want = _input(model, "vocoder", size)
+        assert x.shape[-1] == model.cfg.model.audio.latent_dim + 2
+        got = torch.from_numpy(session.run(None, {"latents": x.numpy(), "voice": voice.numpy()})[0])
+        assert max_abs_diff(want, got) <= 1e-4
 
 
 SYMBOLIC = {"llm": {0: "batch", 1: "seq"}, "vision": {0: "batch", 2: "8*rows", 3: "8*cols"},

@@ -198,9 +198,38 @@ def test_snapped_generation_decodes_the_requantised_latents(model, one_thread):
         model.train()
 
 
+def test_pitch_code_rides_in_the_frames_from_the_codec_to_generation(one_thread):
+    """``vocoder.pitch_levels``: the frames BigVGAN decodes and the TTS learns are the codec's latents plus two
+    channels coding the pitch tracked on the clip (a 200 Hz tone reads back within half a level), the TTS
+    generates frames that wide, BigVGAN has no predictor, and every parameter still trains in both objectives."""
+    from xoron_dist.model.speech.pitch import pitch_from_code
+
+    torch.manual_seed(0)
+    coded = build_model(_cfg("model.speech.vocoder.pitch_levels=64")).train()
+    vocoder, width = coded.speech.vocoder, coded.cfg.model.audio.latent_dim
+    assert vocoder.frame_dim == coded.speech.tts.latent_dim == width + 2 and vocoder.generator.pitch is None
+    tone = (0.5 * torch.sin(2 * torch.pi * 200.0 * torch.arange(4800) / RATE) * 32767).to(torch.int16)
+    samples, _ = batch_clips([tone], torch.device("cpu"))
+    latents, _, _ = coded.audio.tokens([tone])
+    frames = vocoder.frames(latents, samples)
+    assert torch.equal(frames[..., :width], latents)
+    f0, voiced = pitch_from_code(frames[..., width:].transpose(1, 2), vocoder.cfg.f0_min, vocoder.cfg.f0_max)
+    assert voiced[0, 1:-1].all() and f0[0, 1:-1].tolist() == pytest.approx([200.0] * (f0.shape[1] - 2), rel=0.025)
+    out = coded(**_speech_batch(coded))
+    _total(out).backward()
+    assert not [n for n, p in coded.named_parameters() if p.requires_grad and p.grad is None]
+    coded.eval()
+    ids = torch.randint(0, coded.cfg.llm.usable_vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    wave = coded.generate_speech(ids, speaker_audio=[_clip(0.3, 7)], seed=2)[0]
+    assert wave.numel() % vocoder.hop == 0 and wave.abs().max() <= 1
+
+
 def test_speech_config_and_layout_errors_name_the_fix():
     with pytest.raises(ConfigError, match="set model.audio.enabled: true"):
         _cfg("model.audio.enabled=false")
+    with pytest.raises(ConfigError, match="the source plays the code"):
+        _cfg("model.speech.vocoder.pitch_levels=64", "model.speech.vocoder.source_harmonics=0",
+             "model.speech.vocoder.envelope_harmonics=0")
     with pytest.raises(ConfigError, match="multiple of the codec's hop"):
         _cfg("model.speech.vocoder.segment_samples=3000")
     with pytest.raises(LayoutError, match="model.speech.decoder.num_heads = 3"):

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from tests.model.test_speech_bigvgan import drawn_alike
-from xoron_dist.model.speech.bigvgan import BigVGANConfig
+from xoron_dist.model.speech.bigvgan import BigVGANConfig, BigVGANGenerator
 from xoron_dist.model.speech.pitch import (
     HarmonicEnvelope,
     HarmonicSource,
     envelope_loss,
     harmonic_amplitudes,
     harmonic_sines,
+    pitch_code,
+    pitch_from_code,
     pitch_loss,
     track_pitch,
 )
@@ -125,6 +127,63 @@ def test_generator_source_follows_the_pitch_given_and_leaves_the_plain_generator
         pitched(latents, pitch=(torch.full((1, 5), 100.0), voiced[:, :5]))
     with pytest.raises(ValueError, match="f0_min"):
         BigVGANConfig(**TINY, source_harmonics=4, f0_min=600.0, f0_max=500.0)
+
+
+def test_pitch_code_keeps_log_f0_within_half_a_level_and_the_voicing():
+    """``pitch_code``: ids 0 unvoiced, 1..levels rising with f0; decoded, a voiced pitch inside the range comes back
+    within half a level (in log f0), level centres exactly, pitches outside at the range's ends; generated channels
+    past [-1, 1] play the range's ends; fewer than two levels is an error."""
+    levels, low, high = 16, 60.0, 1000.0
+    step = math.log(high / low) / (levels - 1)
+    f0 = torch.cat([torch.logspace(math.log10(low), math.log10(high), 101), torch.tensor([30.0, 2000.0])])[None]
+    voiced = torch.ones_like(f0, dtype=torch.bool)
+    voiced[0, ::7] = False
+    ids, code = pitch_code(f0, voiced, levels, low, high)
+    assert code.shape == (1, f0.shape[1], 2) and ids.dtype == torch.long
+    assert (ids[~voiced] == 0).all() and ids[voiced].min() >= 1 and ids[voiced].max() <= levels
+    assert (ids[0, :101][voiced[0, :101]].diff() >= 0).all() and code[..., 0].abs().max() <= 1
+    back, back_voiced = pitch_from_code(code.transpose(1, 2), low, high)
+    assert torch.equal(back_voiced, voiced)
+    inside = voiced[0, :101]
+    error = (back[0, :101] / f0[0, :101]).log().abs()[inside]
+    assert error.max() <= step / 2 + 1e-5 and error.max() > step / 4  # rounded, not exact
+    assert back[0, 101:].tolist() == pytest.approx([low, high], rel=1e-5)
+    centres = torch.exp(math.log(low) + step * torch.arange(levels, dtype=torch.float32))[None]
+    exact, _ = pitch_from_code(pitch_code(centres, torch.ones_like(centres, dtype=torch.bool), levels, low,
+                                          high)[1].transpose(1, 2), low, high)
+    torch.testing.assert_close(exact, centres, rtol=1e-5, atol=0)
+    wild, _ = pitch_from_code(torch.tensor([[[3.0, -5.0], [1.0, 1.0]]]), low, high)
+    assert wild[0].tolist() == pytest.approx([high, low], rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        pitch_code(f0, voiced, 1, low, high)
+
+
+def test_generator_with_a_pitch_code_plays_the_code_and_has_no_predictor():
+    """pitch_code: the last two input channels drive the source (the same waveform as that pitch passed
+    explicitly), ``predict_pitch`` reads them back, a change of those channels alone changes the pitch played, and
+    there is no predictor; without the source, or without room for the code, the config names the fix."""
+    cfg = BigVGANConfig(**dict(TINY, in_channels=18), source_harmonics=4, pitch_code=True, f0_min=60.0, f0_max=500.0)
+    torch.manual_seed(0)
+    generator = BigVGANGenerator(cfg)
+    assert generator.pitch is None and generator.source is not None
+    voiced = torch.ones(1, 6, dtype=torch.bool)
+    voiced[0, 4:] = False
+
+    def frames(hz: float) -> torch.Tensor:
+        return torch.cat([latents, pitch_code(torch.full((1, 6), hz), voiced, 64, 60.0, 500.0)[1].transpose(1, 2)], 1)
+
+    latents = torch.randn(1, 16, 6)
+    with torch.no_grad():
+        low = generator(frames(150.0))
+        decoded = pitch_from_code(frames(150.0)[:, -2:], 60.0, 500.0)
+        torch.testing.assert_close(low, generator(frames(150.0), pitch=decoded), rtol=0, atol=0)
+        log_f0, voicing = generator.predict_pitch(frames(150.0))
+        assert torch.equal(voicing > 0, voiced) and log_f0[0, :4].exp().tolist() == pytest.approx([150.0] * 4, rel=0.02)
+        assert not torch.allclose(low, generator(frames(300.0)), atol=1e-4)
+    with pytest.raises(ValueError, match="needs source_harmonics > 0"):
+        BigVGANConfig(**dict(TINY, in_channels=18), pitch_code=True)
+    with pytest.raises(ValueError, match="in_channels > 2"):
+        BigVGANConfig(**dict(TINY, in_channels=2), source_harmonics=4, pitch_code=True)
 
 
 def test_harmonic_envelope_plays_each_harmonic_at_its_frame_amplitude():

@@ -56,6 +56,8 @@ def test_checkpoints_from_before_the_image_and_video_generators_resume(path, ove
         assert not hash_matches(old, load_config(path, [*pitched, *off]))
         branched = [o for o in overrides if o not in (NO_SOURCE, NO_ENVELOPE)]  # today's default: and the branch
         assert not hash_matches(old, load_config(path, [*branched, *off]))
+        coded = [*branched, *off, "model.speech.vocoder.pitch_levels=64"]  # a pitch code: frames 2 channels wider
+        assert config_hash(load_config(path, coded)) != config_hash(load_config(path, [*branched, *off]))
 
 
 def test_a_different_model_is_still_refused():

@@ -70,18 +70,28 @@ class VocoderConfig:
     # (MR-STFT 2.30-2.38 vs 1.82-2.05: the predicted pitch, 11-14 % off, drives its harmonics)
     envelope_harmonics: int = 48
     envelope_weight: float = 5.0
+    # a pitch code beside the residual VQ's tokens (``pitch.pitch_code``): the pitch tracked on the audio, in this
+    # many log-f0 levels from f0_min to f0_max (plus unvoiced), rides in two more channels of every latent frame;
+    # BigVGAN's source plays it (no pitch predictor: pitch_weight unused) and the TTS flow generates it with the
+    # rest of the frame. 0: none, BigVGAN predicts the pitch from the latents (which carry the voice's mean pitch,
+    # not its contour: a probe reads it at 22-26 % error, bench.audio_codec). Needs source_harmonics
+    pitch_levels: int = 0
     f0_min: float = 60.0  # Hz; the pitch tracker's window (3 hops, speech/pitch.py) must hold a period and more
     f0_max: float = 1000.0
 
     def validate(self, where: str) -> None:
         positive(self, where, "channels", "discriminator_scale", "segment_samples", "f0_min", "f0_max")
         non_negative(self, where, "mel_weight", "fm_weight", "speaker_weight", "source_harmonics", "pitch_weight",
-                     "envelope_harmonics", "envelope_weight")
+                     "envelope_harmonics", "envelope_weight", "pitch_levels")
         if self.f0_min >= self.f0_max:
             raise field_error(f"{where}.f0_max", self.f0_max, f"a pitch range above f0_min={self.f0_min} Hz")
         if self.envelope_harmonics and not self.source_harmonics:
             raise field_error(f"{where}.envelope_harmonics", self.envelope_harmonics,
                               "0, or the pitch source on (source_harmonics > 0): the harmonic branch plays its pitch")
+        if self.pitch_levels and (self.pitch_levels < 2 or not self.source_harmonics):
+            raise field_error(f"{where}.pitch_levels", self.pitch_levels,
+                              "0, or at least 2 levels with the pitch source on (source_harmonics > 0): the source "
+                              "plays the code")
         if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes) or not self.resblock_kernel_sizes:
             raise field_error(f"{where}.resblock_dilation_sizes", self.resblock_dilation_sizes,
                               f"one list of dilations per resblock kernel ({self.resblock_kernel_sizes})")

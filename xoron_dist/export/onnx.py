@@ -353,6 +353,9 @@ def _vocoder_spec(vocoder: nn.Module) -> GraphSpec:
     if vocoder.conditioned:
         more = [GraphInput("voice", (voice(2, 10), voice(3, 11)), {0: ("batch", 1, None)})]
         notes.append("speaker-conditioned: voice is the speaker graph's output for a reference clip (unit length)")
+    if vocoder.generator.cfg.pitch_code:
+        notes.append("the last two latent channels are the pitch code (log-f0 level position in [-1, 1], voicing "
+                     "+1/-1: xoron_dist.model.speech.pitch.pitch_code); they drive the harmonic source")
     return GraphSpec("vocoder", VocoderGraph(vocoder), vocoder.decode, (latents(2, 3, 8), latents(3, 5, 9)),
                      "latents", "waveform", {0: ("batch", 1, None), 1: ("codec_frames", 1, None)},
                      {0: "batch", 1: "samples"}, notes, more)

@@ -2,7 +2,9 @@
 
 The LLM's shards are read under HF names and mapped back (``from_hf_state_dict``); a multimodal
 export adds ``xoron_multimodal.safetensors`` under its own names; ``xoron_config.yaml`` says what to
-build. Loading is strict: a tensor missing or left over is an error.
+build (BigVGAN's source and harmonic branch sized by their tensors, ``vocoder.saved_vocoder_sizes``: exports
+written before those became defaults do not name them). Loading is strict: a tensor missing or left over is an
+error.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from xoron_dist.config import load_config
 from xoron_dist.export.hf import INDEX_FILE, MULTIMODAL_FILE, XORON_CONFIG, ExportError
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.model.llm.hf import from_hf_state_dict
+from xoron_dist.model.speech.vocoder import saved_vocoder_sizes
 from xoron_dist.model.xoron import XoronMultimodalModel
 
 
@@ -37,8 +40,13 @@ def from_pretrained(path: str | Path) -> XoronLLM | XoronMultimodalModel:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model: nn.Module
     if (path / MULTIMODAL_FILE).is_file():
+        extra = load_file(path / MULTIMODAL_FILE)
+        # BigVGAN options sized as its tensors have them: an export written before an option's default changed
+        # does not name it in its config
+        for option, size in saved_vocoder_sizes(extra).items():
+            setattr(cfg.model.speech.vocoder, option, size)
         model = XoronMultimodalModel(cfg)
-        state = {f"llm.{name}": t for name, t in state.items()} | load_file(path / MULTIMODAL_FILE)
+        state = {f"llm.{name}": t for name, t in state.items()} | extra
     else:
         model = XoronLLM(cfg.llm)
     model.load_state_dict(state, strict=True)

@@ -153,7 +153,8 @@ _NEW_DEFAULTS: dict[tuple[str, ...], Any] = {("speech", "vocoder", "speaker_cond
                                              ("speech", "vocoder", "f0_min"): 60.0,
                                              ("speech", "vocoder", "f0_max"): 1000.0,
                                              ("speech", "vocoder", "envelope_harmonics"): 0,
-                                             ("speech", "vocoder", "envelope_weight"): 5.0}
+                                             ("speech", "vocoder", "envelope_weight"): 5.0,
+                                             ("speech", "vocoder", "pitch_levels"): 0}
 
 
 def _hashed_model(cfg: XoronConfig) -> dict[str, Any]:

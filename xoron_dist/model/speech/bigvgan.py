@@ -54,7 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, skip_init
 
-from xoron_dist.model.speech.pitch import HarmonicEnvelope, HarmonicSource, PitchPredictor
+from xoron_dist.model.speech.pitch import (
+    PITCH_CODE_CHANNELS,
+    HarmonicEnvelope,
+    HarmonicSource,
+    PitchPredictor,
+    pitch_from_code,
+)
 
 ACTIVATIONS = ("snake", "snakebeta")
 
@@ -91,7 +97,10 @@ class BigVGANConfig:
     envelope_harmonics: harmonics of the harmonic branch (``pitch.HarmonicEnvelope``, needs the source's pitch), 0
         for none: their per-frame amplitudes are read from conv_pre's output and their sum at the source's pitch
         is added to conv_post's output.
-    f0_min, f0_max: the predictor's pitch range in Hz (its log f0 is a sigmoid between their logs).
+    pitch_code: the last ``pitch.PITCH_CODE_CHANNELS`` of the ``in_channels`` are a pitch code (``pitch.pitch_code``:
+        a log-f0 level and the voicing per frame, a token stream of the codec's own), which drives the source when
+        no pitch is passed; no ``PitchPredictor`` then. Needs the source.
+    f0_min, f0_max: the pitch range in Hz of the predictor (its log f0 is a sigmoid between their logs) or the code.
     """
 
     in_channels: int = 128
@@ -109,6 +118,7 @@ class BigVGANConfig:
     cond_channels: int = 0
     source_harmonics: int = 0
     envelope_harmonics: int = 0
+    pitch_code: bool = False
     f0_min: float = 60.0
     f0_max: float = 1000.0
 
@@ -126,6 +136,11 @@ class BigVGANConfig:
             raise ValueError(f"BigVGANConfig.envelope_harmonics={self.envelope_harmonics}: the harmonic branch is "
                              f"driven by the source's pitch; use 0, or set source_harmonics (now "
                              f"{self.source_harmonics}) too")
+        if self.pitch_code and (not self.source_harmonics or self.in_channels <= PITCH_CODE_CHANNELS):
+            raise ValueError(f"BigVGANConfig.pitch_code: a pitch code drives the source and takes the last "
+                             f"{PITCH_CODE_CHANNELS} of the in_channels; needs source_harmonics > 0 (now "
+                             f"{self.source_harmonics}) and in_channels > {PITCH_CODE_CHANNELS} (now "
+                             f"{self.in_channels})")
         if self.in_channels < 1 or not self.upsample_rates or min(self.upsample_rates) < 1:
             raise ValueError(f"BigVGANConfig: in_channels={self.in_channels}, upsample_rates={self.upsample_rates}: "
                              "need in_channels >= 1 and at least one rate, every rate >= 1")
@@ -333,8 +348,9 @@ class BigVGANGenerator(nn.Module):
         self.cond = make_conv(nn.Conv1d, cfg.cond_channels, c0, 1, weight_norm=False) if cfg.cond_channels else None
         self.pitch = self.source = self.source_convs = self.envelope = None  # source-filter parts, after the rest
         plain = partial(make_conv, weight_norm=False)
-        if cfg.source_harmonics:
+        if cfg.source_harmonics and not cfg.pitch_code:
             self.pitch = PitchPredictor(c0, cfg.f0_min, cfg.f0_max, plain)
+        if cfg.source_harmonics:
             self.source = HarmonicSource(cfg.source_harmonics, cfg.hop_length, cfg.sample_rate, plain)
             self.source_convs = nn.ModuleList(_source_conv(c0 >> (i + 1), cfg.hop_length // math.prod(
                 cfg.upsample_rates[: i + 1])) for i in range(len(cfg.upsample_rates)))
@@ -363,10 +379,10 @@ class BigVGANGenerator(nn.Module):
                 pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """latents (batch, in_channels, frames), cond (batch, cond_channels) when the generator is
         conditioned (``cfg.cond_channels``), else None; ``pitch``: (f0 Hz, voiced) each (batch, frames) to
-        drive the source (``cfg.source_harmonics``; None: the generator's own prediction) -> waveform
-        (batch, 1, frames * hop_length)."""
+        drive the source (``cfg.source_harmonics``; None: the latents' pitch code with ``cfg.pitch_code``, else the
+        generator's own prediction) -> waveform (batch, 1, frames * hop_length)."""
         x = stem = self._stem(latents, cond)
-        excitation, pitch = self._excitation(x, pitch)
+        excitation, pitch = self._excitation(x, pitch, latents)
         for i, up in enumerate(self.ups):
             x = up(x)
             if excitation is not None:
@@ -380,9 +396,13 @@ class BigVGANGenerator(nn.Module):
 
     def predict_pitch(self, latents: torch.Tensor,
                       cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents (and cond) as for ``forward`` -> the predictor's log f0 and voicing logits, (batch, frames) fp32."""
-        if self.pitch is None:
+        """latents (and cond) as for ``forward`` -> the log f0 and voicing logits the source plays when given no
+        pitch, (batch, frames) fp32: the predictor's, or with ``cfg.pitch_code`` the code's (its voicing channel)."""
+        if self.source is None:
             raise ValueError("BigVGANGenerator.predict_pitch: this generator has no source (source_harmonics=0)")
+        if self.cfg.pitch_code:
+            f0, _ = pitch_from_code(self._code(latents), self.cfg.f0_min, self.cfg.f0_max)
+            return f0.log(), self._code(latents)[:, 1].float()
         return self.pitch(self._stem(latents, cond))
 
     def predict_envelope(self, latents: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -403,16 +423,22 @@ class BigVGANGenerator(nn.Module):
             x = x + self._condition(cond, latents.shape[0])
         return x
 
-    def _excitation(self, x: torch.Tensor, pitch: tuple[torch.Tensor, torch.Tensor] | None
+    def _code(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pitch code's channels of latents (batch, in_channels, frames): (batch, PITCH_CODE_CHANNELS, frames)."""
+        return latents[:, -PITCH_CODE_CHANNELS:]
+
+    def _excitation(self, x: torch.Tensor, pitch: tuple[torch.Tensor, torch.Tensor] | None, latents: torch.Tensor
                     ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """The source's excitation (batch, 1, frames * hop) and the (f0, voiced) driving it, from ``pitch`` or the
-        predictor; (None, None) without a source."""
+        """The source's excitation (batch, 1, frames * hop) and the (f0, voiced) driving it, from ``pitch``, the
+        latents' pitch code or the predictor; (None, None) without a source."""
         if self.source is None:
             if pitch is not None:
                 raise ValueError("BigVGANGenerator: a pitch was given but this generator has no source "
                                  "(source_harmonics=0); build it with source_harmonics set, or pass none")
             return None, None
-        if pitch is None:
+        if pitch is None and self.cfg.pitch_code:
+            pitch = pitch_from_code(self._code(latents), self.cfg.f0_min, self.cfg.f0_max)
+        elif pitch is None:
             log_f0, voicing = self.pitch(x)
             pitch = log_f0.exp(), voicing > 0
         f0, voiced = pitch

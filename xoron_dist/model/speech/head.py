@@ -46,7 +46,7 @@ class SpeechHead(nn.Module):
         self.clock = NoiseClock()  # crops and flow noise per clip and step (``model.common.noise``)
         self.vocoder = Vocoder(speech.vocoder, audio, speech.speaker.embed_dim)
         self.speaker = SpeakerEncoder(speech.speaker)
-        self.tts = SpeechGenerator(cfg.llm.hidden_size, audio.latent_dim, speech.speaker.embed_dim,
+        self.tts = SpeechGenerator(cfg.llm.hidden_size, self.vocoder.frame_dim, speech.speaker.embed_dim,
                                    speech.text_encoder, speech.decoder)
         self.train()  # the speaker's BatchNorm layers to stored statistics from the start
 
@@ -88,10 +88,11 @@ class SpeechHead(nn.Module):
         if self.vocoder.conditioned:  # the whole clip's voice; the codec does not train the speaker encoder
             with torch.no_grad():
                 voice = self.speaker(samples.to(dtype), lengths)
+        frames = self.vocoder.frames(quantized.latents, segments)  # + the pitch code, when there is one
         pitch, source_term = None, 0.0
-        if self.vocoder.pitched:  # the source reads the real segment's pitch; the predictor learns it
-            source_term, pitch = self.vocoder.source_sum(quantized.latents, voice, segments)
-        fake = self.vocoder.decode(quantized.latents, voice, pitch)[:, None]  # (n, 1, segment)
+        if self.vocoder.pitched:  # the source reads the real segment's pitch (or its code); the predictor learns it
+            source_term, pitch = self.vocoder.source_sum(frames, voice, segments)
+        fake = self.vocoder.decode(frames, voice, pitch)[:, None]  # (n, 1, segment)
         vq = quantized.codebook_loss + self.commitment * quantized.commitment_loss
         total = self.vocoder.loss_sum(fake, segments[:, None], vq) + source_term
         if self.vocoder.cfg.speaker_weight:
@@ -106,6 +107,7 @@ class SpeechHead(nn.Module):
         latents, _, frame_mask = encoder.tokens(targets)
         request, request_mask = _fit_requests(request, request_mask, frame_mask.sum(1))
         samples, lengths = batch_clips(targets, latents.device)
+        latents = self.vocoder.frames(latents, samples) * frame_mask[..., None].to(latents.dtype)
         voice = self.speaker(samples.to(latents.dtype), lengths)
         frames = frame_mask.sum(1).tolist()
         noise = latents.new_zeros(latents.shape)
@@ -132,8 +134,10 @@ class SpeechHead(nn.Module):
         generator = torch.Generator(device=device).manual_seed(seed)
         latents, frame_mask = self.tts.generate(request.float(), request_mask, voice, steps or self.flow_steps,
                                                 generator, length_scale)
-        if snap_to is not None:
-            latents = latents.index_put((frame_mask,), snap_to(latents[frame_mask]).latents)
+        if snap_to is not None:  # the codec's latents only, not a pitch code's channels after them
+            width = snap_to.in_proj[0].in_features
+            snapped = snap_to(latents[frame_mask][:, :width]).latents
+            latents = latents.index_put((frame_mask,), torch.cat([snapped, latents[frame_mask][:, width:]], -1))
         waves = self.vocoder.decode(latents, voice if self.vocoder.conditioned else None)
         hop = self.vocoder.hop
         return [waves[i, : int(frame_mask[i].sum()) * hop] for i in range(waves.shape[0])]

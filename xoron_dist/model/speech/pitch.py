@@ -116,6 +116,35 @@ def _first_dip(cmnd: torch.Tensor, lag_min: int, lag_max: int, threshold: float,
     return torch.where(dip.any(-1), first, inner.argmin(-1)) + lag_min
 
 
+PITCH_CODE_CHANNELS = 2  # a pitch code's channels in a latent frame: the log-f0 level's position, the voicing
+
+
+def pitch_code(f0: torch.Tensor, voiced: torch.Tensor, levels: int, f0_min: float,
+               f0_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tracked pitch (``track_pitch``: f0 Hz and voiced, (batch, frames)) -> the pitch code, a token stream beside
+    the residual VQ's: ids (batch, frames) long, 0 unvoiced, else 1 + the nearest of ``levels`` levels evenly
+    spaced in log f0 from f0_min to f0_max (pitches outside clamped); and the channels a latent frame carries
+    (batch, frames, ``PITCH_CODE_CHANNELS``) fp32: the level's position in [-1, 1] (0 unvoiced) and the
+    voicing (+1 voiced, -1 not). At 128 levels over 60-1000 Hz a level is 2.2 % of f0 (a semitone is 5.9 %)."""
+    if levels < 2:
+        raise ValueError(f"pitch_code: levels={levels}; a pitch code needs at least 2 levels")
+    low, high = math.log(f0_min), math.log(f0_max)
+    position = ((f0.float().clamp_min(f0_min).log() - low) / (high - low)).clamp(0.0, 1.0)
+    level = torch.round(position * (levels - 1)).long()
+    ids = torch.where(voiced, level + 1, torch.zeros_like(level))
+    value = torch.where(voiced, 2 * level.float() / (levels - 1) - 1, torch.zeros_like(position))
+    return ids, torch.stack([value, 2 * voiced.float() - 1], dim=-1)
+
+
+def pitch_from_code(code: torch.Tensor, f0_min: float, f0_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pitch code's channels (batch, ``PITCH_CODE_CHANNELS``, frames), as ``pitch_code`` writes them or as a TTS
+    generates them (any real values) -> f0 (batch, frames) Hz fp32 within [f0_min, f0_max] and voiced (voicing
+    channel > 0). Continuous: a generated position between two levels plays the pitch between them."""
+    low, high = math.log(f0_min), math.log(f0_max)
+    position = (code[:, 0].float().clamp(-1.0, 1.0) + 1) / 2
+    return torch.exp(low + (high - low) * position), code[:, 1] > 0
+
+
 class PitchPredictor(nn.Module):
     """conv_pre's output (batch, channels, frames) -> log f0 (batch, frames) within [log f0_min, log f0_max]
     and the voicing logit (batch, frames): two k5 convolutions with SiLU, then a 1x1 to the two outputs."""
@@ -254,5 +283,5 @@ def pitch_loss(log_f0: torch.Tensor, voicing_logit: torch.Tensor, f0: torch.Tens
     return voicing + error / target.sum(-1).clamp_min(1.0)
 
 
-__all__ = ["HarmonicEnvelope", "HarmonicSource", "PitchPredictor", "envelope_loss", "harmonic_amplitudes",
-           "harmonic_sines", "pitch_loss", "track_pitch"]
+__all__ = ["PITCH_CODE_CHANNELS", "HarmonicEnvelope", "HarmonicSource", "PitchPredictor", "envelope_loss",
+           "harmonic_amplitudes", "harmonic_sines", "pitch_code", "pitch_from_code", "pitch_loss", "track_pitch"]

@@ -8,7 +8,9 @@
     pitch             with the pitch source (``source_harmonics``): pitch_weight · (log-f0 L1 + voicing BCE) of
                       BigVGAN's pitch predictor against the pitch tracked on y, which also drives the harmonic
                       source of y_hat (``speech/pitch.py``); with its harmonic branch (``envelope_harmonics``)
-                      also envelope_weight · the log-amplitude L1 of the branch's harmonics against y's
+                      also envelope_weight · the log-amplitude L1 of the branch's harmonics against y's;
+                      with a pitch code (``pitch_levels``) the pitch tracked on y rides in two more latent channels
+                      (``Vocoder.frames``) and drives the source, and there is no predictor to train
 
 Both sides of the GAN are summed into one loss and trained by one backward and one optimizer step:
 the discriminators see the generator's audio detached (no generator gradient from L_D), and the
@@ -49,20 +51,43 @@ from xoron_dist.model.speech.losses import (
     feature_matching_loss,
     generator_adversarial_loss,
 )
-from xoron_dist.model.speech.pitch import envelope_loss, harmonic_amplitudes, pitch_loss, track_pitch
+from xoron_dist.model.speech.pitch import (
+    PITCH_CODE_CHANNELS,
+    envelope_loss,
+    harmonic_amplitudes,
+    pitch_code,
+    pitch_loss,
+    track_pitch,
+)
 
 
 def bigvgan_config(cfg: VocoderConfig, audio: AudioConfig, voice_dim: int) -> BigVGANConfig:
-    """The generator for ``model.audio``'s codec: latent_dim in, the codec's strides reversed as rates,
-    conditioned on a ``voice_dim`` vector when ``cfg.speaker_conditioned``."""
-    return BigVGANConfig(in_channels=audio.latent_dim, upsample_rates=tuple(reversed(audio.codec_strides)),
+    """The generator for ``model.audio``'s codec: latent_dim in (+ the pitch code's channels with
+    ``cfg.pitch_levels``), the codec's strides reversed as rates, conditioned on a ``voice_dim`` vector when
+    ``cfg.speaker_conditioned``."""
+    code = PITCH_CODE_CHANNELS if cfg.pitch_levels else 0
+    return BigVGANConfig(in_channels=audio.latent_dim + code, upsample_rates=tuple(reversed(audio.codec_strides)),
                          upsample_initial_channel=cfg.channels,
                          resblock_kernel_sizes=tuple(cfg.resblock_kernel_sizes),
                          resblock_dilation_sizes=tuple(tuple(d) for d in cfg.resblock_dilation_sizes),
                          activation=cfg.activation, sample_rate=audio.sample_rate,
                          cond_channels=voice_dim if cfg.speaker_conditioned else 0,
                          source_harmonics=cfg.source_harmonics,
-                         envelope_harmonics=cfg.envelope_harmonics, f0_min=cfg.f0_min, f0_max=cfg.f0_max)
+                         envelope_harmonics=cfg.envelope_harmonics, pitch_code=bool(code), f0_min=cfg.f0_min,
+                         f0_max=cfg.f0_max)
+
+
+# BigVGAN options whose size a saved generator's tensors tell: option -> (tensor under the generator, the dimension
+# holding it); no such tensor: the option was off. What was saved before an option's default changed does not name it.
+SIZED_BY_TENSOR = {"source_harmonics": ("source.merge.weight", 1), "envelope_harmonics": ("envelope.out.weight", 0)}
+
+
+def saved_vocoder_sizes(state: dict[str, torch.Tensor], prefix: str = "speech.vocoder.generator.") -> dict[str, int]:
+    """``SIZED_BY_TENSOR``'s options as the BigVGAN saved under ``prefix`` in ``state`` has them, {} when none is."""
+    if not any(key.startswith(prefix) for key in state):
+        return {}
+    return {option: state[prefix + name].shape[dim] if prefix + name in state else 0
+            for option, (name, dim) in SIZED_BY_TENSOR.items()}
 
 
 def crop_segments(samples: torch.Tensor, lengths: torch.Tensor, segment: int, starts: list[int]) -> torch.Tensor:
@@ -101,33 +126,56 @@ class Vocoder(nn.Module):
         """Whether the generator has the source-filter excitation (``VocoderConfig.source_harmonics``)."""
         return self.generator.source is not None
 
+    @property
+    def frame_dim(self) -> int:
+        """Channels of a latent frame as BigVGAN and the TTS see it: the codec's latents + the pitch code's."""
+        return self.generator.cfg.in_channels
+
+    def frames(self, latents: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        """The codec's latents (n, F, latent_dim) of the clips ``samples`` (n, S) -> the frames BigVGAN decodes and
+        the TTS generates (n, F, ``frame_dim``): the latents, and with a pitch code (``cfg.pitch_levels``) its
+        channels of the pitch tracked on the clips (``pitch.pitch_code``; zero-padded or cut to F · hop samples)."""
+        if not self.cfg.pitch_levels:
+            return latents
+        hop, cfg = self.hop, self.cfg
+        samples = samples[:, : latents.shape[1] * hop]
+        padded = torch.nn.functional.pad(samples.float(), (0, latents.shape[1] * hop - samples.shape[1]))
+        f0, voiced = track_pitch(padded, hop, self.generator.cfg.sample_rate, cfg.f0_min, cfg.f0_max)
+        _, code = pitch_code(f0, voiced, cfg.pitch_levels, cfg.f0_min, cfg.f0_max)
+        return torch.cat([latents, code.to(latents.dtype)], dim=-1)
+
     def decode(self, latents: torch.Tensor, voice: torch.Tensor | None = None,
                pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """latents (n, frames, latent_dim), voice (n, voice_dim) unit vectors when ``conditioned`` (None
-        otherwise) -> waveform (n, frames · hop) in [-1, 1]. The voice is read at unit RMS per component.
-        ``pitch``: (f0, voiced) (n, frames) to drive the source (codec training); None: BigVGAN predicts it."""
+        """latents (n, frames, frame_dim) (``frames``), voice (n, voice_dim) unit vectors when ``conditioned``
+        (None otherwise) -> waveform (n, frames · hop) in [-1, 1]. The voice is read at unit RMS per component.
+        ``pitch``: (f0, voiced) (n, frames) to drive the source (codec training); None: the latents' pitch code
+        or BigVGAN's prediction."""
         return self.generator(latents.transpose(1, 2), _unit_rms(voice), pitch).squeeze(1)
 
     def source_sum(self, latents: torch.Tensor, voice: torch.Tensor | None,
                    real: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The source's losses on latents (n, frames, latent_dim) against the real segments (n, S), summed over
-        them: pitch_weight · the pitch predictor's (``pitch.pitch_loss``, against the pitch tracked on them) and,
-        with the harmonic branch, envelope_weight · its amplitudes' (``pitch.envelope_loss``, against the
-        segments' harmonic amplitudes at that pitch). Returns (loss, (f0, voiced)) so the caller can drive the
-        source with the same tracked pitch."""
+        """The source's losses on latents (n, frames, frame_dim) against the real segments (n, S), summed over
+        them: pitch_weight · the pitch predictor's (``pitch.pitch_loss``, against the pitch tracked on them; none
+        with a pitch code) and, with the harmonic branch, envelope_weight · its amplitudes'
+        (``pitch.envelope_loss``, against the segments' harmonic amplitudes at that pitch). Returns (loss,
+        (f0, voiced)) so the caller can drive the source with the same tracked pitch (None with a pitch code: the
+        latents carry it)."""
         sample_rate = self.generator.cfg.sample_rate
         f0, voiced = track_pitch(real, self.hop, sample_rate, self.cfg.f0_min, self.cfg.f0_max)
-        total = self.cfg.pitch_weight * pitch_loss(*self.predict_pitch(latents, voice), f0, voiced).sum()
+        total = latents.new_zeros((), dtype=torch.float32)
+        if self.generator.pitch is not None:
+            total = total + self.cfg.pitch_weight * pitch_loss(*self.predict_pitch(latents, voice), f0, voiced).sum()
         if self.generator.envelope is not None and self.cfg.envelope_weight:
             target, counts = harmonic_amplitudes(real, f0, voiced, self.cfg.envelope_harmonics, self.hop, sample_rate)
             predicted = self.generator.predict_envelope(latents.transpose(1, 2), _unit_rms(voice))
             total = total + self.cfg.envelope_weight * envelope_loss(predicted, target, counts).sum()
-        return total, (f0, voiced)
+        return total, None if self.cfg.pitch_levels else (f0, voiced)
 
     def predict_pitch(self, latents: torch.Tensor,
                       voice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents (n, frames, latent_dim) and voice as for ``decode`` -> BigVGAN's predicted log f0 (Hz) and
-        voicing logits, (n, frames) fp32: the pitch ``decode`` gives its source when none is passed."""
+        """latents (n, frames, frame_dim) and voice as for ``decode`` -> BigVGAN's predicted (or with a pitch code,
+        coded) log f0 (Hz) and voicing logits, (n, frames) fp32: the pitch ``decode`` gives its source when none
+        is passed."""
         return self.generator.predict_pitch(latents.transpose(1, 2), _unit_rms(voice))
 
     def gan_losses(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -192,4 +240,4 @@ def _unit_rms(voice: torch.Tensor | None) -> torch.Tensor | None:
     return None if voice is None else voice * voice.shape[-1] ** 0.5
 
 
-__all__ = ["Vocoder", "bigvgan_config", "crop_segments"]
+__all__ = ["SIZED_BY_TENSOR", "Vocoder", "bigvgan_config", "crop_segments", "saved_vocoder_sizes"]
