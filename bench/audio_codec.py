@@ -380,7 +380,8 @@ def voice_scores(encoder: AudioEncoder, head: SpeechHead, judges: Judges, train:
 
 @torch.no_grad()
 def vowel_voice_scores(encoder: AudioEncoder, head: SpeechHead, judges: Judges, per_speaker: int = 8,
-                       more: Callable[[list[AudioSample]], dict[str, list[torch.Tensor]]] | None = None) -> dict:
+                       more: Callable[[list[AudioSample]], dict[str, list[torch.Tensor]]] | None = None,
+                       pitch: dict | None = None) -> dict:
     """The voice where it is all there is to hear: vowel-only utterances of each synth voice (``vowel_utterances``;
     Resemblyzer places real ones at 0.84, but not the corpus's mixed clips). Per judge, nearest-centroid scores of
     ``per_speaker`` held-out utterances per voice (seed 8), of their codec resyntheses and of the sets ``more``
@@ -388,7 +389,8 @@ def vowel_voice_scores(encoder: AudioEncoder, head: SpeechHead, judges: Judges, 
     voice (seed 7; VALL-E's SIM-o) and, under ``against_codec_enrolment``, the other sets against centroids of the
     enrolment utterances' resyntheses (the voices as the codec renders them; SIM-r): whether the codec keeps
     the voices apart, whatever it loses of all of them. With BigVGAN's pitch source, ``codec_resynthesis_true_pitch``
-    drives it with the pitch tracked on each clip (the decoder's share of the loss, its predictor's left out)."""
+    drives it with the pitch tracked on each clip (the decoder's share of the loss, its predictor's left out).
+    ``pitch`` (a dict): filled with ``utterance_pitch_error`` of each set against the real held-out utterances."""
     enrol, held = vowel_utterances(6, seed=7), vowel_utterances(per_speaker, seed=8)
     owners, speakers = [s.speaker for s in enrol], [s.speaker for s in held]
     real = {name: speaker_centroids(e, owners) for name, e in judges.embed([float_wave(s) for s in enrol]).items()}
@@ -400,6 +402,10 @@ def vowel_voice_scores(encoder: AudioEncoder, head: SpeechHead, judges: Judges, 
     if head.vocoder.pitched:  # what the decoder keeps given the real pitch (its predictor's error left out)
         sets["codec_resynthesis_true_pitch"] = [reconstruct(encoder, head, int16_tensor(s), true_pitch=True)[0]
                                                 for s in held]
+    if pitch is not None:
+        cfg, real_waves = head.vocoder.cfg, sets["real_held_out"]
+        pitch.update({kind: utterance_pitch_error(waves, real_waves, head.vocoder.hop, cfg.f0_min, cfg.f0_max)
+                      for kind, waves in sets.items() if kind != "real_held_out"})
     embedded = {kind: judges.embed(waves) for kind, waves in sets.items()}
     out = {judge: {kind: cloning_scores(e[judge], speakers, real[judge]) for kind, e in embedded.items()}
            for judge in real}
@@ -407,6 +413,24 @@ def vowel_voice_scores(encoder: AudioEncoder, head: SpeechHead, judges: Judges, 
         out[judge]["against_codec_enrolment"] = {kind: cloning_scores(e[judge], speakers, codec[judge])
                                                  for kind, e in embedded.items() if kind != "real_held_out"}
     return out
+
+
+@torch.no_grad()
+def utterance_pitch_error(ours: list[torch.Tensor], real: list[torch.Tensor], hop: int, f0_min: float,
+                          f0_max: float) -> dict:
+    """Each utterance's median pitch (``track_pitch`` over its voiced frames) against the real utterance of the same
+    transcript and voice: the median of |f_ours / f_real - 1| over utterances, the share within 10 % (the synth
+    voices' pitches lie 85-320 Hz, neighbours 10-30 % apart) and the share of ours with no voiced frame."""
+    def median_f0(wave: torch.Tensor) -> float | None:
+        f0, voiced = track_pitch(wave.float()[None], hop, 16_000, f0_min, f0_max)
+        return float(f0[voiced].median()) if bool(voiced.any()) else None
+
+    pairs = [(median_f0(o), median_f0(r)) for o, r in zip(ours, real, strict=True)]
+    ratios = torch.tensor([o / r for o, r in pairs if o is not None and r is not None])
+    error = (ratios - 1).abs()
+    return {"median_relative_error": round(float(error.median()), 4) if len(error) else None,
+            "within_10_percent": round(float((error < 0.1).float().mean()), 4) if len(error) else None,
+            "unvoiced_share": round(sum(o is None for o, _ in pairs) / len(pairs), 4), "utterances": len(pairs)}
 
 
 @torch.no_grad()

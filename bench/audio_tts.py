@@ -359,19 +359,21 @@ def reference_clips(samples: list[AudioSample], pool: dict[int, list[AudioSample
     return [pool[s.speaker][i % len(pool[s.speaker])] for i, s in enumerate(samples)]
 
 
-def vowel_cloning(model, judges: Judges, layout, tokenizer, references_pool: dict, per_speaker: int = 8) -> dict:
+def vowel_cloning(model, judges: Judges, layout, tokenizer, references_pool: dict, per_speaker: int = 8,
+                  pitch: dict | None = None) -> dict:
     """Voice cloning where the voice is all there is to hear (``bench.audio_codec.vowel_voice_scores``): for
     held-out vowel-only transcripts of each voice, ``generate_speech`` with a reference clip of that voice (a
     training clip with vowels, as above), scored beside the real utterances (what the judge can do) and their codec
     resyntheses (what the decoder keeps), against real enrolment utterances and (``against_codec_enrolment``) their
-    resyntheses: does the TTS pick the reference's voice among the voices its codec can speak?"""
+    resyntheses: does the TTS pick the reference's voice among the voices its codec can speak? ``pitch``: filled
+    with each set's utterance pitch against the real utterances' (``audio_codec.utterance_pitch_error``)."""
 
     def generated(held: list[AudioSample]) -> dict[str, list[torch.Tensor]]:
         docs = [layout.documents(arrow_sample(s, tokenizer))[0] for s in held]
         references = [int16_tensor(r) for r in reference_clips(held, references_pool)]
         return {"generated": generate(model, docs, references, tokenizer.pad_id)}
 
-    return vowel_voice_scores(model.audio, model.speech, judges, per_speaker, generated)
+    return vowel_voice_scores(model.audio, model.speech, judges, per_speaker, generated, pitch)
 
 
 def main() -> None:
@@ -407,6 +409,8 @@ def main() -> None:
                         help="the ASR judge's file (bench.audio_asr --save; default: --from's model). With "
                         "--codec-from only")
     parser.add_argument("--note", default="")
+    parser.add_argument("--out", default="audio_tts", help="result name: bench/out/<out>.json (another name keeps "
+                        "a trial's run apart, so two can run at once; fold it into audio_tts.json's attempts)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -525,7 +529,9 @@ def main() -> None:
                           "codec_resynthesis": cloning_scores(resynth_emb[judge], speakers, centroids)}
         print(f"voice cloning, {judge}: {cloning[judge]}", flush=True)
 
-    vowels = vowel_cloning(model, judges, layout, tokenizer, references_pool)
+    vowel_pitch: dict = {}
+    vowels = vowel_cloning(model, judges, layout, tokenizer, references_pool, pitch=vowel_pitch)
+    print(f"vowel utterances' pitch against the real ones: {vowel_pitch}", flush=True)
     print(f"voice cloning on vowel-only utterances: {vowels}", flush=True)
 
     summary = {"note": args.note, "source": args.source, "codec_from": args.codec_from,
@@ -540,6 +546,7 @@ def main() -> None:
                "cloning_accuracy": {j: c["generated"]["accuracy"] for j, c in cloning.items()},
                "cloning_accuracy_resynthesis": {j: c["codec_resynthesis"]["accuracy"] for j, c in cloning.items()},
                "vowel_cloning_accuracy": {j: c["generated"]["accuracy"] for j, c in vowels.items()},
+               "vowel_pitch_error": {kind: v["median_relative_error"] for kind, v in vowel_pitch.items()},
                "vowel_cloning_accuracy_real": {j: c["real_held_out"]["accuracy"] for j, c in vowels.items()},
                "vowel_cloning_accuracy_codec_enrolment": {
                    j: c["against_codec_enrolment"]["generated"]["accuracy"] for j, c in vowels.items()},
@@ -548,7 +555,7 @@ def main() -> None:
                "asr_on_codec_resynthesis": recognition["asr_on_codec_resynthesis"],
                "generated_seconds_mean": recognition["generated_seconds_mean"],
                "train_seconds": run["seconds"]}  # fmt: skip
-    previous = OUT_DIR / "audio_tts.json"
+    previous = OUT_DIR / f"{args.out}.json"
     attempts = json.loads(previous.read_text()).get("attempts", []) if previous.is_file() else []
     result = {
         "metric": "held-out CER of generated speech re-recognised by the model's own ASR, synth transcripts "
@@ -565,6 +572,7 @@ def main() -> None:
         "recognition": recognition,
         "voice_cloning": cloning,
         "voice_cloning_vowels": vowels,
+        "vowel_pitch_vs_real": vowel_pitch,
         "spectral_match": spectra,
         "examples": [{"text": t, "asr_of_generated": g, "asr_of_real": r}
                      for t, g, r in list(zip(texts, generated, real, strict=True))[:10]],
@@ -577,7 +585,7 @@ def main() -> None:
                     "total": round(time.perf_counter() - start, 1)},
         "attempts": [*attempts, summary],
     }
-    print(f"wrote {write_result('audio_tts', result)} in {result['seconds']['total']} s")
+    print(f"wrote {write_result(args.out, result)} in {result['seconds']['total']} s")
 
 
 if __name__ == "__main__":

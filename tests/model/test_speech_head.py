@@ -222,6 +222,16 @@ def test_pitch_code_rides_in_the_frames_from_the_codec_to_generation(one_thread)
     ids = torch.randint(0, coded.cfg.llm.usable_vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
     wave = coded.generate_speech(ids, speaker_audio=[_clip(0.3, 7)], seed=2)[0]
     assert wave.numel() % vocoder.hop == 0 and wave.abs().max() <= 1
+    # model.speech.pitch_code_gain: the TTS sees the code's channels x gain, BigVGAN gets them divided back
+    coded.speech.code_gain = 3.0
+    with torch.no_grad():
+        request, mask = coded.requests(ids, torch.ones(1, 6, dtype=torch.bool))
+        voice = coded.speech.speaker(*batch_clips([_clip(0.3, 7)], request.device))
+        generated, _ = coded.speech.tts.generate(request, mask, voice, coded.speech.flow_steps,
+                                                 torch.Generator().manual_seed(2))
+        scaled = coded.speech.vocoder.decode(torch.cat([generated[..., :width], generated[..., width:] / 3], -1), voice)
+        torch.testing.assert_close(coded.speech.generate(request, mask, [_clip(0.3, 7)], seed=2)[0], scaled[0])
+        assert torch.equal(coded.speech._code_scaled(frames, 3.0)[..., width:], 3 * frames[..., width:])
 
 
 def test_speech_config_and_layout_errors_name_the_fix():

@@ -148,9 +148,12 @@ class SpeechConfig:
     text_encoder: ConformerConfig = field(default_factory=_small_conformer)
     decoder: ConformerConfig = field(default_factory=_small_conformer)
     flow_steps: int = 16
+    # with a pitch code (``vocoder.pitch_levels``): the TTS learns and generates its two channels times this gain
+    # (divided out before BigVGAN), so its flow loss weighs them gain² as much as a latent channel
+    pitch_code_gain: float = 1.0
 
     def validate(self, where: str) -> None:
-        positive(self, where, "flow_steps")
+        positive(self, where, "flow_steps", "pitch_code_gain")
 
 
 __all__ = ["SpeakerConfig", "SpeechConfig", "VocoderConfig"]

@@ -46,6 +46,7 @@ class SpeechHead(nn.Module):
         self.clock = NoiseClock()  # crops and flow noise per clip and step (``model.common.noise``)
         self.vocoder = Vocoder(speech.vocoder, audio, speech.speaker.embed_dim)
         self.speaker = SpeakerEncoder(speech.speaker)
+        self.code_channels, self.code_gain = self.vocoder.frame_dim - audio.latent_dim, speech.pitch_code_gain
         self.tts = SpeechGenerator(cfg.llm.hidden_size, self.vocoder.frame_dim, speech.speaker.embed_dim,
                                    speech.text_encoder, speech.decoder)
         self.train()  # the speaker's BatchNorm layers to stored statistics from the start
@@ -107,7 +108,8 @@ class SpeechHead(nn.Module):
         latents, _, frame_mask = encoder.tokens(targets)
         request, request_mask = _fit_requests(request, request_mask, frame_mask.sum(1))
         samples, lengths = batch_clips(targets, latents.device)
-        latents = self.vocoder.frames(latents, samples) * frame_mask[..., None].to(latents.dtype)
+        latents = self._code_scaled(self.vocoder.frames(latents, samples), self.code_gain)
+        latents = latents * frame_mask[..., None].to(latents.dtype)
         voice = self.speaker(samples.to(latents.dtype), lengths)
         frames = frame_mask.sum(1).tolist()
         noise = latents.new_zeros(latents.shape)
@@ -134,6 +136,7 @@ class SpeechHead(nn.Module):
         generator = torch.Generator(device=device).manual_seed(seed)
         latents, frame_mask = self.tts.generate(request.float(), request_mask, voice, steps or self.flow_steps,
                                                 generator, length_scale)
+        latents = self._code_scaled(latents, 1.0 / self.code_gain)
         if snap_to is not None:  # the codec's latents only, not a pitch code's channels after them
             width = snap_to.in_proj[0].in_features
             snapped = snap_to(latents[frame_mask][:, :width]).latents
@@ -141,6 +144,15 @@ class SpeechHead(nn.Module):
         waves = self.vocoder.decode(latents, voice if self.vocoder.conditioned else None)
         hop = self.vocoder.hop
         return [waves[i, : int(frame_mask[i].sum()) * hop] for i in range(waves.shape[0])]
+
+
+    def _code_scaled(self, frames: torch.Tensor, gain: float) -> torch.Tensor:
+        """frames (n, F, frame_dim) with the pitch code's channels (the last two, ``vocoder.pitch_levels``) times
+        ``gain`` (``model.speech.pitch_code_gain``: the TTS's view of them); unchanged without a code."""
+        if not self.code_channels or gain == 1.0:
+            return frames
+        code = self.code_channels
+        return torch.cat([frames[..., :-code], frames[..., -code:] * gain], dim=-1)
 
 
 def _fit_requests(request: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
