@@ -119,6 +119,15 @@ SIM-o 0.20 / 0.25, MR-STFT 2.07 / 2.00; with a first loss floored on both sides,
 seed's branch fell below the floor, lost its gradient and kept only its fundamental. 24 harmonics instead of 48 (one
 seed): MR-STFT 2.16, SIM-o 0.23, SIM-r 0.875, predicted pitch 8.1 % off: within the seeds' spread, 48 kept.
 
+The pitch code (2026-12-05, opt-in: ``model.speech.vocoder.pitch_levels=128``). The tracked pitch of each frame,
+scalar-quantised in 128 log-f0 levels over 60-1000 Hz (2.2 % apart) plus unvoiced, rides in two more channels of
+every latent frame (+350 bit/s on the bench's 500): BigVGAN's source and harmonic branch play it, no predictor.
+Two seeds, against the branch codec's (the default) same seeds: MR-STFT **1.83 / 1.69** vs 2.36 / 2.30 (the
+pitch-source codec 1.89 / 2.05); resyntheses' pitch 0.46 % off (median) vs 13 % / 16 %, 95-96 % within 5 %;
+Resemblyzer SIM-o of the resyntheses **0.47 / 0.52** vs 0.41 / 0.25, SIM-r 0.84 / 0.94 vs 0.69 / 0.77; independent
+ECAPA SIM-o 0.55 / 0.69. More RVQ bits do not buy this: 4 levels (1000 bit/s) with the source gave MR-STFT 1.98,
+SIM-o 0.22. The codec is better on every count; the TTS over it is not yet (``bench.audio_tts``), so it stays off.
+
 The pitch (2026-12-05): without a source, the codec decodes every vowel at one of a few pitches locked to its
 frame structure (16 kHz / 120 or 160 samples: 133 or 100 Hz, whatever the voice's 85-320 Hz; median error 31 %
 by ``pitch_scores``), and a linear probe finds little pitch in the quantised latents (R² 0.19); a GAN phase 5x

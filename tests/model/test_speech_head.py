@@ -231,7 +231,16 @@ def test_pitch_code_rides_in_the_frames_from_the_codec_to_generation(one_thread)
                                                  torch.Generator().manual_seed(2))
         scaled = coded.speech.vocoder.decode(torch.cat([generated[..., :width], generated[..., width:] / 3], -1), voice)
         torch.testing.assert_close(coded.speech.generate(request, mask, [_clip(0.3, 7)], seed=2)[0], scaled[0])
-        assert torch.equal(coded.speech._code_scaled(frames, 3.0)[..., width:], 3 * frames[..., width:])
+        assert torch.equal(coded.speech._to_tts(frames, None)[..., width:], 3 * frames[..., width:])
+    # model.speech.pitch_code_relative: the TTS learns the position less the clip's mean over its voiced frames,
+    # generation adds the reference's; voiced frames come back exactly
+    coded.speech.code_relative = True
+    level = coded.speech._voice_level(frames)
+    voiced = frames[0, :, -1] > 0
+    assert level.item() == pytest.approx(frames[0, voiced, -2].mean().item(), abs=1e-6)
+    relative = coded.speech._to_tts(frames, level)
+    assert relative[0, voiced, -2].mean().abs() < 1e-6 and (relative[0, ~voiced, -2] == 0).all()
+    torch.testing.assert_close(coded.speech._from_tts(relative, level)[0, voiced], frames[0, voiced])
 
 
 def test_speech_config_and_layout_errors_name_the_fix():

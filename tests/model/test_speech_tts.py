@@ -88,6 +88,11 @@ def test_same_seed_same_speech_and_masked_padding(one_thread):
     b, _ = model.generate(text, text_mask, speaker, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert bool((a[~mask] == 0).all())
+    # from_prior: the last channels are the prior's mean expanded over each token's frames, the rest the flow's
+    c, _ = model.generate(text, text_mask, speaker, generator=torch.Generator().manual_seed(7), from_prior=2)
+    h, mean, _ = model.encode_text(text, text_mask, speaker)
+    prior = expand_by_path(mean, path_from_durations(model.duration.frames(h, text_mask), text_mask))
+    assert torch.equal(c[..., :-2], a[..., :-2]) and torch.equal(c[..., -2:], prior[..., -2:] * mask[..., None])
 
 
 def test_learned_length_scale_keeps_clip_length_when_durations_are_unpredictable(one_thread):

@@ -151,6 +151,12 @@ class SpeechConfig:
     # with a pitch code (``vocoder.pitch_levels``): the TTS learns and generates its two channels times this gain
     # (divided out before BigVGAN), so its flow loss weighs them gain² as much as a latent channel
     pitch_code_gain: float = 1.0
+    # with a pitch code: the TTS learns its log-f0 position relative to the clip's mean over its voiced frames, and
+    # generation adds the reference clip's mean: the voice's pitch level comes from the reference itself
+    pitch_code_relative: bool = False
+    # with a pitch code: generation takes its channels from the flow's sample ("flow") or from the TTS prior's mean,
+    # each token's expected pitch as a regression predicts it ("prior")
+    pitch_code_from: Literal["flow", "prior"] = "flow"
 
     def validate(self, where: str) -> None:
         positive(self, where, "flow_steps", "pitch_code_gain")

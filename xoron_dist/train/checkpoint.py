@@ -155,7 +155,9 @@ _NEW_DEFAULTS: dict[tuple[str, ...], Any] = {("speech", "vocoder", "speaker_cond
                                              ("speech", "vocoder", "envelope_harmonics"): 0,
                                              ("speech", "vocoder", "envelope_weight"): 5.0,
                                              ("speech", "vocoder", "pitch_levels"): 0,
-                                             ("speech", "pitch_code_gain"): 1.0}
+                                             ("speech", "pitch_code_gain"): 1.0,
+                                             ("speech", "pitch_code_relative"): False,
+                                             ("speech", "pitch_code_from"): "flow"}
 
 
 def _hashed_model(cfg: XoronConfig) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class SpeechHead(nn.Module):
         self.vocoder = Vocoder(speech.vocoder, audio, speech.speaker.embed_dim)
         self.speaker = SpeakerEncoder(speech.speaker)
         self.code_channels, self.code_gain = self.vocoder.frame_dim - audio.latent_dim, speech.pitch_code_gain
+        self.code_relative, self.code_from = speech.pitch_code_relative, speech.pitch_code_from
         self.tts = SpeechGenerator(cfg.llm.hidden_size, self.vocoder.frame_dim, speech.speaker.embed_dim,
                                    speech.text_encoder, speech.decoder)
         self.train()  # the speaker's BatchNorm layers to stored statistics from the start
@@ -108,8 +109,8 @@ class SpeechHead(nn.Module):
         latents, _, frame_mask = encoder.tokens(targets)
         request, request_mask = _fit_requests(request, request_mask, frame_mask.sum(1))
         samples, lengths = batch_clips(targets, latents.device)
-        latents = self._code_scaled(self.vocoder.frames(latents, samples), self.code_gain)
-        latents = latents * frame_mask[..., None].to(latents.dtype)
+        latents = self.vocoder.frames(latents, samples) * frame_mask[..., None].to(latents.dtype)
+        latents = self._to_tts(latents, self._voice_level(latents))
         voice = self.speaker(samples.to(latents.dtype), lengths)
         frames = frame_mask.sum(1).tolist()
         noise = latents.new_zeros(latents.shape)
@@ -135,8 +136,12 @@ class SpeechHead(nn.Module):
         voice = self.speaker(samples, lengths)
         generator = torch.Generator(device=device).manual_seed(seed)
         latents, frame_mask = self.tts.generate(request.float(), request_mask, voice, steps or self.flow_steps,
-                                                generator, length_scale)
-        latents = self._code_scaled(latents, 1.0 / self.code_gain)
+                                                generator, length_scale,
+                                                self.code_channels if self.code_from == "prior" else 0)
+        level = None  # the reference clip's voice level (model.speech.pitch_code_relative)
+        if self.code_channels and self.code_relative:
+            level = self._voice_level(self.vocoder.pitch_channels(samples, -(-samples.shape[1] // self.vocoder.hop)))
+        latents = self._from_tts(latents, level)
         if snap_to is not None:  # the codec's latents only, not a pitch code's channels after them
             width = snap_to.in_proj[0].in_features
             snapped = snap_to(latents[frame_mask][:, :width]).latents
@@ -146,13 +151,35 @@ class SpeechHead(nn.Module):
         return [waves[i, : int(frame_mask[i].sum()) * hop] for i in range(waves.shape[0])]
 
 
-    def _code_scaled(self, frames: torch.Tensor, gain: float) -> torch.Tensor:
-        """frames (n, F, frame_dim) with the pitch code's channels (the last two, ``vocoder.pitch_levels``) times
-        ``gain`` (``model.speech.pitch_code_gain``: the TTS's view of them); unchanged without a code."""
-        if not self.code_channels or gain == 1.0:
+    def _voice_level(self, frames: torch.Tensor) -> torch.Tensor | None:
+        """With ``model.speech.pitch_code_relative``: the mean log-f0 position of the voiced frames of each clip
+        (n,) (0 with none), read from frames (n, F, >= 2) whose last two channels are a pitch code; else None."""
+        if not (self.code_channels and self.code_relative):
+            return None
+        position, voiced = frames[..., -2].float(), (frames[..., -1] > 0).float()
+        return (position * voiced).sum(1) / voiced.sum(1).clamp_min(1.0)
+
+    def _to_tts(self, frames: torch.Tensor, level: torch.Tensor | None) -> torch.Tensor:
+        """Codec frames (n, F, frame_dim) -> the TTS's view: the pitch code's position less the clip's voice
+        level (``_voice_level``; 0 where unvoiced), and both code channels times ``model.speech.pitch_code_gain``.
+        Unchanged without a code."""
+        if not self.code_channels:
             return frames
-        code = self.code_channels
-        return torch.cat([frames[..., :-code], frames[..., -code:] * gain], dim=-1)
+        position, voicing = frames[..., -2], frames[..., -1]
+        if level is not None:
+            position = (position - level[:, None].to(position.dtype)) * (voicing > 0).to(position.dtype)
+        code = torch.stack([position, voicing], dim=-1) * self.code_gain
+        return torch.cat([frames[..., :-self.code_channels], code], dim=-1)
+
+    def _from_tts(self, frames: torch.Tensor, level: torch.Tensor | None) -> torch.Tensor:
+        """The TTS's frames -> codec frames (the inverse of ``_to_tts`` on voiced frames; ``level``: the reference
+        clip's voice level)."""
+        if not self.code_channels:
+            return frames
+        position, voicing = frames[..., -2] / self.code_gain, frames[..., -1] / self.code_gain
+        if level is not None:
+            position = position + level[:, None].to(position.dtype)
+        return torch.cat([frames[..., :-self.code_channels], torch.stack([position, voicing], dim=-1)], dim=-1)
 
 
 def _fit_requests(request: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

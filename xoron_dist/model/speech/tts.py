@@ -193,10 +193,12 @@ class SpeechGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, text: torch.Tensor, text_mask: torch.Tensor, speaker: torch.Tensor, steps: int = 16,
-                 generator: torch.Generator | None = None,
-                 length_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None, length_scale: float = 1.0,
+                 from_prior: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """-> latent frames (n, F, latent_dim) and their mask (n, F): durations from the predictor (times
-        ``length_scale``: > 1 speaks slower), then ``steps`` Euler steps from seeded noise."""
+        ``length_scale``: > 1 speaks slower), then ``steps`` Euler steps from seeded noise. ``from_prior``: the
+        last that many channels are the prior's mean (each token's expectation, as a regression predicts it)
+        instead of the flow's sample."""
         h, mean, _ = self.encode_text(text, text_mask, speaker)
         frames = self.duration.frames(h, text_mask, length_scale)
         path = path_from_durations(frames, text_mask)
@@ -206,6 +208,8 @@ class SpeechGenerator(nn.Module):
         for k in range(steps):
             t = torch.full((x.shape[0],), k / steps, device=x.device, dtype=x.dtype)
             x = x + self.velocity_field(x, t, prior, speaker, frame_mask) / steps
+        if from_prior:
+            x = torch.cat([x[..., :-from_prior], prior[..., -from_prior:]], dim=-1)
         return x * frame_mask[..., None], frame_mask
 
 

@@ -137,12 +137,16 @@ class Vocoder(nn.Module):
         channels of the pitch tracked on the clips (``pitch.pitch_code``; zero-padded or cut to F · hop samples)."""
         if not self.cfg.pitch_levels:
             return latents
+        return torch.cat([latents, self.pitch_channels(samples, latents.shape[1]).to(latents.dtype)], dim=-1)
+
+    def pitch_channels(self, samples: torch.Tensor, frames: int) -> torch.Tensor:
+        """The pitch code's channels (n, frames, 2) fp32 of the pitch tracked on ``samples`` (n, S), zero-padded or
+        cut to frames · hop samples (``cfg.pitch_levels`` levels)."""
         hop, cfg = self.hop, self.cfg
-        samples = samples[:, : latents.shape[1] * hop]
-        padded = torch.nn.functional.pad(samples.float(), (0, latents.shape[1] * hop - samples.shape[1]))
+        samples = samples[:, : frames * hop]
+        padded = torch.nn.functional.pad(samples.float(), (0, frames * hop - samples.shape[1]))
         f0, voiced = track_pitch(padded, hop, self.generator.cfg.sample_rate, cfg.f0_min, cfg.f0_max)
-        _, code = pitch_code(f0, voiced, cfg.pitch_levels, cfg.f0_min, cfg.f0_max)
-        return torch.cat([latents, code.to(latents.dtype)], dim=-1)
+        return pitch_code(f0, voiced, cfg.pitch_levels, cfg.f0_min, cfg.f0_max)[1]
 
     def decode(self, latents: torch.Tensor, voice: torch.Tensor | None = None,
                pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
