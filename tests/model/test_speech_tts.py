@@ -9,6 +9,7 @@ predictor learns them, and generation reproduces the symbols' frames.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xoron_dist.config import ConformerConfig
@@ -88,11 +89,48 @@ def test_same_seed_same_speech_and_masked_padding(one_thread):
     b, _ = model.generate(text, text_mask, speaker, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert bool((a[~mask] == 0).all())
-    # from_prior: the last channels are the prior's mean expanded over each token's frames, the rest the flow's
-    c, _ = model.generate(text, text_mask, speaker, generator=torch.Generator().manual_seed(7), from_prior=2)
-    h, mean, _ = model.encode_text(text, text_mask, speaker)
-    prior = expand_by_path(mean, path_from_durations(model.duration.frames(h, text_mask), text_mask))
-    assert torch.equal(c[..., :-2], a[..., :-2]) and torch.equal(c[..., -2:], prior[..., -2:] * mask[..., None])
+
+
+def test_a_pitch_code_is_generated_by_the_flow_the_prior_or_the_regression(one_thread):
+    """code_channels: the last channels are a pitch code; generation takes them from the flow's sample, the prior's
+    mean or the regression head (each expanded over its token's frames), the other channels always the flow's; the
+    head's loss counts the position on voiced frames only and the voicing on every frame, and trains both maps."""
+    torch.manual_seed(0)
+    model = SpeechGenerator(TEXT_DIM, LATENT, SPEAKER_DIM, _conformer(), _conformer(), code_channels=2).eval()
+    text, text_mask, latents, frame_mask, _, _ = _data(torch.Generator().manual_seed(5), n=2)
+    speaker = torch.nn.functional.normalize(torch.randn(2, SPEAKER_DIM), dim=-1)
+    with torch.no_grad():
+        model.code_speaker.weight.normal_()  # a voice level that depends on the voice
+        h, mean, _ = model.encode_text(text, text_mask, speaker)
+        path = path_from_durations(model.duration.frames(h, text_mask), text_mask)
+        made = {source: model.generate(text, text_mask, speaker, generator=torch.Generator().manual_seed(7),
+                                       code_from=source) for source in ("flow", "prior", "regression")}
+        mask = made["flow"][1]
+        for source, want in (("prior", expand_by_path(mean, path)),
+                             ("regression", expand_by_path(model.predict_code(h, speaker), path))):
+            got = made[source][0]
+            assert torch.equal(got[..., :-2], made["flow"][0][..., :-2])
+            torch.testing.assert_close(got[..., -2:], want[..., -2:] * mask[..., None])
+        other = model.predict_code(h, speaker.flip(0))
+        assert not torch.allclose(other, model.predict_code(h, speaker))  # the voice moves the pitch
+    target = latents.clone()
+    target[..., -1] = torch.where(torch.arange(target.shape[1]) % 2 == 0, 1.0, -1.0)  # every other frame voiced
+    real_path = maximum_path(gaussian_log_likelihood(latents, mean, torch.zeros_like(mean)),
+                             alignment_mask(text_mask.sum(1), frame_mask.sum(1), text_mask.shape[1],
+                                            frame_mask.shape[1]))
+    loss = model.code_loss(h, speaker, real_path, target, frame_mask)
+    predicted = expand_by_path(model.predict_code(h, speaker), real_path)
+    voiced = (target[..., -1] > 0) & frame_mask
+    want = torch.stack([(predicted[i, voiced[i], 0] - target[i, voiced[i], -2]).abs().mean()
+                        + (predicted[i, frame_mask[i], 1] - target[i, frame_mask[i], -1]).abs().mean()
+                        for i in range(2)])
+    torch.testing.assert_close(loss, want)
+    model.train()
+    model.zero_grad()
+    model(text, text_mask, target, frame_mask, speaker).total().sum().backward()
+    assert model.code_head.weight.grad.abs().sum() > 0 and model.code_speaker.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="code_channels > 0"):
+        _generator().generate(text, text_mask, speaker, code_from="regression")
 
 
 def test_learned_length_scale_keeps_clip_length_when_durations_are_unpredictable(one_thread):

@@ -49,7 +49,7 @@ class SpeechHead(nn.Module):
         self.code_channels, self.code_gain = self.vocoder.frame_dim - audio.latent_dim, speech.pitch_code_gain
         self.code_relative, self.code_from = speech.pitch_code_relative, speech.pitch_code_from
         self.tts = SpeechGenerator(cfg.llm.hidden_size, self.vocoder.frame_dim, speech.speaker.embed_dim,
-                                   speech.text_encoder, speech.decoder)
+                                   speech.text_encoder, speech.decoder, self.code_channels)
         self.train()  # the speaker's BatchNorm layers to stored statistics from the start
 
     def train(self, mode: bool = True) -> SpeechHead:
@@ -136,8 +136,7 @@ class SpeechHead(nn.Module):
         voice = self.speaker(samples, lengths)
         generator = torch.Generator(device=device).manual_seed(seed)
         latents, frame_mask = self.tts.generate(request.float(), request_mask, voice, steps or self.flow_steps,
-                                                generator, length_scale,
-                                                self.code_channels if self.code_from == "prior" else 0)
+                                                generator, length_scale, self.code_from)
         level = None  # the reference clip's voice level (model.speech.pitch_code_relative)
         if self.code_channels and self.code_relative:
             level = self._voice_level(self.vocoder.pitch_channels(samples, -(-samples.shape[1] // self.vocoder.hop)))

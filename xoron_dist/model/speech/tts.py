@@ -37,15 +37,18 @@ from xoron_dist.model.speech.alignment import alignment_mask, durations, gaussia
 
 @dataclass
 class SpeechLosses:
-    """Per-clip sums (n,) of the three losses (prior NLL per frame and channel; duration: ``duration_loss``;
-    flow MSE per frame and channel), so the trainer can average them over a step's clips."""
+    """Per-clip sums (n,) of the losses (prior NLL per frame and channel; duration: ``duration_loss``;
+    flow MSE per frame and channel; with a pitch code, ``pitch``: ``SpeechGenerator.code_loss``), so the trainer
+    can average them over a step's clips."""
 
     prior: torch.Tensor
     duration: torch.Tensor
     flow: torch.Tensor
+    pitch: torch.Tensor | None = None
 
     def total(self) -> torch.Tensor:
-        return self.prior + self.duration + self.flow
+        total = self.prior + self.duration + self.flow
+        return total if self.pitch is None else total + self.pitch
 
 
 class DurationPredictor(nn.Module):
@@ -125,13 +128,14 @@ def path_from_durations(frames: torch.Tensor, text_mask: torch.Tensor) -> torch.
 
 
 class SpeechGenerator(nn.Module):
-    """See the module docstring. ``text_dim``: the LLM's width; ``latent_dim``: the codec's latents."""
+    """See the module docstring. ``text_dim``: the LLM's width; ``latent_dim``: the codec's latents (the last
+    ``code_channels`` of them a pitch code, which a regression head also predicts per token: ``code_loss``)."""
 
     def __init__(self, text_dim: int, latent_dim: int, speaker_dim: int, encoder: ConformerConfig,
-                 decoder: ConformerConfig) -> None:
+                 decoder: ConformerConfig, code_channels: int = 0) -> None:
         super().__init__()
         hidden = encoder.hidden_size
-        self.latent_dim = latent_dim
+        self.latent_dim, self.code_channels = latent_dim, code_channels
         # the voice vector is unit-norm (components ~ 1/sqrt(speaker_dim)); its projections read it times this
         self.speaker_gain = 1.0
         self.text_in = empty_linear(text_dim, hidden, bias=True)
@@ -149,6 +153,14 @@ class SpeechGenerator(nn.Module):
             for layer in (self.text_in, self.speaker_in, self.prior, self.frame_speaker_in, self.velocity_out):
                 nn.init.normal_(layer.weight, std=encoder.init_std)
                 nn.init.zeros_(layer.bias)
+        self.code_head = self.code_speaker = None  # built last: without a code the other weights draw as before
+        if code_channels:  # the pitch code per token: from the text encoding, and the voice's level read directly
+            self.code_head = empty_linear(hidden, code_channels, bias=True)
+            self.code_speaker = empty_linear(speaker_dim, code_channels, bias=False)
+            with torch.no_grad():
+                nn.init.normal_(self.code_head.weight, std=encoder.init_std)
+                nn.init.zeros_(self.code_head.bias)
+                nn.init.zeros_(self.code_speaker.weight)
 
     def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor, speaker: torch.Tensor):
         """-> encoding h (n, L, hidden), prior mean and log std (n, L, latent_dim)."""
@@ -156,6 +168,27 @@ class SpeechGenerator(nn.Module):
         h = self.encoder(x, text_mask).hidden
         mean, log_std = self.prior(h).chunk(2, dim=-1)
         return h, mean, log_std.clamp(-7.0, 2.0)
+
+    def predict_code(self, h: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        """The pitch code per token (n, L, code_channels) from the text encoding h (n, L, hidden) plus a direct map of
+        the voice vector (read at unit RMS): FastSpeech 2's pitch regression, with the voice's level one linear
+        map away (through the text encoder a voice vector reaches the prior too weakly to set a pitch per voice
+        in a short training: measured, ``bench.audio_tts``)."""
+        unit = speaker * speaker.shape[-1] ** 0.5
+        return self.code_head(h) + self.code_speaker(unit.to(h.dtype))[:, None]
+
+    def code_loss(self, h: torch.Tensor, speaker: torch.Tensor, path: torch.Tensor, latents: torch.Tensor,
+                  frame_mask: torch.Tensor) -> torch.Tensor:
+        """Per clip (n,): the regressed code, expanded over each token's frames (``path``), against the target
+        frames' code (the last ``code_channels`` of ``latents``; position, voicing): mean |position error| over
+        the voiced frames + mean |voicing error| over all frames."""
+        predicted = expand_by_path(self.predict_code(h, speaker), path).float()
+        target = latents[..., -self.code_channels:].float()
+        voiced = ((target[..., 1] > 0) & frame_mask).float()
+        real = frame_mask.float()
+        position = ((predicted[..., 0] - target[..., 0]).abs() * voiced).sum(1) / voiced.sum(1).clamp_min(1.0)
+        voicing = ((predicted[..., 1] - target[..., 1]).abs() * real).sum(1) / real.sum(1).clamp_min(1.0)
+        return position + voicing
 
     def velocity_field(self, x: torch.Tensor, t: torch.Tensor, prior: torch.Tensor, speaker: torch.Tensor,
                        frame_mask: torch.Tensor) -> torch.Tensor:
@@ -189,16 +222,20 @@ class SpeechGenerator(nn.Module):
         x_t = (1 - t)[:, None, None] * noise + t[:, None, None] * latents
         v = self.velocity_field(x_t, t, mean_f.detach(), speaker, frame_mask)
         flow = (((v - (latents - noise)) ** 2) * frame_mask[..., None]).sum((1, 2)) / frames
-        return SpeechLosses(prior, duration, flow)
+        pitch = self.code_loss(h, speaker, path, latents, frame_mask) if self.code_channels else None
+        return SpeechLosses(prior, duration, flow, pitch)
 
     @torch.no_grad()
     def generate(self, text: torch.Tensor, text_mask: torch.Tensor, speaker: torch.Tensor, steps: int = 16,
                  generator: torch.Generator | None = None, length_scale: float = 1.0,
-                 from_prior: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 code_from: str = "flow") -> tuple[torch.Tensor, torch.Tensor]:
         """-> latent frames (n, F, latent_dim) and their mask (n, F): durations from the predictor (times
-        ``length_scale``: > 1 speaks slower), then ``steps`` Euler steps from seeded noise. ``from_prior``: the
-        last that many channels are the prior's mean (each token's expectation, as a regression predicts it)
-        instead of the flow's sample."""
+        ``length_scale``: > 1 speaks slower), then ``steps`` Euler steps from seeded noise. ``code_from`` (with a
+        pitch code): its channels from the flow's sample ("flow"), the prior's mean ("prior") or the regression
+        head ("regression", ``predict_code``)."""
+        if code_from not in ("flow", "prior", "regression") or (code_from == "regression" and not self.code_channels):
+            raise ValueError(f"SpeechGenerator.generate: code_from={code_from!r}; use 'flow', 'prior' or (with a "
+                             f"pitch code, code_channels > 0; here {self.code_channels}) 'regression'")
         h, mean, _ = self.encode_text(text, text_mask, speaker)
         frames = self.duration.frames(h, text_mask, length_scale)
         path = path_from_durations(frames, text_mask)
@@ -208,8 +245,9 @@ class SpeechGenerator(nn.Module):
         for k in range(steps):
             t = torch.full((x.shape[0],), k / steps, device=x.device, dtype=x.dtype)
             x = x + self.velocity_field(x, t, prior, speaker, frame_mask) / steps
-        if from_prior:
-            x = torch.cat([x[..., :-from_prior], prior[..., -from_prior:]], dim=-1)
+        if self.code_channels and code_from != "flow":
+            code = prior if code_from == "prior" else expand_by_path(self.predict_code(h, speaker), path)
+            x = torch.cat([x[..., :-self.code_channels], code[..., -self.code_channels:].to(x.dtype)], dim=-1)
         return x * frame_mask[..., None], frame_mask
 
 
