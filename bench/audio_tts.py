@@ -57,7 +57,34 @@ judge the same): re-recognised at CER 0.83 against 1.16 for deranged references 
 (SIM-o) at **0.27 (p 0.002), 0.20 (p 0.05) and 0.19 (p 0.10)**, where the pitch-source codec's TTS stayed at chance
 (0.14 / 0.19), and among the codec's voices (SIM-r) at 0.41 / 0.45 / 0.44 (0.36 / 0.41 before); the independent
 ECAPA 0.20 / 0.39 / 0.36 (SIM-o). The spectral cost of the branch (``bench.audio_codec``) shows here as a weaker
-re-recognition ratio for seed 0 (1.39; seeds 1 and 2 1.74 and 1.81; before 1.58 / 1.68).
+re-recognition ratio for seed 0 (1.39; seeds 1 and 2 1.74 and 1.81; before 1.58 / 1.68). Rerun with the
+generated vowels' pitch measured (``vowel_pitch_vs_real``: each utterance's median f0 against the real utterance's;
+same numbers otherwise, the runs are deterministic): 13 % / 9.4 % off (seeds 0 / 1), the resyntheses 7.4 % / 9.6 %.
+
+Over the pitch-code codec (``model.speech.vocoder.pitch_levels=128``, two seeds; ``bench.audio_codec``: its
+resyntheses are far better, pitch 0.5 % off, Resemblyzer SIM-o 0.47 / 0.52) the TTS must generate the pitch itself,
+and in 150 steps it does not generate it per voice. Measured (attempts; seeds 0 / 1 where two):
+
+    code from                                  pitch error   SIM-o (Resemblyzer)   SIM-r   CER vs deranged
+    the flow's sample (as the latents)         84 % / -       0.16 / 0.125          0.19    0.56 vs 0.86 / 0.69 vs 0.95
+      x4 in the flow (pitch_code_gain=4)       75 %           0.20                  0.22    0.60 vs 0.92
+      voice vector read x13.86                 101 %          0.11                  0.125   0.56 vs 0.88
+      relative to the clip's level             79 %           0.16                  0.17    0.62 vs 0.85
+    the prior's mean                           72 %           0.16                  0.27    0.59 vs 0.88
+      voice vector read x13.86                 82 %           0.14                  0.22    0.59 vs 0.86
+      relative to the clip's level             43 % / 37 %    0.22 / 0.20           0.28    0.63 vs 0.91 / 0.70 vs 0.98
+    the regression head (pitch_code_from=      27 % / 19 %    0.22 / 0.17           0.25    0.50 vs 0.93 / 0.78 vs 1.12
+      regression)
+    the default codec (BigVGAN's predictor)    13 % / 9.4 %   0.27 / 0.20           0.41    0.83 vs 1.16 / 0.51 vs 0.89
+
+Why: the TTS's prior put every voice's vowels near 290 Hz (its pitch ignored the voice vector, which reaches it
+through the text encoder at 0.02 of the text's scale); "relative" learns the contour less each clip's mean voiced
+pitch and adds the reference clip's, but this corpus mixes tones (220-1000 Hz beeps) into the clips, so a clip's
+mean voiced pitch is mostly its tones' (a reference's median voiced pitch is the voice's in about half the clips);
+the regression head (text encoding + a direct linear map of the voice) comes nearest and re-recognises best on seed
+0 (ratio 1.85), but BigVGAN's own predictor, trained through the 1200 codec steps with the voice vector, still
+places the pitch better. The next lever: keep that predictor beside the code (reading the latents with the code
+channels zeroed) and let it write the code at generation.
 
 Measured earlier on 2026-12-05 on a fresh machine (then the headline; codec, ASR judge and TTS rerun
 at the documented settings, the codec now with BigVGAN's pitch source; 150 TTS steps; whole run 4-7 min). The ASR

@@ -18,6 +18,11 @@ MSE, and samples in a handful of Euler steps, and the frames it produces are the
 BigVGAN (the codec's decoder) turns them into a waveform without any mel spectrogram. The speaker
 embedding (``speaker.py``, from a reference clip: zero-shot cloning) is added to the text encoder's
 input and to every frame of the velocity network's input.
+
+With a pitch code (``model.speech.vocoder.pitch_levels``: the frames' last two channels, log-f0 position and
+voicing) a regression head also predicts it per token (``predict_code``: from h plus a direct linear map of the
+voice vector; ``code_loss``: L1 on the aligned frames, the position on voiced frames only), FastSpeech 2's pitch
+predictor; ``generate(code_from=...)`` takes the code from the flow, the prior's mean or that head.
 """
 
 from __future__ import annotations
