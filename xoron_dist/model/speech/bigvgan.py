@@ -99,9 +99,7 @@ class BigVGANConfig:
         is added to conv_post's output.
     pitch_code: the last ``pitch.PITCH_CODE_CHANNELS`` of the ``in_channels`` are a pitch code (``pitch.pitch_code``:
         a log-f0 level and the voicing per frame, a token stream of the codec's own), which drives the source when
-        no pitch is passed; the ``PitchPredictor`` then reads the latents with the code's channels zeroed (what
-        the other channels and the voice tell of the pitch: it can write the code where none was tracked). Needs
-        the source.
+        no pitch is passed; no ``PitchPredictor`` then. Needs the source.
     f0_min, f0_max: the pitch range in Hz of the predictor (its log f0 is a sigmoid between their logs) or the code.
     """
 
@@ -350,8 +348,9 @@ class BigVGANGenerator(nn.Module):
         self.cond = make_conv(nn.Conv1d, cfg.cond_channels, c0, 1, weight_norm=False) if cfg.cond_channels else None
         self.pitch = self.source = self.source_convs = self.envelope = None  # source-filter parts, after the rest
         plain = partial(make_conv, weight_norm=False)
-        if cfg.source_harmonics:
+        if cfg.source_harmonics and not cfg.pitch_code:
             self.pitch = PitchPredictor(c0, cfg.f0_min, cfg.f0_max, plain)
+        if cfg.source_harmonics:
             self.source = HarmonicSource(cfg.source_harmonics, cfg.hop_length, cfg.sample_rate, plain)
             self.source_convs = nn.ModuleList(_source_conv(c0 >> (i + 1), cfg.hop_length // math.prod(
                 cfg.upsample_rates[: i + 1])) for i in range(len(cfg.upsample_rates)))
@@ -397,13 +396,13 @@ class BigVGANGenerator(nn.Module):
 
     def predict_pitch(self, latents: torch.Tensor,
                       cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents (and cond) as for ``forward`` -> the predictor's log f0 and voicing logits, (batch, frames) fp32:
-        what the source plays when given no pitch, or with ``cfg.pitch_code`` what it reads with the code's channels
-        zeroed (the code itself is what the source plays then)."""
-        if self.pitch is None:
+        """latents (and cond) as for ``forward`` -> the log f0 and voicing logits the source plays when given no
+        pitch, (batch, frames) fp32: the predictor's, or with ``cfg.pitch_code`` the code's (its voicing channel)."""
+        if self.source is None:
             raise ValueError("BigVGANGenerator.predict_pitch: this generator has no source (source_harmonics=0)")
         if self.cfg.pitch_code:
-            latents = torch.cat([latents[:, :-PITCH_CODE_CHANNELS], torch.zeros_like(self._code(latents))], dim=1)
+            f0, _ = pitch_from_code(self._code(latents), self.cfg.f0_min, self.cfg.f0_max)
+            return f0.log(), self._code(latents)[:, 1].float()
         return self.pitch(self._stem(latents, cond))
 
     def predict_envelope(self, latents: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

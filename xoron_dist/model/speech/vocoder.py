@@ -148,15 +148,6 @@ class Vocoder(nn.Module):
         f0, voiced = track_pitch(padded, hop, self.generator.cfg.sample_rate, cfg.f0_min, cfg.f0_max)
         return pitch_code(f0, voiced, cfg.pitch_levels, cfg.f0_min, cfg.f0_max)[1]
 
-    def predicted_code(self, frames: torch.Tensor, voice: torch.Tensor | None) -> torch.Tensor:
-        """Frames (n, F, frame_dim) with a pitch code -> the same frames with the code's channels written from
-        BigVGAN's pitch predictor (reading the other channels and the voice: ``BigVGANGenerator.predict_pitch``),
-        where a TTS does not make the code itself (``model.speech.pitch_code_from=vocoder``)."""
-        log_f0, voicing = self.predict_pitch(frames, voice)
-        cfg = self.cfg
-        _, code = pitch_code(log_f0.exp(), voicing > 0, cfg.pitch_levels, cfg.f0_min, cfg.f0_max)
-        return torch.cat([frames[..., :-PITCH_CODE_CHANNELS], code.to(frames.dtype)], dim=-1)
-
     def decode(self, latents: torch.Tensor, voice: torch.Tensor | None = None,
                pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """latents (n, frames, frame_dim) (``frames``), voice (n, voice_dim) unit vectors when ``conditioned``
@@ -168,9 +159,9 @@ class Vocoder(nn.Module):
     def source_sum(self, latents: torch.Tensor, voice: torch.Tensor | None,
                    real: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The source's losses on latents (n, frames, frame_dim) against the real segments (n, S), summed over
-        them: pitch_weight · the pitch predictor's (``pitch.pitch_loss``, against the pitch tracked on them; with a
-        pitch code the predictor reads the latents without it) and, with the harmonic branch, envelope_weight · its
-        amplitudes' (``pitch.envelope_loss``, against the segments' harmonic amplitudes at that pitch). Returns (loss,
+        them: pitch_weight · the pitch predictor's (``pitch.pitch_loss``, against the pitch tracked on them; none
+        with a pitch code) and, with the harmonic branch, envelope_weight · its amplitudes'
+        (``pitch.envelope_loss``, against the segments' harmonic amplitudes at that pitch). Returns (loss,
         (f0, voiced)) so the caller can drive the source with the same tracked pitch (None with a pitch code: the
         latents carry it)."""
         sample_rate = self.generator.cfg.sample_rate
