@@ -83,8 +83,11 @@ pitch and adds the reference clip's, but this corpus mixes tones (220-1000 Hz be
 mean voiced pitch is mostly its tones' (a reference's median voiced pitch is the voice's in about half the clips);
 the regression head (text encoding + a direct linear map of the voice) comes nearest and re-recognises best on seed
 0 (ratio 1.85), but BigVGAN's own predictor, trained through the 1200 codec steps with the voice vector, still
-places the pitch better. The next lever: keep that predictor beside the code (reading the latents with the code
-channels zeroed) and let it write the code at generation.
+places the pitch better. Tried next: keeping that predictor beside the code (reading the latents with the code's
+channels zeroed, to write the code at generation): both codec seeds trained with it came out broken (MR-STFT 5.45 /
+5.44, above silence's 3.71, already before the GAN phase; the output 2-3x too loud), cause not found; reverted
+(``bench/out/audio_codec.json`` attempts). Still the lever: the predictor's pitch at generation, or a TTS trained long
+enough to set the pitch per voice itself.
 
 Measured earlier on 2026-12-05 on a fresh machine (then the headline; codec, ASR judge and TTS rerun
 at the documented settings, the codec now with BigVGAN's pitch source; 150 TTS steps; whole run 4-7 min). The ASR
