@@ -149,7 +149,6 @@ class SpeechHead(nn.Module):
         hop = self.vocoder.hop
         return [waves[i, : int(frame_mask[i].sum()) * hop] for i in range(waves.shape[0])]
 
-
     def _voice_level(self, frames: torch.Tensor) -> torch.Tensor | None:
         """With ``model.speech.pitch_code_relative``: the mean log-f0 position of the voiced frames of each clip
         (n,) (0 with none), read from frames (n, F, >= 2) whose last two channels are a pitch code; else None."""
