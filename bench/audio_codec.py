@@ -269,10 +269,7 @@ def reconstruct(encoder: AudioEncoder, head: SpeechHead, clip: torch.Tensor, voi
         reference = wave if voice_of is None else voice_of.float()[None] / 32768.0
         voice = head.speaker(reference, torch.tensor([reference.shape[1]]))
     if true_pitch:
-        frames = quantized.latents.shape[1]
-        padded = torch.nn.functional.pad(wave, (0, frames * head.vocoder.hop - wave.shape[1]))
-        cfg = head.vocoder.cfg
-        pitch = track_pitch(padded, head.vocoder.hop, encoder.cfg.sample_rate, cfg.f0_min, cfg.f0_max)
+        pitch = head.vocoder.track(wave, quantized.latents.shape[1])
     frames = head.vocoder.frames(quantized.latents, wave)  # + the pitch code (VocoderConfig.pitch_levels)
     return head.vocoder.decode(frames, voice, pitch)[0, : clip.shape[0]], quantized.ids[0]
 

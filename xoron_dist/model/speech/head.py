@@ -90,10 +90,11 @@ class SpeechHead(nn.Module):
         if self.vocoder.conditioned:  # the whole clip's voice; the codec does not train the speaker encoder
             with torch.no_grad():
                 voice = self.speaker(samples.to(dtype), lengths)
-        frames = self.vocoder.frames(quantized.latents, segments)  # + the pitch code, when there is one
+        tracked = self.vocoder.track(segments, latents.shape[1]) if self.vocoder.pitched else None  # once per step
+        frames = self.vocoder.frames(quantized.latents, segments, tracked)  # + the pitch code, when there is one
         pitch, source_term = None, 0.0
         if self.vocoder.pitched:  # the source reads the real segment's pitch (or its code); the predictor learns it
-            source_term, pitch = self.vocoder.source_sum(frames, voice, segments)
+            source_term, pitch = self.vocoder.source_sum(frames, voice, segments, tracked)
         fake = self.vocoder.decode(frames, voice, pitch)[:, None]  # (n, 1, segment)
         vq = quantized.codebook_loss + self.commitment * quantized.commitment_loss
         total = self.vocoder.loss_sum(fake, segments[:, None], vq) + source_term

@@ -131,22 +131,29 @@ class Vocoder(nn.Module):
         """Channels of a latent frame as BigVGAN and the TTS see it: the codec's latents + the pitch code's."""
         return self.generator.cfg.in_channels
 
-    def frames(self, latents: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-        """The codec's latents (n, F, latent_dim) of the clips ``samples`` (n, S) -> the frames BigVGAN decodes and
-        the TTS generates (n, F, ``frame_dim``): the latents, and with a pitch code (``cfg.pitch_levels``) its
-        channels of the pitch tracked on the clips (``pitch.pitch_code``; zero-padded or cut to F · hop samples)."""
-        if not self.cfg.pitch_levels:
-            return latents
-        return torch.cat([latents, self.pitch_channels(samples, latents.shape[1]).to(latents.dtype)], dim=-1)
-
-    def pitch_channels(self, samples: torch.Tensor, frames: int) -> torch.Tensor:
-        """The pitch code's channels (n, frames, 2) fp32 of the pitch tracked on ``samples`` (n, S), zero-padded or
-        cut to frames · hop samples (``cfg.pitch_levels`` levels)."""
+    def track(self, samples: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pitch.track_pitch`` of ``samples`` (n, S) zero-padded or cut to frames · hop samples: f0 and voiced,
+        (n, frames), one value per latent frame, over the vocoder's pitch range."""
         hop, cfg = self.hop, self.cfg
         samples = samples[:, : frames * hop]
         padded = torch.nn.functional.pad(samples.float(), (0, frames * hop - samples.shape[1]))
-        f0, voiced = track_pitch(padded, hop, self.generator.cfg.sample_rate, cfg.f0_min, cfg.f0_max)
-        return pitch_code(f0, voiced, cfg.pitch_levels, cfg.f0_min, cfg.f0_max)[1]
+        return track_pitch(padded, hop, self.generator.cfg.sample_rate, cfg.f0_min, cfg.f0_max)
+
+    def frames(self, latents: torch.Tensor, samples: torch.Tensor,
+               tracked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The codec's latents (n, F, latent_dim) of the clips ``samples`` (n, S) -> the frames BigVGAN decodes and
+        the TTS generates (n, F, ``frame_dim``): the latents, and with a pitch code (``cfg.pitch_levels``) its
+        channels of the pitch tracked on the clips (``track``, or ``tracked`` when the caller has it)."""
+        if not self.cfg.pitch_levels:
+            return latents
+        return torch.cat([latents, self.pitch_channels(samples, latents.shape[1], tracked).to(latents.dtype)], -1)
+
+    def pitch_channels(self, samples: torch.Tensor, frames: int,
+                       tracked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The pitch code's channels (n, frames, 2) fp32 of the pitch tracked on ``samples`` (``track``; or
+        ``tracked``, that pitch already) in ``cfg.pitch_levels`` levels."""
+        f0, voiced = tracked if tracked is not None else self.track(samples, frames)
+        return pitch_code(f0, voiced, self.cfg.pitch_levels, self.cfg.f0_min, self.cfg.f0_max)[1]
 
     def decode(self, latents: torch.Tensor, voice: torch.Tensor | None = None,
                pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -156,16 +163,17 @@ class Vocoder(nn.Module):
         or BigVGAN's prediction."""
         return self.generator(latents.transpose(1, 2), _unit_rms(voice), pitch).squeeze(1)
 
-    def source_sum(self, latents: torch.Tensor, voice: torch.Tensor | None,
-                   real: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def source_sum(self, latents: torch.Tensor, voice: torch.Tensor | None, real: torch.Tensor,
+                   tracked: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The source's losses on latents (n, frames, frame_dim) against the real segments (n, S), summed over
         them: pitch_weight · the pitch predictor's (``pitch.pitch_loss``, against the pitch tracked on them; none
         with a pitch code) and, with the harmonic branch, envelope_weight · its amplitudes'
         (``pitch.envelope_loss``, against the segments' harmonic amplitudes at that pitch). Returns (loss,
         (f0, voiced)) so the caller can drive the source with the same tracked pitch (None with a pitch code: the
-        latents carry it)."""
+        latents carry it). ``tracked``: the pitch of ``real`` when the caller has tracked it already (``track``)."""
         sample_rate = self.generator.cfg.sample_rate
-        f0, voiced = track_pitch(real, self.hop, sample_rate, self.cfg.f0_min, self.cfg.f0_max)
+        f0, voiced = tracked if tracked is not None else self.track(real, latents.shape[1])
         total = latents.new_zeros((), dtype=torch.float32)
         if self.generator.pitch is not None:
             total = total + self.cfg.pitch_weight * pitch_loss(*self.predict_pitch(latents, voice), f0, voiced).sum()
