@@ -8,6 +8,8 @@ checks exactly that on the same weights and data.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -201,13 +203,14 @@ def test_snapped_generation_decodes_the_requantised_latents(model, one_thread):
 def test_pitch_code_rides_in_the_frames_from_the_codec_to_generation(one_thread):
     """``vocoder.pitch_levels``: the frames BigVGAN decodes and the TTS learns are the codec's latents plus two
     channels coding the pitch tracked on the clip (a 200 Hz tone reads back within half a level), the TTS
-    generates frames that wide, BigVGAN has no predictor, and every parameter still trains in both objectives."""
+    generates frames that wide (or BigVGAN's predictor writes the code), and every parameter still trains in both
+    objectives."""
     from xoron_dist.model.speech.pitch import pitch_from_code
 
     torch.manual_seed(0)
     coded = build_model(_cfg("model.speech.vocoder.pitch_levels=64")).train()
     vocoder, width = coded.speech.vocoder, coded.cfg.model.audio.latent_dim
-    assert vocoder.frame_dim == coded.speech.tts.latent_dim == width + 2 and vocoder.generator.pitch is None
+    assert vocoder.frame_dim == coded.speech.tts.latent_dim == width + 2
     tone = (0.5 * torch.sin(2 * torch.pi * 200.0 * torch.arange(4800) / RATE) * 32767).to(torch.int16)
     samples, _ = batch_clips([tone], torch.device("cpu"))
     latents, _, _ = coded.audio.tokens([tone])
@@ -222,6 +225,21 @@ def test_pitch_code_rides_in_the_frames_from_the_codec_to_generation(one_thread)
     ids = torch.randint(0, coded.cfg.llm.usable_vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
     wave = coded.generate_speech(ids, speaker_audio=[_clip(0.3, 7)], seed=2)[0]
     assert wave.numel() % vocoder.hop == 0 and wave.abs().max() <= 1
+    # model.speech.pitch_code_from=vocoder: BigVGAN's predictor writes the code of the generated latents
+    with torch.no_grad():
+        request, mask = coded.requests(ids, torch.ones(1, 6, dtype=torch.bool))
+        voice = coded.speech.speaker(*batch_clips([_clip(0.3, 7)], request.device))
+        generated, _ = coded.speech.tts.generate(request, mask, voice, coded.speech.flow_steps,
+                                                 torch.Generator().manual_seed(2))
+        coded.speech.code_from = "vocoder"
+        written = vocoder.predicted_code(generated, voice)
+        log_f0, voicing = vocoder.predict_pitch(generated, voice)
+        f0, voiced = pitch_from_code(written[..., width:].transpose(1, 2), vocoder.cfg.f0_min, vocoder.cfg.f0_max)
+        assert torch.equal(voiced, voicing > 0) and torch.equal(written[..., :width], generated[..., :width])
+        assert ((f0 / log_f0.exp()).log().abs()[voiced] <= math.log(1000 / 60) / 63 / 2 + 1e-4).all()
+        torch.testing.assert_close(coded.speech.generate(request, mask, [_clip(0.3, 7)], seed=2)[0],
+                                   vocoder.decode(written, voice)[0])
+        coded.speech.code_from = "flow"
     # model.speech.pitch_code_gain: the TTS sees the code's channels x gain, BigVGAN gets them divided back
     coded.speech.code_gain = 3.0
     with torch.no_grad():

@@ -157,9 +157,10 @@ class SpeechConfig:
     # with a pitch code: the TTS learns its log-f0 position relative to the clip's mean over its voiced frames, and
     # generation adds the reference clip's mean: the voice's pitch level comes from the reference itself
     pitch_code_relative: bool = False
-    # with a pitch code: generation takes its channels from the flow's sample ("flow"), the TTS prior's mean ("prior")
-    # or the TTS's pitch regression head (``SpeechGenerator.predict_code``, "regression")
-    pitch_code_from: Literal["flow", "prior", "regression"] = "flow"
+    # with a pitch code: generation takes its channels from the flow's sample ("flow"), the TTS prior's mean ("prior"),
+    # the TTS's pitch regression head (``SpeechGenerator.predict_code``, "regression") or BigVGAN's pitch predictor
+    # reading the generated latents and the voice ("vocoder", ``Vocoder.predicted_code``)
+    pitch_code_from: Literal["flow", "prior", "regression", "vocoder"] = "flow"
 
     def validate(self, where: str) -> None:
         positive(self, where, "flow_steps", "pitch_code_gain")

@@ -99,7 +99,9 @@ class BigVGANConfig:
         is added to conv_post's output.
     pitch_code: the last ``pitch.PITCH_CODE_CHANNELS`` of the ``in_channels`` are a pitch code (``pitch.pitch_code``:
         a log-f0 level and the voicing per frame, a token stream of the codec's own), which drives the source when
-        no pitch is passed; no ``PitchPredictor`` then. Needs the source.
+        no pitch is passed; the ``PitchPredictor`` then reads the latents with the code's channels zeroed (what
+        the other channels and the voice tell of the pitch: it can write the code where none was tracked). Needs
+        the source.
     f0_min, f0_max: the pitch range in Hz of the predictor (its log f0 is a sigmoid between their logs) or the code.
     """
 
@@ -356,6 +358,8 @@ class BigVGANGenerator(nn.Module):
                 cfg.upsample_rates[: i + 1])) for i in range(len(cfg.upsample_rates)))
         if cfg.envelope_harmonics:
             self.envelope = HarmonicEnvelope(c0, cfg.envelope_harmonics, cfg.hop_length, cfg.sample_rate, plain)
+        if cfg.pitch_code:  # last in module order, so the rest draws the weights it draws without the predictor
+            self.pitch = PitchPredictor(c0, cfg.f0_min, cfg.f0_max, plain)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -396,13 +400,13 @@ class BigVGANGenerator(nn.Module):
 
     def predict_pitch(self, latents: torch.Tensor,
                       cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents (and cond) as for ``forward`` -> the log f0 and voicing logits the source plays when given no
-        pitch, (batch, frames) fp32: the predictor's, or with ``cfg.pitch_code`` the code's (its voicing channel)."""
-        if self.source is None:
+        """latents (and cond) as for ``forward`` -> the predictor's log f0 and voicing logits, (batch, frames) fp32:
+        what the source plays when given no pitch, or with ``cfg.pitch_code`` what it reads with the code's channels
+        zeroed (the code itself is what the source plays then)."""
+        if self.pitch is None:
             raise ValueError("BigVGANGenerator.predict_pitch: this generator has no source (source_harmonics=0)")
         if self.cfg.pitch_code:
-            f0, _ = pitch_from_code(self._code(latents), self.cfg.f0_min, self.cfg.f0_max)
-            return f0.log(), self._code(latents)[:, 1].float()
+            latents = torch.cat([latents[:, :-PITCH_CODE_CHANNELS], torch.zeros_like(self._code(latents))], dim=1)
         return self.pitch(self._stem(latents, cond))
 
     def predict_envelope(self, latents: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

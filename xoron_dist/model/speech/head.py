@@ -137,11 +137,15 @@ class SpeechHead(nn.Module):
         voice = self.speaker(samples, lengths)
         generator = torch.Generator(device=device).manual_seed(seed)
         latents, frame_mask = self.tts.generate(request.float(), request_mask, voice, steps or self.flow_steps,
-                                                generator, length_scale, self.code_from)
+                                                generator, length_scale,
+                                                "flow" if self.code_from == "vocoder" else self.code_from)
         level = None  # the reference clip's voice level (model.speech.pitch_code_relative)
         if self.code_channels and self.code_relative:
             level = self._voice_level(self.vocoder.pitch_channels(samples, -(-samples.shape[1] // self.vocoder.hop)))
         latents = self._from_tts(latents, level)
+        if self.code_channels and self.code_from == "vocoder":  # BigVGAN's predictor writes the code
+            latents = self.vocoder.predicted_code(latents, voice if self.vocoder.conditioned else None)
+            latents = latents * frame_mask[..., None].to(latents.dtype)
         if snap_to is not None:  # the codec's latents only, not a pitch code's channels after them
             width = snap_to.in_proj[0].in_features
             snapped = snap_to(latents[frame_mask][:, :width]).latents

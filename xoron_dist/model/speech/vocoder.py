@@ -155,6 +155,15 @@ class Vocoder(nn.Module):
         f0, voiced = tracked if tracked is not None else self.track(samples, frames)
         return pitch_code(f0, voiced, self.cfg.pitch_levels, self.cfg.f0_min, self.cfg.f0_max)[1]
 
+    def predicted_code(self, frames: torch.Tensor, voice: torch.Tensor | None) -> torch.Tensor:
+        """Frames (n, F, frame_dim) with a pitch code -> the same frames with the code's channels written from
+        BigVGAN's pitch predictor (reading the other channels and the voice: ``BigVGANGenerator.predict_pitch``),
+        where a TTS does not make the code itself (``model.speech.pitch_code_from=vocoder``)."""
+        log_f0, voicing = self.predict_pitch(frames, voice)
+        cfg = self.cfg
+        _, code = pitch_code(log_f0.exp(), voicing > 0, cfg.pitch_levels, cfg.f0_min, cfg.f0_max)
+        return torch.cat([frames[..., :-PITCH_CODE_CHANNELS], code.to(frames.dtype)], dim=-1)
+
     def decode(self, latents: torch.Tensor, voice: torch.Tensor | None = None,
                pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """latents (n, frames, frame_dim) (``frames``), voice (n, voice_dim) unit vectors when ``conditioned``
@@ -167,9 +176,9 @@ class Vocoder(nn.Module):
                    tracked: tuple[torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The source's losses on latents (n, frames, frame_dim) against the real segments (n, S), summed over
-        them: pitch_weight · the pitch predictor's (``pitch.pitch_loss``, against the pitch tracked on them; none
-        with a pitch code) and, with the harmonic branch, envelope_weight · its amplitudes'
-        (``pitch.envelope_loss``, against the segments' harmonic amplitudes at that pitch). Returns (loss,
+        them: pitch_weight · the pitch predictor's (``pitch.pitch_loss``, against the pitch tracked on them; with a
+        pitch code the predictor reads the latents without it) and, with the harmonic branch, envelope_weight · its
+        amplitudes' (``pitch.envelope_loss``, against the segments' harmonic amplitudes at that pitch). Returns (loss,
         (f0, voiced)) so the caller can drive the source with the same tracked pitch (None with a pitch code: the
         latents carry it). ``tracked``: the pitch of ``real`` when the caller has tracked it already (``track``)."""
         sample_rate = self.generator.cfg.sample_rate
