@@ -75,7 +75,11 @@ and in 150 steps it does not generate it per voice. Measured (attempts; seeds 0 
       relative to the clip's level             43 % / 37 %    0.22 / 0.20           0.28    0.63 vs 0.91 / 0.70 vs 0.98
     the regression head (pitch_code_from=      27 % / 19 %    0.22 / 0.17           0.25    0.50 vs 0.93 / 0.78 vs 1.12
       regression)
+    BigVGAN's predictor beside the code        10.8 % / 14 %  0.17 / 0.31           0.31    0.70 vs 0.99 / 0.51 vs 0.87
+      (pitch_code_from=vocoder; its codecs)
+      the same, 300 TTS steps                  9.7 % / 12 %   0.27 / 0.27           0.42    0.74 vs 1.06 / 0.51 vs 0.85
     the default codec (BigVGAN's predictor)    13 % / 9.4 %   0.27 / 0.20           0.41    0.83 vs 1.16 / 0.51 vs 0.89
+      the same, 300 TTS steps                  10 % / 9.6 %   0.30 / 0.23           0.52    0.73 vs 1.14 / 0.52 vs 0.93
 
 Why: the TTS's prior put every voice's vowels near 290 Hz (its pitch ignored the voice vector, which reaches it
 through the text encoder at 0.02 of the text's scale); "relative" learns the contour less each clip's mean voiced
@@ -83,11 +87,13 @@ pitch and adds the reference clip's, but this corpus mixes tones (220-1000 Hz be
 mean voiced pitch is mostly its tones' (a reference's median voiced pitch is the voice's in about half the clips);
 the regression head (text encoding + a direct linear map of the voice) comes nearest and re-recognises best on seed
 0 (ratio 1.85), but BigVGAN's own predictor, trained through the 1200 codec steps with the voice vector, still
-places the pitch better. Tried next: keeping that predictor beside the code (reading the latents with the code's
-channels zeroed, to write the code at generation): both codec seeds trained with it came out broken (MR-STFT 5.45 /
-5.44, above silence's 3.71, already before the GAN phase; the output 2-3x too loud), cause not found; reverted
-(``bench/out/audio_codec.json`` attempts). Still the lever: the predictor's pitch at generation, or a TTS trained long
-enough to set the pitch per voice itself.
+places the pitch better. So that predictor now stays beside the code (reading the latents with the code's channels
+zeroed) and writes the code of the generated latents (``pitch_code_from=vocoder``). A first try broke both codec
+seeds (MR-STFT 5.45 / 5.44): the predictor, built before the source, shifted the random draws of the source's
+weights; built last, the codecs train like the code alone (MR-STFT 1.76 / 1.71; the predictor 12 % / 10 % off on
+resyntheses). Its TTS places the generated pitch as well as the default codec's (table), but the voice is no better:
+Resemblyzer SIM-o 0.27 / 0.27 against 0.30 / 0.23 at 300 TTS steps, SIM-r and re-recognition weaker. The default
+stays: no pitch code. What moved the voice was training the TTS longer (150 -> 300 steps, both codecs).
 
 Measured earlier on 2026-12-05 on a fresh machine (then the headline; codec, ASR judge and TTS rerun
 at the documented settings, the codec now with BigVGAN's pitch source; 150 TTS steps; whole run 4-7 min). The ASR

@@ -69,7 +69,18 @@ def test_requests_are_the_document_tokens_before_the_target():
     assert request[2].abs().sum() == 0  # a target opening its document has an empty request
 
 
-def test_objective_sums_split_like_data_parallel_ranks(model, one_thread):
+@pytest.fixture(scope="module")
+def coded_model():
+    """The model with a pitch code (``vocoder.pitch_levels``) and BigVGAN's predictor beside it."""
+    torch.manual_seed(0)
+    return build_model(_cfg("model.speech.vocoder.pitch_levels=64")).train()
+
+
+@pytest.mark.parametrize("which", ["model", "coded_model"])
+def test_objective_sums_split_like_data_parallel_ranks(which, request, one_thread):
+    """The codec and TTS sums over a batch equal the sums over its two data-parallel halves (what the
+    data-parallel and ZeRO parity tests rest on), with and without a pitch code."""
+    model = request.getfixturevalue(which)
     cfg = model.cfg
     clips = [_clip(0.5, 1), _clip(0.4, 2), _clip(0.3, 3), _clip(0.35, 4)]
     lengths = [model.span_lengths("audio", [c]).item() for c in clips]

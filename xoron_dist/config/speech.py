@@ -72,12 +72,12 @@ class VocoderConfig:
     envelope_weight: float = 5.0
     # a pitch code beside the residual VQ's tokens (``pitch.pitch_code``): the pitch tracked on the audio, in this
     # many log-f0 levels from f0_min to f0_max (plus unvoiced), rides in two more channels of every latent frame;
-    # BigVGAN's source plays it (no pitch predictor: pitch_weight unused) and the TTS flow generates it with the
-    # rest of the frame. 0: none, BigVGAN predicts the pitch from the latents (which carry the voice's mean pitch,
-    # not its contour: a probe reads it at 22-26 % error, bench.audio_codec). Needs source_harmonics. Off by default:
-    # at 128 levels the codec is better on every count (two seeds: MR-STFT 1.69-1.83 vs 2.30-2.36, resyntheses'
-    # pitch 0.5 % off, Resemblyzer SIM-o 0.47-0.52 vs 0.25-0.41), but the TTS then generates the pitch worse than
-    # BigVGAN's predictor places it (19-27 % off vs 9-13 %; bench.audio_tts), so generated speech clones less well
+    # BigVGAN's source plays it, its predictor learns the pitch from the latents with the code zeroed (it writes the
+    # code of generated latents with model.speech.pitch_code_from=vocoder). 0: none, BigVGAN predicts the pitch from
+    # the latents (which carry the voice's mean pitch, not its contour: a probe reads it at 22-26 % error,
+    # bench.audio_codec). Needs source_harmonics. Off by default: at 128 levels the codec is better (two seeds:
+    # MR-STFT 1.71-1.83 vs 2.30-2.36, resyntheses' pitch 0.5 % off), but generated speech clones no better (at best,
+    # pitch_code_from=vocoder: Resemblyzer SIM-o 0.27 / 0.27 vs 0.30 / 0.23 at 300 TTS steps; bench.audio_tts)
     pitch_levels: int = 0
     f0_min: float = 60.0  # Hz; the pitch tracker's window (3 hops, speech/pitch.py) must hold a period and more
     f0_max: float = 1000.0

@@ -10,7 +10,8 @@
                       source of y_hat (``speech/pitch.py``); with its harmonic branch (``envelope_harmonics``)
                       also envelope_weight · the log-amplitude L1 of the branch's harmonics against y's;
                       with a pitch code (``pitch_levels``) the pitch tracked on y rides in two more latent channels
-                      (``Vocoder.frames``) and drives the source, and there is no predictor to train
+                      (``Vocoder.frames``) and drives the source, and the predictor learns the pitch from the
+                      latents with those channels zeroed (so it can write the code of generated latents)
 
 Both sides of the GAN are summed into one loss and trained by one backward and one optimizer step:
 the discriminators see the generator's audio detached (no generator gradient from L_D), and the
@@ -194,9 +195,9 @@ class Vocoder(nn.Module):
 
     def predict_pitch(self, latents: torch.Tensor,
                       voice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents (n, frames, frame_dim) and voice as for ``decode`` -> BigVGAN's predicted (or with a pitch code,
-        coded) log f0 (Hz) and voicing logits, (n, frames) fp32: the pitch ``decode`` gives its source when none
-        is passed."""
+        """latents (n, frames, frame_dim) and voice as for ``decode`` -> BigVGAN's predicted log f0 (Hz) and voicing
+        logits, (n, frames) fp32: the pitch ``decode`` gives its source when none is passed (with a pitch code, what
+        the predictor reads in the latents with the code zeroed; the code itself drives the source)."""
         return self.generator.predict_pitch(latents.transpose(1, 2), _unit_rms(voice))
 
     def gan_losses(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
