@@ -336,13 +336,13 @@ def _total(out):
     return out.loss + out.objective_sums["codec"] + out.objective_sums["tts"]
 
 
-def _tp_body(state_path):
+def _tp_body(state_path, *extra):
     from tests.parallel.test_tensor_parallel import load_sharded
     from xoron_dist.parallel import state
     from xoron_dist.parallel.parallelize import parallelize
 
     torch.set_num_threads(1)
-    cfg = _cfg("parallel.tp=2")
+    cfg = _cfg("parallel.tp=2", *extra)
     state.initialize(cfg)
     torch.manual_seed(0)
     model = parallelize(build_model(cfg), cfg).model
@@ -356,18 +356,20 @@ def _tp_body(state_path):
 
 
 @pytest.mark.multirank
-def test_tensor_parallel_speech_step_equals_single_rank(one_thread, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("model.speech.vocoder.pitch_levels=64",)], ids=["plain", "pitch_code"])
+def test_tensor_parallel_speech_step_equals_single_rank(extra, one_thread, tmp_path):
     """The TTS Conformers split over TP=2 (the vocoder and speaker encoder whole) give the single-rank
-    objective sums and gradients."""
+    objective sums and gradients; also with a pitch code (wider frames, the TTS's pitch regression head, BigVGAN's
+    predictor beside the code)."""
     from tests.parallel.harness import run_ranks
     from xoron_dist.parallel.tensor import tp_slice
 
     torch.manual_seed(0)
-    model = build_model(_cfg()).train()
+    model = build_model(_cfg(*extra)).train()
     torch.save(model.state_dict(), tmp_path / "state.pt")  # a file: too many tensors to pass each as an fd
     out = model(**_speech_batch(model))
     _total(out).backward()
-    for rank, (sums, grads, meta) in enumerate(run_ranks(_tp_body, 2, str(tmp_path / "state.pt"))):
+    for rank, (sums, grads, meta) in enumerate(run_ranks(_tp_body, 2, str(tmp_path / "state.pt"), *extra)):
         for name in ("codec", "tts"):
             assert sums[name] == pytest.approx(out.objective_sums[name].item(), rel=1e-5), (rank, name)
         assert any(meta[n][0] for n in grads if n.startswith("speech.tts.velocity."))
@@ -397,7 +399,7 @@ def _zero3_batch(model, rank: int | None):
 SPEAKER_LOSS = "model.speech.vocoder.speaker_weight=1"
 
 
-def _zero3_body(state_path):
+def _zero3_body(state_path, *extra):
     from deepspeed.utils import safe_get_full_grad
 
     from xoron_dist.parallel import state
@@ -406,7 +408,7 @@ def _zero3_body(state_path):
 
     torch.set_num_threads(1)
     cfg = _cfg("parallel.zero_stage=3", "train.ds_config=ds_configs/zero3.json", "train.micro_batch_size=1",
-               SPEAKER_LOSS)
+               SPEAKER_LOSS, *extra)
     ctx = state.initialize(cfg)
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -433,17 +435,18 @@ def _speech_sample(model, seed):
 
 
 @pytest.mark.multirank
-def test_zero3_audio_encoder_and_speech_head_equal_single_rank(one_thread, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("model.speech.vocoder.pitch_levels=64",)], ids=["plain", "pitch_code"])
+def test_zero3_audio_encoder_and_speech_head_equal_single_rank(extra, one_thread, tmp_path):
     """ZeRO-3 on 2 ranks partitions the audio encoder (tokenizer, quantizer, Conformer, projector) and the
     speech head (text encoder, flow, vocoder, discriminators, speaker encoder; the speaker-consistency loss on),
     every weight, at DeepSpeed's
     default bucket sizes: the codec and TTS sums and every audio and speech gradient equal one rank's on the
     whole batch, the ranks holding one and two clips; and two speech samples made from the partitioned weights
-    (gathered per sample, as the trainer does) equal one rank's."""
+    (gathered per sample, as the trainer does) equal one rank's; also with a pitch code."""
     from tests.parallel.harness import run_ranks
 
     torch.manual_seed(0)
-    model = build_model(_cfg(SPEAKER_LOSS)).train()
+    model = build_model(_cfg(SPEAKER_LOSS, *extra)).train()
     torch.save(model.state_dict(), tmp_path / "state.pt")
     out = model(**_zero3_batch(model, None))
     (out.loss * out.num_tokens + out.objective_sums["codec"] + out.objective_sums["tts"]).backward()
@@ -451,7 +454,7 @@ def test_zero3_audio_encoder_and_speech_head_equal_single_rank(one_thread, tmp_p
     model.eval()
     with torch.no_grad():
         samples = [_speech_sample(model, seed) for seed in (1, 2)]
-    for rank, (sums, grads, ranks_samples) in enumerate(run_ranks(_zero3_body, 2, str(tmp_path / "state.pt"))):
+    for rank, (sums, grads, ranks_samples) in enumerate(run_ranks(_zero3_body, 2, str(tmp_path / "state.pt"), *extra)):
         for ours, theirs in zip(ranks_samples, samples, strict=True):
             assert ours.shape == theirs.shape and (ours.float() - theirs.float()).abs().max() <= 1e-3, rank
         assert sums == pytest.approx([out.objective_sums[n].item() for n in ("codec", "tts")], rel=1e-5), rank
