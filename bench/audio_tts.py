@@ -44,7 +44,7 @@ in the runs before the source was on, the TTS's codec has it):
         --front-end-from runs/bench/audio_codec_plain.pt --save runs/bench/audio_asr.pt \
         model.audio.understand_from=latents
     python -m bench.audio_tts --from runs/bench/audio_asr.pt --codec-from runs/bench/audio_codec.pt \
-        --freeze-speaker [--steps 150] [--threads 1]
+        --freeze-speaker [--steps 300] [--threads 1]
 
 (the ASR, also the judge of the generated speech, reads the codec's own tokenizer, frozen: held-out CER 0.067 on
 ``audio_transcript`` clips and 0.106 on ``text_to_speech`` clips vs 0.759 for the best constant; the same recipe
@@ -52,18 +52,23 @@ over a random tokenizer reads them at 0.463 / 0.502. Earlier attempts used other
 "attempts".)
 
 Over the harmonic-branch codec (the default since 2026-12-05, three codec seeds; the headline is seed 0's, the ASR
-judge the same): re-recognised at CER 0.83 against 1.16 for deranged references (seeds 1 and 2: 0.51 against 0.89,
-0.54 against 0.97; the resyntheses 0.43-0.45); generated vowel utterances placed by Resemblyzer with the real voices
-(SIM-o) at **0.27 (p 0.002), 0.20 (p 0.05) and 0.19 (p 0.10)**, where the pitch-source codec's TTS stayed at chance
-(0.14 / 0.19), and among the codec's voices (SIM-r) at 0.41 / 0.45 / 0.44 (0.36 / 0.41 before); the independent
-ECAPA 0.20 / 0.39 / 0.36 (SIM-o). The spectral cost of the branch (``bench.audio_codec``) shows here as a weaker
-re-recognition ratio for seed 0 (1.39; seeds 1 and 2 1.74 and 1.81; before 1.58 / 1.68). Rerun with the
-generated vowels' pitch measured (``vowel_pitch_vs_real``: each utterance's median f0 against the real utterance's;
-same numbers otherwise, the runs are deterministic): 13 % / 9.4 % off (seeds 0 / 1), the resyntheses 7.4 % / 9.6 %.
+judge the same), 300 TTS steps (the default since 2026-12-05; 150 before): re-recognised at CER **0.73 against
+1.14** for deranged references (seeds 1 and 2: 0.52 against 0.93, 0.50 against 0.93; the resyntheses 0.43-0.45);
+generated vowel utterances placed by Resemblyzer with the real voices (SIM-o) at **0.30 (p 0.0002), 0.23 (p 0.011)
+and 0.30 (p 0.0002)**, near its score of the codec's own resyntheses (0.41 / 0.25 / 0.31: the codec now bounds the
+voice), among the codec's voices (SIM-r) at 0.52 / 0.53 / 0.55, the independent ECAPA 0.22 / 0.34 / 0.375 (SIM-o);
+generated vowels' pitch 10 % / 9.6 % / 8.4 % off. Whole run 11-12 min at 1 thread.
+At 150 steps (the headline before): CER 0.83 vs 1.16 / 0.51 vs 0.89 / 0.54 vs 0.97, Resemblyzer SIM-o 0.27 (p 0.002)
+/ 0.20 (p 0.05) / 0.19 (p 0.10), where the pitch-source codec's TTS stayed at chance (0.14 / 0.19), SIM-r 0.41 /
+0.45 / 0.44 (0.36 / 0.41 before), the independent ECAPA 0.20 / 0.39 / 0.36, pitch 13 % / 9.4 % off. The spectral cost
+of the branch (``bench.audio_codec``) showed as a weaker re-recognition ratio for seed 0 (1.39; seeds 1 and 2 1.74
+and 1.81; before the branch 1.58 / 1.68). At 600 steps (seeds 0 / 1) no further gain: SIM-o 0.25 / 0.22, SIM-r 0.48 /
+0.44, CER 0.78 vs 1.13 / 0.60 vs 0.94.
 
 Over the pitch-code codec (``model.speech.vocoder.pitch_levels=128``, two seeds; ``bench.audio_codec``: its
 resyntheses are far better, pitch 0.5 % off, Resemblyzer SIM-o 0.47 / 0.52) the TTS must generate the pitch itself,
-and in 150 steps it does not generate it per voice. Measured (attempts; seeds 0 / 1 where two):
+and in 150 steps it does not generate it per voice. Measured (attempts; 150 TTS steps unless said; seeds 0 / 1
+where two):
 
     code from                                  pitch error   SIM-o (Resemblyzer)   SIM-r   CER vs deranged
     the flow's sample (as the latents)         84 % / -       0.16 / 0.125          0.19    0.56 vs 0.86 / 0.69 vs 0.95
@@ -415,7 +420,7 @@ def vowel_cloning(model, judges: Judges, layout, tokenizer, references_pool: dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", required=True, help="bench.audio_asr --save's file")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--codec-from", default=None,
