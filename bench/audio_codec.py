@@ -281,7 +281,7 @@ def reconstruct(encoder: AudioEncoder, head: SpeechHead, clip: torch.Tensor, voi
         voice = head.speaker(reference, torch.tensor([reference.shape[1]]))
     if true_pitch:
         pitch = head.vocoder.track(wave, quantized.latents.shape[1])
-    frames = head.vocoder.frames(quantized.latents, wave)  # + the pitch code (VocoderConfig.pitch_levels)
+    frames = head.vocoder.frames(quantized.latents, wave, pitch)  # + the pitch code (VocoderConfig.pitch_levels)
     return head.vocoder.decode(frames, voice, pitch)[0, : clip.shape[0]], quantized.ids[0]
 
 

@@ -141,7 +141,8 @@ class SpeechHead(nn.Module):
                                                 "flow" if self.code_from == "vocoder" else self.code_from)
         level = None  # the reference clip's voice level (model.speech.pitch_code_relative)
         if self.code_channels and self.code_relative:
-            level = self._voice_level(self.vocoder.pitch_channels(samples, -(-samples.shape[1] // self.vocoder.hop)))
+            tracked = self.vocoder.track(samples, -(-samples.shape[1] // self.vocoder.hop))
+            level = self._voice_level(self.vocoder.pitch_channels(*tracked))
         latents = self._from_tts(latents, level)
         if self.code_channels and self.code_from == "vocoder":  # BigVGAN's predictor writes the code
             latents = self.vocoder.predicted_code(latents, voice if self.vocoder.conditioned else None)

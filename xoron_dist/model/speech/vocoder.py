@@ -147,13 +147,12 @@ class Vocoder(nn.Module):
         channels of the pitch tracked on the clips (``track``, or ``tracked`` when the caller has it)."""
         if not self.cfg.pitch_levels:
             return latents
-        return torch.cat([latents, self.pitch_channels(samples, latents.shape[1], tracked).to(latents.dtype)], -1)
+        f0, voiced = tracked if tracked is not None else self.track(samples, latents.shape[1])
+        return torch.cat([latents, self.pitch_channels(f0, voiced).to(latents.dtype)], dim=-1)
 
-    def pitch_channels(self, samples: torch.Tensor, frames: int,
-                       tracked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The pitch code's channels (n, frames, 2) fp32 of the pitch tracked on ``samples`` (``track``; or
-        ``tracked``, that pitch already) in ``cfg.pitch_levels`` levels."""
-        f0, voiced = tracked if tracked is not None else self.track(samples, frames)
+    def pitch_channels(self, f0: torch.Tensor, voiced: torch.Tensor) -> torch.Tensor:
+        """f0 (Hz) and voiced (n, frames) -> the pitch code's channels (n, frames, 2) fp32 in ``cfg.pitch_levels``
+        levels (``pitch.pitch_code``)."""
         return pitch_code(f0, voiced, self.cfg.pitch_levels, self.cfg.f0_min, self.cfg.f0_max)[1]
 
     def predicted_code(self, frames: torch.Tensor, voice: torch.Tensor | None) -> torch.Tensor:
@@ -161,8 +160,7 @@ class Vocoder(nn.Module):
         BigVGAN's pitch predictor (reading the other channels and the voice: ``BigVGANGenerator.predict_pitch``),
         where a TTS does not make the code itself (``model.speech.pitch_code_from=vocoder``)."""
         log_f0, voicing = self.predict_pitch(frames, voice)
-        cfg = self.cfg
-        _, code = pitch_code(log_f0.exp(), voicing > 0, cfg.pitch_levels, cfg.f0_min, cfg.f0_max)
+        code = self.pitch_channels(log_f0.exp(), voicing > 0)
         return torch.cat([frames[..., :-PITCH_CODE_CHANNELS], code.to(frames.dtype)], dim=-1)
 
     def decode(self, latents: torch.Tensor, voice: torch.Tensor | None = None,
