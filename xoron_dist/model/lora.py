@@ -44,7 +44,7 @@ from torch import nn
 
 from xoron_dist.config.lora import LoRAConfig
 from xoron_dist.model.common.mlp import SwiGLU
-from xoron_dist.model.common.moe import MoEFeedForward, RoutedExperts, _grouped_mm_fits
+from xoron_dist.model.common.moe import MoEFeedForward, RoutedExperts
 
 _ATTENTION = ("q_proj", "q_down", "q_up", "kv_down", "kv_up", "out_proj")
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
@@ -146,34 +146,9 @@ class LoRARoutedExperts(RoutedExperts):
         self.gate_up_lora = StackedLoRA(e, hidden, two_i, cfg, ("B", 1, 2, "enter"), "gate_up")
         self.down_lora = StackedLoRA(e, experts.down.shape[2], hidden, cfg, ("A", 2, 1, "enter"), "down")
 
-    def adapted(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) with the adapters folded in."""
         return self.gate_up_lora(self.gate_up), self.down_lora(self.down)
-
-    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        self._weights = self.adapted()
-        try:
-            return super().forward(x, chosen, weights)
-        finally:
-            del self._weights
-
-    def _grouped(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self._weights
-        if not _grouped_mm_fits(rows, gate_up, down):  # the check upstream saw the base weights
-            return self._looped(rows, ends)
-        gate, up = torch._grouped_mm(rows, gate_up.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=ends)
-
-    def _looped(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        bounds = [0, *ends.tolist()]
-        counts = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        gate_ups, downs = (w.unbind(0) for w in self._weights)
-        outputs = []
-        for expert, expert_rows in enumerate(rows.split(counts)):
-            if expert_rows.shape[0]:
-                gate, up = F.linear(expert_rows, gate_ups[expert]).chunk(2, dim=-1)
-                outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
-        return torch.cat(outputs)
 
 
 def _linear_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:

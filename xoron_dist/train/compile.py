@@ -8,11 +8,13 @@ same shape. DeepSpeed 0.19's ``engine.compile()`` compiles the whole module inst
 and every routing decision as one graph.
 
 What stays eager inside a compiled block (``torch.compiler.disable`` on the instance's ``forward``,
-the way activation checkpointing wraps it): the routed experts (their token groups have
-data-dependent sizes, ``torch._grouped_mm`` in fp32 has no compile kernel, expert parallelism
-exchanges counts over an all-to-all) and the ring attention core (point-to-point traffic and a
-per-layer plan read on the host). The block compiles around them: norms, MLA's projections, RoPE
-and attention, the router and the shared expert.
+the way activation checkpointing wraps it): the expert-parallel experts (they exchange counts over an
+all-to-all and size their buffers on the host) and the ring attention core (point-to-point traffic and
+a per-layer plan read on the host). The rest of the block compiles: norms, MLA's projections, RoPE and
+attention, the router, the shared expert and the local routed experts, whose grouped GEMM is traced as
+``xoron::grouped_mm`` (``model.common.grouped_mm``: torch's own fake kernel refuses fp32) and whose
+sorted dispatch has static shapes; only their per-expert loop, taken where the grouped GEMM's layout
+rules fail, reads sizes on the host and breaks the graph there.
 
 Fallbacks are not fatal: a graph break leaves the code after it to the next graph (or eager), and
 a frame that fails to compile runs eager (``torch._dynamo.config.suppress_errors``). Both are logged:
@@ -49,11 +51,10 @@ class _EagerForward:
 
 
 def _eager_types() -> tuple[type, ...]:
-    from xoron_dist.model.common.moe import RoutedExperts
     from xoron_dist.parallel.experts import ExpertParallelExperts
     from xoron_dist.parallel.sequence import RingAttentionCore
 
-    return (RoutedExperts, ExpertParallelExperts, RingAttentionCore)
+    return (ExpertParallelExperts, RingAttentionCore)
 
 
 def _block_types() -> tuple[type, ...]:

@@ -15,10 +15,11 @@ itself (summing loads over ranks, updating every router's bias) is the trainer's
 Experts compute with a *sorted* dropless dispatch: the (token, choice) pairs are sorted by
 expert once, each expert runs one matmul over its contiguous slice, and the results are scattered
 back with one ``index_add_`` — no per-expert masks over all tokens. The slices' ends come from a
-``searchsorted`` on the device, and ``torch._grouped_mm`` takes them there, so a forward asks the
-host nothing (no device-to-host sync on a GPU); where its layout rules do not hold (odd widths,
-fp32 on CUDA) each expert's matmul runs in a loop over slice sizes read once per layer (one sync).
-On CPU both run at the same speed (bench/moe_layer.py, ``ours`` vs ``ours_loop``).
+``searchsorted`` on the device, and the grouped GEMM (``common.grouped_mm``: ``torch._grouped_mm``,
+traceable by ``torch.compile``) takes them there, so a forward asks the host nothing (no
+device-to-host sync on a GPU); where its layout rules do not hold (odd widths, fp32 on CUDA) each
+expert's matmul runs in a loop over slice sizes read once per layer (one sync; a graph break when
+compiled). On CPU both run at about the same speed (bench/moe_layer.py, ``ours`` vs ``ours_loop``).
 
 Precision: the router's scores and the combine weights are fp32 whatever the compute dtype (autocast
 is switched off around the router, as HF DeepseekV3 computes its gate in fp32), and the weighted sum
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xoron_dist.config import MoEConfig
+from xoron_dist.model.common import grouped_mm
 from xoron_dist.model.common.mlp import SwiGLU
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.sharding import SplitEntry, SplitExit
@@ -111,6 +113,10 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.gate_up, std=std)
         nn.init.normal_(self.down, std=std)
 
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (gate_up, down) stacks the experts compute with (LoRA folds its adapters in here)."""
+        return self.gate_up, self.down
+
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (tokens, hidden), chosen/weights (tokens, k) -> (tokens, hidden)."""
         k = chosen.shape[1]
@@ -120,46 +126,33 @@ class RoutedExperts(nn.Module):
         # ends[e]: one past expert e's last pair in the sorted order (computed on the device)
         ends = torch.searchsorted(flat[order], torch.arange(1, self.num_experts + 1, device=flat.device))
         grouped = self.entry(x)[token_of]
-        if self.use_grouped_mm and _grouped_mm_fits(grouped, self.gate_up, self.down):
-            out = self._grouped(grouped, ends.to(torch.int32))
+        gate_up, down = self.expert_weights()
+        gate_up_t, down_t = gate_up.transpose(-2, -1), down.transpose(-2, -1)  # (experts, in, out)
+        if self.use_grouped_mm and grouped_mm.fits(grouped, gate_up_t, down_t):
+            ends = ends.to(torch.int32)
+            gate, up = grouped_mm.grouped_mm(grouped, gate_up_t, ends).chunk(2, dim=-1)
+            out = grouped_mm.grouped_mm(F.silu(gate) * up, down_t, ends)
         else:
-            out = self._looped(grouped, ends)
+            out = _looped(grouped, ends, gate_up, down)
         combined = self.exit(out).float() * weights.flatten()[order, None].float()
         summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, combined)
         return summed.to(x.dtype)
 
-    def _grouped(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        """rows (pairs, hidden) sorted by expert, ends (experts,) int32 -> (pairs, hidden); no host sync."""
-        gate, up = torch._grouped_mm(rows, self.gate_up.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=ends)
 
-    def _looped(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        """The same with one matmul per expert: the slice sizes are read on the host (one sync)."""
-        bounds = [0, *ends.tolist()]
-        counts = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        # unbind once: indexing the stacked weight per expert would make autograd build one
-        # full-size zero gradient per expert and add them up; unbind's backward stacks once.
-        gate_ups, downs = self.gate_up.unbind(0), self.down.unbind(0)
-        outputs = []
-        for expert, expert_rows in enumerate(rows.split(counts)):
-            if expert_rows.shape[0] == 0:
-                continue
-            gate, up = F.linear(expert_rows, gate_ups[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
-        return torch.cat(outputs)
-
-
-def _grouped_mm_fits(rows: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: bf16 (CUDA and CPU) or fp32 (CPU only), every
-    non-unit stride and every data pointer a multiple of 16 bytes (its TMA/layout checks)."""
-    kinds = {torch.bfloat16: ("cpu", "cuda"), torch.float32: ("cpu",)}
-    if rows.device.type not in kinds.get(rows.dtype, ()) or any(w.dtype != rows.dtype for w in weights):
-        return False
-    size = rows.element_size()
-    operands = [rows, *(w.transpose(-2, -1) for w in weights)]
-    widths = [w.shape[-2] for w in weights]  # the grouped_mm outputs' row strides: 2·intermediate, hidden
-    return all(t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride() if st != 1)
-               for t in operands) and all(n * size % 16 == 0 for n in widths)
+def _looped(rows: torch.Tensor, ends: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The experts with one matmul per expert: the slice sizes are read on the host (one sync)."""
+    bounds = [0, *ends.tolist()]
+    counts = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    # unbind once: indexing the stacked weight per expert would make autograd build one
+    # full-size zero gradient per expert and add them up; unbind's backward stacks once.
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
+    outputs = []
+    for expert, expert_rows in enumerate(rows.split(counts)):
+        if expert_rows.shape[0] == 0:
+            continue
+        gate, up = F.linear(expert_rows, gate_ups[expert]).chunk(2, dim=-1)
+        outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
+    return torch.cat(outputs)
 
 
 def without_autocast(device: torch.device) -> AbstractContextManager:
