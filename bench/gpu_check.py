@@ -24,8 +24,9 @@ recorded in the report, and the next part runs):
                ``SMOKE_STEPS`` steps; its last metrics.jsonl line (loss, TFLOP/s, MFU).
     compile    ``train.compile`` on the GPU: the backbone (layers as the backbone part ran) eager vs with
                every decoder block compiled (``xoron_dist.train.compile.compile_blocks``, inductor), bf16
-               fwd + bwd at the backbone's shape: the speedup and the first compiled step's seconds (on CPU
-               it won nothing, so the option defaults off; this decides the GPU default).
+               fwd + bwd at the backbone's shape: the speedup and the first compiled step's seconds (on CPU,
+               with the experts compiled in their blocks, 1.25x at the smoke shape, but a short CPU run does
+               not earn back the cold compile, so the option defaults off; this decides the GPU default).
     moe        one MoE layer of the full model (LLMConfig's: hidden 1024, 8 routed experts + 1 shared of
                width 2048, top-2) fwd + bwd in bf16 on ``MOE_TOKENS`` tokens: ours (grouped GEMMs) vs
                DeepSpeed's dropless ``MoE`` with the same shared expert (``bench/moe_layer.py``'s peer),

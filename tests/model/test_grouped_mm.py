@@ -74,14 +74,16 @@ def test_op_realigns_an_operand_at_an_offset(monkeypatch):
     torch.testing.assert_close(got, kernel(shifted.clone(), w.detach().transpose(-2, -1), offs=ENDS))
 
 
-def test_moe_layer_traces_whole_and_matches_eager():
-    """fullgraph: one graph for router, dispatch, grouped experts, combine and shared expert (fp32, the CPU's
-    training dtype, which torch's own _grouped_mm fake kernel refuses)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_layer_traces_whole_and_matches_eager(dtype):
+    """fullgraph: one graph for router, dispatch, grouped experts, combine and shared expert (fp32 is the CPU's
+    training dtype, which torch's own _grouped_mm fake kernel refuses; bf16 the GPU's)."""
     torch.manual_seed(0)
     moe = MoEFeedForward(32, MoEConfig(num_experts=8, top_k=2, num_shared_experts=1, expert_intermediate_size=16))
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    x = torch.randn(2, 24, 32)
+    moe.to(dtype)
+    x = torch.randn(2, 24, 32, dtype=dtype)
 
     def run(module):
         moe.zero_grad()

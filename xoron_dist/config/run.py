@@ -110,7 +110,7 @@ class TrainConfig:
     activation_checkpointing_every: int = 1
     # torch.compile every LLM decoder block (train/compile.py; the local routed experts compile with it, the
     # expert-parallel experts and the ring core stay eager). The first step pays the compile (tens of seconds
-    # cold on CPU). Off by default: bench/llm_step.py --compile measures it (1.36x eager on CPU, smoke shape).
+    # cold on CPU). Off by default: bench/llm_step.py --compile measures it (1.25x eager on CPU, smoke shape).
     compile: bool = False
     # > 0: the LM head and loss run on chunks of this many tokens, recomputed in backward, so the
     # whole (tokens x vocabulary) logits never exist at once (long sequences); 0 = in one piece
