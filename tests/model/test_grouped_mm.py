@@ -36,6 +36,15 @@ def test_fits_follows_the_kernels_layout_rules():
     assert shifted.data_ptr() % 16 and not grouped_mm.fits(shifted, w.transpose(-2, -1))
 
 
+@pytest.mark.parametrize(("capability", "kernel"), [((9, 0), True), ((10, 0), True), ((8, 0), False),
+                                                     ((8, 9), False), ((12, 0), False)])
+def test_only_gpus_with_the_grouped_kernel_take_it(capability, kernel, monkeypatch):
+    """Elsewhere torch._grouped_mm loops behind a copy of offs to the host on every call (GroupedBlas.cpp)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert grouped_mm.has_kernel(torch.device("cuda", 0)) is kernel
+    assert grouped_mm.has_kernel(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_and_its_backward_equal_the_eager_kernel(dtype):
     a, w = _operands(dtype)

@@ -6,8 +6,11 @@
     a (K, rows), b (rows, N) grouped along rows (the weight gradient)         ->  (groups, K, N)
 
 ``offs`` stays on the device (no host sync). ``fits(a, *bs)`` says whether the kernel takes the operands:
-bf16 (CPU and CUDA) or fp32 (CPU only), every non-unit stride, every output row and every data pointer a
-multiple of 16 bytes; where it does not, ``RoutedExperts`` runs its per-expert loop instead.
+bf16 (CPU, and CUDA on compute capability 9.x/10.x) or fp32 (CPU only), every non-unit stride, every output
+row and every data pointer a multiple of 16 bytes; where it does not, ``RoutedExperts`` runs its per-expert
+loop instead (one host read of the group sizes per layer). On other GPUs (A100's 8.0, 8.9, 12.x) torch has
+no grouped kernel: ``torch._grouped_mm`` there copies ``offs`` to the host on every call and loops, six
+hidden syncs per MoE layer per step (two calls forward, four backward), so ``fits`` sends those to the loop.
 
 Why not ``torch._grouped_mm`` alone: eager, it is what runs (its C++ autograd included). Under
 ``torch.compile`` its fake (meta) kernel refuses fp32, the CPU's training dtype, and a data pointer cannot
@@ -24,6 +27,15 @@ import torch
 
 _KERNEL_DTYPES = {torch.bfloat16: ("cpu", "cuda"), torch.float32: ("cpu",)}
 _ALIGN = 16  # bytes: torch._grouped_mm's TMA/layout rule for strides, output rows and base pointers
+# CUDA compute capabilities (major) with torch's CUTLASS grouped kernel (sm90, sm100); others fall back
+_CUDA_KERNEL_MAJORS = (9, 10)
+
+
+def has_kernel(device: torch.device) -> bool:
+    """Whether ``torch._grouped_mm`` has a grouped kernel on ``device`` (not a per-group loop behind a host sync)."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return torch.cuda.get_device_capability(device)[0] in _CUDA_KERNEL_MAJORS
 
 
 def fits(a: torch.Tensor, *bs: torch.Tensor) -> bool:
@@ -32,6 +44,8 @@ def fits(a: torch.Tensor, *bs: torch.Tensor) -> bool:
     The strides and widths are checked always; the data pointers only outside a ``torch.compile`` trace,
     where they exist (inside one, ``xoron::grouped_mm`` re-aligns its operands when it runs)."""
     if a.device.type not in _KERNEL_DTYPES.get(a.dtype, ()) or any(b.dtype != a.dtype for b in bs):
+        return False
+    if not has_kernel(a.device):
         return False
     size = a.element_size()
     operands = (a, *bs)
@@ -82,4 +96,4 @@ def _backward(ctx, grad: torch.Tensor):
 
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup)
 
-__all__ = ["fits", "grouped_mm"]
+__all__ = ["fits", "grouped_mm", "has_kernel"]
