@@ -327,8 +327,8 @@ def held_out_loss(model, docs: list[Document], seq_len: int, pad_id: int) -> flo
         for first in range(0, len(docs), 32):
             batch = collate([[doc] for doc in docs[first: first + 32]], seq_len, pad_id)
             out = model(**batch_fields(batch))
-            total += out.loss.item() * out.num_tokens
-            tokens += out.num_tokens
+            total += out.loss.item() * int(out.num_tokens)
+            tokens += int(out.num_tokens)
     model.train()
     return round(total / tokens, 4)
 

@@ -89,3 +89,25 @@ def test_a_stage_weighs_its_objectives_over_the_runs():
         plan_stages(dataclasses.replace(cfg, stages=stages))
     with pytest.raises(ConfigError, match=r"stages\[0\]\.objectives\.codec.*must be >= 0"):
         load_config("pipelines/curriculum_smoke.yaml", ["stages=[{name: codec, steps: 48, objectives: {codec: -1}}]"])
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 5])
+def test_the_loss_and_the_objective_counts_read_nothing_on_the_host(chunk_tokens):
+    """Between a micro-batch's forward and its backward nothing waits for the device: the labelled count
+    stays a tensor (the step reads its sums and counts once, at its end: bench/host_syncs.py)."""
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    cfg = load_config(None, ["preset=tiny"])
+    torch.manual_seed(0)
+    model = XoronLLM(cfg.llm)
+    model.lm_head.chunk_tokens = chunk_tokens
+    ids = torch.randint(0, cfg.llm.vocab_size, (2, 12))
+    labels = ids.roll(-1, 1)
+    labels[0, :3] = -100
+    (lm, _), = active_objectives(cfg)
+    with HostSyncCounter() as syncs:
+        out = model(ids, labels=labels)
+        lm.loss_sum(out).backward()
+        count = lm.count({"labels": labels})
+    assert syncs.total == 0, syncs.calls
+    assert int(out.num_tokens) == int(count) == 21

@@ -35,3 +35,16 @@ def test_device_side_work_is_not_counted():
         out = torch.zeros(16, 8).index_add_(0, idx[order], x[idx[order]] * ends[:1].float())
         out.square().sum().backward()
     assert syncs.total == 0, syncs.calls
+
+
+def _reads_twice(t: torch.Tensor) -> int:
+    return int(t.sum()) + len(t.tolist())
+
+
+def test_where_names_the_calling_line():
+    t = torch.tensor([1, 2])
+    with HostSyncCounter(where=True) as syncs:
+        _reads_twice(t)
+    line = _reads_twice.__code__.co_firstlineno + 1
+    assert syncs.sites == {f"utils/test_host_syncs.py:{line} __int__": 1,
+                           f"utils/test_host_syncs.py:{line} tolist": 1}

@@ -45,8 +45,10 @@ class ExpertLoadMonitor:
     def scalars(self, load: torch.Tensor, biases: list[torch.Tensor], pipeline_group=None) -> dict[str, float]:
         """TensorBoard scalars of this rank's MoE layers; with a ``pipeline_group`` of more than one stage
         (every stage must call) those of every stage's layers, so rank 0 (stage 0) writes the whole model's."""
-        layers = [(layer, tokens, bias.tolist())
-                  for layer, tokens, bias in zip(self.layer_ids, load.tolist(), biases, strict=True)]
+        # one host read for all layers' biases, not one per layer
+        bias_rows = torch.stack([b.float() for b in biases]).tolist() if biases else []
+        layers = [(layer, tokens, bias)
+                  for layer, tokens, bias in zip(self.layer_ids, load.tolist(), bias_rows, strict=True)]
         if pipeline_group is not None and torch.distributed.get_world_size(pipeline_group) > 1:
             gathered: list[list] = [None] * torch.distributed.get_world_size(pipeline_group)
             torch.distributed.all_gather_object(gathered, layers, group=pipeline_group)

@@ -57,7 +57,8 @@ from xoron_dist.model.modalities import MODALITIES
 class Objective:
     name: str
     default_weight: float | Callable[[XoronConfig], float]  # a constant, or read off the run's config
-    count: Callable[[dict], int]  # items of this objective in a micro-batch's model inputs
+    # items of this objective in a micro-batch's model inputs: an int, or a device tensor (never read on the host)
+    count: Callable[[dict], int | torch.Tensor]
     loss_sum: Callable[[object], torch.Tensor]  # the model output -> Σ of the items' losses
     first_stage: bool = False  # computed by an encoder: under pipeline parallelism on stage 0, not the last
 
@@ -68,8 +69,8 @@ class Objective:
         return float(self.default_weight(cfg) if callable(self.default_weight) else self.default_weight)
 
 
-def _lm_count(inputs: dict) -> int:
-    return int((inputs["labels"] != IGNORE_INDEX).sum())
+def _lm_count(inputs: dict) -> torch.Tensor:
+    return (inputs["labels"] != IGNORE_INDEX).sum()
 
 
 def _lm_loss_sum(out) -> torch.Tensor:
@@ -83,17 +84,17 @@ def _items(medium: str) -> Callable[[dict], int]:
 
 def _targets(medium: str) -> Callable[[dict], int]:
     """Counts a medium's generation targets in a micro-batch."""
-    def count(inputs: dict) -> int:
+    def count(inputs: dict) -> int | torch.Tensor:
         flags = inputs.get(f"{medium}_is_target")
-        return int(flags.sum()) if flags is not None else 0
+        return flags.sum() if flags is not None else 0
     return count
 
 
 def _understood(medium: str) -> Callable[[dict], int]:
     """Counts the items of a medium the model encodes in a micro-batch (generation targets left out)."""
-    def count(inputs: dict) -> int:
+    def count(inputs: dict) -> int | torch.Tensor:
         flags = inputs.get(f"{medium}_is_target")
-        return len(inputs.get(f"{medium}s") or ()) - (int(flags.sum()) if flags is not None else 0)
+        return len(inputs.get(f"{medium}s") or ()) - (flags.sum() if flags is not None else 0)
     return count
 
 

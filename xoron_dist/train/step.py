@@ -68,13 +68,12 @@ class StepRunner:
     def run(self, batches: list) -> StepResult:
         ctx, engine = self.ctx, self.built.engine
         inputs = [self.model_inputs(batch) for batch in batches]
-        counts = torch.tensor([[float(sum(obj.count(i) for i in inputs)) for obj, _ in self.objectives]],
-                              device=ctx.device)
+        # counts and scales stay on the device: the step reads the host once, at its end
+        counts = torch.stack([_summed([obj.count(i) for i in inputs], ctx.device) for obj, _ in self.objectives])
         dist.all_reduce(counts, group=self._count_group())
-        counts = counts[0]
         accum = self.cfg.train.grad_accum_steps
-        scales = [weight * gradient_divisor(ctx.layout) * accum / max(count.item(), 1.0)
-                  for (_, weight), count in zip(self.objectives, counts, strict=True)]
+        weights = torch.tensor([weight for _, weight in self.objectives], device=ctx.device)
+        scales = weights * (gradient_divisor(ctx.layout) * accum) / counts.clamp(min=1.0)
         if self.built.pipeline is not None:  # every micro-batch through the pipeline's stages (1F1B)
             sums = train_step_1f1b(engine, self.built.pipeline, inputs, scales, self.tied,
                                    [obj.loss_sum for obj, _ in self.objectives],
@@ -93,9 +92,18 @@ class StepRunner:
         advance_clocks(self.built.model)
         dist.all_reduce(sums, group=ctx.token_group)
         names = [obj.name for obj, _ in self.objectives]
-        totals = counts.tolist()
-        means = [s / max(c, 1.0) for s, c in zip(sums.tolist(), totals, strict=True)]
+        loss_sums, totals = torch.stack([sums.float(), counts]).tolist()
+        means = [s / max(c, 1.0) for s, c in zip(loss_sums, totals, strict=True)]
         return StepResult(dict(zip(names, means, strict=True)), {n: int(c) for n, c in zip(names, totals, strict=True)})
+
+
+def _summed(counts: list, device: torch.device) -> torch.Tensor:
+    """Σ of one objective's per-micro-batch counts (ints and device tensors) as a float32 0-dim device tensor,
+    read nowhere on the host."""
+    on_host = float(sum(c for c in counts if not isinstance(c, torch.Tensor)))
+    on_device = [c.float() for c in counts if isinstance(c, torch.Tensor)]
+    total = torch.stack(on_device).sum() if on_device else torch.zeros((), device=device)
+    return total.to(device) + on_host
 
 
 __all__ = ["StepResult", "StepRunner"]

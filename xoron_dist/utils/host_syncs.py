@@ -17,6 +17,7 @@ a copy to the CPU with ``.to("cpu")``) and anything autograd runs in C++ during 
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Any
 
@@ -30,11 +31,16 @@ _VALUE_SHAPED = {"bincount", "nonzero", "argwhere", "unique", "unique_consecutiv
 
 
 class HostSyncCounter(TorchFunctionMode):
-    """``calls``: a Counter of the syncing calls seen, by name; ``total``: their sum."""
+    """``calls``: a Counter of the syncing calls seen, by name; ``total``: their sum.
 
-    def __init__(self) -> None:
+    ``where=True`` also fills ``sites``: the same calls by the first caller outside torch
+    (``package/module.py:line name``), to tell which code asks for them."""
+
+    def __init__(self, where: bool = False) -> None:
         super().__init__()
         self.calls: Counter[str] = Counter()
+        self.sites: Counter[str] = Counter()
+        self.where = where
 
     @property
     def total(self) -> int:
@@ -43,13 +49,30 @@ class HostSyncCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args: tuple = (), kwargs: dict[str, Any] | None = None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        seen = None
         if name in _READS or name in _VALUE_SHAPED:
-            self.calls[name] += 1
+            seen = name
         elif name == "__getitem__" and _has_bool_mask(args[1:]):
-            self.calls["boolean-mask indexing"] += 1
+            seen = "boolean-mask indexing"
         elif name == "repeat_interleave" and kwargs.get("output_size") is None and _tensor_repeats(args, kwargs):
-            self.calls["repeat_interleave"] += 1
+            seen = "repeat_interleave"
+        if seen is not None:
+            self.calls[seen] += 1
+            if self.where:
+                self.sites[f"{_caller()} {seen}"] += 1
         return func(*args, **kwargs)
+
+
+def _caller() -> str:
+    """``package/module.py:line`` of the innermost frame outside torch (and outside this module)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if "/torch/" not in path and frame.f_code.co_filename != __file__:
+            parts = path.split("/")
+            return f"{'/'.join(parts[-2:])}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<torch>"
 
 
 def _has_bool_mask(index: tuple) -> bool:

@@ -36,7 +36,8 @@ IGNORE_INDEX = -100  # the label of positions without loss (prompts, media place
 class LLMOutput:
     logits: torch.Tensor | None  # (batch, seq, padded_vocab); None when the loss ran in chunks
     loss: torch.Tensor | None = None  # mean token cross-entropy over labels != IGNORE_INDEX
-    num_tokens: int = 0  # labelled tokens the loss averages over
+    # labelled tokens the loss averages over: a 0-dim int64 tensor on the loss's device (int() reads it: a sync)
+    num_tokens: torch.Tensor | int = 0
     hidden: torch.Tensor | None = None  # (batch, seq, hidden) when the model has no head (a pipeline stage)
     normed: torch.Tensor | None = None  # (batch, seq, hidden) final-normed states, when asked (generators read them)
     objective_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # generator objective -> Σ item losses
@@ -85,18 +86,18 @@ def lm_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor | None = No
         if labels is None:
             return LLMOutput(logits=logits)
         labelled = labels != IGNORE_INDEX
-        num_tokens = int(labelled.sum())
+        num_tokens = labelled.sum()  # stays on the device: no host read between forward and backward
         weights = labelled if loss_weights is None else loss_weights * labelled
-        loss = (head.token_losses(logits, labels) * weights).sum() / max(num_tokens, 1)
+        loss = (head.token_losses(logits, labels) * weights).sum() / num_tokens.clamp(min=1)
         return LLMOutput(logits=logits, loss=loss, num_tokens=num_tokens)
     hidden, targets = hidden.flatten(0, 1), labels.flatten()
     weights = None if loss_weights is None else loss_weights.flatten()
-    num_tokens = int((targets != IGNORE_INDEX).sum())
+    num_tokens = (targets != IGNORE_INDEX).sum()
     chunk = head.chunk_tokens
     total = sum(checkpoint(_chunk_loss_sum, head, hidden[i: i + chunk], targets[i: i + chunk],
                            None if weights is None else weights[i: i + chunk], use_reentrant=False)
                 for i in range(0, hidden.shape[0], chunk))
-    return LLMOutput(logits=None, loss=total / max(num_tokens, 1), num_tokens=num_tokens)
+    return LLMOutput(logits=None, loss=total / num_tokens.clamp(min=1), num_tokens=num_tokens)
 
 
 def _chunk_loss_sum(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,

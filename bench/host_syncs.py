@@ -1,0 +1,144 @@
+"""Device-to-host syncs per optimizer step of the real trainer, at the full recipe's structure, vs HF's training step.
+
+A sync (a value read on the host, or an op whose output size is data) stalls a GPU's queue. On CPU they cost
+nothing, so they are counted, not timed: ``utils.host_syncs.HostSyncCounter`` (a ``TorchFunctionMode``) sees
+every one Python asks for, by call and by calling line.
+
+- ours: ``xoron_dist.train.trainer.train`` on one rank (gloo, CPU), the LLM of the full recipe's structure
+  (12 layers, MoE on every second: 6 MoE layers, 8 routed + 1 shared experts, top-2; tiny widths, which
+  change no control flow), gradient accumulation 8, activation checkpointing (every block's forward runs
+  twice), a log line every step (the worst case). The whole trainer is counted: data, forward, loss,
+  backward, optimizer, expert balancing, guard, logging. Per step = (syncs of a 4-step run - a 2-step
+  run) / 2, so set-up and the final save cancel out. Sites under ``xoron_dist/model`` are the model's.
+- peer: HF ``transformers`` ``DeepseekV3ForCausalLM`` of the same config (its ``grouped_mm`` experts,
+  gradient checkpointing on) except that its 6 layers are all MoE (it cannot interleave dense and MoE
+  layers), 8 micro-batches of forward + loss + backward, then fused AdamW (the HF Trainer's default
+  optimizer; torch's for-loop AdamW reads each parameter's CPU step counter with ``.item()``, which is no
+  GPU sync but which a CPU-only count cannot tell apart): the same counter.
+
+The counter sees reads of CPU tensors too (a CPU-only machine has no other kind), so a site that reads a
+tensor kept on the CPU is listed although on a GPU it waits for nothing; ``ours_by_site`` shows each.
+  A model step without a trainer around it, so it is the lower bound of what a trainer built on it pays.
+
+Goal (issue 18): <= 1 per MoE layer with expert parallelism, 0 without.
+
+    python -m bench.host_syncs
+
+Writes bench/out/host_syncs.json (``ours``/``peer``: syncs per optimizer step, ratio = peer / ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from bench.common import machine, write_result
+from tests.parallel.harness import run_ranks
+
+SMOKE = Path(__file__).resolve().parent.parent / "pipelines" / "smoke.yaml"
+ACCUM = 8
+RECIPE = ["data.source=synthetic_text", "model.llm.num_layers=12", "model.llm.moe_layer_freq=2",
+          f"train.grad_accum_steps={ACCUM}", "train.micro_batch_size=1", "train.seq_len=64",
+          "train.activation_checkpointing=true", "train.log_every=1", "train.tensorboard=false"]
+# DeepseekV3 cannot put MoE on every second layer: the peer has ours' 6 MoE layers without the 6 dense ones
+PEER_LAYERS = ["model.llm.num_layers=6", "model.llm.moe_layer_freq=1"]
+
+
+def _trainer_syncs(root: str, steps: int, overrides: list[str]) -> tuple[dict, dict, int]:
+    from xoron_dist.config import load_config
+    from xoron_dist.train.trainer import train
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    cfg = load_config(SMOKE, [*overrides, f"train.steps={steps}", f"train.output_dir={root}",
+                              f"train.name=syncs{steps}"])
+    with HostSyncCounter(where=True) as syncs:
+        train(cfg)
+    return dict(syncs.calls), dict(syncs.sites), len(cfg.llm.moe_layers)
+
+
+def _hf_syncs(overrides: list[str]) -> tuple[dict, dict]:
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from xoron_dist.config import load_config
+    from xoron_dist.model.llm.hf import hf_config_kwargs
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    cfg = load_config(SMOKE, [*overrides, *PEER_LAYERS])
+    hf_cfg = transformers.DeepseekV3Config(**hf_config_kwargs(cfg.llm))
+    hf_cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(hf_cfg).train()
+    model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batches = [torch.randint(0, cfg.llm.usable_vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len + 1))
+               for _ in range(ACCUM)]
+
+    def step() -> None:
+        for ids in batches:
+            logits = model(ids[:, :-1]).logits
+            F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).div(ACCUM).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the first step builds the optimizer state
+    with HostSyncCounter(where=True) as syncs:
+        step()
+    return dict(syncs.calls), dict(syncs.sites)
+
+
+def _per_step(long: dict, short: dict, steps: int) -> dict[str, float]:
+    diff = Counter(long)
+    diff.subtract(short)
+    return {k: v / steps for k, v in sorted(diff.items(), key=lambda kv: -kv[1]) if v}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", nargs="*", default=[], help="more config overrides for both sides")
+    args = parser.parse_args()
+    overrides = [*RECIPE, *args.set]
+    root = tempfile.mkdtemp(prefix="host_syncs_")
+    runs = {steps: run_ranks(_trainer_syncs, 1, root, steps, overrides, timeout=1200)[0] for steps in (2, 4)}
+    calls = _per_step(runs[4][0], runs[2][0], 2)
+    sites = _per_step(runs[4][1], runs[2][1], 2)
+    moe_layers = runs[4][2]
+    model_sites = {k: v for k, v in sites.items() if k.startswith(("model/", "common/", "llm/"))
+                   or "/model/" in k}
+    ours = sum(calls.values())
+    hf_calls, hf_sites = _hf_syncs(overrides)
+    peer = sum(hf_calls.values())
+    print(f"ours: {ours:g} syncs per optimizer step ({moe_layers} MoE layers, accumulation {ACCUM}): {calls}")
+    for site, n in sites.items():
+        print(f"  {n:6g}  {site}")
+    print(f"peer (HF DeepseekV3ForCausalLM step): {peer} syncs: {hf_calls}")
+    for site, n in sorted(hf_sites.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:6d}  {site}")
+    result = {
+        "metric": "device-to-host syncs per optimizer step (counted, one rank), lower is better",
+        "unit": "syncs per step",
+        "ours": ours,
+        "peer": peer,
+        "peer_name": "HF transformers DeepseekV3ForCausalLM, the same config with 6 layers, all MoE (grouped_mm "
+                     "experts, gradient checkpointing): 8 micro-batches of forward + loss + backward, then "
+                     "fused AdamW; no trainer around it",
+        "ratio": round(peer / ours, 3) if ours else None,
+        "goal": "<= 1 per MoE layer with expert parallelism, 0 without",
+        "machine": machine(),
+        "config": overrides,
+        "moe_layers": moe_layers,
+        "ours_by_call": calls,
+        "ours_by_site": sites,
+        "ours_in_model_code": model_sites,
+        "ours_per_moe_layer": round(sum(model_sites.values()) / moe_layers, 3),
+        "peer_by_call": hf_calls,
+        "peer_by_site": hf_sites,
+    }
+    print(f"\n-> {write_result('host_syncs', result)}")
+
+
+if __name__ == "__main__":
+    main()
