@@ -1,7 +1,7 @@
 """Device-to-host syncs per optimizer step of the real trainer, at the full recipe's structure, vs HF's training step.
 
 A sync (a value read on the host, or an op whose output size is data) stalls a GPU's queue. On CPU they cost
-nothing, so they are counted, not timed: ``utils.host_syncs.HostSyncCounter`` (a ``TorchFunctionMode``) sees
+nothing, so they are counted, not timed: ``utils.host_syncs.HostSyncCounter`` sees
 every one Python asks for, by call and by calling line.
 
 - ours: ``xoron_dist.train.trainer.train`` on one rank (gloo, CPU), the LLM of the full recipe's structure
@@ -20,9 +20,13 @@ The counter sees reads of CPU tensors too (a CPU-only machine has no other kind)
 tensor kept on the CPU is listed although on a GPU it waits for nothing; ``ours_by_site`` shows each.
   A model step without a trainer around it, so it is the lower bound of what a trainer built on it pays.
 
-Goal (issue 18): <= 1 per MoE layer with expert parallelism, 0 without.
+Cases: ``ep1`` (one rank) and ``ep2`` (two ranks, ``parallel.ep=2``: each holds 4 of the 8 experts and
+exchanges tokens by all-to-all; rank 0's count). Each site is owned by the model (``xoron_dist/`` outside
+``train/``, the parallel layers included), the trainer (``xoron_dist/train/``) or DeepSpeed.
 
-    python -m bench.host_syncs
+Goal (issue 18): <= 1 per MoE layer with expert parallelism, 0 without (the model's count per MoE layer).
+
+    python -m bench.host_syncs [--ep 2]
 
 Writes bench/out/host_syncs.json (``ours``/``peer``: syncs per optimizer step, ratio = peer / ours).
 """
@@ -96,44 +100,65 @@ def _per_step(long: dict, short: dict, steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in sorted(diff.items(), key=lambda kv: -kv[1]) if v}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", nargs="*", default=[], help="more config overrides for both sides")
-    args = parser.parse_args()
-    overrides = [*RECIPE, *args.set]
+def _owner(site: str) -> str:
+    """Who asks for a sync: the model (and its parallel layers), the trainer, DeepSpeed, or other code."""
+    if site.startswith("xoron_dist/train/"):
+        return "trainer"
+    if site.startswith("xoron_dist/"):
+        return "model"
+    return "deepspeed" if site.startswith("deepspeed/") else "other"
+
+
+def trainer_case(ranks: int, overrides: list[str]) -> dict:
+    """Rank 0's syncs per optimizer step of the trainer on ``ranks`` gloo ranks, by call, site and owner."""
     root = tempfile.mkdtemp(prefix="host_syncs_")
-    runs = {steps: run_ranks(_trainer_syncs, 1, root, steps, overrides, timeout=1200)[0] for steps in (2, 4)}
+    runs = {steps: run_ranks(_trainer_syncs, ranks, root, steps, overrides, timeout=1200)[0] for steps in (2, 4)}
     calls = _per_step(runs[4][0], runs[2][0], 2)
     sites = _per_step(runs[4][1], runs[2][1], 2)
     moe_layers = runs[4][2]
-    model_sites = {k: v for k, v in sites.items() if k.startswith(("model/", "common/", "llm/"))
-                   or "/model/" in k}
-    ours = sum(calls.values())
+    by_owner: Counter[str] = Counter()
+    for site, n in sites.items():
+        by_owner[_owner(site)] += n
+    model = by_owner.get("model", 0)
+    layer_calls = moe_layers * ACCUM * 2  # every MoE layer's forward runs twice per micro-batch (checkpointing)
+    return {"ranks": ranks, "config": overrides, "moe_layers": moe_layers, "syncs_per_step": sum(calls.values()),
+            "by_owner": dict(by_owner), "model_per_moe_layer": round(model / moe_layers, 3),
+            "model_per_moe_layer_forward": round(model / layer_calls, 3), "by_call": calls, "by_site": sites}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", nargs="*", default=[], help="more config overrides for both sides")
+    parser.add_argument("--ep", type=int, default=2, help="also the trainer on this many ranks with parallel.ep "
+                        "set to it (0: skip)")
+    args = parser.parse_args()
+    overrides = [*RECIPE, *args.set]
+    cases = {"ep1": trainer_case(1, overrides)}
+    if args.ep > 1:
+        cases[f"ep{args.ep}"] = trainer_case(args.ep, [*overrides, f"parallel.ep={args.ep}"])
     hf_calls, hf_sites = _hf_syncs(overrides)
     peer = sum(hf_calls.values())
-    print(f"ours: {ours:g} syncs per optimizer step ({moe_layers} MoE layers, accumulation {ACCUM}): {calls}")
-    for site, n in sites.items():
-        print(f"  {n:6g}  {site}")
+    for name, case in cases.items():
+        print(f"ours, {name} ({case['ranks']} rank(s), rank 0): {case['syncs_per_step']:g} syncs per optimizer step "
+              f"({case['moe_layers']} MoE layers, accumulation {ACCUM}): {case['by_owner']}")
+        for site, n in case["by_site"].items():
+            print(f"  {n:6g}  {site}")
     print(f"peer (HF DeepseekV3ForCausalLM step): {peer} syncs: {hf_calls}")
     for site, n in sorted(hf_sites.items(), key=lambda kv: -kv[1]):
         print(f"  {n:6d}  {site}")
+    head = cases["ep1"]
     result = {
         "metric": "device-to-host syncs per optimizer step (counted, one rank), lower is better",
         "unit": "syncs per step",
-        "ours": ours,
+        "ours": head["syncs_per_step"],
         "peer": peer,
         "peer_name": "HF transformers DeepseekV3ForCausalLM, the same config with 6 layers, all MoE (grouped_mm "
                      "experts, gradient checkpointing): 8 micro-batches of forward + loss + backward, then "
                      "fused AdamW; no trainer around it",
-        "ratio": round(peer / ours, 3) if ours else None,
-        "goal": "<= 1 per MoE layer with expert parallelism, 0 without",
+        "ratio": round(peer / head["syncs_per_step"], 3) if head["syncs_per_step"] else None,
+        "goal": "<= 1 per MoE layer with expert parallelism, 0 without (the model's syncs: model_per_moe_layer)",
         "machine": machine(),
-        "config": overrides,
-        "moe_layers": moe_layers,
-        "ours_by_call": calls,
-        "ours_by_site": sites,
-        "ours_in_model_code": model_sites,
-        "ours_per_moe_layer": round(sum(model_sites.values()) / moe_layers, 3),
+        "cases": cases,
         "peer_by_call": hf_calls,
         "peer_by_site": hf_sites,
     }

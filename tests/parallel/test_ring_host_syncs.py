@@ -41,20 +41,8 @@ def _count(group, packed: bool, latent: bool) -> dict:
                                            weight, num_heads=h, nope_dim=d // 2, v_dim=d, **kw)
         else:
             out = ra.ring_attention(q, k, v, **kw)
-    # The autograd engine runs the backward where a TorchFunctionMode entered here does not reach:
-    # count inside the ring's backward instead.
-    bwd = HostSyncCounter()
-    ring_backward = ra._ring_backward
-
-    def counted(*args, **kwargs):
-        with bwd:
-            return ring_backward(*args, **kwargs)
-
-    ra._ring_backward = counted
-    try:
+    with HostSyncCounter() as bwd:  # the counter sees the ring's backward, which autograd runs
         out.square().sum().backward()
-    finally:
-        ra._ring_backward = ring_backward
     return {"forward": dict(fwd.calls), "backward": dict(bwd.calls)}
 
 

@@ -48,3 +48,38 @@ def test_where_names_the_calling_line():
     line = _reads_twice.__code__.co_firstlineno + 1
     assert syncs.sites == {f"utils/test_host_syncs.py:{line} __int__": 1,
                            f"utils/test_host_syncs.py:{line} tolist": 1}
+
+
+class _ReadsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad.sum().item()  # a read the autograd engine runs, with no torch-function mode active
+        return grad * 2
+
+
+def test_reads_in_backward_and_in_a_checkpoint_recompute_are_counted():
+    from torch.utils.checkpoint import checkpoint
+
+    def block(x):
+        x.sum().tolist()  # read in the forward and again when backward recomputes it
+        return (x * x).sin()
+
+    x = torch.randn(4, requires_grad=True)
+    with HostSyncCounter() as syncs:
+        _ReadsInBackward.apply(x).sum().backward()
+        checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert syncs.calls == {"item": 1, "tolist": 2}
+
+
+def test_nested_calls_count_once_and_counters_nest():
+    t = torch.tensor([3, 1, 3])
+    with HostSyncCounter() as outer:
+        t.unique()  # Tensor.unique calls torch.unique
+        with HostSyncCounter() as inner:
+            t.nonzero()
+    assert outer.calls == {"unique": 1, "nonzero": 1} and inner.calls == {"nonzero": 1}
+    assert "item" not in vars(torch.Tensor) and torch.nonzero is torch._C._VariableFunctions.nonzero  # restored

@@ -3,41 +3,54 @@
 A GPU kernel launch returns at once; reading a value on the host (``.item()``, ``.tolist()``,
 ``bool(t)``, ``int(t)``, ``if t:``) waits until everything queued before it has run, and so do the ops
 whose output size depends on the values (``bincount``, ``nonzero``, boolean-mask indexing,
-``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size``). ``HostSyncCounter`` is
-a ``TorchFunctionMode`` that counts those calls as Python makes them, so a CPU test can bound the
-syncs a GPU run would pay (on CUDA, ``torch.cuda.set_sync_debug_mode`` reports the same at run time).
+``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size``). ``HostSyncCounter``
+counts those calls as Python makes them, so a CPU test can bound the syncs a GPU run would pay (on CUDA,
+``torch.cuda.set_sync_debug_mode`` reports the same at run time).
 
     with HostSyncCounter() as syncs:
         model(x).sum().backward()
     assert syncs.total <= 1, syncs.calls
 
+While a counter is open, those entry points (``torch.Tensor``'s methods and the ``torch.*`` functions) are
+wrapped, process-wide: a ``TorchFunctionMode`` would miss everything Python runs inside ``backward`` (the
+autograd engine runs a custom ``Function``'s backward and an activation checkpoint's recomputed forward
+with no mode active), which is where the recompute of a checkpointed block asks again. A call made inside
+a counted call (``Tensor.unique`` calling ``torch.unique``) counts once.
+
 Not seen: syncs inside an op that do not show in its name or arguments (a kernel's own error check,
-a copy to the CPU with ``.to("cpu")``) and anything autograd runs in C++ during ``backward``.
+a copy to the CPU with ``.to("cpu")``). Seen although no GPU would wait: reads of tensors kept on the CPU
+(a CPU-only machine cannot tell them apart).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-# Reads of a value on the host.
-_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"}
-# Ops whose output shape depends on the values, so the host must see them before it can allocate.
-_VALUE_SHAPED = {"bincount", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select"}
+# Reads of a value on the host (Tensor methods).
+_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+# Ops whose output shape depends on the values, so the host must see them before it can allocate
+# (Tensor methods and torch functions).
+_VALUE_SHAPED = ("bincount", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select")
+
+_open: list[HostSyncCounter] = []  # the counters open now, outermost first
+_lock = threading.Lock()
+_local = threading.local()  # .depth: counted calls under way on this thread (a nested one is not counted)
+_originals: dict[tuple[object, str], tuple[bool, Callable]] = {}  # (owner, name) -> (owner's own?, original)
 
 
-class HostSyncCounter(TorchFunctionMode):
+class HostSyncCounter:
     """``calls``: a Counter of the syncing calls seen, by name; ``total``: their sum.
 
     ``where=True`` also fills ``sites``: the same calls by the first caller outside torch
-    (``package/module.py:line name``), to tell which code asks for them."""
+    (``path:line name``), to tell which code asks for them."""
 
     def __init__(self, where: bool = False) -> None:
-        super().__init__()
         self.calls: Counter[str] = Counter()
         self.sites: Counter[str] = Counter()
         self.where = where
@@ -46,31 +59,90 @@ class HostSyncCounter(TorchFunctionMode):
     def total(self) -> int:
         return sum(self.calls.values())
 
-    def __torch_function__(self, func, types, args: tuple = (), kwargs: dict[str, Any] | None = None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        seen = None
-        if name in _READS or name in _VALUE_SHAPED:
-            seen = name
-        elif name == "__getitem__" and _has_bool_mask(args[1:]):
-            seen = "boolean-mask indexing"
-        elif name == "repeat_interleave" and kwargs.get("output_size") is None and _tensor_repeats(args, kwargs):
-            seen = "repeat_interleave"
-        if seen is not None:
-            self.calls[seen] += 1
-            if self.where:
-                self.sites[f"{_caller()} {seen}"] += 1
-        return func(*args, **kwargs)
+    def __enter__(self) -> HostSyncCounter:
+        with _lock:
+            if not _open:
+                _wrap_entry_points()
+            _open.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with _lock:
+            _open.remove(self)
+            if not _open:
+                _unwrap_entry_points()
+
+    def _record(self, name: str, site: str | None) -> None:
+        self.calls[name] += 1
+        if self.where and site is not None:
+            self.sites[f"{site} {name}"] += 1
+
+
+def _which_sync(name: str, args: tuple, kwargs: dict[str, Any]) -> str | None:
+    """The sync a call to ``name`` asks for (None: this call asks for none)."""
+    if name == "__getitem__":
+        return "boolean-mask indexing" if _has_bool_mask(args[1:]) else None
+    if name == "repeat_interleave":
+        return name if kwargs.get("output_size") is None and _tensor_repeats(args, kwargs) else None
+    return name
+
+
+def _counted(name: str, original: Callable) -> Callable:
+    def call(*args, **kwargs):
+        depth = getattr(_local, "depth", 0)
+        if depth == 0 and _open:
+            seen = _which_sync(name, args, kwargs)
+            if seen is not None:
+                site = _caller() if any(c.where for c in _open) else None
+                for counter in list(_open):
+                    counter._record(seen, site)
+        _local.depth = depth + 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _local.depth = depth
+
+    call.__name__ = getattr(original, "__name__", name)
+    call.__doc__ = getattr(original, "__doc__", None)
+    return call
+
+
+def _entry_points() -> list[tuple[object, str]]:
+    methods = [*_READS, *_VALUE_SHAPED, "__getitem__", "repeat_interleave"]
+    functions = [*_VALUE_SHAPED, "repeat_interleave"]
+    return [(torch.Tensor, n) for n in methods] + [(torch, n) for n in functions if hasattr(torch, n)]
+
+
+def _wrap_entry_points() -> None:
+    for owner, name in _entry_points():
+        original = getattr(owner, name)
+        _originals[(owner, name)] = (name in vars(owner), original)
+        setattr(owner, name, _counted(name, original))
+
+
+def _unwrap_entry_points() -> None:
+    for (owner, name), (own, original) in _originals.items():
+        if own:
+            setattr(owner, name, original)
+        else:  # inherited (Tensor's C methods): drop the wrapper, the base class's shows through again
+            delattr(owner, name)
+    _originals.clear()
 
 
 def _caller() -> str:
-    """``package/module.py:line`` of the innermost frame outside torch (and outside this module)."""
+    """``path:line`` of the innermost frame outside torch (and outside this module): from ``xoron_dist/`` for
+    ours, from the package for an installed one (``deepspeed/runtime/...``), else the last two path parts."""
     frame = sys._getframe(1)
     while frame is not None:
         path = frame.f_code.co_filename.replace("\\", "/")
         if "/torch/" not in path and frame.f_code.co_filename != __file__:
-            parts = path.split("/")
-            return f"{'/'.join(parts[-2:])}:{frame.f_lineno}"
+            if "/site-packages/" in path:
+                where = path.rsplit("/site-packages/", 1)[1]
+            elif "/xoron_dist/" in path:
+                where = "xoron_dist/" + path.rsplit("/xoron_dist/", 1)[1]
+            else:
+                where = "/".join(path.split("/")[-2:])
+            return f"{where}:{frame.f_lineno}"
         frame = frame.f_back
     return "<torch>"
 
