@@ -21,12 +21,14 @@ tensor kept on the CPU is listed although on a GPU it waits for nothing; ``ours_
   A model step without a trainer around it, so it is the lower bound of what a trainer built on it pays.
 
 Cases: ``ep1`` (one rank) and ``ep2`` (two ranks, ``parallel.ep=2``: each holds 4 of the 8 experts and
-exchanges tokens by all-to-all; rank 0's count). Each site is owned by the model (``xoron_dist/`` outside
+exchanges tokens by all-to-all; rank 0's count), and ``multimodal_smoke``: the README's smoke run as it is
+(every modality's encoders and generators; its media paths read the host where the shapes depend on the
+data: media spans, boolean masks, per-item noise seeds). Each site is owned by the model (``xoron_dist/`` outside
 ``train/``, the parallel layers included), the trainer (``xoron_dist/train/``) or DeepSpeed.
 
 Goal (issue 18): <= 1 per MoE layer with expert parallelism, 0 without (the model's count per MoE layer).
 
-    python -m bench.host_syncs [--ep 2]
+    python -m bench.host_syncs [--ep 2] [--no-multimodal]
 
 Writes bench/out/host_syncs.json (``ours``/``peer``: syncs per optimizer step, ratio = peer / ours).
 """
@@ -46,6 +48,9 @@ ACCUM = 8
 RECIPE = ["data.source=synthetic_text", "model.llm.num_layers=12", "model.llm.moe_layer_freq=2",
           f"train.grad_accum_steps={ACCUM}", "train.micro_batch_size=1", "train.seq_len=64",
           "train.activation_checkpointing=true", "train.log_every=1", "train.tensorboard=false"]
+# The README's smoke run as it is (pipelines/smoke.yaml: the multimodal model on its synthetic Arrow data,
+# accumulation 1, no checkpointing), a log line every step; workers in-process (a harness rank cannot fork).
+MULTIMODAL = ["train.log_every=1", "train.tensorboard=false", "data.num_workers=0"]
 # DeepseekV3 cannot put MoE on every second layer: the peer has ours' 6 MoE layers without the 6 dense ones
 PEER_LAYERS = ["model.llm.num_layers=6", "model.llm.moe_layer_freq=1"]
 
@@ -101,15 +106,17 @@ def _per_step(long: dict, short: dict, steps: int) -> dict[str, float]:
 
 
 def _owner(site: str) -> str:
-    """Who asks for a sync: the model (and its parallel layers), the trainer, DeepSpeed, or other code."""
+    """Who asks for a sync: the model (and its parallel layers), the trainer, the data path, DeepSpeed, or other."""
     if site.startswith("xoron_dist/train/"):
         return "trainer"
+    if site.startswith("xoron_dist/data/"):
+        return "data"
     if site.startswith("xoron_dist/"):
         return "model"
     return "deepspeed" if site.startswith("deepspeed/") else "other"
 
 
-def trainer_case(ranks: int, overrides: list[str]) -> dict:
+def trainer_case(ranks: int, overrides: list[str], recipe: bool = True) -> dict:
     """Rank 0's syncs per optimizer step of the trainer on ``ranks`` gloo ranks, by call, site and owner."""
     root = tempfile.mkdtemp(prefix="host_syncs_")
     runs = {steps: run_ranks(_trainer_syncs, ranks, root, steps, overrides, timeout=1200)[0] for steps in (2, 4)}
@@ -120,10 +127,16 @@ def trainer_case(ranks: int, overrides: list[str]) -> dict:
     for site, n in sites.items():
         by_owner[_owner(site)] += n
     model = by_owner.get("model", 0)
-    layer_calls = moe_layers * ACCUM * 2  # every MoE layer's forward runs twice per micro-batch (checkpointing)
-    return {"ranks": ranks, "config": overrides, "moe_layers": moe_layers, "syncs_per_step": sum(calls.values()),
-            "by_owner": dict(by_owner), "model_per_moe_layer": round(model / moe_layers, 3),
-            "model_per_moe_layer_forward": round(model / layer_calls, 3), "by_call": calls, "by_site": sites}
+    by_part: Counter[str] = Counter()  # the model's syncs by package (xoron_dist/model/speech, ...)
+    for site, n in sites.items():
+        if _owner(site) == "model":
+            by_part["/".join(site.split(":")[0].split("/")[:3])] += n
+    case = {"ranks": ranks, "config": overrides, "moe_layers": moe_layers, "syncs_per_step": sum(calls.values()),
+            "by_owner": dict(by_owner), "model_by_part": dict(by_part.most_common()), "by_call": calls,
+            "by_site": sites}
+    if recipe:  # the LLM recipe: every MoE layer's forward runs twice per micro-batch (checkpointing)
+        case["model_per_moe_layer_forward"] = round(model / (moe_layers * ACCUM * 2), 3)
+    return case
 
 
 def main() -> None:
@@ -131,16 +144,19 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="more config overrides for both sides")
     parser.add_argument("--ep", type=int, default=2, help="also the trainer on this many ranks with parallel.ep "
                         "set to it (0: skip)")
+    parser.add_argument("--no-multimodal", action="store_true", help="skip the multimodal smoke case")
     args = parser.parse_args()
     overrides = [*RECIPE, *args.set]
     cases = {"ep1": trainer_case(1, overrides)}
     if args.ep > 1:
         cases[f"ep{args.ep}"] = trainer_case(args.ep, [*overrides, f"parallel.ep={args.ep}"])
+    if not args.no_multimodal:  # the smoke run itself: every modality's encoder and generator
+        cases["multimodal_smoke"] = trainer_case(1, [*MULTIMODAL, *args.set], recipe=False)
     hf_calls, hf_sites = _hf_syncs(overrides)
     peer = sum(hf_calls.values())
     for name, case in cases.items():
         print(f"ours, {name} ({case['ranks']} rank(s), rank 0): {case['syncs_per_step']:g} syncs per optimizer step "
-              f"({case['moe_layers']} MoE layers, accumulation {ACCUM}): {case['by_owner']}")
+              f"({case['moe_layers']} LLM MoE layers): {case['by_owner']}")
         for site, n in case["by_site"].items():
             print(f"  {n:6g}  {site}")
     print(f"peer (HF DeepseekV3ForCausalLM step): {peer} syncs: {hf_calls}")
@@ -156,7 +172,8 @@ def main() -> None:
                      "experts, gradient checkpointing): 8 micro-batches of forward + loss + backward, then "
                      "fused AdamW; no trainer around it",
         "ratio": round(peer / head["syncs_per_step"], 3) if head["syncs_per_step"] else None,
-        "goal": "<= 1 per MoE layer with expert parallelism, 0 without (the model's syncs: model_per_moe_layer)",
+        "goal": "<= 1 per MoE layer with expert parallelism, 0 without (the model's syncs: "
+                "model_per_moe_layer_forward)",
         "machine": machine(),
         "cases": cases,
         "peer_by_call": hf_calls,
