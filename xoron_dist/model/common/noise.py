@@ -7,6 +7,11 @@ run would not repeat an uninterrupted one. Here each item draws from its own gen
 a hash of the item's content and the ``NoiseClock``'s step: the same item in the same optimizer
 step gets the same numbers on any rank, in any micro-batch, after any resume (the step is a buffer,
 so it travels in the checkpoint). ``StepRunner`` advances every clock after each optimizer step.
+
+The step is also kept on the host: reading the buffer on a GPU would wait for the device at every draw.
+The host copy is trusted only while the buffer is the same tensor at the same version (in-place writes
+bump the version): a checkpoint load, a reshard's ``copy_`` or a move to another device makes the next
+draw read the buffer once.
 """
 
 from __future__ import annotations
@@ -34,13 +39,23 @@ class NoiseClock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._host: tuple[torch.Tensor, int, int] | None = None  # (buffer, its version, its value) last seen
 
     def advance(self) -> None:
+        known = self._host_step()
         self.step += 1
+        self._host = (self.step, self.step._version, known + 1)
+
+    def _host_step(self) -> int:
+        """The step as a Python int, read from the device only when the buffer changed behind our back."""
+        seen = self._host
+        if seen is None or seen[0] is not self.step or seen[1] != self.step._version:
+            self._host = seen = (self.step, self.step._version, int(self.step))
+        return seen[2]
 
     def generator(self, item: torch.Tensor, salt: int = 0) -> torch.Generator:
         """A CPU generator for ``item`` in this step (``salt`` separates independent uses of one item)."""
-        text = f"{content_key(item)}/{int(self.step)}/{salt}".encode()
+        text = f"{content_key(item)}/{self._host_step()}/{salt}".encode()
         seed = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
         return torch.Generator().manual_seed(seed)
 
