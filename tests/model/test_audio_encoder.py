@@ -197,3 +197,14 @@ def test_multimodal_model_fills_audio_spans_of_ceil_seconds_times_rate():
     model(ids, labels=labels).loss.backward()  # no audio in this micro-batch: a blank clip keeps every gradient
     # (the codebooks learn from the codec's own losses, never through the straight-through path)
     assert all(p.grad is not None for n, p in model.audio.named_parameters() if "codebook" not in n)
+
+
+def test_batch_clips_pads_without_reading_the_device():
+    from xoron_dist.model.audio.encoder import batch_clips
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    clips = [torch.ones(5, dtype=torch.int16), torch.ones(3, dtype=torch.int16)]
+    with HostSyncCounter() as syncs:
+        samples, lengths = batch_clips(clips, torch.device("cpu"))
+    assert syncs.total == 0, syncs.calls
+    assert samples.shape == (2, 5) and lengths.tolist() == [5, 3] and samples[1, 3:].abs().sum() == 0

@@ -199,3 +199,20 @@ def test_resemblyzer_tells_two_synthetic_speakers_apart():
     same = [emb[s, a] @ emb[s, b] for s in (0, 5) for a, b in itertools.combinations(range(3), 2)]
     cross = [emb[0, a] @ emb[5, b] for a in range(3) for b in range(3)]
     assert np.mean(same) > np.mean(cross) + 0.1, (same, cross)
+
+
+def test_lengths_are_checked_with_one_host_read_and_none_needs_none():
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    model = SpeakerEncoder(TINY).eval()
+    wave = torch.randn(2, 1600)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 1600\]"):
+        model(wave, torch.tensor([1600, 1700]))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 1600\]"):
+        model(wave, torch.tensor([0, 800]))
+    with HostSyncCounter() as given, torch.no_grad():
+        model(wave, torch.tensor([1600, 800]))
+    with HostSyncCounter() as omitted, torch.no_grad():
+        model(wave)
+    assert given.calls.get("tolist", 0) - omitted.calls.get("tolist", 0) == 1
+    assert not {"__int__", "__bool__"} & set(given.calls) - set(omitted.calls)

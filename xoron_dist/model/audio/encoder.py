@@ -42,8 +42,9 @@ def batch_clips(clips: list[torch.Tensor], device: torch.device) -> tuple[torch.
     """int16 (or float) clips of any length -> samples (n, longest) float in [-1, 1], lengths (n,)."""
     if not clips:
         raise ValueError("the audio encoder got no clips")
-    lengths = torch.tensor([clip.shape[-1] for clip in clips], device=device)
-    samples = torch.zeros(len(clips), int(lengths.max()), device=device)
+    sizes = [clip.shape[-1] for clip in clips]  # known on the host: no read of the device tensor below
+    lengths = torch.tensor(sizes, device=device)
+    samples = torch.zeros(len(clips), max(sizes), device=device)
     for i, clip in enumerate(clips):
         if clip.dim() != 1:
             raise ValueError(f"audio clip {i}: expected mono samples (samples,); got shape {tuple(clip.shape)}")

@@ -209,9 +209,11 @@ class SpeakerEncoder(nn.Module):
         n, samples = waveform.shape
         if lengths is None:
             lengths = torch.full((n,), samples, device=waveform.device)
-        if int(lengths.min()) < 1 or int(lengths.max()) > samples:
-            raise ValueError(f"speaker encoder: lengths must lie in [1, {samples}] (the padded width), got "
-                             f"{lengths.tolist()}")
+        else:  # one host read for both bounds
+            low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
+            if low < 1 or high > samples:
+                raise ValueError(f"speaker encoder: lengths must lie in [1, {samples}] (the padded width), got "
+                                 f"{lengths.tolist()}")
         return self.embed_clips(waveform, lengths)
 
     def embed_clips(self, waveform: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
