@@ -124,13 +124,13 @@ def trainer_case(ranks: int, overrides: list[str], recipe: bool = True) -> dict:
     sites = _per_step(runs[4][1], runs[2][1], 2)
     moe_layers = runs[4][2]
     by_owner: Counter[str] = Counter()
-    for site, n in sites.items():
-        by_owner[_owner(site)] += n
-    model = by_owner.get("model", 0)
     by_part: Counter[str] = Counter()  # the model's syncs by package (xoron_dist/model/speech, ...)
     for site, n in sites.items():
-        if _owner(site) == "model":
+        owner = _owner(site)
+        by_owner[owner] += n
+        if owner == "model":
             by_part["/".join(site.split(":")[0].split("/")[:3])] += n
+    model = by_owner.get("model", 0)
     case = {"ranks": ranks, "config": overrides, "moe_layers": moe_layers, "syncs_per_step": sum(calls.values()),
             "by_owner": dict(by_owner), "model_by_part": dict(by_part.most_common()), "by_call": calls,
             "by_site": sites}
