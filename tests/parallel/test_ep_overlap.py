@@ -7,11 +7,14 @@ local expert's gradient (forward + backward through the started/awaited exchange
 chunk (to fp32 rounding: see ``SAME``), and match the single-process stacked experts over each rank's
 tokens. The whole dispatch reads the host once (the counts), whatever the chunk count. With 2 chunks the
 experts of one chunk run while another chunk's exchange is in flight, in forward and in backward (where
-the inverse exchanges run).
+the inverse exchanges run). Under activation checkpointing the recompute reads nothing: it reuses the
+forward's counts (``parallel.checkpointing.host_read``), dropless and with a capacity alike, and the
+gradients are those of the plain run.
 """
 
 import pytest
 import torch
+from torch import nn
 
 from tests.parallel.harness import run_ranks
 from tests.parallel.test_expert_parallel import _routing
@@ -33,6 +36,36 @@ def _stacked(gate_up, down):
         experts.gate_up.copy_(gate_up)
         experts.down.copy_(down)
     return experts
+
+
+class _Block(nn.Module):
+    """The experts as a block that activation checkpointing can wrap."""
+
+    def __init__(self, experts) -> None:
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x, chosen, weights):
+        return self.experts(x, chosen, weights)
+
+
+def _checkpointed_vs_plain(split, x, chosen, weights, gate_up, down) -> dict[str, tuple]:
+    """(output, input grad, expert grads, host syncs) of one forward + backward, plain and checkpointed."""
+    from xoron_dist.parallel.checkpointing import apply_activation_checkpointing
+    from xoron_dist.parallel.experts import build_expert_parallel_experts
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    runs = {}
+    for name in ("plain", "checkpointed"):
+        block = _Block(build_expert_parallel_experts(_stacked(gate_up, down), split))
+        if name == "checkpointed":
+            assert apply_activation_checkpointing(block, (_Block,)) == 1
+        leaf = x.clone().requires_grad_()
+        with HostSyncCounter() as syncs:
+            out = block(leaf, chosen, weights)
+            out.square().sum().backward()
+        runs[name] = (out.detach(), leaf.grad, {n: p.grad for n, p in block.named_parameters()}, syncs.total)
+    return runs
 
 
 def _watch_exchanges(experts) -> dict[str, list[int]]:
@@ -85,7 +118,10 @@ def _chunked_body(xs, chosen, weights, gate_up, down):
     experts = build_expert_parallel_experts(_stacked(gate_up, down), replace(expert_split(cfg), overlap_chunks=2))
     overlap = _watch_exchanges(experts)
     experts(xs[ctx.dp_rank], chosen[ctx.dp_rank], weights[ctx.dp_rank]).square().sum().backward()
-    return results, experts.first_expert, overlap
+    mine = xs[ctx.dp_rank], chosen[ctx.dp_rank], weights[ctx.dp_rank], gate_up, down
+    recompute = {"dropless": _checkpointed_vs_plain(replace(expert_split(cfg), overlap_chunks=2), *mine),
+                 "capacity": _checkpointed_vs_plain(replace(expert_split(cfg), capacity_factor=1.0), *mine)}
+    return results, experts.first_expert, overlap, recompute
 
 
 @pytest.mark.multirank
@@ -103,7 +139,13 @@ def test_chunked_dispatch_equals_one_chunk_and_the_single_process_experts():
         out.square().sum().backward()
         ref_outs.append(out.detach())
         ref_x_grads.append(x.grad)
-    for rank, (by_chunks, first, overlap) in enumerate(results):
+    for rank, (by_chunks, first, overlap, recompute) in enumerate(results):
+        # one host read per layer (the exchanged counts; the kept rows with a capacity), and the recompute
+        # reuses it (it used to read again): the plain run's count, and the plain run's numbers exactly
+        for kind in ("dropless", "capacity"):
+            plain, checkpointed = recompute[kind]["plain"], recompute[kind]["checkpointed"]
+            assert plain[3] == checkpointed[3] == 1, (rank, kind, plain[3], checkpointed[3])
+            torch.testing.assert_close(checkpointed[:3], plain[:3], rtol=0, atol=0, msg=f"rank {rank} {kind}")
         # expert calls (2 per local expert: one per chunk) that ran with an exchange in flight
         assert sum(n > 0 for n in overlap["forward"]) >= 4, overlap
         assert sum(n > 0 for n in overlap["backward"]) >= 4, overlap

@@ -14,6 +14,8 @@ MoE step on every rank:
 
 The counts come from a ``searchsorted`` over the sorted expert ids (not ``bincount``) and are read on the
 host once per layer, together with the exchanged ones: one device-to-host sync per dropless MoE layer forward.
+Under activation checkpointing the recompute does not read (nor exchange the counts) again: it takes the
+forward's values from the block's tape (``parallel.checkpointing.host_read``), checked on the device.
 
 Overlap (``train.ep_overlap_chunks`` = N > 1, dropless only): the tokens are cut into N chunks and the
 pairs sorted by (chunk, expert), so steps 3-4 run as a pipeline. Every chunk's dispatch starts at once
@@ -79,6 +81,7 @@ from torch import nn
 
 from xoron_dist.model.common.moe import MoEFeedForward, RoutedExperts
 from xoron_dist.model.lora import StackedLoRA
+from xoron_dist.parallel.checkpointing import host_read
 from xoron_dist.parallel.tensor import mark_tp_split, replace_submodule
 
 
@@ -301,56 +304,63 @@ class ExpertParallelExperts(nn.Module):
         ends = torch.searchsorted(key[order], torch.arange(1, chunks * experts + 1, device=flat.device))
         counts = torch.diff(ends, prepend=ends.new_zeros(1)).view(chunks, experts)  # no bincount: no sync
         token_of = order // k
-        out = self._exchange_and_compute(self.entry(x)[token_of], counts)
+        out = self._exchange_and_compute(self.entry(x)[token_of], self._exchanged_counts(counts), chunks)
         combined = self.exit(out) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, combined)
 
     def _capacity_forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Fixed shapes (``capacity_factor``): one exchange of ``capacity`` rows per expert, no chunks."""
+        """Fixed shapes (``capacity_factor``): one exchange of ``capacity`` rows per expert, no chunks.
+
+        Each expert keeps its earliest ``capacity`` pairs. The rows kept per expert are read on the host with
+        the exchanged counts (ranks with other token counts send other capacities): one read per layer."""
         tokens, k = chosen.shape
+        experts = self.num_experts
         flat = chosen.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        pair_weights = weights.flatten()[order, None].to(x.dtype)
-        token_of = order // k
-        rows, kept, keep = self._capacity_rows(x, flat[order], counts, token_of, tokens * k)
-        token_of, pair_weights = token_of[keep], pair_weights[keep]
-        out = self._exchange_and_compute(rows, torch.full_like(counts, rows.shape[0] // self.num_experts)[None])
-        out = out.view(self.num_experts, -1, out.shape[-1])
-        out = torch.cat([out[e, :n] for e, n in enumerate(kept)])  # drop the padding, keep expert order
-        combined = self.exit(out) * pair_weights
+        sorted_experts = flat[order]
+        ends = torch.searchsorted(sorted_experts, torch.arange(1, experts + 1, device=flat.device))
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # no bincount: no sync
+        cap = self.capacity(tokens * k)
+        host = self._exchanged_counts(torch.full((1, experts), cap, device=flat.device), counts.clamp(max=cap))
+        kept = host[-experts:]
+        rank_in_expert = torch.arange(order.numel(), device=x.device) - (ends - counts)[sorted_experts]
+        # the surviving pairs, in expert order: first in a stable sort by "dropped" (no boolean-mask sync)
+        survivors = (rank_in_expert >= cap).to(torch.int8).argsort(stable=True)[:sum(kept)]
+        slot = sorted_experts[survivors] * cap + rank_in_expert[survivors]  # its row in the padded block
+        token_of = order[survivors] // k
+        rows = x.new_zeros(experts * cap, x.shape[-1]).index_copy(0, slot, self.entry(x)[token_of])
+        out = self._exchange_and_compute(rows, host[:-experts], chunks=1)[slot]  # the padding dropped
+        combined = self.exit(out) * weights.flatten()[order[survivors], None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, combined)
 
     def capacity(self, pairs: int) -> int:
         """Rows each expert takes from one rank under ``capacity_factor``."""
         return max(1, math.ceil(self.split.capacity_factor * pairs / self.num_experts))
 
-    def _capacity_rows(self, x, sorted_experts, counts, token_of, pairs):
-        """Rows padded to ``capacity`` per expert (the earliest tokens kept), rows kept per expert, and
-        which of the expert-sorted pairs survive."""
-        cap = self.capacity(pairs)
-        starts = torch.cumsum(counts, 0) - counts
-        rank_in_expert = torch.arange(sorted_experts.numel(), device=x.device) - starts[sorted_experts]
-        keep = rank_in_expert < cap
-        slot = sorted_experts[keep] * cap + rank_in_expert[keep]
-        rows = x.new_zeros(self.num_experts * cap, x.shape[-1]).index_copy(
-            0, slot, self.entry(x)[token_of[keep]])
-        return rows, counts.clamp(max=cap).tolist(), keep
+    def _exchanged_counts(self, counts: torch.Tensor, kept: torch.Tensor | None = None) -> list[int]:
+        """``counts`` (chunks, experts: the rows this rank sends) and the rows it receives for its experts
+        (source rank, chunk, local expert), flattened, then ``kept`` if given, as host ints: one all-to-all
+        and the layer's one host sync (a checkpoint's recompute reuses the forward's)."""
+        ep, local = self.ep_size, self.num_local_experts
 
-    def _exchange_and_compute(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Send ``rows`` (grouped by chunk, then by global expert: ``counts`` (chunks, experts) of them) to
-        their experts' ranks, run them, bring the results back in the same order.
+        def exchange() -> list[int]:
+            sent = counts.view(-1, ep, local).transpose(0, 1).contiguous()  # (dest rank, chunk, its expert)
+            received = torch.empty_like(sent)  # received[src, c, i]: rows from src for my expert i in chunk c
+            dist.all_to_all_single(received, sent, group=self.split.group)
+            return torch.cat([counts.flatten(), received.flatten(), *([] if kept is None else [kept])]).tolist()
+
+        return host_read(exchange, witness=counts if kept is None else kept)
+
+    def _exchange_and_compute(self, rows: torch.Tensor, host: list[int], chunks: int) -> torch.Tensor:
+        """Send ``rows`` (grouped by chunk, then by global expert) to their experts' ranks, run them, bring
+        the results back in the same order. ``host``: the rows sent and received, as ``_exchanged_counts``
+        gives them.
 
         The chunks form a pipeline: every chunk's exchange starts at once, and while the experts run on
         chunk c the later chunks' rows are still travelling and chunk c-1's results are on their way
         back (the same in backward, where the inverse exchanges start and are waited for in the mirror
         order). One chunk is the unpipelined dispatch."""
         ep, local, group = self.ep_size, self.num_local_experts, self.split.group
-        chunks = counts.shape[0]
-        sent = counts.view(chunks, ep, local).transpose(0, 1).contiguous()  # (dest rank, chunk, its expert)
-        received = torch.empty_like(sent)  # received[src, c, i]: rows from src for my expert i in chunk c
-        dist.all_to_all_single(received, sent, group=group)
-        host = torch.cat([counts.flatten(), received.flatten()]).tolist()  # the layer's one host sync
         split_at = chunks * ep * local
         mine, theirs = host[:split_at], host[split_at:]
         outgoing = [[sum(mine[(c * ep + r) * local:(c * ep + r + 1) * local]) for r in range(ep)]

@@ -27,7 +27,8 @@ turns, and the backward reuses it. Zig-zag rows without documents are planned fr
 (whether the positions are that layout rides on the input check's all-gather, its one read); any
 other rows gather every rank's positions/document ids once and classify all tiles on the device,
 read back in one ``tolist()``. So a layer call reads the host once (zig-zag) or twice (packed), and
-its backward never, whatever the number of tiles (tests/parallel/test_ring_host_syncs.py).
+its backward never, whatever the number of tiles (tests/parallel/test_ring_host_syncs.py); under
+activation checkpointing the recompute reuses the forward's reads (``parallel.checkpointing.host_read``).
 
 MLA latent option (``ring_attention_latent``): MLA's keys and values are an up-projection of a
 normed latent (kv_lora_rank) plus one rope key shared by all heads (DeepSeek-V2 §2.1,
@@ -58,6 +59,7 @@ from xoron_dist.model.common.attention_kernels import (
     attention_forward,
     select_kernel,
 )
+from xoron_dist.parallel.checkpointing import host_read
 from xoron_dist.parallel.ring_tiles import Plan, _plan, _plans, _zigzag_plans  # noqa: F401 (_plan: for tests)
 
 # Distinct tags keep the K/V stream and the gradient stream apart when both are in flight
@@ -408,9 +410,13 @@ def _agree(ring: _Ring, fields: dict[str, int], problem: str | None, zigzag: tor
     names = list(fields)
     checks = torch.tensor([problem is None, *fields.values()], dtype=torch.int64, device=zigzag.device)
     mine = torch.cat((checks, zigzag.to(torch.int64).view(1)))
-    everyone = [torch.empty_like(mine) for _ in range(ring.size)]
-    dist.all_gather(everyone, mine, group=ring.group)
-    table = torch.stack(everyone).tolist()  # the one host read of the check
+
+    def gather() -> list[list[int]]:
+        everyone = [torch.empty_like(mine) for _ in range(ring.size)]
+        dist.all_gather(everyone, mine, group=ring.group)
+        return torch.stack(everyone).tolist()  # the one host read of the check
+
+    table = host_read(gather, witness=mine)  # a checkpoint's recompute reuses the forward's table
     if problem is not None:
         raise RingLayoutError(f"ring attention (SP rank {ring.rank}): {problem}")
     rejected = [rank for rank, row in enumerate(table) if not row[0]]

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xoron_dist.parallel.checkpointing import host_read
+
 
 def _allowed(q_meta: torch.Tensor, k_meta: torch.Tensor, causal: bool) -> torch.Tensor:
     """(Bm, rows, cols) bool, True = may attend: by position if causal, and within one document if packed.
@@ -141,7 +143,8 @@ def _plans(q_meta: torch.Tensor, k_metas: Sequence[torch.Tensor], causal: bool) 
                 where.append((k_meta, rows, cols))
                 flags.append(tile_flags)
                 empties.append(empty)
-    decided = iter(zip(where, torch.stack(flags).tolist(), empties, strict=True))
+    flags = torch.stack(flags)
+    decided = iter(zip(where, host_read(flags.tolist, witness=flags), empties, strict=True))
     plans = []
     for k_meta in k_metas:
         plan = []
