@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from xoron_dist.utils.host_syncs import HostSyncCounter
+from xoron_dist.utils.host_syncs import HostSyncCounter, upload
 
 
 def test_counts_host_reads_and_value_shaped_ops():
@@ -35,6 +36,45 @@ def test_device_side_work_is_not_counted():
         out = torch.zeros(16, 8).index_add_(0, idx[order], x[idx[order]] * ends[:1].float())
         out.square().sum().backward()
     assert syncs.total == 0, syncs.calls
+
+
+def test_host_values_made_on_a_device_are_counted_and_upload_is_not():
+    device = torch.ones(1).device  # the compute device; on CUDA these would be copies that drain the stream
+    with HostSyncCounter() as syncs:
+        torch.tensor([1, 2], device=device)
+        torch.as_tensor([1.0], dtype=torch.float32, device=device)
+        torch.tensor([1, 2])  # on the host: nothing to wait for
+        torch.tensor([1, 2], device="cpu")  # the CPU on purpose
+        torch.tensor(torch.ones(2), device=device)  # a tensor already: its copy is not a host-values upload
+        made = upload([3, 4], device=device, dtype=torch.int64)
+    assert syncs.calls == {"host-to-device copy": 2}, syncs.calls
+    assert made.tolist() == [3, 4] and made.dtype == torch.int64
+
+
+def test_upload_to_an_accelerator_goes_through_pinned_memory_without_blocking(monkeypatch):
+    """The accelerator branch, against stand-ins: ``meta`` for the device, a recording ``pin_memory`` (a
+    CPU-only torch cannot pin) and ``to`` recording its ``non_blocking``."""
+    pinned, moves = [], []
+    real_to = torch.Tensor.to
+
+    def pin_memory(self):
+        pinned.append(self.tolist())
+        return self
+
+    def to(self, *args, **kwargs):
+        moves.append(kwargs.get("non_blocking"))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    made = upload([[1, 2], [3, 4]], device=torch.device("meta"), dtype=torch.int32)
+    assert made.device.type == "meta" and made.shape == (2, 2) and made.dtype == torch.int32
+    assert pinned == [[[1, 2], [3, 4]]] and moves == [True]
+
+
+@pytest.mark.parametrize("values", [[], 3, [[1.5]]])
+def test_upload_makes_what_torch_tensor_makes(values):
+    torch.testing.assert_close(upload(values, device="cpu"), torch.tensor(values))
 
 
 def _reads_twice(t: torch.Tensor) -> int:

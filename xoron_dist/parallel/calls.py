@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xoron_dist.utils.host_syncs import upload
+
 
 class AgreedCallCount:
     """Per kind of call, the most any rank of ``group`` makes (one all-reduce of a few integers)."""
@@ -29,7 +31,7 @@ class AgreedCallCount:
         self.group = group
 
     def __call__(self, counts: list[int], device: torch.device) -> list[int]:
-        agreed = torch.tensor(counts, dtype=torch.int64, device=device)
+        agreed = upload(counts, dtype=torch.int64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
         return agreed.tolist()
 

@@ -61,6 +61,7 @@ from xoron_dist.model.common.attention_kernels import (
 )
 from xoron_dist.parallel.checkpointing import host_read
 from xoron_dist.parallel.ring_tiles import Plan, _plan, _plans, _zigzag_plans  # noqa: F401 (_plan: for tests)
+from xoron_dist.utils.host_syncs import upload
 
 # Distinct tags keep the K/V stream and the gradient stream apart when both are in flight
 # between the same two ranks (always the case at sp=2).
@@ -408,7 +409,7 @@ def _agree(ring: _Ring, fields: dict[str, int], problem: str | None, zigzag: tor
     follows from the layout).
     """
     names = list(fields)
-    checks = torch.tensor([problem is None, *fields.values()], dtype=torch.int64, device=zigzag.device)
+    checks = upload([problem is None, *fields.values()], dtype=torch.int64, device=zigzag.device)
     mine = torch.cat((checks, zigzag.to(torch.int64).view(1)))
 
     def gather() -> list[list[int]]:

@@ -25,6 +25,7 @@ from xoron_dist.parallel.sequence import shard_rows
 from xoron_dist.parallel.zero import gradient_divisor
 from xoron_dist.train.build import BuiltStage
 from xoron_dist.train.objectives import TokenGroups, active_objectives
+from xoron_dist.utils.host_syncs import upload
 
 _TOKEN_TENSORS = ("input_ids", "labels", "position_ids", "document_ids", "loss_weights")
 
@@ -72,7 +73,7 @@ class StepRunner:
         counts = torch.stack([_summed([obj.count(i) for i in inputs], ctx.device) for obj, _ in self.objectives])
         dist.all_reduce(counts, group=self._count_group())
         accum = self.cfg.train.grad_accum_steps
-        weights = torch.tensor([weight for _, weight in self.objectives], device=ctx.device)
+        weights = upload([weight for _, weight in self.objectives], device=ctx.device)
         scales = weights * (gradient_divisor(ctx.layout) * accum) / counts.clamp(min=1.0)
         if self.built.pipeline is not None:  # every micro-batch through the pipeline's stages (1F1B)
             sums = train_step_1f1b(engine, self.built.pipeline, inputs, scales, self.tied,

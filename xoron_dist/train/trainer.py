@@ -87,6 +87,7 @@ from xoron_dist.train.stages import StagePlan, plan_stages, stage_at
 from xoron_dist.train.step import StepResult, StepRunner
 from xoron_dist.train.tensorboard import TensorBoardWriter
 from xoron_dist.train.watchdog import HangWatchdog
+from xoron_dist.utils.host_syncs import upload
 
 logger = logging.getLogger(__name__)
 
@@ -534,7 +535,7 @@ def _agree(run: Run, result: StepResult, grad_norm: float | None, engine_skipped
     """(stop, non-finite, spike), each true on every rank if true on any: one all-reduce, one host read.
     All ranks stop together, at the same step, and skip or roll back together."""
     nonfinite, spike = run.guard.local_flags(result.losses, grad_norm, engine_skipped)
-    flags = torch.tensor([float(run.stop.requested), float(nonfinite), float(spike)], device=run.ctx.device)
+    flags = upload([float(run.stop.requested), float(nonfinite), float(spike)], device=run.ctx.device)
     dist.all_reduce(flags)
     stop_now, nonfinite, spike = (value > 0 for value in flags.tolist())
     return stop_now, nonfinite, spike

@@ -3,7 +3,9 @@
 A GPU kernel launch returns at once; reading a value on the host (``.item()``, ``.tolist()``,
 ``bool(t)``, ``int(t)``, ``if t:``) waits until everything queued before it has run, and so do the ops
 whose output size depends on the values (``bincount``, ``nonzero``, boolean-mask indexing,
-``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size``). ``HostSyncCounter``
+``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size``), and so does a tensor made
+from host values straight on a device (``torch.tensor(values, device=...)``: on CUDA a copy followed by a
+stream sync; ``upload`` makes the same tensor without one). ``HostSyncCounter``
 counts those calls as Python makes them, so a CPU test can bound the syncs a GPU run would pay (on CUDA,
 ``torch.cuda.set_sync_debug_mode`` reports the same at run time).
 
@@ -18,8 +20,9 @@ with no mode active), which is where the recompute of a checkpointed block asks 
 a counted call (``Tensor.unique`` calling ``torch.unique``) counts once.
 
 Not seen: syncs inside an op that do not show in its name or arguments (a kernel's own error check,
-a copy to the CPU with ``.to("cpu")``). Seen although no GPU would wait: reads of tensors kept on the CPU
-(a CPU-only machine cannot tell them apart).
+a copy between host and device with ``.to(...)``). Seen although no GPU would wait: reads of tensors kept
+on the CPU, and ``torch.tensor(values, device=d)`` where ``d`` is the CPU on purpose (a CPU-only machine
+cannot tell them apart; ``device="cpu"`` written out is not counted).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ _READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nu
 # Ops whose output shape depends on the values, so the host must see them before it can allocate
 # (Tensor methods and torch functions).
 _VALUE_SHAPED = ("bincount", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select")
+# Tensors made from host values with a device given (torch functions): a blocking copy to the device.
+_UPLOADS = ("tensor", "as_tensor")
 
 _open: list[HostSyncCounter] = []  # the counters open now, outermost first
 _lock = threading.Lock()
@@ -84,6 +89,10 @@ def _which_sync(name: str, args: tuple, kwargs: dict[str, Any]) -> str | None:
         return "boolean-mask indexing" if _has_bool_mask(args[1:]) else None
     if name == "repeat_interleave":
         return name if kwargs.get("output_size") is None and _tensor_repeats(args, kwargs) else None
+    if name in _UPLOADS:
+        device = kwargs.get("device")  # keyword-only in both
+        host_values = not isinstance(args[0] if args else kwargs.get("data"), torch.Tensor)
+        return "host-to-device copy" if host_values and device is not None and device != "cpu" else None
     return name
 
 
@@ -109,7 +118,7 @@ def _counted(name: str, original: Callable) -> Callable:
 
 def _entry_points() -> list[tuple[object, str]]:
     methods = [*_READS, *_VALUE_SHAPED, "__getitem__", "repeat_interleave"]
-    functions = [*_VALUE_SHAPED, "repeat_interleave"]
+    functions = [*_VALUE_SHAPED, "repeat_interleave", *_UPLOADS]
     return [(torch.Tensor, n) for n in methods] + [(torch, n) for n in functions if hasattr(torch, n)]
 
 
@@ -159,4 +168,16 @@ def _tensor_repeats(args: tuple, kwargs: dict[str, Any]) -> bool:
     return len(args) == 1 or isinstance(args[1], torch.Tensor)
 
 
-__all__ = ["HostSyncCounter"]
+def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without making the host wait for the device.
+
+    On an accelerator the values are staged in pinned host memory and copied asynchronously (torch keeps
+    the pinned block until the copy has run), where ``torch.tensor(..., device=)`` copies and then waits
+    for the stream to drain: everything queued before it. On the CPU it is the plain tensor."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+__all__ = ["HostSyncCounter", "upload"]

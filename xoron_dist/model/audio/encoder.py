@@ -28,6 +28,7 @@ from xoron_dist.model.audio.codec import ResidualQuantizer, WaveformEncoder
 from xoron_dist.model.audio.conformer import ConformerEncoder
 from xoron_dist.model.common.init import empty_linear
 from xoron_dist.model.common.norm import RMSNorm
+from xoron_dist.utils.host_syncs import upload
 
 
 class AudioFeatures(NamedTuple):
@@ -43,7 +44,7 @@ def batch_clips(clips: list[torch.Tensor], device: torch.device) -> tuple[torch.
     if not clips:
         raise ValueError("the audio encoder got no clips")
     sizes = [clip.shape[-1] for clip in clips]  # known on the host: no read of the device tensor below
-    lengths = torch.tensor(sizes, device=device)
+    lengths = upload(sizes, device=device)
     samples = torch.zeros(len(clips), max(sizes), device=device)
     for i, clip in enumerate(clips):
         if clip.dim() != 1:

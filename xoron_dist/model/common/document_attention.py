@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from xoron_dist.model.common.attention_kernels import fused_attention
+from xoron_dist.utils.host_syncs import upload
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class DocumentLayout:
             start += length
         groups = []
         for length, starts in sorted(by_length.items()):
-            offsets = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+            offsets = upload(starts, device=device)[:, None] + torch.arange(length, device=device)
             groups.append((length, order[offsets]))
         concatenated = torch.cat([index.flatten() for _, index in groups])
         inverse = torch.empty_like(concatenated)

@@ -154,7 +154,7 @@ class VAELoss(nn.Module):
         total = rec + cfg.kl_weight * terms["kl"]
         if self.gan_active(step):
             terms["gan"] = self.g_loss(self.discriminator(y))
-            weight = torch.tensor(1.0, device=y.device)
+            weight = torch.ones((), device=y.device)
             if cfg.adaptive_disc_weight:
                 if last_layer is None:
                     raise ValueError("VAELoss: adaptive_disc_weight needs the decoder's last_layer (model.last_layer)")

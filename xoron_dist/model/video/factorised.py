@@ -56,6 +56,7 @@ from xoron_dist.model.common.moe import RoutedExperts
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import AxialRoPE
 from xoron_dist.model.video.encoder import MotionAwareMoE, VideoSelfAttention
+from xoron_dist.utils.host_syncs import upload
 
 
 def sample_frames(video: torch.Tensor, frames: int | None, max_frames: int) -> torch.Tensor:
@@ -180,7 +181,8 @@ class TowerVideoEncoder(nn.Module):
         features, frame_mask, grids = out.features, out.mask, out.grids  # (N, P, dv), (N, P), (N, 2)
         device, dtype = features.device, self.in_proj.weight.dtype
         batch, longest, patches = len(clips), max(counts), features.shape[1]
-        video_of = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(counts, device=device))
+        video_of = torch.repeat_interleave(torch.arange(batch, device=device), upload(counts, device=device),
+                                           output_size=sum(counts))
         time_of = torch.cat([torch.arange(n, device=device) for n in counts])
         # motion: each patch's tower feature minus the same patch one frame back (0 in a clip's first frame)
         previous = torch.cat((features[:1], features[:-1]))

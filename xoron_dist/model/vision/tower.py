@@ -56,6 +56,7 @@ from xoron_dist.config import VisionConfig
 from xoron_dist.model.common.init import init_weights_
 from xoron_dist.model.common.rope_nd import grid_coords
 from xoron_dist.model.vision.blocks import VisionTransformer
+from xoron_dist.utils.host_syncs import upload
 
 IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean 0.5, std 0.5 (pixels to [-1, 1])
 IMAGE_STD = 0.5
@@ -222,7 +223,7 @@ class VisionTower(nn.Module):
             tokens[i, : t.shape[0]] = t
             coords[i, : t.shape[0]] = grid_coords(*grid, device=weight.device)
             mask[i, : t.shape[0]] = True
-        return tokens, coords, mask, torch.tensor(grids, dtype=torch.long, device=weight.device)
+        return tokens, coords, mask, upload(grids, dtype=torch.long, device=weight.device)
 
     def forward(self, images: list[torch.Tensor] | torch.Tensor, patches_only: bool = False) -> VisionOutput:
         """``images``: a list of uint8 (H, W, 3) RGB images, or float pixels (batch, 3, H, W) already
