@@ -22,9 +22,12 @@ def test_counts_host_reads_and_value_shaped_ops():
         torch.unique(t)
         torch.repeat_interleave(t, t)
         t.repeat_interleave(2)  # a fixed count: no sync
+        torch.equal(t, t)
+        t.allclose(t)
     assert syncs.calls == {"tolist": 1, "item": 1, "__bool__": 1, "__int__": 1, "__float__": 1, "bincount": 1,
-                           "nonzero": 1, "boolean-mask indexing": 1, "unique": 1, "repeat_interleave": 1}
-    assert syncs.total == 10
+                           "nonzero": 1, "boolean-mask indexing": 1, "unique": 1, "repeat_interleave": 1,
+                           "equal": 1, "allclose": 1}
+    assert syncs.total == 12
 
 
 def test_device_side_work_is_not_counted():

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from xoron_dist.model.common.noise import keep_content_keys
 from xoron_dist.model.llm.head import IGNORE_INDEX  # -100: the label of positions without loss
 from xoron_dist.model.modalities import MODALITIES
 
@@ -87,7 +88,12 @@ class PackedBatch:
         return replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """The batch on ``device``; each medium carries its host copy's content key (the generators' noise
+        seeds), so the model never reads a medium back to seed its draws."""
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        for name in _TENSOR_LISTS:
+            keep_content_keys(getattr(self, name), getattr(moved, name))
+        return moved
 
     def pin_memory(self) -> PackedBatch:
         """Page-locked copies (``torch.utils.data.DataLoader(pin_memory=True)`` calls this)."""

@@ -1,7 +1,7 @@
 """Count the device-to-host synchronisations a piece of code asks for, on any device (CPU included).
 
 A GPU kernel launch returns at once; reading a value on the host (``.item()``, ``.tolist()``,
-``bool(t)``, ``int(t)``, ``if t:``) waits until everything queued before it has run, and so do the ops
+``bool(t)``, ``int(t)``, ``if t:``, ``torch.equal``) waits until everything queued before it has run, and so do the ops
 whose output size depends on the values (``bincount``, ``nonzero``, boolean-mask indexing,
 ``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size``), and so does a tensor made
 from host values straight on a device (``torch.tensor(values, device=...)``: on CUDA a copy followed by a
@@ -30,13 +30,16 @@ from __future__ import annotations
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 # Reads of a value on the host (Tensor methods).
 _READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+# Comparisons that answer with a Python bool (Tensor methods and torch functions).
+_ANSWERS = ("equal", "allclose")
 # Ops whose output shape depends on the values, so the host must see them before it can allocate
 # (Tensor methods and torch functions).
 _VALUE_SHAPED = ("bincount", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select")
@@ -117,8 +120,8 @@ def _counted(name: str, original: Callable) -> Callable:
 
 
 def _entry_points() -> list[tuple[object, str]]:
-    methods = [*_READS, *_VALUE_SHAPED, "__getitem__", "repeat_interleave"]
-    functions = [*_VALUE_SHAPED, "repeat_interleave", *_UPLOADS]
+    methods = [*_READS, *_ANSWERS, *_VALUE_SHAPED, "__getitem__", "repeat_interleave"]
+    functions = [*_ANSWERS, *_VALUE_SHAPED, "repeat_interleave", *_UPLOADS]
     return [(torch.Tensor, n) for n in methods] + [(torch, n) for n in functions if hasattr(torch, n)]
 
 
@@ -168,6 +171,18 @@ def _tensor_repeats(args: tuple, kwargs: dict[str, Any]) -> bool:
     return len(args) == 1 or isinstance(args[1], torch.Tensor)
 
 
+@contextmanager
+def host_values() -> Iterator[None]:
+    """Reads made inside are of tensors that are in host memory in every run (a batch before it moves to the
+    device): no GPU waits for them, so no counter counts them."""
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1  # as inside a counted call: nested calls are not counted
+    try:
+        yield
+    finally:
+        _local.depth = depth
+
+
 def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` without making the host wait for the device.
 
@@ -180,4 +195,4 @@ def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = No
     return host.pin_memory().to(device, non_blocking=True)
 
 
-__all__ = ["HostSyncCounter", "upload"]
+__all__ = ["HostSyncCounter", "host_values", "upload"]

@@ -8,29 +8,60 @@ a hash of the item's content and the ``NoiseClock``'s step: the same item in the
 step gets the same numbers on any rank, in any micro-batch, after any resume (the step is a buffer,
 so it travels in the checkpoint). ``StepRunner`` advances every clock after each optimizer step.
 
-The step is also kept on the host: reading the buffer on a GPU would wait for the device at every draw.
-The host copy is trusted only while the buffer is the same tensor at the same version (in-place writes
-bump the version): a checkpoint load, a reshard's ``copy_`` or a move to another device makes the next
-draw read the buffer once.
+Nothing here waits for the device in a training step:
+
+* the content key is computed from the host copy of the item when the batch moves to the device
+  (``keep_content_keys``, called by ``PackedBatch.to``) and travels with the device tensor; an item
+  without one (made on the device) is hashed from a read of its values;
+* the step is kept on the host. The host copy is trusted only while the buffer is the same tensor at
+  the same version (in-place writes bump the version): a checkpoint load, a reshard's ``copy_`` or a
+  move to another device makes the next draw read the buffer once;
+* the generators live on the item's device, so the draws are made there (no copy from the host). The
+  same seed gives the same numbers on every rank of one kind of device; a CPU and a GPU (whose
+  generator is another algorithm) draw different numbers from it. Host decisions (a crop's start)
+  draw from ``host_random``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from xoron_dist.utils.host_syncs import host_values
+
 _SAMPLED_VALUES = 4096  # values of an item hashed (evenly strided): enough to tell real items apart
+_KEY = "_xoron_content_key"  # the attribute a moved item carries its host copy's key in
 
 
 def content_key(item: torch.Tensor) -> int:
     """A 63-bit hash of an item's shape and (up to ``_SAMPLED_VALUES`` evenly spaced) values."""
+    known = getattr(item, _KEY, None)
+    if known is not None:
+        return known
     flat = item.detach().reshape(-1)
     stride = max(1, flat.numel() // _SAMPLED_VALUES)
     sample = flat[::stride].cpu().contiguous()
     digest = hashlib.blake2b(repr(tuple(item.shape)).encode() + sample.numpy().tobytes(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def keep_content_keys(host: Sequence[torch.Tensor], moved: Sequence[torch.Tensor]) -> None:
+    """Give each moved item the content key of its host copy, so no draw for it reads the device."""
+    with host_values():  # these reads are of host memory in every run
+        for source, target in zip(host, moved, strict=True):
+            setattr(target, _KEY, content_key(source))
+
+
+def blank_item(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero item (a generator's idle call) made on ``device`` with its content key (hashed on the host)."""
+    host = torch.zeros(shape, dtype=dtype)
+    item = torch.zeros(shape, dtype=dtype, device=device)
+    keep_content_keys([host], [item])
+    return item
 
 
 class NoiseClock(nn.Module):
@@ -53,20 +84,28 @@ class NoiseClock(nn.Module):
             self._host = seen = (self.step, self.step._version, int(self.step))
         return seen[2]
 
-    def generator(self, item: torch.Tensor, salt: int = 0) -> torch.Generator:
-        """A CPU generator for ``item`` in this step (``salt`` separates independent uses of one item)."""
+    def seed(self, item: torch.Tensor, salt: int = 0) -> int:
+        """The 63-bit seed of ``item`` in this step (``salt`` separates independent uses of one item)."""
         text = f"{content_key(item)}/{self._host_step()}/{salt}".encode()
-        seed = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-        return torch.Generator().manual_seed(seed)
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+    def generator(self, item: torch.Tensor, salt: int = 0) -> torch.Generator:
+        """A generator on ``item``'s device, seeded for ``item`` in this step."""
+        return torch.Generator(device=item.device).manual_seed(self.seed(item, salt))
+
+    def host_random(self, item: torch.Tensor, salt: int = 0) -> random.Random:
+        """Python's generator with the same seed, for choices the host makes (no tensor, nothing to read)."""
+        return random.Random(self.seed(item, salt))
 
     def normal(self, items: list[torch.Tensor], shapes: list[tuple[int, ...]], salt: int = 0) -> list[torch.Tensor]:
-        """Standard normal draws, one tensor of ``shapes[i]`` per item, on CPU."""
-        return [torch.randn(shape, generator=self.generator(item, salt))
+        """Standard normal draws, one tensor of ``shapes[i]`` per item, on that item's device."""
+        return [torch.randn(shape, generator=self.generator(item, salt), device=item.device)
                 for item, shape in zip(items, shapes, strict=True)]
 
     def uniform(self, items: list[torch.Tensor], salt: int = 0) -> torch.Tensor:
-        """One U[0, 1) number per item, (n,) on CPU."""
-        return torch.stack([torch.rand((), generator=self.generator(item, salt)) for item in items])
+        """One U[0, 1) number per item, (n,) on the items' device."""
+        return torch.stack([torch.rand((), generator=self.generator(item, salt), device=item.device)
+                            for item in items])
 
 
 def advance_clocks(model: nn.Module) -> None:
@@ -76,4 +115,4 @@ def advance_clocks(model: nn.Module) -> None:
             module.advance()
 
 
-__all__ = ["NoiseClock", "advance_clocks", "content_key"]
+__all__ = ["NoiseClock", "advance_clocks", "blank_item", "content_key", "keep_content_keys"]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from xoron_dist.config import XoronConfig
-from xoron_dist.model.common.noise import NoiseClock
+from xoron_dist.model.common.noise import NoiseClock, blank_item
 from xoron_dist.model.generation.dit import MoEDiT
 from xoron_dist.model.generation.flow import euler_sample, flow_loss, heun_sample, time_shift_for
 from xoron_dist.model.generation.video_dit import VideoMoEDiT, generate_video, video_flow_loss
@@ -127,7 +127,7 @@ class ImageGenerator(_LatentGenerator):
 
     def blank(self, device: torch.device) -> torch.Tensor:
         size = self.gen_cfg.pixel_multiple
-        return torch.zeros(size, size, 3, dtype=torch.uint8)
+        return blank_item((size, size, 3), torch.uint8, device)
 
     def prepare(self, item: torch.Tensor) -> torch.Tensor:
         return to_pixels(item, *self._weights())
@@ -172,7 +172,7 @@ class VideoGenerator(_LatentGenerator):
     def blank(self, device: torch.device) -> torch.Tensor:
         size = self.gen_cfg.pixel_multiple
         frames = 1 + self.gen_cfg.vae.temporal_factor * (self.gen_cfg.dit.chunk_frames - 1)  # one chunk
-        return torch.zeros(frames, size, size, 3, dtype=torch.uint8)
+        return blank_item((frames, size, size, 3), torch.uint8, device)
 
     def prepare(self, item: torch.Tensor) -> torch.Tensor:
         usable = self.gen_cfg.trainable_frames(item.shape[0])

@@ -29,7 +29,7 @@ from torch import nn
 from xoron_dist.config import XoronConfig
 from xoron_dist.model.audio.codec import ResidualQuantizer
 from xoron_dist.model.audio.encoder import AudioEncoder, batch_clips
-from xoron_dist.model.common.noise import NoiseClock
+from xoron_dist.model.common.noise import NoiseClock, blank_item
 from xoron_dist.model.speech.speaker import SpeakerEncoder
 from xoron_dist.model.speech.tts import SpeechGenerator
 from xoron_dist.model.speech.vocoder import Vocoder, crop_segments
@@ -66,7 +66,7 @@ class SpeechHead(nn.Module):
         ``request_mask`` (n_targets, L)."""
         flags = is_target.tolist() if is_target is not None else [False] * len(clips)
         targets = [clip for clip, target in zip(clips, flags, strict=True) if target]
-        blank = torch.zeros(self.segment // 4, dtype=torch.int16)
+        blank = blank_item((self.segment // 4,), torch.int16, request.device)
         codec = self.codec_sum(encoder, clips) if clips else 0.0 * self.codec_sum(encoder, [blank])
         if targets:
             tts = self.tts_sum(encoder, targets, request, request_mask)
@@ -80,8 +80,7 @@ class SpeechHead(nn.Module):
         """The codec loss summed over one segment of each clip (``vocoder.py``)."""
         device = encoder.tokenizer.conv_in.weight.device
         samples, lengths = batch_clips(clips, device)
-        starts = [int(torch.randint(max(1, clip.shape[-1] - self.segment + 1), (),
-                                    generator=self.clock.generator(clip))) for clip in clips]
+        starts = [self.clock.host_random(clip).randrange(max(1, clip.shape[-1] - self.segment + 1)) for clip in clips]
         dtype = encoder.tokenizer.conv_in.weight.dtype
         segments = crop_segments(samples, lengths, self.segment, starts).to(dtype)
         latents = encoder.tokenizer(segments)  # (n, frames, latent), every frame real
