@@ -22,9 +22,10 @@ tensor kept on the CPU is listed although on a GPU it waits for nothing; ``ours_
 
 Cases: ``ep1`` (one rank) and ``ep2`` (two ranks, ``parallel.ep=2``: each holds 4 of the 8 experts and
 exchanges tokens by all-to-all; rank 0's count), and ``multimodal_smoke``: the README's smoke run as it is
-(every modality's encoders and generators; its media paths read the host where the shapes depend on the
-data: media spans, boolean masks, per-item noise seeds). Each site is owned by the model (``xoron_dist/`` outside
-``train/``, the parallel layers included), the trainer (``xoron_dist/train/``) or DeepSpeed.
+(every modality's encoders and generators; what is left of its media paths' reads sits where the data
+decides a shape: document and prompt lengths, the speech alignment, the codebook's dead codes, input
+checks). Each site is owned by the model (``xoron_dist/`` outside ``train/``, the parallel layers
+included), the trainer (``xoron_dist/train/``) or DeepSpeed.
 
 Goal (issue 18): <= 1 per MoE layer with expert parallelism, 0 without (the model's count per MoE layer).
 

@@ -127,15 +127,14 @@ def test_frame_pool_projector_gives_each_token_its_frames_mean():
     features = torch.randn(2, 10, 4)
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[0, :10], mask[1, :7] = True, True
-    spans = torch.tensor([4, 3])
-    out = projector(features, mask, spans)
+    out = projector(features, mask, [4, 3])
     assert out.shape == (2, 4, 8)
     x = projector.in_proj(features)
     # clip 1: 7 frames into 3 tokens -> frames {0,1,2}, {3,4}, {5,6} (frame f to token floor(f * 3 / 7))
     expected = torch.stack([x[1, 0:3].mean(0), x[1, 3:5].mean(0), x[1, 5:7].mean(0)])
     torch.testing.assert_close(out[1, :3], projector.out_proj(projector.norm(expected)))
     with pytest.raises(ValueError, match="audio_tokens_per_second must not exceed"):
-        projector(features, mask, torch.tensor([4, 8]))
+        projector(features, mask, [4, 8])
 
 
 def test_audio_encoder_is_padding_invariant_and_counts_only_real_frames():
@@ -184,7 +183,7 @@ def test_multimodal_model_fills_audio_spans_of_ceil_seconds_times_rate():
     torch.manual_seed(0)
     model = XoronMultimodalModel(cfg)
     clips = [_clip(16000, 3), _clip(3000, 4)]  # 1 s -> 8 tokens, 0.1875 s -> ceil(1.5) = 2 tokens
-    assert model.span_lengths("audio", clips).tolist() == [8, 2]
+    assert model.span_lengths("audio", clips) == [8, 2]
     ids = torch.randint(0, 100, (2, 24))
     spans = torch.tensor([[0, 2, 8], [1, 5, 2]])
     labels = ids.roll(-1, 1)

@@ -45,6 +45,50 @@ def test_media_context_sees_only_own_document_and_earlier_media():
     assert MediaContext.build([(tokens[:0], spans[:0])], 2, 12, docs) is None
 
 
+def test_scatter_writes_only_the_valid_queries_with_their_gradients_and_reads_nothing():
+    """Row 0 fuses at 5 positions, row 1 at 10: row 0's last 5 queries are invalid (positions that fuse
+    nothing), kept as they were; against the boolean-mask write it replaced, values and gradients."""
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    spans = torch.tensor([[0, 3, 4], [1, 2, 4]])
+    docs = torch.tensor([[0] * 8 + [1] * 4, [0] * 12])
+    ctx = MediaContext.build([(torch.randn(2, 4, 8), spans)], 2, 12, docs)
+    assert ctx.valid.sum(1).tolist() == [5, 10]
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    fused = torch.randn(2, ctx.queries.shape[1], 8, requires_grad=True)
+    weight = torch.randn(2, 12, 8)
+    with HostSyncCounter() as syncs:
+        out = ctx.scatter(x, fused)
+    assert syncs.total == 0, syncs.calls
+    grads = torch.autograd.grad((out * weight).sum(), (x, fused))
+    rows = torch.arange(2)[:, None].expand_as(ctx.queries)
+    valid = (rows[ctx.valid], ctx.queries[ctx.valid])
+    expected = x.index_put(valid, fused[ctx.valid])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for got, want in zip(grads, torch.autograd.grad((expected * weight).sum(), (x, fused)), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fill_spans_writes_each_medium_emitted_tokens_and_checks_the_spans_on_the_host():
+    from xoron_dist.utils.host_syncs import HostSyncCounter, keep_host_copy
+
+    embeds = torch.randn(2, 10, 4, requires_grad=True)
+    tokens = torch.randn(3, 4, 4, requires_grad=True)  # medium 1 emits 2 of its 4 rows, medium 2 three
+    spans = torch.tensor([[0, 1, 4], [0, 7, 2], [1, 0, 3]])
+    keep_host_copy(spans, spans)  # as the batch's move gives it
+    with HostSyncCounter() as syncs:
+        out = fill_spans(embeds, tokens, spans, BY_NAME["audio"], [4, 2, 3])
+    assert syncs.total == 0, syncs.calls
+    expected = embeds.detach().clone()
+    expected[0, 1:5], expected[0, 7:9], expected[1, 0:3] = tokens[0], tokens[1, :2], tokens[2, :3]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert tokens.grad[:, :, 0].tolist() == [[1.0] * 4, [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]]
+    assert embeds.grad[0, :, 0].tolist() == [1.0, 0, 0, 0, 0, 1.0, 1.0, 0, 0, 1.0]
+    with pytest.raises(ValueError, match=r"audio 1's span has 2 placeholders but the audio projector emits 3 tokens"):
+        fill_spans(embeds, tokens, spans, BY_NAME["audio"], [4, 3, 3])
+
+
 def test_fusion_at_init_is_the_identity():
     """The multimodal model equals the text-only LLM fed the same (span-filled) embeddings, bit for bit."""
     torch.manual_seed(0)

@@ -83,7 +83,7 @@ def test_objective_sums_split_like_data_parallel_ranks(which, request, one_threa
     model = request.getfixturevalue(which)
     cfg = model.cfg
     clips = [_clip(0.5, 1), _clip(0.4, 2), _clip(0.3, 3), _clip(0.35, 4)]
-    lengths = [model.span_lengths("audio", [c]).item() for c in clips]
+    lengths = [model.span_lengths("audio", [c])[0] for c in clips]
     spans = [[0, 2, lengths[0]], [0, 30, lengths[1]], [1, 10, lengths[2]], [1, 30, lengths[3]]]
     targets = [False, True, True, True]
     whole = model(**_batch(cfg, clips, spans, targets)).objective_sums
@@ -103,7 +103,7 @@ def test_objective_sums_split_like_data_parallel_ranks(which, request, one_threa
 def test_every_parameter_gets_a_gradient_with_and_without_speech(model, one_thread):
     cfg = model.cfg
     clips = [_clip(0.4, 5), _clip(0.3, 6)]
-    lengths = [model.span_lengths("audio", [c]).item() for c in clips]
+    lengths = [model.span_lengths("audio", [c])[0] for c in clips]
     batch = _batch(cfg, clips, [[0, 3, lengths[0]], [1, 20, lengths[1]]], [False, True])
     for inputs in (batch, {k: batch[k] for k in ("input_ids", "labels", "document_ids")}):
         model.zero_grad()
@@ -328,7 +328,7 @@ def test_each_side_of_the_gan_gets_only_its_own_gradient(model, one_thread):
 
 def _speech_batch(model):
     clips = [_clip(0.4, 11), _clip(0.3, 12)]
-    lengths = [model.span_lengths("audio", [c]).item() for c in clips]
+    lengths = [model.span_lengths("audio", [c])[0] for c in clips]
     return _batch(model.cfg, clips, [[0, 3, lengths[0]], [1, 20, lengths[1]]], [False, True])
 
 
@@ -384,7 +384,7 @@ def _zero3_batch(model, rank: int | None):
     """Row 0 holds an understood clip, row 1 two target clips; the whole batch (rank None) or row ``rank``
     (so the ranks hold different numbers of clips and targets)."""
     clips = [_clip(0.4, 21), _clip(0.3, 22), _clip(0.35, 23)]
-    lengths = [model.span_lengths("audio", [c]).item() for c in clips]
+    lengths = [model.span_lengths("audio", [c])[0] for c in clips]
     spans, targets = [[0, 3, lengths[0]], [1, 2, lengths[1]], [1, 26, lengths[2]]], [False, True, True]
     whole = _batch(model.cfg, clips, spans, targets)
     if rank is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xoron_dist.utils.host_syncs import HostSyncCounter, upload
+from xoron_dist.utils.host_syncs import HostSyncCounter, host_list, keep_host_copy, select_rows, upload
 
 
 def test_counts_host_reads_and_value_shaped_ops():
@@ -41,6 +41,7 @@ def test_device_side_work_is_not_counted():
     assert syncs.total == 0, syncs.calls
 
 
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # the tensor case below, on purpose
 def test_host_values_made_on_a_device_are_counted_and_upload_is_not():
     device = torch.ones(1).device  # the compute device; on CUDA these would be copies that drain the stream
     with HostSyncCounter() as syncs:
@@ -78,6 +79,27 @@ def test_upload_to_an_accelerator_goes_through_pinned_memory_without_blocking(mo
 @pytest.mark.parametrize("values", [[], 3, [[1.5]]])
 def test_upload_makes_what_torch_tensor_makes(values):
     torch.testing.assert_close(upload(values, device="cpu"), torch.tensor(values))
+
+
+def test_a_moved_tensor_is_read_from_its_host_copy(monkeypatch):
+    """``meta`` stands in for the GPU (no values to read: a right answer comes from the host copy)."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # upload's accelerator path, CPU-only torch
+    host = torch.tensor([[0, 1, 2], [1, 3, 4], [0, 9, 4]])
+    moved = host.to("meta")
+    keep_host_copy(host, moved)
+    host[0, 0] = 7  # the copy is the batch's at the move, not a view of the loader's buffer
+    with HostSyncCounter() as syncs:
+        assert host_list(moved) == [[0, 1, 2], [1, 3, 4], [0, 9, 4]]
+        taken = select_rows(moved, [2, 0])
+        assert taken.device.type == "meta" and taken.shape == (2, 3)
+        assert host_list(taken) == [[0, 9, 4], [0, 1, 2]]
+    assert syncs.total == 0, syncs.calls
+    on_cpu = torch.tensor([5, 6])
+    keep_host_copy(on_cpu, on_cpu)  # a CPU run: the move was no move, its own values are the host's
+    with HostSyncCounter() as syncs:
+        assert host_list(on_cpu) == [5, 6] and host_list(select_rows(on_cpu, [1])) == [6]
+        assert host_list(torch.tensor([1])) == [1]  # no host copy: a read
+    assert syncs.calls == {"tolist": 1}, syncs.calls
 
 
 def _reads_twice(t: torch.Tensor) -> int:

@@ -40,6 +40,7 @@ import torch
 from xoron_dist.model.common.noise import keep_content_keys
 from xoron_dist.model.llm.head import IGNORE_INDEX  # -100: the label of positions without loss
 from xoron_dist.model.modalities import MODALITIES
+from xoron_dist.utils.host_syncs import keep_host_copy
 
 PAD_DOCUMENT = -1  # document id of padding
 
@@ -47,6 +48,7 @@ PAD_DOCUMENT = -1  # document id of padding
 _TENSORS = ("input_ids", "labels", "position_ids", "document_ids",
             *(f"{row.name}_{part}" for row in MODALITIES for part in ("spans", "is_target")))
 _TENSOR_LISTS = tuple(row.batch_field for row in MODALITIES)
+_HOST_COPIED = tuple(f"{row.name}_{part}" for row in MODALITIES for part in ("spans", "is_target"))  # small, read
 
 
 def _empty_spans() -> torch.Tensor:
@@ -88,11 +90,14 @@ class PackedBatch:
         return replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        """The batch on ``device``; each medium carries its host copy's content key (the generators' noise
-        seeds), so the model never reads a medium back to seed its draws."""
+        """The batch on ``device``. What the model decides on the host it need not read back from the device:
+        each medium carries its host copy's content key (the generators' noise seeds), and the spans and
+        target flags a host copy (``utils.host_syncs.host_list``)."""
         moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
         for name in _TENSOR_LISTS:
             keep_content_keys(getattr(self, name), getattr(moved, name))
+        for name in _HOST_COPIED:
+            keep_host_copy(getattr(self, name), getattr(moved, name))
         return moved
 
     def pin_memory(self) -> PackedBatch:

@@ -50,6 +50,7 @@ of the same micro-batch (``media_carry_shape``: the tokens' shape, known on ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -61,6 +62,7 @@ from xoron_dist.model.fusion import FusionLayers, MediaContext
 from xoron_dist.model.llm import LLMOutput, XoronLLM
 from xoron_dist.model.modalities import MODALITIES, Modality, generated, understood
 from xoron_dist.model.prompts import prompt_states
+from xoron_dist.utils.host_syncs import host_list, select_rows, upload, where_true
 
 
 @dataclass
@@ -79,7 +81,7 @@ class WholeRows:
         """Indices of the ``count`` media of a modality this rank encodes."""
         return list(range(count))
 
-    def gather_media(self, mine: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def gather_media(self, mine: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """This rank's projected media (n, longest, D) -> every medium's (here: the same)."""
         return mine
 
@@ -141,14 +143,15 @@ class XoronMultimodalModel(nn.Module):
         ``aux_loss``, e.g. the vision tower's reconstruction in training), or None."""
         output = getattr(self, row.encoder)(media)
         features, mask = output[:2]  # every encoder returns (features, mask, ...)
-        tokens = getattr(self, row.projector)(features, mask, self.span_lengths(row.name, media).to(features.device))
+        tokens = getattr(self, row.projector)(features, mask, self.span_lengths(row.name, media))
         return tokens, getattr(output, "aux_loss", None)
 
-    def span_lengths(self, medium: str, media: list[torch.Tensor]) -> torch.Tensor:
-        """(n,) tokens each medium takes in the stream: the fixed span of an image or video, or the
-        per-second count of an audio clip (the packer's rule, ``xoron_dist.data.packing``)."""
+    def span_lengths(self, medium: str, media: list[torch.Tensor]) -> list[int]:
+        """The tokens each medium takes in the stream: the fixed span of an image or video, or the
+        per-second count of an audio clip (the packer's rule, ``xoron_dist.data.packing``). Known on the
+        host from the media's shapes, so checks against them read nothing from the device."""
         row = next(r for r in self.media if r.name == medium)
-        return torch.tensor([row.span_length(self.cfg, item) for item in media], dtype=torch.long)
+        return [row.span_length(self.cfg, item) for item in media]
 
     def forward(
         self,
@@ -190,7 +193,7 @@ class XoronMultimodalModel(nn.Module):
                 continue
             tokens, aux = self._encode_shared(row, items, input_ids.device)
             _add_aux(aux_sums, getattr(self, row.encoder), aux)
-            embeds = fill_spans(embeds, tokens, spans, row, self.span_lengths(row.name, items).to(spans.device))
+            embeds = fill_spans(embeds, tokens, spans, row, self.span_lengths(row.name, items))
             encoded.append((tokens, spans))
         batch, seq = input_ids.shape
         local = self.row_layout.positions(seq, input_ids.device)
@@ -289,7 +292,8 @@ class XoronMultimodalModel(nn.Module):
         items, spans, is_target = given if given is not None else (None, None, None)
         items = list(items) if items is not None else []
         spans = spans if spans is not None else torch.zeros((0, 3), dtype=torch.long)
-        targets = spans[is_target.bool().to(spans.device)] if is_target is not None else spans[:0]
+        targets = select_rows(spans, [i for i, t in enumerate(host_list(is_target)) if t]) if is_target is not None \
+            else spans[:0]
         request, mask = prompt_states(states, targets, document_ids)
         encoder = getattr(self, row.encoder) if row in self.media else None
         return getattr(self, row.generator).objective_sums(encoder, items, is_target, request, mask)
@@ -434,9 +438,10 @@ def _understanding(row: Modality, media, spans, is_target, enabled: bool) -> tup
         return [], torch.zeros((0, 3), dtype=torch.long)
     if len(media) != spans.shape[0]:
         raise ValueError(f"{len(media)} {medium}(s) but {spans.shape[0]} {medium}_spans")
-    if is_target is not None and bool(is_target.any()):
-        keep = (~is_target.bool()).nonzero().flatten().tolist()
-        media, spans = [media[i] for i in keep], spans[keep]
+    flags = host_list(is_target) if is_target is not None else []
+    if any(flags):
+        keep = [i for i, target in enumerate(flags) if not target]
+        media, spans = [media[i] for i in keep], select_rows(spans, keep)
     if media and not enabled:
         where = (f"model.{row.section}.enabled is false" if row.section
                  else "this version of xoron_dist has no encoder for it")
@@ -445,26 +450,27 @@ def _understanding(row: Modality, media, spans, is_target, enabled: bool) -> tup
 
 
 def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, row: Modality,
-               lengths: torch.Tensor | None = None) -> torch.Tensor:
+               lengths: Sequence[int] | None = None) -> torch.Tensor:
     """Replace the placeholder embeddings of each span (row, start, length) by that medium's tokens.
 
-    embeds (batch, seq, D), tokens (n, longest, D), ``lengths`` (n,) the tokens medium i emits (default:
-    all ``longest``) -> (batch, seq, D); out of place (autograd reaches the projector; the placeholder
-    ids' embedding rows get no gradient from these positions).
+    embeds (batch, seq, D), tokens (n, longest, D), ``lengths`` the tokens medium i emits (default: all
+    ``longest``) -> (batch, seq, D); out of place (autograd reaches the projector; the placeholder
+    ids' embedding rows get no gradient from these positions). The spans are checked against the lengths
+    on the host (the batch's host copy of the spans: no read of the device).
     """
-    longest = tokens.shape[1]
-    lengths = torch.full((tokens.shape[0],), longest) if lengths is None else lengths
-    spans = spans.to(lengths.device)
-    if not torch.equal(spans[:, 2], lengths):
-        bad = (spans[:, 2] != lengths).nonzero().flatten()[0].item()
-        raise ValueError(f"{row.name} {bad}'s span has {int(spans[bad, 2])} placeholders but the {row.name} "
-                         f"projector emits {int(lengths[bad])} tokens: the data was packed with another "
-                         f"data.{row.span}")
-    offsets = torch.arange(longest, device=lengths.device)
-    valid = offsets[None] < lengths[:, None]  # (n, longest)
-    rows = spans[:, 0, None].expand(-1, longest)[valid].to(embeds.device)
-    cols = (spans[:, 1, None] + offsets)[valid].to(embeds.device)
-    return embeds.index_put((rows, cols), tokens[valid.to(tokens.device)].to(embeds.dtype))
+    count, longest = tokens.shape[:2]
+    lengths = [longest] * count if lengths is None else list(lengths)
+    for i, ((_, _, span), emits) in enumerate(zip(host_list(spans), lengths, strict=True)):
+        if span != emits:
+            raise ValueError(f"{row.name} {i}'s span has {span} placeholders but the {row.name} projector emits "
+                             f"{emits} tokens: the data was packed with another data.{row.span}")
+    device = embeds.device
+    valid = torch.arange(longest, device=device)[None] < upload(lengths, device=device)[:, None]  # (n, longest)
+    index = where_true(valid, sum(lengths))  # the valid (medium, offset) pairs, in order
+    medium, offset = index // longest, index % longest
+    spans = spans.to(device)
+    return embeds.index_put((spans[medium, 0], spans[medium, 1] + offset),
+                            tokens.flatten(0, 1)[index].to(embeds.dtype))
 
 
 def build_model(cfg: XoronConfig) -> XoronLLM | XoronMultimodalModel:

@@ -83,6 +83,7 @@ from xoron_dist.model.common.moe import MoEFeedForward, RoutedExperts
 from xoron_dist.model.lora import StackedLoRA
 from xoron_dist.parallel.checkpointing import host_read
 from xoron_dist.parallel.tensor import mark_tp_split, replace_submodule
+from xoron_dist.utils.host_syncs import where_true
 
 
 class _InFlight:
@@ -324,8 +325,7 @@ class ExpertParallelExperts(nn.Module):
         host = self._exchanged_counts(torch.full((1, experts), cap, device=flat.device), counts.clamp(max=cap))
         kept = host[-experts:]
         rank_in_expert = torch.arange(order.numel(), device=x.device) - (ends - counts)[sorted_experts]
-        # the surviving pairs, in expert order: first in a stable sort by "dropped" (no boolean-mask sync)
-        survivors = (rank_in_expert >= cap).to(torch.int8).argsort(stable=True)[:sum(kept)]
+        survivors = where_true(rank_in_expert < cap, sum(kept))  # the pairs kept, in expert order
         slot = sorted_experts[survivors] * cap + rank_in_expert[survivors]  # its row in the padded block
         token_of = order[survivors] // k
         rows = x.new_zeros(experts * cap, x.shape[-1]).index_copy(0, slot, self.entry(x)[token_of])

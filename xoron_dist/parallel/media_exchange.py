@@ -77,11 +77,11 @@ class ZigzagMediaRows:
         """Indices of the ``count`` media of a modality that this rank encodes (round-robin)."""
         return list(range(self.split.rank, count, self.split.size))
 
-    def gather_media(self, mine: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def gather_media(self, mine: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """``mine`` (len(owned), L_mine, D): this rank's projected media (0 rows when it owns none);
-        ``lengths`` (n,): the span of every medium -> (n, max(lengths), D), medium i in row i."""
-        size, count = self.split.size, int(lengths.shape[0])
-        per, longest = -(-count // size), int(lengths.max())
+        ``lengths``: the span of every medium -> (n, max(lengths), D), medium i in row i."""
+        size, count = self.split.size, len(lengths)
+        per, longest = -(-count // size), max(lengths)
         if mine.shape[0] == 0:  # an empty share (the blank medium's tokens, which may be longer, carry no rows)
             mine = mine[:, :0]
         if mine.shape[0] > per or mine.shape[1] > longest:

@@ -183,6 +183,47 @@ def host_values() -> Iterator[None]:
         _local.depth = depth
 
 
+_HOST_COPY = "_xoron_host_copy"  # on a tensor: its values in host memory (True: it is in host memory itself)
+
+
+def keep_host_copy(host: torch.Tensor, moved: torch.Tensor) -> None:
+    """Let ``moved`` (``host`` moved to the device) be read by ``host_list`` without a sync: it keeps a copy
+    of ``host`` (its own clone: not a view into the loader's buffers), or, when the move was no move (a CPU
+    run), a mark that its own values are on the host."""
+    setattr(moved, _HOST_COPY, True if moved is host else host.clone())
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor | None:
+    copy = getattr(t, _HOST_COPY, None)
+    return t if copy is True else copy
+
+
+def host_list(t: torch.Tensor) -> list:
+    """``t.tolist()`` from the host copy ``t`` keeps (``keep_host_copy``): no sync. Without one, a read of ``t``."""
+    copy = _host_copy(t)
+    if copy is None:
+        return t.tolist()
+    with host_values():
+        return copy.tolist()
+
+
+def select_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``t[rows]`` for rows known on the host, without a sync (a list index would be a blocking copy to the
+    device), keeping ``t``'s host copy for the rows taken."""
+    taken = t.index_select(0, upload(rows, dtype=torch.long, device=t.device))
+    copy = _host_copy(t)
+    if copy is not None:
+        keep_host_copy(copy[rows], taken)
+    return taken
+
+
+def where_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The flat indices of ``mask``'s True entries, in order (``mask.flatten().nonzero()[:, 0]``), given how
+    many there are (known on the host): the first ``count`` of a stable sort by "False", with no sync
+    (``nonzero`` and boolean-mask indexing read their output size from the device)."""
+    return (~mask.flatten()).to(torch.int8).argsort(stable=True)[:count]
+
+
 def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` without making the host wait for the device.
 
@@ -195,4 +236,4 @@ def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = No
     return host.pin_memory().to(device, non_blocking=True)
 
 
-__all__ = ["HostSyncCounter", "host_values", "upload"]
+__all__ = ["HostSyncCounter", "host_list", "host_values", "keep_host_copy", "select_rows", "upload", "where_true"]

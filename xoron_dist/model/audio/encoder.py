@@ -18,6 +18,7 @@ an objective of its own; the ASR and caption losses are the LM's loss on the tra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -28,7 +29,7 @@ from xoron_dist.model.audio.codec import ResidualQuantizer, WaveformEncoder
 from xoron_dist.model.audio.conformer import ConformerEncoder
 from xoron_dist.model.common.init import empty_linear
 from xoron_dist.model.common.norm import RMSNorm
-from xoron_dist.utils.host_syncs import upload
+from xoron_dist.utils.host_syncs import upload, where_true
 
 
 class AudioFeatures(NamedTuple):
@@ -75,10 +76,18 @@ class AudioEncoder(nn.Module):
         device = self.tokenizer.conv_in.weight.device
         samples, lengths = batch_clips(clips, device)
         latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
-        frames = self.tokenizer.frames(lengths)
-        mask = torch.arange(latents.shape[1], device=device)[None] < frames[:, None]
-        quantized = self.quantizer(latents[mask])
-        return latents.new_zeros(latents.shape).index_put((mask,), quantized.latents), quantized, mask
+        mask, real = self._real_frames(clips, latents, lengths)
+        flat = latents.flatten(0, 1)
+        quantized = self.quantizer(flat.index_select(0, real))
+        return flat.new_zeros(flat.shape).index_copy(0, real, quantized.latents).view_as(latents), quantized, mask
+
+    def _real_frames(self, clips: list[torch.Tensor], latents: torch.Tensor,
+                     lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame mask (n, frames) and the flat indices of the real frames, whose number is known on the
+        host from the clips' lengths (so no boolean mask: its size would be read from the device)."""
+        hop, longest = self.tokenizer.hop, latents.shape[1]
+        mask = torch.arange(longest, device=latents.device)[None] < self.tokenizer.frames(lengths)[:, None]
+        return mask, where_true(mask, sum(min(-(-clip.shape[-1] // hop), longest) for clip in clips))
 
     def forward(self, clips: list[torch.Tensor]) -> AudioFeatures:
         if self.cfg.understand_from == "codes":
@@ -89,10 +98,11 @@ class AudioEncoder(nn.Module):
         device = self.tokenizer.conv_in.weight.device
         samples, lengths = batch_clips(clips, device)
         latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
-        mask = torch.arange(latents.shape[1], device=device)[None] < self.tokenizer.frames(lengths)[:, None]
-        quantized = self.quantizer(latents[mask])
-        real = latents[mask] + 0.0 * quantized.latents
-        frames = latents.new_zeros(latents.shape).index_put((mask,), real)
+        mask, real = self._real_frames(clips, latents, lengths)
+        flat = latents.flatten(0, 1)
+        rows = flat.index_select(0, real)
+        quantized = self.quantizer(rows)
+        frames = flat.new_zeros(flat.shape).index_copy(0, real, rows + 0.0 * quantized.latents).view_as(latents)
         return AudioFeatures(self.conformer(frames, mask).hidden, mask)
 
 
@@ -110,21 +120,24 @@ class FramePoolProjector(nn.Module):
             nn.init.zeros_(self.in_proj.bias)
             nn.init.normal_(self.out_proj.weight, std=init_std)  # on the scale of the token embeddings
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor, span_lengths: torch.Tensor) -> torch.Tensor:
-        frames = mask.sum(1).to(span_lengths.device)
-        if bool((span_lengths > frames).any()):
-            bad = int((span_lengths > frames).nonzero()[0])
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, span_lengths: Sequence[int]) -> torch.Tensor:
+        frames = mask.sum(1)
+        spans = upload(list(span_lengths), device=features.device)
+        too_long = spans > frames
+        if bool(too_long.any()):  # the check's one read
+            bad = int(too_long.nonzero()[0])
             raise ValueError(f"audio clip {bad} has {int(frames[bad])} frames but its span asks for "
-                             f"{int(span_lengths[bad])} tokens: data.audio_tokens_per_second must not exceed the "
+                             f"{span_lengths[bad]} tokens: data.audio_tokens_per_second must not exceed the "
                              "codec's frame rate (model.audio.sample_rate / prod(codec_strides))")
-        n, longest = span_lengths.shape[0], int(span_lengths.max())
+        n, longest = len(span_lengths), max(span_lengths)
         x = self.in_proj(features)
         position = torch.arange(features.shape[1], device=features.device)
-        spans, counts = span_lengths.to(position.device)[:, None], frames.clamp(min=1).to(position.device)[:, None]
-        token = position[None] * spans // counts
-        slot = (torch.arange(n, device=position.device)[:, None] * longest + token)[mask]
-        total = x.new_zeros(n * longest, x.shape[-1]).index_add(0, slot, x[mask])
-        count = x.new_zeros(n * longest).index_add(0, slot, x.new_ones(slot.shape[0]))
+        spans, counts = spans[:, None], frames.clamp(min=1)[:, None]
+        token = (position[None] * spans // counts).clamp(max=longest - 1)  # a padding frame's: any, it adds 0
+        slot = (torch.arange(n, device=position.device)[:, None] * longest + token).flatten()
+        real = mask.flatten()  # not a boolean index (its size is read on the host): padding adds zeros
+        total = x.new_zeros(n * longest, x.shape[-1]).index_add(0, slot, torch.where(real[:, None], x.flatten(0, 1), 0))
+        count = x.new_zeros(n * longest).index_add(0, slot, real.to(x.dtype))
         pooled = (total / count.clamp(min=1)[:, None]).view(n, longest, -1)
         return self.out_proj(self.norm(pooled))
 

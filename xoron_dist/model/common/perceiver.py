@@ -16,6 +16,8 @@ like the token embeddings (normal, ``init_std``), so projected media start on th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -63,12 +65,12 @@ class PerceiverResampler(nn.Module):
             self.latents.normal_(std=1.0)  # queries: unit scale, like the normed features they read
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
-                span_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """-> (batch, num_latents, hidden). ``span_lengths`` (batch,), optional: the spans the tokens fill,
-        which must all be ``num_latents`` (the modality table's fixed-span media)."""
-        if span_lengths is not None and bool((span_lengths != self.num_latents).any()):
+                span_lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """-> (batch, num_latents, hidden). ``span_lengths`` (batch ints), optional: the spans the tokens
+        fill, which must all be ``num_latents`` (the modality table's fixed-span media)."""
+        if span_lengths is not None and any(n != self.num_latents for n in span_lengths):
             raise ValueError(f"a Perceiver resampler emits {self.num_latents} tokens per medium; spans of "
-                             f"{sorted(set(span_lengths.tolist()))} tokens were asked for")
+                             f"{sorted(set(span_lengths))} tokens were asked for")
         batch = features.shape[0]
         x_f = self.in_proj(features)
         latents = self.latents.to(x_f.dtype).expand(batch, -1, -1)

@@ -75,8 +75,8 @@ class CosineQuantizer(nn.Module):
 
     def counts(self) -> torch.Tensor:
         """(codebook_size,) float: how often each code was picked in the pending forward."""
-        ids = self.pending[0]
-        return torch.bincount(ids.flatten(), minlength=self.size).float()
+        ids = self.pending[0].flatten()  # an index_add, not bincount: bincount reads its output size (the max id)
+        return torch.zeros(self.size, device=ids.device).index_add_(0, ids, torch.ones(ids.shape, device=ids.device))
 
     @torch.no_grad()
     def apply_usage(self, counts: torch.Tensor, fresh: Callable[[int], torch.Tensor],

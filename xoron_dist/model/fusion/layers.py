@@ -35,6 +35,7 @@ from xoron_dist.model.common.attention import CrossAttention
 from xoron_dist.model.common.init import init_weights_
 from xoron_dist.model.common.mlp import SwiGLU
 from xoron_dist.model.common.norm import RMSNorm
+from xoron_dist.utils.host_syncs import host_list
 
 NO_DOCUMENT = -2  # document id of padding slots in the media context (differs from the text's -1 padding)
 
@@ -64,7 +65,7 @@ class MediaContext:
         rank's zig-zag positions, ``xoron_dist.parallel.media_exchange``): ``queries`` index into those.
         """
         pieces = [(toks[i, :length], int(row), int(start)) for toks, spans in media
-                  for i, (row, start, length) in enumerate(spans.tolist())]
+                  for i, (row, start, length) in enumerate(host_list(spans))]
         if not pieces:
             return None
         device, hidden, dtype = pieces[0][0].device, pieces[0][0].shape[-1], pieces[0][0].dtype
@@ -103,9 +104,11 @@ class MediaContext:
         return x.gather(1, self.queries[..., None].expand(-1, -1, x.shape[-1]))
 
     def scatter(self, x: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
-        """Write the valid rows of ``fused`` (batch, n, hidden) back into x (out of place)."""
-        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(self.queries)
-        return x.index_put((rows[self.valid], self.queries[self.valid]), fused[self.valid])
+        """Write the valid rows of ``fused`` (batch, n, hidden) back into x (out of place). A row's query
+        positions are distinct (a sort's indices), so the invalid ones are written back with their own
+        values: exact, and no boolean mask (whose size the host would have to read)."""
+        index = self.queries[..., None].expand(-1, -1, x.shape[-1])
+        return x.scatter(1, index, torch.where(self.valid[..., None], fused, x.gather(1, index)))
 
 
 class GatedCrossAttentionLayer(nn.Module):

@@ -31,6 +31,7 @@ from xoron_dist.model.generation.dit import MoEDiT
 from xoron_dist.model.generation.flow import euler_sample, flow_loss, heun_sample, time_shift_for
 from xoron_dist.model.generation.video_dit import VideoMoEDiT, generate_video, video_flow_loss
 from xoron_dist.model.latents import ImageVAE, VAELoss, VideoVAE
+from xoron_dist.utils.host_syncs import host_list
 
 
 def to_pixels(item: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -77,7 +78,7 @@ class _LatentGenerator(nn.Module):
         autoencoder runs on every item, then the flow network on every target, each at least once and as
         often as ``agree_calls`` says: the missing calls run on a blank item (or without a request), times
         zero, so every parameter is in every step and every rank of the step makes the same calls."""
-        flags = is_target.tolist() if is_target is not None else [False] * len(items)
+        flags = host_list(is_target) if is_target is not None else [False] * len(items)
         vae_name, flow_name = self.objectives
         targets = sum(flags)
         vae_calls, flow_calls = self.agree_calls([max(len(items), 1), max(targets, 1)], request.device)

@@ -33,6 +33,7 @@ from xoron_dist.model.common.noise import NoiseClock, blank_item
 from xoron_dist.model.speech.speaker import SpeakerEncoder
 from xoron_dist.model.speech.tts import SpeechGenerator
 from xoron_dist.model.speech.vocoder import Vocoder, crop_segments
+from xoron_dist.utils.host_syncs import host_list
 
 OBJECTIVES = ("codec", "tts")
 
@@ -64,7 +65,7 @@ class SpeechHead(nn.Module):
         """Σ over this micro-batch's items of each objective's loss: ``codec`` over every clip, ``tts``
         over the targets (``is_target``), whose requests are ``request`` (n_targets, L, D) with
         ``request_mask`` (n_targets, L)."""
-        flags = is_target.tolist() if is_target is not None else [False] * len(clips)
+        flags = host_list(is_target) if is_target is not None else [False] * len(clips)
         targets = [clip for clip, target in zip(clips, flags, strict=True) if target]
         blank = blank_item((self.segment // 4,), torch.int16, request.device)
         codec = self.codec_sum(encoder, clips) if clips else 0.0 * self.codec_sum(encoder, [blank])

@@ -39,6 +39,7 @@ from xoron_dist.model.common.mlp import SwiGLU
 from xoron_dist.model.common.moe import ExpertBiasRouter, RoutedExperts
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
+from xoron_dist.utils.host_syncs import where_true
 
 
 def frames_to_patches(video: torch.Tensor, cfg: VideoConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +53,8 @@ def frames_to_patches(video: torch.Tensor, cfg: VideoConfig) -> tuple[torch.Tens
         raise ValueError(f"a video is (frames, height, width, 3) uint8; got shape {tuple(video.shape)}")
     frames = video.shape[0]
     if frames > cfg.max_frames:
-        keep = torch.linspace(0, frames - 1, cfg.max_frames).round().long()
-        video = video[keep.to(video.device)]
+        keep = torch.linspace(0, frames - 1, cfg.max_frames, device=video.device).round().long()
+        video = video[keep]
     x = video.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (T, 3, H, W)
     height, width = x.shape[-2:]
     longest = max(height, width)
@@ -125,12 +126,14 @@ class VideoLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size)
         self.ffn = MotionAwareMoE(cfg)
 
-    def forward(self, x, rope, mask, valid, motion) -> torch.Tensor:
-        """x (batch, n, hidden); valid (batch, n) bool; motion (valid tokens, motion_dim)."""
+    def forward(self, x, rope, mask, real, motion) -> torch.Tensor:
+        """x (batch, n, hidden); real (tokens,): the flat indices of the real tokens in x's (batch, n);
+        motion (tokens, motion_dim)."""
         x = x + self.attn(self.attn_norm(x), rope, mask)
         # experts see only real tokens: padding neither costs compute nor counts as expert load
-        update = self.ffn(self.ffn_norm(x)[valid], motion)
-        return x.index_put((valid,), x[valid] + update)
+        flat = x.flatten(0, 1)
+        update = self.ffn(self.ffn_norm(x).flatten(0, 1).index_select(0, real), motion)
+        return flat.index_copy(0, real, flat.index_select(0, real) + update).view_as(x)
 
 
 class VideoEncoder(nn.Module):
@@ -166,8 +169,9 @@ class VideoEncoder(nn.Module):
         coords = torch.zeros(batch, n, 3, dtype=torch.long, device=device)
         valid = torch.zeros(batch, n, dtype=torch.bool, device=device)
         motion = torch.zeros_like(patches)
-        for i, (p, c) in enumerate(patched):
-            tokens, per_frame = p.shape[0], p.shape[0] // (int(c[-1, 0]) + 1)
+        for i, ((p, c), video) in enumerate(zip(patched, videos, strict=True)):
+            tokens = p.shape[0]
+            per_frame = tokens // min(video.shape[0], self.cfg.max_frames)  # the frames frames_to_patches kept
             patches[i, :tokens], coords[i, :tokens], valid[i, :tokens] = p, c, True
             motion[i, per_frame:tokens] = p[per_frame:] - p[:-per_frame]  # same patch, one frame back
         frame = coords[..., 0]
@@ -177,7 +181,8 @@ class VideoEncoder(nn.Module):
         cos, sin = self.rope(coords)
         rope = (cos.to(dtype), sin.to(dtype))
         x = self.patch_embed(patches.to(dtype))
-        motion = self.motion_embed(motion[valid].to(dtype))
+        real = where_true(valid, sum(p.shape[0] for p, _ in patched))  # host-known: no read of valid
+        motion = self.motion_embed(motion.flatten(0, 1).index_select(0, real).to(dtype))
         for layer in self.layers:
-            x = layer(x, rope, mask, valid, motion)
+            x = layer(x, rope, mask, real, motion)
         return self.norm(x), valid

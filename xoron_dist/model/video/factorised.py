@@ -45,6 +45,8 @@ validity mask (batch, T·k).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -229,13 +231,14 @@ class VideoTokenProjector(nn.Module):
         init_weights_(self, init_std)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor,
-                span_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                span_lengths: Sequence[int] | None = None) -> torch.Tensor:
         if span_lengths is not None:
-            emitted = mask.sum(dim=1).to(span_lengths.device)
-            if not torch.equal(emitted, span_lengths):
-                bad = int((emitted != span_lengths).nonzero()[0, 0])
-                raise ValueError(f"video {bad} has {int(emitted[bad])} tokens (frames x model.video.tokens_per_frame) "
-                                 f"but its span holds {int(span_lengths[bad])}: the data was packed with another "
+            emitted = mask.sum(dim=1).tolist()  # the check's one read
+            pairs = enumerate(zip(emitted, span_lengths, strict=True))
+            bad = next((i for i, (got, span) in pairs if got != span), None)
+            if bad is not None:
+                raise ValueError(f"video {bad} has {emitted[bad]} tokens (frames x model.video.tokens_per_frame) "
+                                 f"but its span holds {span_lengths[bad]}: the data was packed with another "
                                  "data.video_tokens")
         return self.fc2(F.gelu(self.fc1(features), approximate="tanh"))
 
