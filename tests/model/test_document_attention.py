@@ -88,6 +88,25 @@ def test_layout_groups_documents_by_length_and_inverts():
         DocumentLayout.from_ids(ids.float())
 
 
+def test_layout_from_ids_with_a_host_copy_reads_nothing_and_is_the_same(monkeypatch):
+    """A batch moved to the device keeps its ids' host copy: the lengths come from it (``meta`` stands in
+    for the GPU: it has no values, so the right groups can only come from the copy)."""
+    from xoron_dist.utils.host_syncs import HostSyncCounter, keep_host_copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # upload's accelerator path, CPU torch
+    ids = torch.tensor([[7, 7, 8, 9, 9, 7], [1, 1, 1, 1, 2, 2]])
+    moved = ids.to("meta")
+    keep_host_copy(ids, moved)
+    with HostSyncCounter() as syncs:
+        layout = DocumentLayout.from_ids(moved)
+    assert syncs.total == 0, syncs.calls
+    assert [(length, tuple(index.shape)) for length, index in layout.groups] == [(1, (1, 1)), (2, (2, 2)),
+                                                                                  (3, (1, 3)), (4, (1, 4))]
+    with HostSyncCounter() as syncs:  # without a copy: the one read
+        DocumentLayout.from_ids(ids.clone())
+    assert syncs.total == 2, syncs.calls  # unique_consecutive (its output size) and its tolist
+
+
 def test_layout_cache_computes_once_per_batch_tensor():
     cache = DocumentLayoutCache()
     ids = torch.tensor([[0, 0, 1]])

@@ -48,7 +48,8 @@ PAD_DOCUMENT = -1  # document id of padding
 _TENSORS = ("input_ids", "labels", "position_ids", "document_ids",
             *(f"{row.name}_{part}" for row in MODALITIES for part in ("spans", "is_target")))
 _TENSOR_LISTS = tuple(row.batch_field for row in MODALITIES)
-_HOST_COPIED = tuple(f"{row.name}_{part}" for row in MODALITIES for part in ("spans", "is_target"))  # small, read
+# read by the model on the host: the spans, the target flags and the document ids (the documents' lengths)
+_HOST_COPIED = ("document_ids", *(f"{row.name}_{part}" for row in MODALITIES for part in ("spans", "is_target")))
 
 
 def _empty_spans() -> torch.Tensor:
@@ -91,8 +92,8 @@ class PackedBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """The batch on ``device``. What the model decides on the host it need not read back from the device:
-        each medium carries its host copy's content key (the generators' noise seeds), and the spans and
-        target flags a host copy (``utils.host_syncs.host_list``)."""
+        each medium carries its host copy's content key (the generators' noise seeds), and the document ids,
+        spans and target flags a host copy (``utils.host_syncs.host_copy``)."""
         moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
         for name in _TENSOR_LISTS:
             keep_content_keys(getattr(self, name), getattr(moved, name))

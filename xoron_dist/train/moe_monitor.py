@@ -7,6 +7,7 @@ import logging
 import torch
 
 from xoron_dist.train.tensorboard import moe_scalars
+from xoron_dist.utils.host_syncs import host_values
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +26,25 @@ class ExpertLoadMonitor:
         self.warn_after = warn_after
         self.idle_steps = torch.zeros(len(layer_ids), num_experts, dtype=torch.long)
         self.warned = torch.zeros(len(layer_ids), num_experts, dtype=torch.bool)
+        self._read: tuple[list[list[float]], list[list[float]] | None] = ([], None)  # the last update's values
 
-    def update(self, step: int, load: torch.Tensor) -> list[tuple[int, int]]:
-        """Record one step's load; return the (layer, expert) pairs that just became starved."""
-        idle = load.cpu() == 0
-        self.idle_steps = torch.where(idle, self.idle_steps + 1, torch.zeros_like(self.idle_steps))
-        self.warned &= idle  # a fed expert may be warned about again later
-        newly = (self.idle_steps >= self.warn_after) & ~self.warned
-        self.warned |= newly
-        starved = [(self.layer_ids[int(row)], int(expert)) for row, expert in newly.nonzero()]
+    def update(self, step: int, load: torch.Tensor, biases: list[torch.Tensor] | None = None) -> list[tuple[int, int]]:
+        """Record one step's load; return the (layer, expert) pairs that just became starved.
+
+        One host read per step: the load, and on a TensorBoard step the routers' ``biases`` with it (for
+        ``scalars``). The counts are read in float64, exact for any token count."""
+        parts = [load.to(torch.float64).flatten()] + [b.to(torch.float64).flatten() for b in biases or []]
+        values = torch.cat(parts).tolist() if parts else []
+        per_layer = load.shape[-1] if load.dim() else 0
+        rows = [values[i:i + per_layer] for i in range(0, len(values), per_layer)] if per_layer else []
+        self._read = (rows[:load.shape[0]], rows[load.shape[0]:] if biases is not None else None)
+        with host_values():  # the bookkeeping lives on the host
+            idle = torch.tensor(self._read[0], dtype=torch.float64).view(load.shape) == 0
+            self.idle_steps = torch.where(idle, self.idle_steps + 1, torch.zeros_like(self.idle_steps))
+            self.warned &= idle  # a fed expert may be warned about again later
+            newly = (self.idle_steps >= self.warn_after) & ~self.warned
+            self.warned |= newly
+            starved = [(self.layer_ids[row], expert) for row, expert in newly.nonzero().tolist()]
         for layer, expert in starved:
             logger.warning(
                 "step %d: MoE layer %d expert %d has received no tokens for %d steps; check "
@@ -42,13 +53,15 @@ class ExpertLoadMonitor:
             )
         return starved
 
-    def scalars(self, load: torch.Tensor, biases: list[torch.Tensor], pipeline_group=None) -> dict[str, float]:
-        """TensorBoard scalars of this rank's MoE layers; with a ``pipeline_group`` of more than one stage
-        (every stage must call) those of every stage's layers, so rank 0 (stage 0) writes the whole model's."""
-        # one host read for all layers' biases, not one per layer
-        bias_rows = torch.stack([b.float() for b in biases]).tolist() if biases else []
+    def scalars(self, pipeline_group=None) -> dict[str, float]:
+        """TensorBoard scalars of this rank's MoE layers, from the load and biases the last ``update`` read
+        (it must have been given the biases); with a ``pipeline_group`` of more than one stage (every stage
+        must call) those of every stage's layers, so rank 0 (stage 0) writes the whole model's."""
+        load_rows, bias_rows = self._read
+        if bias_rows is None:
+            raise RuntimeError("ExpertLoadMonitor.scalars: the last update was not given the router biases")
         layers = [(layer, tokens, bias)
-                  for layer, tokens, bias in zip(self.layer_ids, load.tolist(), bias_rows, strict=True)]
+                  for layer, tokens, bias in zip(self.layer_ids, load_rows, bias_rows, strict=True)]
         if pipeline_group is not None and torch.distributed.get_world_size(pipeline_group) > 1:
             gathered: list[list] = [None] * torch.distributed.get_world_size(pipeline_group)
             torch.distributed.all_gather_object(gathered, layers, group=pipeline_group)

@@ -549,8 +549,9 @@ def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, resul
     tc = cfg.train
     loss = result.losses["lm"]
     lr = built.scheduler.get_last_lr()[0]
-    if load is not None:
-        monitor.update(state.step, load)
+    tensorboard_step = state.step % tc.log_every == 0 or state.step == plan.last_step
+    if load is not None:  # on a TensorBoard step the biases come in the same read
+        monitor.update(state.step, load, built.balancer.biases() if tensorboard_step else None)
     record = {"step": state.step, "stage": plan.name, "loss": loss, "lr": lr, "grad_norm": grad_norm,
               "label_tokens": result.counts["lm"], "tokens_per_s": logs.timer.tokens_per_s,
               "tokens_seen": state.tokens_seen, "skipped": skipped}
@@ -559,7 +560,7 @@ def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, resul
     others = {name: value for name, value in result.losses.items() if name != "lm" and result.counts[name]}
     record.update({f"loss_{name}": value for name, value in others.items()})  # objectives with items this step
     logs.metrics.write(record)
-    if state.step % tc.log_every == 0 or state.step == plan.last_step:
+    if tensorboard_step:
         scalars = {"train/loss": loss, "train/lr": lr, "train/tokens_seen": state.tokens_seen,
                    "train/stage": plan.index, "train/skipped_steps": state.skipped_steps}
         scalars.update({f"train/loss_{name}": value for name, value in others.items()})
@@ -570,7 +571,7 @@ def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, resul
             scalars["perf/step_s"] = logs.timer.mean_step_s
         scalars.update({f"perf/{name}": value for name, value in rates.items()})
         if load is not None:
-            scalars.update(monitor.scalars(load, built.balancer.biases(), ctx.pipeline_group))
+            scalars.update(monitor.scalars(ctx.pipeline_group))
         logs.tb.scalars(state.step, scalars)
     logs.progress.update(state.step, loss=loss, lr=lr, grad_norm=grad_norm,
                          tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step), **rates)

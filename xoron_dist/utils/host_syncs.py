@@ -193,14 +193,16 @@ def keep_host_copy(host: torch.Tensor, moved: torch.Tensor) -> None:
     setattr(moved, _HOST_COPY, True if moved is host else host.clone())
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor | None:
+def host_copy(t: torch.Tensor) -> torch.Tensor | None:
+    """The host copy ``t`` keeps (``keep_host_copy``; ``t`` itself when it is in host memory), or None. Read
+    it inside ``host_values()``."""
     copy = getattr(t, _HOST_COPY, None)
     return t if copy is True else copy
 
 
 def host_list(t: torch.Tensor) -> list:
     """``t.tolist()`` from the host copy ``t`` keeps (``keep_host_copy``): no sync. Without one, a read of ``t``."""
-    copy = _host_copy(t)
+    copy = host_copy(t)
     if copy is None:
         return t.tolist()
     with host_values():
@@ -211,7 +213,7 @@ def select_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """``t[rows]`` for rows known on the host, without a sync (a list index would be a blocking copy to the
     device), keeping ``t``'s host copy for the rows taken."""
     taken = t.index_select(0, upload(rows, dtype=torch.long, device=t.device))
-    copy = _host_copy(t)
+    copy = host_copy(t)
     if copy is not None:
         keep_host_copy(copy[rows], taken)
     return taken
@@ -236,4 +238,5 @@ def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = No
     return host.pin_memory().to(device, non_blocking=True)
 
 
-__all__ = ["HostSyncCounter", "host_list", "host_values", "keep_host_copy", "select_rows", "upload", "where_true"]
+__all__ = ["HostSyncCounter", "host_copy", "host_list", "host_values", "keep_host_copy", "select_rows", "upload",
+           "where_true"]

@@ -17,9 +17,10 @@ Measured on CPU (bench/doc_attention.py, its README row): against SDPA with the 
 against FlexAttention with a document block mask (which on CPU in eager mode materialises the
 (s x s) scores: it is the reference implementation there).
 
-The layout needs the document lengths on the host (one ``.tolist()``, a device sync on GPUs); the
-model computes it once per forward from the batch's document ids (``DocumentLayoutCache``), not
-once per layer.
+The layout needs the document lengths on the host. A batch moved to the device keeps a host copy of
+its document ids (``PackedBatch.to``), from which they come without a sync; other ids (cut for sequence
+parallelism, made on the device) are read once (a ``.tolist()``, a device sync on GPUs). The model
+computes the layout once per forward (``DocumentLayoutCache``), not once per layer.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from xoron_dist.model.common.attention_kernels import fused_attention
-from xoron_dist.utils.host_syncs import upload
+from xoron_dist.utils.host_syncs import host_copy, host_values, upload
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,13 @@ class DocumentLayout:
                              f"{tuple(document_ids.shape)}")
         batch, seq = document_ids.shape
         device = document_ids.device
-        ids = document_ids.to(torch.int64)
-        ids = ids - ids.amin()
-        key = torch.arange(batch, device=device)[:, None] * (ids.amax() + 1) + ids  # (row, document) -> one int
-        sorted_key, order = torch.sort(key.flatten(), stable=True)  # stable: a document's tokens stay in order
-        lengths = torch.unique_consecutive(sorted_key, return_counts=True)[1].tolist()  # the one host sync
+        sorted_key, order = _sorted_keys(document_ids)
+        host = host_copy(document_ids)
+        if host is None:
+            lengths = _lengths(sorted_key)  # the one host sync
+        else:  # the batch's host copy of the ids (``PackedBatch.to``): the same lengths, from host memory
+            with host_values():
+                lengths = _lengths(_sorted_keys(host)[0])
         by_length: dict[int, list[int]] = {}
         start = 0
         for length in lengths:
@@ -72,6 +75,19 @@ class DocumentLayout:
         inverse = torch.empty_like(concatenated)
         inverse[concatenated] = torch.arange(concatenated.numel(), device=device)
         return cls(batch, seq, tuple(groups), inverse)
+
+
+def _sorted_keys(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's (row, document) as one int, sorted stably (a document's tokens stay in order), and
+    the order."""
+    ids = document_ids.to(torch.int64)
+    ids = ids - ids.amin()
+    key = torch.arange(ids.shape[0], device=ids.device)[:, None] * (ids.amax() + 1) + ids
+    return torch.sort(key.flatten(), stable=True)
+
+
+def _lengths(sorted_key: torch.Tensor) -> list[int]:
+    return torch.unique_consecutive(sorted_key, return_counts=True)[1].tolist()
 
 
 class DocumentLayoutCache:
