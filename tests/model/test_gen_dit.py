@@ -20,7 +20,7 @@ from xoron_dist.config.generation import DiTConfig
 from xoron_dist.model.common.moe import MoEFeedForward
 from xoron_dist.model.common.rope_nd import AxialRoPE, grid_coords
 from xoron_dist.model.generation.dit import MoEDiT, patchify, unpatchify
-from xoron_dist.model.generation.dit_blocks import DualStreamBlock, SingleStreamBlock
+from xoron_dist.model.generation.dit_blocks import DualStreamBlock, SingleStreamBlock, attend, modulate, real_tokens
 from xoron_dist.model.generation.flow import euler_sample, flow_loss, heun_sample
 from xoron_dist.parallel.tensor import tp_slice
 from xoron_dist.train.expert_balance import ExpertBalancer
@@ -172,6 +172,31 @@ def test_single_stream_block_equals_flux_single_block():
         want_txt, want_img = theirs(img, txt, cond, image_rotary_emb=flux_rope)
         got = ours(torch.cat((txt, img), dim=1), cond, rope)
     torch.testing.assert_close(got, torch.cat((want_txt, want_img), dim=1), rtol=0, atol=1e-5)
+
+
+def test_single_stream_ffn_on_the_real_tokens_equals_the_boolean_mask_write():
+    """The FFN runs on the real tokens through flat indices made once per stack (``real_tokens``: one read
+    of their count), against the boolean-mask write it replaced (three reads per block): values, grads."""
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    block = SingleStreamBlock(HIDDEN, HEADS, HEAD_DIM, 4 * HIDDEN, ffn="gelu", qk_norm=True)
+    _randomise(block, seed=6)
+    x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    cond = torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(2))
+    valid = torch.tensor([[1, 1, 0, 1, 1, 1, 1], [1, 0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    with HostSyncCounter() as syncs:
+        real = real_tokens(valid)
+        out = block(x, cond, None, valid[:, None, None], real)
+    assert syncs.calls == {"__int__": 1}, syncs.calls
+    shift, scale, gate = block.mod(torch.nn.functional.silu(cond)).chunk(3, dim=-1)
+    h = modulate(x, shift, scale, block.eps)
+    update = block.attn.out_proj(attend(*block.attn.qkv(h), None, valid[:, None, None]))
+    want = x + gate[:, None] * update.index_put((valid,), update[valid] + block.ffn(h[valid]))
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad((out * weights).sum(), [x, *block.parameters()])
+    for a, b in zip(got, torch.autograd.grad((want * weights).sum(), [x, *block.parameters()]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_moe_ffn_equals_hidream_train_and_eval():

@@ -13,7 +13,7 @@ from tests.parallel.harness import run_ranks
 from xoron_dist.config import MoEConfig, load_config
 from xoron_dist.config.video_generation import VideoDiTConfig
 from xoron_dist.model.common.rope_nd import AxialRoPE, grid_coords
-from xoron_dist.model.generation.dit_blocks import attend
+from xoron_dist.model.generation.dit_blocks import attend, real_tokens
 from xoron_dist.model.generation.flow import euler_sample, heun_sample
 from xoron_dist.model.generation.video_dit import (
     MotionRoutedMoE,
@@ -149,9 +149,9 @@ def test_block_causal_attention_equals_dense_sdpa_with_causvid_mask(kind):
         else:
             block = model.single_layers[0]
             joint_valid = torch.cat((valid, torch.ones(2, n, dtype=torch.bool)), 1)
-            want = block(torch.cat((txt, img), 1), c, rope_all, dense, joint_valid)
+            want = block(torch.cat((txt, img), 1), c, rope_all, dense, real_tokens(joint_valid))
             want_txt, want_img = want[:, :5], want[:, 5:]
-            got_txt, kv = text_single_step(block, txt, c, valid)
+            got_txt, kv = text_single_step(block, txt, c, valid, real_tokens(valid))
             got_img, _ = video_single_step(block, img, c_chunks, None, rope_img, [kv], mask)
     scale = float(torch.cat((want_img, want_txt), 1).abs().max())  # ~50: fp32 roundoff of different matmul shapes
     _note(f"dense CausVid oracle max |diff| / max |out| ({kind})", float((got_img - want_img).abs().max()) / scale)

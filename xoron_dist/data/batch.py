@@ -40,7 +40,7 @@ import torch
 from xoron_dist.model.common.noise import keep_content_keys
 from xoron_dist.model.llm.head import IGNORE_INDEX  # -100: the label of positions without loss
 from xoron_dist.model.modalities import MODALITIES
-from xoron_dist.utils.host_syncs import keep_host_copy
+from xoron_dist.utils.host_syncs import host_values, keep_host_copy
 
 PAD_DOCUMENT = -1  # document id of padding
 
@@ -207,7 +207,8 @@ class BatchBlock:
 
     def to_batch(self) -> PackedBatch:
         """The batch as views of the buffer (no copy)."""
-        data = self.buffer.numpy()
+        with host_values():  # the loader's own buffer: host memory in every run
+            data = self.buffer.numpy()
         fields: dict[str, object] = {name: [] for name in _TENSOR_LISTS}
         from_numpy, ndarray = torch.from_numpy, np.ndarray  # ~50 tensors a batch: ``view`` inlined
         files = _Mappings()

@@ -60,6 +60,7 @@ from xoron_dist.data.batch import (
 from xoron_dist.data.schema import GENERATION_KINDS, media_of
 from xoron_dist.data.shards import ArrowSample
 from xoron_dist.model.modalities import BY_NAME, MODALITIES, per_second_tokens
+from xoron_dist.utils.host_syncs import host_values
 from xoron_dist.utils.typed_config import field_error
 
 GENERATION_TOKEN = {row.name: row.generation_token for row in MODALITIES}
@@ -366,7 +367,8 @@ def collate_block(rows: Sequence[Sequence[Document]], seq_len: int, pad_id: int,
         layout.add(name, _INT64, (batch, seq_len))
     media_runs = [_lay_out_medium(layout, medium, found, map_media) for medium, found in media.items()]
     buffer, pool_id = allocate(layout.nbytes)
-    data = buffer.numpy()
+    with host_values():  # the loader's own buffer: host memory in every run
+        data = buffer.numpy()
     tokens = [view(data, dtype, (total,), offset) for _, dtype, _, offset in layout.entries[:4]]
     _fill_tokens(*tokens, parts, seg_lengths, seg_ids, pads, label_starts, label_ends, seq_len)
     for media_run in media_runs:

@@ -1,8 +1,8 @@
 """Count the device-to-host synchronisations a piece of code asks for, on any device (CPU included).
 
 A GPU kernel launch returns at once; reading a value on the host (``.item()``, ``.tolist()``,
-``bool(t)``, ``int(t)``, ``if t:``, ``torch.equal``) waits until everything queued before it has run, and so do the ops
-whose output size depends on the values (``bincount``, ``nonzero``, boolean-mask indexing,
+``bool(t)``, ``int(t)``, ``if t:``, ``torch.equal``) waits until everything queued before it has run, and
+so do the ops whose output size depends on the values (``bincount``, ``nonzero``, boolean-mask indexing,
 ``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size``), and so does a tensor made
 from host values straight on a device (``torch.tensor(values, device=...)``: on CUDA a copy followed by a
 stream sync; ``upload`` makes the same tensor without one). ``HostSyncCounter``
@@ -23,6 +23,17 @@ Not seen: syncs inside an op that do not show in its name or arguments (a kernel
 a copy between host and device with ``.to(...)``). Seen although no GPU would wait: reads of tensors kept
 on the CPU, and ``torch.tensor(values, device=d)`` where ``d`` is the CPU on purpose (a CPU-only machine
 cannot tell them apart; ``device="cpu"`` written out is not counted).
+
+Ways not to ask, used across the model:
+
+* ``upload(values, device=)``: host values onto the device through pinned memory, asynchronously;
+* host copies: ``PackedBatch.to`` keeps a host copy of what the model reads on the host (spans, target
+  flags, document ids: ``keep_host_copy``); ``host_list``/``host_copy`` read it, ``select_rows`` takes
+  rows of such a tensor on both sides;
+* ``where_true(mask, count)``: the indices of a mask's True entries when their number is known on the
+  host, instead of ``nonzero`` or a boolean-mask index;
+* ``host_values()``: reads of host memory (a batch before its move, the trainer's own bookkeeping) that
+  no counter should count.
 """
 
 from __future__ import annotations

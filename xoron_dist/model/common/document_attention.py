@@ -61,7 +61,7 @@ class DocumentLayout:
             lengths = _lengths(sorted_key)  # the one host sync
         else:  # the batch's host copy of the ids (``PackedBatch.to``): the same lengths, from host memory
             with host_values():
-                lengths = _lengths(_sorted_keys(host)[0])
+                lengths = _lengths(sorted_key if host is document_ids else _sorted_keys(host)[0])
         by_length: dict[int, list[int]] = {}
         start = 0
         for length in lengths:

@@ -36,7 +36,7 @@ from xoron_dist.model.common.init import empty_linear, init_weights_
 from xoron_dist.model.common.moe import RoutedExperts
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import AxialRoPE, grid_coords
-from xoron_dist.model.generation.dit_blocks import DualStreamBlock, SingleStreamBlock, modulate
+from xoron_dist.model.generation.dit_blocks import DualStreamBlock, SingleStreamBlock, modulate, real_tokens
 
 TIME_FREQUENCIES = 256  # sinusoid width of the timestep embedding (DiT, Flux)
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded as 1000·t, the timestep scale of SD3/Flux
@@ -205,6 +205,7 @@ class MoEDiT(nn.Module):
         for block in self.dual_layers:
             img, txt = block(img, txt, c, rope, attn_mask)
         x = torch.cat((txt, img), dim=1)
+        real = real_tokens(valid)
         for block in self.single_layers:
-            x = block(x, c, rope, attn_mask, valid)
+            x = block(x, c, rope, attn_mask, real)
         return unpatchify(self.final(x[:, length:], c), patch, rows, cols).to(latents.dtype)

@@ -46,6 +46,7 @@ from xoron_dist.model.common.moe import MoEFeedForward
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import apply_axial_rope
 from xoron_dist.model.common.sharding import SplitEntry
+from xoron_dist.utils.host_syncs import where_true
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 FFNKind = Literal["swiglu", "gelu"]
@@ -195,11 +196,18 @@ class DualStreamBlock(nn.Module):
         return [self.img_mod, self.txt_mod]
 
 
+def real_tokens(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """The flat indices of ``valid``'s (batch, seq) True tokens, for ``SingleStreamBlock``'s FFN: their count
+    is read once for the whole stack of blocks (a boolean-mask index in each block read it three times)."""
+    return None if valid is None else where_true(valid, int(valid.sum()))
+
+
 class SingleStreamBlock(nn.Module):
     """Flux single-stream block: x (batch, seq, hidden), cond (batch, hidden) -> x, attention and FFN in parallel.
 
-    ``valid`` (batch, seq) bool: the tokens the FFN runs on (text padding skipped: it costs no expert
-    compute and counts as no expert load); None = every token.
+    ``real`` (tokens,): the flat indices into (batch, seq) of the tokens the FFN runs on (text padding
+    skipped: it costs no expert compute and counts as no expert load; ``real_tokens`` makes them once for
+    the whole stack); None = every token.
     """
 
     def __init__(
@@ -226,16 +234,20 @@ class SingleStreamBlock(nn.Module):
         cond: torch.Tensor,
         rope: Rope | None = None,
         mask: torch.Tensor | None = None,
-        valid: torch.Tensor | None = None,
+        real: torch.Tensor | None = None,
     ) -> torch.Tensor:
         shift, scale, gate = self.mod(F.silu(cond)).chunk(3, dim=-1)
         h = modulate(x, shift, scale, self.eps)
         update = self.attn.out_proj(attend(*self.attn.qkv(h), rope, mask))
-        if valid is None:
-            update = update + self.ffn(h)
-        else:
-            update = update.index_put((valid,), update[valid] + self.ffn(h[valid]))
-        return x + gate[:, None] * update
+        return x + gate[:, None] * self.add_ffn(update, h, real)
+
+    def add_ffn(self, update: torch.Tensor, h: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """``update`` plus the FFN of ``h`` on the tokens ``real`` (flat indices; None: every token)."""
+        if real is None:
+            return update + self.ffn(h)
+        flat = update.flatten(0, 1)
+        rows = flat.index_select(0, real) + self.ffn(h.flatten(0, 1).index_select(0, real))
+        return flat.index_copy(0, real, rows).view_as(update)
 
     def modulations(self) -> list[nn.Linear]:
         return [self.mod]

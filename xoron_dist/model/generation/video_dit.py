@@ -57,7 +57,7 @@ from xoron_dist.model.common.moe import ExpertBiasRouter, MoEFeedForward
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import AxialRoPE, apply_axial_rope, grid_coords
 from xoron_dist.model.generation.dit import MoEDiT, patchify, timestep_sinusoid, unpatchify
-from xoron_dist.model.generation.dit_blocks import DualStreamBlock, SingleStreamBlock, attend, modulate
+from xoron_dist.model.generation.dit_blocks import DualStreamBlock, SingleStreamBlock, attend, modulate, real_tokens
 from xoron_dist.model.generation.flow import (
     cfg_drop_mask,
     euler_sample,
@@ -186,18 +186,16 @@ def text_dual_step(
 
 
 def text_single_step(
-    block: SingleStreamBlock, txt: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor | None
+    block: SingleStreamBlock, txt: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor | None,
+    real: torch.Tensor | None,
 ) -> tuple[torch.Tensor, KeyValues]:
-    """A single-stream block on the text tokens alone (``valid`` (B, L): padding skips the experts)."""
+    """A single-stream block on the text tokens alone (``valid`` (B, L): the keys; ``real``, its flat
+    indices (``real_tokens``): the tokens the experts see)."""
     shift, scale, gate = block.mod(F.silu(cond)).chunk(3, dim=-1)
     h = modulate(txt, shift, scale, block.eps)
     q, k, v = block.attn.qkv(h)
     update = block.attn.out_proj(attend(q, k, v, None, None if valid is None else valid[:, None, None]))
-    if valid is None:
-        update = update + block.ffn(h)
-    else:
-        update = update.index_put((valid,), update[valid] + block.ffn(h[valid]))
-    return txt + gate[:, None] * update, (k, v)
+    return txt + gate[:, None] * block.add_ffn(update, h, real), (k, v)
 
 
 def _attend_after(
@@ -289,8 +287,9 @@ class VideoMoEDiT(MoEDiT):
         for block in self.dual_layers:
             txt, layer_kv = text_dual_step(block, txt, c_txt, attn_mask)
             kv.append(layer_kv)
+        real = real_tokens(mask)
         for block in self.single_layers:
-            txt, layer_kv = text_single_step(block, txt, c_txt, mask)
+            txt, layer_kv = text_single_step(block, txt, c_txt, mask, real)
             kv.append(layer_kv)
         return kv, mask, pooled
 
