@@ -207,3 +207,17 @@ def test_batch_clips_pads_without_reading_the_device():
         samples, lengths = batch_clips(clips, torch.device("cpu"))
     assert syncs.total == 0, syncs.calls
     assert samples.shape == (2, 5) and lengths.tolist() == [5, 3] and samples[1, 3:].abs().sum() == 0
+
+
+def test_batch_clips_lengths_are_read_from_their_host_copy():
+    """The clip lengths are known on the host: the speaker check and the codec's crop read them from there."""
+    from xoron_dist.model.audio.encoder import batch_clips
+    from xoron_dist.model.speech.vocoder import crop_segments
+    from xoron_dist.utils.host_syncs import HostSyncCounter, host_list
+
+    samples, lengths = batch_clips([torch.full((5,), 3276, dtype=torch.int16), torch.ones(3)], torch.device("cpu"))
+    with HostSyncCounter() as syncs:
+        assert host_list(lengths) == [5, 3]
+        segments = crop_segments(samples, lengths, 4, [2, 0])
+    assert syncs.total == 0, syncs.calls
+    assert segments[0].tolist() == pytest.approx([0.1] * 4, abs=1e-4) and segments[1].tolist() == [1.0, 1.0, 1.0, 0.0]

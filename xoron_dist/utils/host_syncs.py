@@ -237,16 +237,19 @@ def where_true(mask: torch.Tensor, count: int) -> torch.Tensor:
     return (~mask.flatten()).to(torch.int8).argsort(stable=True)[:count]
 
 
-def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = None,
+           keep_host: bool = False) -> torch.Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` without making the host wait for the device.
 
     On an accelerator the values are staged in pinned host memory and copied asynchronously (torch keeps
     the pinned block until the copy has run), where ``torch.tensor(..., device=)`` copies and then waits
-    for the stream to drain: everything queued before it. On the CPU it is the plain tensor."""
+    for the stream to drain: everything queued before it. On the CPU it is the plain tensor. ``keep_host``:
+    the tensor keeps its host copy (``host_list`` reads it without a sync)."""
     host = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    moved = host if torch.device(device).type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+    if keep_host:
+        keep_host_copy(host, moved)
+    return moved
 
 
 __all__ = ["HostSyncCounter", "host_copy", "host_list", "host_values", "keep_host_copy", "select_rows", "upload",

@@ -41,11 +41,12 @@ class AudioFeatures(NamedTuple):
 
 
 def batch_clips(clips: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int16 (or float) clips of any length -> samples (n, longest) float in [-1, 1], lengths (n,)."""
+    """int16 (or float) clips of any length -> samples (n, longest) float in [-1, 1], lengths (n,) (with their
+    host copy: ``utils.host_syncs.host_list`` reads them without a sync)."""
     if not clips:
         raise ValueError("the audio encoder got no clips")
     sizes = [clip.shape[-1] for clip in clips]  # known on the host: no read of the device tensor below
-    lengths = upload(sizes, device=device)
+    lengths = upload(sizes, device=device, keep_host=True)
     samples = torch.zeros(len(clips), max(sizes), device=device)
     for i, clip in enumerate(clips):
         if clip.dim() != 1:

@@ -39,6 +39,7 @@ from torch import nn
 
 from xoron_dist.config.speech import SpeakerConfig
 from xoron_dist.model.common.norm import BatchNorm1d
+from xoron_dist.utils.host_syncs import host_list
 
 
 def frame_mask(lengths: torch.Tensor, frames: int, hop: int) -> torch.Tensor:
@@ -209,11 +210,11 @@ class SpeakerEncoder(nn.Module):
         n, samples = waveform.shape
         if lengths is None:
             lengths = torch.full((n,), samples, device=waveform.device)
-        else:  # one host read for both bounds
-            low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
-            if low < 1 or high > samples:
+        else:  # checked on the host: from the lengths' host copy (batch_clips keeps one), else one read
+            values = host_list(lengths)
+            if min(values) < 1 or max(values) > samples:
                 raise ValueError(f"speaker encoder: lengths must lie in [1, {samples}] (the padded width), got "
-                                 f"{lengths.tolist()}")
+                                 f"{values}")
         return self.embed_clips(waveform, lengths)
 
     def embed_clips(self, waveform: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ from xoron_dist.model.speech.pitch import (
     pitch_loss,
     track_pitch,
 )
+from xoron_dist.utils.host_syncs import host_list
 
 
 def bigvgan_config(cfg: VocoderConfig, audio: AudioConfig, voice_dim: int) -> BigVGANConfig:
@@ -95,7 +96,7 @@ def crop_segments(samples: torch.Tensor, lengths: torch.Tensor, segment: int, st
     """samples (n, longest) float, lengths (n,) -> (n, segment): clip i from ``starts[i]`` (clamped to
     the clip), zero-padded when the clip is shorter than a segment."""
     out = samples.new_zeros(samples.shape[0], segment)
-    for i, (length, start) in enumerate(zip(lengths.tolist(), starts, strict=True)):
+    for i, (length, start) in enumerate(zip(host_list(lengths), starts, strict=True)):
         start = max(0, min(start, length - segment))
         take = min(segment, length)
         out[i, :take] = samples[i, start: start + take]
