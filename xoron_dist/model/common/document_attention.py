@@ -99,6 +99,7 @@ class DocumentLayoutCache:
     def __init__(self) -> None:
         self._entry: tuple[torch.Tensor, int, DocumentLayout] | None = None
 
+    @torch.compiler.disable  # host-side planning (data-dependent shapes): a compiled block calls it eagerly
     def __call__(self, document_ids: torch.Tensor) -> DocumentLayout:
         entry = self._entry
         if entry is None or entry[0] is not document_ids or entry[1] != document_ids._version:
