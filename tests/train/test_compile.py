@@ -53,3 +53,44 @@ def test_compiled_blocks_train_to_the_eager_losses(tmp_path):
     for a, b in zip(result["eager"], result["compiled"], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
+
+
+def _checkpointed_packed_body() -> dict:
+    import torch
+    from torch._dynamo.utils import counters
+
+    from xoron_dist.config import load_config
+    from xoron_dist.model.llm import DecoderLayer, XoronLLM
+    from xoron_dist.parallel.checkpointing import apply_activation_checkpointing
+    from xoron_dist.train import compile as compile_module
+
+    compile_module.BACKEND = "aot_eager"
+    cfg = load_config(None, ["preset=tiny"]).llm
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.usable_vocab_size, (2, 32), generator=gen)
+    documents = torch.tensor([[0] * 12 + [1] * 20, [0] * 25 + [1] * 7])  # packed: the layout is planned on the host
+    grads = {}
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        model = XoronLLM(cfg)
+        apply_activation_checkpointing(model, (DecoderLayer,))
+        model.train()
+        if compiled:
+            assert compile_module.compile_blocks(model, torch.device("cpu")) == cfg.num_layers
+        out = model(ids, labels=ids, document_ids=documents)
+        out.loss.backward()
+        grads[compiled] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"grads": grads, "graphs": counters["stats"]["unique_graphs"]}
+
+
+def test_checkpointed_blocks_with_packed_documents_compile_inside_their_checkpoint():
+    """A checkpointed block compiles inside its checkpoint: the document layout's graph break splits its
+    graph. Compiled from outside (the checkpoint one traced op), that one break left the whole block eager."""
+    import torch
+
+    [result] = run_ranks(_checkpointed_packed_body, 1, timeout=240)
+    assert result["graphs"] >= 2, result["graphs"]  # the block's code before and after the break
+    eager, compiled = result["grads"][False], result["grads"][True]
+    assert eager.keys() == compiled.keys()
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -16,6 +16,12 @@ attention, the router, the shared expert and the local routed experts, whose gro
 sorted dispatch has static shapes; only their per-expert loop, taken where the grouped GEMM's layout
 rules fail, reads sizes on the host and breaks the graph there.
 
+A block under activation checkpointing compiles inside its checkpoint (its wrapped forward is compiled;
+the checkpoint stays eager around it): compiled from outside, the checkpoint is one higher-order op that
+dynamo must trace whole, and a single graph break in the block (packed documents' attention planning,
+the EP experts) left the whole block eager. Inside, a break only splits the block's graph, and the
+recompute in backward calls the same compiled code (and replays its host reads: ``host_read``).
+
 Fallbacks are not fatal: a graph break leaves the code after it to the next graph (or eager), and
 a frame that fails to compile runs eager (``torch._dynamo.config.suppress_errors``). Both are logged:
 the first forward logs the graph breaks by reason, once. On CPU, inductor needs a C++ compiler; without
@@ -31,6 +37,8 @@ from collections.abc import Callable
 import torch
 import torch._dynamo
 from torch import nn
+
+from xoron_dist.parallel.checkpointing import is_checkpointed
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +98,10 @@ def compile_blocks(model: nn.Module, device: torch.device) -> int:
     # sequence length changes): the default limit of 8 graphs per code object would leave layers eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
     for block in blocks:
-        block.compile(backend=BACKEND)
+        if is_checkpointed(block):  # compile inside the checkpoint (see the module docstring)
+            block.forward.inner = torch.compile(block.forward.inner, backend=BACKEND)
+        else:
+            block.compile(backend=BACKEND)
     _log_graph_breaks_once(model)
     return len(blocks)
 
