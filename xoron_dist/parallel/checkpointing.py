@@ -14,8 +14,9 @@ instead of reading again (and skips the collective ``read`` may hold; every rank
 recompute is the same computation on the same inputs with the same RNG state, so its values match;
 ``witness``, a small device tensor the value was derived from, is compared with the forward's on the
 device (``torch._assert_async``: no host sync), so a recompute that routed differently stops the run
-instead of training on a mismatched exchange. A block traced by ``torch.compile`` runs without a tape (a
-compiled checkpoint refuses the side effect), so there the recompute reads again.
+instead of training on a mismatched exchange. A checkpoint traced by ``torch.compile`` from outside (a
+whole model compiled) runs without a tape, since a compiled checkpoint refuses the side effect, and its
+recompute reads again; ``train.compile`` compiles inside the checkpoint instead (``train/compile.py``).
 """
 
 from __future__ import annotations
