@@ -31,6 +31,10 @@ recorded in the report, and the next part runs):
                width 2048, top-2) fwd + bwd in bf16 on ``MOE_TOKENS`` tokens: ours (grouped GEMMs) vs
                DeepSpeed's dropless ``MoE`` with the same shared expert (``bench/moe_layer.py``'s peer),
                tokens/s.
+    syncs      device-to-host syncs per optimizer step as CUDA reports them (``set_sync_debug_mode``)
+               beside ``HostSyncCounter``'s count of the same steps (``bench.host_syncs.step_syncs``): the
+               multimodal smoke run and the LLM recipe; the difference is what the CPU counter cannot see
+               (blocking copies with ``.to(device)``, syncs inside kernels).
 
 Writes bench/out/gpu_check.json: the benchmark fields of DESIGN.md (headline: our MFU over the
 peer's, higher is better) plus every part's status, seconds and numbers.
@@ -70,7 +74,7 @@ SMOKE_STEPS = 40
 MOE_TOKENS = 8192
 # seconds per part (the first H200 run took 24, 8, 56 and 105 s for the first four); bench/gpu_check.sh
 # gives the whole check 570 s
-TIME_BOX = {"backbone": 90, "kernels": 30, "tests": 120, "smoke": 140, "compile": 130, "moe": 60}
+TIME_BOX = {"backbone": 90, "kernels": 30, "tests": 90, "smoke": 125, "compile": 110, "moe": 50, "syncs": 75}
 PARTS = tuple(TIME_BOX)
 
 
@@ -409,8 +413,19 @@ def part_moe() -> dict:
             "ratio": times["deepspeed"] / times["ours"]}
 
 
+def part_syncs() -> dict:
+    """Syncs per optimizer step as CUDA reports them beside HostSyncCounter's count of the same steps (the
+    CPU suite's bound): the multimodal smoke run and the LLM recipe of bench/host_syncs.py, 3 steps each."""
+    from bench.host_syncs import MULTIMODAL, RECIPE, step_syncs
+    from tests.parallel.harness import run_ranks
+
+    _require_cuda()
+    return {name: run_ranks(step_syncs, 1, overrides, timeout=TIME_BOX["syncs"] / 2 - 5, start_method="spawn")[0]
+            for name, overrides in (("multimodal_smoke", MULTIMODAL), ("llm_recipe", RECIPE))}
+
+
 PART_FUNCTIONS = {"backbone": part_backbone, "kernels": part_kernels, "tests": part_tests, "smoke": part_smoke,
-                  "compile": part_compile, "moe": part_moe}
+                  "compile": part_compile, "moe": part_moe, "syncs": part_syncs}
 
 
 # --- the driver -----------------------------------------------------------------------------------

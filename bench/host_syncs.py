@@ -68,6 +68,48 @@ def _trainer_syncs(root: str, steps: int, overrides: list[str]) -> tuple[dict, d
     return dict(syncs.calls), dict(syncs.sites), len(cfg.llm.moe_layers)
 
 
+def step_syncs(overrides: list[str], steps: int = 4) -> dict:
+    """The syncs of each optimizer step of one trainer run (pipelines/smoke.yaml + ``overrides``), the first
+    step left out (it warms up): ``counted``, ``HostSyncCounter``'s count, and on CUDA ``cuda``, what CUDA
+    reports (``torch.cuda.set_sync_debug_mode``: one warning per synchronizing call, the blocking copies the
+    counter cannot see included). Steps are cut where the trainer's watchdog hears a step start."""
+    import warnings
+
+    import torch
+
+    from xoron_dist.config import load_config
+    from xoron_dist.train.trainer import train
+    from xoron_dist.train.watchdog import HangWatchdog
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    cuda = torch.cuda.is_available()
+    marks: list[tuple[int, int]] = []  # (counted so far, warnings so far) at each step's start
+    original = HangWatchdog.beat
+    with tempfile.TemporaryDirectory() as root, HostSyncCounter() as counter, \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def beat(self, step: int, phase: str) -> None:
+            if phase == "step":
+                marks.append((counter.total, len(caught)))
+            original(self, step, phase)
+
+        HangWatchdog.beat = beat
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(load_config(SMOKE, [*overrides, f"train.steps={steps}", f"train.output_dir={root}",
+                                      "train.name=step_syncs", "train.tensorboard=false"]))
+        finally:
+            HangWatchdog.beat = original
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    syncing = [int("synchroniz" in str(w.message)) for w in caught]
+    spans = list(zip(marks[:-1], marks[1:], strict=True))[1:]  # step k: beat k to beat k + 1; step 1 warms up
+    return {"steps": [k + 2 for k in range(len(spans))], "counted": [b[0] - a[0] for a, b in spans],
+            "cuda": [sum(syncing[a[1]:b[1]]) for a, b in spans] if cuda else None}
+
+
 def _hf_syncs(overrides: list[str]) -> tuple[dict, dict]:
     import torch
     import torch.nn.functional as F

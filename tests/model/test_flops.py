@@ -205,3 +205,19 @@ def test_gpu_check_mfu_report_and_part_failures(tmp_path, monkeypatch):
     assert gc.main(["--out", str(tmp_path / "x.json")]) == 2 and not (tmp_path / "x.json").exists()
     with pytest.raises(gc.NoGPUError, match="needs a GPU"):
         gc.part_kernels()
+
+
+def _step_syncs_body() -> dict:
+    from bench.host_syncs import step_syncs
+
+    return step_syncs(["data.source=synthetic_text", "train.log_every=1", "data.num_workers=0"], steps=4)
+
+
+def test_gpu_check_syncs_part_cuts_the_run_into_steps():
+    """``bench/gpu_check.py``'s syncs part on CPU: the counter's syncs per step, steps 2 and 3 (step 1 warms
+    up; step 4 has no later start), alike from step to step; no CUDA column without CUDA."""
+    from tests.parallel.harness import run_ranks
+
+    [result] = run_ranks(_step_syncs_body, 1, timeout=240)
+    assert result["steps"] == [2, 3] and result["cuda"] is None
+    assert result["counted"][0] == result["counted"][1] > 0, result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xoron_dist.utils.host_syncs import HostSyncCounter, host_list, keep_host_copy, select_rows, upload
+from xoron_dist.utils.host_syncs import HostSyncCounter, host_copy, host_list, keep_host_copy, select_rows, upload
 
 
 def test_counts_host_reads_and_value_shaped_ops():
@@ -93,6 +93,12 @@ def test_a_moved_tensor_is_read_from_its_host_copy(monkeypatch):
         taken = select_rows(moved, [2, 0])
         assert taken.device.type == "meta" and taken.shape == (2, 3)
         assert host_list(taken) == [[0, 9, 4], [0, 1, 2]]
+        again = moved.to("meta")  # moved again (a copy on the device): the copy travels on
+        keep_host_copy(moved, again)
+        assert host_list(again) == host_list(moved)
+        unmarked = torch.ones(2, device="meta")
+        keep_host_copy(unmarked, unmarked)  # a device tensor is never marked as host memory
+        assert host_copy(unmarked) is None
     assert syncs.total == 0, syncs.calls
     on_cpu = torch.tensor([5, 6])
     keep_host_copy(on_cpu, on_cpu)  # a CPU run: the move was no move, its own values are the host's

@@ -200,7 +200,13 @@ _HOST_COPY = "_xoron_host_copy"  # on a tensor: its values in host memory (True:
 def keep_host_copy(host: torch.Tensor, moved: torch.Tensor) -> None:
     """Let ``moved`` (``host`` moved to the device) be read by ``host_list`` without a sync: it keeps a copy
     of ``host`` (its own clone: not a view into the loader's buffers), or, when the move was no move (a CPU
-    run), a mark that its own values are on the host."""
+    run), a mark that its own values are on the host. A tensor already on a device passes on the copy it
+    keeps, if any (a batch moved twice)."""
+    if host.device.type != "cpu":
+        copy = host_copy(host)
+        if copy is not None:
+            setattr(moved, _HOST_COPY, copy)
+        return
     setattr(moved, _HOST_COPY, True if moved is host else host.clone())
 
 
