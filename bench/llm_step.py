@@ -22,6 +22,11 @@ compile inside their block as ``xoron::grouped_mm``) and, as its peer, HF's mode
 compile times are reported apart, and their tokens/s join the case (``ours_compiled``, ``hf_compiled``;
 ratios ``compiled_over_eager`` and ``compiled_over_hf_compiled``). The headline ratio stays eager vs eager.
 
+``--checkpointed`` (alone: no cases run) times ``train.compile`` as the full recipe runs it: ours with
+activation checkpointing on every block and packed documents (4 per row), eager vs compiled (the blocks
+compile inside their checkpoints; the document layout is the graph break), on the headline shape; the
+result goes under ``compile.checkpointed``. HF has neither packed documents nor this checkpointing: no peer.
+
 Writes bench/out/llm_step.json.
 """
 
@@ -238,6 +243,56 @@ def run_case(case: str, rounds: int, compiled: bool = False) -> dict:
     return result
 
 
+def checkpointed_compile(rounds: int) -> dict:
+    """Ours eager vs compiled (``compile_blocks``, inductor), both checkpointed, on packed documents."""
+    from torch._dynamo.utils import counters
+
+    from xoron_dist.model.llm import DecoderLayer
+    from xoron_dist.parallel.checkpointing import apply_activation_checkpointing
+
+    seq, batch = (int(n) for n in HEADLINE.split("@")[1].split("x"))
+    cfg = load_config(None, MODELS[HEADLINE.split("@")[0]]).llm
+    batches = [torch.randint(0, cfg.vocab_size, (batch, seq + 1)) for _ in range(4)]
+    documents = torch.arange(seq).div(seq // 4, rounding_mode="floor").expand(batch, -1)  # 4 documents per row
+    models = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        models[name] = XoronLLM(cfg).train()
+        apply_activation_checkpointing(models[name], (DecoderLayer,))
+    if not compile_blocks(models["compiled"], torch.device("cpu")):
+        raise SystemExit("--checkpointed: inductor has no C++ compiler here (see the log)")
+
+    def make(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        state = {"i": 0}
+
+        def step():
+            ids = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            loss = model(ids[:, :-1], labels=ids[:, :-1], document_ids=documents).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    fns = {name: make(model) for name, model in models.items()}
+    eager_loss = fns["eager"]()
+    start = time.perf_counter()
+    compiled_loss = fns["compiled"]()
+    first = time.perf_counter() - start
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-4), (compiled_loss, eager_loss)
+    seconds = time_alternating(fns, rounds=rounds, reps=max(1, 8192 // (seq * batch)))
+    tps = {name: round(batch * seq / s, 1) for name, s in seconds.items()}
+    out = {"case": HEADLINE, "documents_per_row": 4, "rounds": rounds, "tokens_per_s": tps,
+           "compiled_over_eager": round(tps["compiled"] / tps["eager"], 3), "first_compiled_step_s": round(first, 1),
+           "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+    print(f"\ncheckpointed, packed: compiled / eager = {out['compiled_over_eager']:.3f} ({tps}), {out['graphs']} "
+          f"graphs, {out['graph_breaks']} breaks, first compiled step {out['first_compiled_step_s']} s")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=DEFAULT_CASES)
@@ -247,7 +302,16 @@ def main() -> None:
     parser.add_argument("--lever", default="levers", help="the change's name in the JSON's levers list")
     parser.add_argument("--lever-what", default="", help="one line saying what the change is")
     parser.add_argument("--lever-rounds", type=int, default=6)
+    parser.add_argument("--checkpointed", action="store_true", help="only train.compile with checkpointing and "
+                        "packed documents, eager vs compiled")
     args = parser.parse_args()
+    if args.checkpointed:  # only this measurement: the rest of the JSON stays as recorded
+        result = json.loads((OUT_DIR / "llm_step.json").read_text())
+        previous = result.setdefault("compile", {}).get("checkpointed", {})
+        run = checkpointed_compile(args.rounds)
+        result["compile"]["checkpointed"] = {"latest": run, "attempts": [*previous.get("attempts", []), run]}
+        print(f"\n-> {write_result('llm_step', result)}")
+        return
     if args.against is not None:  # only the lever: the rest of the JSON stays as recorded
         result = json.loads((OUT_DIR / "llm_step.json").read_text())
         record_lever(result, args.lever, args.against, "step", args.lever_rounds, args.lever_what)
