@@ -66,6 +66,8 @@ def test_a_moved_batch_carries_its_media_keys_and_a_draw_reads_nothing():
     # a meta tensor has no values: these keys can only be the ones the move gave
     assert content_key(moved.images[0]) == content_key(image)
     assert content_key(moved.audios[0]) == content_key(audio)
+    again = moved.to("meta")  # moved twice: the key travels on
+    assert content_key(again.images[0]) == content_key(image)
     clock = NoiseClock()
     clock.advance()
     with HostSyncCounter() as syncs:

@@ -51,8 +51,11 @@ def content_key(item: torch.Tensor) -> int:
 
 def keep_content_keys(host: Sequence[torch.Tensor], moved: Sequence[torch.Tensor]) -> None:
     """Give each moved item the content key of its host copy, so no draw for it reads the device."""
-    with host_values():  # these reads are of host memory in every run
-        for source, target in zip(host, moved, strict=True):
+    for source, target in zip(host, moved, strict=True):
+        if source.device.type == "cpu":
+            with host_values():  # a read of host memory in every run
+                setattr(target, _KEY, content_key(source))
+        else:  # moved again: its key (or, without one, a read of the device)
             setattr(target, _KEY, content_key(source))
 
 
