@@ -33,11 +33,10 @@ class ExpertLoadMonitor:
 
         One host read per step: the load, and on a TensorBoard step the routers' ``biases`` with it (for
         ``scalars``). The counts are read in float64, exact for any token count."""
-        parts = [load.to(torch.float64).flatten()] + [b.to(torch.float64).flatten() for b in biases or []]
-        values = torch.cat(parts).tolist() if parts else []
-        per_layer = load.shape[-1] if load.dim() else 0
-        rows = [values[i:i + per_layer] for i in range(0, len(values), per_layer)] if per_layer else []
-        self._read = (rows[:load.shape[0]], rows[load.shape[0]:] if biases is not None else None)
+        values = torch.cat([t.to(torch.float64).flatten() for t in (load, *(biases or []))]).tolist()
+        layers, experts = load.shape
+        rows = [values[i:i + experts] for i in range(0, len(values), experts)]  # one per layer, then per bias
+        self._read = (rows[:layers], rows[layers:] if biases is not None else None)
         with host_values():  # the bookkeeping lives on the host
             idle = torch.tensor(self._read[0], dtype=torch.float64).view(load.shape) == 0
             self.idle_steps = torch.where(idle, self.idle_steps + 1, torch.zeros_like(self.idle_steps))

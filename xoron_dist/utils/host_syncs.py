@@ -105,8 +105,8 @@ def _which_sync(name: str, args: tuple, kwargs: dict[str, Any]) -> str | None:
         return name if kwargs.get("output_size") is None and _tensor_repeats(args, kwargs) else None
     if name in _UPLOADS:
         device = kwargs.get("device")  # keyword-only in both
-        host_values = not isinstance(args[0] if args else kwargs.get("data"), torch.Tensor)
-        return "host-to-device copy" if host_values and device is not None and device != "cpu" else None
+        from_host = not isinstance(args[0] if args else kwargs.get("data"), torch.Tensor)
+        return "host-to-device copy" if from_host and device is not None and device != "cpu" else None
     return name
 
 

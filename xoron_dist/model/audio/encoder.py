@@ -29,7 +29,7 @@ from xoron_dist.model.audio.codec import ResidualQuantizer, WaveformEncoder
 from xoron_dist.model.audio.conformer import ConformerEncoder
 from xoron_dist.model.common.init import empty_linear
 from xoron_dist.model.common.norm import RMSNorm
-from xoron_dist.utils.host_syncs import upload, where_true
+from xoron_dist.utils.host_syncs import host_copy, host_values, upload, where_true
 
 
 class AudioFeatures(NamedTuple):
@@ -77,18 +77,20 @@ class AudioEncoder(nn.Module):
         device = self.tokenizer.conv_in.weight.device
         samples, lengths = batch_clips(clips, device)
         latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
-        mask, real = self._real_frames(clips, latents, lengths)
+        mask, real = self._real_frames(latents, lengths)
         flat = latents.flatten(0, 1)
         quantized = self.quantizer(flat.index_select(0, real))
         return flat.new_zeros(flat.shape).index_copy(0, real, quantized.latents).view_as(latents), quantized, mask
 
-    def _real_frames(self, clips: list[torch.Tensor], latents: torch.Tensor,
-                     lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frame mask (n, frames) and the flat indices of the real frames, whose number is known on the
-        host from the clips' lengths (so no boolean mask: its size would be read from the device)."""
-        hop, longest = self.tokenizer.hop, latents.shape[1]
+    def _real_frames(self, latents: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame mask (n, frames) and the flat indices of the real frames, whose number comes from the
+        lengths' host copy (``batch_clips`` keeps one; so no boolean mask: its size would be read from the
+        device)."""
+        longest = latents.shape[1]
         mask = torch.arange(longest, device=latents.device)[None] < self.tokenizer.frames(lengths)[:, None]
-        return mask, where_true(mask, sum(min(-(-clip.shape[-1] // hop), longest) for clip in clips))
+        with host_values():
+            real = int(self.tokenizer.frames(host_copy(lengths)).clamp(max=longest).sum())
+        return mask, where_true(mask, real)
 
     def forward(self, clips: list[torch.Tensor]) -> AudioFeatures:
         if self.cfg.understand_from == "codes":
@@ -99,7 +101,7 @@ class AudioEncoder(nn.Module):
         device = self.tokenizer.conv_in.weight.device
         samples, lengths = batch_clips(clips, device)
         latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
-        mask, real = self._real_frames(clips, latents, lengths)
+        mask, real = self._real_frames(latents, lengths)
         flat = latents.flatten(0, 1)
         rows = flat.index_select(0, real)
         quantized = self.quantizer(rows)
