@@ -28,6 +28,9 @@ def test_resampler_emits_the_configured_tokens_and_ignores_padding():
     alone = proj(features[1:, :6])  # same as batched with padding
     torch.testing.assert_close(alone, out[1:], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(proj(features[1:], None), out[1:], atol=1e-3)  # the mask is what hides them
+    assert proj(features, mask, [5, 5]).shape == (2, 5, 64)  # the spans it fills, as host ints
+    with pytest.raises(ValueError, match=r"emits 5 tokens per medium; spans of \[4, 5\] tokens were asked for"):
+        proj(features, mask, [5, 4])
 
 
 def test_media_context_sees_only_own_document_and_earlier_media():
