@@ -392,3 +392,39 @@ def test_tp2_equals_single_rank():
             ref = tp_slice(ref_grads[name], dim, stride, rank, 2) if split else ref_grads[name]
             scale = max(float(ref.abs().max()), 1.0)
             torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5 * scale, msg=f"rank {rank} grad of {name}")
+
+
+def test_text_tokens_are_counted_on_the_host_copies_of_the_mask_and_the_drop():
+    """The generator heads give the DiT a prompt mask and a CFG drop that keep host copies
+    (``prompt_states``, ``cfg_drop``): the stack's real tokens are then counted on the host, and the
+    forward asks the device for nothing; the same output as with copy-less tensors (one read)."""
+    from xoron_dist.utils.host_syncs import HostSyncCounter, prefix_mask, upload
+
+    model = MoEDiT(TINY).train()
+    _randomise(model, seed=30)
+    latents, t = _randn(2, 4, 8, 8, seed=31), torch.tensor([0.3, 0.8])
+    states = _randn(2, 5, TINY.cond_dim, seed=32)
+    mask, drop = prefix_mask([5, 3], 5, "cpu"), upload([False, True], device="cpu", keep_host=True)
+    with HostSyncCounter() as syncs:
+        out = model(latents, t, (states, mask), drop)
+    assert syncs.total == 0, syncs.calls
+    with HostSyncCounter() as syncs:
+        plain = model(latents, t, (states, mask.clone()), drop.clone())
+    assert syncs.calls == {"__int__": 1}, syncs.calls
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+
+
+def test_the_heads_cfg_drop_is_drawn_on_the_host_from_the_item_clock():
+    """``cfg_drop``: the same item in the same step draws the same mask, another step another one; the share
+    follows ``cfg_dropout``; the mask keeps its host copy (the DiT counts its text tokens there)."""
+    from xoron_dist.model.generation.heads import ImageGenerator
+    from xoron_dist.utils.host_syncs import host_copy
+
+    head = ImageGenerator(load_config("pipelines/smoke.yaml", []))
+    item = torch.zeros(8, 8, 3, dtype=torch.uint8)
+    first = head.cfg_drop(item, 400, 0.25, torch.device("cpu"))
+    assert torch.equal(first, head.cfg_drop(item, 400, 0.25, torch.device("cpu"))) and host_copy(first) is not None
+    assert 60 < int(first.sum()) < 140  # about a quarter of 400
+    head.clock.advance()
+    assert not torch.equal(first, head.cfg_drop(item, 400, 0.25, torch.device("cpu")))
+    assert not head.cfg_drop(item, 50, 0.0, torch.device("cpu")).any()

@@ -48,6 +48,41 @@ def test_media_context_sees_only_own_document_and_earlier_media():
     assert MediaContext.build([(tokens[:0], spans[:0])], 2, 12, docs) is None
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_media_context_sizes_its_queries_on_the_host(seed):
+    """``build`` sizes its queries (the most fusing positions of a row) from the media's rows and starts and
+    the host copies of the document ids and positions, without a sync: equal to counting the device's
+    ``sees``, for random packed documents, two modalities, an empty medium and a zig-zag half of the rows."""
+    from xoron_dist.parallel.sequence import zigzag_positions
+    from xoron_dist.utils.host_syncs import HostSyncCounter, keep_host_copy
+
+    rng = torch.Generator().manual_seed(seed)
+    batch, seq = 3, 16
+    docs = torch.randint(0, 3, (batch, seq), generator=rng).sort(dim=1).values
+    media = []
+    for n, width in ((3, 2), (2, 3)):
+        rows, starts = torch.randint(0, batch, (n, 1), generator=rng), torch.randint(0, seq, (n, 1), generator=rng)
+        spans = torch.cat([rows, starts, torch.full((n, 1), width)], dim=1)
+        spans[0, 2] = 0 if width == 3 else width  # an empty medium of the second modality: nothing to see
+        keep_host_copy(spans, spans)
+        media.append((torch.randn(n, width, 4, generator=rng), spans))
+    keep_host_copy(docs, docs)
+    for positions in (None, zigzag_positions(seq, 1, 2)):
+        if positions is not None:
+            keep_host_copy(positions, positions)
+        with HostSyncCounter() as syncs:
+            ctx = MediaContext.build(media, batch, seq, docs, positions)
+        assert syncs.total == 0, syncs.calls
+        query_pos = torch.arange(seq) if positions is None else positions
+        sees = torch.zeros(batch, len(query_pos), dtype=torch.bool)
+        for _, spans in media:
+            for row, start, length in spans.tolist():
+                if length:
+                    sees[row] |= (docs[row, query_pos] == docs[row, start]) & (query_pos >= start)
+        assert ctx.queries.shape[1] == max(int(sees.sum(1).max()), 1)
+        assert ctx.valid.sum(1).tolist() == sees.sum(1).tolist()
+
+
 def test_scatter_writes_only_the_valid_queries_with_their_gradients_and_reads_nothing():
     """Row 0 fuses at 5 positions, row 1 at 10: row 0's last 5 queries are invalid (positions that fuse
     nothing), kept as they were; against the boolean-mask write it replaced, values and gradients."""

@@ -180,3 +180,25 @@ def test_mas_recovers_known_durations():
     mask = alignment_mask(text, frames, t_text, z.shape[1])
     path = maximum_path(gaussian_log_likelihood(z, mean, log_std), mask)
     assert torch.equal(durations(path), true)
+
+
+def test_the_mask_checks_read_its_host_copy():
+    """A mask derived from masks the host knows (as ``SpeechGenerator.forward`` makes it) is checked on its
+    host copy: the only read left is the log-likelihood's finite check, and a bad mask is still refused."""
+    from xoron_dist.utils.host_syncs import HostSyncCounter, keep_host_copy, prefix_mask, with_host_copy
+
+    text, frames = prefix_mask([2, 3], 3, "cpu"), prefix_mask([4, 3], 5, "cpu")
+    mask = with_host_copy(lambda t, f: alignment_mask(t.sum(1), f.sum(1), t.shape[1], f.shape[1]), text, frames)
+    value = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    with HostSyncCounter() as syncs:
+        path = maximum_path(value, mask)
+    assert syncs.calls == {"__bool__": 1}, syncs.calls
+    assert torch.equal(path, maximum_path(value, mask.clone()))  # the same path from a mask read on the device
+    with HostSyncCounter() as syncs:
+        maximum_path(value, mask.clone())
+    assert syncs.calls == {"equal": 1, "__bool__": 2}, syncs.calls
+    holed = mask.clone()
+    holed[1, 1, 2] = False
+    keep_host_copy(holed, holed)
+    with pytest.raises(ValueError, match=r"mask row 1 is not a .* rectangle"):
+        maximum_path(value, holed)

@@ -69,6 +69,27 @@ def test_requests_are_the_document_tokens_before_the_target():
     assert request[2].abs().sum() == 0  # a target opening its document has an empty request
 
 
+def test_requests_and_their_trim_are_made_from_host_copies():
+    """The request mask comes from the spans' and document ids' host copies and keeps its own, so the trim
+    to the clips' frames (a request longer than its clip keeps its last tokens) reads nothing; the values
+    against the trim written out directly."""
+    from xoron_dist.model.speech.head import _fit_requests
+    from xoron_dist.utils.host_syncs import HostSyncCounter, host_copy, keep_host_copy
+
+    states = torch.randn(2, 10, 3, generator=torch.Generator().manual_seed(0))
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 2], [0] * 10])
+    spans = torch.tensor([[0, 8, 1], [1, 5, 3], [0, 9, 1]])  # the last opens its document: an empty request
+    keep_host_copy(documents, documents), keep_host_copy(spans, spans)  # as the batch's move gives them
+    with HostSyncCounter() as syncs:
+        request, mask = prompt_states(states, spans, documents)
+        trimmed, kept = _fit_requests(request, mask, [3, 9, 4])  # row 0: 5 tokens, 3 frames; the others fit
+    assert syncs.total == 0, syncs.calls
+    assert mask.sum(1).tolist() == [5, 5, 0] and kept.sum(1).tolist() == [3, 5, 0] and host_copy(kept) is not None
+    torch.testing.assert_close(trimmed[0, :3], states[0, 5:8], rtol=0, atol=0)  # the last 3 of document 1
+    assert trimmed[0, 3:].abs().sum() == 0 and torch.equal(trimmed[1:], request[1:])
+    assert _fit_requests(request, mask, [5, 6, 0]) == (request, mask)  # nothing to trim: the same tensors
+
+
 @pytest.fixture(scope="module")
 def coded_model():
     """The model with a pitch code (``vocoder.pitch_levels``) and BigVGAN's predictor beside it."""

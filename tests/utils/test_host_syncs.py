@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xoron_dist.utils.host_syncs import HostSyncCounter, host_copy, host_list, keep_host_copy, select_rows, upload
+from xoron_dist.utils.host_syncs import (
+    HostSyncCounter,
+    host_copy,
+    host_list,
+    keep_host_copy,
+    on_host,
+    prefix_mask,
+    select_rows,
+    upload,
+    with_host_copy,
+)
 
 
 def test_counts_host_reads_and_value_shaped_ops():
@@ -154,3 +164,39 @@ def test_nested_calls_count_once_and_counters_nest():
             t.nonzero()
     assert outer.calls == {"unique": 1, "nonzero": 1} and inner.calls == {"nonzero": 1}
     assert "item" not in vars(torch.Tensor) and torch.nonzero is torch._C._VariableFunctions.nonzero  # restored
+
+
+def test_reads_and_derived_masks_come_from_the_host_copies(monkeypatch):
+    """``on_host`` reads several tensors' host copies at once; ``with_host_copy`` gives a tensor derived from
+    them its own; ``prefix_mask`` makes a mask with one. ``meta`` stands in for the GPU (it has no values: a
+    right answer comes from the host)."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # upload's accelerator path, CPU-only torch
+    mask = prefix_mask([2, 0, 3], 4, "meta")
+    assert mask.device.type == "meta" and mask.dtype == torch.bool and mask.shape == (3, 4)
+    drop = upload([False, True, False], device="meta", keep_host=True)
+    with HostSyncCounter() as syncs:
+        assert host_list(mask) == [[True, True, False, False], [False] * 4, [True, True, True, False]]
+        assert on_host(lambda m, d, none: (m.sum(1) * ~d).tolist() if none is None else None, mask, drop, None) \
+            == [2, 0, 3]
+        derived = with_host_copy(lambda m, d: m & ~d[:, None], mask, drop)
+        assert derived.device.type == "meta" and host_list(derived)[1:] == [[False] * 4, [True] * 3 + [False]]
+    assert syncs.total == 0, syncs.calls
+    # one input without a host copy: the derived tensor keeps none, and a read of it reads the device
+    assert host_copy(with_host_copy(lambda m, o: m & o, mask, torch.ones(3, 4, dtype=torch.bool, device="meta"))) \
+        is None
+    with HostSyncCounter() as syncs:
+        plain = torch.tensor([[True, False]])
+        assert on_host(lambda m, d: m.sum().tolist(), plain, drop) == 1  # ``plain`` keeps no copy: read itself
+    assert syncs.calls == {"tolist": 1}, syncs.calls
+    # all in host memory (a CPU run): the derived tensor is marked as host memory itself, no second copy
+    on_cpu = prefix_mask([1, 2], 2, "cpu")
+    derived = with_host_copy(lambda m: m.sum(1), on_cpu)
+    assert host_copy(derived) is derived and derived.tolist() == [1, 2]
+
+
+def test_upload_moves_a_host_tensor_and_refuses_a_device_one():
+    host = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)
+    made = upload(host, device="cpu", dtype=torch.int64, keep_host=True)
+    assert made.dtype == torch.int64 and made.tolist() == [[1, 0], [0, 1]] and host_copy(made) is made
+    with pytest.raises(ValueError, match="on meta already"):
+        upload(torch.ones(2, device="meta"), device="cpu")

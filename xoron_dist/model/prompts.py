@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from xoron_dist.utils.host_syncs import on_host, prefix_mask
+
 
 def document_starts(document_ids: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """(batch, seq): the position where each token's document begins (0 everywhere without document ids)."""
@@ -30,15 +32,23 @@ def prompt_states(states: torch.Tensor, spans: torch.Tensor,
     if spans.shape[0] == 0:
         # an empty slice of the states, not a new tensor: in the states' graph like any request (an idle
         # generator call reads it and should have a real call's graph: model/generation/heads.py)
-        return states[:0, :1], torch.zeros(0, 1, dtype=torch.bool, device=states.device)
+        return states[:0, :1], prefix_mask([], 1, states.device)
     spans = spans.to(states.device)
-    rows, ends = spans[:, 0], spans[:, 1]
-    begins = document_starts(document_ids, batch, seq, states.device)[rows, ends]
-    lengths = ends - begins
-    offsets = torch.arange(max(int(lengths.max()), 1), device=states.device)
-    mask = offsets[None] < lengths[:, None]
+    lengths = on_host(lambda s, d: _prompt_begins(s, d, batch, seq)[1].tolist(), spans, document_ids)
+    rows, begins = spans[:, 0], _prompt_begins(spans, document_ids, batch, seq)[0]
+    mask = prefix_mask(lengths, max([*lengths, 1]), states.device)  # with its host copy, for the heads' checks
+    offsets = torch.arange(mask.shape[1], device=states.device)
     index = (begins[:, None] + offsets[None]).clamp(max=seq - 1)
     return states[rows[:, None], index] * mask[..., None].to(states.dtype), mask
+
+
+def _prompt_begins(spans: torch.Tensor, document_ids: torch.Tensor | None, batch: int,
+                   seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each target's prompt begins (its document's first token) and its length (up to the span's
+    start), (n,) each, on ``spans``' device: the same function of the values on the host copies."""
+    rows, ends = spans[:, 0], spans[:, 1]
+    begins = document_starts(document_ids, batch, seq, spans.device)[rows, ends]
+    return begins, ends - begins
 
 
 __all__ = ["document_starts", "prompt_states"]

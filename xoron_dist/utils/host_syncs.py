@@ -28,8 +28,9 @@ Ways not to ask, used across the model:
 
 * ``upload(values, device=)``: host values onto the device through pinned memory, asynchronously;
 * host copies: ``PackedBatch.to`` keeps a host copy of what the model reads on the host (spans, target
-  flags, document ids: ``keep_host_copy``); ``host_list``/``host_copy`` read it, ``select_rows`` takes
-  rows of such a tensor on both sides;
+  flags, document ids: ``keep_host_copy``); ``on_host``/``host_list``/``host_copy`` read it,
+  ``select_rows`` takes rows of such a tensor on both sides, ``prefix_mask`` makes a padding mask from host
+  lengths with its copy;
 * ``where_true(mask, count)``: the indices of a mask's True entries when their number is known on the
   host, instead of ``nonzero`` or a boolean-mask index;
 * ``host_values()``: reads of host memory (a batch before its move, the trainer's own bookkeeping) that
@@ -41,7 +42,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -217,13 +218,43 @@ def host_copy(t: torch.Tensor) -> torch.Tensor | None:
     return t if copy is True else copy
 
 
+def on_host(read: Callable[..., Any], *tensors: torch.Tensor | None) -> Any:
+    """``read(*tensors)`` made on the host copies the tensors keep (``keep_host_copy``; a None passes as
+    None): no sync. If one of them keeps none, ``read`` of the tensors themselves, a read of the device.
+    ``read`` must be the same function of the values on either side."""
+    copies = [None if t is None else host_copy(t) for t in tensors]
+    if any(t is not None and c is None for t, c in zip(tensors, copies, strict=True)):
+        return read(*tensors)
+    with host_values():
+        return read(*copies)
+
+
+def with_host_copy(make: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
+    """``make(*tensors)``, keeping ``make`` of their host copies as its own host copy when they all keep one
+    (a None passes as None): a mask derived from masks the host knows stays known there. ``make`` must make
+    its tensors on its inputs' device."""
+    made = make(*tensors)
+    copies = [None if t is None else host_copy(t) for t in tensors]
+    if any(t is not None and c is None for t, c in zip(tensors, copies, strict=True)):
+        return made
+    if all(c is t for t, c in zip(tensors, copies, strict=True)):  # all in host memory: so is ``made``
+        keep_host_copy(made, made)
+    else:
+        with host_values():
+            keep_host_copy(make(*copies), made)
+    return made
+
+
 def host_list(t: torch.Tensor) -> list:
     """``t.tolist()`` from the host copy ``t`` keeps (``keep_host_copy``): no sync. Without one, a read of ``t``."""
-    copy = host_copy(t)
-    if copy is None:
-        return t.tolist()
-    with host_values():
-        return copy.tolist()
+    return on_host(torch.Tensor.tolist, t)
+
+
+def prefix_mask(lengths: Sequence[int], width: int, device: torch.device | str) -> torch.Tensor:
+    """(len(lengths), width) bool: row i True on its first ``lengths[i]`` entries. Made on the host from
+    lengths the host knows and uploaded (``upload``) with its host copy, so ``on_host`` reads it for free."""
+    host = torch.arange(width)[None] < torch.tensor(list(lengths), dtype=torch.long).view(-1, 1)
+    return upload(host, device=device, keep_host=True)
 
 
 def select_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -249,14 +280,20 @@ def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = No
 
     On an accelerator the values are staged in pinned host memory and copied asynchronously (torch keeps
     the pinned block until the copy has run), where ``torch.tensor(..., device=)`` copies and then waits
-    for the stream to drain: everything queued before it. On the CPU it is the plain tensor. ``keep_host``:
-    the tensor keeps its host copy (``host_list`` reads it without a sync)."""
-    host = torch.tensor(values, dtype=dtype)
+    for the stream to drain: everything queued before it. On the CPU it is the plain tensor. ``values`` may
+    also be a tensor in host memory (then it is what moves, cast to ``dtype``). ``keep_host``: the tensor
+    keeps its host copy (``host_list`` reads it without a sync)."""
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":
+            raise ValueError(f"upload moves host values to a device; this tensor is on {values.device} already")
+        host = values if dtype is None else values.to(dtype)
+    else:
+        host = torch.tensor(values, dtype=dtype)
     moved = host if torch.device(device).type == "cpu" else host.pin_memory().to(device, non_blocking=True)
     if keep_host:
         keep_host_copy(host, moved)
     return moved
 
 
-__all__ = ["HostSyncCounter", "host_copy", "host_list", "host_values", "keep_host_copy", "select_rows", "upload",
-           "where_true"]
+__all__ = ["HostSyncCounter", "host_copy", "host_list", "host_values", "keep_host_copy", "on_host", "prefix_mask",
+           "select_rows", "upload", "where_true", "with_host_copy"]

@@ -29,7 +29,7 @@ from xoron_dist.model.audio.codec import ResidualQuantizer, WaveformEncoder
 from xoron_dist.model.audio.conformer import ConformerEncoder
 from xoron_dist.model.common.init import empty_linear
 from xoron_dist.model.common.norm import RMSNorm
-from xoron_dist.utils.host_syncs import host_copy, host_values, upload, where_true
+from xoron_dist.utils.host_syncs import on_host, prefix_mask, upload, where_true
 
 
 class AudioFeatures(NamedTuple):
@@ -87,10 +87,9 @@ class AudioEncoder(nn.Module):
         lengths' host copy (``batch_clips`` keeps one; so no boolean mask: its size would be read from the
         device)."""
         longest = latents.shape[1]
-        mask = torch.arange(longest, device=latents.device)[None] < self.tokenizer.frames(lengths)[:, None]
-        with host_values():
-            real = int(self.tokenizer.frames(host_copy(lengths)).clamp(max=longest).sum())
-        return mask, where_true(mask, real)
+        frames = on_host(lambda n: self.tokenizer.frames(n).clamp(max=longest).tolist(), lengths)
+        mask = prefix_mask(frames, longest, latents.device)  # with its host copy, for the projector's check
+        return mask, where_true(mask, sum(frames))
 
     def forward(self, clips: list[torch.Tensor]) -> AudioFeatures:
         if self.cfg.understand_from == "codes":
@@ -124,14 +123,14 @@ class FramePoolProjector(nn.Module):
             nn.init.normal_(self.out_proj.weight, std=init_std)  # on the scale of the token embeddings
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, span_lengths: Sequence[int]) -> torch.Tensor:
+        have = on_host(lambda m: m.sum(1).tolist(), mask)  # the encoder's mask keeps its host copy
+        for clip, (real, asked) in enumerate(zip(have, span_lengths, strict=True)):
+            if asked > real:
+                raise ValueError(f"audio clip {clip} has {real} frames but its span asks for {asked} tokens: "
+                                 "data.audio_tokens_per_second must not exceed the codec's frame rate "
+                                 "(model.audio.sample_rate / prod(codec_strides))")
         frames = mask.sum(1)
         spans = upload(list(span_lengths), device=features.device)
-        too_long = spans > frames
-        if bool(too_long.any()):  # the check's one read
-            bad = int(too_long.nonzero()[0])
-            raise ValueError(f"audio clip {bad} has {int(frames[bad])} frames but its span asks for "
-                             f"{span_lengths[bad]} tokens: data.audio_tokens_per_second must not exceed the "
-                             "codec's frame rate (model.audio.sample_rate / prod(codec_strides))")
         n, longest = len(span_lengths), max(span_lengths)
         x = self.in_proj(features)
         position = torch.arange(features.shape[1], device=features.device)

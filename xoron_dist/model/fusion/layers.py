@@ -35,7 +35,7 @@ from xoron_dist.model.common.attention import CrossAttention
 from xoron_dist.model.common.init import init_weights_
 from xoron_dist.model.common.mlp import SwiGLU
 from xoron_dist.model.common.norm import RMSNorm
-from xoron_dist.utils.host_syncs import host_list
+from xoron_dist.utils.host_syncs import host_list, on_host
 
 NO_DOCUMENT = -2  # document id of padding slots in the media context (differs from the text's -1 padding)
 
@@ -92,7 +92,8 @@ class MediaContext:
         query_doc = docs[:, query_pos]  # (batch, local)
         mask = (query_doc[:, :, None] == key_doc[:, None, :]) & (key_pos[:, None, :] <= query_pos[None, :, None])
         sees = mask.any(dim=-1)  # (batch, local)
-        n = max(int(sees.sum(dim=1).max()), 1)
+        placed = [(row, start) for toks, row, start in pieces if toks.shape[0]]
+        n = on_host(lambda d, p: _most_fusing(d, p, placed, batch, seq), document_ids, positions)
         # stable sort puts each row's fusing positions first, in order
         queries = torch.sort((~sees).to(torch.int8), dim=1, stable=True).indices[:, :n]
         valid = sees.gather(1, queries)
@@ -109,6 +110,20 @@ class MediaContext:
         values: exact, and no boolean mask (whose size the host would have to read)."""
         index = self.queries[..., None].expand(-1, -1, x.shape[-1])
         return x.scatter(1, index, torch.where(self.valid[..., None], fused, x.gather(1, index)))
+
+
+def _most_fusing(document_ids: torch.Tensor | None, positions: torch.Tensor | None, media: list[tuple[int, int]],
+                 batch: int, seq: int) -> int:
+    """The most positions of one row that see a medium (at least 1), ``MediaContext.build``'s ``sees`` counted
+    from the media's (row, start) alone: a position sees a medium placed in its own document at or before it.
+    Read on the host copies of ``document_ids`` and ``positions``, so ``build`` sizes its queries without a sync."""
+    device = positions.device if positions is not None else document_ids.device if document_ids is not None else "cpu"
+    query_pos = torch.arange(seq, device=device) if positions is None else positions
+    sees = torch.zeros(batch, query_pos.shape[0], dtype=torch.bool, device=device)
+    for row, start in media:
+        same_document = True if document_ids is None else document_ids[row, query_pos] == document_ids[row, start]
+        sees[row] |= same_document & (query_pos >= start)
+    return max(int(sees.sum(dim=1).max()), 1)
 
 
 class GatedCrossAttentionLayer(nn.Module):

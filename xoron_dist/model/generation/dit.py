@@ -37,6 +37,7 @@ from xoron_dist.model.common.moe import RoutedExperts
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import AxialRoPE, grid_coords
 from xoron_dist.model.generation.dit_blocks import DualStreamBlock, SingleStreamBlock, modulate, real_tokens
+from xoron_dist.utils.host_syncs import prefix_mask, with_host_copy
 
 TIME_FREQUENCIES = 256  # sinusoid width of the timestep embedding (DiT, Flux)
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded as 1000·t, the timestep scale of SD3/Flux
@@ -98,6 +99,12 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(x, shift, scale, self.eps))
 
 
+def _dropped_text(mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """The text mask of a dropped sample (``drop`` True): its first token only, the null condition."""
+    first = torch.arange(mask.shape[1], device=mask.device) == 0
+    return torch.where(drop[:, None], first[None], mask)
+
+
 class MoEDiT(nn.Module):
     """Velocity network: ``forward(latents (B, C, H, W), t (B,), cond, drop) -> velocity (B, C, H, W)``.
 
@@ -156,10 +163,10 @@ class MoEDiT(nn.Module):
             return states, mask
         batch, length, _ = states.shape
         if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=states.device)
-        first = torch.arange(length, device=states.device) == 0
+            mask = prefix_mask([length] * batch, length, states.device)
         states = torch.where(drop[:, None, None], self.null_cond.to(states.dtype), states)
-        return states, torch.where(drop[:, None], first[None], mask)
+        # known on the host when the mask and the drop are (the heads': ``real_tokens`` then reads no count)
+        return states, with_host_copy(_dropped_text, mask, drop)
 
     def _conditioning(
         self, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor | None
@@ -200,7 +207,7 @@ class MoEDiT(nn.Module):
         rope = self.rope(coords)  # fp32 tables: apply_axial_rope rotates in fp32
         valid = attn_mask = None
         if mask is not None:
-            valid = torch.cat((mask, torch.ones(batch, rows * cols, dtype=torch.bool, device=device)), dim=1)
+            valid = with_host_copy(lambda m: torch.cat((m, m.new_ones(batch, rows * cols)), dim=1), mask)
             attn_mask = valid[:, None, None, :]  # padded text is never a key
         for block in self.dual_layers:
             img, txt = block(img, txt, c, rope, attn_mask)

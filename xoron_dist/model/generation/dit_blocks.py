@@ -46,7 +46,7 @@ from xoron_dist.model.common.moe import MoEFeedForward
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import apply_axial_rope
 from xoron_dist.model.common.sharding import SplitEntry
-from xoron_dist.utils.host_syncs import where_true
+from xoron_dist.utils.host_syncs import on_host, where_true
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 FFNKind = Literal["swiglu", "gelu"]
@@ -198,8 +198,9 @@ class DualStreamBlock(nn.Module):
 
 def real_tokens(valid: torch.Tensor | None) -> torch.Tensor | None:
     """The flat indices of ``valid``'s (batch, seq) True tokens, for ``SingleStreamBlock``'s FFN: their count
-    is read once for the whole stack of blocks (a boolean-mask index in each block read it three times)."""
-    return None if valid is None else where_true(valid, int(valid.sum()))
+    is read once for the whole stack of blocks (a boolean-mask index in each block read it three times), on
+    ``valid``'s host copy when it keeps one (the generator heads' masks do), so without a sync."""
+    return None if valid is None else where_true(valid, on_host(lambda v: int(v.sum()), valid))
 
 
 class SingleStreamBlock(nn.Module):

@@ -91,16 +91,21 @@ def flow_loss(
     logit_std: float = 1.0,
     shift: float = 1.0,
     cfg_dropout: float = 0.0,
+    drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample rectified-flow loss (batch,) fp32: mean over each sample of (v_theta(z_t, t) - (eps - x0))².
 
     Draws from ``generator`` in this order: t (``sample_timesteps``), eps (x0's shape), the drop mask
-    (``cfg_drop_mask``). Unweighted (SD3 puts its weighting into the t density, as here).
+    (``cfg_drop_mask``). A caller may give its own ``drop`` (batch,) bool instead, which is then used (the
+    generator heads draw theirs on the host, which so knows the text tokens without reading the device); the
+    mask is drawn all the same, so the stream is where it would be. Unweighted (SD3 puts its weighting into
+    the t density, as here).
     """
     batch = x0.shape[0]
     t = sample_timesteps(batch, generator, logit_mean=logit_mean, logit_std=logit_std, shift=shift)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
-    drop = cfg_drop_mask(batch, cfg_dropout, generator).to(x0.device)
+    drawn = cfg_drop_mask(batch, cfg_dropout, generator)
+    drop = drawn.to(x0.device) if drop is None else drop
     t = t.to(x0.device)
     v = model_fn(interpolate(x0, eps, t), t, cond, drop)
     return (v.float() - velocity_target(x0, eps).float()).pow(2).flatten(1).mean(dim=1)

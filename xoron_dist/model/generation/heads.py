@@ -31,7 +31,7 @@ from xoron_dist.model.generation.dit import MoEDiT
 from xoron_dist.model.generation.flow import euler_sample, flow_loss, heun_sample, time_shift_for
 from xoron_dist.model.generation.video_dit import VideoMoEDiT, generate_video, video_flow_loss
 from xoron_dist.model.latents import ImageVAE, VAELoss, VideoVAE
-from xoron_dist.utils.host_syncs import host_list
+from xoron_dist.utils.host_syncs import host_list, on_host, prefix_mask, upload, with_host_copy
 
 
 def to_pixels(item: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -87,19 +87,27 @@ class _LatentGenerator(nn.Module):
         idle = [self.autoencode(blank) for _ in range(vae_calls - len(items))]
         vae_total = sum((vae for vae, _ in encoded), 0.0) + sum((0.0 * vae for vae, _ in idle), 0.0)
         flow_total, target = 0.0, 0
+        lengths = on_host(lambda m: m.sum(1).tolist(), request_mask)  # ``prompt_states`` keeps a host copy
         for item, (_, latents), is_gen in zip(items, encoded, flags, strict=True):
             if is_gen:
-                length = max(int(request_mask[target].sum()), 1)
-                flow_total = flow_total + self.flow_sum(item, latents, request[target: target + 1, :length],
-                                                        request_mask[target: target + 1, :length])
+                length = max(lengths[target], 1)
+                mask = with_host_copy(lambda m, i=target, n=length: m[i: i + 1, :n], request_mask)
+                flow_total = flow_total + self.flow_sum(item, latents, request[target: target + 1, :length], mask)
                 target += 1
         item, latents = (items[-1], encoded[-1][1]) if items else (blank, idle[0][1])
         # an empty request, still in the LLM's graph as a real one is, so an idle call has a real one's graph
         zeros = request.new_zeros(1, 1, request.shape[-1]) + 0.0 * request.sum()
-        ones = torch.ones(1, 1, dtype=torch.bool, device=zeros.device)
+        ones = prefix_mask([1], 1, zeros.device)
         for _ in range(flow_calls - targets):
             flow_total = flow_total + 0.0 * self.flow_sum(item, latents, zeros, ones)
         return {vae_name: vae_total, flow_name: flow_total}
+
+    def cfg_drop(self, item: torch.Tensor, batch: int, p: float, device: torch.device) -> torch.Tensor:
+        """(batch,) bool: which samples of the item's flow loss train unconditionally (each with probability
+        ``p``), drawn on the host from the item's clock (``NoiseClock.host_random``) and uploaded with their
+        host copy, so the DiT counts its text tokens without reading the device."""
+        draw = self.clock.host_random(item, salt=3)
+        return upload([draw.random() < p for _ in range(batch)], dtype=torch.bool, device=device, keep_host=True)
 
     def autoencode(self, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The autoencoder loss of one item, and its posterior sample (detached) in the diffusion scale."""
@@ -139,7 +147,8 @@ class ImageGenerator(_LatentGenerator):
         tokens = (latents.shape[-2] // dit.patch_size) * (latents.shape[-1] // dit.patch_size)
         losses = flow_loss(self.dit, latents, (request, mask), self.clock.generator(item, salt=1),
                            logit_mean=dit.logit_mean, logit_std=dit.logit_std,
-                           shift=time_shift_for(tokens, dit.time_shift), cfg_dropout=dit.cfg_dropout)
+                           shift=time_shift_for(tokens, dit.time_shift),
+                           drop=self.cfg_drop(item, latents.shape[0], dit.cfg_dropout, latents.device))
         return losses.sum()
 
     @torch.no_grad()
@@ -186,7 +195,8 @@ class VideoGenerator(_LatentGenerator):
 
     def flow_sum(self, item: torch.Tensor, latents: torch.Tensor, request: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-        return video_flow_loss(self.dit, latents, (request, mask), self.clock.generator(item, salt=1)).sum()
+        drop = self.cfg_drop(item, latents.shape[0], self.gen_cfg.dit.cfg_dropout, latents.device)
+        return video_flow_loss(self.dit, latents, (request, mask), self.clock.generator(item, salt=1), drop).sum()
 
     @torch.no_grad()
     def generate(self, request: torch.Tensor, mask: torch.Tensor, frames: int, height: int, width: int, *,

@@ -400,12 +400,14 @@ def context_prefix(batch: int, chunks: int, p: float, generator: torch.Generator
 
 
 def video_flow_loss(
-    model: VideoMoEDiT, x0: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor | None], generator: torch.Generator
+    model: VideoMoEDiT, x0: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor | None], generator: torch.Generator,
+    drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample per-chunk rectified-flow loss (B,) fp32: the mean of (v − (eps − x0))² over the noisy chunks.
 
     Draws from ``generator`` in this order: t (B·K, ``sample_timesteps`` with the config's logit-normal and
-    shift), eps (x0's shape), the CFG drop mask, the clean-context prefix (``context_prefix``). Clean
+    shift), eps (x0's shape), the CFG drop mask (a caller's ``drop`` replaces it, as in ``flow_loss``), the
+    clean-context prefix (``context_prefix``). Clean
     chunks get t = 0, are the context of the later ones and give no loss (their target, eps − x0,
     cannot be known from x0).
     """
@@ -418,7 +420,8 @@ def video_flow_loss(
         batch * chunks, generator, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, shift=shift
     ).view(batch, chunks)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
-    drop = cfg_drop_mask(batch, cfg.cfg_dropout, generator).to(x0.device)
+    drawn = cfg_drop_mask(batch, cfg.cfg_dropout, generator)  # drawn even when the caller gives ``drop``
+    drop = drawn.to(x0.device) if drop is None else drop
     clean = context_prefix(batch, chunks, cfg.context_clean_prob, generator).to(x0.device)
     t = torch.where(clean, 0.0, t.to(x0.device))
     v = model(chunk_noise(x0, eps, t, cfg.chunk_frames), t, cond, drop)

@@ -46,6 +46,8 @@ import math
 
 import torch
 
+from xoron_dist.utils.host_syncs import on_host
+
 
 def alignment_mask(text_lengths: torch.Tensor, frame_lengths: torch.Tensor, t_text: int | None = None,
                    t_frames: int | None = None) -> torch.Tensor:
@@ -62,7 +64,13 @@ def alignment_mask(text_lengths: torch.Tensor, frame_lengths: torch.Tensor, t_te
 
 
 def _lengths(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text and frame lengths (batch,) of a rectangular ``alignment_mask``; raises if it is not one."""
+    """Text and frame lengths (batch,) of a rectangular ``alignment_mask``; raises if it is not one (checked
+    on the mask's host copy when it keeps one: ``SpeechGenerator.forward``'s does)."""
+    on_host(_check_rectangle, mask)
+    return mask[:, :, 0].sum(-1), mask[:, 0, :].sum(-1)
+
+
+def _check_rectangle(mask: torch.Tensor) -> None:
     text_lengths, frame_lengths = mask[:, :, 0].sum(-1), mask[:, 0, :].sum(-1)
     rectangle = alignment_mask(text_lengths, frame_lengths, mask.shape[1], mask.shape[2])
     if not torch.equal(mask, rectangle):
@@ -78,7 +86,6 @@ def _lengths(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                          f"{int(frame_lengths[row])} frames: MAS gives every token at least one frame, so it needs "
                          "text tokens <= frames (the monotonic-alignment-search kernel reads out of bounds here). "
                          "Drop or re-cut such clips before batching, or use a higher latent frame rate")
-    return text_lengths, frame_lengths
 
 
 def _prefix_sums(log_likelihood: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

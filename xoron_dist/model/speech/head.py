@@ -33,7 +33,7 @@ from xoron_dist.model.common.noise import NoiseClock, blank_item
 from xoron_dist.model.speech.speaker import SpeakerEncoder
 from xoron_dist.model.speech.tts import SpeechGenerator
 from xoron_dist.model.speech.vocoder import Vocoder, crop_segments
-from xoron_dist.utils.host_syncs import host_list
+from xoron_dist.utils.host_syncs import host_list, on_host, prefix_mask, upload
 
 OBJECTIVES = ("codec", "tts")
 
@@ -73,8 +73,7 @@ class SpeechHead(nn.Module):
             tts = self.tts_sum(encoder, targets, request, request_mask)
         else:
             zeros = request.new_zeros(1, 1, request.shape[-1])
-            tts = 0.0 * self.tts_sum(encoder, [blank], zeros, torch.ones(1, 1, dtype=torch.bool,
-                                                                         device=zeros.device))
+            tts = 0.0 * self.tts_sum(encoder, [blank], zeros, prefix_mask([1], 1, zeros.device))
         return {"codec": codec, "tts": tts}
 
     def codec_sum(self, encoder: AudioEncoder, clips: list[torch.Tensor]) -> torch.Tensor:
@@ -108,12 +107,12 @@ class SpeechHead(nn.Module):
         """The TTS losses summed over the target clips. A request longer than its clip's latent frames
         keeps its last ``frames`` tokens (MAS needs a frame per token; the request ends with the text)."""
         latents, _, frame_mask = encoder.tokens(targets)
-        request, request_mask = _fit_requests(request, request_mask, frame_mask.sum(1))
+        frames = on_host(lambda m: m.sum(1).tolist(), frame_mask)  # the encoder's mask keeps its host copy
+        request, request_mask = _fit_requests(request, request_mask, frames)
         samples, lengths = batch_clips(targets, latents.device)
         latents = self.vocoder.frames(latents, samples) * frame_mask[..., None].to(latents.dtype)
         latents = self._to_tts(latents, self._voice_level(latents))
         voice = self.speaker(samples.to(latents.dtype), lengths)
-        frames = frame_mask.sum(1).tolist()
         noise = latents.new_zeros(latents.shape)
         for i, draw in enumerate(self.clock.normal(targets, [(f, latents.shape[-1]) for f in frames], salt=1)):
             noise[i, : frames[i]] = draw.to(noise)
@@ -186,16 +185,18 @@ class SpeechHead(nn.Module):
         return torch.cat([frames[..., :-self.code_channels], torch.stack([position, voicing], dim=-1)], dim=-1)
 
 
-def _fit_requests(request: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-trim each request to at most ``frames`` tokens (see ``SpeechHead.tts_sum``)."""
-    lengths = mask.sum(1)
-    keep = torch.minimum(lengths, frames.to(lengths.device)).clamp(min=1)
-    if bool((keep == lengths).all()):
+def _fit_requests(request: torch.Tensor, mask: torch.Tensor, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-trim each request to at most ``frames`` tokens (see ``SpeechHead.tts_sum``). The lengths are
+    read on the mask's host copy (``prompt_states`` keeps one); the trimmed mask keeps its own."""
+    lengths = on_host(lambda m: m.sum(1).tolist(), mask)
+    keep = [min(length, max(frame, 1)) for length, frame in zip(lengths, frames, strict=True)]  # an empty one stays
+    if keep == lengths:
         return request, mask
-    positions = torch.arange(request.shape[1], device=request.device)[None]
-    index = (positions + (lengths - keep)[:, None]).clamp(max=request.shape[1] - 1)
+    width = request.shape[1]
+    new_mask = prefix_mask(keep, width, request.device)
+    dropped = upload([length - kept for length, kept in zip(lengths, keep, strict=True)], device=request.device)
+    index = (torch.arange(width, device=request.device)[None] + dropped[:, None]).clamp(max=width - 1)
     trimmed = torch.gather(request, 1, index[..., None].expand(-1, -1, request.shape[-1]))
-    new_mask = positions < keep[:, None]
     return trimmed * new_mask[..., None].to(request.dtype), new_mask
 
 

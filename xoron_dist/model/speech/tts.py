@@ -38,6 +38,7 @@ from xoron_dist.config import ConformerConfig
 from xoron_dist.model.audio.conformer import ConformerEncoder
 from xoron_dist.model.common.init import empty_linear
 from xoron_dist.model.speech.alignment import alignment_mask, durations, gaussian_log_likelihood, maximum_path
+from xoron_dist.utils.host_syncs import with_host_copy
 
 
 @dataclass
@@ -211,7 +212,9 @@ class SpeechGenerator(nn.Module):
         ``noise`` (n, F, latent_dim) and times ``t`` (n,) are drawn from ``generator`` unless given."""
         latents = latents.detach()
         h, mean, log_std = self.encode_text(text, text_mask, speaker)
-        mask = alignment_mask(text_mask.sum(1), frame_mask.sum(1), text_mask.shape[1], frame_mask.shape[1])
+        # with the masks' host copies, MAS checks its input on the host, without a sync
+        mask = with_host_copy(lambda t, f: alignment_mask(t.sum(1), f.sum(1), t.shape[1], f.shape[1]),
+                              text_mask, frame_mask)
         with torch.no_grad():
             path = maximum_path(gaussian_log_likelihood(latents, mean, log_std), mask)
         frames = frame_mask.sum(1).clamp(min=1) * self.latent_dim

@@ -17,6 +17,7 @@ from torch import nn
 from xoron_dist.config import VisionConfig
 from xoron_dist.model.common.init import empty_linear
 from xoron_dist.model.common.rope_nd import AxialRoPE, apply_axial_rope
+from xoron_dist.utils.host_syncs import on_host
 
 
 def biased_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -123,7 +124,7 @@ class VisionTransformer(nn.Module):
                 sin = torch.cat([sin, sin.new_zeros(sin.shape[0], latents.shape[1], sin.shape[2])], dim=1)
             rope = (cos, sin)
         key_mask = None
-        if mask is not None and not bool(mask.all()):
+        if mask is not None and not on_host(lambda m: bool(m.all()), mask):  # all real: no key mask
             if latents is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], latents.shape[1])], dim=1)
             key_mask = mask[:, None, None, :]

@@ -56,7 +56,7 @@ from xoron_dist.config import VisionConfig
 from xoron_dist.model.common.init import init_weights_
 from xoron_dist.model.common.rope_nd import grid_coords
 from xoron_dist.model.vision.blocks import VisionTransformer
-from xoron_dist.utils.host_syncs import upload
+from xoron_dist.utils.host_syncs import on_host, prefix_mask, upload
 
 IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean 0.5, std 0.5 (pixels to [-1, 1])
 IMAGE_STD = 0.5
@@ -155,7 +155,7 @@ class VisionOutput(NamedTuple):
 
     def per_image(self) -> list[torch.Tensor]:
         """The real tokens of each image: a list of (rows*cols, hidden) patches (or (k, hidden) tokens)."""
-        counts = self.mask.sum(dim=1).tolist()
+        counts = on_host(lambda m: m.sum(dim=1).tolist(), self.mask)
         return [feats[:count] for feats, count in zip(self.features, counts, strict=True)]
 
 
@@ -218,11 +218,10 @@ class VisionTower(nn.Module):
         batch = len(rows_of)
         tokens = weight.new_zeros(batch, longest, self.cfg.hidden_size)
         coords = torch.zeros(batch, longest, 2, dtype=torch.long, device=weight.device)
-        mask = torch.zeros(batch, longest, dtype=torch.bool, device=weight.device)
         for i, (t, grid) in enumerate(zip(rows_of, grids, strict=True)):
             tokens[i, : t.shape[0]] = t
             coords[i, : t.shape[0]] = grid_coords(*grid, device=weight.device)
-            mask[i, : t.shape[0]] = True
+        mask = prefix_mask([t.shape[0] for t in rows_of], longest, weight.device)  # read on its host copy
         return tokens, coords, mask, upload(grids, dtype=torch.long, device=weight.device)
 
     def forward(self, images: list[torch.Tensor] | torch.Tensor, patches_only: bool = False) -> VisionOutput:
