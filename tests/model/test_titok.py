@@ -146,3 +146,35 @@ def test_dead_code_restarts_keep_data_parallel_codebooks_identical() -> None:
     (book0, usage0, restarted), (book1, usage1, _) = run_ranks(_restart_body, 2, 50)
     assert restarted > 0
     assert torch.equal(book0, book1) and torch.equal(usage0, usage1)
+
+
+def test_usage_and_dead_codes_are_made_on_the_device_and_a_skipped_step_moves_nothing() -> None:
+    """The keeper's two halves, as the trainer's step calls them around its one read: ``usage`` reads
+    nothing; with the step's ``applied`` flag at 0 (a skipped step) no average moves and no code is dead;
+    at 1 the dead codes are ``apply_usage``'s, and ``restart`` re-seeds exactly those."""
+    from xoron_dist.model.common.quantize import CosineQuantizer
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    torch.manual_seed(0)
+    quantizer = CosineQuantizer(16, 4, dead_code_share=0.9, usage_decay=0.5)
+    twin = CosineQuantizer(16, 4, dead_code_share=0.9, usage_decay=0.5)
+    twin.load_state_dict(quantizer.state_dict())
+    latents = torch.nn.functional.normalize(quantizer.codebook.weight[:3].detach() + 0.01, dim=-1)  # codes 0-2
+    keeper = CodebookKeeper(quantizer)
+    quantizer(latents), twin(latents)
+    before = quantizer.code_usage.clone()
+    with HostSyncCounter() as syncs:
+        [dead] = keeper.usage(None, torch.tensor(0.0))
+    assert syncs.total == 0, syncs.calls
+    assert not dead.any() and torch.equal(quantizer.code_usage, before)
+    with HostSyncCounter() as syncs:
+        [dead] = keeper.usage(None, torch.tensor(1.0))
+    assert syncs.total == 0, syncs.calls
+    rows = dead.nonzero().flatten().tolist()
+    assert rows == list(range(3, 16))  # the codes nobody picked fell below 0.9 of the uniform share
+    torch.manual_seed(1)
+    assert keeper.restart([rows]) == 13 == quantizer.restarts and quantizer.pending is None
+    torch.manual_seed(1)
+    assert twin.apply_usage(twin.counts(), twin.pick_latents) == 13  # the one-read path: the same restart
+    assert torch.equal(quantizer.codebook.weight, twin.codebook.weight)
+    assert torch.equal(quantizer.code_usage, twin.code_usage)

@@ -149,7 +149,7 @@ def _zero3_body(full_state: dict) -> dict:
     engine.step = step
     built = BuiltStage(engine, None, engine.module, None, None, None, 0)
     result = StepRunner(cfg, ctx, built, TokenGroups(cfg, lambda token: None)).run(
-        [SimpleNamespace(**_batch(), image_is_target=None, video_is_target=None)])
+        [SimpleNamespace(**_batch(), image_is_target=None, video_is_target=None)]).read()
     return {"loss": result.losses["lm"], "count": result.counts["lm"], "grads": grads}
 
 

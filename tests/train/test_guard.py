@@ -56,9 +56,14 @@ OK = {"lm": 2.0}
 NAN = {"lm": float("nan")}
 
 
+def _flags(guard: NumericsGuard, *args, **kwargs) -> tuple[bool, bool]:
+    """``local_flags``' (non-finite, spike), which it leaves on the device, as bools."""
+    return tuple(value > 0 for value in guard.local_flags(*args, **kwargs).tolist())
+
+
 def test_policies_count_consecutive_skips():
     skip = _guard(nonfinite_policy="skip", max_skipped_steps=2)
-    assert skip.local_flags(NAN, 1.0, engine_skipped=True) == (True, False)
+    assert _flags(skip, NAN, 1.0, engine_skipped=True) == (True, False)
     assert skip.record(1, NAN, True, False) is None and skip.record(2, NAN, True, False) is None
     assert not skip.healthy
     diverged = skip.record(3, NAN, True, False)
@@ -72,25 +77,40 @@ def test_policies_count_consecutive_skips():
 
 def test_finite_loss_with_a_skipped_update_or_an_infinite_norm_counts():
     guard = _guard()
-    assert guard.local_flags(OK, float("inf"), engine_skipped=False) == (True, False)
-    assert guard.local_flags(OK, None, engine_skipped=True) == (True, False)
-    assert guard.local_flags(OK, 1.0, engine_skipped=False) == (False, False)
+    assert _flags(guard, OK, float("inf"), engine_skipped=False) == (True, False)
+    assert _flags(guard, OK, None, engine_skipped=True) == (True, False)
+    assert _flags(guard, OK, 1.0, engine_skipped=False) == (False, False)
     fp16 = NumericsGuard(TrainConfig(), fp16=True)  # the loss scaler's overflow skips are routine
-    assert fp16.local_flags(OK, float("inf"), engine_skipped=True) == (False, False)
-    assert fp16.local_flags(NAN, None, engine_skipped=True) == (True, False)
+    assert _flags(fp16, OK, float("inf"), engine_skipped=True) == (False, False)
+    assert _flags(fp16, NAN, None, engine_skipped=True) == (True, False)
 
 
 def test_loss_spike_over_the_running_mean():
     guard = _guard(loss_spike_factor=3.0, loss_spike_window=4)
     for step, loss in enumerate([2.0, 2.2, 1.8, 2.0], start=1):
-        assert guard.local_flags({"lm": loss}, 1.0, False) == (False, False)  # window not full yet
+        assert _flags(guard, {"lm": loss}, 1.0, False) == (False, False)  # window not full yet
         assert guard.record(step, {"lm": loss}, False, False) is None
-    assert guard.local_flags({"lm": 5.9}, 1.0, False) == (False, False)
-    assert guard.local_flags({"lm": 6.1}, 1.0, False) == (False, True)
+    assert _flags(guard, {"lm": 5.9}, 1.0, False) == (False, False)
+    assert _flags(guard, {"lm": 6.1}, 1.0, False) == (False, True)
     diverged = guard.record(5, {"lm": 6.1}, False, True)
     assert diverged.first_bad_step == 5 and "loss 6.1 > 3 x 2, the mean of the last 4 steps" in diverged.reason
     guard.reset()
-    assert guard.local_flags({"lm": 60.0}, 1.0, False) == (False, False)  # history restarts after a rollback
+    assert _flags(guard, {"lm": 60.0}, 1.0, False) == (False, False)  # history restarts after a rollback
+
+
+def test_the_flags_are_made_on_the_device_without_a_read():
+    """The trainer hands over device tensors (each objective's mean, the grad norm) and all-reduces and reads
+    the flags with the step's other values: making them reads nothing."""
+    from xoron_dist.utils.host_syncs import HostSyncCounter
+
+    guard = _guard(loss_spike_factor=3.0, loss_spike_window=1)
+    guard.record(1, {"lm": 2.0}, False, False)
+    means = {"lm": torch.tensor(7.0), "other": torch.tensor(float("inf"))}
+    with HostSyncCounter() as syncs:
+        flags = guard.local_flags(means, torch.tensor(1.0), engine_skipped=False)
+        spiking = guard.local_flags({"lm": torch.tensor(7.0)}, torch.tensor(1.0), engine_skipped=False)
+    assert syncs.total == 0, syncs.calls
+    assert flags.tolist() == [1.0, 0.0] and spiking.tolist() == [0.0, 1.0]  # a non-finite step is no spike
 
 
 def test_config_checks():

@@ -74,7 +74,7 @@ def _step_body(full_state: dict, accum: int, sp: int = 1) -> dict:
     built = BuiltStage(engine, None, engine.module, None, None, None, 0)
     mine = _micro_batches()[ctx.dp_rank * accum : (ctx.dp_rank + 1) * accum]
     result = StepRunner(cfg, ctx, built, TokenGroups(cfg, lambda token: None)).run(
-        [SimpleNamespace(**batch, image_is_target=None) for batch in mine])
+        [SimpleNamespace(**batch, image_is_target=None) for batch in mine]).read()
     codebook = _restart_codes(engine.module, ctx)
     state.destroy()
     return {"losses": result.losses, "counts": result.counts, "grads": grads, "codebook": codebook}
@@ -172,7 +172,7 @@ def _pipeline_body(full_state: dict) -> dict:
                                       config=config, mpu=state.mpu())
     built = BuiltStage(engine, None, engine.module, parallel.stage, None, None, 0)
     result = StepRunner(cfg, ctx, built, TokenGroups(cfg, lambda token: None)).run(
-        [SimpleNamespace(**batch, image_is_target=None) for batch in _micro_batches()])
+        [SimpleNamespace(**batch, image_is_target=None) for batch in _micro_batches()]).read()
     out = {"losses": result.losses, "counts": result.counts,
            "updates": {name: before[name] - p.detach() for name, p in stage.named_parameters()},
            "codebook": _restart_codes(engine.module, ctx)}

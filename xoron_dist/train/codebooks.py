@@ -29,16 +29,37 @@ class CodebookKeeper:
         self.quantizers = [m for m in model.modules() if isinstance(m, CosineQuantizer)]
 
     def update(self, group: dist.ProcessGroup | None = None) -> int:
-        """Restart dead codes from the forwards since the last call; returns how many codes restarted."""
+        """Restart dead codes from the forwards since the last call; returns how many codes restarted. The
+        two halves with a read of the dead codes between them (the trainer's step reads them with its other
+        values: ``train/readout.py``)."""
+        dead = self.usage(group)
+        return self.restart([None if d is None else d.nonzero().flatten().tolist() for d in dead], group)
+
+    def usage(self, group: dist.ProcessGroup | None = None, applied: torch.Tensor | None = None
+              ) -> list[torch.Tensor | None]:
+        """For each quantiser, its dead codes (a (size,) bool device mask) after its usage average took the
+        counts of its last training forward, summed over ``group``; None for one that did not run. Reads
+        nothing. ``applied``: the step's 0/1 device flag (a skipped step moves no average and finds no dead
+        code: ``CosineQuantizer.update_usage``)."""
         distributed = group is not None and dist.is_initialized()
-        restarted = 0
+        dead: list[torch.Tensor | None] = []
         for quantizer in self.quantizers:
             if quantizer.pending is None:
+                dead.append(None)
                 continue
             counts = quantizer.counts()
             if distributed:
                 dist.all_reduce(counts, group=group)
-            restarted += quantizer.apply_usage(counts, lambda n, q=quantizer: _agreed(q.pick_latents(n), group),
+            dead.append(quantizer.update_usage(counts, applied))
+        return dead
+
+    def restart(self, dead: list[list[int] | None], group: dist.ProcessGroup | None = None) -> int:
+        """Re-seed each quantiser's ``dead`` codes (indices read on the host; the same on every rank) with
+        rank 0's latents; returns how many codes restarted."""
+        restarted = 0
+        for quantizer, rows in zip(self.quantizers, dead, strict=True):
+            if rows is not None:
+                restarted += quantizer.restart(rows, lambda n, q=quantizer: _agreed(q.pick_latents(n), group),
                                                _row_writer(quantizer.codebook.weight))
         return restarted
 

@@ -88,21 +88,37 @@ class ExpertBalancer:
         (routers, experts). ``group``: the ranks that route different tokens through the same experts
         (data x sequence parallel), whose loads are summed first. ``rates``: family -> γ overriding the
         routers' own ``bias_update_rate`` (a curriculum stage's rate for the LLM)."""
-        rates = rates or {}
+        loaded = self.reduce(group)
+        self.apply(loaded, enabled, rates)
+        return loaded
+
+    @torch.no_grad()
+    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+        """Each family's load since the last call, summed over ``group`` (see ``update``), and the counters
+        cleared for the next step."""
         loaded: dict[str, torch.Tensor] = {}
         for family in self.families:
-            rows = self.of_family(family)
-            load = torch.stack([self.load[i] for i in rows])
+            load = torch.stack([self.load[i] for i in self.of_family(family)])
             if group is not None and dist.is_initialized():
                 dist.all_reduce(load, group=group)
-            if enabled:
-                for i, row_load in zip(rows, load, strict=True):
-                    router = self.routers[i]
-                    router.update_bias(row_load, rates.get(family, router.bias_update_rate))
             loaded[family] = load
         for total in self.load:
             total.zero_()
         return loaded
+
+    @torch.no_grad()
+    def apply(self, loaded: dict[str, torch.Tensor], enabled: bool = True, rates: dict[str, float] | None = None,
+              applied: torch.Tensor | None = None) -> None:
+        """The bias update from ``reduce``'s loads (see ``update``). ``applied``: a 0/1 device flag whether the
+        optimizer step was applied (a skipped step moves no bias), decided on the device without a read."""
+        if not enabled:
+            return
+        rates = rates or {}
+        for family, load in loaded.items():
+            for i, row_load in zip(self.of_family(family), load, strict=True):
+                router = self.routers[i]
+                rate = rates.get(family, router.bias_update_rate)
+                router.update_bias(row_load, rate if applied is None else applied * rate)
 
 
 __all__ = ["ExpertBalancer"]

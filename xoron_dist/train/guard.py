@@ -2,8 +2,9 @@
 run that keeps producing them (or whose loss spikes) rolls back or stops, as configured.
 
 Megatron checks the loss for NaN on every step by default; we check the loss and the gradient norm
-on every rank and agree with one all-reduced flag per step: the trainer's existing stop-signal
-all-reduce carries it (``trainer._agree``), so the check adds no host synchronisation.
+on every rank and agree with one all-reduced flag per step: the flags are made on the device, the
+trainer's stop-signal all-reduce carries them and the step's one host read reads them
+(``readout.py``), so the check adds no host synchronisation.
 
 Who keeps a non-finite update out of the weights (checked by ``tests/train/test_guard.py``, fp32,
 DeepSpeed 0.19 on CPU):
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,27 +75,33 @@ class NumericsGuard:
         self.streak = 0
         self.first_bad_step: int | None = None
         self._recent: collections.deque[float] = collections.deque(maxlen=train.loss_spike_window)
-        self._spike_text = ""
+        self._spike_mean: float | None = None  # the mean the last ``local_flags`` compared the loss with
 
     @property
     def healthy(self) -> bool:
         """No skipped step since the last applied one: the state is fit to become a rollback target."""
         return self.streak == 0
 
-    def local_flags(self, losses: dict[str, float], grad_norm: float | None, engine_skipped: bool) -> tuple[bool, bool]:
-        """(non-finite, spike) as this rank sees the step."""
-        nonfinite = not all(math.isfinite(v) for v in losses.values())
-        if not nonfinite and not self.fp16:
+    def local_flags(self, losses: dict[str, torch.Tensor | float], grad_norm: torch.Tensor | float | None,
+                    engine_skipped: bool) -> torch.Tensor:
+        """(non-finite, spike) as this rank sees the step: 0/1 in a float32 (2,) tensor on the losses'
+        device, made without reading it (the trainer all-reduces the flags and reads them with the step's
+        other values). ``losses``: each objective's mean over the step, device 0-dim tensors or floats."""
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in losses.values()])
+        nonfinite = ~torch.isfinite(values).all()
+        if not self.fp16:
             # fp16: the loss scaler skips overflowing steps and lowers the scale (routine, not divergence)
-            nonfinite = engine_skipped or (grad_norm is not None and not math.isfinite(grad_norm))
-        loss = losses.get("lm", next(iter(losses.values()), 0.0))
-        spike = False
-        if not nonfinite and self.spike_factor > 0 and len(self._recent) == self._recent.maxlen:
-            mean = sum(self._recent) / len(self._recent)
-            spike = loss > self.spike_factor * mean
-            self._spike_text = f"loss {loss:.4g} > {self.spike_factor:g} x {mean:.4g}, the mean of the last " \
-                               f"{len(self._recent)} steps"
-        return nonfinite, spike
+            if grad_norm is not None:
+                norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(values.device)
+                nonfinite = nonfinite | ~torch.isfinite(norm)
+            nonfinite = nonfinite | engine_skipped
+        spike = torch.zeros((), dtype=torch.bool, device=values.device)
+        self._spike_mean = None
+        if self.spike_factor > 0 and len(self._recent) == self._recent.maxlen:
+            self._spike_mean = sum(self._recent) / len(self._recent)
+            loss = values[list(losses).index("lm")] if "lm" in losses else values[0]
+            spike = ~nonfinite & (loss > self.spike_factor * self._spike_mean)
+        return torch.stack([nonfinite, spike]).float()
 
     def record(self, step: int, losses: dict[str, float], nonfinite: bool, spike: bool) -> Divergence | None:
         """Take the agreed verdict of ``step``; a ``Divergence`` when the run has diverged."""
@@ -110,7 +116,10 @@ class NumericsGuard:
                 return Divergence(f"non-finite loss or gradients at {where}", self.first_bad_step, step)
             return None
         if spike:
-            return Divergence(f"loss spike at step {step} ({self._spike_text or 'on another rank'})", step, step)
+            loss = losses.get("lm", next(iter(losses.values()), 0.0))
+            seen = (f"loss {loss:.4g} > {self.spike_factor:g} x {self._spike_mean:.4g}, the mean of the last "
+                    f"{len(self._recent)} steps") if self._spike_mean is not None else "on another rank"
+            return Divergence(f"loss spike at step {step} ({seen})", step, step)
         self.streak, self.first_bad_step = 0, None
         self._recent.append(losses.get("lm", next(iter(losses.values()), 0.0)))
         return None

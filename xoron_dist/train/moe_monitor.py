@@ -26,19 +26,16 @@ class ExpertLoadMonitor:
         self.warn_after = warn_after
         self.idle_steps = torch.zeros(len(layer_ids), num_experts, dtype=torch.long)
         self.warned = torch.zeros(len(layer_ids), num_experts, dtype=torch.bool)
-        self._read: tuple[list[list[float]], list[list[float]] | None] = ([], None)  # the last update's values
+        self._read: tuple[list[list[float]], list[list[float]] | None] = ([], None)  # the last update's
 
-    def update(self, step: int, load: torch.Tensor, biases: list[torch.Tensor] | None = None) -> list[tuple[int, int]]:
-        """Record one step's load; return the (layer, expert) pairs that just became starved.
-
-        One host read per step: the load, and on a TensorBoard step the routers' ``biases`` with it (for
-        ``scalars``). The counts are read in float64, exact for any token count."""
-        values = torch.cat([t.to(torch.float64).flatten() for t in (load, *(biases or []))]).tolist()
-        layers, experts = load.shape
-        rows = [values[i:i + experts] for i in range(0, len(values), experts)]  # one per layer, then per bias
-        self._read = (rows[:layers], rows[layers:] if biases is not None else None)
+    def update(self, step: int, load: list[list[float]], biases: list[list[float]] | None = None
+               ) -> list[tuple[int, int]]:
+        """Record one step's load, (layers, experts) token counts as read on the host (with the step's other
+        values: ``train/readout.py``), and on a TensorBoard step the routers' ``biases`` (for ``scalars``);
+        return the (layer, expert) pairs that just became starved."""
+        self._read = (load, biases)
         with host_values():  # the bookkeeping lives on the host
-            idle = torch.tensor(self._read[0], dtype=torch.float64).view(load.shape) == 0
+            idle = torch.tensor(load, dtype=torch.float64).view(self.idle_steps.shape) == 0
             self.idle_steps = torch.where(idle, self.idle_steps + 1, torch.zeros_like(self.idle_steps))
             self.warned &= idle  # a fed expert may be warned about again later
             newly = (self.idle_steps >= self.warn_after) & ~self.warned
@@ -53,7 +50,7 @@ class ExpertLoadMonitor:
         return starved
 
     def scalars(self, pipeline_group=None) -> dict[str, float]:
-        """TensorBoard scalars of this rank's MoE layers, from the load and biases the last ``update`` read
+        """TensorBoard scalars of this rank's MoE layers, from the load and biases the last ``update`` took
         (it must have been given the biases); with a ``pipeline_group`` of more than one stage (every stage
         must call) those of every stage's layers, so rank 0 (stage 0) writes the whole model's."""
         load_rows, bias_rows = self._read

@@ -36,6 +36,31 @@ class StepResult:
     counts: dict[str, int]  # objective -> items it averaged over (all ranks)
 
 
+@dataclass
+class StepSums:
+    """One step's loss sums and item counts per objective, summed over every rank, still on the device: the
+    trainer reads them with the step's other values in one read (``train/readout.py``)."""
+
+    names: list[str]
+    sums: torch.Tensor  # (objectives,) float32
+    counts: torch.Tensor  # (objectives,) float32
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Each objective's mean over the step, a 0-dim device tensor (0 without items)."""
+        return dict(zip(self.names, self.sums.float() / self.counts.clamp(min=1.0), strict=True))
+
+    def result(self, sums: list[float], counts: list[float]) -> StepResult:
+        """The step's result from the sums and counts as read on the host."""
+        means = [s / max(c, 1.0) for s, c in zip(sums, counts, strict=True)]
+        return StepResult(dict(zip(self.names, means, strict=True)),
+                          {n: int(c) for n, c in zip(self.names, counts, strict=True)})
+
+    def read(self) -> StepResult:
+        """``result`` read on its own (one read)."""
+        sums, counts = torch.stack([self.sums.float(), self.counts]).tolist()
+        return self.result(sums, counts)
+
+
 class StepRunner:
     """Runs steps of one curriculum stage (``built``) on this rank (``ctx``: the ParallelContext)."""
 
@@ -66,7 +91,7 @@ class StepRunner:
         whole_rows = self.ctx.sp_size > 1 and hasattr(self.built.model, "media_inputs")
         return self.ctx.dp_group if whole_rows else self.ctx.token_group
 
-    def run(self, batches: list) -> StepResult:
+    def run(self, batches: list) -> StepSums:
         ctx, engine = self.ctx, self.built.engine
         inputs = [self.model_inputs(batch) for batch in batches]
         # counts and scales stay on the device: the step reads the host once, at its end
@@ -92,10 +117,7 @@ class StepRunner:
                 sums += torch.stack([part.detach().float() for part in parts])
         advance_clocks(self.built.model)
         dist.all_reduce(sums, group=ctx.token_group)
-        names = [obj.name for obj, _ in self.objectives]
-        loss_sums, totals = torch.stack([sums.float(), counts]).tolist()
-        means = [s / max(c, 1.0) for s, c in zip(loss_sums, totals, strict=True)]
-        return StepResult(dict(zip(names, means, strict=True)), {n: int(c) for n, c in zip(names, totals, strict=True)})
+        return StepSums([obj.name for obj, _ in self.objectives], sums, counts)
 
 
 def _summed(counts: list, device: torch.device) -> torch.Tensor:
@@ -107,4 +129,4 @@ def _summed(counts: list, device: torch.device) -> torch.Tensor:
     return total.to(device) + on_host
 
 
-__all__ = ["StepResult", "StepRunner"]
+__all__ = ["StepResult", "StepRunner", "StepSums"]

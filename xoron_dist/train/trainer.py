@@ -9,12 +9,14 @@
     metrics.py          throughput, progress line, metrics.jsonl  moe_monitor.py expert load, starved experts
     guard.py            non-finite steps, rollback                checkpoint_integrity.py  hashes, safe loading
     run_lock.py         one run per run directory                 watchdog.py    hang reports
+    readout.py          the step's values agreed and read once
 
 A run is a sequence of stages (one, ``main``, without ``stages:``). Each stage builds its own
 engine (its trainable parameters and optimizer) and batch source (its data mix and sequence
 length) and starts from the weights the previous stage left. One step = ``grad_accum_steps``
 micro-batches, one optimizer update, then the expert-bias update from the load of all ranks
-(so every replica keeps identical biases), then logging and, every ``save_every`` steps and at
+(so every replica keeps identical biases) and one host read of everything the host needs to know
+of the step (``readout.py``), then logging and, every ``save_every`` steps and at
 the end of every stage, a checkpoint. A step whose loss or gradients are not finite is skipped
 (``guard.py``); a run that diverges rolls back to an earlier checkpoint or stops (exit status 4).
 A signal saves and stops (exit status 3).
@@ -72,6 +74,7 @@ from xoron_dist.train.guard import Divergence, NumericsGuard, TrainingDiverged, 
 from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer, step_flops_rates
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
 from xoron_dist.train.objectives import TokenGroups
+from xoron_dist.train.readout import StepReadout, read_step
 from xoron_dist.train.reshard import (
     SavedLayout,
     archive_config,
@@ -84,10 +87,9 @@ from xoron_dist.train.run_lock import RunDirectoryBusy, RunLock
 from xoron_dist.train.samples import GenerationSamples
 from xoron_dist.train.sources import build_source, to_device
 from xoron_dist.train.stages import StagePlan, plan_stages, stage_at
-from xoron_dist.train.step import StepResult, StepRunner
+from xoron_dist.train.step import StepRunner
 from xoron_dist.train.tensorboard import TensorBoardWriter
 from xoron_dist.train.watchdog import HangWatchdog
-from xoron_dist.utils.host_syncs import upload
 
 logger = logging.getLogger(__name__)
 
@@ -446,15 +448,16 @@ def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: Tr
         run.watchdog.beat(state.step + 1, "step")
         wall_start = time.perf_counter()
         skipped_before = built.engine.skipped_steps
-        result = runner.run([to_device(source.next_batch(), ctx.device) for _ in range(tc.grad_accum_steps)])
-        grad_norm = _grad_norm(built.engine)
-        stop_now, skipped, spike = _agree(run, result, grad_norm, built.engine.skipped_steps > skipped_before)
-        llm_load = None  # a skipped step changes no expert bias or codebook either, and has no load to report
+        sums = runner.run([to_device(source.next_batch(), ctx.device) for _ in range(tc.grad_accum_steps)])
+        # the step's one host read; a skipped step changes no expert bias nor codebook, and reports no load
+        step = read_step(sums, engine=built.engine, guard=run.guard, balancer=built.balancer,
+                         codebooks=built.codebooks, ctx=ctx,
+                         stop_requested=run.stop.requested,
+                         engine_skipped=built.engine.skipped_steps > skipped_before, bias_update=plan.bias_update,
+                         rates={"llm": plan.bias_update_rate}, num_experts=cfg.llm.moe.num_experts,
+                         with_biases=_tensorboard_step(tc, plan, state.step + 1))
+        result, stop_now, skipped = step.result, step.stop, step.skipped
         if not skipped:
-            loads = built.balancer.update(ctx.token_group, enabled=plan.bias_update,
-                                          rates={"llm": plan.bias_update_rate})
-            built.codebooks.update(ctx.token_group)
-            llm_load = loads.get("llm", torch.zeros(0, cfg.llm.moe.num_experts))  # (MoE layers here, experts)
             loss_value = result.losses["lm"]
         state.step += 1
         state.tokens_seen += tokens_per_step
@@ -462,12 +465,12 @@ def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: Tr
         state.data_position = {"source": source.state_dict()}
         logs.timer.step(tokens_per_step)
         state.wall_time_s += time.perf_counter() - wall_start
-        _log_step(cfg, ctx, plan, state, result, built, logs, monitor, llm_load, grad_norm, skipped)
+        _log_step(cfg, ctx, plan, state, step, built, logs, monitor)
         if samples.due(state.step):
             run.watchdog.beat(state.step, "samples")
             with logs.timer.excluded():
                 samples.write(state.step, built.model, logs.tb)
-        divergence = run.guard.record(state.step, result.losses, skipped, spike)
+        divergence = run.guard.record(state.step, result.losses, skipped, step.spike)
         if divergence is not None:
             return StageOutcome(state, loss_value, divergence=divergence)
         # A periodic save waits for a step that was applied: the newest checkpoint then predates any trouble.
@@ -531,27 +534,21 @@ def _enter_stage(run: Run, built: BuiltStage, source, plan: StagePlan, start: St
     return state
 
 
-def _agree(run: Run, result: StepResult, grad_norm: float | None, engine_skipped: bool) -> tuple[bool, bool, bool]:
-    """(stop, non-finite, spike), each true on every rank if true on any: one all-reduce, one host read.
-    All ranks stop together, at the same step, and skip or roll back together."""
-    nonfinite, spike = run.guard.local_flags(result.losses, grad_norm, engine_skipped)
-    flags = upload([float(run.stop.requested), float(nonfinite), float(spike)], device=run.ctx.device)
-    dist.all_reduce(flags)
-    stop_now, nonfinite, spike = (value > 0 for value in flags.tolist())
-    return stop_now, nonfinite, spike
+def _tensorboard_step(tc, plan: StagePlan, step: int) -> bool:
+    """Whether ``step`` writes TensorBoard scalars: every ``log_every`` steps and a stage's last."""
+    return step % tc.log_every == 0 or step == plan.last_step
 
 
-def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, result: StepResult, built: BuiltStage,
-              logs: RunLogs, monitor: ExpertLoadMonitor, load: torch.Tensor | None, grad_norm: float | None,
-              skipped: bool) -> None:
-    """metrics.jsonl every step; TensorBoard every ``log_every`` steps; the progress line. ``load``: the
-    step's expert load, None for a skipped step."""
+def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, step: StepReadout, built: BuiltStage,
+              logs: RunLogs, monitor: ExpertLoadMonitor) -> None:
+    """metrics.jsonl every step; TensorBoard every ``log_every`` steps; the progress line."""
     tc = cfg.train
+    result, grad_norm, skipped, load = step.result, step.grad_norm, step.skipped, step.load
     loss = result.losses["lm"]
     lr = built.scheduler.get_last_lr()[0]
-    tensorboard_step = state.step % tc.log_every == 0 or state.step == plan.last_step
-    if load is not None:  # on a TensorBoard step the biases come in the same read
-        monitor.update(state.step, load, built.balancer.biases() if tensorboard_step else None)
+    tensorboard_step = _tensorboard_step(tc, plan, state.step)
+    if load is not None:  # on a TensorBoard step the step's read brought the biases too
+        monitor.update(state.step, load, step.biases)
     record = {"step": state.step, "stage": plan.name, "loss": loss, "lr": lr, "grad_norm": grad_norm,
               "label_tokens": result.counts["lm"], "tokens_per_s": logs.timer.tokens_per_s,
               "tokens_seen": state.tokens_seen, "skipped": skipped}
@@ -577,8 +574,3 @@ def _log_step(cfg: XoronConfig, ctx, plan: StagePlan, state: TrainerState, resul
                          tokens_per_s=logs.timer.tokens_per_s, eta_s=logs.timer.eta(tc.steps - state.step), **rates)
 
 
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)

@@ -245,6 +245,42 @@ def with_host_copy(make: Callable[..., torch.Tensor], *tensors: torch.Tensor | N
     return made
 
 
+def read_together(values: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor of ``values`` read on the host in one read (one sync where each ``.tolist()`` would be
+    one): each comes back as its ``tolist()`` (a 0-dim tensor as a float), read as float64, so integer
+    counts up to 2**53 are exact; a list of tensors (and Nones) comes back as a list of those. Anything else
+    passes through. The tensors must be on one device."""
+    def tensors_of(value: Any) -> list[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, list) and value and all(v is None or isinstance(v, torch.Tensor) for v in value):
+            return [v for v in value if v is not None]
+        return []
+
+    everything = [t for value in values.values() for t in tensors_of(value)]
+    if not everything:
+        return dict(values)
+    flat = torch.cat([t.detach().to(torch.float64).flatten() for t in everything]).tolist()
+    offset = 0
+
+    def take(t: torch.Tensor) -> Any:
+        nonlocal offset
+        part = flat[offset:offset + t.numel()]
+        offset += t.numel()
+        with host_values():
+            return torch.tensor(part, dtype=torch.float64).view(t.shape).tolist()
+
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = take(value)
+        elif tensors_of(value):
+            out[name] = [None if v is None else take(v) for v in value]
+        else:
+            out[name] = value
+    return out
+
+
 def host_list(t: torch.Tensor) -> list:
     """``t.tolist()`` from the host copy ``t`` keeps (``keep_host_copy``): no sync. Without one, a read of ``t``."""
     return on_host(torch.Tensor.tolist, t)
@@ -296,4 +332,4 @@ def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = No
 
 
 __all__ = ["HostSyncCounter", "host_copy", "host_list", "host_values", "keep_host_copy", "on_host", "prefix_mask",
-           "select_rows", "upload", "where_true", "with_host_copy"]
+           "read_together", "select_rows", "upload", "where_true", "with_host_copy"]

@@ -83,8 +83,9 @@ class ExpertBiasRouter(nn.Module):
         return chosen, weights * self.scaling
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor, rate: float) -> None:
-        """Move the bias of over-loaded experts down and of under-loaded ones up by ``rate``."""
+    def update_bias(self, load: torch.Tensor, rate: float | torch.Tensor) -> None:
+        """Move the bias of over-loaded experts down and of under-loaded ones up by ``rate`` (a number, or a
+        0-dim tensor on the bias's device: the trainer's is 0 for a skipped step)."""
         delta = rate * torch.sign(load.float().mean() - load.float())
         self.expert_bias.add_(delta - delta.mean())
 

@@ -13,7 +13,9 @@ code's share of the ids (``code_usage``) and remembers the last training forward
 (``xoron_dist.train.codebooks``) sums the counts over the data-parallel ranks, updates the averages
 and re-seeds every code whose share fell below ``dead_code_share`` of the uniform share with one of
 the batch's latents (rank 0's, broadcast, so every replica keeps one codebook). ``apply_usage`` is
-that update on one rank; the model itself never communicates.
+that update on one rank, in two halves: ``update_usage`` finds the dead codes on the device and
+``restart`` re-seeds them once the host has read which they are (the trainer reads them with the step's
+other values); the model itself never communicates.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from xoron_dist.utils.host_syncs import upload
 
 
 class Quantized(NamedTuple):
@@ -84,22 +88,40 @@ class CosineQuantizer(nn.Module):
         """Update the usage average with ``counts`` (summed over the replicas) and re-seed the dead codes
         with ``fresh(n)`` (n, code_dim) latents; clears ``pending``; returns how many codes restarted.
         ``write(rows, values)`` sets codebook rows (default: in place; the trainer's keeper passes one that
-        also reaches a ZeRO optimizer's partitioned weights)."""
+        also reaches a ZeRO optimizer's partitioned weights). ``update_usage`` then ``restart``, with the
+        dead codes read in between (the trainer reads them with the step's other values instead)."""
+        dead = self.update_usage(counts)
+        return self.restart(dead.nonzero().flatten().tolist(), fresh, write)
+
+    @torch.no_grad()
+    def update_usage(self, counts: torch.Tensor, applied: torch.Tensor | None = None) -> torch.Tensor:
+        """Move the usage average by ``counts`` (summed over the replicas); the dead codes, a (size,) bool
+        device mask, made without a read. ``applied``: a 0/1 device flag whether the optimizer step was
+        applied; 0 (a skipped step) leaves the average as it was and finds no dead code."""
         decay = self.usage_decay
-        self.code_usage.mul_(decay).add_(counts / counts.sum().clamp(min=1), alpha=1 - decay)
-        dead = (self.code_usage < self.dead_code_share / self.size).nonzero().flatten()
-        if not self.dead_code_share or dead.numel() == 0:
+        moved = (self.code_usage * decay).add_(counts / counts.sum().clamp(min=1), alpha=1 - decay)
+        keep = torch.ones((), device=moved.device) if applied is None else applied.to(moved.device)
+        self.code_usage.copy_(torch.where(keep > 0, moved, self.code_usage))
+        return (self.code_usage < self.dead_code_share / self.size) & (keep > 0) & bool(self.dead_code_share)
+
+    @torch.no_grad()
+    def restart(self, dead: list[int], fresh: Callable[[int], torch.Tensor],
+                write: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> int:
+        """Re-seed the ``dead`` codes (their indices, read on the host) with ``fresh(n)`` latents (see
+        ``apply_usage``); clears ``pending``; returns how many codes restarted."""
+        if not dead:
             self.pending = None
             return 0
-        values = fresh(dead.numel()).to(self.codebook.weight.dtype)
-        if write is None:
-            self.codebook.weight[dead] = values
-        else:
-            write(dead, values)
+        rows = upload(dead, dtype=torch.long, device=self.codebook.weight.device)
+        values = fresh(len(dead)).to(self.codebook.weight.dtype)  # from the pending forward's latents
         self.pending = None
-        self.code_usage[dead] = 1.0 / self.size  # a fresh code gets the uniform share to prove itself
-        self.restarts += int(dead.numel())
-        return int(dead.numel())
+        if write is None:
+            self.codebook.weight[rows] = values
+        else:
+            write(rows, values)
+        self.code_usage[rows] = 1.0 / self.size  # a fresh code gets the uniform share to prove itself
+        self.restarts += len(dead)
+        return len(dead)
 
     def pick_latents(self, n: int) -> torch.Tensor:
         """``n`` of the pending forward's latents, drawn at random (torch's default generator)."""
