@@ -202,3 +202,12 @@ def test_the_mask_checks_read_its_host_copy():
     keep_host_copy(holed, holed)
     with pytest.raises(ValueError, match=r"mask row 1 is not a .* rectangle"):
         maximum_path(value, holed)
+
+
+def test_without_the_finite_check_a_non_finite_score_still_gives_a_valid_path():
+    value, mask = ragged_batch(3, batch=3, max_text=4, max_extra_frames=3)
+    torch.testing.assert_close(maximum_path(value, mask, check_finite=False), maximum_path(value, mask))
+    value[0, 0, 0], value[1, 1, 1], value[2, 0, 1] = float("nan"), float("inf"), -float("inf")
+    with pytest.raises(ValueError, match="inf/nan"):
+        maximum_path(value, mask)
+    assert_valid_path(maximum_path(value, mask, check_finite=False), mask)

@@ -208,3 +208,27 @@ def test_generation_frames_apply_the_learned_and_the_given_length_scale():
     old = {k: v for k, v in predictor.state_dict().items() if k != "log_rate"}  # a checkpoint from before it
     predictor.load_state_dict(old)
     assert float(predictor.log_rate) == 0.0
+
+
+def test_training_forward_reads_nothing_and_a_non_finite_input_makes_a_non_finite_loss(one_thread):
+    """With masks that keep host copies (as the speech head's are), the training forward asks the device
+    for nothing: MAS checks the mask on the host and skips its finite check, because a non-finite
+    likelihood (from the latents, or the text's means and scales) reaches the prior loss through the path,
+    which the trainer's numerics guard then skips: checked here for a NaN latent frame and a NaN text token."""
+    from xoron_dist.utils.host_syncs import HostSyncCounter, keep_host_copy
+
+    torch.manual_seed(0)
+    model = _generator().train()
+    text, text_mask, latents, frame_mask, _, _ = _data(torch.Generator().manual_seed(3), n=2)
+    keep_host_copy(text_mask, text_mask), keep_host_copy(frame_mask, frame_mask)
+    speaker = torch.randn(2, SPEAKER_DIM, generator=torch.Generator().manual_seed(4))
+    with HostSyncCounter() as syncs:
+        losses = model(text, text_mask, latents, frame_mask, speaker, torch.Generator().manual_seed(5))
+    assert syncs.total == 0, syncs.calls
+    assert torch.isfinite(losses.prior).all()
+    bad_latents, bad_text = latents.clone(), text.clone()
+    bad_latents[1, 3] = float("nan")
+    bad_text[0, 2] = float("nan")
+    for args in ((text, bad_latents), (bad_text, latents)):
+        losses = model(args[0], text_mask, args[1], frame_mask, speaker, torch.Generator().manual_seed(5))
+        assert not torch.isfinite(losses.prior).all()

@@ -88,16 +88,23 @@ def _check_rectangle(mask: torch.Tensor) -> None:
                          "Drop or re-cut such clips before batching, or use a higher latent frame rate")
 
 
-def _prefix_sums(log_likelihood: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _prefix_sums(log_likelihood: torch.Tensor, mask: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     """S[i, b, j] = sum_{m<=j} L[b, i, m] over the valid entries: float64 (t_text, batch, t_frames).
 
     Token-major so that each token's (batch, t_frames) slice is contiguous for cummax and searchsorted.
     Raises if L is not finite inside ``mask``: a row's total S[i, b, -1] is finite exactly when all its
-    (zero-padded) entries are, so one look at the totals replaces a full ``isfinite`` pass.
+    (zero-padded) entries are, so one look at the totals replaces a full ``isfinite`` pass. Without
+    ``check_finite`` non-finite entries become finite (nan 0, inf ±1e4): the search runs and the path is some
+    valid alignment.
     """
     batch, t_text, t_frames = log_likelihood.shape
     prefix = torch.empty(t_text, batch, t_frames, dtype=torch.float64, device=log_likelihood.device)
-    prefix.copy_(log_likelihood.transpose(0, 1)).masked_fill_(~mask.transpose(0, 1), 0.0).cumsum_(-1)
+    scores = log_likelihood.transpose(0, 1)
+    if not check_finite:
+        scores = scores.nan_to_num(nan=0.0, posinf=1e4, neginf=-1e4)
+    prefix.copy_(scores).masked_fill_(~mask.transpose(0, 1), 0.0).cumsum_(-1)
+    if not check_finite:
+        return prefix
     finite = torch.isfinite(prefix[:, :, -1]).all(0)  # (batch,)
     if not finite.all():
         raise ValueError(f"log_likelihood of batch row {int((~finite).nonzero()[0])} has inf/nan (or sums past "
@@ -148,7 +155,7 @@ def _token_starts(best: torch.Tensor, text_lengths: torch.Tensor, frame_lengths:
 
 
 @torch.no_grad()
-def maximum_path(log_likelihood: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def maximum_path(log_likelihood: torch.Tensor, mask: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     """The most likely monotonic, surjective alignment of text tokens to frames (Glow-TTS Algorithm 1).
 
     Args:
@@ -157,6 +164,9 @@ def maximum_path(log_likelihood: torch.Tensor, mask: torch.Tensor) -> torch.Tens
         mask: (batch, t_text, t_frames) bool (or 0/1), the rectangle token < text length and frame < frame
             length of each row (``alignment_mask``); rows may have different lengths, and an empty row
             gives an empty path.
+        check_finite: raise on a non-finite log-likelihood inside the mask (a read of the device). Off, such
+            entries are made finite and the path is some valid alignment: for a caller whose loss then
+            turns non-finite anyway (``SpeechGenerator.forward``: the trainer's numerics guard skips the step).
 
     Returns:
         path (batch, t_text, t_frames), 0/1 in ``log_likelihood``'s dtype: every valid frame has exactly
@@ -165,14 +175,14 @@ def maximum_path(log_likelihood: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
     Raises:
         ValueError: on a shape mismatch, a non-rectangular mask, a row with more tokens than frames, or a
-            non-finite log-likelihood inside the mask.
+            non-finite log-likelihood inside the mask (with ``check_finite``).
     """
     if log_likelihood.dim() != 3 or mask.shape != log_likelihood.shape or 0 in log_likelihood.shape[1:]:
         raise ValueError(f"log_likelihood and mask must both be (batch, t_text, t_frames) with t_text, t_frames >= 1; "
                          f"got {tuple(log_likelihood.shape)} and {tuple(mask.shape)}")
     mask = mask if mask.dtype == torch.bool else mask != 0
     text_lengths, frame_lengths = _lengths(mask)
-    best = _running_best_starts(_prefix_sums(log_likelihood, mask))
+    best = _running_best_starts(_prefix_sums(log_likelihood, mask, check_finite))
     starts = _token_starts(best, text_lengths, frame_lengths)  # (batch, t_text)
     batch, t_text, t_frames = log_likelihood.shape
     frames = torch.arange(t_frames, device=mask.device).expand(batch, t_frames).contiguous()

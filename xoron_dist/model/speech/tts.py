@@ -216,7 +216,10 @@ class SpeechGenerator(nn.Module):
         mask = with_host_copy(lambda t, f: alignment_mask(t.sum(1), f.sum(1), t.shape[1], f.shape[1]),
                               text_mask, frame_mask)
         with torch.no_grad():
-            path = maximum_path(gaussian_log_likelihood(latents, mean, log_std), mask)
+            # no finite check (a read of the device): a non-finite likelihood comes from non-finite latents,
+            # means or scales, and every valid frame and token enters the prior loss through the path, which
+            # is then non-finite too; the trainer's numerics guard skips such a step
+            path = maximum_path(gaussian_log_likelihood(latents, mean, log_std), mask, check_finite=False)
         frames = frame_mask.sum(1).clamp(min=1) * self.latent_dim
         mean_f, log_std_f = expand_by_path(mean, path), expand_by_path(log_std, path)
         nll = 0.5 * ((latents - mean_f) * torch.exp(-log_std_f)) ** 2 + log_std_f + 0.5 * math.log(2 * math.pi)
