@@ -10,6 +10,7 @@ from xoron_dist.utils.host_syncs import (
     host_copy,
     host_list,
     keep_host_copy,
+    mask_lengths,
     on_host,
     prefix_mask,
     select_rows,
@@ -176,6 +177,7 @@ def test_reads_and_derived_masks_come_from_the_host_copies(monkeypatch):
     drop = upload([False, True, False], device="meta", keep_host=True)
     with HostSyncCounter() as syncs:
         assert host_list(mask) == [[True, True, False, False], [False] * 4, [True, True, True, False]]
+        assert mask_lengths(mask) == [2, 0, 3]
         assert on_host(lambda m, d, none: (m.sum(1) * ~d).tolist() if none is None else None, mask, drop, None) \
             == [2, 0, 3]
         derived = with_host_copy(lambda m, d: m & ~d[:, None], mask, drop)

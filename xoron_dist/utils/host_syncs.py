@@ -286,6 +286,12 @@ def host_list(t: torch.Tensor) -> list:
     return on_host(torch.Tensor.tolist, t)
 
 
+def mask_lengths(mask: torch.Tensor) -> list[int]:
+    """The True count of each row of a padding mask (n, width), as ints, read on its host copy (``on_host``:
+    no sync) when it keeps one (``prefix_mask``'s masks do)."""
+    return on_host(lambda m: m.sum(1).tolist(), mask)
+
+
 def prefix_mask(lengths: Sequence[int], width: int, device: torch.device | str) -> torch.Tensor:
     """(len(lengths), width) bool: row i True on its first ``lengths[i]`` entries. Made on the host from
     lengths the host knows and uploaded (``upload``) with its host copy, so ``on_host`` reads it for free."""
@@ -331,5 +337,5 @@ def upload(values, *, device: torch.device | str, dtype: torch.dtype | None = No
     return moved
 
 
-__all__ = ["HostSyncCounter", "host_copy", "host_list", "host_values", "keep_host_copy", "on_host", "prefix_mask",
-           "read_together", "select_rows", "upload", "where_true", "with_host_copy"]
+__all__ = ["HostSyncCounter", "host_copy", "host_list", "host_values", "keep_host_copy", "mask_lengths", "on_host",
+           "prefix_mask", "read_together", "select_rows", "upload", "where_true", "with_host_copy"]

@@ -29,7 +29,7 @@ from xoron_dist.model.audio.codec import ResidualQuantizer, WaveformEncoder
 from xoron_dist.model.audio.conformer import ConformerEncoder
 from xoron_dist.model.common.init import empty_linear
 from xoron_dist.model.common.norm import RMSNorm
-from xoron_dist.utils.host_syncs import on_host, prefix_mask, upload, where_true
+from xoron_dist.utils.host_syncs import mask_lengths, on_host, prefix_mask, upload, where_true
 
 
 class AudioFeatures(NamedTuple):
@@ -123,7 +123,7 @@ class FramePoolProjector(nn.Module):
             nn.init.normal_(self.out_proj.weight, std=init_std)  # on the scale of the token embeddings
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, span_lengths: Sequence[int]) -> torch.Tensor:
-        have = on_host(lambda m: m.sum(1).tolist(), mask)  # the encoder's mask keeps its host copy
+        have = mask_lengths(mask)  # the encoder's mask keeps its host copy
         for clip, (real, asked) in enumerate(zip(have, span_lengths, strict=True)):
             if asked > real:
                 raise ValueError(f"audio clip {clip} has {real} frames but its span asks for {asked} tokens: "

@@ -31,7 +31,7 @@ from xoron_dist.model.generation.dit import MoEDiT
 from xoron_dist.model.generation.flow import euler_sample, flow_loss, heun_sample, time_shift_for
 from xoron_dist.model.generation.video_dit import VideoMoEDiT, generate_video, video_flow_loss
 from xoron_dist.model.latents import ImageVAE, VAELoss, VideoVAE
-from xoron_dist.utils.host_syncs import host_list, on_host, prefix_mask, upload, with_host_copy
+from xoron_dist.utils.host_syncs import host_list, mask_lengths, prefix_mask, upload, with_host_copy
 
 
 def to_pixels(item: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -87,7 +87,7 @@ class _LatentGenerator(nn.Module):
         idle = [self.autoencode(blank) for _ in range(vae_calls - len(items))]
         vae_total = sum((vae for vae, _ in encoded), 0.0) + sum((0.0 * vae for vae, _ in idle), 0.0)
         flow_total, target = 0.0, 0
-        lengths = on_host(lambda m: m.sum(1).tolist(), request_mask)  # ``prompt_states`` keeps a host copy
+        lengths = mask_lengths(request_mask)  # ``prompt_states`` keeps a host copy
         for item, (_, latents), is_gen in zip(items, encoded, flags, strict=True):
             if is_gen:
                 length = max(lengths[target], 1)

@@ -33,7 +33,7 @@ from xoron_dist.model.common.noise import NoiseClock, blank_item
 from xoron_dist.model.speech.speaker import SpeakerEncoder
 from xoron_dist.model.speech.tts import SpeechGenerator
 from xoron_dist.model.speech.vocoder import Vocoder, crop_segments
-from xoron_dist.utils.host_syncs import host_list, on_host, prefix_mask, upload
+from xoron_dist.utils.host_syncs import host_list, mask_lengths, prefix_mask, upload
 
 OBJECTIVES = ("codec", "tts")
 
@@ -107,7 +107,7 @@ class SpeechHead(nn.Module):
         """The TTS losses summed over the target clips. A request longer than its clip's latent frames
         keeps its last ``frames`` tokens (MAS needs a frame per token; the request ends with the text)."""
         latents, _, frame_mask = encoder.tokens(targets)
-        frames = on_host(lambda m: m.sum(1).tolist(), frame_mask)  # the encoder's mask keeps its host copy
+        frames = mask_lengths(frame_mask)  # the encoder's mask keeps its host copy
         request, request_mask = _fit_requests(request, request_mask, frames)
         samples, lengths = batch_clips(targets, latents.device)
         latents = self.vocoder.frames(latents, samples) * frame_mask[..., None].to(latents.dtype)
@@ -188,7 +188,7 @@ class SpeechHead(nn.Module):
 def _fit_requests(request: torch.Tensor, mask: torch.Tensor, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-trim each request to at most ``frames`` tokens (see ``SpeechHead.tts_sum``). The lengths are
     read on the mask's host copy (``prompt_states`` keeps one); the trimmed mask keeps its own."""
-    lengths = on_host(lambda m: m.sum(1).tolist(), mask)
+    lengths = mask_lengths(mask)
     keep = [min(length, max(frame, 1)) for length, frame in zip(lengths, frames, strict=True)]  # an empty one stays
     if keep == lengths:
         return request, mask

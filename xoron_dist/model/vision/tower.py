@@ -56,7 +56,7 @@ from xoron_dist.config import VisionConfig
 from xoron_dist.model.common.init import init_weights_
 from xoron_dist.model.common.rope_nd import grid_coords
 from xoron_dist.model.vision.blocks import VisionTransformer
-from xoron_dist.utils.host_syncs import on_host, prefix_mask, upload
+from xoron_dist.utils.host_syncs import mask_lengths, prefix_mask, upload
 
 IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean 0.5, std 0.5 (pixels to [-1, 1])
 IMAGE_STD = 0.5
@@ -155,7 +155,7 @@ class VisionOutput(NamedTuple):
 
     def per_image(self) -> list[torch.Tensor]:
         """The real tokens of each image: a list of (rows*cols, hidden) patches (or (k, hidden) tokens)."""
-        counts = on_host(lambda m: m.sum(dim=1).tolist(), self.mask)
+        counts = mask_lengths(self.mask)
         return [feats[:count] for feats, count in zip(self.features, counts, strict=True)]
 
 
