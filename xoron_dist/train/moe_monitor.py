@@ -26,7 +26,7 @@ class ExpertLoadMonitor:
         self.warn_after = warn_after
         self.idle_steps = torch.zeros(len(layer_ids), num_experts, dtype=torch.long)
         self.warned = torch.zeros(len(layer_ids), num_experts, dtype=torch.bool)
-        self._read: tuple[list[list[float]], list[list[float]] | None] = ([], None)  # the last update's
+        self._read: tuple[list[list[float]], list[list[float]] | None] = ([], None)  # last load, biases
 
     def update(self, step: int, load: list[list[float]], biases: list[list[float]] | None = None
                ) -> list[tuple[int, int]]:
