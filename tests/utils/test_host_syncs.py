@@ -189,6 +189,8 @@ def test_reads_and_derived_masks_come_from_the_host_copies(monkeypatch):
     with HostSyncCounter() as syncs:
         plain = torch.tensor([[True, False]])
         assert on_host(lambda m, d: m.sum().tolist(), plain, drop) == 1  # ``plain`` keeps no copy: read itself
+        assert on_host(lambda m: 1 / 0, plain, otherwise=lambda: "what the device has") == "what the device has"
+        assert on_host(len, mask, otherwise=lambda: 1 / 0) == 3  # with copies, ``otherwise`` is not called
     assert syncs.calls == {"tolist": 1}, syncs.calls
     # all in host memory (a CPU run): the derived tensor is marked as host memory itself, no second copy
     on_cpu = prefix_mask([1, 2], 2, "cpu")

@@ -34,8 +34,10 @@ def prompt_states(states: torch.Tensor, spans: torch.Tensor,
         # generator call reads it and should have a real call's graph: model/generation/heads.py)
         return states[:0, :1], prefix_mask([], 1, states.device)
     spans = spans.to(states.device)
-    lengths = on_host(lambda s, d: _prompt_begins(s, d, batch, seq)[1].tolist(), spans, document_ids)
-    rows, begins = spans[:, 0], _prompt_begins(spans, document_ids, batch, seq)[0]
+    begins, on_device = _prompt_begins(spans, document_ids, batch, seq)
+    lengths = on_host(lambda s, d: _prompt_begins(s, d, batch, seq)[1].tolist(), spans, document_ids,
+                      otherwise=on_device.tolist)
+    rows = spans[:, 0]
     mask = prefix_mask(lengths, max([*lengths, 1]), states.device)  # with its host copy, for the heads' checks
     offsets = torch.arange(mask.shape[1], device=states.device)
     index = (begins[:, None] + offsets[None]).clamp(max=seq - 1)

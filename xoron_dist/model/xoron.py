@@ -62,7 +62,7 @@ from xoron_dist.model.fusion import FusionLayers, MediaContext
 from xoron_dist.model.llm import LLMOutput, XoronLLM
 from xoron_dist.model.modalities import MODALITIES, Modality, generated, understood
 from xoron_dist.model.prompts import prompt_states
-from xoron_dist.utils.host_syncs import host_list, select_rows, upload, where_true
+from xoron_dist.utils.host_syncs import host_list, prefix_mask, select_rows, where_true
 
 
 @dataclass
@@ -465,7 +465,7 @@ def fill_spans(embeds: torch.Tensor, tokens: torch.Tensor, spans: torch.Tensor, 
             raise ValueError(f"{row.name} {i}'s span has {span} placeholders but the {row.name} projector emits "
                              f"{emits} tokens: the data was packed with another data.{row.span}")
     device = embeds.device
-    valid = torch.arange(longest, device=device)[None] < upload(lengths, device=device)[:, None]  # (n, longest)
+    valid = prefix_mask(lengths, longest, device)  # (n, longest)
     index = where_true(valid, sum(lengths))  # the valid (medium, offset) pairs, in order
     medium, offset = index // longest, index % longest
     spans = spans.to(device)

@@ -42,7 +42,7 @@ from torch import nn
 
 from xoron_dist.parallel.ring_attention import RingLayoutError
 from xoron_dist.parallel.sequence import SequenceSplit, zigzag_positions, zigzag_split
-from xoron_dist.utils.host_syncs import keep_host_copy
+from xoron_dist.utils.host_syncs import upload
 
 
 class _GatherShares(torch.autograd.Function):
@@ -98,9 +98,7 @@ class ZigzagMediaRows:
     def positions(self, seq: int, device: torch.device) -> torch.Tensor:
         """(seq / sp,) the global positions of this rank's rows, in local order (with a host copy: the fusion
         reads them on the host)."""
-        positions = zigzag_positions(seq, self.split.rank, self.split.size, device=device)
-        keep_host_copy(zigzag_positions(seq, self.split.rank, self.split.size), positions)
-        return positions
+        return upload(zigzag_positions(seq, self.split.rank, self.split.size), device=device, keep_host=True)
 
     def cut(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """This rank's zig-zag part of a (batch, seq, ...) tensor of the whole rows."""

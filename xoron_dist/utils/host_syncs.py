@@ -218,13 +218,21 @@ def host_copy(t: torch.Tensor) -> torch.Tensor | None:
     return t if copy is True else copy
 
 
-def on_host(read: Callable[..., Any], *tensors: torch.Tensor | None) -> Any:
-    """``read(*tensors)`` made on the host copies the tensors keep (``keep_host_copy``; a None passes as
-    None): no sync. If one of them keeps none, ``read`` of the tensors themselves, a read of the device.
-    ``read`` must be the same function of the values on either side."""
+def _host_copies(tensors: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None] | None:
+    """The host copies ``tensors`` keep (a None stays None), or None when one of them keeps none."""
     copies = [None if t is None else host_copy(t) for t in tensors]
-    if any(t is not None and c is None for t, c in zip(tensors, copies, strict=True)):
-        return read(*tensors)
+    return None if any(t is not None and c is None for t, c in zip(tensors, copies, strict=True)) else copies
+
+
+def on_host(read: Callable[..., Any], *tensors: torch.Tensor | None,
+            otherwise: Callable[[], Any] | None = None) -> Any:
+    """``read(*tensors)`` made on the host copies the tensors keep (``keep_host_copy``; a None passes as
+    None): no sync. If one of them keeps none: ``otherwise()``, a read of what the device already has, or
+    by default ``read`` of the tensors themselves (``read`` must then be the same function of the values on
+    either side)."""
+    copies = _host_copies(tensors)
+    if copies is None:
+        return read(*tensors) if otherwise is None else otherwise()
     with host_values():
         return read(*copies)
 
@@ -234,8 +242,8 @@ def with_host_copy(make: Callable[..., torch.Tensor], *tensors: torch.Tensor | N
     (a None passes as None): a mask derived from masks the host knows stays known there. ``make`` must make
     its tensors on its inputs' device."""
     made = make(*tensors)
-    copies = [None if t is None else host_copy(t) for t in tensors]
-    if any(t is not None and c is None for t, c in zip(tensors, copies, strict=True)):
+    copies = _host_copies(tensors)
+    if copies is None:
         return made
     if all(c is t for t, c in zip(tensors, copies, strict=True)):  # all in host memory: so is ``made``
         keep_host_copy(made, made)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from xoron_dist.model.common.attention_kernels import fused_attention
-from xoron_dist.utils.host_syncs import host_copy, host_values, upload
+from xoron_dist.utils.host_syncs import on_host, upload
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,9 @@ class DocumentLayout:
         batch, seq = document_ids.shape
         device = document_ids.device
         sorted_key, order = _sorted_keys(document_ids)
-        host = host_copy(document_ids)
-        if host is None:
-            lengths = _lengths(sorted_key)  # the one host sync
-        else:  # the batch's host copy of the ids (``PackedBatch.to``): the same lengths, from host memory
-            with host_values():
-                lengths = _lengths(sorted_key if host is document_ids else _sorted_keys(host)[0])
+        # from the batch's host copy of the ids (``PackedBatch.to``), else the one host sync
+        lengths = on_host(lambda ids: _lengths(sorted_key if ids is document_ids else _sorted_keys(ids)[0]),
+                          document_ids, otherwise=lambda: _lengths(sorted_key))
         by_length: dict[int, list[int]] = {}
         start = 0
         for length in lengths:

@@ -93,7 +93,8 @@ class MediaContext:
         mask = (query_doc[:, :, None] == key_doc[:, None, :]) & (key_pos[:, None, :] <= query_pos[None, :, None])
         sees = mask.any(dim=-1)  # (batch, local)
         placed = [(row, start) for toks, row, start in pieces if toks.shape[0]]
-        n = on_host(lambda d, p: _most_fusing(d, p, placed, batch, seq), document_ids, positions)
+        n = on_host(lambda d, p: _most_fusing(d, p, placed, batch, seq), document_ids, positions,
+                    otherwise=lambda: max(int(sees.sum(dim=1).max()), 1))
         # stable sort puts each row's fusing positions first, in order
         queries = torch.sort((~sees).to(torch.int8), dim=1, stable=True).indices[:, :n]
         valid = sees.gather(1, queries)
@@ -116,10 +117,9 @@ def _most_fusing(document_ids: torch.Tensor | None, positions: torch.Tensor | No
                  batch: int, seq: int) -> int:
     """The most positions of one row that see a medium (at least 1), ``MediaContext.build``'s ``sees`` counted
     from the media's (row, start) alone: a position sees a medium placed in its own document at or before it.
-    Read on the host copies of ``document_ids`` and ``positions``, so ``build`` sizes its queries without a sync."""
-    device = positions.device if positions is not None else document_ids.device if document_ids is not None else "cpu"
-    query_pos = torch.arange(seq, device=device) if positions is None else positions
-    sees = torch.zeros(batch, query_pos.shape[0], dtype=torch.bool, device=device)
+    Made on the host copies of ``document_ids`` and ``positions``, so ``build`` sizes its queries without a sync."""
+    query_pos = torch.arange(seq) if positions is None else positions
+    sees = torch.zeros(batch, query_pos.shape[0], dtype=torch.bool)
     for row, start in media:
         same_document = True if document_ids is None else document_ids[row, query_pos] == document_ids[row, start]
         sees[row] |= same_document & (query_pos >= start)

@@ -58,7 +58,7 @@ from xoron_dist.model.common.moe import RoutedExperts
 from xoron_dist.model.common.norm import RMSNorm
 from xoron_dist.model.common.rope_nd import AxialRoPE
 from xoron_dist.model.video.encoder import MotionAwareMoE, VideoSelfAttention
-from xoron_dist.utils.host_syncs import upload
+from xoron_dist.utils.host_syncs import mask_lengths, upload
 
 
 def sample_frames(video: torch.Tensor, frames: int | None, max_frames: int) -> torch.Tensor:
@@ -233,7 +233,7 @@ class VideoTokenProjector(nn.Module):
     def forward(self, features: torch.Tensor, mask: torch.Tensor,
                 span_lengths: Sequence[int] | None = None) -> torch.Tensor:
         if span_lengths is not None:
-            emitted = mask.sum(dim=1).tolist()  # the check's one read
+            emitted = mask_lengths(mask)  # the check's one read (none with a host copy)
             pairs = enumerate(zip(emitted, span_lengths, strict=True))
             bad = next((i for i, (got, span) in pairs if got != span), None)
             if bad is not None:
