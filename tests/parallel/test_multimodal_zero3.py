@@ -68,6 +68,9 @@ def _zero3_body(full_state: dict, ckpt_dir: str) -> dict:
     ctx = state.initialize(cfg)
     model = XoronMultimodalModel(cfg)
     model.load_state_dict(full_state)
+    # the ranks' head runs its loss in chunks (LinearCrossEntropy: a custom autograd function handed the
+    # ZeRO-3-gathered weight, its gradient made in the forward); the single-rank reference, in one piece
+    model.llm.lm_head.chunk_tokens = 7
     parallelize(model, cfg)
     engine = zero3_engine(model, cfg, ctx, reduce_bucket_size=20_000, stage3_prefetch_bucket_size=20_000)
     partitioned = {n: p.ds_tensor.numel() == -(-p.ds_numel // 2) for n, p in engine.module.named_parameters()}

@@ -181,6 +181,8 @@ class ReduceFromTensorParallel(nn.Module):
 class VocabParallelLMHead(LMHead):
     """``LMHead`` over this rank's rows of the (TP-padded) vocabulary, with Megatron's vocab-parallel loss."""
 
+    fused_loss = False  # the loss needs the vocab-wide max and sum from every rank: chunks recompute instead
+
     def __init__(self, head: LMHead, weight: nn.Parameter, rank: int) -> None:
         nn.Module.__init__(self)
         self.usable, self.chunk_tokens = head.usable, head.chunk_tokens

@@ -206,6 +206,19 @@ def head_activation_bytes(llm: LLMConfig, tp: int, b: int) -> tuple[int, int]:
     return saved, extra
 
 
+def fused_head_bytes(llm: LLMConfig, b: int, tokens: int, chunk: int) -> tuple[float, float]:
+    """(saved, forward extra) bytes per token of the final norm and the chunked head + loss on one rank
+    (``LinearCrossEntropy``): the norm and the two gradients (∂hidden per token, ∂W once per micro-batch)
+    wait for the backward; during the forward one chunk's fp32 logits (with their cast for bf16 GEMMs)
+    and the fp32 accumulator of ∂W exist besides."""
+    width, rows = llm.hidden_size, llm.vocab_rows(1)
+    piece = min(chunk, tokens)
+    saved = _norm_bytes(width, b) + b * width + rows * width * b / tokens
+    extra = (piece * llm.usable_vocab_size * (FP32 + (b if b < FP32 else 0))
+             + (rows * width * FP32 if b < FP32 else 0)) / tokens
+    return saved, extra
+
+
 def media_activation_bytes(cfg: XoronConfig, tp: int, b: int, micro_batch_size: int) -> int:
     """Bytes of the encoders' activations for one micro-batch at the largest ``data.multiscale`` bucket.
 
@@ -351,7 +364,9 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
         in_flight = min(pp - s, shape.grad_accum_steps)  # 1F1B: stage s holds pp - s micro-batches
         head_saved, head_extra = head_activation_bytes(llm, tp, b) if stage.last else (0, 0)
         chunk = shape.loss_chunk_tokens
-        if stage.last and 0 < chunk < tokens:
+        if stage.last and chunk > 0 and tp == 1:
+            head_saved, head_extra = fused_head_bytes(llm, b, tokens, chunk)
+        elif stage.last and 0 < chunk < tokens:
             # chunked head: every token's norm output is kept, the logits/softmax of one chunk at a time;
             # per-token figures below are scaled so that tokens * figure gives those bytes
             norm = _norm_bytes(llm.hidden_size, b)
@@ -417,5 +432,6 @@ def latent_cache_bytes(llm: LLMConfig, batch: int, max_len: int, layers: int, dt
 
 __all__ = ["MemoryEstimate", "ParameterCount", "StageParameters", "TrainingShape", "attention_parameters",
            "deepspeed_buffer_bytes", "embedding_parameters", "estimate_memory", "estimate_stage_memory",
-           "head_activation_bytes", "head_parameters", "latent_cache_bytes", "layer_activation_bytes",
-           "layer_parameters", "media_activation_bytes", "rank_parts", "ring_tile_mask_bytes", "stage_parameters"]
+           "fused_head_bytes", "head_activation_bytes", "head_parameters", "latent_cache_bytes",
+           "layer_activation_bytes", "layer_parameters", "media_activation_bytes", "rank_parts", "ring_tile_mask_bytes",
+           "stage_parameters"]

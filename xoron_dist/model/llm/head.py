@@ -10,9 +10,14 @@ so they are never predicted and the loss does not depend on how many there are (
 pads further; its subclass in ``xoron_dist.parallel.tensor`` holds a slice of the rows and computes
 the vocab-parallel loss through the same ``project``/``token_losses``/``gather`` calls).
 
-``chunk_tokens`` > 0: the head and the loss run on chunks of that many tokens, each recomputed in
-backward, so training never holds the whole (tokens, vocabulary) logits (at 32K tokens and the
-full 152K vocabulary that is ~20 GB of fp32 per row). Same loss and gradients; ``logits`` is None.
+``chunk_tokens`` > 0: the head and the loss run on chunks of that many tokens, so training never holds
+the whole (tokens, vocabulary) logits (at 32K tokens and the full 152K vocabulary that is ~20 GB of
+fp32 per row). Same loss and gradients; ``logits`` is None. On one rank the chunks run through
+``LinearCrossEntropy``: each chunk's gradients are made in the forward, straight from its softmax
+(softmax - one-hot), and only the gradients wait for the backward: three GEMMs and one vocabulary-wide
+buffer per chunk, against the four GEMMs (the recompute) and the log-softmax, NLL and their gradients
+of autograd's path (``bench/lm_head_loss.py``: faster and less memory than either the one-piece head
+or recomputed chunks). The vocab-parallel head (``parallel.tensor``) recomputes its chunks instead.
 
 ``loss_weights`` (batch, seq), optional: per-token weights of the loss terms (the token groups of
 ``train.token_groups``); the mean stays over the labelled tokens, as the seed's trainer does.
@@ -47,6 +52,7 @@ class LMHead(nn.Module):
     """``weight`` (rows, hidden), tied to the token embedding when ``tie_word_embeddings``."""
 
     vocab_offset = 0  # global id of this module's first row (a tensor-parallel slice starts later)
+    fused_loss = True  # chunked loss through LinearCrossEntropy (a vocab-parallel slice cannot: it recomputes)
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
@@ -66,8 +72,16 @@ class LMHead(nn.Module):
         """Logits over every row from this module's (..., rows here) slice (the same tensor on one rank)."""
         return logits
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(…, hidden) -> logits (…, rows here), padding rows -inf."""
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(…, hidden) -> logits (…, rows here), padding rows -inf.
+
+        With ``targets`` (n,) for hidden (n, hidden) (``fused_loss`` heads only): the summed token loss
+        Σ wₜ·ceₜ through ``LinearCrossEntropy`` in chunks of ``chunk_tokens``, ``weights`` (n,) or None
+        for 1 (-100 targets count 0 either way). A module call, so ZeRO-3 gathers the weight around it."""
+        if targets is not None:
+            return LinearCrossEntropy.apply(hidden, self.weight, targets, weights, self.usable,
+                                            self.chunk_tokens or hidden.shape[0])
         logits = self.project(hidden)
         rows = logits.shape[-1]
         if self.vocab_offset + rows <= self.usable:
@@ -94,9 +108,12 @@ def lm_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor | None = No
     weights = None if loss_weights is None else loss_weights.flatten()
     num_tokens = (targets != IGNORE_INDEX).sum()
     chunk = head.chunk_tokens
-    total = sum(checkpoint(_chunk_loss_sum, head, hidden[i: i + chunk], targets[i: i + chunk],
-                           None if weights is None else weights[i: i + chunk], use_reentrant=False)
-                for i in range(0, hidden.shape[0], chunk))
+    if head.fused_loss:
+        total = head(hidden, targets, weights)
+    else:
+        total = sum(checkpoint(_chunk_loss_sum, head, hidden[i: i + chunk], targets[i: i + chunk],
+                               None if weights is None else weights[i: i + chunk], use_reentrant=False)
+                    for i in range(0, hidden.shape[0], chunk))
     return LLMOutput(logits=None, loss=total / num_tokens.clamp(min=1), num_tokens=num_tokens)
 
 
@@ -105,3 +122,62 @@ def _chunk_loss_sum(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,
     """Summed (weighted) token loss of hidden (n, hidden) against targets (n,) (-100: no loss)."""
     labelled = targets != IGNORE_INDEX
     return (head.token_losses(head(hidden), targets) * (labelled if weights is None else weights * labelled)).sum()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σₜ wₜ·CE(hidden[t] · Wᵀ, targets[t]) over the first ``usable`` rows of W, ``chunk`` tokens at a time.
+
+    The gradient of a token's cross-entropy with respect to its logits is softmax - one-hot, known as
+    soon as the forward has the softmax. So each chunk's forward ends with its gradients: the logits
+    buffer becomes the softmax in place, the target entries lose 1, the rows are scaled by wₜ, and two
+    GEMMs give ∂/∂hidden (chunk, hidden) and add to ∂/∂W (rows, hidden, accumulated in fp32). The
+    backward only scales them by the incoming gradient. What waits between forward and backward:
+    the two gradients, no logits.
+
+    Rows from ``usable`` on (vocabulary padding) are left out of the GEMMs: their logits would be -inf,
+    their softmax 0, their gradient 0. Logits and softmax are fp32 whatever the weight's dtype (as
+    ``LMHead.token_losses``); the GEMMs run in the weight's dtype. A -100 target counts 0 (its weight
+    is zeroed; its id is clamped to 0 only to index)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                weights: torch.Tensor | None, usable: int, chunk: int) -> torch.Tensor:
+        need_hidden, need_weight, _, need_weights = ctx.needs_input_grad[:4]
+        if need_weights:
+            raise ValueError("LinearCrossEntropy: the loss weights are constants here (token groups' weights); "
+                             "detach them, or set train.loss_chunk_tokens=0 for autograd's head to differentiate them")
+        used = weight[:usable]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], chunk):
+            piece = slice(start, start + chunk)
+            x, ids = hidden[piece], targets[piece]
+            scale = (ids != IGNORE_INDEX).float()
+            if weights is not None:
+                scale = scale * weights[piece].float()
+            ids = ids.clamp(min=0).unsqueeze(1)
+            logits = F.linear(x, used).float()  # a fresh fp32 tensor (bf16 GEMMs: the upcast's copy)
+            lse = torch.logsumexp(logits, dim=1)
+            total += ((lse - logits.gather(1, ids).squeeze(1)) * scale).sum()
+            if not (need_hidden or need_weight):
+                continue
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            grad.scatter_add_(1, ids, torch.full_like(lse, -1.0).unsqueeze(1))
+            grad = grad.mul_(scale.unsqueeze(1)).to(weight.dtype)
+            if need_hidden:
+                torch.mm(grad, used, out=grad_hidden[piece])
+            if need_weight:
+                if weight.dtype == torch.float32:
+                    grad_weight[:usable].addmm_(grad.t(), x)
+                else:
+                    grad_weight[:usable] += (grad.t() @ x).float()
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
+                None, None, None, None)

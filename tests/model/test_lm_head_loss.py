@@ -1,0 +1,110 @@
+"""``LinearCrossEntropy``, the chunked head + loss of one rank (``xoron_dist/model/llm/head.py``): the same
+loss and gradients as autograd's one-piece head (F.linear, padding rows -inf, F.cross_entropy), whatever the
+chunking, the weights, the ignored targets and the padding rows; bf16 within bf16's rounding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xoron_dist.config import load_config
+from xoron_dist.model.llm import XoronLLM
+from xoron_dist.model.llm.head import IGNORE_INDEX, LinearCrossEntropy
+
+ROWS, USABLE, WIDTH, TOKENS = 40, 37, 16, 23  # rows past USABLE: vocabulary padding, never predicted
+
+
+def _inputs(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(TOKENS, WIDTH, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(ROWS, WIDTH, generator=g) * 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, USABLE, (TOKENS,), generator=g)
+    targets[[0, 5, 6]] = IGNORE_INDEX
+    weights = torch.rand(TOKENS, generator=g) + 0.5
+    return hidden, weight, targets, weights
+
+
+def _reference(hidden, weight, targets, weights):
+    logits = F.linear(hidden, weight).float()
+    logits[:, USABLE:] = float("-inf")
+    losses = F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
+    return (losses * (weights if weights is not None else 1)).sum()
+
+
+def _grads(loss_of, inputs, scale=1.7):
+    hidden, weight = inputs[:2]
+    loss = loss_of(*inputs)
+    (loss * scale).backward()  # the incoming gradient scales both
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("chunk", [1, 5, TOKENS, 100])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_same_loss_and_gradients_as_autograd(chunk, weighted):
+    inputs = list(_inputs())
+    if not weighted:
+        inputs[3] = None
+    loss, (dh, dw) = _grads(lambda h, w, t, wt: LinearCrossEntropy.apply(h, w, t, wt, USABLE, chunk), inputs)
+    ref, (rh, rw) = _grads(_reference, inputs)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dh, rh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw, rw, rtol=1e-5, atol=1e-6)
+    assert dw[USABLE:].abs().max() == 0  # padding rows: no gradient
+    assert dh[[0, 5, 6]].abs().max() == 0  # ignored targets: no gradient
+
+
+def test_bf16_within_bf16_rounding_of_fp32():
+    full = _inputs(torch.float32)
+    half = _inputs(torch.bfloat16)
+    loss, (dh, dw) = _grads(lambda h, w, t, wt: LinearCrossEntropy.apply(h, w, t, wt, USABLE, 7), half)
+    assert loss.dtype == torch.float32 and dh.dtype == dw.dtype == torch.bfloat16
+    ref, (rh, rw) = _grads(_reference, full)
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
+    for got, want in ((dh, rh), (dw, rw)):
+        assert ((got.float() - want).abs().max() / want.abs().max()) < 3e-2
+
+
+def test_frozen_weight_or_hidden_and_weights_that_need_gradients():
+    hidden, weight, targets, weights = _inputs()
+    weight.requires_grad_(False)
+    LinearCrossEntropy.apply(hidden, weight, targets, weights, USABLE, 4).backward()
+    _, (rh, _) = _grads(_reference, (hidden.detach().requires_grad_(), weight.requires_grad_(), targets, weights),
+                        scale=1.0)
+    torch.testing.assert_close(hidden.grad, rh)
+    with torch.no_grad():  # no gradients wanted: the loss alone
+        loss = LinearCrossEntropy.apply(hidden, weight, targets, weights, USABLE, 4)
+    torch.testing.assert_close(loss, _reference(hidden, weight, targets, weights).detach())
+    with pytest.raises(ValueError, match="loss weights are constants"):
+        LinearCrossEntropy.apply(hidden, weight, targets, weights.requires_grad_(), USABLE, 4)
+
+
+def test_non_finite_hidden_gives_a_non_finite_loss():
+    """The numerics guard sees a NaN activation through the loss, as with autograd's head."""
+    hidden, weight, targets, weights = _inputs()
+    with torch.no_grad():
+        hidden[3, 2] = float("nan")
+    assert torch.isnan(LinearCrossEntropy.apply(hidden, weight, targets, weights, USABLE, 8))
+
+
+def test_model_chunked_loss_runs_through_it(one_thread, monkeypatch):
+    """XoronLLM with ``loss_chunk_tokens``: the head's module call runs LinearCrossEntropy (no logits are made),
+    with the one-piece model's loss and gradients."""
+    cfg = load_config(None, ["preset=tiny"]).llm
+    torch.manual_seed(0)
+    whole, chunked = XoronLLM(cfg).train(), XoronLLM(cfg).train()
+    chunked.load_state_dict(whole.state_dict())
+    chunked.lm_head.chunk_tokens = 24
+    ids = torch.randint(0, cfg.usable_vocab_size, (2, 33))
+    labels = ids[:, 1:].clone()
+    labels[0, :4] = IGNORE_INDEX
+    calls = []
+    apply = LinearCrossEntropy.apply
+    monkeypatch.setattr(LinearCrossEntropy, "apply", lambda *a: calls.append(a[5]) or apply(*a))
+    outs = [model(ids[:, :-1], labels=labels) for model in (whole, chunked)]
+    for out in outs:
+        out.loss.backward()
+    assert calls == [24] and outs[1].logits is None and outs[0].logits is not None
+    torch.testing.assert_close(outs[1].loss, outs[0].loss)
+    for (name, a), b in zip(whole.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-7, msg=name)
