@@ -9,8 +9,8 @@ against the one-piece head's (max relative difference in the JSON).
                 gradients made in the forward from its softmax; three GEMMs, no logits held.
     one_piece   ``lm_loss`` with ``chunk_tokens`` = 0: ``F.linear`` + ``F.cross_entropy`` over the whole
                 logits, as HF's ``ForCausalLMLoss`` computes it. The peer.
-    recomputed  the chunked path before ``LinearCrossEntropy`` (still the vocab-parallel head's): each
-                chunk checkpointed and recomputed in backward; four GEMMs.
+    recomputed  the chunked path before ``LinearCrossEntropy`` (``_recomputed_loss``, kept here): each
+                chunk's head + loss checkpointed and recomputed in backward; four GEMMs.
 
 Peak memory: ``tests.plan.memory_meter.LiveTensorMeter`` (live tensor bytes above those alive before
 the call; deterministic). Time: ``bench.common.time_alternating``, median of interleaved rounds.
@@ -27,6 +27,7 @@ import argparse
 import re
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from bench.common import machine, time_alternating, write_result
 from tests.plan.memory_meter import LiveTensorMeter
@@ -38,10 +39,24 @@ MIB = 2**20
 class _Head(LMHead):
     """An ``LMHead`` of a given size without a full ``LLMConfig``."""
 
-    def __init__(self, rows: int, width: int, fused: bool) -> None:
+    def __init__(self, rows: int, width: int) -> None:
         torch.nn.Module.__init__(self)
-        self.usable, self.chunk_tokens, self.fused_loss = rows, 0, fused
+        self.usable, self.chunk_tokens = rows, 0
         self.weight = torch.nn.Parameter(torch.randn(rows, width) * width**-0.5)
+
+
+def _chunk_loss_sum(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    labelled = targets != IGNORE_INDEX
+    return (head.token_losses(head(hidden), targets) * labelled).sum()
+
+
+def _recomputed_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``lm_loss``'s chunked path before ``LinearCrossEntropy``: checkpointed chunks of head + loss."""
+    hidden, targets = hidden.flatten(0, 1), labels.flatten()
+    chunk = head.chunk_tokens
+    total = sum(checkpoint(_chunk_loss_sum, head, hidden[i: i + chunk], targets[i: i + chunk], use_reentrant=False)
+                for i in range(0, hidden.shape[0], chunk))
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def run_case(case: str, chunk: int, rounds: int, dtype: torch.dtype) -> dict:
@@ -50,8 +65,7 @@ def run_case(case: str, chunk: int, rounds: int, dtype: torch.dtype) -> dict:
         raise SystemExit(f"case '{case}' must look like TOKENSxWIDTHxVOCAB")
     tokens, width, vocab = (int(g) for g in match.groups())
     torch.manual_seed(0)
-    heads = {"ours": _Head(vocab, width, fused=True), "one_piece": _Head(vocab, width, fused=True),
-             "recomputed": _Head(vocab, width, fused=False)}
+    heads = {"ours": _Head(vocab, width), "one_piece": _Head(vocab, width), "recomputed": _Head(vocab, width)}
     for head in heads.values():
         head.load_state_dict(heads["ours"].state_dict())
         head.to(dtype)
@@ -60,16 +74,17 @@ def run_case(case: str, chunk: int, rounds: int, dtype: torch.dtype) -> dict:
     labels = torch.randint(0, vocab, (1, tokens))
     labels[torch.rand(1, tokens) < 0.05] = IGNORE_INDEX
 
-    def call(head):
+    def call(head, loss_of):
         def run():
             x = hidden.detach().requires_grad_()
             head.weight.grad = None
-            loss = lm_loss(head, x, labels).loss
+            loss = loss_of(head, x, labels)
             loss.backward()
             return loss.detach(), x.grad, head.weight.grad
         return run
 
-    fns = {name: call(head) for name, head in heads.items()}
+    fns = {name: call(head, _recomputed_loss if name == "recomputed" else lambda *a: lm_loss(*a).loss)
+           for name, head in heads.items()}
     reference = fns["one_piece"]()
     diffs, peaks = {}, {}
     for name, fn in fns.items():

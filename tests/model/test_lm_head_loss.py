@@ -23,6 +23,10 @@ def _inputs(dtype=torch.float32, seed=0):
     return hidden, weight, targets, weights
 
 
+def _fused(hidden, weight, targets, weights, chunk):
+    return LinearCrossEntropy.apply(hidden, weight, targets, weights, USABLE, 0, chunk, None)
+
+
 def _reference(hidden, weight, targets, weights):
     logits = F.linear(hidden, weight).float()
     logits[:, USABLE:] = float("-inf")
@@ -45,7 +49,7 @@ def test_same_loss_and_gradients_as_autograd(chunk, weighted):
     inputs = list(_inputs())
     if not weighted:
         inputs[3] = None
-    loss, (dh, dw) = _grads(lambda h, w, t, wt: LinearCrossEntropy.apply(h, w, t, wt, USABLE, chunk), inputs)
+    loss, (dh, dw) = _grads(lambda h, w, t, wt: _fused(h, w, t, wt, chunk), inputs)
     ref, (rh, rw) = _grads(_reference, inputs)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dh, rh, rtol=1e-5, atol=1e-6)
@@ -57,7 +61,7 @@ def test_same_loss_and_gradients_as_autograd(chunk, weighted):
 def test_bf16_within_bf16_rounding_of_fp32():
     full = _inputs(torch.float32)
     half = _inputs(torch.bfloat16)
-    loss, (dh, dw) = _grads(lambda h, w, t, wt: LinearCrossEntropy.apply(h, w, t, wt, USABLE, 7), half)
+    loss, (dh, dw) = _grads(lambda h, w, t, wt: _fused(h, w, t, wt, 7), half)
     assert loss.dtype == torch.float32 and dh.dtype == dw.dtype == torch.bfloat16
     ref, (rh, rw) = _grads(_reference, full)
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
@@ -68,15 +72,15 @@ def test_bf16_within_bf16_rounding_of_fp32():
 def test_frozen_weight_or_hidden_and_weights_that_need_gradients():
     hidden, weight, targets, weights = _inputs()
     weight.requires_grad_(False)
-    LinearCrossEntropy.apply(hidden, weight, targets, weights, USABLE, 4).backward()
+    _fused(hidden, weight, targets, weights, 4).backward()
     _, (rh, _) = _grads(_reference, (hidden.detach().requires_grad_(), weight.requires_grad_(), targets, weights),
                         scale=1.0)
     torch.testing.assert_close(hidden.grad, rh)
     with torch.no_grad():  # no gradients wanted: the loss alone
-        loss = LinearCrossEntropy.apply(hidden, weight, targets, weights, USABLE, 4)
+        loss = _fused(hidden, weight, targets, weights, 4)
     torch.testing.assert_close(loss, _reference(hidden, weight, targets, weights).detach())
     with pytest.raises(ValueError, match="loss weights are constants"):
-        LinearCrossEntropy.apply(hidden, weight, targets, weights.requires_grad_(), USABLE, 4)
+        _fused(hidden, weight, targets, weights.requires_grad_(), 4)
 
 
 def test_non_finite_hidden_gives_a_non_finite_loss():
@@ -84,7 +88,7 @@ def test_non_finite_hidden_gives_a_non_finite_loss():
     hidden, weight, targets, weights = _inputs()
     with torch.no_grad():
         hidden[3, 2] = float("nan")
-    assert torch.isnan(LinearCrossEntropy.apply(hidden, weight, targets, weights, USABLE, 8))
+    assert torch.isnan(_fused(hidden, weight, targets, weights, 8))
 
 
 def test_model_chunked_loss_runs_through_it(one_thread, monkeypatch):
@@ -100,7 +104,7 @@ def test_model_chunked_loss_runs_through_it(one_thread, monkeypatch):
     labels[0, :4] = IGNORE_INDEX
     calls = []
     apply = LinearCrossEntropy.apply
-    monkeypatch.setattr(LinearCrossEntropy, "apply", lambda *a: calls.append(a[5]) or apply(*a))
+    monkeypatch.setattr(LinearCrossEntropy, "apply", lambda *a: calls.append(a[6]) or apply(*a))
     outs = [model(ids[:, :-1], labels=labels) for model in (whole, chunked)]
     for out in outs:
         out.loss.backward()

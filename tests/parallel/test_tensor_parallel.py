@@ -154,8 +154,8 @@ def _chunked_body(full_state):
 @pytest.mark.multirank
 def test_chunked_loss_equals_the_whole_loss_single_rank_and_tp2():
     """``loss_chunk_tokens``: the head + loss over chunks of 24 tokens (64 tokens, a ragged last chunk),
-    recomputed in backward, give the loss and every gradient of the one-piece head; with TP=2 and a
-    vocabulary TP pads too (vocab-parallel cross-entropy per chunk)."""
+    ``LinearCrossEntropy``, give the loss and every gradient of the one-piece head; with TP=2 and a
+    vocabulary TP pads too (each rank's rows, the per-token max and sums all-reduced per chunk)."""
     cfg = _cfg("model.llm.pad_vocab_multiple=1", "model.llm.vocab_size=1023")
     torch.manual_seed(0)
     model = XoronLLM(cfg.llm)

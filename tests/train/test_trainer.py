@@ -323,7 +323,7 @@ def test_sequence_that_does_not_split_is_refused_before_any_collective(tmp_path)
 def test_chunked_loss_run_matches_the_one_piece_run(tmp_path):
     """train.loss_chunk_tokens: the same losses and gradient norms as the one-piece head (3 steps)."""
     common = (TEXT, "train.steps=3", "train.log_every=1")
-    run_train(tmp_path, "whole", *common)
+    run_train(tmp_path, "whole", *common, "train.loss_chunk_tokens=0")
     run_train(tmp_path, "chunked", *common, "train.loss_chunk_tokens=100")
     for name in ("whole", "chunked"):
         assert (tmp_path / name / "metrics.jsonl").is_file()

@@ -112,9 +112,11 @@ class TrainConfig:
     # expert-parallel experts and the ring core stay eager). The first step pays the compile (tens of seconds
     # cold on CPU). Off by default: bench/llm_step.py --compile measures it (1.25x eager on CPU, smoke shape).
     compile: bool = False
-    # > 0: the LM head and loss run on chunks of this many tokens, recomputed in backward, so the
-    # whole (tokens x vocabulary) logits never exist at once (long sequences); 0 = in one piece
-    loss_chunk_tokens: int = 0
+    # > 0: the LM head and loss run on chunks of this many tokens (LinearCrossEntropy: each chunk's gradients
+    # made in its forward), so the whole (tokens x vocabulary) logits never exist at once; also faster than one
+    # piece (bench/lm_head_loss.py: 1.1-1.7x on CPU at chunks of 64-256). 0 = in one piece (autograd's head,
+    # the logits returned). Under TP each chunk all-reduces twice over the TP group: larger chunks, fewer.
+    loss_chunk_tokens: int = 256
     # parallel.ep > 1, dropless: the expert dispatch runs as a pipeline of this many chunks of tokens, so one
     # chunk's all-to-all travels while another chunk's experts compute (parallel/experts.py); 1 = no overlap.
     # An execution choice, not a layout: checkpoints do not depend on it (so it is not in the config hash).

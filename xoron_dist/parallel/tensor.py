@@ -181,7 +181,6 @@ class ReduceFromTensorParallel(nn.Module):
 class VocabParallelLMHead(LMHead):
     """``LMHead`` over this rank's rows of the (TP-padded) vocabulary, with Megatron's vocab-parallel loss."""
 
-    fused_loss = False  # the loss needs the vocab-wide max and sum from every rank: chunks recompute instead
 
     def __init__(self, head: LMHead, weight: nn.Parameter, rank: int) -> None:
         nn.Module.__init__(self)
@@ -198,6 +197,14 @@ class VocabParallelLMHead(LMHead):
 
     def gather(self, logits: torch.Tensor) -> torch.Tensor:
         return gather_from_tensor_model_parallel_region(logits)
+
+    def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return copy_to_tensor_model_parallel_region(hidden)  # backward: the ranks' parts of ∂hidden summed
+
+    def vocab_reduce(self, tensor: torch.Tensor, op: str) -> None:
+        """The chunked loss's per-token statistics over this rank's rows -> over every row (in place)."""
+        reduce_op = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
+        dist.all_reduce(tensor, op=reduce_op, group=parallel_state.get_tensor_model_parallel_group())
 
 
 def _padded_rows(weight: torch.Tensor, multiple: int, size: int) -> torch.Tensor:

@@ -206,16 +206,15 @@ def head_activation_bytes(llm: LLMConfig, tp: int, b: int) -> tuple[int, int]:
     return saved, extra
 
 
-def fused_head_bytes(llm: LLMConfig, b: int, tokens: int, chunk: int) -> tuple[float, float]:
-    """(saved, forward extra) bytes per token of the final norm and the chunked head + loss on one rank
-    (``LinearCrossEntropy``): the norm and the two gradients (∂hidden per token, ∂W once per micro-batch)
-    wait for the backward; during the forward one chunk's fp32 logits (with their cast for bf16 GEMMs)
-    and the fp32 accumulator of ∂W exist besides."""
-    width, rows = llm.hidden_size, llm.vocab_rows(1)
+def fused_head_bytes(llm: LLMConfig, tp: int, b: int, tokens: int, chunk: int) -> tuple[float, float]:
+    """(saved, forward extra) bytes per token of the final norm and the chunked head + loss
+    (``LinearCrossEntropy``): the norm and the two gradients (∂hidden per token, ∂W of this rank's rows
+    once per micro-batch) wait for the backward; during the forward one chunk's fp32 logits (with their
+    cast for bf16 GEMMs) and the fp32 accumulator of ∂W exist besides."""
+    width, rows = llm.hidden_size, llm.vocab_rows(tp) // tp
     piece = min(chunk, tokens)
     saved = _norm_bytes(width, b) + b * width + rows * width * b / tokens
-    extra = (piece * llm.usable_vocab_size * (FP32 + (b if b < FP32 else 0))
-             + (rows * width * FP32 if b < FP32 else 0)) / tokens
+    extra = (piece * rows * (FP32 + (b if b < FP32 else 0)) + (rows * width * FP32 if b < FP32 else 0)) / tokens
     return saved, extra
 
 
@@ -363,15 +362,8 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
                      for i in stage.layers]
         in_flight = min(pp - s, shape.grad_accum_steps)  # 1F1B: stage s holds pp - s micro-batches
         head_saved, head_extra = head_activation_bytes(llm, tp, b) if stage.last else (0, 0)
-        chunk = shape.loss_chunk_tokens
-        if stage.last and chunk > 0 and tp == 1:
-            head_saved, head_extra = fused_head_bytes(llm, b, tokens, chunk)
-        elif stage.last and 0 < chunk < tokens:
-            # chunked head: every token's norm output is kept, the logits/softmax of one chunk at a time;
-            # per-token figures below are scaled so that tokens * figure gives those bytes
-            norm = _norm_bytes(llm.hidden_size, b)
-            head_saved = norm + (head_saved - norm + head_extra) * chunk / tokens
-            head_extra = 0
+        if stage.last and shape.loss_chunk_tokens > 0:
+            head_saved, head_extra = fused_head_bytes(llm, tp, b, tokens, shape.loss_chunk_tokens)
         embed_out = b * llm.hidden_size if stage.first else 0  # the first layer's input
         received = b * llm.hidden_size if not stage.first else 0  # activation received from the stage before
         if shape.activation_checkpointing:  # inputs kept; one layer recomputed at a time in backward

@@ -15,9 +15,10 @@ the whole (tokens, vocabulary) logits (at 32K tokens and the full 152K vocabular
 fp32 per row). Same loss and gradients; ``logits`` is None. On one rank the chunks run through
 ``LinearCrossEntropy``: each chunk's gradients are made in the forward, straight from its softmax
 (softmax - one-hot), and only the gradients wait for the backward: three GEMMs and one vocabulary-wide
-buffer per chunk, against the four GEMMs (the recompute) and the log-softmax, NLL and their gradients
-of autograd's path (``bench/lm_head_loss.py``: faster and less memory than either the one-piece head
-or recomputed chunks). The vocab-parallel head (``parallel.tensor``) recomputes its chunks instead.
+buffer per chunk, against the four GEMMs a recomputed chunk costs and the log-softmax, NLL and their
+gradients of autograd's path (``bench/lm_head_loss.py``: faster and less memory than either the one-piece
+head or recomputed chunks). The vocab-parallel head (``parallel.tensor``) runs the same function on its
+rows, handing it the reduction of the rows' statistics over the ranks (``vocab_reduce``).
 
 ``loss_weights`` (batch, seq), optional: per-token weights of the loss terms (the token groups of
 ``train.token_groups``); the mean stays over the labelled tokens, as the seed's trainer does.
@@ -25,12 +26,12 @@ or recomputed chunks). The vocab-parallel head (``parallel.tensor``) recomputes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from xoron_dist.config import LLMConfig
 
@@ -52,7 +53,9 @@ class LMHead(nn.Module):
     """``weight`` (rows, hidden), tied to the token embedding when ``tie_word_embeddings``."""
 
     vocab_offset = 0  # global id of this module's first row (a tensor-parallel slice starts later)
-    fused_loss = True  # chunked loss through LinearCrossEntropy (a vocab-parallel slice cannot: it recomputes)
+    # the chunked loss's reduction of per-token statistics over the ranks holding the other rows of the
+    # vocabulary, reduce(tensor, "max" | "sum") in place: none on one rank (a vocab-parallel head's method)
+    vocab_reduce = None
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
@@ -68,6 +71,10 @@ class LMHead(nn.Module):
         that the caller masks."""
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
 
+    def loss_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states as the chunked loss takes them (a vocab-parallel head sums their gradient)."""
+        return hidden
+
     def gather(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over every row from this module's (..., rows here) slice (the same tensor on one rank)."""
         return logits
@@ -76,12 +83,13 @@ class LMHead(nn.Module):
                 weights: torch.Tensor | None = None) -> torch.Tensor:
         """(…, hidden) -> logits (…, rows here), padding rows -inf.
 
-        With ``targets`` (n,) for hidden (n, hidden) (``fused_loss`` heads only): the summed token loss
-        Σ wₜ·ceₜ through ``LinearCrossEntropy`` in chunks of ``chunk_tokens``, ``weights`` (n,) or None
-        for 1 (-100 targets count 0 either way). A module call, so ZeRO-3 gathers the weight around it."""
+        With ``targets`` (n,) for hidden (n, hidden): the summed token loss Σ wₜ·ceₜ through
+        ``LinearCrossEntropy`` in chunks of ``chunk_tokens``, ``weights`` (n,) or None for 1 (-100 targets
+        count 0 either way). A module call, so ZeRO-3 gathers the weight around it."""
         if targets is not None:
-            return LinearCrossEntropy.apply(hidden, self.weight, targets, weights, self.usable,
-                                            self.chunk_tokens or hidden.shape[0])
+            return LinearCrossEntropy.apply(self.loss_input(hidden), self.weight, targets, weights, self.usable,
+                                            self.vocab_offset, self.chunk_tokens or hidden.shape[0],
+                                            self.vocab_reduce)
         logits = self.project(hidden)
         rows = logits.shape[-1]
         if self.vocab_offset + rows <= self.usable:
@@ -107,46 +115,40 @@ def lm_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor | None = No
     hidden, targets = hidden.flatten(0, 1), labels.flatten()
     weights = None if loss_weights is None else loss_weights.flatten()
     num_tokens = (targets != IGNORE_INDEX).sum()
-    chunk = head.chunk_tokens
-    if head.fused_loss:
-        total = head(hidden, targets, weights)
-    else:
-        total = sum(checkpoint(_chunk_loss_sum, head, hidden[i: i + chunk], targets[i: i + chunk],
-                               None if weights is None else weights[i: i + chunk], use_reentrant=False)
-                    for i in range(0, hidden.shape[0], chunk))
+    total = head(hidden, targets, weights)
     return LLMOutput(logits=None, loss=total / num_tokens.clamp(min=1), num_tokens=num_tokens)
 
 
-def _chunk_loss_sum(head: LMHead, hidden: torch.Tensor, targets: torch.Tensor,
-                    weights: torch.Tensor | None) -> torch.Tensor:
-    """Summed (weighted) token loss of hidden (n, hidden) against targets (n,) (-100: no loss)."""
-    labelled = targets != IGNORE_INDEX
-    return (head.token_losses(head(hidden), targets) * (labelled if weights is None else weights * labelled)).sum()
-
-
 class LinearCrossEntropy(torch.autograd.Function):
-    """Σₜ wₜ·CE(hidden[t] · Wᵀ, targets[t]) over the first ``usable`` rows of W, ``chunk`` tokens at a time.
+    """Σₜ wₜ·CE(hidden[t] · Wᵀ, targets[t]), ``chunk`` tokens at a time, W's rows being vocabulary ids
+    ``offset`` on (all of them on one rank; a slice under tensor parallelism).
 
     The gradient of a token's cross-entropy with respect to its logits is softmax - one-hot, known as
     soon as the forward has the softmax. So each chunk's forward ends with its gradients: the logits
     buffer becomes the softmax in place, the target entries lose 1, the rows are scaled by wₜ, and two
     GEMMs give ∂/∂hidden (chunk, hidden) and add to ∂/∂W (rows, hidden, accumulated in fp32). The
-    backward only scales them by the incoming gradient. What waits between forward and backward:
-    the two gradients, no logits.
+    backward only scales them by the incoming gradient. What waits between forward and backward: the
+    two gradients, no logits.
 
-    Rows from ``usable`` on (vocabulary padding) are left out of the GEMMs: their logits would be -inf,
-    their softmax 0, their gradient 0. Logits and softmax are fp32 whatever the weight's dtype (as
-    ``LMHead.token_losses``); the GEMMs run in the weight's dtype. A -100 target counts 0 (its weight
-    is zeroed; its id is clamped to 0 only to index)."""
+    Rows at ids ``usable`` and past (vocabulary padding) get logit -inf: softmax 0, gradient 0. Logits
+    and softmax are fp32 whatever the weight's dtype (as ``LMHead.token_losses``); the GEMMs run in the
+    weight's dtype. A -100 target counts 0 (its weight is zeroed; its id is clamped only to index).
+
+    ``reduce`` (a vocab-parallel head's ``vocab_reduce``): the log-sum-exp needs every row of the
+    vocabulary, so each chunk all-reduces its tokens' max logit, then their sums of exponentials with
+    the target logits (each target's row lives on one rank, the others add 0). ∂/∂hidden is then this
+    rank's part; the head hands in its hidden states through a copy whose backward sums the parts."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                weights: torch.Tensor | None, usable: int, chunk: int) -> torch.Tensor:
+                weights: torch.Tensor | None, usable: int, offset: int, chunk: int,
+                reduce: Callable[[torch.Tensor, str], None] | None) -> torch.Tensor:
         need_hidden, need_weight, _, need_weights = ctx.needs_input_grad[:4]
         if need_weights:
             raise ValueError("LinearCrossEntropy: the loss weights are constants here (token groups' weights); "
                              "detach them, or set train.loss_chunk_tokens=0 for autograd's head to differentiate them")
-        used = weight[:usable]
+        rows = weight.shape[0]
+        padding = min(max(usable - offset, 0), rows)  # this slice's first padding row
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -156,22 +158,32 @@ class LinearCrossEntropy(torch.autograd.Function):
             scale = (ids != IGNORE_INDEX).float()
             if weights is not None:
                 scale = scale * weights[piece].float()
-            ids = ids.clamp(min=0).unsqueeze(1)
-            logits = F.linear(x, used).float()  # a fresh fp32 tensor (bf16 GEMMs: the upcast's copy)
-            lse = torch.logsumexp(logits, dim=1)
-            total += ((lse - logits.gather(1, ids).squeeze(1)) * scale).sum()
+            local = ids - offset
+            here = ((local >= 0) & (local < rows)).float()  # the target's row is in this slice
+            local = local.clamp(0, rows - 1).unsqueeze(1)
+            logits = F.linear(x, weight).float()  # a fresh fp32 tensor (bf16 GEMMs: the upcast's copy)
+            logits[:, padding:] = float("-inf")
+            picked = logits.gather(1, local).squeeze(1) * here
+            top = logits.amax(dim=1)
+            if reduce is not None:
+                reduce(top, "max")  # finite: some rank holds a real row
+            exps = logits.sub_(top.unsqueeze(1)).exp_()  # in place: the logits are not needed again
+            sums = torch.stack([exps.sum(dim=1), picked])  # Σ exp(logit - top), the target's logit
+            if reduce is not None:
+                reduce(sums, "sum")
+            total += ((top + sums[0].log() - sums[1]) * scale).sum()
             if not (need_hidden or need_weight):
                 continue
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-            grad.scatter_add_(1, ids, torch.full_like(lse, -1.0).unsqueeze(1))
+            grad = exps.div_(sums[0].unsqueeze(1))  # softmax, in place
+            grad.scatter_add_(1, local, -here.unsqueeze(1))
             grad = grad.mul_(scale.unsqueeze(1)).to(weight.dtype)
             if need_hidden:
-                torch.mm(grad, used, out=grad_hidden[piece])
+                torch.mm(grad, weight, out=grad_hidden[piece])
             if need_weight:
                 if weight.dtype == torch.float32:
-                    grad_weight[:usable].addmm_(grad.t(), x)
+                    grad_weight.addmm_(grad.t(), x)
                 else:
-                    grad_weight[:usable] += (grad.t() @ x).float()
+                    grad_weight += (grad.t() @ x).float()
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total
 
@@ -180,4 +192,4 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
                 None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
-                None, None, None, None)
+                None, None, None, None, None, None)
