@@ -35,6 +35,9 @@ recorded in the report, and the next part runs):
                beside ``HostSyncCounter``'s count of the same steps (``bench.host_syncs.step_syncs``): the
                multimodal smoke run and the LLM recipe; the difference is what the CPU counter cannot see
                (blocking copies with ``.to(device)``, syncs inside kernels).
+    head       the full model's LM head + loss (bf16, 151,936 rows, BATCH x SEQ tokens) fwd + bwd with
+               ``train.loss_chunk_tokens`` at each of ``HEAD_CHUNKS`` (0: the one-piece head): seconds and
+               peak memory, which choose the option's CUDA default (256 from CPU measurements).
 
 Writes bench/out/gpu_check.json: the benchmark fields of DESIGN.md (headline: our MFU over the
 peer's, higher is better) plus every part's status, seconds and numbers.
@@ -74,7 +77,8 @@ SMOKE_STEPS = 40
 MOE_TOKENS = 8192
 # seconds per part (the first H200 run took 24, 8, 56 and 105 s for the first four); bench/gpu_check.sh
 # gives the whole check 570 s
-TIME_BOX = {"backbone": 90, "kernels": 30, "tests": 90, "smoke": 125, "compile": 110, "moe": 50, "syncs": 75}
+TIME_BOX = {"backbone": 70, "kernels": 30, "tests": 90, "smoke": 125, "compile": 110, "moe": 50, "syncs": 75,
+            "head": 20}
 PARTS = tuple(TIME_BOX)
 
 
@@ -424,8 +428,49 @@ def part_syncs() -> dict:
             for name, overrides in (("multimodal_smoke", MULTIMODAL), ("llm_recipe", RECIPE))}
 
 
+HEAD_CHUNKS = (0, 256, 1024, 4096)  # train.loss_chunk_tokens tried by the head part (0: one piece)
+
+
+def part_head() -> dict:
+    """The full model's LM head + loss (bf16, 152K vocabulary, BATCH x SEQ tokens), forward + backward, at each
+    of ``HEAD_CHUNKS``: seconds and peak memory, which choose ``train.loss_chunk_tokens``'s default for CUDA."""
+    from xoron_dist.config import LLMConfig
+    from xoron_dist.model.llm.head import LMHead, lm_loss
+
+    device = _require_cuda()
+    llm = LLMConfig()
+    torch.manual_seed(0)
+    head = LMHead(llm).to(device=device, dtype=torch.bfloat16)
+    torch.nn.init.normal_(head.weight, std=llm.hidden_size**-0.5)
+    hidden = torch.randn(BATCH, SEQ, llm.hidden_size, device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, llm.usable_vocab_size, (BATCH, SEQ), device=device)
+    out = {"tokens": BATCH * SEQ, "vocab_rows": head.weight.shape[0], "hidden": llm.hidden_size, "chunks": {}}
+    losses = {}
+    for chunk in HEAD_CHUNKS:
+        head.chunk_tokens = chunk
+
+        def step() -> torch.Tensor:
+            x = hidden.detach().requires_grad_()
+            loss = lm_loss(head, x, labels).loss
+            loss.backward()
+            head.weight.grad = None
+            return loss.detach()
+
+        losses[chunk] = step().item()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        seconds = _time_cuda(step, warmup=1, iters=3)
+        out["chunks"][str(chunk)] = {"seconds": seconds,
+                                     "peak_gb": (torch.cuda.max_memory_allocated() - base) / 2**30}
+    one = out["chunks"]["0"]["seconds"]
+    out["speedup_over_one_piece"] = {c: one / r["seconds"] for c, r in out["chunks"].items()}
+    out["loss_spread"] = max(losses.values()) - min(losses.values())  # bf16 GEMMs: small, not 0
+    return out
+
+
 PART_FUNCTIONS = {"backbone": part_backbone, "kernels": part_kernels, "tests": part_tests, "smoke": part_smoke,
-                  "compile": part_compile, "moe": part_moe, "syncs": part_syncs}
+                  "compile": part_compile, "moe": part_moe, "syncs": part_syncs, "head": part_head}
 
 
 # --- the driver -----------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 # The GPU check of issue 18, one command, at most 9.5 minutes on one H200 (bench/gpu_check.py says what it
 # runs): full-size backbone fwd+bwd in bf16 beside a Megatron-core GPTModel (MFU, tokens/s, peak memory),
 # the attention-kernel adapter on CUDA against SDPA, the real-CUDA kernel tests and the bf16 lane, the
-# multimodal smoke run on the GPU, train.compile eager vs compiled, and one MoE layer beside DeepSpeed's.
+# multimodal smoke run on the GPU, train.compile eager vs compiled, one MoE layer beside DeepSpeed's, host
+# syncs per step as CUDA counts them, and the LM head + loss at several train.loss_chunk_tokens.
 # Each part is time-boxed; a failed part is recorded, not fatal.
 # Writes bench/out/gpu_check.json (also after every part, so a hard stop keeps what was measured).
 #

@@ -15,7 +15,9 @@ against the one-piece head's (max relative difference in the JSON).
 Peak memory: ``tests.plan.memory_meter.LiveTensorMeter`` (live tensor bytes above those alive before
 the call; deterministic). Time: ``bench.common.time_alternating``, median of interleaved rounds.
 
-    python -m bench.lm_head_loss [--cases 4096x128x32000,2048x256x16000] [--chunk 1024] [--rounds 5]
+    python -m bench.lm_head_loss [--cases 4096x128x32000,2048x256x16000] [--chunk N] [--rounds 5]
+
+``--chunk`` defaults to the trainer's ``train.loss_chunk_tokens``.
 
 Writes bench/out/lm_head_loss.json. Headline: the first case, time of one_piece / ours (higher is
 better); the peak memory ratios beside it.
@@ -31,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bench.common import machine, time_alternating, write_result
 from tests.plan.memory_meter import LiveTensorMeter
+from xoron_dist.config.run import TrainConfig
 from xoron_dist.model.llm.head import IGNORE_INDEX, LMHead, lm_loss
 
 MIB = 2**20
@@ -111,7 +114,7 @@ def run_case(case: str, chunk: int, rounds: int, dtype: torch.dtype) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="4096x128x32000,2048x256x16000,1024x64x1088")
-    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=TrainConfig().loss_chunk_tokens)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bf16-case", default="2048x128x16000", help="also this case in bf16 ('' for none)")
     args = parser.parse_args()
