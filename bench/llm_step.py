@@ -2,7 +2,12 @@
 
 Same config, same weights (copied through the HF adapter), same batches, same optimizer
 (torch AdamW), same process; ours and HF's two experts implementations alternate round by
-round. A step is forward + cross-entropy + backward + optimizer step.
+round. A step is forward + cross-entropy + backward + optimizer step, the loss through each model's
+own training path (``labels=``), as each one's trainer calls it: ours with the trainer's default
+``train.loss_chunk_tokens`` (``LinearCrossEntropy`` chunks), HF's ``ForCausalLMLoss`` (the whole
+logits, ``F.cross_entropy``) given the same shifted targets (``shift_labels``). Until 2026-12-05 the
+bench took both models' logits and computed one ``F.cross_entropy`` itself (``STEP`` in the JSON says
+which; the headline's earlier runs are kept only for the same step).
 
 Cases (model @ tokens per row x rows):
     tiny@128x8     the smoke run's model and batch shape, the headline
@@ -49,6 +54,7 @@ import transformers
 
 from bench.common import OUT_DIR, machine, time_alternating, write_result
 from xoron_dist.config import load_config
+from xoron_dist.config.run import TrainConfig
 from xoron_dist.model.llm import XoronLLM
 from xoron_dist.model.llm.hf import from_hf_state_dict, hf_config_kwargs
 from xoron_dist.train.compile import compile_blocks
@@ -66,6 +72,17 @@ DEFAULT_CASES = "tiny@128x8,tiny@1024x2,small@512x2"
 HEADLINE = "tiny@128x8"
 
 
+STEP = "own_loss"  # each model's training loss path (labels=); "bench_cross_entropy" before 2026-12-05
+
+
+def training_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of rows ``ids`` through the model's own training path."""
+    inputs, targets = ids[:, :-1], ids[:, 1:].contiguous()
+    if isinstance(model, XoronLLM):
+        return model(inputs, labels=targets).loss  # labels already shifted
+    return model(inputs, labels=targets, shift_labels=targets).loss  # HF: shift_labels taken as they are
+
+
 def make_step(model: torch.nn.Module, batches: list[torch.Tensor]):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     state = {"i": 0}
@@ -73,8 +90,7 @@ def make_step(model: torch.nn.Module, batches: list[torch.Tensor]):
     def step() -> None:
         ids = batches[state["i"] % len(batches)]
         state["i"] += 1
-        logits = model(ids[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss = training_loss(model, ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -166,7 +182,8 @@ def kept_sections(name: str, measured: dict,
     kept = {key: previous[key] for key in sections if key in previous and key not in measured}
     kept["cases"] = previous.get("cases", {}) | measured["cases"]
     head = measured["cases"].get(measured["headline"])
-    runs = previous.get("headline_runs", {}).get("runs", []) if previous.get("headline") == measured["headline"] else []
+    same = previous.get("headline") == measured["headline"] and previous.get("step") == STEP
+    runs = previous.get("headline_runs", {}).get("runs", []) if same else []
     if head is not None:
         runs = [*runs, {"ratio": head["ratio"], "tokens_per_s": head["tokens_per_s"], "machine": measured["machine"]}]
     if runs:
@@ -200,12 +217,17 @@ def run_case(case: str, rounds: int, compiled: bool = False) -> dict:
         peers[f"hf_{impl}"] = transformers.DeepseekV3ForCausalLM(hf_cfg).train()
     ours = XoronLLM(cfg).train()
     ours.load_state_dict(from_hf_state_dict(peers["hf_eager"].state_dict()))
+    ours.lm_head.chunk_tokens = TrainConfig().loss_chunk_tokens  # as the trainer builds it (train/build.py)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq + 1)) for _ in range(4)]
     with torch.no_grad():  # same weights -> same logits, else the comparison would be meaningless
         usable = cfg.usable_vocab_size  # ours masks the embedding's padding rows to -inf (never predicted)
         diff = (ours(batches[0][:, :-1]).logits[..., :usable]
                 - peers["hf_eager"](batches[0][:, :-1]).logits[..., :usable]).abs().max()
         assert diff < 1e-3, f"models differ by {diff}"
+        hf_logits = peers["hf_eager"](batches[0][:, :-1]).logits[..., :usable]  # HF's softmax also spans padding rows
+        expected = F.cross_entropy(hf_logits.flatten(0, 1), batches[0][:, 1:].flatten())
+        loss = training_loss(ours, batches[0])
+        assert abs(loss - expected) < 1e-4, f"our training loss {loss} differs from HF logits' {expected}"
     fns = {"ours": make_step(ours, batches)} | {name: make_step(m, batches) for name, m in peers.items()}
     compile_s = {}
     if compiled:
@@ -258,6 +280,7 @@ def checkpointed_compile(rounds: int) -> dict:
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
         models[name] = XoronLLM(cfg).train()
+        models[name].lm_head.chunk_tokens = TrainConfig().loss_chunk_tokens
         apply_activation_checkpointing(models[name], (DecoderLayer,))
     if not compile_blocks(models["compiled"], torch.device("cpu")):
         raise SystemExit("--checkpointed: inductor has no C++ compiler here (see the log)")
@@ -324,7 +347,9 @@ def main() -> None:
     head = kept["cases"][head_name]
     result = {
         "headline": head_name,
-        "metric": f"training-step tokens/s (fwd+bwd+AdamW), case {head_name}, higher is better",
+        "metric": f"training-step tokens/s (fwd + each model's own loss + bwd + AdamW), case {head_name}, higher is "
+                  "better",
+        "step": STEP,
         "unit": "tokens/s",
         "ours": head["tokens_per_s"]["ours"],
         "peer": head["tokens_per_s"][head["best_peer"]],
