@@ -12,7 +12,7 @@ the vocab-parallel loss through the same ``project``/``token_losses``/``gather``
 
 ``chunk_tokens`` > 0: the head and the loss run on chunks of that many tokens, so training never holds
 the whole (tokens, vocabulary) logits (at 32K tokens and the full 152K vocabulary that is ~20 GB of
-fp32 per row). Same loss and gradients; ``logits`` is None. On one rank the chunks run through
+fp32 per row). Same loss and gradients; ``logits`` is None. The chunks run through
 ``LinearCrossEntropy``: each chunk's gradients are made in the forward, straight from its softmax
 (softmax - one-hot), and only the gradients wait for the backward: three GEMMs and one vocabulary-wide
 buffer per chunk, against the four GEMMs a recomputed chunk costs and the log-softmax, NLL and their
@@ -101,8 +101,8 @@ class LMHead(nn.Module):
 def lm_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor | None = None,
             loss_weights: torch.Tensor | None = None) -> LLMOutput:
     """Logits and (with ``labels``) the mean token loss of ``hidden`` (batch, seq, hidden) after the final
-    norm; labels (batch, seq) already shifted. The head is called as a module for every piece (ZeRO-3
-    gathers a module's weights around its own calls, recomputed chunks included)."""
+    norm; labels (batch, seq) already shifted. The head is called as a module, in one piece or with the
+    targets for its chunked loss (ZeRO-3 gathers a module's weights around its own calls)."""
     if labels is None or not head.chunk_tokens or not (head.training and torch.is_grad_enabled()):
         logits = head(hidden)
         if labels is None:
