@@ -179,8 +179,8 @@ class ReduceFromTensorParallel(nn.Module):
 
 
 class VocabParallelLMHead(LMHead):
-    """``LMHead`` over this rank's rows of the (TP-padded) vocabulary, with Megatron's vocab-parallel loss."""
-
+    """``LMHead`` over this rank's rows of the (TP-padded) vocabulary: Megatron's vocab-parallel loss for the
+    one-piece head, and for the chunked one ``LinearCrossEntropy`` with its statistics all-reduced over TP."""
 
     def __init__(self, head: LMHead, weight: nn.Parameter, rank: int) -> None:
         nn.Module.__init__(self)
