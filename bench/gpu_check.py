@@ -37,7 +37,8 @@ recorded in the report, and the next part runs):
                (blocking copies with ``.to(device)``, syncs inside kernels).
     head       the full model's LM head + loss (bf16, 151,936 rows, BATCH x SEQ tokens) fwd + bwd with
                ``train.loss_chunk_tokens`` at each of ``HEAD_CHUNKS`` (0: the one-piece head): seconds and
-               peak memory, which choose the option's CUDA default (256 from CPU measurements).
+               peak memory, which check the option's CUDA default (2048, from the roofline in
+               ``TrainConfig.loss_chunk_for``).
 
 Writes bench/out/gpu_check.json: the benchmark fields of DESIGN.md (headline: our MFU over the
 peer's, higher is better) plus every part's status, seconds and numbers.
@@ -428,12 +429,12 @@ def part_syncs() -> dict:
             for name, overrides in (("multimodal_smoke", MULTIMODAL), ("llm_recipe", RECIPE))}
 
 
-HEAD_CHUNKS = (0, 256, 1024, 4096)  # train.loss_chunk_tokens tried by the head part (0: one piece)
+HEAD_CHUNKS = (0, 256, 1024, 2048, 4096)  # train.loss_chunk_tokens tried by the head part (0: one piece)
 
 
 def part_head() -> dict:
     """The full model's LM head + loss (bf16, 152K vocabulary, BATCH x SEQ tokens), forward + backward, at each
-    of ``HEAD_CHUNKS``: seconds and peak memory, which choose ``train.loss_chunk_tokens``'s default for CUDA."""
+    of ``HEAD_CHUNKS``: seconds and peak memory, which check ``TrainConfig.loss_chunk_for``'s CUDA choice (2048)."""
     from xoron_dist.config import LLMConfig
     from xoron_dist.model.llm.head import LMHead, lm_loss
 

@@ -217,7 +217,7 @@ def run_case(case: str, rounds: int, compiled: bool = False) -> dict:
         peers[f"hf_{impl}"] = transformers.DeepseekV3ForCausalLM(hf_cfg).train()
     ours = XoronLLM(cfg).train()
     ours.load_state_dict(from_hf_state_dict(peers["hf_eager"].state_dict()))
-    ours.lm_head.chunk_tokens = TrainConfig().loss_chunk_tokens  # as the trainer builds it (train/build.py)
+    ours.lm_head.chunk_tokens = TrainConfig().loss_chunk_for("cpu")  # as the trainer builds it (train/build.py)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq + 1)) for _ in range(4)]
     with torch.no_grad():  # same weights -> same logits, else the comparison would be meaningless
         usable = cfg.usable_vocab_size  # ours masks the embedding's padding rows to -inf (never predicted)
@@ -280,7 +280,7 @@ def checkpointed_compile(rounds: int) -> dict:
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
         models[name] = XoronLLM(cfg).train()
-        models[name].lm_head.chunk_tokens = TrainConfig().loss_chunk_tokens
+        models[name].lm_head.chunk_tokens = TrainConfig().loss_chunk_for("cpu")
         apply_activation_checkpointing(models[name], (DecoderLayer,))
     if not compile_blocks(models["compiled"], torch.device("cpu")):
         raise SystemExit("--checkpointed: inductor has no C++ compiler here (see the log)")

@@ -114,7 +114,7 @@ def run_case(case: str, chunk: int, rounds: int, dtype: torch.dtype) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="4096x128x32000,2048x256x16000,1024x64x1088")
-    parser.add_argument("--chunk", type=int, default=TrainConfig().loss_chunk_tokens)
+    parser.add_argument("--chunk", type=int, default=TrainConfig().loss_chunk_for("cpu"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bf16-case", default="2048x128x16000", help="also this case in bf16 ('' for none)")
     args = parser.parse_args()

@@ -195,3 +195,22 @@ def test_prep_budgets_are_validated(field, shown):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["preset=tiny", f"data.prep.{field}=0"])
     assert str(err.value) == f"config field 'data.prep.{field}' = {shown} is invalid: must be > 0"
+
+
+def test_loss_chunk_tokens_by_device_unless_set(tmp_path):
+    """train.loss_chunk_tokens unset: 256 on CPU, 2048 on a GPU (TrainConfig.loss_chunk_for says why); a set
+    value, 0 (one piece) included, wins everywhere and survives the YAML round trip; negative is refused."""
+    train = load_config(None, []).train
+    assert train.loss_chunk_tokens is None
+    assert (train.loss_chunk_for("cpu"), train.loss_chunk_for("cuda")) == (256, 2048)
+    for value in (0, 100):
+        cfg = load_config(None, [f"train.loss_chunk_tokens={value}"])
+        assert cfg.train.loss_chunk_for("cpu") == cfg.train.loss_chunk_for("cuda") == value
+        path = tmp_path / f"{value}.yaml"
+        path.write_text(cfg.to_yaml())
+        assert load_config(path, []).train.loss_chunk_tokens == value
+    path = tmp_path / "unset.yaml"
+    path.write_text(load_config(None, []).to_yaml())
+    assert load_config(path, []).train.loss_chunk_tokens is None
+    with pytest.raises(ConfigError, match="loss_chunk_tokens"):
+        load_config(None, ["train.loss_chunk_tokens=-1"])

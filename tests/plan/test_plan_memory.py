@@ -45,7 +45,7 @@ def _measure(overrides, toggle_checkpointing):
     ctx = state.initialize(cfg)
     torch.manual_seed(cfg.train.seed)
     model = XoronLLM(cfg.llm)
-    model.lm_head.chunk_tokens = cfg.train.loss_chunk_tokens
+    model.lm_head.chunk_tokens = cfg.train.loss_chunk_for("cpu")
     parallel = parallelize(model, cfg)  # with train.activation_checkpointing: every layer checkpointed
     model = parallel.model
     ds = build_ds_config(cfg, ctx.dp_size, torch.float32, "cpu")
@@ -84,7 +84,7 @@ def _estimate(overrides, world, checkpointing, stages=False):
     layout = validate_layout(cfg, world)
     ds = build_ds_config(cfg, layout.dp, torch.float32, "cpu")
     shape = TrainingShape(cfg.train.micro_batch_size, cfg.train.seq_len, cfg.train.grad_accum_steps, checkpointing,
-                          cfg.train.loss_chunk_tokens)
+                          cfg.train.loss_chunk_for("cpu"))
     estimate = estimate_stage_memory if stages else estimate_memory
     return estimate(cfg, layout, shape, ds, mixed=False, cpu_optimizer_temporaries=True)
 

@@ -115,9 +115,8 @@ class TrainConfig:
     # > 0: the LM head and loss run on chunks of this many tokens (LinearCrossEntropy: each chunk's gradients
     # made in its forward), so the whole (tokens x vocabulary) logits never exist at once; also faster than one
     # piece (bench/lm_head_loss.py, CPU, chunks of 256: 1.03x at the smoke size, 1.85x at 4096 x 32K vocab).
-    # 0 = in one piece (autograd's head, the logits returned). Under TP each chunk all-reduces twice over the
-    # TP group: larger chunks, fewer collectives.
-    loss_chunk_tokens: int = 256
+    # 0 = in one piece (autograd's head, the logits returned). None = by device (``loss_chunk_for``).
+    loss_chunk_tokens: int | None = None
     # parallel.ep > 1, dropless: the expert dispatch runs as a pipeline of this many chunks of tokens, so one
     # chunk's all-to-all travels while another chunk's experts compute (parallel/experts.py); 1 = no overlap.
     # An execution choice, not a layout: checkpoints do not depend on it (so it is not in the config hash).
@@ -152,6 +151,19 @@ class TrainConfig:
         """Seconds without progress before the hang watchdog reports (0: off)."""
         minutes = self.dist_timeout_minutes / 2 if self.watchdog_minutes is None else self.watchdog_minutes
         return 60.0 * minutes
+
+    def loss_chunk_for(self, device_type: str) -> int:
+        """``loss_chunk_tokens`` on a device of this type ("cpu", "cuda", ...): the set value, else by device.
+
+        Each chunk adds its ∂W (vocabulary x hidden, fp32) to an accumulator: a read and a write of it per chunk
+        against 2 x chunk FLOPs per element, so the accumulation stays compute-bound only from about chunk / 4
+        FLOPs per byte up: a few on a CPU (whose small chunks also stay in cache: 256 measured fastest, 64-256
+        alike), some 300 on an H100-class GPU (2048: about 500; at the full 152K vocabulary a chunk's fp32 logits
+        are then 1.2 GB). Under TP each chunk also all-reduces twice over the TP group: larger chunks, fewer.
+        ``bench/gpu_check.sh``'s head part measures 256 to 4096 on the GPU."""
+        if self.loss_chunk_tokens is not None:
+            return self.loss_chunk_tokens
+        return 256 if device_type == "cpu" else 2048
 
     def validate(self, where: str) -> None:
         positive(self, where, "steps", "micro_batch_size", "grad_accum_steps", "seq_len", "lr", "eps",

@@ -137,7 +137,7 @@ def _judge(cfg: XoronConfig, cand: Candidate, cluster: ClusterSpec, mixed: bool,
         return dataclasses.replace(cand, layout=layout, refusal=reason)
     run = cand.apply(cfg, validate=False)
     shape = TrainingShape(cand.micro_batch_size, seq_len, cand.grad_accum_steps, cand.activation_checkpointing,
-                          cfg.train.loss_chunk_tokens)
+                          cfg.train.loss_chunk_for(cluster.device))
     memory = estimate_memory(run, layout, shape, ds_for(run), mixed,
                              cpu_optimizer_temporaries=cluster.device == "cpu")
     cost = estimate_step(run, layout, shape, cluster, mixed)

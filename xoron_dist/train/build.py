@@ -79,7 +79,7 @@ def build_stage(cfg: XoronConfig, ctx, plan: StagePlan, run_root: Path) -> Built
     # XoronMultimodalModel when an encoder is enabled; synthetic_text batches hold no media to encode
     model = build_model(cfg) if cfg.data.source == "arrow" else XoronLLM(cfg.llm)
     for head in (m for m in model.modules() if isinstance(m, LMHead)):
-        head.chunk_tokens = tc.loss_chunk_tokens
+        head.chunk_tokens = tc.loss_chunk_for(ctx.device.type)
     add_adapters(model, cfg)  # model.lora: adapters on the plain model, split by parallelize like their layers
     frozen = freeze_parameters(model, plan)
     parallel = parallelize(model, cfg)  # pruned and split on the host, before it moves to the device
