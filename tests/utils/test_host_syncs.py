@@ -7,6 +7,7 @@ import torch
 
 from xoron_dist.utils.host_syncs import (
     HostSyncCounter,
+    TensorMemo,
     host_copy,
     host_list,
     keep_host_copy,
@@ -204,3 +205,21 @@ def test_upload_moves_a_host_tensor_and_refuses_a_device_one():
     assert made.dtype == torch.int64 and made.tolist() == [[1, 0], [0, 1]] and host_copy(made) is made
     with pytest.raises(ValueError, match="on meta already"):
         upload(torch.ones(2, device="meta"), device="cpu")
+
+
+def test_tensor_memo_recomputes_for_another_tensor_or_an_in_place_write():
+    memo, calls = TensorMemo(), []
+
+    def make(t):
+        calls.append(t)
+        return int(t.sum())
+
+    a = torch.tensor([1, 2])
+    assert memo.get(a, make) == memo.get(a, make) == 3 and len(calls) == 1
+    a.add_(1)  # a new version of the same tensor
+    assert memo.get(a, make) == 5 and len(calls) == 2
+    b = torch.tensor([1, 2])  # equal values, another tensor
+    assert memo.get(b, make) == 3 and len(calls) == 3
+    b.add_(10)
+    memo.put(b, 23)  # the caller knows the value after its own update: no recompute
+    assert memo.get(b, make) == 23 and len(calls) == 3

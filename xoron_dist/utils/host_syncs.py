@@ -253,6 +253,26 @@ def with_host_copy(make: Callable[..., torch.Tensor], *tensors: torch.Tensor | N
     return made
 
 
+class TensorMemo:
+    """A value derived from one tensor, kept until another tensor or a new version of that one comes
+    (identity and ``_version``: an in-place write bumps it). Holding the tensor keeps its id from being
+    reused. For host-side values worth computing once per tensor: a layout planned from ids, a step read."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[torch.Tensor, int, Any] | None = None
+
+    def get(self, tensor: torch.Tensor, make: Callable[[torch.Tensor], Any]) -> Any:
+        entry = self._entry
+        if entry is None or entry[0] is not tensor or entry[1] != tensor._version:
+            return self.put(tensor, make(tensor))
+        return entry[2]
+
+    def put(self, tensor: torch.Tensor, value: Any) -> Any:
+        """Remember ``value`` for ``tensor`` as it is now (after an in-place update the caller made)."""
+        self._entry = (tensor, tensor._version, value)
+        return value
+
+
 def read_together(values: dict[str, Any]) -> dict[str, Any]:
     """Every tensor of ``values`` read on the host in one read (one sync where each ``.tolist()`` would be
     one): each comes back as its ``tolist()`` (a 0-dim tensor as a float), read as float64, so integer

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from xoron_dist.model.common.attention_kernels import fused_attention
-from xoron_dist.utils.host_syncs import on_host, upload
+from xoron_dist.utils.host_syncs import TensorMemo, on_host, upload
 
 
 @dataclass(frozen=True)
@@ -90,19 +90,15 @@ def _lengths(sorted_key: torch.Tensor) -> list[int]:
 class DocumentLayoutCache:
     """One layout per batch: every layer of a forward (and its recomputation) gets the same ``document_ids``.
 
-    Keyed on the tensor object and its version counter; holding the tensor keeps its id from being reused.
+    Keyed on the tensor object and its version counter (``TensorMemo``).
     """
 
     def __init__(self) -> None:
-        self._entry: tuple[torch.Tensor, int, DocumentLayout] | None = None
+        self._memo = TensorMemo()
 
     @torch.compiler.disable  # host-side planning (data-dependent shapes): a compiled block calls it eagerly
     def __call__(self, document_ids: torch.Tensor) -> DocumentLayout:
-        entry = self._entry
-        if entry is None or entry[0] is not document_ids or entry[1] != document_ids._version:
-            entry = (document_ids, document_ids._version, DocumentLayout.from_ids(document_ids))
-            self._entry = entry
-        return entry[2]
+        return self._memo.get(document_ids, DocumentLayout.from_ids)
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout, *, scale: float,

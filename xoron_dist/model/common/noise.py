@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from xoron_dist.utils.host_syncs import host_values
+from xoron_dist.utils.host_syncs import TensorMemo, host_values
 
 _SAMPLED_VALUES = 4096  # values of an item hashed (evenly strided): enough to tell real items apart
 _KEY = "_xoron_content_key"  # the attribute a moved item carries its host copy's key in
@@ -73,19 +73,16 @@ class NoiseClock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._host: tuple[torch.Tensor, int, int] | None = None  # (buffer, its version, its value) last seen
+        self._host = TensorMemo()  # the buffer's value as last seen
 
     def advance(self) -> None:
         known = self._host_step()
         self.step += 1
-        self._host = (self.step, self.step._version, known + 1)
+        self._host.put(self.step, known + 1)
 
     def _host_step(self) -> int:
         """The step as a Python int, read from the device only when the buffer changed behind our back."""
-        seen = self._host
-        if seen is None or seen[0] is not self.step or seen[1] != self.step._version:
-            self._host = seen = (self.step, self.step._version, int(self.step))
-        return seen[2]
+        return self._host.get(self.step, int)
 
     def seed(self, item: torch.Tensor, salt: int = 0) -> int:
         """The 63-bit seed of ``item`` in this step (``salt`` separates independent uses of one item)."""
