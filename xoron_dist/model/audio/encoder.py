@@ -74,13 +74,18 @@ class AudioEncoder(nn.Module):
     def tokens(self, clips: list[torch.Tensor]):
         """-> quantised latents (n, frames, latent_dim) zero at padding, their ``ResidualQuantized`` over the
         real frames, and the frame mask (n, frames)."""
+        latents, mask, real, _, quantized = self._quantize_real_frames(clips)
+        return _on_frame_grid(latents, real, quantized.latents), quantized, mask
+
+    def _quantize_real_frames(self, clips: list[torch.Tensor]):
+        """The tokenizer's frames of ``clips`` (n, frames, latent_dim), their mask (n, frames), the flat
+        indices of the real frames, those frames (real, latent_dim) and their ``ResidualQuantized``."""
         device = self.tokenizer.conv_in.weight.device
         samples, lengths = batch_clips(clips, device)
         latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
         mask, real = self._real_frames(latents, lengths)
-        flat = latents.flatten(0, 1)
-        quantized = self.quantizer(flat.index_select(0, real))
-        return flat.new_zeros(flat.shape).index_copy(0, real, quantized.latents).view_as(latents), quantized, mask
+        rows = latents.flatten(0, 1).index_select(0, real)
+        return latents, mask, real, rows, self.quantizer(rows)
 
     def _real_frames(self, latents: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frame mask (n, frames) and the flat indices of the real frames, whose number comes from the
@@ -97,15 +102,16 @@ class AudioEncoder(nn.Module):
             return AudioFeatures(self.conformer(latents, mask).hidden, mask)
         # "latents": the Conformer reads the tokenizer's continuous frames; the quantiser still runs (its
         # usage feeds the dead-code restarts) and stays in the graph at weight 0 (every parameter takes part)
-        device = self.tokenizer.conv_in.weight.device
-        samples, lengths = batch_clips(clips, device)
-        latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
-        mask, real = self._real_frames(latents, lengths)
-        flat = latents.flatten(0, 1)
-        rows = flat.index_select(0, real)
-        quantized = self.quantizer(rows)
-        frames = flat.new_zeros(flat.shape).index_copy(0, real, rows + 0.0 * quantized.latents).view_as(latents)
+        latents, mask, real, rows, quantized = self._quantize_real_frames(clips)
+        frames = _on_frame_grid(latents, real, rows + 0.0 * quantized.latents)
         return AudioFeatures(self.conformer(frames, mask).hidden, mask)
+
+
+def _on_frame_grid(latents: torch.Tensor, real: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (one per real frame, at flat indices ``real``) back on ``latents``' (n, frames, dim) grid, zero
+    at padding."""
+    flat = latents.flatten(0, 1)
+    return flat.new_zeros(flat.shape).index_copy(0, real, rows).view_as(latents)
 
 
 class FramePoolProjector(nn.Module):
