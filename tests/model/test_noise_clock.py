@@ -98,3 +98,14 @@ def test_draws_are_made_on_the_item_device_and_host_choices_share_the_seed():
     first = clock.host_random(item, salt=2).randrange(1000)
     assert first == clock.host_random(item, salt=2).randrange(1000)
     assert [clock.host_random(item, salt=s).random() for s in range(4)] != [clock.host_random(item, 0).random()] * 4
+
+
+def test_blank_items_carry_the_key_of_zeros_without_a_read():
+    from xoron_dist.model.common.noise import blank_item
+
+    for shape, dtype in (((4, 4, 3), torch.uint8), ((10,), torch.int16)):
+        with HostSyncCounter() as counter:
+            first, second = blank_item(shape, dtype, "cpu"), blank_item(shape, dtype, "cpu")
+            keys = content_key(first), content_key(second)
+        assert counter.total == 0 and first is not second and not first.any()
+        assert keys[0] == keys[1] == content_key(torch.zeros(shape, dtype=dtype).clone())

@@ -24,6 +24,7 @@ Nothing here waits for the device in a training step:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Sequence
@@ -60,11 +61,17 @@ def keep_content_keys(host: Sequence[torch.Tensor], moved: Sequence[torch.Tensor
 
 
 def blank_item(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A zero item (a generator's idle call) made on ``device`` with its content key (hashed on the host)."""
-    host = torch.zeros(shape, dtype=dtype)
+    """A zero item (a generator's idle call) made on ``device`` with its content key (hashed on the host,
+    once per shape and dtype)."""
     item = torch.zeros(shape, dtype=dtype, device=device)
-    keep_content_keys([host], [item])
+    setattr(item, _KEY, _blank_key(tuple(shape), dtype))
     return item
+
+
+@functools.lru_cache(maxsize=64)
+def _blank_key(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    with host_values():  # a read of host memory in every run
+        return content_key(torch.zeros(shape, dtype=dtype))
 
 
 class NoiseClock(nn.Module):
