@@ -361,9 +361,12 @@ def estimate_stage_memory(cfg: XoronConfig, layout: Layout, shape: TrainingShape
         per_layer = [layer_activation_bytes(llm, i, tp, tp_experts, b, expert_rows, shape.packed_documents)
                      for i in stage.layers]
         in_flight = min(pp - s, shape.grad_accum_steps)  # 1F1B: stage s holds pp - s micro-batches
-        head_saved, head_extra = head_activation_bytes(llm, tp, b) if stage.last else (0, 0)
-        if stage.last and shape.loss_chunk_tokens > 0:
+        if not stage.last:
+            head_saved, head_extra = 0, 0
+        elif shape.loss_chunk_tokens > 0:
             head_saved, head_extra = fused_head_bytes(llm, tp, b, tokens, shape.loss_chunk_tokens)
+        else:
+            head_saved, head_extra = head_activation_bytes(llm, tp, b)
         embed_out = b * llm.hidden_size if stage.first else 0  # the first layer's input
         received = b * llm.hidden_size if not stage.first else 0  # activation received from the stage before
         if shape.activation_checkpointing:  # inputs kept; one layer recomputed at a time in backward
