@@ -71,17 +71,22 @@ class AudioEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.cfg.conformer.hidden_size
 
-    def tokens(self, clips: list[torch.Tensor]):
+    @property
+    def device(self) -> torch.device:
+        return self.tokenizer.conv_in.weight.device
+
+    def tokens(self, clips: list[torch.Tensor], batched: tuple[torch.Tensor, torch.Tensor] | None = None):
         """-> quantised latents (n, frames, latent_dim) zero at padding, their ``ResidualQuantized`` over the
-        real frames, and the frame mask (n, frames)."""
-        latents, mask, real, _, quantized = self._quantize_real_frames(clips)
+        real frames, and the frame mask (n, frames). ``batched``: ``batch_clips(clips, self.device)`` when the
+        caller already made it (it needs the samples too)."""
+        latents, mask, real, _, quantized = self._quantize_real_frames(clips, batched)
         return _on_frame_grid(latents, real, quantized.latents), quantized, mask
 
-    def _quantize_real_frames(self, clips: list[torch.Tensor]):
+    def _quantize_real_frames(self, clips: list[torch.Tensor],
+                              batched: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The tokenizer's frames of ``clips`` (n, frames, latent_dim), their mask (n, frames), the flat
         indices of the real frames, those frames (real, latent_dim) and their ``ResidualQuantized``."""
-        device = self.tokenizer.conv_in.weight.device
-        samples, lengths = batch_clips(clips, device)
+        samples, lengths = batched if batched is not None else batch_clips(clips, self.device)
         latents = self.tokenizer(samples.to(self.tokenizer.conv_in.weight.dtype), lengths)
         mask, real = self._real_frames(latents, lengths)
         rows = latents.flatten(0, 1).index_select(0, real)

@@ -106,10 +106,10 @@ class SpeechHead(nn.Module):
                 request_mask: torch.Tensor) -> torch.Tensor:
         """The TTS losses summed over the target clips. A request longer than its clip's latent frames
         keeps its last ``frames`` tokens (MAS needs a frame per token; the request ends with the text)."""
-        latents, _, frame_mask = encoder.tokens(targets)
+        samples, lengths = batch_clips(targets, encoder.device)
+        latents, _, frame_mask = encoder.tokens(targets, (samples, lengths))
         frames = mask_lengths(frame_mask)  # the encoder's mask keeps its host copy
         request, request_mask = _fit_requests(request, request_mask, frames)
-        samples, lengths = batch_clips(targets, latents.device)
         latents = self.vocoder.frames(latents, samples) * frame_mask[..., None].to(latents.dtype)
         latents = self._to_tts(latents, self._voice_level(latents))
         voice = self.speaker(samples.to(latents.dtype), lengths)
