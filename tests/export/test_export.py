@@ -13,13 +13,12 @@ import pytest
 import torch
 import yaml
 
-from tests.train.test_trainer import TEXT, run_train
+from tests.train.runs import TEXT, deepspeed_launcher, run_train
 from xoron_dist.cli import main as xoron
 from xoron_dist.config import load_config
 from xoron_dist.export import ConsolidatedCheckpoint, ConsolidationError, consolidate, export_hf, from_pretrained
 from xoron_dist.export.hf import ExportError
 from xoron_dist.model.xoron import XoronMultimodalModel, build_model
-from xoron_dist.parallel.launcher_env import free_port
 from xoron_dist.tokenizer import XoronTokenizer
 from xoron_dist.train.deepspeed_shards import load_file
 
@@ -30,11 +29,6 @@ COMMON = (TEXT, "train.steps=3", "train.save_every=3", "train.seq_len=64", "mode
 EPS = "model.llm.rms_norm_eps=1e-5"  # not DeepSeek's 1e-6: HF must take it from config.json
 
 
-def _deepspeed(world: int) -> list[str]:
-    return [shutil.which("deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()), "--module",
-            "xoron_dist.train"]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
@@ -43,7 +37,7 @@ def runs(tmp_path_factory) -> Path:
 def _trained(root: Path, name: str, *overrides: str, world: int = 1) -> Path:
     """3 steps of the trainer (global batch 4), trained once per module."""
     if not (root / name / "checkpoints" / "latest").is_file():
-        run_train(root, name, *COMMON, *overrides, launcher=_deepspeed(world) if world > 1 else None)
+        run_train(root, name, *COMMON, *overrides, launcher=deepspeed_launcher(world) if world > 1 else None)
     return root / name
 
 

@@ -7,14 +7,10 @@ token-weighted mean of the whole step) and the gradient norm, which DeepSpeed su
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 
-from tests.train.test_trainer import TEXT, run_train
-from xoron_dist.parallel.launcher_env import free_port
+from tests.train.runs import TEXT, assert_same_steps, deepspeed_launcher, records, run_train
 from xoron_dist.train.tensorboard import read_scalars
 
 # 3 layers, the first dense: the two stages get different numbers and kinds of layers.
@@ -22,30 +18,18 @@ COMMON = (TEXT, "model.llm.num_layers=3", "model.llm.dense_layers=1", "model.llm
           "train.seq_len=128", "train.grad_accum_steps=4", "train.log_every=1", "train.save_every=3")
 
 
-def _deepspeed(world: int) -> list[str]:
-    return [shutil.which("deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()), "--module",
-            "xoron_dist.train"]
-
-
-def _records(tmp_path, name) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> list[dict]:
     """The single-rank reference, 5 steps of micro-batch 2, run once for every test here."""
     root = tmp_path_factory.mktemp("pipeline-single")
     run_train(root, "single", "train.steps=5", "train.micro_batch_size=2", *COMMON)
-    return _records(root, "single")
+    return records(root, "single")
 
 
 def _assert_same_run(single: list[dict], ours: list[dict]) -> None:
-    single = single[: len(ours)]
-    assert [r["step"] for r in ours] == [r["step"] for r in single]
-    for a, b in zip(single, ours, strict=True):
-        assert b["label_tokens"] == a["label_tokens"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
+    assert_same_steps(single, ours)
+    for a, b in zip(single, ours, strict=False):
+        assert b["label_tokens"] == a["label_tokens"], (a, b)
     assert single[-1]["loss"] < single[0]["loss"]
 
 
@@ -54,16 +38,14 @@ def test_two_stage_pipeline_and_its_resume_match_single_rank(tmp_path, single):
     """PP=2 (ZeRO-1) for 3 steps, then --resume to step 5: every step equals the uninterrupted
     single-rank run. Balanced by parameter count, stage 0 holds the embedding, the dense layer 0 and
     MoE layer 1, stage 1 MoE layer 2 and the head; each stage wrote its own checkpoint file."""
-    launcher = _deepspeed(2)
     proc = run_train(tmp_path, "pp2", "train.steps=3", "train.micro_batch_size=2", "parallel.pp=2", *COMMON,
-                     launcher=launcher)
+                     launcher=deepspeed_launcher(2))
     assert "world 2 = dp 1 x tp 1 x pp 2" in proc.stderr
     assert "stage 0: layers 0-1" in proc.stderr and "stage 1: layers 2-2" in proc.stderr
-    launcher[4] = str(free_port())
     run_train(tmp_path, "pp2", "train.steps=5", "train.micro_batch_size=2", "parallel.pp=2", *COMMON,
-              launcher=launcher, flags=("--resume",))
-    _assert_same_run(single, _records(tmp_path, "pp2"))
-    assert len(_records(tmp_path, "pp2")) == 5
+              launcher=deepspeed_launcher(2), flags=("--resume",))
+    _assert_same_run(single, records(tmp_path, "pp2"))
+    assert len(records(tmp_path, "pp2")) == 5
 
     ckpt = tmp_path / "pp2" / "checkpoints" / "step00000003"
     last = torch.load(ckpt / "mp_rank_01_model_states.pt", map_location="cpu", weights_only=False)["module"]
@@ -85,6 +67,6 @@ def test_four_rank_pipeline_layouts_match_single_rank(tmp_path, single, layout, 
     ranks (EP=2, DeepSpeed's MoE path under ZeRO-1 in each stage's engine) on 4 ranks: 3 steps equal
     the single-rank run (DP: each data rank takes half of every micro-batch)."""
     proc = run_train(tmp_path, "pp", "train.steps=3", f"train.micro_batch_size={micro}", "parallel.pp=2", *layout,
-                     *COMMON, launcher=_deepspeed(4))
+                     *COMMON, launcher=deepspeed_launcher(4))
     assert "world 4 = dp {} x tp {} x pp 2".format(*dp_tp) in proc.stderr
-    _assert_same_run(single, _records(tmp_path, "pp"))
+    _assert_same_run(single, records(tmp_path, "pp"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_trainer import REPO, SMOKE, TEXT, clean_env, losses, run_train
+from tests.train.runs import REPO, SMOKE, TEXT, clean_env, losses, run_train
 from xoron_dist.parallel.launcher_env import free_port
 
 FAULTS = Path(__file__).with_name("faults.py")

@@ -9,20 +9,14 @@ the two copies bit-equal to each other, and the consolidated checkpoint (one emb
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.train.test_pipeline_runs import COMMON, _deepspeed
-from tests.train.test_trainer import run_train
+from tests.train.runs import deepspeed_launcher, records, run_train
+from tests.train.test_pipeline_runs import COMMON
 from xoron_dist.train.consolidation import consolidate
 
 TIED = (*COMMON, "model.llm.tie_word_embeddings=true", "train.steps=3", "train.micro_batch_size=2")
-
-
-def _records(root, name) -> list[dict]:
-    return [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def _module(root, name, rank: int) -> dict[str, torch.Tensor]:
@@ -33,9 +27,9 @@ def _module(root, name, rank: int) -> dict[str, torch.Tensor]:
 @pytest.mark.multirank
 def test_tied_embeddings_over_two_stages_match_single_rank(tmp_path):
     run_train(tmp_path, "single", *TIED)
-    run_train(tmp_path, "pp2", "parallel.pp=2", *TIED, launcher=_deepspeed(2))
+    run_train(tmp_path, "pp2", "parallel.pp=2", *TIED, launcher=deepspeed_launcher(2))
 
-    single, ours = _records(tmp_path, "single"), _records(tmp_path, "pp2")
+    single, ours = records(tmp_path, "single"), records(tmp_path, "pp2")
     assert [r["step"] for r in ours] == [r["step"] for r in single] == [1, 2, 3]
     for a, b in zip(single, ours, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
