@@ -38,7 +38,7 @@ recorded in the report, and the next part runs):
     head       the full model's LM head + loss (bf16, 151,936 rows, BATCH x SEQ tokens) fwd + bwd with
                ``train.loss_chunk_tokens`` at each of ``HEAD_CHUNKS`` (0: the one-piece head): seconds and
                peak memory, which check the option's CUDA default (2048, from the roofline in
-               ``TrainConfig.loss_chunk_for``).
+               ``TrainConfig.loss_chunk_for``), and whether the bf16 ∂W accumulates in place.
 
 Writes bench/out/gpu_check.json: the benchmark fields of DESIGN.md (headline: our MFU over the
 peer's, higher is better) plus every part's status, seconds and numbers.
@@ -436,7 +436,7 @@ def part_head() -> dict:
     """The full model's LM head + loss (bf16, 152K vocabulary, BATCH x SEQ tokens), forward + backward, at each
     of ``HEAD_CHUNKS``: seconds and peak memory, which check ``TrainConfig.loss_chunk_for``'s CUDA choice (2048)."""
     from xoron_dist.config import LLMConfig
-    from xoron_dist.model.llm.head import LMHead, lm_loss
+    from xoron_dist.model.llm.head import LMHead, accumulates_in_place, lm_loss
 
     device = _require_cuda()
     llm = LLMConfig()
@@ -445,7 +445,9 @@ def part_head() -> dict:
     torch.nn.init.normal_(head.weight, std=llm.hidden_size**-0.5)
     hidden = torch.randn(BATCH, SEQ, llm.hidden_size, device=device, dtype=torch.bfloat16)
     labels = torch.randint(0, llm.usable_vocab_size, (BATCH, SEQ), device=device)
-    out = {"tokens": BATCH * SEQ, "vocab_rows": head.weight.shape[0], "hidden": llm.hidden_size, "chunks": {}}
+    out = {"tokens": BATCH * SEQ, "vocab_rows": head.weight.shape[0], "hidden": llm.hidden_size, "chunks": {},
+           # whether each chunk's bf16 ∂W GEMM adds into the fp32 accumulator in place (addmm, out_dtype=fp32)
+           "dW_accumulates_in_place": accumulates_in_place(device, torch.bfloat16)}
     losses = {}
     for chunk in HEAD_CHUNKS:
         head.chunk_tokens = chunk

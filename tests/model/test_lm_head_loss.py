@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from xoron_dist.config import load_config
 from xoron_dist.model.llm import XoronLLM
-from xoron_dist.model.llm.head import IGNORE_INDEX, LinearCrossEntropy
+from xoron_dist.model.llm.head import IGNORE_INDEX, LinearCrossEntropy, accumulates_in_place, add_weight_grad
 
 ROWS, USABLE, WIDTH, TOKENS = 40, 37, 16, 23  # rows past USABLE: vocabulary padding, never predicted
 
@@ -67,6 +67,72 @@ def test_bf16_within_bf16_rounding_of_fp32():
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
     for got, want in ((dh, rh), (dw, rw)):
         assert ((got.float() - want).abs().max() / want.abs().max()) < 3e-2
+
+
+class MixedAddmm:
+    """A stand-in on CPU for CUDA's mixed-dtype addmm (``addmm.dtype_out``: bf16/fp16 operands, an fp32
+    addend and out, products summed in fp32), which torch's CPU build lacks; counts its calls. ``fault``
+    makes it a kernel the probe must refuse: one that drops the addend, or returns a new tensor."""
+
+    def __init__(self, fault: str | None = None):
+        self.real, self.fault, self.calls = torch.addmm, fault, 0
+
+    def __call__(self, input, mat1, mat2, *, out_dtype=None, out=None, beta=1, alpha=1):
+        if out_dtype is None:
+            return self.real(input, mat1, mat2, beta=beta, alpha=alpha, **({} if out is None else {"out": out}))
+        assert mat1.dtype == mat2.dtype and mat1.dtype in (torch.bfloat16, torch.float16), (mat1.dtype, mat2.dtype)
+        assert out_dtype == input.dtype == out.dtype == torch.float32 and beta == alpha == 1
+        self.calls += 1
+        product = mat1.float() @ mat2.float()
+        if self.fault == "drops the addend":
+            return out.copy_(product)
+        if self.fault == "new tensor":
+            return input + product
+        return out.add_(product)
+
+
+@pytest.fixture
+def fresh_probe():
+    accumulates_in_place.cache_clear()
+    yield
+    accumulates_in_place.cache_clear()
+
+
+def test_weight_gradient_accumulates_in_fp32_in_place_where_the_device_can(monkeypatch, fresh_probe):
+    """bf16 operands: on CPU (no mixed-dtype GEMM) the product is made in bf16 and added in fp32; where
+    ``addmm(..., out_dtype=fp32, out=acc)`` works (CUDA; here its stand-in) every chunk adds into the
+    accumulator in place, with the fp32 sum of the products, and the loss keeps bf16's accuracy."""
+    cpu = torch.device("cpu")
+    assert not accumulates_in_place(cpu, torch.bfloat16) and not accumulates_in_place(cpu, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(8, 16, generator=g)
+    grad, x = (torch.randn(40, n, generator=g).bfloat16() for n in (8, 16))
+    portable = acc.clone()
+    add_weight_grad(portable, grad, x)
+    assert torch.equal(portable, acc + (grad.t() @ x).float())
+
+    accumulates_in_place.cache_clear()
+    mixed = MixedAddmm()
+    monkeypatch.setattr(torch, "addmm", mixed)
+    assert accumulates_in_place(cpu, torch.bfloat16)
+    in_place = acc.clone()
+    before, calls = in_place.data_ptr(), mixed.calls
+    add_weight_grad(in_place, grad, x)
+    assert mixed.calls == calls + 1 and in_place.data_ptr() == before
+    torch.testing.assert_close(in_place, acc + grad.float().t() @ x.float(), rtol=1e-6, atol=1e-6)
+
+    calls = mixed.calls
+    loss, (dh, dw) = _grads(lambda h, w, t, wt: _fused(h, w, t, wt, 7), _inputs(torch.bfloat16))
+    assert mixed.calls == calls + -(-TOKENS // 7)  # every chunk's ∂W
+    ref, (rh, rw) = _grads(_reference, _inputs(torch.float32))
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
+    assert ((dw.float() - rw).abs().max() / rw.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize("fault", ["drops the addend", "new tensor"])
+def test_the_in_place_probe_refuses_a_kernel_that_does_not_accumulate(monkeypatch, fresh_probe, fault):
+    monkeypatch.setattr(torch, "addmm", MixedAddmm(fault))
+    assert not accumulates_in_place(torch.device("cpu"), torch.bfloat16)
 
 
 def test_frozen_weight_or_hidden_and_weights_that_need_gradients():

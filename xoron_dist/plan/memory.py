@@ -210,7 +210,9 @@ def fused_head_bytes(llm: LLMConfig, tp: int, b: int, tokens: int, chunk: int) -
     """(saved, forward extra) bytes per token of the final norm and the chunked head + loss
     (``LinearCrossEntropy``): the norm and the two gradients (∂hidden per token, ∂W of this rank's rows
     once per micro-batch) wait for the backward; during the forward one chunk's fp32 logits (with their
-    cast for bf16 GEMMs) and the fp32 accumulator of ∂W exist besides."""
+    cast for bf16 GEMMs) and the fp32 accumulator of ∂W exist besides, and with bf16 weights the chunk's
+    fp32 copy of its ∂W product (none where the GEMM accumulates in place, ``head.accumulates_in_place``:
+    there this is an upper bound)."""
     width, rows = llm.hidden_size, llm.vocab_rows(tp) // tp
     piece = min(chunk, tokens)
     saved = _norm_bytes(width, b) + b * width + rows * width * b / tokens

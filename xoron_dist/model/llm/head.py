@@ -26,6 +26,7 @@ rows, handing it the reduction of the rows' statistics over the ranks (``vocab_r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -119,6 +120,41 @@ def lm_loss(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor | None = No
     return LLMOutput(logits=None, loss=total / num_tokens.clamp(min=1), num_tokens=num_tokens)
 
 
+@functools.cache
+def accumulates_in_place(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds the product of ``dtype``
+    operands into an fp32 ``acc`` in place on ``device``.
+
+    That is CUDA's mixed-dtype GEMM (bf16/fp16 in, fp32 out); torch's CPU build has no kernel for it,
+    and torch versions differ in whether an fp32 ``acc`` may be the addend. So it is tried once per
+    device and dtype on a small case against the fp32 sum (one host read, at the first chunked loss),
+    and anything else (an error, or a result that is not the sum) keeps the portable path."""
+    if dtype == torch.float32:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.randn(16, 32, generator=gen).to(device)
+    a = torch.randn(16, 48, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(48, 32, generator=gen).to(device=device, dtype=dtype)
+    want = acc + a.float() @ b.float()
+    try:
+        got = torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return got is acc and bool(torch.allclose(acc, want, rtol=1e-5, atol=1e-5))
+
+
+def add_weight_grad(acc: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc`` (fp32) += gradᵀ · x: in place where the device's GEMM accumulates into fp32
+    (``accumulates_in_place``), else the product in the operands' dtype, then added in fp32 (a
+    (rows, hidden) temporary in each dtype)."""
+    if grad.dtype == acc.dtype:
+        acc.addmm_(grad.t(), x)
+    elif accumulates_in_place(acc.device, grad.dtype):
+        torch.addmm(acc, grad.t(), x, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (grad.t() @ x).float()
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Σₜ wₜ·CE(hidden[t] · Wᵀ, targets[t]), ``chunk`` tokens at a time, W's rows being vocabulary ids
     ``offset`` on (all of them on one rank; a slice under tensor parallelism).
@@ -126,7 +162,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     The gradient of a token's cross-entropy with respect to its logits is softmax - one-hot, known as
     soon as the forward has the softmax. So each chunk's forward ends with its gradients: the logits
     buffer becomes the softmax in place, the target entries lose 1, the rows are scaled by wₜ, and two
-    GEMMs give ∂/∂hidden (chunk, hidden) and add to ∂/∂W (rows, hidden, accumulated in fp32). The
+    GEMMs give ∂/∂hidden (chunk, hidden) and add to ∂/∂W (rows, hidden, accumulated in fp32:
+    ``add_weight_grad``). The
     backward only scales them by the incoming gradient. What waits between forward and backward: the
     two gradients, no logits.
 
@@ -180,10 +217,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_hidden:
                 torch.mm(grad, weight, out=grad_hidden[piece])
             if need_weight:
-                if weight.dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), x)
-                else:
-                    grad_weight += (grad.t() @ x).float()
+                add_weight_grad(grad_weight, grad, x)
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total
 
