@@ -10,12 +10,12 @@ the routed experts' grouped GEMM is ``xoron::grouped_mm`` (tests/model/test_grou
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from tests.parallel.harness import run_ranks
+from tests.train.runs import records
 
 SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
 
@@ -29,7 +29,7 @@ def _losses(root: str, compile_: bool) -> list[dict]:
                               f"train.output_dir={root}", f"train.name={name}", f"train.compile={compile_}",
                               "train.tensorboard=false"])
     train(cfg)
-    return [json.loads(line) for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines()]
+    return records(Path(root), name)
 
 
 def _body(root: str) -> dict:

@@ -8,7 +8,6 @@ forked ranks (no launcher)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from tests.parallel.harness import run_ranks
+from tests.train.runs import losses, records
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "pipelines" / "smoke.yaml"
@@ -35,10 +35,6 @@ def _train_rank(root: str, overrides: tuple[str, ...], resume: bool) -> object:
         return train(cfg, resume=resume).final_loss
     except ConfigError as err:
         return f"ConfigError: {err}"
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {rec["step"]: rec["loss"] for rec in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +104,12 @@ def test_dp2_zero3_checkpoint_resumes_on_tp2_and_on_one_rank(saved, tmp_path):
     one = _resumed_copy(saved, tmp_path / "one")
     run_ranks(_train_rank, 1, str(one), ("parallel.zero_stage=3", "train.micro_batch_size=4", "train.steps=3",
                                           "train.reshard=true", "train.reshard_optimizer=false"), True, timeout=240)
-    assert _losses(saved / "run")[3] == pytest.approx(reference, rel=1e-5, abs=1e-6)  # layout A, no stop
+    assert losses(saved, "run")[3] == pytest.approx(reference, rel=1e-5, abs=1e-6)  # layout A, no stop
     for root in (tp2, one):
-        losses = _losses(root / "run")
-        assert sorted(losses) == [1, 2, 3]
-        assert losses[3] == pytest.approx(reference, rel=1e-5, abs=1e-6), (root.name, losses[3], reference)
-        lrs = [json.loads(line)["lr"] for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+        logged = losses(root, "run")
+        assert sorted(logged) == [1, 2, 3]
+        assert logged[3] == pytest.approx(reference, rel=1e-5, abs=1e-6), (root.name, logged[3], reference)
+        lrs = [rec["lr"] for rec in records(root, "run")]
         assert lrs[2] > lrs[1]  # step 3 of the warmup, not step 1 again
         assert (root / "run" / "checkpoints" / "step00000003" / "trainer_state.json").is_file()
     assert (tp2 / "run" / "checkpoints" / "step00000003" / "mp_rank_01_model_states.pt").is_file()

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.parallel.harness import run_ranks
-from tests.train.test_reshard import _losses, _moments, _reference_loss, _train_rank
+from tests.train.runs import losses
+from tests.train.test_reshard import _moments, _reference_loss, _train_rank
 
 REPO = Path(__file__).resolve().parents[2]
 CURRICULUM = REPO / "pipelines" / "curriculum_smoke.yaml"
@@ -37,8 +38,8 @@ def test_dp2_then_tp2_then_sp2_first_losses_equal_one_rank_on_the_consolidated_w
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == ["dp", "dp", "tp", "sp"]
-    assert _losses(run)[3] == pytest.approx(_reference_loss(tmp_path), rel=1e-5, abs=1e-6)
-    assert _losses(run)[4] == pytest.approx(_reference_loss(tmp_path, step=3), rel=1e-5, abs=1e-6)
+    assert losses(run.parent, run.name)[3] == pytest.approx(_reference_loss(tmp_path), rel=1e-5, abs=1e-6)
+    assert losses(run.parent, run.name)[4] == pytest.approx(_reference_loss(tmp_path, step=3), rel=1e-5, abs=1e-6)
     # each stage's checkpoint is written in its own layout and names it by its config hash
     assert not (run / "checkpoints" / "step00000002" / "mp_rank_01_model_states.pt").exists()
     assert (run / "checkpoints" / "step00000003" / "mp_rank_01_model_states.pt").is_file()

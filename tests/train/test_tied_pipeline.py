@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train.runs import deepspeed_launcher, records, run_train
+from tests.train.runs import assert_same_steps, deepspeed_launcher, records, run_train
 from tests.train.test_pipeline_runs import COMMON
 from xoron_dist.train.consolidation import consolidate
 
@@ -31,9 +31,7 @@ def test_tied_embeddings_over_two_stages_match_single_rank(tmp_path):
 
     single, ours = records(tmp_path, "single"), records(tmp_path, "pp2")
     assert [r["step"] for r in ours] == [r["step"] for r in single] == [1, 2, 3]
-    for a, b in zip(single, ours, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)  # tied gradient counted once
+    assert_same_steps(single, ours)  # the grad norm equal: the tied gradient counted once
     assert single[-1]["loss"] < single[0]["loss"]
 
     reference = _module(tmp_path, "single", 0)["embed_tokens.weight"]
