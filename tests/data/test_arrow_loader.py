@@ -161,24 +161,31 @@ def test_exact_resume_inside_a_long_text_being_split(tmp_path, arrow_tokenizer):
 @pytest.mark.parametrize("sig", ["TERM", "INT"])
 def test_workers_survive_stop_signals_that_are_not_the_trainers(mixed, arrow_tokenizer, sig):
     """SLURM (or ``kill`` of the process group) signals the workers too; they keep producing batches,
-    the same ones as without the signal, and the trainer decides when to stop."""
+    the same ones as without the signal, and the trainer decides when to stop. With torch's thread count
+    set (as a trainer that shares the cores between its ranks does), a forked worker starts a thread
+    before its ``worker_init_fn``; that thread must not take the SIGTERM either."""
     import multiprocessing
     import subprocess
     import time
 
-    expected = _take(_loader(mixed, arrow_tokenizer, mix=MIX), 10)
-    before = set(multiprocessing.active_children())
-    loader = _loader(mixed, arrow_tokenizer, mix=MIX)
-    got = [loader.next_batch() for _ in range(2)]
-    workers = set(multiprocessing.active_children()) - before
-    assert len(workers) == 2
-    for worker in workers:  # from another process, as SLURM's would be
-        subprocess.run(["kill", "-s", sig, str(worker.pid)], check=True)
-    time.sleep(0.5)
-    got += [loader.next_batch() for _ in range(8)]
-    assert all(worker.is_alive() for worker in workers)
-    loader.close()
-    assert all(_same(a, b) for a, b in zip(got, expected, strict=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = _take(_loader(mixed, arrow_tokenizer, mix=MIX), 10)
+        before = set(multiprocessing.active_children())
+        loader = _loader(mixed, arrow_tokenizer, mix=MIX)
+        got = [loader.next_batch() for _ in range(2)]
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == 2
+        for worker in workers:  # from another process, as SLURM's would be
+            subprocess.run(["kill", "-s", sig, str(worker.pid)], check=True)
+        time.sleep(0.5)
+        got += [loader.next_batch() for _ in range(8)]
+        assert all(worker.is_alive() for worker in workers)
+        loader.close()
+        assert all(_same(a, b) for a, b in zip(got, expected, strict=True))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_trainer_that_crashes_with_live_workers_still_exits(mixed, tmp_path):

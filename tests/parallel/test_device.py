@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from xoron_dist.config import ConfigError
-from xoron_dist.parallel.device import DeviceInfo, detect_device, set_matmul_precision
+from xoron_dist.parallel.device import DeviceInfo, detect_device, set_matmul_precision, share_cpu_threads
 from xoron_dist.parallel.launcher_env import LaunchError
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
@@ -83,3 +85,19 @@ def test_tf32_is_set_on_cuda_only():
         assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+def test_each_cpu_rank_takes_its_share_of_the_cores(monkeypatch):
+    """N ranks on one node: cores / N torch threads each (deepspeed, srun and mpiexec set nothing; torch
+    would start one thread per core in every rank); a user's OMP_NUM_THREADS wins; GPUs are left alone."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert share_cpu_threads("cpu", 2, environ={}) == 4 and calls == [4]
+    assert share_cpu_threads("cpu", 3, environ={}) == 2
+    assert share_cpu_threads("cpu", 16, environ={}) == 1  # never 0
+    assert share_cpu_threads("cpu", 1, environ={}) == 8
+    calls.clear()
+    assert share_cpu_threads("cpu", 2, environ={"OMP_NUM_THREADS": "3"}) is None
+    assert share_cpu_threads("cuda", 2, environ={}) is None
+    assert calls == []

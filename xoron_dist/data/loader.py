@@ -44,6 +44,7 @@ k; k follows from the worker's batch count, which the state already holds, so re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -93,6 +94,23 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # Before any other thread exists, so that every thread of the worker inherits the block.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_take_sigterm, args=(os.getppid(),), name="sigterm", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _sigterm_blocked_for_forks() -> Iterator[None]:
+    """SIGTERM blocked in this thread while it forks the loader workers, so that every thread a worker
+    starts before its ``worker_init_fn`` inherits the block that ``_ignore_stop_signals`` relies on.
+    (After the trainer set torch's thread count, a forked worker has one thread more by then, without
+    the block; a SIGTERM to the process group killed the worker through it.) A SIGTERM that arrives
+    meanwhile waits and reaches the trainer when the block is lifted."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _take_sigterm(trainer_pid: int) -> None:
@@ -232,7 +250,8 @@ class ArrowDataLoader:
         loader = DataLoader(iterable, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=2 if self.num_workers > 0 else None, collate_fn=_as_is,
                             worker_init_fn=_ignore_stop_signals)
-        self._iterator = iter(loader)
+        with _sigterm_blocked_for_forks():
+            self._iterator = iter(loader)
         self._blocks = BlockRegistry()  # the new workers' pool blocks, as they arrive
 
     def next_batch(self) -> PackedBatch:

@@ -93,8 +93,27 @@ def set_matmul_precision(kind: str, tf32: bool) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+def share_cpu_threads(kind: str, local_world_size: int, environ: dict[str, str] | None = None) -> int | None:
+    """On CPU, give each of the node's ``local_world_size`` ranks its share of the cores for torch's
+    intra-op threads; return the count set, or None where nothing was changed.
+
+    torch starts one thread per core in every process, so N ranks on one node run N x cores threads:
+    oversubscribed, OpenMP's spinning threads and gloo's waits slow a step several-fold. torchrun sets
+    ``OMP_NUM_THREADS=1`` for that reason; ``deepspeed`` (without ``--bind_cores_to_rank``), ``srun`` and
+    ``mpiexec`` set nothing. A user's ``OMP_NUM_THREADS`` wins. The cores are the ones this process may
+    run on (``sched_getaffinity``: a SLURM task's allocation), not the whole machine. GPU ranks are left
+    as they are (their host threads feed the device)."""
+    environ = os.environ if environ is None else environ
+    if kind != "cpu" or "OMP_NUM_THREADS" in environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _visible_devices() -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
 
 
-__all__ = ["DeviceInfo", "cuda_index", "detect_device", "set_matmul_precision"]
+__all__ = ["DeviceInfo", "cuda_index", "detect_device", "set_matmul_precision", "share_cpu_threads"]

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from xoron_dist.config import XoronConfig
-from xoron_dist.parallel.device import DeviceInfo, detect_device, set_matmul_precision
+from xoron_dist.parallel.device import DeviceInfo, detect_device, set_matmul_precision, share_cpu_threads
 from xoron_dist.parallel.experts import register_expert_groups
 from xoron_dist.parallel.launcher_env import LaunchError, RankInfo, discover_ranks
 from xoron_dist.parallel.layout import Layout, validate_layout, validate_layouts
@@ -140,6 +140,7 @@ def initialize(cfg: XoronConfig) -> ParallelContext:
     if device_info.kind == "cuda":
         torch.cuda.set_device(device_info.device)
     set_matmul_precision(device_info.kind, cfg.train.tf32)
+    share_cpu_threads(device_info.kind, rank_info.local_world_size)
 
     if device_info.kind == "cpu":
         _skip_cpu_shm_comm_build()
@@ -161,8 +162,9 @@ def initialize(cfg: XoronConfig) -> ParallelContext:
         destroy()
         raise
     _CONTEXT = ParallelContext(rank_info, device_info, layout)
-    logger.info("joined %s job as rank %d/%d on %s (%s, %s): %s", rank_info.launcher, rank_info.rank,
-                rank_info.world_size, device_info.device, device_info.backend, device_info.dtype,
+    threads = f", {torch.get_num_threads()} threads" if device_info.kind == "cpu" else ""
+    logger.info("joined %s job as rank %d/%d on %s (%s, %s%s): %s", rank_info.launcher, rank_info.rank,
+                rank_info.world_size, device_info.device, device_info.backend, device_info.dtype, threads,
                 layout.describe())
     return _CONTEXT
 
