@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.train.runs import TEXT, deepspeed_launcher, run_train
+from tests.train.runs import TEXT, run_train
 from xoron_dist.cli import main as xoron
 from xoron_dist.config import load_config
 from xoron_dist.export import ConsolidatedCheckpoint, ConsolidationError, consolidate, export_hf, from_pretrained
@@ -37,7 +37,7 @@ def runs(tmp_path_factory) -> Path:
 def _trained(root: Path, name: str, *overrides: str, world: int = 1) -> Path:
     """3 steps of the trainer (global batch 4), trained once per module."""
     if not (root / name / "checkpoints" / "latest").is_file():
-        run_train(root, name, *COMMON, *overrides, launcher=deepspeed_launcher(world) if world > 1 else None)
+        run_train(root, name, *COMMON, *overrides, world=world)
     return root / name
 
 

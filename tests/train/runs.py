@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,17 +42,78 @@ def deepspeed_launcher(world: int) -> list[str]:
             "xoron_dist.train"]
 
 
-def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...] = (),
-              launcher: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    """One training job on the smoke config (``launcher``: a multi-rank launcher command, else one
-    process); fails the test with the job's stderr unless it exits 0 or 3 (stopped, resumable)."""
-    cmd = (launcher or [sys.executable, "-m", "xoron_dist.train"]) + [
-        "--config", str(SMOKE), *flags, f"train.output_dir={tmp_path}", f"train.name={name}", *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode not in (0, 3):
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return proc
+def rank_env(launcher: str, rank: int, world: int, port: str) -> dict[str, str]:
+    """The variables ``launcher`` ("deepspeed" or "srun") gives rank ``rank`` of a ``world``-rank job on this
+    host; one rank gets none (a plain single-process job)."""
+    env = clean_env()
+    if world == 1:
+        return env
+    if launcher == "srun":  # srun starts each task itself; the job id names the rendezvous
+        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(world),
+                   SLURM_NTASKS_PER_NODE=str(world), SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=port,
+                   MASTER_PORT=port)
+    elif launcher == "deepspeed":  # what deepspeed's per-node launch.py exports to each rank it forks
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                   CROSS_RANK="0", CROSS_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    else:
+        raise ValueError(f"launcher {launcher!r}: deepspeed or srun")
+    return env
+
+
+def start_ranks(world: int, args: list[str], *, launcher: str = "srun", group: bool = False
+                ) -> list[subprocess.Popen]:
+    """``world`` trainer ranks started directly, with the variables ``launcher`` would give them (no
+    launcher process: the launchers themselves are tested in test_trainer.py); ``group``: all in one new
+    process group (with their loader workers), the unit SLURM signals."""
+    port = str(free_port())
+    procs: list[subprocess.Popen] = []
+    for rank in range(world):
+        extra = {"process_group": 0 if rank == 0 else procs[0].pid} if group else {}
+        procs.append(subprocess.Popen([sys.executable, "-m", "xoron_dist.train", *args], cwd=REPO,
+                                      env=rank_env(launcher, rank, world, port), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, **extra))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300, *, stop_others: bool = True) -> list[tuple[int, str]]:
+    """Wait for every rank; (exit status, stderr) of each (see ``wait_all``)."""
+    return [(status, err) for status, _, err in wait_all(procs, timeout, stop_others=stop_others)]
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300, *, stop_others: bool = True
+             ) -> list[tuple[int, str, str]]:
+    """Wait for every rank; (exit status, stdout, stderr) of each. With ``stop_others``, once one rank has
+    failed (a status other than 0, or 3: stopped and resumable) the others are killed, as a launcher does,
+    so a rank left waiting in a collective does not hold the test until the collective's timeout. Past
+    ``timeout`` all are killed and ``TimeoutExpired`` carries their stderr."""
+    with ThreadPoolExecutor(len(procs)) as pool:
+        outputs = [pool.submit(p.communicate) for p in procs]
+        deadline, late = time.monotonic() + timeout, False
+        while not all(out.done() for out in outputs):
+            late = late or time.monotonic() > deadline
+            if late or (stop_others and any(p.poll() not in (None, 0, 3) for p in procs)):
+                for p in procs:
+                    p.kill()
+            time.sleep(0.1)
+        results = [(p.returncode, *out.result()) for p, out in zip(procs, outputs, strict=True)]
+    if late:
+        raise subprocess.TimeoutExpired(procs[0].args, timeout, stderr="".join(err for _, _, err in results))
+    return results
+
+
+def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...] = (), world: int = 1,
+              timeout: int = 240) -> subprocess.CompletedProcess:
+    """One training job on the smoke config, on ``world`` ranks (started as deepspeed's launcher starts
+    them); fails the test with the ranks' stderr unless every rank exits 0 or 3 (stopped, resumable).
+    The result's stderr is every rank's, rank 0 first (ranks other than 0 log warnings only)."""
+    args = ["--config", str(SMOKE), *flags, f"train.output_dir={tmp_path}", f"train.name={name}", *overrides]
+    results = wait_all(start_ranks(world, args, launcher="deepspeed"), timeout=timeout)
+    if any(status not in (0, 3) for status, _, _ in results):
+        tails = "\n".join(f"--- rank {rank} exited {status}:\n{err[-6000:]}"
+                           for rank, (status, _, err) in enumerate(results))
+        raise AssertionError(f"{name}: {' '.join(args)} failed on {world} rank(s)\n{tails}")
+    return subprocess.CompletedProcess(args, max(status for status, _, _ in results),
+                                       "".join(out for _, out, _ in results), "".join(err for _, _, err in results))
 
 
 def records(tmp_path: Path, name: str) -> list[dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.train.runs import LAYOUT_COMMON, REFERENCE_MB8, assert_same_steps, deepspeed_launcher, records, run_train
+from tests.train.runs import LAYOUT_COMMON, REFERENCE_MB8, assert_same_steps, records, run_train
 
 COMMON = (*LAYOUT_COMMON, "train.save_every=3")
 
@@ -25,9 +25,9 @@ def test_expert_parallel_zero_run_and_resume_match_single_rank(tmp_path, zero, r
     run resumed from the step-3 checkpoint continues with the same losses."""
     single = reference(*REFERENCE_MB8)
     layout = ("parallel.ep=2", f"parallel.zero_stage={zero}", "train.micro_batch_size=4")
-    proc = run_train(tmp_path, "ep2", "train.steps=3", *layout, *COMMON, launcher=deepspeed_launcher(2))
+    proc = run_train(tmp_path, "ep2", "train.steps=3", *layout, *COMMON, world=2)
     assert "ep 2" in proc.stderr
-    run_train(tmp_path, "ep2", "train.steps=5", *layout, *COMMON, launcher=deepspeed_launcher(2), flags=("--resume",))
+    run_train(tmp_path, "ep2", "train.steps=5", *layout, *COMMON, world=2, flags=("--resume",))
     ep2 = records(tmp_path, "ep2")
     assert [r["step"] for r in ep2] == [1, 2, 3, 4, 5]
     assert_same_steps(single, ep2)
@@ -43,7 +43,7 @@ def test_tensor_and_expert_parallel_four_ranks_match_single_rank(tmp_path, refer
     """4 ranks: TP=2 x EP=2 (dp 2, experts split on their FFN dim over TP) under ZeRO-2: losses and grad
     norms of 3 steps equal one rank's."""
     layout = ("parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=2", "train.micro_batch_size=4")
-    proc = run_train(tmp_path, "tp2ep2", "train.steps=3", *layout, *COMMON, launcher=deepspeed_launcher(4))
+    proc = run_train(tmp_path, "tp2ep2", "train.steps=3", *layout, *COMMON, world=4)
     assert "world 4 = dp 2 x tp 2" in proc.stderr and "ep 2" in proc.stderr
     ours = records(tmp_path, "tp2ep2")
     assert [r["step"] for r in ours] == [1, 2, 3]
@@ -56,7 +56,7 @@ def test_sequence_and_expert_parallel_under_zero3_four_ranks_match_single_rank(t
     reduces) dense weights over data x sequence ranks and experts over their replicas; the loss scale
     cancels its divisor (parallel/engine.py), so losses and grad norms equal one rank's."""
     layout = ("parallel.ep=2", "parallel.sp=2", "parallel.zero_stage=3", "train.micro_batch_size=4")
-    proc = run_train(tmp_path, "sp2ep2", "train.steps=3", *layout, *COMMON, launcher=deepspeed_launcher(4))
+    proc = run_train(tmp_path, "sp2ep2", "train.steps=3", *layout, *COMMON, world=4)
     assert "world 4 = dp 2 x tp 1 x pp 1 x sp 2; ep 2; ZeRO-3" in proc.stderr
     ours = records(tmp_path, "sp2ep2")
     assert [r["step"] for r in ours] == [1, 2, 3]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train.runs import TEXT, assert_same_steps, deepspeed_launcher, records, run_train
+from tests.train.runs import TEXT, assert_same_steps, records, run_train
 from xoron_dist.train.tensorboard import read_scalars
 
 # 3 layers, the first dense: the two stages get different numbers and kinds of layers.
@@ -39,11 +39,11 @@ def test_two_stage_pipeline_and_its_resume_match_single_rank(tmp_path, single):
     single-rank run. Balanced by parameter count, stage 0 holds the embedding, the dense layer 0 and
     MoE layer 1, stage 1 MoE layer 2 and the head; each stage wrote its own checkpoint file."""
     proc = run_train(tmp_path, "pp2", "train.steps=3", "train.micro_batch_size=2", "parallel.pp=2", *COMMON,
-                     launcher=deepspeed_launcher(2))
+                     world=2)
     assert "world 2 = dp 1 x tp 1 x pp 2" in proc.stderr
     assert "stage 0: layers 0-1" in proc.stderr and "stage 1: layers 2-2" in proc.stderr
     run_train(tmp_path, "pp2", "train.steps=5", "train.micro_batch_size=2", "parallel.pp=2", *COMMON,
-              launcher=deepspeed_launcher(2), flags=("--resume",))
+              world=2, flags=("--resume",))
     _assert_same_run(single, records(tmp_path, "pp2"))
     assert len(records(tmp_path, "pp2")) == 5
 
@@ -67,6 +67,6 @@ def test_four_rank_pipeline_layouts_match_single_rank(tmp_path, single, layout, 
     ranks (EP=2, DeepSpeed's MoE path under ZeRO-1 in each stage's engine) on 4 ranks: 3 steps equal
     the single-rank run (DP: each data rank takes half of every micro-batch)."""
     proc = run_train(tmp_path, "pp", "train.steps=3", f"train.micro_batch_size={micro}", "parallel.pp=2", *layout,
-                     *COMMON, launcher=deepspeed_launcher(4))
+                     *COMMON, world=4)
     assert "world 4 = dp {} x tp {} x pp 2".format(*dp_tp) in proc.stderr
     _assert_same_run(single, records(tmp_path, "pp"))

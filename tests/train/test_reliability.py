@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.runs import REPO, SMOKE, TEXT, clean_env, losses, run_train
+from tests.train.runs import REPO, SMOKE, TEXT, clean_env, finish, losses, run_train, start_ranks
 from xoron_dist.parallel.launcher_env import free_port
 
 FAULTS = Path(__file__).with_name("faults.py")
@@ -95,28 +95,6 @@ def test_a_nan_batch_stops_the_run_with_status_4_under_zero3(tmp_path):
 
 
 # --------------------------------------------------------------------------- preemption
-
-
-def start_ranks(world: int, args: list[str], *, group: bool) -> list[subprocess.Popen]:
-    """``world`` ranks the way srun starts them (no launcher process); ``group``: all in one new process
-    group (with their loader workers), the unit SLURM signals."""
-    port = str(free_port())
-    procs: list[subprocess.Popen] = []
-    for rank in range(world):
-        env = clean_env()
-        if world > 1:
-            env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(world),
-                       SLURM_NTASKS_PER_NODE=str(world), SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=port,
-                       MASTER_PORT=port)
-        extra = {"process_group": 0 if rank == 0 else procs[0].pid} if group else {}
-        procs.append(subprocess.Popen([sys.executable, "-m", "xoron_dist.train", *args], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **extra))
-    return procs
-
-
-def finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[tuple[int, str]]:
-    errs = [p.communicate(timeout=timeout)[1] for p in procs]
-    return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
 
 
 def wait_for_steps(procs: list[subprocess.Popen], metrics: Path, count: int, limit_s: float = 240) -> None:

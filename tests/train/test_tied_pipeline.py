@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train.runs import assert_same_steps, deepspeed_launcher, records, run_train
+from tests.train.runs import assert_same_steps, records, run_train
 from tests.train.test_pipeline_runs import COMMON
 from xoron_dist.train.consolidation import consolidate
 
@@ -27,7 +27,7 @@ def _module(root, name, rank: int) -> dict[str, torch.Tensor]:
 @pytest.mark.multirank
 def test_tied_embeddings_over_two_stages_match_single_rank(tmp_path):
     run_train(tmp_path, "single", *TIED)
-    run_train(tmp_path, "pp2", "parallel.pp=2", *TIED, launcher=deepspeed_launcher(2))
+    run_train(tmp_path, "pp2", "parallel.pp=2", *TIED, world=2)
 
     single, ours = records(tmp_path, "single"), records(tmp_path, "pp2")
     assert [r["step"] for r in ours] == [r["step"] for r in single] == [1, 2, 3]

@@ -23,9 +23,11 @@ from tests.train.runs import (
     assert_same_steps,
     clean_env,
     deepspeed_launcher,
+    finish,
     losses,
     records,
     run_train,
+    start_ranks,
 )
 from xoron_dist.parallel.launcher_env import free_port
 from xoron_dist.train.tensorboard import read_media_tags, read_scalars, read_text
@@ -235,9 +237,9 @@ def test_tensor_parallel_run_and_resume_match_single_rank(tmp_path, reference):
     """TP=2 through DeepSpeed (mpu, ZeRO-1, grad clipping): the logged losses and grad norms equal one
     rank's, unscaled by TP; a resumed TP run (per-rank mp_rank_XX checkpoint files) continues exactly."""
     tp2 = (*LAYOUT_COMMON, "parallel.tp=2", "train.save_every=3")
-    proc = run_train(tmp_path, "tp2", "train.steps=3", *tp2, launcher=deepspeed_launcher(2))
+    proc = run_train(tmp_path, "tp2", "train.steps=3", *tp2, world=2)
     assert "world 2 = dp 1 x tp 2" in proc.stderr
-    run_train(tmp_path, "tp2", "train.steps=5", *tp2, launcher=deepspeed_launcher(2), flags=("--resume",))
+    run_train(tmp_path, "tp2", "train.steps=5", *tp2, world=2, flags=("--resume",))
     ours = records(tmp_path, "tp2")
     assert [r["step"] for r in ours] == [1, 2, 3, 4, 5]
     assert_same_steps(reference(*REFERENCE_MB4), ours)
@@ -251,7 +253,7 @@ def test_sequence_parallel_runs_match_single_rank(tmp_path, world, layout, refer
     """Ring attention through DeepSpeed: each SP rank holds half of every row; the logged loss and
     grad norm of 3 AdamW steps equal one rank's (DeepSpeed sums gradients over dp x sp)."""
     proc = run_train(tmp_path, "parallel", *layout, *LAYOUT_COMMON, "train.steps=3",
-                     launcher=deepspeed_launcher(world))
+                     world=world)
     assert "sp 2" in proc.stderr
     ours = records(tmp_path, "parallel")
     assert [r["step"] for r in ours] == [1, 2, 3]
@@ -259,12 +261,11 @@ def test_sequence_parallel_runs_match_single_rank(tmp_path, world, layout, refer
 
 
 def test_sequence_that_does_not_split_is_refused_before_any_collective(tmp_path):
-    cmd = deepspeed_launcher(2) + ["--config", str(SMOKE), f"train.output_dir={tmp_path}", TEXT, "parallel.sp=2",
-                      "train.seq_len=250"]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=180)
-    assert proc.returncode != 0
-    assert "train.seq_len = 250 is not divisible by 2*sp = 4" in proc.stderr
-    assert "joined" not in proc.stderr  # refused before torch.distributed or any group existed
+    args = ["--config", str(SMOKE), f"train.output_dir={tmp_path}", TEXT, "parallel.sp=2", "train.seq_len=250"]
+    for status, err in finish(start_ranks(2, args, launcher="deepspeed"), timeout=180, stop_others=False):
+        assert status == 2, err[-3000:]
+        assert "train.seq_len = 250 is not divisible by 2*sp = 4" in err
+        assert "joined" not in err  # refused before torch.distributed or any group existed
 
 
 def test_chunked_loss_run_matches_the_one_piece_run(tmp_path):
@@ -319,7 +320,7 @@ def test_multimodal_eight_rank_layout_matches_single_rank(tmp_path, smoke_data):
               "train.grad_accum_steps=4", "parallel.zero_stage=1")
     run_train(tmp_path, "single", *common, timeout=600)
     layout = ("parallel.pp=2", "parallel.tp=2", "parallel.sp=2", "parallel.ep=2")
-    run_train(tmp_path, "parallel", *layout, *common, launcher=deepspeed_launcher(8), timeout=1200)
+    run_train(tmp_path, "parallel", *layout, *common, world=8, timeout=1200)
     ours = records(tmp_path, "parallel")
     assert [r["step"] for r in ours] == [1, 2, 3]
     assert_same_steps(records(tmp_path, "single"), ours)
@@ -336,7 +337,7 @@ def test_multimodal_zero3_with_generators_under_tp_and_ep_matches_data_parallel(
               "train.ds_config=ds_configs/zero3.json")
     runs = {"dp2": (2, ()), "dp2xtp2": (4, ("parallel.tp=2",)), "dp2xep2": (2, ("parallel.ep=2",))}
     for name, (ranks, layout) in runs.items():
-        run_train(tmp_path, name, *layout, *common, launcher=deepspeed_launcher(ranks), timeout=900)
+        run_train(tmp_path, name, *layout, *common, world=ranks, timeout=900)
     logged = {name: records(tmp_path, name) for name in runs}
     assert [r["step"] for r in logged["dp2"]] == [1, 2, 3, 4]
     for name in ("dp2xtp2", "dp2xep2"):
