@@ -39,7 +39,18 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-_PRELOAD = ["torch", "deepspeed.comm", "xoron_dist.parallel.state"]
+# What the session's forkserver imports once, before it forks anything: the harness's ranks need the
+# first three; the trainer's entry point is there for tests/train/runs.py's trainer ranks.
+_PRELOAD = ["torch", "deepspeed.comm", "xoron_dist.parallel.state", "xoron_dist.train.__main__",
+            "xoron_dist.train.trainer"]
+
+
+def forkserver_context():
+    """The multiprocessing context of the session's forkserver (started on first use, ``_PRELOAD``
+    imported once in it), shared by the harness and the trainer ranks of ``tests/train/runs.py``."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the session's server first starts
+    return ctx
 
 # Variables of outer launchers that would make discover_ranks (or DeepSpeed's shared-memory
 # allreduce, LOCAL_SIZE) describe a job other than the one the harness starts.
@@ -80,9 +91,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         "LOCAL_WORLD_SIZE": str(world_size),
         **(env or {}),
     }
-    ctx = mp.get_context(start_method)
-    if start_method == "forkserver":
-        ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the session's server first starts
+    ctx = forkserver_context() if start_method == "forkserver" else mp.get_context(start_method)
     results: Any = ctx.Queue()
     procs = []
     for rank in range(world_size):

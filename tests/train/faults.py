@@ -3,6 +3,8 @@
     python tests/train/faults.py nan-batches=3,4 -- --config pipelines/smoke.yaml ...
     python tests/train/faults.py sleep-in-collective=1:3:60 -- --config ...
 
+(The tests run its ``main`` in their trainer ranks: ``start_ranks(..., faults=...)`` in ``runs.py``.)
+
 ``nan-batches=S,...``: the synthetic-text batches of data steps S (the batch a straight run trains
 on at step S) carry NaN per-token loss weights, so their loss and gradients are NaN; the batch is
 marked by its data position, so a run that skips that data after a rollback never sees it again.

@@ -1,24 +1,33 @@
-"""Running the real trainer from tests: subprocess entry points, launchers, and reading what a run logged.
+"""Running the real trainer from tests: its ranks, launchers' variables, and reading what a run logged.
 
-Every end-to-end test (tests/train, tests/export) starts training the way a user does, as a fresh job
-in a subprocess, and compares what ``metrics.jsonl`` recorded. The single-rank references those
-comparisons use are run once per session (``reference`` in ``tests/train/conftest.py``).
+Every end-to-end test (tests/train, tests/export) runs the trainer's entry point
+(``python -m xoron_dist.train``'s ``main``) as fresh processes, one per rank, with the variables a
+launcher gives each rank, and compares what ``metrics.jsonl`` recorded. The ranks are forked from the
+session's forkserver, which has imported the trainer's modules once (``TrainerRank``): nothing has run
+in them before ``main``, but they skip the interpreter start and ~5 s of imports. The launchers and the
+``xoron`` command themselves run as real subprocesses in their own tests (``test_trainer.py``). The
+single-rank references the layout tests compare with are run once per session (``reference`` in
+``tests/train/conftest.py``).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.parallel.harness import forkserver_context
 from xoron_dist.parallel.launcher_env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,27 +69,106 @@ def rank_env(launcher: str, rank: int, world: int, port: str) -> dict[str, str]:
     return env
 
 
-def start_ranks(world: int, args: list[str], *, launcher: str = "srun", group: bool = False
-                ) -> list[subprocess.Popen]:
+class TrainerRank:
+    """One trainer rank, ``python -m xoron_dist.train ARGS`` as a fresh process forked from the session's
+    forkserver (``tests/parallel/harness.py``), which has imported the trainer's modules once: a rank
+    starts without the ~5 s of imports a new interpreter spends (torch, DeepSpeed, Megatron-core and
+    the torch.compile machinery Megatron pulls in). Its stdout and stderr go to files; this object has
+    the part of ``subprocess.Popen``'s interface the tests use (pid, poll, kill, wait, communicate)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], group_of: int | None, faults: tuple[str, ...] = ()):
+        self.args = [sys.executable, "-m", "xoron_dist.train", *args]
+        self._logs = Path(tempfile.mkdtemp(prefix="trainer-rank-"))
+        self._output: tuple[str, str] | None = None
+        self._proc = forkserver_context().Process(target=_trainer_rank, args=(args, env, self._logs, group_of, faults),
+                                                  name="trainer")
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    def kill(self) -> None:
+        if self._proc.exitcode is None:
+            self._proc.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._proc.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        if self._output is None:
+            self._output = tuple((self._logs / name).read_text(errors="replace") for name in ("stdout", "stderr"))
+            shutil.rmtree(self._logs, ignore_errors=True)
+        return self._output
+
+
+def _trainer_rank(args: list[str], env: dict[str, str], logs: Path, group_of: int | None,
+                  faults: tuple[str, ...]) -> None:
+    """In the forked rank: become ``python -m xoron_dist.train ARGS`` run in REPO with ``env`` (with
+    ``faults``: ``python tests/train/faults.py FAULTS -- ARGS``)."""
+    os.environ.clear()  # a forked rank holds the server's environment: replace it with the job's
+    os.environ.update(env)
+    os.chdir(REPO)
+    if group_of == 0:
+        os.setpgid(0, 0)  # a new process group, as Popen(process_group=0) makes
+    elif group_of is not None:
+        while True:  # rank 0's group, once rank 0 has made it
+            try:
+                os.setpgid(0, group_of)
+                break
+            except PermissionError:
+                time.sleep(0.01)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        target = os.open(logs / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    from xoron_dist.train.__main__ import main
+
+    sys.argv = [str(REPO / "xoron_dist" / "train" / "__main__.py"), *args]
+    try:
+        if faults:
+            from tests.train.faults import main as faulty_main
+
+            status = faulty_main([*faults, "--", *args])
+        else:
+            status = main(args)
+    except SystemExit as stop:
+        status = stop.code
+    except BaseException:  # what the interpreter does with an uncaught exception: print it, exit 1
+        traceback.print_exc()
+        status = 1
+    atexit._run_exitfuncs()  # an interpreter's exit runs these; a multiprocessing child would not
+    sys.exit(status)
+
+
+def start_ranks(world: int, args: list[str], *, launcher: str = "srun", group: bool = False,
+                faults: tuple[str, ...] = ()) -> list[TrainerRank]:
     """``world`` trainer ranks started directly, with the variables ``launcher`` would give them (no
-    launcher process: the launchers themselves are tested in test_trainer.py); ``group``: all in one new
-    process group (with their loader workers), the unit SLURM signals."""
+    launcher process: the launchers themselves are tested in test_trainer.py, as real subprocesses);
+    ``group``: all in one new process group (with their loader workers), the unit SLURM signals;
+    ``faults``: injected for real by ``tests/train/faults.py``."""
     port = str(free_port())
-    procs: list[subprocess.Popen] = []
+    procs: list[TrainerRank] = []
     for rank in range(world):
-        extra = {"process_group": 0 if rank == 0 else procs[0].pid} if group else {}
-        procs.append(subprocess.Popen([sys.executable, "-m", "xoron_dist.train", *args], cwd=REPO,
-                                      env=rank_env(launcher, rank, world, port), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, **extra))
+        group_of = (0 if rank == 0 else procs[0].pid) if group else None
+        procs.append(TrainerRank(args, rank_env(launcher, rank, world, port), group_of, faults))
     return procs
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 300, *, stop_others: bool = True) -> list[tuple[int, str]]:
+def finish(procs: list[TrainerRank], timeout: float = 300, *, stop_others: bool = True) -> list[tuple[int, str]]:
     """Wait for every rank; (exit status, stderr) of each (see ``wait_all``)."""
     return [(status, err) for status, _, err in wait_all(procs, timeout, stop_others=stop_others)]
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float = 300, *, stop_others: bool = True
+def wait_all(procs: list[TrainerRank], timeout: float = 300, *, stop_others: bool = True
              ) -> list[tuple[int, str, str]]:
     """Wait for every rank; (exit status, stdout, stderr) of each. With ``stop_others``, once one rank has
     failed (a status other than 0, or 3: stopped and resumable) the others are killed, as a launcher does,
@@ -99,6 +187,12 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 300, *, stop_others
     if late:
         raise subprocess.TimeoutExpired(procs[0].args, timeout, stderr="".join(err for _, _, err in results))
     return results
+
+
+def run_rank(args: list[str], *, faults: tuple[str, ...] = (), timeout: float = 240) -> subprocess.CompletedProcess:
+    """One single-process trainer job, whatever its exit status (the test checks it)."""
+    [(status, out, err)] = wait_all(start_ranks(1, args, faults=faults), timeout)
+    return subprocess.CompletedProcess([sys.executable, "-m", "xoron_dist.train", *args], status, out, err)
 
 
 def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...] = (), world: int = 1,

@@ -1,7 +1,8 @@
 """Issue 17, end to end through the real entry point, each fault injected for real: NaN batches (skip,
 rollback, stop), SIGTERM to the whole process group (1 and 2 ranks, loader workers), damaged and
 crafted checkpoints on --resume, two runs on one directory, a rank that sleeps inside a collective.
-Faults that need code in the ranks come from ``tests/train/faults.py``."""
+Faults that need code in the ranks come from ``tests/train/faults.py``; the ranks are
+``tests/train/runs.py``'s (the trainer's entry point in fresh processes)."""
 
 from __future__ import annotations
 
@@ -12,25 +13,21 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.runs import REPO, SMOKE, TEXT, clean_env, finish, losses, run_train, start_ranks
-from xoron_dist.parallel.launcher_env import free_port
+from tests.train.runs import REPO, SMOKE, TEXT, TrainerRank, finish, losses, run_rank, run_train, start_ranks
 
-FAULTS = Path(__file__).with_name("faults.py")
 FAST = (TEXT, "train.seq_len=64", "train.micro_batch_size=2", "train.log_every=1")
 
 
 def run_faulty(tmp_path: Path, name: str, faults: list[str], *overrides: str, flags: tuple[str, ...] = (),
                timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(FAULTS), *faults, "--", "--config", str(SMOKE), *flags,
-           f"train.output_dir={tmp_path}", f"train.name={name}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    return run_rank(["--config", str(SMOKE), *flags, f"train.output_dir={tmp_path}", f"train.name={name}",
+                     *overrides], faults=tuple(faults), timeout=timeout)
 
 
 def records(run: Path) -> list[dict]:
@@ -97,7 +94,7 @@ def test_a_nan_batch_stops_the_run_with_status_4_under_zero3(tmp_path):
 # --------------------------------------------------------------------------- preemption
 
 
-def wait_for_steps(procs: list[subprocess.Popen], metrics: Path, count: int, limit_s: float = 240) -> None:
+def wait_for_steps(procs: list[TrainerRank], metrics: Path, count: int, limit_s: float = 240) -> None:
     deadline = time.time() + limit_s
     while not (metrics.exists() and metrics.read_text().count("\n") >= count):
         if time.time() > deadline or any(p.poll() is not None for p in procs):
@@ -181,9 +178,8 @@ def test_a_crafted_pickle_does_not_run_on_resume(two_checkpoints, tmp_path):
     meta["files"]["rng_rank0.pt"] = {"bytes": (tag / "rng_rank0.pt").stat().st_size,
                                      "sha256": hashlib.sha256((tag / "rng_rank0.pt").read_bytes()).hexdigest()}
     (tag / "trainer_state.json").write_text(json.dumps(meta))
-    proc = subprocess.run([sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), "--resume",
-                           f"train.output_dir={tmp_path}", "train.name=run", *FAST, "train.steps=6"],
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240)
+    proc = run_rank(["--config", str(SMOKE), "--resume", f"train.output_dir={tmp_path}", "train.name=run", *FAST,
+                     "train.steps=6"])
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "CheckpointError:" in proc.stderr and "rng_rank0.pt: refused to unpickle:" in proc.stderr
     assert "GLOBAL posix.system" in proc.stderr
@@ -197,9 +193,8 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
     first = start_ranks(1, ["--config", str(SMOKE), f"train.output_dir={tmp_path}", "train.name=shared", *FAST,
                             "train.steps=100000", "train.save_every=100000"], group=True)
     wait_for_steps(first, tmp_path / "shared" / "metrics.jsonl", 1)
-    second = subprocess.run([sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), "--resume",
-                             f"train.output_dir={tmp_path}", "train.name=shared", *FAST],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240)
+    second = run_rank(["--config", str(SMOKE), "--resume", f"train.output_dir={tmp_path}", "train.name=shared",
+                       *FAST])
     assert first[0].poll() is None  # untouched
     os.killpg(first[0].pid, signal.SIGTERM)
     [(status, err)] = finish(first)
@@ -221,14 +216,7 @@ def test_a_rank_that_sleeps_inside_a_collective_is_named(tmp_path):
     its stacks and rank 0 names rank 1; the 15 s collective timeout from the config ends rank 0."""
     args = ["--config", str(SMOKE), f"train.output_dir={tmp_path}", "train.name=hang", *FAST, "train.steps=6",
             "train.dist_timeout_minutes=0.25", "train.watchdog_minutes=0.05"]
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {**clean_env(), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
-               "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": port,
-               "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, str(FAULTS), "sleep-in-collective=1:3:600", "--", *args],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(2, args, faults=("sleep-in-collective=1:3:600",))
     wait_for_steps(procs, tmp_path / "hang" / "metrics.jsonl", 2)
     stuck_since = time.time()
     _, err0 = procs[0].communicate(timeout=120)

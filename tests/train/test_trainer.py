@@ -26,6 +26,7 @@ from tests.train.runs import (
     finish,
     losses,
     records,
+    run_rank,
     run_train,
     start_ranks,
 )
@@ -189,11 +190,8 @@ def test_curriculum_stages_freeze_and_resume_across_the_boundary(tmp_path):
 
 
 def test_stage_config_errors_come_before_training(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
-         TEXT, "train.steps=5", "stages=[{name: a, steps: 2}, {name: b, steps: 2}]"],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
-    )
+    proc = run_rank(["--config", str(SMOKE), f"train.output_dir={tmp_path}", TEXT, "train.steps=5",
+                     "stages=[{name: a, steps: 2}, {name: b, steps: 2}]"], timeout=120)
     assert proc.returncode == 2
     assert ("'train.steps' = 5 is invalid: with curriculum stages it must equal the sum of stages[*].steps (4)"
             in proc.stderr)
@@ -223,11 +221,8 @@ def test_arrow_stages_choose_kinds_and_a_corrupt_shard_is_named(tmp_path, smoke_
     shutil.copytree(smoke_data, broken)
     shard = next((broken / "text").glob("*.arrow"))
     shard.write_bytes(shard.read_bytes()[:-100])
-    proc = subprocess.run(
-        [sys.executable, "-m", "xoron_dist.train", "--config", str(SMOKE), f"train.output_dir={tmp_path}",
-         "train.name=broken", f"data.path={broken}"],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120,
-    )
+    proc = run_rank(["--config", str(SMOKE), f"train.output_dir={tmp_path}", "train.name=broken",
+                     f"data.path={broken}"], timeout=120)
     assert proc.returncode == 2
     assert f"CorruptShardError: shard {shard}" in proc.stderr and "truncated or replaced" in proc.stderr
 
