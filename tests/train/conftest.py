@@ -10,6 +10,15 @@ import pytest
 SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_ranks():
+    """A test that failed before it stopped its trainer ranks leaves them running: stop them before the next."""
+    yield
+    from tests.train.runs import kill_leftover_ranks
+
+    kill_leftover_ranks()
+
+
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> Path:
     """The smoke run's synthetic corpus, prepared once (synth -> prep) through the trainer's own cache code."""

@@ -84,6 +84,7 @@ class TrainerRank:
                                                   name="trainer")
         self._proc.start()
         self.pid = self._proc.pid
+        _STARTED.append(self)
 
     @property
     def returncode(self) -> int | None:
@@ -108,6 +109,24 @@ class TrainerRank:
             self._output = tuple((self._logs / name).read_text(errors="replace") for name in ("stdout", "stderr"))
             shutil.rmtree(self._logs, ignore_errors=True)
         return self._output
+
+
+_STARTED: list[TrainerRank] = []
+
+
+def kill_leftover_ranks() -> int:
+    """Kill the trainer ranks still running (a test that failed before it stopped them); return how many.
+    They are not daemons (their loader workers are their children), so without this a leftover rank would
+    keep the session from exiting: multiprocessing joins them at exit."""
+    leftover = [rank for rank in _STARTED if rank.poll() is None]
+    for rank in leftover:
+        rank.kill()
+        rank.wait(30)
+    _STARTED.clear()
+    return len(leftover)
+
+
+atexit.register(kill_leftover_ranks)  # runs before multiprocessing's own exit handler, which would join them
 
 
 def _trainer_rank(args: list[str], env: dict[str, str], logs: Path, group_of: int | None,
