@@ -210,8 +210,9 @@ def wait_all(procs: list[TrainerRank], timeout: float = 300, *, stop_others: boo
 
 def run_rank(args: list[str], *, faults: tuple[str, ...] = (), timeout: float = 240) -> subprocess.CompletedProcess:
     """One single-process trainer job, whatever its exit status (the test checks it)."""
-    [(status, out, err)] = wait_all(start_ranks(1, args, faults=faults), timeout)
-    return subprocess.CompletedProcess([sys.executable, "-m", "xoron_dist.train", *args], status, out, err)
+    procs = start_ranks(1, args, faults=faults)
+    [(status, out, err)] = wait_all(procs, timeout)
+    return subprocess.CompletedProcess(procs[0].args, status, out, err)
 
 
 def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...] = (), world: int = 1,
@@ -220,12 +221,13 @@ def run_train(tmp_path: Path, name: str, *overrides: str, flags: tuple[str, ...]
     them); fails the test with the ranks' stderr unless every rank exits 0 or 3 (stopped, resumable).
     The result's stderr is every rank's, rank 0 first (ranks other than 0 log warnings only)."""
     args = ["--config", str(SMOKE), *flags, f"train.output_dir={tmp_path}", f"train.name={name}", *overrides]
-    results = wait_all(start_ranks(world, args, launcher="deepspeed"), timeout=timeout)
+    procs = start_ranks(world, args, launcher="deepspeed")
+    results = wait_all(procs, timeout=timeout)
     if any(status not in (0, 3) for status, _, _ in results):
         tails = "\n".join(f"--- rank {rank} exited {status}:\n{err[-6000:]}"
                            for rank, (status, _, err) in enumerate(results))
-        raise AssertionError(f"{name}: {' '.join(args)} failed on {world} rank(s)\n{tails}")
-    return subprocess.CompletedProcess(args, max(status for status, _, _ in results),
+        raise AssertionError(f"{name}: {' '.join(procs[0].args)} failed on {world} rank(s)\n{tails}")
+    return subprocess.CompletedProcess(procs[0].args, max(status for status, _, _ in results),
                                        "".join(out for _, out, _ in results), "".join(err for _, _, err in results))
 
 

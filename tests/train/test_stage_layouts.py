@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.parallel.harness import run_ranks
-from tests.train.runs import losses
+from tests.train.runs import losses, records
 from tests.train.test_reshard import _moments, _reference_loss, _train_rank
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,10 +36,11 @@ def test_dp2_then_tp2_then_sp2_first_losses_equal_one_rank_on_the_consolidated_w
     same consolidated weights."""
     run_ranks(_train_rank, 2, str(tmp_path), DP_TP_SP, False, timeout=240)
     run = tmp_path / "run"
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records] == ["dp", "dp", "tp", "sp"]
-    assert losses(run.parent, run.name)[3] == pytest.approx(_reference_loss(tmp_path), rel=1e-5, abs=1e-6)
-    assert losses(run.parent, run.name)[4] == pytest.approx(_reference_loss(tmp_path, step=3), rel=1e-5, abs=1e-6)
+    logged = records(tmp_path, "run")
+    assert [r["stage"] for r in logged] == ["dp", "dp", "tp", "sp"]
+    loss = losses(tmp_path, "run")
+    assert loss[3] == pytest.approx(_reference_loss(tmp_path), rel=1e-5, abs=1e-6)
+    assert loss[4] == pytest.approx(_reference_loss(tmp_path, step=3), rel=1e-5, abs=1e-6)
     # each stage's checkpoint is written in its own layout and names it by its config hash
     assert not (run / "checkpoints" / "step00000002" / "mp_rank_01_model_states.pt").exists()
     assert (run / "checkpoints" / "step00000003" / "mp_rank_01_model_states.pt").is_file()
@@ -159,12 +160,12 @@ def test_curriculum_smoke_killed_in_its_generation_stage_resumes_there(tmp_path,
                       )["state"]["stage_name"] == "generation"
     second = run_ranks(_curriculum_rank, 2, str(tmp_path), str(smoke_data), steps, None, True, timeout=400)
     assert second == [("done", 3)] * 2  # steps 5, 6, 7: no finished stage again
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["stage"]) for r in records] == [
+    logged = records(tmp_path, "run")
+    assert [(r["step"], r["stage"]) for r in logged] == [
         (1, "codec"), (2, "align"), (3, "pretrain"), (4, "generation"), (5, "generation"), (6, "long_context"),
         (7, "instruct")]
-    assert all(r["loss"] == r["loss"] for r in records)  # finite
-    assert records[0]["loss_codec"] == records[0]["loss_codec"]  # the codec stage's objective ran (finite)
+    assert all(r["loss"] == r["loss"] for r in logged)  # finite
+    assert logged[0]["loss_codec"] == logged[0]["loss_codec"]  # the codec stage's objective ran (finite)
     assert (run / "checkpoints" / "step00000007" / "mp_rank_01_model_states.pt").is_file()  # tp2 at the end
     hashes = [json.loads((run / "checkpoints" / f"step{i:08d}" / "trainer_state.json").read_text()
                          )["state"]["config_hash"] for i in range(1, 8)]
