@@ -40,7 +40,7 @@ def _scores(query, key, scale, is_causal, bias=None, bottom_right=False):
     if is_causal:
         # flash aligns the diagonal bottom-right, the efficient kernel top-left (equal when s == t)
         shift = t - s if bottom_right else 0
-        allowed = torch.ones(s, t, dtype=torch.bool).tril(shift)
+        allowed = torch.ones(s, t, dtype=torch.bool, device=query.device).tril(shift)
         scores = scores.masked_fill(~allowed, float("-inf"))
     return scores, scale
 
@@ -83,10 +83,10 @@ def flash(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=F
     if dropout_p or return_debug_mask:
         raise NotImplementedError("the emulator has no dropout and no debug mask")
     out, lse = _forward(query, key, value, scale, is_causal, bottom_right=True)
-    rng_state = torch.zeros(2, dtype=torch.uint64)
-    unused = torch.zeros((), dtype=torch.uint64)
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=query.device)
+    unused = torch.zeros((), dtype=torch.uint64, device=query.device)
     return (out, lse, None, None, query.shape[2], key.shape[2], rng_state, unused,
-            torch.empty(0, dtype=query.dtype))
+            torch.empty(0, dtype=query.dtype, device=query.device))
 
 
 def flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
@@ -123,9 +123,9 @@ def efficient(query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0, i
     out, lse = _forward(query, key, value, scale, is_causal, attn_bias)
     b, h, s = query.shape[:3]
     rows = math.ceil(s / 32) * 32 if compute_log_sumexp else 0
-    padded = torch.full((b, h, rows), float("inf"), dtype=torch.float32)
+    padded = torch.full((b, h, rows), float("inf"), dtype=torch.float32, device=query.device)
     padded[..., : min(rows, s)] = lse[..., :rows]
-    seed = torch.zeros((), dtype=torch.int64)
+    seed = torch.zeros((), dtype=torch.int64, device=query.device)
     return out.transpose(1, 2).contiguous().transpose(1, 2), padded, seed, seed.clone()
 
 
