@@ -37,6 +37,7 @@ import threading
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -221,7 +222,13 @@ def standin_accelerator() -> Iterator[torch.device]:
     from tests.model import cuda_sdpa_emulator as emu
     from xoron_dist.model.common import grouped_mm
 
-    saved = (torch.Generator, torch.inference_mode, ak._device_type, ak.CUDA_OPS, grouped_mm.fits)
+    saved = (torch.Generator, torch.inference_mode, ak._device_type, ak.CUDA_OPS, grouped_mm.fits,
+             dist.batch_isend_irecv)
+    batch_isend_irecv = dist.batch_isend_irecv
+
+    def host_p2p(ops: list) -> list:  # the process group has a backend for cpu only: pass the CPU tensors
+        return batch_isend_irecv([dist.P2POp(op.op, _unwrap(op.tensor), op.peer, op.group, op.tag) for op in ops])
+
     cpu_fits = grouped_mm.fits
 
     def fits(a: torch.Tensor, *bs: torch.Tensor) -> bool:  # an H100's rule: the grouped kernel in bf16 only
@@ -234,11 +241,13 @@ def standin_accelerator() -> Iterator[torch.device]:
     ak._device_type = lambda t: "cuda" if t.device.type == ACCEL.type else t.device.type
     ak.CUDA_OPS = emu.EMULATED_CUDA_OPS
     grouped_mm.fits = fits
+    dist.batch_isend_irecv = host_p2p
     try:
         with _TorchCalls(), _DispatchCheck():
             yield ACCEL
     finally:
-        torch.Generator, torch.inference_mode, ak._device_type, ak.CUDA_OPS, grouped_mm.fits = saved
+        (torch.Generator, torch.inference_mode, ak._device_type, ak.CUDA_OPS, grouped_mm.fits,
+         dist.batch_isend_irecv) = saved
 
 
 __all__ = ["ACCEL", "DeviceMixError", "OnAccel", "StandInGenerator", "standin_accelerator"]

@@ -57,6 +57,7 @@ from xoron_dist.model.common.attention_kernels import (
     AttentionKernelError,
     attention_backward,
     attention_forward,
+    device_kind,
     select_kernel,
 )
 from xoron_dist.parallel.checkpointing import host_read
@@ -387,11 +388,11 @@ def _tensors_problem(named: dict[str, torch.Tensor], batch_seq: tuple[int, int])
     listing = ", ".join(f"{n} {t.dtype} on {t.device}" for n, t in named.items())
     if len(dtypes) > 1 or len(devices) > 1:
         return f"the attention inputs must share one dtype and device; got {listing}"
-    dtype, device = dtypes.pop(), devices.pop()
+    dtype = dtypes.pop()
     if dtype not in _DTYPES:
         return f"the attention inputs have dtype {dtype}; expected one of {', '.join(map(str, _DTYPES))}"
     try:
-        select_kernel(device.type, dtype, 1, 1, masked=True)
+        select_kernel(device_kind(next(iter(named.values()))), dtype, 1, 1, masked=True)
     except AttentionKernelError as err:
         return str(err)
     for name, t in named.items():

@@ -91,6 +91,12 @@ def _device_type(t: torch.Tensor) -> str:
     return t.device.type
 
 
+def device_kind(t: torch.Tensor) -> str:
+    """The device type whose kernels take ``t`` (``select_kernel``'s first argument): callers that check a
+    call ahead, like the ring's input check, ask here, through the same lookup as the adapter."""
+    return _device_type(t)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -246,4 +252,4 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
 
 
 __all__ = ["AttentionKernelError", "CPU_OPS", "CUDA_OPS", "CpuOps", "CudaOps", "attention_backward",
-           "attention_forward", "fused_attention", "select_kernel"]
+           "attention_forward", "device_kind", "fused_attention", "select_kernel"]
