@@ -1,11 +1,14 @@
 """The model-parallel paths keep every tensor on the training device: 2 gloo ranks run the tiny text model's
 forward and backward under tensor, sequence (ring attention over packed documents) and expert parallelism
-(the dropless all-to-all, chunked to overlap) on the stand-in accelerator (tests/model/device_standin.py),
-where a host tensor mixed into device tensors raises as on a GPU, and each rank's loss and gradients equal
-the same rank's CPU run. (That the CPU runs equal one rank is each layout's own test.)
+(the dropless all-to-all, chunked to overlap), and a 1F1B pipeline step (activations and gradients between
+the stages, the tied embedding's gradient sum), on the stand-in accelerator (tests/model/device_standin.py),
+where a host tensor mixed into device tensors raises as on a GPU; each rank's loss and gradients equal the
+same rank's CPU run. (That the CPU runs equal one rank is each layout's own test.)
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -84,6 +87,74 @@ def test_parallel_layouts_keep_every_tensor_on_the_device(overrides):
         assert got["on_accel"], rank
         (cpu_loss, cpu_grads), (loss, grads) = got["cpu"], got["accel"]
         assert loss == pytest.approx(cpu_loss, rel=1e-5), (rank, loss, cpu_loss)
+        assert grads.keys() == cpu_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+
+
+class _PipelineEngine:
+    """What the 1F1B schedule and the tied-embedding sum use of DeepSpeed's ZeRO-1 engine; ``step`` counts."""
+
+    def __init__(self, module: torch.nn.Module, micro: int) -> None:
+        self.module, self.micro, self.steps = module, micro, 0
+        self.optimizer = self  # ZeRO's optimizer: reduces when asked (``_coalesce_grad_reduction``)
+        self._coalesce_grad_reduction = False
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
+        (loss / self.micro if scale_wrt_gas else loss).backward()
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.micro
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.steps + 1 == self.micro
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def coalesce_grad_reduction(self):
+        return contextlib.nullcontext()
+
+    def get_gradient_for_reduction(self, param: torch.Tensor) -> torch.Tensor | None:
+        return param.grad
+
+
+def _pipeline_rank(micro: int) -> dict:
+    from xoron_dist.config import load_config
+    from xoron_dist.model.llm import XoronLLM
+    from xoron_dist.parallel import state
+    from xoron_dist.parallel.parallelize import parallelize
+    from xoron_dist.parallel.pipeline.schedule import train_step_1f1b
+
+    cfg = load_config(None, ["preset=tiny", "model.llm.num_layers=4", "model.llm.dense_layers=1", "parallel.pp=2"])
+    state.initialize(cfg)
+    out = {}
+    for name, device in (("cpu", torch.device("cpu")), ("accel", ACCEL)):
+        torch.manual_seed(0)
+        parallel = parallelize(XoronLLM(cfg.llm), cfg)
+        with standin_accelerator() if device == ACCEL else contextlib.nullcontext():
+            engine = _PipelineEngine(parallel.model.to(device), micro)
+            batches = [_batch(cfg.llm.usable_vocab_size, device) for _ in range(micro)]
+            for i, batch in enumerate(batches):  # different tokens per micro-batch
+                batch["input_ids"] = batch["input_ids"].roll(i, 1)
+            tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+            sums = train_step_1f1b(engine, parallel.stage, batches, scale=micro / tokens)
+            out[name] = (sums.cpu(), {n: p.grad.detach().cpu() for n, p in engine.module.named_parameters()},
+                         all(isinstance(p, OnAccel) for p in engine.module.parameters()))
+    return out
+
+
+def test_pipeline_step_keeps_every_tensor_on_the_device():
+    """PP=2, 3 micro-batches (warm-up, steady state and cool-down on the first stage) with the embedding tied
+    to the head across the two stages."""
+    for rank, got in enumerate(run_ranks(_pipeline_rank, 2, 3, timeout=180)):
+        (cpu_sums, cpu_grads, _), (sums, grads, on_accel) = got["cpu"], got["accel"]
+        assert on_accel, rank
+        torch.testing.assert_close(sums, cpu_sums, rtol=1e-5, atol=1e-6)
+        assert float(sums.sum()) > 0
         assert grads.keys() == cpu_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
