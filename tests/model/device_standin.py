@@ -200,6 +200,8 @@ class _TorchCalls(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _FROM_DATA and kwargs.get("device") is not None and torch.device(kwargs["device"]) == ACCEL:
             return OnAccel(func(*args, **{**kwargs, "device": "cpu"}))
+        if func is torch.Tensor.tolist and isinstance(args[0], OnAccel):  # also called unbound: Tensor.tolist(t)
+            return args[0].elem.tolist()
         gen = kwargs.get("generator")
         before = getattr(_local, "generator_on_accel", False)
         _local.generator_on_accel = bool(getattr(gen, "on_accel", False)) if gen is not None else before

@@ -38,7 +38,7 @@ def test_what_cuda_allows_across_devices_runs():
         back = torch.empty(3, 4)
         back.copy_(y)  # device -> host
         assert torch.equal(back, host)
-        assert x.sum().item() == host.sum().item() and x.tolist() == host.tolist()
+        assert x.sum().item() == host.sum().item() and x.tolist() == host.tolist() == torch.Tensor.tolist(x)
         with pytest.raises(TypeError, match="use .cpu"):
             x.numpy()
         with pytest.raises(DeviceMixError):

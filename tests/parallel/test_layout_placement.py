@@ -3,7 +3,9 @@ forward and backward under tensor, sequence (ring attention over packed document
 (the dropless all-to-all, chunked to overlap), and a 1F1B pipeline step (activations and gradients between
 the stages, the tied embedding's gradient sum), on the stand-in accelerator (tests/model/device_standin.py),
 where a host tensor mixed into device tensors raises as on a GPU; each rank's loss and gradients equal the
-same rank's CPU run. (That the CPU runs equal one rank is each layout's own test.)
+same rank's CPU run. The multimodal model runs SP=2 too (media encoded once per replica and exchanged over
+the sequence ranks, spans across chunk boundaries). (That the CPU runs equal one rank is each layout's
+own test.)
 """
 
 from __future__ import annotations
@@ -156,5 +158,47 @@ def test_pipeline_step_keeps_every_tensor_on_the_device():
         torch.testing.assert_close(sums, cpu_sums, rtol=1e-5, atol=1e-6)
         assert float(sums.sum()) > 0
         assert grads.keys() == cpu_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+
+
+def _on(device, batch: dict) -> dict:
+    """Every tensor of ``batch`` (lists of media too) on ``device``."""
+    move = lambda v: v.to(device) if torch.is_tensor(v) else [move(t) for t in v] if isinstance(v, list) else v  # noqa: E731
+    return {k: move(v) for k, v in batch.items()}
+
+
+def _multimodal_sp_rank() -> dict:
+    from megatron.core import parallel_state as ps
+
+    from tests.model.test_xoron_multimodal import tiny_cfg
+    from tests.parallel.test_multimodal_sp import _batch as media_batch
+    from xoron_dist.model.xoron import XoronMultimodalModel
+    from xoron_dist.parallel import state
+    from xoron_dist.parallel.parallelize import parallelize
+
+    cfg = tiny_cfg("parallel.sp=2")
+    state.initialize(cfg)
+    out = {}
+    for name, device in (("cpu", torch.device("cpu")), ("accel", ACCEL)):
+        torch.manual_seed(0)
+        model = XoronMultimodalModel(cfg)
+        with torch.no_grad():  # open the fusion gates: the fusion layers' output and gradients are not zero
+            for gate in (p for n, p in model.named_parameters() if n.endswith("_gate")):
+                gate.fill_(0.5)
+        parallelize(model, cfg)
+        with standin_accelerator() if device == ACCEL else contextlib.nullcontext():
+            model.to(device)
+            out[name] = _loss_and_grads(model, _on(device, media_batch()), ps.get_context_parallel_group())
+    return out
+
+
+def test_multimodal_sequence_parallel_keeps_every_tensor_on_the_device():
+    for rank, got in enumerate(run_ranks(_multimodal_sp_rank, 2, timeout=180)):
+        (cpu_loss, cpu_grads), (loss, grads) = got["cpu"], got["accel"]
+        assert loss == pytest.approx(cpu_loss, rel=1e-5), (rank, loss, cpu_loss)
+        assert grads.keys() == cpu_grads.keys()
+        fusion = [n for n, g in grads.items() if "fusion" in n and float(g.abs().sum()) > 0]
+        assert fusion, "no fusion layer got a gradient: the media did not reach the text"
         for name, grad in grads.items():
             torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
