@@ -293,9 +293,10 @@ def test_bf16_lane_on_cpu_tracks_the_fp32_run(tmp_path):
 def test_bf16_lane_trains_every_modality(tmp_path, smoke_data):
     """The multimodal smoke model (every encoder and generator) trains in bf16 on CPU: the first GPU smoke run
     died on dtype mixes the text lane cannot reach (the speaker encoder's fp32 filters and BatchNorm
-    statistics beside bf16 activations); each objective's loss is finite."""
+    statistics beside bf16 activations); each objective's loss is finite. Its TensorBoard samples are made
+    from the bf16 weights at step 2 (speech generation took fp32 inputs: a bf16 smoke run died at step 60)."""
     run_train(tmp_path, "bf16", f"data.path={smoke_data}", "train.steps=2", "train.log_every=1",
-              "train.precision=bf16")
+              "train.precision=bf16", "train.sample_every=2")
     assert json.loads((tmp_path / "bf16" / "ds_config.json").read_text())["bf16"]["enabled"] is True
     logged = records(tmp_path, "bf16")
     assert [r["step"] for r in logged] == [1, 2]

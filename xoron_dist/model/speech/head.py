@@ -120,6 +120,10 @@ class SpeechHead(nn.Module):
         losses = self.tts(request.to(latents.dtype), request_mask, latents, frame_mask, voice, noise=noise, t=t)
         return losses.total().sum()
 
+    def tts_dtype(self) -> torch.dtype:
+        """The dtype the TTS and speaker weights compute in (the model's: fp32, or bf16 after a cast)."""
+        return next(self.tts.parameters()).dtype
+
     @torch.no_grad()
     def generate(self, request: torch.Tensor, request_mask: torch.Tensor, speaker_audio: list[torch.Tensor],
                  steps: int | None = None, seed: int = 0, length_scale: float = 1.0,
@@ -133,9 +137,10 @@ class SpeechHead(nn.Module):
                              "reference clip per request")
         device = request.device
         samples, lengths = batch_clips(speaker_audio, device)
-        voice = self.speaker(samples, lengths)
+        dtype = self.tts_dtype()  # the weights' (bf16 after a bf16 cast of the model), as in training
+        voice = self.speaker(samples.to(dtype), lengths)
         generator = torch.Generator(device=device).manual_seed(seed)
-        latents, frame_mask = self.tts.generate(request.float(), request_mask, voice, steps or self.flow_steps,
+        latents, frame_mask = self.tts.generate(request.to(dtype), request_mask, voice, steps or self.flow_steps,
                                                 generator, length_scale,
                                                 "flow" if self.code_from == "vocoder" else self.code_from)
         level = None  # the reference clip's voice level (model.speech.pitch_code_relative)
