@@ -52,10 +52,11 @@ def forkserver_context():
     ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the session's server first starts
     return ctx
 
-# Variables of outer launchers that would make discover_ranks (or DeepSpeed's shared-memory
-# allreduce, LOCAL_SIZE) describe a job other than the one the harness starts.
+# Variables of launchers (torchrun's and outer ones) that would make discover_ranks (or DeepSpeed's
+# shared-memory allreduce, LOCAL_SIZE) describe a job other than the one a test starts.
 _SCRUB_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_")
-_SCRUB_NAMES = ("LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "HYDI_CONTROL_FD")
+_SCRUB_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "HYDI_CONTROL_FD")
 
 
 class RankFailure(AssertionError):
@@ -84,7 +85,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         raise ValueError(f"world_size={world_size}: need at least one rank")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     base_env = {
-        **{k: v for k, v in os.environ.items() if not _is_launcher_var(k)},
+        **{k: v for k, v in os.environ.items() if not is_launcher_var(k)},
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port("127.0.0.1")),
         "WORLD_SIZE": str(world_size),
@@ -132,7 +133,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     return [outputs[rank] for rank in range(world_size)]
 
 
-def _is_launcher_var(name: str) -> bool:
+def is_launcher_var(name: str) -> bool:
+    """Whether a launcher sets ``name`` (torchrun, srun, mpiexec, deepspeed): the one rule of what a test
+    removes so that the job it starts sees only itself (the harness's ranks, ``runs.clean_env``)."""
     return name.startswith(_SCRUB_PREFIXES) or name in _SCRUB_NAMES
 
 

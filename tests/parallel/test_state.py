@@ -7,15 +7,11 @@ import os
 import pytest
 import torch
 
-from tests.parallel.harness import run_ranks
+from tests.parallel.harness import is_launcher_var, run_ranks
 from xoron_dist.config import load_config
 from xoron_dist.parallel.layout import LayoutError
 
 pytestmark = pytest.mark.multirank
-
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "LOCAL_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "PMI_FD")
-
 
 def _cfg(*overrides: str):
     return load_config(None, ["preset=tiny", "train.dist_timeout_minutes=1", *overrides])
@@ -204,8 +200,8 @@ def test_invalid_layout_raises_on_every_rank_before_any_group():
 def single_process_env(monkeypatch):
     """No launcher variables, and whatever initialize exports is undone afterwards."""
     saved = dict(os.environ)
-    for name in _LAUNCHER_VARS:
-        monkeypatch.delenv(name, raising=False)
+    for name in [k for k in os.environ if is_launcher_var(k)]:
+        monkeypatch.delenv(name)
     yield
     os.environ.clear()
     os.environ.update(saved)

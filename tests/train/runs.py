@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.parallel.harness import forkserver_context
+from tests.parallel.harness import forkserver_context, is_launcher_var
 from xoron_dist.parallel.launcher_env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,12 +37,10 @@ SMOKE = REPO / "pipelines" / "smoke.yaml"
 # the one source where N ranks see exactly the global batch one rank sees.
 TEXT = "data.source=synthetic_text"
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def clean_env() -> dict[str, str]:
-    """This process's environment without launcher variables, so a child is a fresh job."""
-    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    """This process's environment without launcher variables (``harness.is_launcher_var``), so a child is a
+    fresh job even when the suite runs inside an srun allocation or an mpiexec."""
+    return {k: v for k, v in os.environ.items() if not is_launcher_var(k)}
 
 
 def deepspeed_launcher(world: int) -> list[str]:
@@ -78,9 +76,9 @@ class TrainerRank:
 
     def __init__(self, args: list[str], env: dict[str, str], group_of: int | None, faults: tuple[str, ...] = ()):
         self.args = [sys.executable, "-m", "xoron_dist.train", *args]
-        self._logs = Path(tempfile.mkdtemp(prefix="trainer-rank-"))
+        self.logs = Path(tempfile.mkdtemp(prefix="trainer-rank-"))  # its stdout and stderr files
         self._output: tuple[str, str] | None = None
-        self._proc = forkserver_context().Process(target=_trainer_rank, args=(args, env, self._logs, group_of, faults),
+        self._proc = forkserver_context().Process(target=_trainer_rank, args=(args, env, self.logs, group_of, faults),
                                                   name="trainer")
         self._proc.start()
         self.pid = self._proc.pid
@@ -106,8 +104,8 @@ class TrainerRank:
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)
         if self._output is None:
-            self._output = tuple((self._logs / name).read_text(errors="replace") for name in ("stdout", "stderr"))
-            shutil.rmtree(self._logs, ignore_errors=True)
+            self._output = tuple((self.logs / name).read_text(errors="replace") for name in ("stdout", "stderr"))
+            shutil.rmtree(self.logs, ignore_errors=True)
         return self._output
 
 
@@ -117,11 +115,14 @@ _STARTED: list[TrainerRank] = []
 def kill_leftover_ranks() -> int:
     """Kill the trainer ranks still running (a test that failed before it stopped them); return how many.
     They are not daemons (their loader workers are their children), so without this a leftover rank would
-    keep the session from exiting: multiprocessing joins them at exit."""
+    keep the session from exiting: multiprocessing joins them at exit. Every started rank's log folder goes
+    too (``communicate`` removes it on the normal paths; a killed or only waited-for rank kept it)."""
     leftover = [rank for rank in _STARTED if rank.poll() is None]
     for rank in leftover:
         rank.kill()
         rank.wait(30)
+    for rank in _STARTED:
+        shutil.rmtree(rank.logs, ignore_errors=True)
     _STARTED.clear()
     return len(leftover)
 
