@@ -21,7 +21,8 @@ recorded in the report, and the next part runs):
                trainer tests (``tests/train/test_trainer.py -k bf16``) and the pinned-memory batch path
                (``tests/data/test_arrow_blocks.py -k pin``, skipped without an accelerator).
     smoke      the multimodal smoke run on the GPU: ``xoron train --config pipelines/smoke.yaml`` for
-               ``SMOKE_STEPS`` steps; its last metrics.jsonl line (loss, TFLOP/s, MFU).
+               ``SMOKE_STEPS`` steps, with TensorBoard samples and a checkpoint at the last; its last
+               metrics.jsonl line (loss, TFLOP/s, MFU) and the checkpoints it wrote.
     compile    ``train.compile`` on the GPU: the backbone (layers as the backbone part ran) eager vs with
                every decoder block compiled (``xoron_dist.train.compile.compile_blocks``, inductor), bf16
                fwd + bwd at the backbone's shape: the speedup and the first compiled step's seconds (on CPU,
@@ -360,11 +361,16 @@ def part_smoke() -> dict:
     _require_cuda()
     with tempfile.TemporaryDirectory() as tmp:
         xoron = [sys.executable, "-m", "xoron_dist.cli"]
+        # samples and a checkpoint at the last step: the README's run draws and saves at 60 and 120, which a
+        # 40-step run would not reach (a bf16 speech sample crashed there until 2026-12-06); once, for the time box
         run = _run([*xoron, "train", "--config", "pipelines/smoke.yaml", f"train.steps={SMOKE_STEPS}",
-                    f"train.output_dir={tmp}", "train.name=gpu_smoke", "train.save_every=1000", "train.log_every=5"],
+                    f"train.output_dir={tmp}", "train.name=gpu_smoke", f"train.save_every={SMOKE_STEPS}",
+                    f"train.sample_every={SMOKE_STEPS}", "train.log_every=5"],
                    TIME_BOX["smoke"] - 15)
         metrics = Path(tmp) / "gpu_smoke" / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
+        checkpoints = Path(tmp) / "gpu_smoke" / "checkpoints"
+        run["checkpoints"] = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
         run["steps_logged"] = len(lines)
         run["last"] = json.loads(lines[-1]) if lines else None
         run["first_loss"] = json.loads(lines[0])["loss"] if lines else None
