@@ -5,6 +5,7 @@ seed's quick-start calls run on a model loaded from an export; every bad flag is
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -116,6 +117,32 @@ def test_media_files_hold_what_the_api_generates(smoke_export, tmp_path):
     written, rate = sf.read(tmp_path / "x.wav", dtype="float32")
     assert rate == cfg.model.audio.sample_rate and written.shape == wave.shape
     assert np.abs(written - wave.clamp(-1, 1).numpy()).max() <= 1 / 32767 + 1e-6  # PCM_16 rounding
+
+
+def test_generate_on_a_device_writes_what_the_cpu_writes(smoke_export, tmp_path, capsys):
+    """``xoron generate --device`` with the model on a second device (the stand-in accelerator of
+    tests/model/device_standin.py, where a host tensor beside device tensors raises as on a GPU): text, an
+    image and speech come out as on the CPU."""
+    from tests.model.device_standin import ACCEL, standin_accelerator
+
+    export, _ = smoke_export
+    common = ["--model", str(export), "--prompt", "a red square", "--seed", "5"]
+    runs = {"text": ["--max-new-tokens", "4", "--no-stream", "--temperature", "0.8"],
+            "image": ["--steps", "2", "--height", "32", "--width", "32"], "speech": ["--steps", "2"]}
+    got = {}
+    for device in ("cpu", str(ACCEL)):
+        with standin_accelerator() if device != "cpu" else contextlib.nullcontext():
+            for kind, extra in runs.items():
+                out = tmp_path / f"{kind}-{device}.{ {'image': 'png', 'speech': 'wav'}.get(kind, 'txt') }"
+                argv = ["generate", kind, *common, "--device", device, *extra]
+                assert xoron(argv + ([] if kind == "text" else ["--out", str(out)])) == 0, (device, kind)
+                got[kind, device] = (capsys.readouterr().out if kind == "text" else
+                                     sf.read(out, dtype="int16")[0] if kind == "speech" else out.read_bytes())
+    assert got["text", "cpu"] == got["text", str(ACCEL)] and got["text", "cpu"].strip()
+    assert got["image", "cpu"] == got["image", str(ACCEL)]
+    speech = got["speech", "cpu"].astype(int), got["speech", str(ACCEL)].astype(int)
+    # the emulated CUDA attention computes in fp64: a sample may round the other way
+    assert speech[0].shape == speech[1].shape and np.abs(speech[0] - speech[1]).max() <= 2
 
 
 def test_the_quick_start_calls_run_on_an_exported_model(smoke_export):
