@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 ACCEL = torch.device("meta")
 _aten = torch.ops.aten
@@ -119,17 +118,35 @@ def _unwrap(x):
     return x.elem if isinstance(x, OnAccel) else x
 
 
+def _leaves(x) -> list:
+    """The leaves of an op's arguments or results (tuples, lists, dicts of tensors and scalars): torch's pytree
+    does the same at several times the cost, most of the stand-in's own time."""
+    if isinstance(x, list | tuple):
+        return [leaf for item in x for leaf in _leaves(item)]
+    if isinstance(x, dict):
+        return [leaf for item in x.values() for leaf in _leaves(item)]
+    return [x]
+
+
+def _map(fn, x):
+    if isinstance(x, list | tuple):
+        return type(x)(_map(fn, item) for item in x)
+    if isinstance(x, dict):
+        return {k: _map(fn, v) for k, v in x.items()}
+    return fn(x)
+
+
 def _where(t: torch.Tensor) -> str:
     return f"{'accel' if isinstance(t, OnAccel) else 'cpu'} {tuple(t.shape)}"
 
 
-def _check_mix(func, args, kwargs, tensors: list[torch.Tensor]) -> None:
+def _check_mix(func, args, tensors: list[torch.Tensor]) -> None:
     on = [t for t in tensors if isinstance(t, OnAccel)]
     if not on:
         return
     host = [t for t in tensors if not isinstance(t, OnAccel) and t.dim() > 0]
     if func in _CPU_INDICES:  # indices may stay on the host; self and values may not
-        flat_indices, _ = tree_flatten(args[1])
+        flat_indices = _leaves(args[1])
         host = [t for t in host if not any(t is i for i in flat_indices)]
     if host:
         raise DeviceMixError(f"{func}: tensors on the accelerator and on the host in one op "
@@ -144,14 +161,13 @@ def _run(func, args, kwargs):
         return pinned
     if func is _aten.is_pinned.default:
         return getattr(args[0], "standin_pinned", False)
-    flat, _ = tree_flatten((args, kwargs))
-    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     for t in tensors:  # the stand-in's own invariant: a wrapper describes the tensor it holds
         if isinstance(t, OnAccel) and (t.dtype != t.elem.dtype or t.shape != t.elem.shape):
             raise AssertionError(f"{func}: a stand-in tensor says {t.dtype} {tuple(t.shape)} but holds "
                                  f"{t.elem.dtype} {tuple(t.elem.shape)}")
     if func not in _CROSS_DEVICE:
-        _check_mix(func, args, kwargs, tensors)
+        _check_mix(func, args, tensors)
     to_accel = any(isinstance(t, OnAccel) for t in tensors)
     if kwargs.get("device") is not None:
         to_accel = torch.device(kwargs["device"]).type == ACCEL.type
@@ -162,7 +178,7 @@ def _run(func, args, kwargs):
             raise DeviceMixError(f"{func}: a generator on {'the accelerator' if gen_on_accel else 'the host'} "
                                  f"draws a tensor on {'the accelerator' if to_accel else 'the host'}; make the "
                                  "generator on the tensor's device (torch.Generator(device=...))")
-    out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+    out = func(*_map(_unwrap, args), **_map(_unwrap, kwargs))
     if func in _LAZY_VIEWS and to_accel:  # a wrapper carries no conj/neg bit: it holds the values instead
         return OnAccel(out.resolve_conj().resolve_neg())
     if args and isinstance(args[0], OnAccel) and out is args[0].elem:  # in place: the wrapper is the result
@@ -170,7 +186,7 @@ def _run(func, args, kwargs):
         return args[0]
     if not to_accel:
         return out
-    return tree_map(lambda t: OnAccel(t) if isinstance(t, torch.Tensor) and not isinstance(t, OnAccel) else t, out)
+    return _map(lambda t: OnAccel(t) if isinstance(t, torch.Tensor) and not isinstance(t, OnAccel) else t, out)
 
 
 def _follow_metadata(wrapper: OnAccel) -> None:

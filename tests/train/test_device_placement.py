@@ -61,20 +61,20 @@ class _Board:
         self.got[tag] = torch.as_tensor(value).float()
 
 
-def _covering_batches(cfg, source, runner, objectives, most: int = 16) -> list:
-    """The first micro-batches of the smoke data that, together, give every objective items (a batch is kept
-    when it brings an objective the kept ones lack)."""
-    kept, seen, wanted = [], set(), {obj.name for obj, _ in objectives}
-    for _ in range(most):
-        batch = source.next_batch()
-        inputs = runner.model_inputs(batch)
-        has = {obj.name for obj, _ in objectives if int(obj.count(inputs)) > 0}
-        if has - seen:
-            kept.append(batch)
-            seen |= has
-        if seen == wanted:
-            return kept
-    raise AssertionError(f"the first {most} smoke micro-batches give no items to {sorted(wanted - seen)}")
+def _covering_batches(cfg, source, runner, objectives, pool: int = 16) -> list:
+    """Few of the first ``pool`` micro-batches of the smoke data that, together, give every objective items
+    (greedy: each pick brings the most objectives the earlier picks lack)."""
+    wanted = {obj.name for obj, _ in objectives}
+    batches = [source.next_batch() for _ in range(pool)]
+    has = [{obj.name for obj, _ in objectives if int(obj.count(runner.model_inputs(b))) > 0} for b in batches]
+    kept, seen = [], set()
+    while seen != wanted:
+        best = max(range(pool), key=lambda i: len(has[i] - seen))
+        if not has[best] - seen:
+            raise AssertionError(f"the first {pool} smoke micro-batches give no items to {sorted(wanted - seen)}")
+        kept.append(batches[best])
+        seen |= has[best]
+    return kept
 
 
 def _placement_rank(data_path: str, tokenizer_dir: str) -> dict:
