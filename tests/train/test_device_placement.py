@@ -5,8 +5,10 @@ mixes a host tensor into device tensors raises as it would on a GPU, and the res
 The first GPU run died on such a mix that no CPU test could see (``fill_spans``' host ``arange`` beside
 CUDA span lengths). These tests run the paths a GPU run takes: the multimodal smoke model's step with every
 objective (pinned batches, each encoder and generator, the loss weights, the readout with the expert-bias
-update and codebook restarts), the TensorBoard samples (image, video, speech), and the text model in bf16
-(the grouped-GEMM experts, the emulated flash kernel, latent-cache decoding with a device generator).
+update and codebook restarts) and the TensorBoard samples (image, video, speech), in fp32 against the CPU
+and then in bf16 (what ``train.precision=auto`` trains in on a GPU: the bf16 speech sample failed here),
+and the text model in bf16 (the grouped-GEMM experts, the emulated flash kernel, latent-cache decoding with
+a device generator).
 """
 
 from __future__ import annotations
@@ -83,13 +85,8 @@ def _placement_rank(data_path: str, tokenizer_dir: str) -> dict:
     from xoron_dist.model.xoron import build_model
     from xoron_dist.parallel import state
     from xoron_dist.tokenizer import build_tokenizer
-    from xoron_dist.train.codebooks import CodebookKeeper
-    from xoron_dist.train.expert_balance import ExpertBalancer
-    from xoron_dist.train.guard import NumericsGuard
     from xoron_dist.train.objectives import TokenGroups, active_objectives
-    from xoron_dist.train.readout import read_step
-    from xoron_dist.train.samples import GenerationSamples
-    from xoron_dist.train.sources import build_source, to_device
+    from xoron_dist.train.sources import build_source
     from xoron_dist.train.stages import plan_stages
     from xoron_dist.train.step import StepRunner
 
@@ -104,32 +101,46 @@ def _placement_rank(data_path: str, tokenizer_dir: str) -> dict:
     probe = StepRunner(cfg, ctx, _built(models["cpu"], None), groups)
     batches = _covering_batches(cfg, build_source(cfg, tokenizer, plan_stages(cfg)[0], 0, 1), probe, objectives)
     out = {"micro_batches": len(batches)}
+    accel_ctx = dataclasses.replace(ctx, device_info=dataclasses.replace(ctx.device_info, device=ACCEL))
     for name, model in models.items():
-        on_accel = name == "accel"
-        run_ctx = dataclasses.replace(ctx, device_info=dataclasses.replace(ctx.device_info, device=ACCEL)) \
-            if on_accel else ctx
         torch.manual_seed(1)  # draws from the default generator (the codec's) start alike in both runs
+        on_accel = name == "accel"
         with standin_accelerator() if on_accel else contextlib.nullcontext():
-            model.to(run_ctx.device)
-            board = _Board()
-            GenerationSamples(cfg, tokenizer).write(1, model, board)
-            engine = _Engine(model)
-            runner = StepRunner(cfg, run_ctx, _built(model, engine), groups)
-            # as on a GPU: the loader pins each batch, the trainer copies it without blocking
-            step_batches = [to_device(b.pin_memory() if on_accel else b, run_ctx.device) for b in batches]
-            balancer = ExpertBalancer(model)
-            balancer.keep_fp32()
-            readout = read_step(runner.run(step_batches), engine=engine, guard=NumericsGuard(cfg.train, fp16=False),
-                                balancer=balancer, codebooks=CodebookKeeper(model), ctx=run_ctx,
-                                stop_requested=False, engine_skipped=False, bias_update=True,
-                                rates={"llm": cfg.llm.moe.bias_update_rate}, num_experts=cfg.llm.moe.num_experts,
-                                with_biases=True)
-            out[name] = {"losses": readout.result.losses, "counts": readout.result.counts,
-                         "grad_norm": readout.grad_norm, "load": readout.load, "biases": readout.biases,
-                         "skipped": readout.skipped, "samples": board.got,
-                         "on_accel": all(isinstance(p, OnAccel) for p in model.parameters()) if on_accel else None}
+            model.to(accel_ctx.device if on_accel else ctx.device)
+            out[name] = _samples_and_step(cfg, accel_ctx if on_accel else ctx, model, tokenizer, groups, batches)
+    with standin_accelerator():  # then in bf16, as train.precision=auto trains on a GPU (DeepSpeed casts the model)
+        out["accel_bf16"] = _samples_and_step(cfg, accel_ctx, models["accel"].bfloat16(), tokenizer, groups, batches)
     state.destroy()
     return out
+
+
+def _samples_and_step(cfg, ctx, model, tokenizer, groups, batches) -> dict:
+    """The generation samples, then one step over ``batches`` and its readout, on ``ctx.device``."""
+    from xoron_dist.train.codebooks import CodebookKeeper
+    from xoron_dist.train.expert_balance import ExpertBalancer
+    from xoron_dist.train.guard import NumericsGuard
+    from xoron_dist.train.readout import read_step
+    from xoron_dist.train.samples import GenerationSamples
+    from xoron_dist.train.sources import to_device
+    from xoron_dist.train.step import StepRunner
+
+    on_accel = ctx.device == ACCEL
+    board = _Board()
+    GenerationSamples(cfg, tokenizer).write(1, model, board)
+    engine = _Engine(model)
+    runner = StepRunner(cfg, ctx, _built(model, engine), groups)
+    # as on a GPU: the loader pins each batch, the trainer copies it without blocking
+    step_batches = [to_device(b.pin_memory() if on_accel else b, ctx.device) for b in batches]
+    balancer = ExpertBalancer(model)
+    balancer.keep_fp32()
+    readout = read_step(runner.run(step_batches), engine=engine, guard=NumericsGuard(cfg.train, fp16=False),
+                        balancer=balancer, codebooks=CodebookKeeper(model), ctx=ctx, stop_requested=False,
+                        engine_skipped=False, bias_update=True, rates={"llm": cfg.llm.moe.bias_update_rate},
+                        num_experts=cfg.llm.moe.num_experts, with_biases=True)
+    return {"losses": readout.result.losses, "counts": readout.result.counts, "grad_norm": readout.grad_norm,
+            "load": readout.load, "biases": readout.biases, "skipped": readout.skipped, "samples": board.got,
+            "on_accel": all(isinstance(p, OnAccel) for p in model.parameters()),
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
 
 
 def _built(model, engine):
@@ -141,7 +152,8 @@ def _built(model, engine):
 def test_multimodal_step_readout_and_samples_stay_on_the_device(smoke_data):
     """The smoke model (every encoder and generator) on the stand-in accelerator: generation samples, one
     step over micro-batches that give every objective items, and its readout raise no device mix, and
-    give the CPU run's losses, item counts, grad norm, expert load and biases, and samples."""
+    give the CPU run's losses, item counts, grad norm, expert load and biases, and samples; then the same
+    in bf16 runs too, with finite losses."""
     (got,) = run_ranks(_placement_rank, 1, str(smoke_data), str(smoke_data.parent / "tokenizer"), timeout=400)
     cpu, accel = got["cpu"], got["accel"]
     assert accel["on_accel"]
@@ -158,6 +170,11 @@ def test_multimodal_step_readout_and_samples_stay_on_the_device(smoke_data):
     for tag, value in cpu["samples"].items():
         assert accel["samples"][tag].shape == value.shape, tag
         assert (accel["samples"][tag] - value).abs().max() <= 1e-3 * max(1.0, float(value.abs().max())), tag
+    # bf16 (the flash kernel where the attention has no mask, every sample generated from bf16 weights)
+    half = got["accel_bf16"]
+    assert half["on_accel"] and "torch.bfloat16" in half["dtypes"] and not half["skipped"]
+    assert half["counts"] == cpu["counts"] and set(half["samples"]) == set(cpu["samples"])
+    assert all(math.isfinite(v) for v in half["losses"].values()) and math.isfinite(half["grad_norm"]), half
 
 
 def test_text_model_bf16_step_and_decoding_stay_on_the_device():
