@@ -94,6 +94,26 @@ def test_embedding_is_the_same_alone_or_batched():
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_embeds_long_loud_and_silent_clips(dtype):
+    """In fp16 (train.precision=auto on a GPU without bf16) a long loud clip's sum of squares passes fp16's
+    largest value, and the silence of a generator's idle call divides 0 by an eps that fp16 rounds to 0: both
+    gave NaN embeddings (and a NaN TTS loss in the smoke model) until the loudness normalisation moved to
+    fp32. The half-precision embeddings are finite, and the loud clip's is near its fp32 one."""
+    torch.manual_seed(0)
+    model = SpeakerEncoder(TINY).eval()
+    clip = speaker_clip(2, "half", 4)
+    speech = np.tile(clip, 20 * RATE // len(clip) + 1)[: 20 * RATE]  # 20 s
+    loud = np.clip(speech / speech.std() * 0.8, -1.0, 1.0)
+    waves, lengths = padded([loud, np.zeros(RATE)])
+    assert float(waves[0].square().sum()) > torch.finfo(torch.float16).max  # the overflow is reachable
+    with torch.no_grad():
+        full = model(waves, lengths)
+        half = model.to(dtype)(waves.to(dtype), lengths)
+    assert torch.isfinite(half).all(), half
+    assert float(torch.nn.functional.cosine_similarity(half[:1].float(), full[:1]).min()) > 0.99
+
+
 def test_padding_content_never_matters_even_in_training():
     """Training mode too (BatchNorm statistics over valid frames only): garbage past the lengths changes nothing."""
     torch.manual_seed(0)

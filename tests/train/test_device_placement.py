@@ -6,7 +6,8 @@ The first GPU run died on such a mix that no CPU test could see (``fill_spans``'
 CUDA span lengths). These tests run the paths a GPU run takes: the multimodal smoke model's step with every
 objective (pinned batches, each encoder and generator, the loss weights, the readout with the expert-bias
 update and codebook restarts) and the TensorBoard samples (image, video, speech), in fp32 against the CPU
-and then in bf16 (what ``train.precision=auto`` trains in on a GPU: the bf16 speech sample failed here),
+and then in bf16 and fp16 (what ``train.precision=auto`` trains in on a GPU: the bf16 speech sample and the
+fp16 speaker encoder's NaN failed here),
 and the text model in bf16 (the grouped-GEMM experts, the emulated flash kernel, latent-cache decoding with
 a device generator).
 """
@@ -28,11 +29,14 @@ from tests.train.conftest import SMOKE
 
 
 class _Engine:
-    """What ``StepRunner`` and ``read_step`` use of DeepSpeed's engine: forward, backward, step, the norm."""
+    """What ``StepRunner`` and ``read_step`` use of DeepSpeed's engine: forward, backward, ``step`` after each
+    micro-batch (the update at the last of ``micro``), the gradient norm (in fp32, as DeepSpeed takes it).
+    SGD: these tests check where tensors live, not the optimizer, and SGD keeps no state that half-precision
+    weights would need in fp32 (Adam's eps is 0 in fp16: 0 / 0 where a gradient is 0)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.module = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def __init__(self, model: torch.nn.Module, micro: int) -> None:
+        self.module, self.micro, self.calls = model, micro, 0
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
         self.norm = None
 
     def __call__(self, **inputs):
@@ -42,7 +46,11 @@ class _Engine:
         loss.backward()
 
     def step(self) -> None:
-        self.norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.calls += 1
+        if self.calls % self.micro:
+            return
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        self.norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         self.optimizer.step()
         self.optimizer.zero_grad()
 
@@ -108,8 +116,10 @@ def _placement_rank(data_path: str, tokenizer_dir: str) -> dict:
         with standin_accelerator() if on_accel else contextlib.nullcontext():
             model.to(accel_ctx.device if on_accel else ctx.device)
             out[name] = _samples_and_step(cfg, accel_ctx if on_accel else ctx, model, tokenizer, groups, batches)
-    with standin_accelerator():  # then in bf16, as train.precision=auto trains on a GPU (DeepSpeed casts the model)
-        out["accel_bf16"] = _samples_and_step(cfg, accel_ctx, models["accel"].bfloat16(), tokenizer, groups, batches)
+    with standin_accelerator():  # then as train.precision=auto trains on a GPU (DeepSpeed casts the model):
+        for dtype in (torch.bfloat16, torch.float16):  # bf16, or fp16 where the GPU has no bf16
+            out[f"accel_{dtype}"] = _samples_and_step(cfg, accel_ctx, models["accel"].to(dtype), tokenizer, groups,
+                                                      batches)
     state.destroy()
     return out
 
@@ -127,7 +137,7 @@ def _samples_and_step(cfg, ctx, model, tokenizer, groups, batches) -> dict:
     on_accel = ctx.device == ACCEL
     board = _Board()
     GenerationSamples(cfg, tokenizer).write(1, model, board)
-    engine = _Engine(model)
+    engine = _Engine(model, len(batches))
     runner = StepRunner(cfg, ctx, _built(model, engine), groups)
     # as on a GPU: the loader pins each batch, the trainer copies it without blocking
     step_batches = [to_device(b.pin_memory() if on_accel else b, ctx.device) for b in batches]
@@ -153,7 +163,7 @@ def test_multimodal_step_readout_and_samples_stay_on_the_device(smoke_data):
     """The smoke model (every encoder and generator) on the stand-in accelerator: generation samples, one
     step over micro-batches that give every objective items, and its readout raise no device mix, and
     give the CPU run's losses, item counts, grad norm, expert load and biases, and samples; then the same
-    in bf16 runs too, with finite losses."""
+    in bf16 and in fp16 runs too, with finite losses, gradients and samples."""
     (got,) = run_ranks(_placement_rank, 1, str(smoke_data), str(smoke_data.parent / "tokenizer"), timeout=400)
     cpu, accel = got["cpu"], got["accel"]
     assert accel["on_accel"]
@@ -170,11 +180,13 @@ def test_multimodal_step_readout_and_samples_stay_on_the_device(smoke_data):
     for tag, value in cpu["samples"].items():
         assert accel["samples"][tag].shape == value.shape, tag
         assert (accel["samples"][tag] - value).abs().max() <= 1e-3 * max(1.0, float(value.abs().max())), tag
-    # bf16 (the flash kernel where the attention has no mask, every sample generated from bf16 weights)
-    half = got["accel_bf16"]
-    assert half["on_accel"] and "torch.bfloat16" in half["dtypes"] and not half["skipped"]
-    assert half["counts"] == cpu["counts"] and set(half["samples"]) == set(cpu["samples"])
-    assert all(math.isfinite(v) for v in half["losses"].values()) and math.isfinite(half["grad_norm"]), half
+    # bf16 and fp16 (the flash kernel where the attention has no mask, every sample from half-precision weights)
+    for dtype in ("torch.bfloat16", "torch.float16"):
+        half = got[f"accel_{dtype}"]
+        assert half["on_accel"] and dtype in half["dtypes"] and not half["skipped"], (dtype, half["losses"])
+        assert half["counts"] == cpu["counts"] and set(half["samples"]) == set(cpu["samples"]), dtype
+        assert all(math.isfinite(v) for v in half["losses"].values()) and math.isfinite(half["grad_norm"]), half
+        assert all(bool(torch.isfinite(v).all()) for v in half["samples"].values()), dtype
 
 
 def test_text_model_bf16_step_and_decoding_stay_on_the_device():
