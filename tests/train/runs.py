@@ -78,6 +78,7 @@ class TrainerRank:
         self.args = [sys.executable, "-m", "xoron_dist.train", *args]
         self.logs = Path(tempfile.mkdtemp(prefix="trainer-rank-"))  # its stdout and stderr files
         self._output: tuple[str, str] | None = None
+        self._status: int | None = None
         self._proc = forkserver_context().Process(target=_trainer_rank, args=(args, env, self.logs, group_of, faults),
                                                   name="trainer")
         self._proc.start()
@@ -86,10 +87,18 @@ class TrainerRank:
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.exitcode
+        return self.poll()
 
     def poll(self) -> int | None:
-        return self._proc.exitcode
+        """The exit status (negative: the signal that killed it), None while it runs. The forkserver passes a
+        child's status over a pipe, and multiprocessing reports 255 when that read fails (CI saw it once, for
+        a rank that had logged "done"); a rank writes its own status on its way out, which then decides."""
+        code = self._proc.exitcode
+        if code is None or self._status is not None:
+            return code if code is None else self._status
+        written = self.logs / _STATUS
+        self._status = int(written.read_text()) if code == _UNREAD and written.is_file() else code
+        return self._status
 
     def kill(self) -> None:
         if self._proc.exitcode is None:
@@ -99,7 +108,7 @@ class TrainerRank:
         self._proc.join(timeout)
         if self._proc.exitcode is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
-        return self._proc.exitcode
+        return self.poll()
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)
@@ -110,6 +119,8 @@ class TrainerRank:
 
 
 _STARTED: list[TrainerRank] = []
+_STATUS = "status"  # the file in a rank's log folder where it writes its exit status
+_UNREAD = 255  # multiprocessing's exit code for a forkserver child whose status it could not read
 
 
 def kill_leftover_ranks() -> int:
@@ -166,7 +177,12 @@ def _trainer_rank(args: list[str], env: dict[str, str], logs: Path, group_of: in
         traceback.print_exc()
         status = 1
     atexit._run_exitfuncs()  # an interpreter's exit runs these; a multiprocessing child would not
-    sys.exit(status)
+    if status is not None and not isinstance(status, int):  # SystemExit("message"): printed, exit 1
+        print(status, file=sys.stderr, flush=True)
+    code = 0 if status is None else status if isinstance(status, int) else 1  # as the interpreter maps it
+    (logs / f"{_STATUS}.tmp").write_text(str(code))
+    (logs / f"{_STATUS}.tmp").rename(logs / _STATUS)
+    sys.exit(code)
 
 
 def start_ranks(world: int, args: list[str], *, launcher: str = "srun", group: bool = False,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.runs import REPO, SMOKE, TEXT, TrainerRank, finish, losses, run_rank, run_train, start_ranks
+from tests.train.runs import REPO, SMOKE, TEXT, TrainerRank, clean_env, finish, losses, run_rank, run_train, start_ranks
 
 FAST = (TEXT, "train.seq_len=64", "train.micro_batch_size=2", "train.log_every=1")
 
@@ -42,6 +42,21 @@ def saved_state(run: Path, step: int) -> dict:
 
 
 # --------------------------------------------------------------------------- numerics guard
+
+
+def test_a_rank_reports_its_own_status_where_the_forkserver_lost_it(tmp_path):
+    """multiprocessing reports 255 when it cannot read a forkserver child's exit status (CI saw it once, for a
+    rank that had logged "done"); a trainer rank's own record of its status decides then, and only then."""
+    rank = TrainerRank(["--config", str(SMOKE), f"train.output_dir={tmp_path}", "parallel.tp=3"], clean_env(),
+                       None)
+    assert rank.wait(120) == 2  # a refused layout
+    assert (rank.logs / "status").read_text() == "2"
+    rank._status, rank._proc._popen.returncode = None, 255  # the forkserver's pipe gave nothing
+    assert rank.poll() == 2
+    (rank.logs / "status").unlink()  # no record of its own (killed): what multiprocessing says
+    rank._status = None
+    assert rank.poll() == 255
+    rank.communicate()
 
 
 def test_a_nan_batch_is_skipped_and_counted_under_zero0(tmp_path):
