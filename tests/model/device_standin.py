@@ -17,6 +17,8 @@ with CUDA span lengths): on a CPU machine every tensor is on the one device. Ins
   generator of the other device raises, as CUDA's "expected a 'cuda' generator" does;
 * ``pin_memory()`` gives a page-locked stand-in (a copy that ``is_pinned()``), so the host-to-device
   paths that pin on a GPU run;
+* collectives (c10d's ops) check their buffers like any op and run on gloo with the CPU tensors inside;
+  ``dist.batch_isend_irecv``, which looks up a backend by device before dispatching, is handed them too;
 * the attention-kernel adapter sees ``ACCEL`` as CUDA and calls the emulated CUDA kernels
   (``tests/model/cuda_sdpa_emulator.py``), so its CUDA branch runs with device-placed inputs; the routed
   experts take the grouped GEMM by an H100's rule (bf16 only), else their per-expert loop.
