@@ -242,32 +242,29 @@ def standin_accelerator() -> Iterator[torch.device]:
     from tests.model import cuda_sdpa_emulator as emu
     from xoron_dist.model.common import grouped_mm
 
-    saved = (torch.Generator, torch.inference_mode, ak._device_type, ak.CUDA_OPS, grouped_mm.fits,
-             dist.batch_isend_irecv)
-    batch_isend_irecv = dist.batch_isend_irecv
-
-    def host_p2p(ops: list) -> list:  # the process group has a backend for cpu only: pass the CPU tensors
-        return batch_isend_irecv([dist.P2POp(op.op, _unwrap(op.tensor), op.peer, op.group, op.tag) for op in ops])
-
-    cpu_fits = grouped_mm.fits
+    cpu_fits, batch_isend_irecv = grouped_mm.fits, dist.batch_isend_irecv
 
     def fits(a: torch.Tensor, *bs: torch.Tensor) -> bool:  # an H100's rule: the grouped kernel in bf16 only
         if not isinstance(a, OnAccel):
             return cpu_fits(a, *bs)
         return a.dtype == torch.bfloat16 and cpu_fits(a.elem, *(_unwrap(b) for b in bs))
 
-    torch.Generator = StandInGenerator
-    torch.inference_mode = _no_grad_for_inference
-    ak._device_type = lambda t: "cuda" if t.device.type == ACCEL.type else t.device.type
-    ak.CUDA_OPS = emu.EMULATED_CUDA_OPS
-    grouped_mm.fits = fits
-    dist.batch_isend_irecv = host_p2p
+    def host_p2p(ops: list) -> list:  # the process group has a backend for cpu only: pass the CPU tensors
+        return batch_isend_irecv([dist.P2POp(op.op, _unwrap(op.tensor), op.peer, op.group, op.tag) for op in ops])
+
+    patches = [(torch, "Generator", StandInGenerator), (torch, "inference_mode", _no_grad_for_inference),
+               (ak, "_device_type", lambda t: "cuda" if t.device.type == ACCEL.type else t.device.type),
+               (ak, "CUDA_OPS", emu.EMULATED_CUDA_OPS), (grouped_mm, "fits", fits),
+               (dist, "batch_isend_irecv", host_p2p)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
     try:
         with _TorchCalls(), _DispatchCheck():
             yield ACCEL
     finally:
-        (torch.Generator, torch.inference_mode, ak._device_type, ak.CUDA_OPS, grouped_mm.fits,
-         dist.batch_isend_irecv) = saved
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 __all__ = ["ACCEL", "DeviceMixError", "OnAccel", "StandInGenerator", "standin_accelerator"]

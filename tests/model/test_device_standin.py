@@ -2,6 +2,8 @@
 and computes what the CPU computes: the device-placement tests (tests/train/test_device_placement.py) rest
 on all three."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,7 +71,7 @@ def test_a_module_on_the_accelerator_computes_what_the_cpu_computes():
     cpu = torch.nn.Sequential(torch.nn.Linear(8, 16), RMSNorm(16), torch.nn.Linear(16, 4))
     x = torch.randn(5, 8)
     with standin_accelerator():
-        dev = torch.nn.Sequential(*(m for m in _copy(cpu))).to(ACCEL)
+        dev = copy.deepcopy(cpu).to(ACCEL)
         assert all(isinstance(p, OnAccel) and isinstance(p, torch.nn.Parameter) for p in dev.parameters())
         for model, inputs in ((cpu, x), (dev, x.to(ACCEL))):
             model(inputs).square().sum().backward()
@@ -87,12 +89,6 @@ def test_a_module_on_the_accelerator_computes_what_the_cpu_computes():
         spec = torch.stft(wave.to(ACCEL), 64, window=torch.hann_window(64, device=ACCEL), return_complex=True)
         assert torch.equal(spec.abs().cpu(), torch.stft(wave, 64, window=torch.hann_window(64),
                                                          return_complex=True).abs())
-
-
-def _copy(module):
-    import copy
-
-    return copy.deepcopy(module)
 
 
 def test_pinned_host_memory_is_emulated():

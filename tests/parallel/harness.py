@@ -52,6 +52,7 @@ def forkserver_context():
     ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the session's server first starts
     return ctx
 
+
 # Variables of launchers (torchrun's and outer ones) that would make discover_ranks (or DeepSpeed's
 # shared-memory allreduce, LOCAL_SIZE) describe a job other than the one a test starts.
 _SCRUB_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_")

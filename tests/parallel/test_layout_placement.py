@@ -21,19 +21,18 @@ from tests.parallel.harness import run_ranks
 pytestmark = pytest.mark.multirank
 
 
-def _batch(vocab: int, device) -> dict:
-    """Two rows of 32 tokens; row 0 packs two documents (positions restart at 13, the boundary label masked)."""
-    gen = torch.Generator().manual_seed(11)
-    ids = torch.randint(0, vocab, (2, 33), generator=gen)
-    labels = ids[:, 1:].clone()
-    labels[1, :6] = -100
-    labels[0, 12] = -100
-    positions = torch.arange(32).expand(2, -1).clone()
-    positions[0, 13:] -= 13
-    documents = torch.zeros(2, 32, dtype=torch.long)
-    documents[0, 13:] = 1
-    batch = dict(input_ids=ids[:, :-1], labels=labels, position_ids=positions, document_ids=documents)
-    return {k: v.to(device) for k, v in batch.items()}
+def _on(device, batch: dict) -> dict:
+    """Every tensor of ``batch`` (lists of media too) on ``device``."""
+    move = lambda v: v.to(device) if torch.is_tensor(v) else [move(t) for t in v] if isinstance(v, list) else v  # noqa: E731
+    return {k: move(v) for k, v in batch.items()}
+
+
+def _batch(cfg, device) -> dict:
+    """test_sequence_parallel's packed batch (row 0 holds two documents) as keyword arguments on ``device``."""
+    from tests.parallel.test_sequence_parallel import _batch as packed
+
+    names = ("input_ids", "labels", "position_ids", "document_ids")
+    return _on(device, dict(zip(names, packed(cfg, packed=True), strict=True)))
 
 
 def _loss_and_grads(model, batch: dict, group) -> tuple[float, dict[str, torch.Tensor]]:
@@ -42,8 +41,7 @@ def _loss_and_grads(model, batch: dict, group) -> tuple[float, dict[str, torch.T
     import torch.distributed as dist
 
     out = model(**batch)
-    total = out.num_tokens.detach().float().reshape(1) if torch.is_tensor(out.num_tokens) else \
-        torch.tensor([float(out.num_tokens)], device=out.loss.device)
+    total = out.num_tokens.detach().float().reshape(1)  # on the device, as the loss computed it
     dist.all_reduce(total, group=group)
     share = out.loss * out.num_tokens / total
     share.backward()
@@ -71,12 +69,18 @@ def _layout_rank(overrides: list[str]) -> dict:
             return {k: v[dp_rank : dp_rank + 1] for k, v in batch.items()}
         return batch
 
-    out = {"cpu": _loss_and_grads(cpu, rows(_batch(cfg.llm.usable_vocab_size, "cpu")), group)}
+    out = {"cpu": _loss_and_grads(cpu, rows(_batch(cfg, "cpu")), group)}
     with standin_accelerator():
         accel.to(ACCEL)
         out["on_accel"] = all(isinstance(p, OnAccel) for p in accel.parameters())
-        out["accel"] = _loss_and_grads(accel, rows(_batch(cfg.llm.usable_vocab_size, ACCEL)), group)
+        out["accel"] = _loss_and_grads(accel, rows(_batch(cfg, ACCEL)), group)
     return out
+
+
+def _assert_same_grads(rank: int, grads: dict, cpu_grads: dict) -> None:
+    assert grads.keys() == cpu_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
 
 
 @pytest.mark.parametrize("overrides", [
@@ -89,9 +93,7 @@ def test_parallel_layouts_keep_every_tensor_on_the_device(overrides):
         assert got["on_accel"], rank
         (cpu_loss, cpu_grads), (loss, grads) = got["cpu"], got["accel"]
         assert loss == pytest.approx(cpu_loss, rel=1e-5), (rank, loss, cpu_loss)
-        assert grads.keys() == cpu_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+        _assert_same_grads(rank, grads, cpu_grads)
 
 
 class _PipelineEngine:
@@ -139,7 +141,7 @@ def _pipeline_rank(micro: int) -> dict:
         parallel = parallelize(XoronLLM(cfg.llm), cfg)
         with standin_accelerator() if device == ACCEL else contextlib.nullcontext():
             engine = _PipelineEngine(parallel.model.to(device), micro)
-            batches = [_batch(cfg.llm.usable_vocab_size, device) for _ in range(micro)]
+            batches = [_batch(cfg, device) for _ in range(micro)]
             for i, batch in enumerate(batches):  # different tokens per micro-batch
                 batch["input_ids"] = batch["input_ids"].roll(i, 1)
             tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
@@ -157,23 +159,14 @@ def test_pipeline_step_keeps_every_tensor_on_the_device():
         assert on_accel, rank
         torch.testing.assert_close(sums, cpu_sums, rtol=1e-5, atol=1e-6)
         assert float(sums.sum()) > 0
-        assert grads.keys() == cpu_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
-
-
-def _on(device, batch: dict) -> dict:
-    """Every tensor of ``batch`` (lists of media too) on ``device``."""
-    move = lambda v: v.to(device) if torch.is_tensor(v) else [move(t) for t in v] if isinstance(v, list) else v  # noqa: E731
-    return {k: move(v) for k, v in batch.items()}
+        _assert_same_grads(rank, grads, cpu_grads)
 
 
 def _multimodal_sp_rank() -> dict:
     from megatron.core import parallel_state as ps
 
-    from tests.model.test_xoron_multimodal import tiny_cfg
+    from tests.model.test_xoron_multimodal import open_gated_model, tiny_cfg
     from tests.parallel.test_multimodal_sp import _batch as media_batch
-    from xoron_dist.model.xoron import XoronMultimodalModel
     from xoron_dist.parallel import state
     from xoron_dist.parallel.parallelize import parallelize
 
@@ -181,11 +174,7 @@ def _multimodal_sp_rank() -> dict:
     state.initialize(cfg)
     out = {}
     for name, device in (("cpu", torch.device("cpu")), ("accel", ACCEL)):
-        torch.manual_seed(0)
-        model = XoronMultimodalModel(cfg)
-        with torch.no_grad():  # open the fusion gates: the fusion layers' output and gradients are not zero
-            for gate in (p for n, p in model.named_parameters() if n.endswith("_gate")):
-                gate.fill_(0.5)
+        model, _ = open_gated_model(cfg)  # seed 0; the fusion layers' output and gradients are not zero
         parallelize(model, cfg)
         with standin_accelerator() if device == ACCEL else contextlib.nullcontext():
             model.to(device)
@@ -197,8 +186,6 @@ def test_multimodal_sequence_parallel_keeps_every_tensor_on_the_device():
     for rank, got in enumerate(run_ranks(_multimodal_sp_rank, 2, timeout=180)):
         (cpu_loss, cpu_grads), (loss, grads) = got["cpu"], got["accel"]
         assert loss == pytest.approx(cpu_loss, rel=1e-5), (rank, loss, cpu_loss)
-        assert grads.keys() == cpu_grads.keys()
         fusion = [n for n, g in grads.items() if "fusion" in n and float(g.abs().sum()) > 0]
         assert fusion, "no fusion layer got a gradient: the media did not reach the text"
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+        _assert_same_grads(rank, grads, cpu_grads)

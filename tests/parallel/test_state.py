@@ -13,6 +13,7 @@ from xoron_dist.parallel.layout import LayoutError
 
 pytestmark = pytest.mark.multirank
 
+
 def _cfg(*overrides: str):
     return load_config(None, ["preset=tiny", "train.dist_timeout_minutes=1", *overrides])
 

@@ -94,11 +94,10 @@ class TrainerRank:
         child's status over a pipe, and multiprocessing reports 255 when that read fails (CI saw it once, for
         a rank that had logged "done"); a rank writes its own status on its way out, which then decides."""
         code = self._proc.exitcode
-        if code is None or self._status is not None:
-            return code if code is None else self._status
-        written = self.logs / _STATUS
-        self._status = int(written.read_text()) if code == _UNREAD and written.is_file() else code
-        return self._status
+        if code is not None and self._status is None:
+            written = self.logs / _STATUS
+            self._status = int(written.read_text()) if code == _UNREAD and written.is_file() else code
+        return None if code is None else self._status
 
     def kill(self) -> None:
         if self._proc.exitcode is None:

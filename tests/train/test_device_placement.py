@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ class _Board:
         self.got[tag] = torch.as_tensor(value).float()
 
 
-def _covering_batches(cfg, source, runner, objectives, pool: int = 16) -> list:
+def _covering_batches(source, runner, objectives, pool: int = 16) -> list:
     """Few of the first ``pool`` micro-batches of the smoke data that, together, give every objective items
     (greedy: each pick brings the most objectives the earlier picks lack)."""
     wanted = {obj.name for obj, _ in objectives}
@@ -107,7 +108,7 @@ def _placement_rank(data_path: str, tokenizer_dir: str) -> dict:
     models = {"cpu": build_model(cfg)}
     models["accel"] = copy.deepcopy(models["cpu"])
     probe = StepRunner(cfg, ctx, _built(models["cpu"], None), groups)
-    batches = _covering_batches(cfg, build_source(cfg, tokenizer, plan_stages(cfg)[0], 0, 1), probe, objectives)
+    batches = _covering_batches(build_source(cfg, tokenizer, plan_stages(cfg)[0], 0, 1), probe, objectives)
     out = {"micro_batches": len(batches)}
     accel_ctx = dataclasses.replace(ctx, device_info=dataclasses.replace(ctx.device_info, device=ACCEL))
     for name, model in models.items():
@@ -154,8 +155,6 @@ def _samples_and_step(cfg, ctx, model, tokenizer, groups, batches) -> dict:
 
 
 def _built(model, engine):
-    from types import SimpleNamespace
-
     return SimpleNamespace(model=model, engine=engine, pipeline=None)
 
 
@@ -189,7 +188,7 @@ def test_multimodal_step_readout_and_samples_stay_on_the_device(smoke_data):
         assert all(bool(torch.isfinite(v).all()) for v in half["samples"].values()), dtype
 
 
-def test_text_model_bf16_step_and_decoding_stay_on_the_device():
+def test_text_model_bf16_step_and_decoding_stay_on_the_device(monkeypatch):
     """The text model in bf16 on the stand-in: packed documents through the emulated CUDA flash kernel, the
     routed experts through the grouped GEMM (the bf16 rule of an H100; not the per-expert loop), greedy
     decoding with the latent cache equal to the CPU's, sampling with a device generator; a host generator
@@ -213,20 +212,17 @@ def test_text_model_bf16_step_and_decoding_stay_on_the_device():
 
     loops = []
     looped = moe._looped
-    moe._looped = lambda *args: (loops.append(1), looped(*args))[1]
-    try:
-        with standin_accelerator():
-            dev = copy.deepcopy(cpu).to(ACCEL)
-            dev_loss, dev_grads = step(dev, ACCEL)
-            assert not loops, "the experts took the per-expert loop on the accelerator in bf16"
-            greedy = dev.generate_text(ids[:, :8].to(ACCEL), 6, temperature=0).cpu()
-            sampled = dev.generate_text(ids[:, :8].to(ACCEL), 6, temperature=0.8, top_p=0.9, top_k=20,
-                                        eos_token_id=3, generator=torch.Generator(device=ACCEL).manual_seed(0))
-            assert sampled.device == ACCEL and sampled.shape == (2, 14)
-            with pytest.raises(DeviceMixError, match="generator on the host"):
-                dev.generate_text(ids[:, :8].to(ACCEL), 2, temperature=0.8, generator=torch.Generator())
-    finally:
-        moe._looped = looped
+    monkeypatch.setattr(moe, "_looped", lambda *args: (loops.append(1), looped(*args))[1])
+    with standin_accelerator():
+        dev = copy.deepcopy(cpu).to(ACCEL)
+        dev_loss, dev_grads = step(dev, ACCEL)
+        assert not loops, "the experts took the per-expert loop on the accelerator in bf16"
+        greedy = dev.generate_text(ids[:, :8].to(ACCEL), 6, temperature=0).cpu()
+        sampled = dev.generate_text(ids[:, :8].to(ACCEL), 6, temperature=0.8, top_p=0.9, top_k=20,
+                                    eos_token_id=3, generator=torch.Generator(device=ACCEL).manual_seed(0))
+        assert sampled.device == ACCEL and sampled.shape == (2, 14)
+        with pytest.raises(DeviceMixError, match="generator on the host"):
+            dev.generate_text(ids[:, :8].to(ACCEL), 2, temperature=0.8, generator=torch.Generator())
     cpu_loss, cpu_grads = step(cpu, "cpu")
     assert dev_loss == pytest.approx(cpu_loss, rel=2e-2)
     for got, want in zip(dev_grads, cpu_grads, strict=True):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.runs import REPO, SMOKE, TEXT, TrainerRank, clean_env, finish, losses, run_rank, run_train, start_ranks
+from tests.train.runs import REPO, SMOKE, TEXT, TrainerRank, finish, losses, run_rank, run_train, start_ranks
 
 FAST = (TEXT, "train.seq_len=64", "train.micro_batch_size=2", "train.log_every=1")
 
@@ -47,8 +47,7 @@ def saved_state(run: Path, step: int) -> dict:
 def test_a_rank_reports_its_own_status_where_the_forkserver_lost_it(tmp_path):
     """multiprocessing reports 255 when it cannot read a forkserver child's exit status (CI saw it once, for a
     rank that had logged "done"); a trainer rank's own record of its status decides then, and only then."""
-    rank = TrainerRank(["--config", str(SMOKE), f"train.output_dir={tmp_path}", "parallel.tp=3"], clean_env(),
-                       None)
+    [rank] = start_ranks(1, ["--config", str(SMOKE), f"train.output_dir={tmp_path}", "parallel.tp=3"])
     assert rank.wait(120) == 2  # a refused layout
     assert (rank.logs / "status").read_text() == "2"
     rank._status, rank._proc._popen.returncode = None, 255  # the forkserver's pipe gave nothing
