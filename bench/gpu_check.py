@@ -23,9 +23,9 @@ recorded in the report, and the next part runs):
     smoke      the multimodal smoke run on the GPU: ``xoron train --config pipelines/smoke.yaml`` for
                ``SMOKE_STEPS`` steps, with TensorBoard samples and a checkpoint at the last; its last
                metrics.jsonl line (loss, TFLOP/s, MFU) and the checkpoints it wrote.
-    compile    ``train.compile`` on the GPU: the backbone (layers as the backbone part ran) eager vs with
-               every decoder block compiled (``xoron_dist.train.compile.compile_blocks``, inductor), bf16
-               fwd + bwd at the backbone's shape: the speedup and the first compiled step's seconds (on CPU,
+    compile    ``train.compile`` on the GPU: the full-size backbone eager vs with every decoder block
+               compiled (``xoron_dist.train.compile.compile_blocks``, inductor), bf16 fwd + bwd at the
+               backbone's shape: the speedup, the first compiled step's seconds and its loss beside eager's (on CPU,
                with the experts compiled in their blocks, 1.25x at the smoke shape, but a short CPU run does
                not earn back the cold compile, so the option defaults off; this decides the GPU default).
     moe        one MoE layer of the full model (LLMConfig's: hidden 1024, 8 routed experts + 1 shared of
@@ -46,12 +46,18 @@ peer's, higher is better) plus every part's status, seconds and numbers.
 
     python -m bench.gpu_check                 # every part (bench/gpu_check.sh checks for a GPU first)
     python -m bench.gpu_check --part kernels  # one part, its JSON on stdout
+    python -m bench.gpu_check --rehearse      # every part on the CPU at the tiny size (about 2 minutes)
 
-The CPU-testable pieces are tested in tests/model/test_flops.py: the peer's config; its FLOP formula
-equal to ``FlopCounterMode`` on the Megatron model built at tiny size on one gloo rank and called as
-here (its forward asks ``torch.cuda`` for a buffer device, the causal mask and the RNG tracker: the test
-answers those on CPU); MFU; the report writer; the part runner's failure and timeout records; the no-GPU
-exit.
+What a part runs on, and at what size, is a ``Target``: ``gpu_target`` (cuda:0, the full-size model and
+the shapes above) or ``rehearsal_target`` (the CPU, the tiny preset's model, a few dozen tokens, a
+2-step smoke run). A rehearsal runs every part's own code, so a GPU session is not spent finding a
+broken part; its report goes to a temporary file (its times are not measurements), and it exits 1
+when a part fails. tests/bench/test_gpu_check.py rehearses the in-process parts in the suite (compile
+there with aot_eager) and tests the rest without a GPU: the peer's config; its FLOP formula equal to
+``FlopCounterMode`` on the Megatron model built at tiny size on one gloo rank and called as here (its
+forward asks ``torch.cuda`` for a buffer device, the causal mask and the RNG tracker:
+``megatron_on_cpu`` answers those on the CPU); MFU; the report writer; the part runner's failure and
+timeout records; the no-GPU exit; the syncs part's step cutting.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -68,15 +75,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "gpu_check.json"
+# a rehearsal's report is not a measurement: it stays out of bench/out
+REHEARSAL_OUT = Path(tempfile.gettempdir()) / "xoron_gpu_check_rehearsal.json"
 SEQ, BATCH = 4096, 2
 SMOKE_STEPS = 40
-# seconds per part; together under 8 minutes with the interpreter starts
 MOE_TOKENS = 8192
+HEAD_CHUNKS = (0, 256, 1024, 2048, 4096)  # train.loss_chunk_tokens tried by the head part (0: one piece)
 # seconds per part (the first H200 run took 24, 8, 56 and 105 s for the first four); bench/gpu_check.sh
 # gives the whole check 570 s
 TIME_BOX = {"backbone": 70, "kernels": 30, "tests": 90, "smoke": 125, "compile": 110, "moe": 50, "syncs": 75,
@@ -86,6 +96,47 @@ PARTS = tuple(TIME_BOX)
 
 class NoGPUError(RuntimeError):
     """This check needs a CUDA device."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and at what size the parts run: the GPU check's (``gpu_target``: the full-size model on cuda:0)
+    or a rehearsal's (``rehearsal_target``: the tiny model on the CPU, every part's own code at a size that
+    runs in seconds, so the script is checked before a GPU session spends its minutes on it)."""
+
+    device: torch.device
+    llm: Any  # xoron_dist.config.LLMConfig
+    batch: int
+    seq: int
+    moe_tokens: int
+    kernel_shape: tuple[int, int, int, int, int]  # batch, heads, seq, qk head dim, v head dim
+    smoke_steps: int
+    sync_steps: int  # trainer steps per syncs case (the first warms up, the last has no later start)
+    head_chunks: tuple[int, ...]  # train.loss_chunk_tokens tried by the head part (0: one piece)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def gpu_target() -> Target:
+    from xoron_dist.config import LLMConfig
+
+    if not torch.cuda.is_available():
+        raise NoGPUError("no CUDA device: bench/gpu_check needs a GPU (torch.cuda.is_available() is False); "
+                         "--rehearse runs its parts on the CPU at a tiny size")
+    # the full-size model (pipelines/xoron_full.yaml keeps LLMConfig's defaults); the kernels at its MLA head
+    # dims (nope 64 + rope 32, v 64)
+    return Target(torch.device("cuda", 0), LLMConfig(), BATCH, SEQ, MOE_TOKENS, (2, 16, SEQ, 96, 64), SMOKE_STEPS,
+                  sync_steps=4, head_chunks=HEAD_CHUNKS)
+
+
+def rehearsal_target() -> Target:
+    from xoron_dist.config import load_config
+
+    llm = load_config(None, ["preset=tiny"]).llm
+    return Target(torch.device("cpu"), llm, batch=2, seq=32, moe_tokens=64, kernel_shape=(1, 2, 32, 24, 16),
+                  smoke_steps=2, sync_steps=3, head_chunks=(0, 16))
 
 
 # --- the peer and the arithmetic (CPU-testable) ---------------------------------------------------
@@ -195,114 +246,163 @@ def build_megatron_gpt(peer: PeerConfig, dtype: torch.dtype, device: torch.devic
     return model.to(device), spec_name
 
 
-# --- the parts (GPU) ------------------------------------------------------------------------------
+# --- the parts (GPU; at a tiny size on the CPU in a rehearsal) ---------------------------------------
 
 
-def _require_cuda() -> torch.device:
-    if not torch.cuda.is_available():
-        raise NoGPUError("no CUDA device: bench/gpu_check needs a GPU (torch.cuda.is_available() is False)")
-    return torch.device("cuda", 0)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _time_cuda(fn, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn()`` (CUDA-synchronised)."""
+def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of ``fn()`` (synchronised with the device)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def _peak() -> tuple[str, float | None]:
+def _reset_peak_memory(device: torch.device) -> int:
+    """Start a peak-memory window; returns the bytes allocated now (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_memory_gb(device: torch.device, base: int = 0) -> float | None:
+    """GB allocated at the peak since ``_reset_peak_memory`` above ``base`` (None off CUDA: not measured)."""
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else None
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _peak(device: torch.device) -> tuple[str, float | None]:
     from xoron_dist.train.metrics import lookup_device_peak
 
-    name = torch.cuda.get_device_name(0)
+    if device.type != "cuda":
+        return device.type, None
+    name = torch.cuda.get_device_name(device)
     entry = lookup_device_peak(name)
     return name, None if entry is None else entry.bf16
 
 
-def _fwd_bwd_seconds(model: torch.nn.Module, loss_of) -> float:
+def _fwd_bwd_seconds(model: torch.nn.Module, loss_of, device: torch.device) -> float:
     """Median seconds of forward + backward of ``loss_of(model)`` (gradients dropped after each)."""
     def step() -> None:
         loss_of(model).backward()
         model.zero_grad(set_to_none=True)
 
-    return _time_cuda(step, warmup=2, iters=5)
+    return _time(step, device, warmup=2, iters=5)
 
 
-def _ours(llm, ids: torch.Tensor, device: torch.device, peak: float | None) -> dict:
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def megatron_on_cpu() -> Iterator[None]:
+    """Megatron-core's GPTModel forward asks CUDA for its buffers' device, its default causal mask and its RNG
+    tracker's fork (dropout, off here); answer those on the CPU so the same modules run (restored after)."""
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    stand_ins = [(torch.cuda, "current_device", lambda: "cpu"),
+                 (fused_softmax, "get_default_causal_mask", lambda sq: torch.ones(sq, sq).triu(1).bool()),
+                 (tracker, "fork", lambda *a, **k: contextlib.nullcontext())]
+    saved = [(owner, name, vars(owner).get(name, _UNSET)) for owner, name, _ in stand_ins]
+    try:
+        for owner, name, replacement in stand_ins:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in saved:
+            if original is _UNSET:  # the tracker's method came from its class
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+def _ours(llm, ids: torch.Tensor, target: Target, peak: float | None) -> dict:
     from xoron_dist.model.flops import llm_step_flops
     from xoron_dist.model.llm.model import XoronLLM
 
     torch.manual_seed(0)
-    model = XoronLLM(llm).to(device=device, dtype=torch.bfloat16)
-    torch.cuda.reset_peak_memory_stats()
-    seconds = _fwd_bwd_seconds(model, lambda m: m(ids, labels=ids).loss)
-    flops = llm_step_flops(llm, BATCH, SEQ)
-    return {"step_s": seconds, "tokens_per_s": BATCH * SEQ / seconds,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "flops_per_step": flops,
-            **mfu(flops, seconds, peak)}
+    model = XoronLLM(llm).to(device=target.device, dtype=torch.bfloat16)
+    _reset_peak_memory(target.device)
+    seconds = _fwd_bwd_seconds(model, lambda m: m(ids, labels=ids).loss, target.device)
+    flops = llm_step_flops(llm, target.batch, target.seq)
+    return {"step_s": seconds, "tokens_per_s": target.batch * target.seq / seconds,
+            "peak_memory_gb": _peak_memory_gb(target.device), "flops_per_step": flops, **mfu(flops, seconds, peak)}
 
 
-def _peer(peer: PeerConfig, ids: torch.Tensor, device: torch.device, peak: float | None) -> dict:
+def _peer(peer: PeerConfig, ids: torch.Tensor, target: Target, peak: float | None) -> dict:
     from megatron.core import tensor_parallel
 
     from xoron_dist.model.flops import TRAIN_FACTOR
 
-    with megatron_single_rank("nccl"):
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
+    device = target.device
+    with megatron_single_rank("nccl" if target.on_gpu else "gloo"), \
+            contextlib.nullcontext() if target.on_gpu else megatron_on_cpu():
+        if target.on_gpu:
+            tensor_parallel.model_parallel_cuda_manual_seed(0)
+        else:
+            torch.manual_seed(0)
         model, spec = build_megatron_gpt(peer, torch.bfloat16, device)
-        positions = torch.arange(SEQ, device=device).expand(BATCH, -1)
-        torch.cuda.reset_peak_memory_stats()
-        seconds = _fwd_bwd_seconds(model, lambda m: m(ids, positions, attention_mask=None, labels=ids).float().mean())
-    flops = TRAIN_FACTOR * gpt_forward_flops(peer, BATCH)
-    return {"step_s": seconds, "tokens_per_s": BATCH * SEQ / seconds,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "flops_per_step": flops, "spec": spec,
+        positions = torch.arange(target.seq, device=device).expand(target.batch, -1)
+        _reset_peak_memory(device)
+        seconds = _fwd_bwd_seconds(model, lambda m: m(ids, positions, attention_mask=None, labels=ids).float().mean(),
+                                   device)
+    flops = TRAIN_FACTOR * gpt_forward_flops(peer, target.batch)
+    return {"step_s": seconds, "tokens_per_s": target.batch * target.seq / seconds,
+            "peak_memory_gb": _peak_memory_gb(device), "flops_per_step": flops, "spec": spec,
             "config": asdict(peer), **mfu(flops, seconds, peak)}
 
 
-def _measure_pair(llm, layers: int, device: torch.device, peak: float | None) -> dict:
-    llm = replace(llm, num_layers=layers)
-    ids = torch.randint(0, llm.vocab_size, (BATCH, SEQ), device=device)
-    ours = _ours(llm, ids, device, peak)
-    torch.cuda.empty_cache()
-    peer = _peer(peer_config(llm, SEQ), ids, device, peak)
-    torch.cuda.empty_cache()
+def _measure_pair(target: Target, layers: int, peak: float | None) -> dict:
+    llm = replace(target.llm, num_layers=layers)
+    ids = torch.randint(0, llm.vocab_size, (target.batch, target.seq), device=target.device)
+    ours = _ours(llm, ids, target, peak)
+    _release(target.device)
+    peer = _peer(peer_config(llm, target.seq), ids, target, peak)
+    _release(target.device)
     return {"ours": ours, "peer": peer}
 
 
-def part_backbone() -> dict:
-    from xoron_dist.config import LLMConfig
-
-    device = _require_cuda()
-    name, peak = _peak()
-    llm = LLMConfig()  # the full-size model (pipelines/xoron_full.yaml keeps the defaults)
-    layers = llm.num_layers
+def part_backbone(target: Target) -> dict:
+    name, peak = _peak(target.device)
+    layers = target.llm.num_layers
     while True:
         try:
-            pair = _measure_pair(llm, layers, device, peak)
+            pair = _measure_pair(target, layers, peak)
             break
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+        except torch.OutOfMemoryError:
+            _release(target.device)
             if layers == 1:
                 raise
             layers //= 2
-    return {"device": name, "peak_bf16_tflops": peak, "layers": layers, "full_layers": llm.num_layers,
-            "hidden": llm.hidden_size, "batch": BATCH, "seq": SEQ, **pair}
+    return {"device": name, "peak_bf16_tflops": peak, "layers": layers, "full_layers": target.llm.num_layers,
+            "hidden": target.llm.hidden_size, "batch": target.batch, "seq": target.seq, **pair}
 
 
-def _kernel_case(dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int, int, int]) -> dict:
+def _kernel_case(dtype: torch.dtype, target: Target) -> dict:
     """The adapter's causal fused attention (forward + external-LSE backward) against SDPA's on one input."""
     import torch.nn.functional as F
 
     from xoron_dist.model.common import attention_kernels as ak
 
-    b, h, s, qk, dv = shape
+    device = target.device
+    b, h, s, qk, dv = target.kernel_shape
     gen = torch.Generator(device=device).manual_seed(0)
     q, k = (torch.randn(b, h, s, qk, device=device, dtype=dtype, generator=gen) for _ in range(2))
     v, dout = (torch.randn(b, h, s, dv, device=device, dtype=dtype, generator=gen) for _ in range(2))
@@ -320,17 +420,14 @@ def _kernel_case(dtype: torch.dtype, device: torch.device, shape: tuple[int, int
 
     (o1, g1), (o2, g2) = adapter(), reference()
     errors = [(a.float() - r.float()).abs().max().item() for a, r in zip((o1, *g1), (o2, *g2), strict=True)]
-    return {"kernel": ak.select_kernel("cuda", dtype, qk, dv, masked=False), "max_err_out": errors[0],
-            "max_err_grads": max(errors[1:]), "adapter_s": _time_cuda(adapter, 2, 10),
-            "sdpa_s": _time_cuda(reference, 2, 10)}
+    return {"kernel": ak.select_kernel(ak.device_kind(q), dtype, qk, dv, masked=False), "max_err_out": errors[0],
+            "max_err_grads": max(errors[1:]), "adapter_s": _time(adapter, device, 2, 10),
+            "sdpa_s": _time(reference, device, 2, 10)}
 
 
-def part_kernels() -> dict:
-    device = _require_cuda()
-    shape = (2, 16, 4096, 96, 64)  # batch, heads, seq, the full model's MLA head dims (nope 64 + rope 32, v 64)
-    out = {str(dtype).removeprefix("torch."): _kernel_case(dtype, device, shape)
-           for dtype in (torch.bfloat16, torch.float32)}
-    return {"shape": dict(zip(("batch", "heads", "seq", "qk_dim", "v_dim"), shape, strict=True)), **out}
+def part_kernels(target: Target) -> dict:
+    out = {str(dtype).removeprefix("torch."): _kernel_case(dtype, target) for dtype in (torch.bfloat16, torch.float32)}
+    return {"shape": dict(zip(("batch", "heads", "seq", "qk_dim", "v_dim"), target.kernel_shape, strict=True)), **out}
 
 
 def _text(out: str | bytes | None) -> str:
@@ -349,23 +446,22 @@ def _run(cmd: list[str], timeout: float) -> dict:
             "tail": output[-1500:]}
 
 
-def part_tests() -> dict:
-    _require_cuda()
+def part_tests(target: Target) -> dict:
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     return {"real_cuda_kernels": _run([*pytest, "tests/model/test_attention_kernels.py", "-k", "real_cuda"], 40),
             "bf16_lane": _run([*pytest, "tests/train/test_trainer.py", "-k", "bf16"], 60),
             "pinned_memory": _run([*pytest, "tests/data/test_arrow_blocks.py", "-k", "pin"], 20)}
 
 
-def part_smoke() -> dict:
-    _require_cuda()
+def part_smoke(target: Target) -> dict:
+    steps = target.smoke_steps
     with tempfile.TemporaryDirectory() as tmp:
         xoron = [sys.executable, "-m", "xoron_dist.cli"]
         # samples and a checkpoint at the last step: the README's run draws and saves at 60 and 120, which a
         # 40-step run would not reach (a bf16 speech sample crashed there until 2026-12-06); once, for the time box
-        run = _run([*xoron, "train", "--config", "pipelines/smoke.yaml", f"train.steps={SMOKE_STEPS}",
-                    f"train.output_dir={tmp}", "train.name=gpu_smoke", f"train.save_every={SMOKE_STEPS}",
-                    f"train.sample_every={SMOKE_STEPS}", "train.log_every=5"],
+        run = _run([*xoron, "train", "--config", "pipelines/smoke.yaml", f"train.steps={steps}",
+                    f"train.output_dir={tmp}", "train.name=gpu_smoke", f"train.save_every={steps}",
+                    f"train.sample_every={steps}", f"train.log_every={min(5, steps)}"],
                    TIME_BOX["smoke"] - 15)
         metrics = Path(tmp) / "gpu_smoke" / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -377,37 +473,38 @@ def part_smoke() -> dict:
     return run
 
 
-def part_compile() -> dict:
-    from xoron_dist.config import LLMConfig
+def part_compile(target: Target) -> dict:
     from xoron_dist.model.llm.model import XoronLLM
     from xoron_dist.train.compile import compile_blocks
 
-    device = _require_cuda()
-    llm = LLMConfig()
-    ids = torch.randint(0, llm.vocab_size, (BATCH, SEQ), device=device)
+    device = target.device
+    ids = torch.randint(0, target.llm.vocab_size, (target.batch, target.seq), device=device)
     torch.manual_seed(0)
-    model = XoronLLM(llm).to(device=device, dtype=torch.bfloat16)
-    eager = _fwd_bwd_seconds(model, lambda m: m(ids, labels=ids).loss)
+    model = XoronLLM(target.llm).to(device=device, dtype=torch.bfloat16)
+    loss_of = lambda m: m(ids, labels=ids).loss  # noqa: E731
+    eager_loss = loss_of(model).item()
+    model.zero_grad(set_to_none=True)
+    eager = _fwd_bwd_seconds(model, loss_of, device)
     blocks = compile_blocks(model, device)
     start = time.perf_counter()
-    model(ids, labels=ids).loss.backward()  # the first compiled step compiles
+    loss = loss_of(model)  # the first compiled step compiles
+    loss.backward()
     model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    _sync(device)
     first = time.perf_counter() - start
-    compiled = _fwd_bwd_seconds(model, lambda m: m(ids, labels=ids).loss)
+    compiled = _fwd_bwd_seconds(model, loss_of, device)
     return {"blocks": blocks, "eager_s": eager, "compiled_s": compiled, "speedup": eager / compiled,
-            "first_compiled_step_s": first, "batch": BATCH, "seq": SEQ}
+            "first_compiled_step_s": first, "loss_eager": eager_loss, "loss_compiled": loss.item(),
+            "batch": target.batch, "seq": target.seq}
 
 
-def part_moe() -> dict:
+def part_moe(target: Target) -> dict:
     from bench.moe_layer import DeepSpeedMoEWithShared, _init_single_rank_comm, make_call
-    from xoron_dist.config import LLMConfig
     from xoron_dist.model.common.moe import MoEFeedForward
 
-    device = _require_cuda()
-    llm = LLMConfig()
-    hidden, moe = llm.hidden_size, llm.moe
-    _init_single_rank_comm("nccl")  # DeepSpeed's MoE asks for its expert groups
+    device = target.device
+    hidden, moe = target.llm.hidden_size, target.llm.moe
+    _init_single_rank_comm("nccl" if target.on_gpu else "gloo")  # DeepSpeed's MoE asks for its expert groups
     torch.manual_seed(0)
     ours = MoEFeedForward(hidden, moe).to(device=device, dtype=torch.bfloat16).train()
     peer = DeepSpeedMoEWithShared(hidden, moe.expert_intermediate_size, num_experts=moe.num_experts,
@@ -415,47 +512,44 @@ def part_moe() -> dict:
     with torch.no_grad():  # DeepSpeed's init is not ours: both at the bench's std
         for param in (*ours.parameters(), *peer.parameters()):
             param.normal_(std=0.02)
-    x = torch.randn(1, MOE_TOKENS, hidden, device=device, dtype=torch.bfloat16)
-    times = {name: _time_cuda(make_call(module, x), warmup=3, iters=10)
+    x = torch.randn(1, target.moe_tokens, hidden, device=device, dtype=torch.bfloat16)
+    times = {name: _time(make_call(module, x), device, warmup=3, iters=10)
              for name, module in (("ours", ours), ("deepspeed", peer))}
-    return {"tokens": MOE_TOKENS, "hidden": hidden, "experts": moe.num_experts, "top_k": moe.top_k,
+    return {"tokens": target.moe_tokens, "hidden": hidden, "experts": moe.num_experts, "top_k": moe.top_k,
             "expert_intermediate_size": moe.expert_intermediate_size,
-            "tokens_per_s": {name: MOE_TOKENS / t for name, t in times.items()},
+            "tokens_per_s": {name: target.moe_tokens / t for name, t in times.items()},
             "ratio": times["deepspeed"] / times["ours"]}
 
 
-def part_syncs() -> dict:
+def part_syncs(target: Target) -> dict:
     """Syncs per optimizer step as CUDA reports them beside HostSyncCounter's count of the same steps (the
-    CPU suite's bound): the multimodal smoke run and the LLM recipe of bench/host_syncs.py, 3 steps each."""
+    CPU suite's bound): the multimodal smoke run and the LLM recipe of bench/host_syncs.py."""
     from bench.host_syncs import MULTIMODAL, RECIPE, step_syncs
     from tests.parallel.harness import run_ranks
 
-    _require_cuda()
-    return {name: run_ranks(step_syncs, 1, overrides, timeout=TIME_BOX["syncs"] / 2 - 5, start_method="spawn")[0]
+    return {name: run_ranks(step_syncs, 1, overrides, target.sync_steps, timeout=TIME_BOX["syncs"] / 2 - 5,
+                            start_method="spawn")[0]
             for name, overrides in (("multimodal_smoke", MULTIMODAL), ("llm_recipe", RECIPE))}
 
 
-HEAD_CHUNKS = (0, 256, 1024, 2048, 4096)  # train.loss_chunk_tokens tried by the head part (0: one piece)
-
-
-def part_head() -> dict:
-    """The full model's LM head + loss (bf16, 152K vocabulary, BATCH x SEQ tokens), forward + backward, at each
-    of ``HEAD_CHUNKS``: seconds and peak memory, which check ``TrainConfig.loss_chunk_for``'s CUDA choice (2048)."""
-    from xoron_dist.config import LLMConfig
+def part_head(target: Target) -> dict:
+    """The model's LM head + loss (bf16, its full vocabulary, batch x seq tokens), forward + backward, at each of
+    ``target.head_chunks``: seconds and peak memory, which check ``TrainConfig.loss_chunk_for``'s CUDA choice
+    (2048)."""
     from xoron_dist.model.llm.head import LMHead, accumulates_in_place, lm_loss
 
-    device = _require_cuda()
-    llm = LLMConfig()
+    device, llm = target.device, target.llm
     torch.manual_seed(0)
     head = LMHead(llm).to(device=device, dtype=torch.bfloat16)
     torch.nn.init.normal_(head.weight, std=llm.hidden_size**-0.5)
-    hidden = torch.randn(BATCH, SEQ, llm.hidden_size, device=device, dtype=torch.bfloat16)
-    labels = torch.randint(0, llm.usable_vocab_size, (BATCH, SEQ), device=device)
-    out = {"tokens": BATCH * SEQ, "vocab_rows": head.weight.shape[0], "hidden": llm.hidden_size, "chunks": {},
+    hidden = torch.randn(target.batch, target.seq, llm.hidden_size, device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, llm.usable_vocab_size, (target.batch, target.seq), device=device)
+    out = {"tokens": target.batch * target.seq, "vocab_rows": head.weight.shape[0], "hidden": llm.hidden_size,
+           "chunks": {},
            # whether each chunk's bf16 ∂W GEMM adds into the fp32 accumulator in place (addmm, out_dtype=fp32)
            "dW_accumulates_in_place": accumulates_in_place(device, torch.bfloat16)}
     losses = {}
-    for chunk in HEAD_CHUNKS:
+    for chunk in target.head_chunks:
         head.chunk_tokens = chunk
 
         def step() -> torch.Tensor:
@@ -466,12 +560,9 @@ def part_head() -> dict:
             return loss.detach()
 
         losses[chunk] = step().item()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        seconds = _time_cuda(step, warmup=1, iters=3)
-        out["chunks"][str(chunk)] = {"seconds": seconds,
-                                     "peak_gb": (torch.cuda.max_memory_allocated() - base) / 2**30}
+        base = _reset_peak_memory(device)
+        seconds = _time(step, device, warmup=1, iters=3)
+        out["chunks"][str(chunk)] = {"seconds": seconds, "peak_gb": _peak_memory_gb(device, base)}
     one = out["chunks"]["0"]["seconds"]
     out["speedup_over_one_piece"] = {c: one / r["seconds"] for c, r in out["chunks"].items()}
     out["loss_spread"] = max(losses.values()) - min(losses.values())  # bf16 GEMMs: small, not 0
@@ -485,11 +576,12 @@ PART_FUNCTIONS = {"backbone": part_backbone, "kernels": part_kernels, "tests": p
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def run_part(name: str, timeout: float, module: str = "bench.gpu_check") -> dict:
-    """``python -m <module> --part <name>`` in a subprocess within ``timeout`` seconds; its JSON result, or
-    the failure (status ``failed`` / ``timeout`` and the output's tail). Never raises for the part's errors."""
+def run_part(name: str, timeout: float, module: str = "bench.gpu_check", rehearse: bool = False) -> dict:
+    """``python -m <module> --part <name> [--rehearse]`` in a subprocess within ``timeout`` seconds; its JSON
+    result, or the failure (status ``failed`` / ``timeout`` and the output's tail). Never raises for the part's
+    errors."""
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", module, "--part", name]
+    cmd = [sys.executable, "-m", module, "--part", name, *(["--rehearse"] if rehearse else [])]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
@@ -518,24 +610,36 @@ def summarise(parts: dict, machine: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=PARTS, help="run one part and print its JSON")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--rehearse", action="store_true",
+                        help="run the parts on the CPU with the tiny model (no GPU needed; times mean nothing): "
+                             "checks this script before a GPU session spends its minutes on it")
+    parser.add_argument("--out", type=Path, help=f"the report (default {OUT.relative_to(REPO)}; with --rehearse "
+                                                 f"{REHEARSAL_OUT})")
     args = parser.parse_args(argv)
     if args.part:
-        print(json.dumps(PART_FUNCTIONS[args.part]()))
+        print(json.dumps(PART_FUNCTIONS[args.part](rehearsal_target() if args.rehearse else gpu_target())))
         return 0
-    if not torch.cuda.is_available():
-        print("bench/gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine",
-              file=sys.stderr)
+    if args.rehearse:
+        machine = f"rehearsal on the CPU ({platform.machine()}), torch {torch.__version__}"
+    elif torch.cuda.is_available():
+        machine = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        print("bench/gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine, "
+              "or --rehearse to check the script on the CPU", file=sys.stderr)
         return 2
-    machine = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    out = args.out or (REHEARSAL_OUT if args.rehearse else OUT)
     parts = {}
     for name in PARTS:
-        parts[name] = run_part(name, TIME_BOX[name])
+        parts[name] = run_part(name, TIME_BOX[name], rehearse=args.rehearse)
         print(f"{name:9s} {parts[name]['status']:8s} {parts[name]['seconds']:6.1f} s", flush=True)
-        write_report(args.out, summarise(parts, machine))  # what is done so far survives a later crash
+        write_report(out, summarise(parts, machine))  # what is done so far survives a later crash
     report = summarise(parts, machine)
-    path = write_report(args.out, report)
+    path = write_report(out, report)
     print(f"ours MFU {report['ours']}  peer MFU {report['peer']}  ratio {report['ratio']}  -> {path}")
+    failed = [name for name, part in parts.items() if part["status"] != "ok"]
+    if args.rehearse and failed:
+        print(f"rehearsal: {', '.join(failed)} did not finish (see {path}); fix before the GPU run", file=sys.stderr)
+        return 1
     return 0
 
 

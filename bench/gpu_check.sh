@@ -8,6 +8,7 @@
 # Writes bench/out/gpu_check.json (also after every part, so a hard stop keeps what was measured).
 #
 #   bash bench/gpu_check.sh            # PYTHON=/path/to/python to choose the interpreter
+#   python -m bench.gpu_check --rehearse   # no GPU: every part on the CPU at a tiny size, before a GPU session
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
@@ -15,7 +16,8 @@ elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3
 fi
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "bench/gpu_check.sh: no CUDA GPU visible to torch ($PY); this check runs on a GPU machine" >&2
+  echo "bench/gpu_check.sh: no CUDA GPU visible to torch ($PY); this check runs on a GPU machine" \
+       "(\`$PY -m bench.gpu_check --rehearse\` runs its parts on the CPU at a tiny size)" >&2
   exit 2
 fi
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"

@@ -1,6 +1,7 @@
 """Make the shared test helpers importable as ``tests.<dir>.<module>`` (e.g. ``tests.parallel.harness``)
 from every test directory, however pytest is started: the test directories are not packages, so
-pytest puts each one on sys.path but not the repository root."""
+pytest puts each one on sys.path but not the repository root. And the fixtures every test directory
+may use."""
 
 import os
 import sys
@@ -11,6 +12,18 @@ import pytest
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from intra-op threads; on a shared 2-core CPU the threads' barriers
+    made the TiTok training test 30x slower (218 s against 8 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

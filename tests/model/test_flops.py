@@ -9,7 +9,6 @@ Like with like: the counter's SDPA formulas ignore ``is_causal``, so the analyti
 * the kernel's backward recomputes the scores (q·kᵀ, 2·b·h·s²·qk), which model FLOPs leave out.
 """
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -130,94 +129,3 @@ def test_vision_tower_matches_flop_counter(one_thread):
     # the pixels need no gradient: the patch embedding's backward is its weight gradient alone
     assert measured_step == vision_step_flops(cfg, 2, patches) + recompute
     assert vision_step_flops(cfg, 2, patches) == TRAIN_FACTOR * total(analytic) - analytic["patch_embed"]
-
-
-# --- bench/gpu_check.py: the pieces that run without a GPU ----------------------------------------
-
-
-def test_gpu_check_peer_is_the_dense_gpt_of_the_full_backbone():
-    from bench.gpu_check import active_ffn_width, peer_config
-
-    full = LLMConfig()  # pipelines/xoron_full.yaml's model: 6 dense layers (2048) and 6 MoE layers ((2 + 1) x 2048)
-    assert active_ffn_width(full) == (6 * 2048 + 6 * 3 * 2048) // 12 == 4096
-    peer = peer_config(full, 4096)
-    assert (peer.hidden, peer.layers, peer.heads, peer.ffn, peer.vocab, peer.seq) == (1024, 12, 16, 4096, 151_936, 4096)
-
-
-def _megatron_forward_on_cpu(monkeypatch) -> None:
-    """Megatron-core's GPTModel forward asks CUDA for its buffers' device, its default causal mask and its RNG
-    tracker's fork (dropout, off here); answer those on CPU so the same modules run and can be counted."""
-    import megatron.core.fusions.fused_softmax as fused_softmax
-    from megatron.core import tensor_parallel
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    monkeypatch.setattr(fused_softmax, "get_default_causal_mask", lambda sq: torch.ones(sq, sq).triu(1).bool())
-    monkeypatch.setattr(tensor_parallel.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
-
-
-def test_gpu_check_megatron_peer_flops_match_the_flop_counter(one_thread, monkeypatch):
-    """The peer's FLOP formula against the Megatron-core GPTModel it describes (tiny, one gloo rank), the way
-    bench/gpu_check.py calls it: its unfused attention (local spec) counts the full s², and has no recompute."""
-    from bench.gpu_check import PeerConfig, build_megatron_gpt, gpt_forward_flops, megatron_single_rank
-
-    peer = PeerConfig(hidden=32, layers=2, heads=4, ffn=48, vocab=64, seq=16)
-    _megatron_forward_on_cpu(monkeypatch)
-    batch = 3
-    ids, positions = torch.randint(0, peer.vocab, (batch, peer.seq)), torch.arange(peer.seq).expand(batch, -1)
-    with megatron_single_rank("gloo"):
-        torch.manual_seed(0)
-        model, spec = build_megatron_gpt(peer, torch.float32, torch.device("cpu"))
-        if spec != "local":
-            pytest.skip("Transformer Engine is installed: its layers run on CUDA only")
-        with FlopCounterMode(display=False) as forward:
-            losses = model(ids, positions, attention_mask=None, labels=ids)
-        with FlopCounterMode(display=False) as both:
-            model(ids, positions, attention_mask=None, labels=ids).float().mean().backward()
-    assert losses.shape == (batch, peer.seq) and torch.isfinite(losses).all()
-    matrices = [p for p in model.parameters() if p.dim() == 2]
-    assert any(p.shape == (2 * peer.ffn, peer.hidden) for p in matrices)  # SwiGLU of the stated width
-    assert forward.get_total_flops() == gpt_forward_flops(peer, batch, causal=False)
-    assert both.get_total_flops() == TRAIN_FACTOR * gpt_forward_flops(peer, batch, causal=False)
-    attention = peer.layers * attention_flops(batch, peer.heads, peer.seq, peer.seq, 8, 8, causal=False)
-    assert gpt_forward_flops(peer, batch, causal=True) == gpt_forward_flops(peer, batch, causal=False) - attention // 2
-
-
-def test_gpu_check_mfu_report_and_part_failures(tmp_path, monkeypatch):
-    import json
-
-    import bench.gpu_check as gc
-
-    got = gc.mfu(6e14, 2.0, 989.5)
-    assert got["tflops"] == pytest.approx(300.0) and got["mfu"] == pytest.approx(300.0 / 989.5)
-    assert gc.mfu(6e14, 2.0, None)["mfu"] is None
-    path = gc.write_report(tmp_path / "out" / "r.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
-    assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": {"d": 2}}
-    # a part that fails or overruns is recorded, and the driver goes on
-    failed = gc.run_part("backbone", timeout=60, module="json.tool")  # json.tool refuses these arguments: exit status 2
-    assert failed["status"] == "failed" and failed["returncode"] == 2 and "json.tool" in failed["tail"]
-    assert gc.run_part("backbone", timeout=0.001)["status"] == "timeout"
-    summary = gc.summarise({"backbone": failed}, "cpu")
-    assert summary["ours"] is None and summary["ratio"] is None and summary["parts"]["backbone"] is failed
-    ok = {"status": "ok", "result": {"ours": {"mfu": 0.4}, "peer": {"mfu": 0.5, "spec": "local"}}}
-    assert gc.summarise({"backbone": ok}, "H200")["ratio"] == pytest.approx(0.8)
-    # no GPU: the driver says so and exits 2 (bench/gpu_check.sh checks the same before starting it)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gc.main(["--out", str(tmp_path / "x.json")]) == 2 and not (tmp_path / "x.json").exists()
-    with pytest.raises(gc.NoGPUError, match="needs a GPU"):
-        gc.part_kernels()
-
-
-def _step_syncs_body() -> dict:
-    from bench.host_syncs import step_syncs
-
-    return step_syncs(["data.source=synthetic_text", "train.log_every=1", "data.num_workers=0"], steps=4)
-
-
-def test_gpu_check_syncs_part_cuts_the_run_into_steps():
-    """``bench/gpu_check.py``'s syncs part on CPU: the counter's syncs per step, steps 2 and 3 (step 1 warms
-    up; step 4 has no later start), alike from step to step; no CUDA column without CUDA."""
-    from tests.parallel.harness import run_ranks
-
-    [result] = run_ranks(_step_syncs_body, 1, timeout=240)
-    assert result["steps"] == [2, 3] and result["cuda"] is None
-    assert result["counted"][0] == result["counted"][1] > 0, result
