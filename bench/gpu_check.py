@@ -47,6 +47,7 @@ peer's, higher is better) plus every part's status, seconds and numbers.
     python -m bench.gpu_check                 # every part (bench/gpu_check.sh checks for a GPU first)
     python -m bench.gpu_check --part kernels  # one part, its JSON on stdout
     python -m bench.gpu_check --rehearse      # every part on the CPU at the tiny size (about 2 minutes)
+    python -m bench.gpu_check --parts compile,head   # rerun these, keeping the report's other parts
 
 What a part runs on, and at what size, is a ``Target``: ``gpu_target`` (cuda:0, the full-size model and
 the shapes above) or ``rehearsal_target`` (the CPU, the tiny preset's model, a few dozen tokens, a
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -581,18 +583,19 @@ def run_part(name: str, timeout: float, module: str = "bench.gpu_check", rehears
     result, or the failure (status ``failed`` / ``timeout`` and the output's tail). Never raises for the part's
     errors."""
     start = time.perf_counter()
+    ran = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}  # merged reports mix runs
     cmd = [sys.executable, "-m", module, "--part", name, *(["--rehearse"] if rehearse else [])]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
-        return {"status": "timeout", "seconds": time.perf_counter() - start, "time_box_s": timeout,
+        return {"status": "timeout", "seconds": time.perf_counter() - start, "time_box_s": timeout, **ran,
                 "tail": (_text(err.stdout) + _text(err.stderr))[-1500:]}
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        return {"status": "failed", "seconds": seconds, "returncode": proc.returncode,
+        return {"status": "failed", "seconds": seconds, "returncode": proc.returncode, **ran,
                 "tail": (proc.stdout + proc.stderr)[-2500:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"status": "ok", "seconds": seconds, "result": result}
+    return {"status": "ok", "seconds": seconds, **ran, "result": result}
 
 
 def summarise(parts: dict, machine: str) -> dict:
@@ -613,9 +616,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rehearse", action="store_true",
                         help="run the parts on the CPU with the tiny model (no GPU needed; times mean nothing): "
                              "checks this script before a GPU session spends its minutes on it")
+    parser.add_argument("--parts", type=lambda v: [p for p in v.split(",") if p], default=list(PARTS),
+                        help="comma-separated parts to run, in PARTS order, merged into the report's earlier ones "
+                             "(rerun what failed or timed out when a GPU session has minutes left)")
     parser.add_argument("--out", type=Path, help=f"the report (default {OUT.relative_to(REPO)}; with --rehearse "
                                                  f"{REHEARSAL_OUT})")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: no part {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
     if args.part:
         print(json.dumps(PART_FUNCTIONS[args.part](rehearsal_target() if args.rehearse else gpu_target())))
         return 0
@@ -629,14 +638,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or (REHEARSAL_OUT if args.rehearse else OUT)
     parts = {}
-    for name in PARTS:
+    if set(args.parts) != set(PARTS) and out.is_file():  # a rerun of some parts keeps the others' results
+        previous = json.loads(out.read_text())
+        if previous.get("machine") == machine:
+            parts = previous.get("parts", {})
+    for name in [p for p in PARTS if p in args.parts]:
         parts[name] = run_part(name, TIME_BOX[name], rehearse=args.rehearse)
         print(f"{name:9s} {parts[name]['status']:8s} {parts[name]['seconds']:6.1f} s", flush=True)
         write_report(out, summarise(parts, machine))  # what is done so far survives a later crash
     report = summarise(parts, machine)
     path = write_report(out, report)
     print(f"ours MFU {report['ours']}  peer MFU {report['peer']}  ratio {report['ratio']}  -> {path}")
-    failed = [name for name, part in parts.items() if part["status"] != "ok"]
+    failed = [name for name in args.parts if parts[name]["status"] != "ok"]
     if args.rehearse and failed:
         print(f"rehearsal: {', '.join(failed)} did not finish (see {path}); fix before the GPU run", file=sys.stderr)
         return 1

@@ -90,10 +90,25 @@ def test_gpu_check_mfu_report_and_part_failures(tmp_path, monkeypatch):
     with pytest.raises(gc.NoGPUError, match="needs a GPU.*--rehearse"):
         gc.gpu_target()
     # a rehearsal that a part fails is a failure: the script is not ready for the GPU
-    monkeypatch.setattr(gc, "PARTS", ("head",))
+    out = tmp_path / "r.json"
     monkeypatch.setattr(gc, "run_part", lambda name, timeout, rehearse: {"status": "failed", "seconds": 0.0})
-    assert gc.main(["--rehearse", "--out", str(tmp_path / "r.json")]) == 1
-    assert json.loads((tmp_path / "r.json").read_text())["parts"]["head"]["status"] == "failed"
+    assert gc.main(["--rehearse", "--out", str(out)]) == 1
+    assert {name: part["status"] for name, part in json.loads(out.read_text())["parts"].items()} == \
+        dict.fromkeys(gc.PARTS, "failed")
+    # --parts reruns some, in PARTS order, and keeps the report's others
+    ran = []
+
+    def run_part(name, timeout, rehearse):
+        ran.append(name)
+        return {"status": "ok", "seconds": 1.0}
+
+    monkeypatch.setattr(gc, "run_part", run_part)
+    assert gc.main(["--rehearse", "--parts", "head,kernels", "--out", str(out)]) == 0
+    parts = json.loads(out.read_text())["parts"]
+    assert ran == ["kernels", "head"] and list(parts) == list(gc.PARTS)
+    assert {name for name, part in parts.items() if part["status"] == "ok"} == {"kernels", "head"}
+    with pytest.raises(SystemExit):  # argparse's usage error
+        gc.main(["--rehearse", "--parts", "kernel"])
 
 
 # The in-process parts, in the order of PARTS. compile runs with aot_eager (dynamo's capture and AOT autograd
