@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.test_xoron_multimodal import packed_batch, tiny_cfg
+from tests.model.test_xoron_multimodal import open_gated_model, packed_batch, tiny_cfg
 from tests.parallel.harness import run_ranks, zero3_engine
 from xoron_dist.model.llm import IGNORE_INDEX
 from xoron_dist.model.xoron import XoronMultimodalModel
@@ -88,13 +88,7 @@ def test_multimodal_sp2_with_a_span_across_the_chunk_boundary_equals_one_rank(tp
     from tests.parallel.test_multimodal_zero3 import rank_part
 
     cfg = tiny_cfg()
-    torch.manual_seed(0)
-    model = XoronMultimodalModel(cfg)
-    with torch.no_grad():  # open the fusion gates, so the fusion layers' output and gradients are not zero
-        for layer in model.fusion.layers:
-            layer.attn_gate.fill_(0.5)
-            layer.ffn_gate.fill_(0.5)
-    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, full_state = open_gated_model(cfg)  # fusion gates open: the fusion layers' output and gradients not zero
     ref_loss, ref_grads = _loss_and_grads(model)
     assert float(model.fusion.layers[0].attn.q_proj.weight.grad.abs().sum()) > 0
     assert float(model.vision.patch_embed.weight.grad.abs().sum()) > 0
@@ -158,12 +152,7 @@ def test_trainer_step_under_zero3_and_sp2_equals_one_rank():
     """The trainer keeps the multimodal rows whole (the model cuts them), counts the tokens once per
     replica, and ZeRO-3's weight gathers follow the same calls on both SP ranks although rank 1 encodes
     the blank video where rank 0 encodes the real one."""
-    torch.manual_seed(0)
-    model = XoronMultimodalModel(tiny_cfg(*Z3))
-    with torch.no_grad():
-        for layer in model.fusion.layers:
-            layer.attn_gate.fill_(0.5)
-    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, full_state = open_gated_model(tiny_cfg(*Z3))
     ref_loss, ref_grads = _loss_and_grads(model)
     count = int((_batch()["labels"] != IGNORE_INDEX).sum())
     for rank, out in enumerate(run_ranks(_zero3_body, 2, full_state)):
