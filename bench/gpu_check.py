@@ -77,9 +77,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from xoron_dist.config import LLMConfig
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "gpu_check.json"
@@ -107,7 +110,7 @@ class Target:
     runs in seconds, so the script is checked before a GPU session spends its minutes on it)."""
 
     device: torch.device
-    llm: Any  # xoron_dist.config.LLMConfig
+    llm: LLMConfig
     batch: int
     seq: int
     moe_tokens: int
