@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (the device tool's `run`, with carry [".whl"]): install the wheels bench/gpu_wheels.sh
+# made into /tmp/site, beside the image's own torch, then run the GPU check (bench/gpu_check.sh, at most 570 s)
+# and copy its report to $OUT, which the device tool brings back. Arguments go to the check
+# (e.g. --parts compile,head to rerun some parts).
+#
+#   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! ls .whl/*.whl > /dev/null 2>&1; then
+  echo "bench/gpu_session.sh: no wheels in .whl/: run bash bench/gpu_wheels.sh here first and carry .whl" >&2
+  exit 2
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+status=0
+PYTHON=$PY bash bench/gpu_check.sh "$@" || status=$?
+if [ -n "${OUT:-}" ] && [ -f bench/out/gpu_check.json ]; then
+  cp bench/out/gpu_check.json "$OUT/"
+fi
+exit "$status"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The packages a lent GPU machine lacks, as wheels for its Python (3.12, manylinux x86_64), into .whl/ (ignored
+# by git): run it here, where pip reaches the registry, before asking for the machine; the device call carries
+# .whl and installs it (bench/gpu_session.sh). The image's own torch (a CUDA build), numpy, pyarrow,
+# tensorboard, mpi4py, transformers, tokenizers, safetensors, pillow and tqdm are used as they are
+# (KINDS.md in the device tool's library lists the image); what is fetched here is the rest of pyproject's
+# dependencies and their own: DeepSpeed (built here into a wheel without its ops, DS_BUILD_OPS=0: the
+# optimizer falls back when FusedAdam cannot build), megatron-core, webdataset, soundfile, av.
+#
+#   bash bench/gpu_wheels.sh          # about a minute; .whl/ holds about 45 MB
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+OUT=.whl
+rm -rf "$OUT" && mkdir -p "$OUT"
+# the versions the suite runs here (pyproject's ranges), and the dependencies the image does not have
+WHEELS=(megatron-core==0.16.1 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4
+        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 soundfile==0.14.0 cffi==2.1.1
+        pycparser==3.12 av==18.1.0)
+PLATFORMS=()
+for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
+  PLATFORMS+=(--platform "${tag}_x86_64")
+done
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
+  -d "$OUT" "${WHEELS[@]}"
+# DeepSpeed publishes a source distribution only: a wheel of its Python code, its ops left to JIT (not used)
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" deepspeed==0.19.8
+ls "$OUT"
+du -sh "$OUT"
