@@ -13,10 +13,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 OUT=.whl
 rm -rf "$OUT" && mkdir -p "$OUT"
-# the versions the suite runs here (pyproject's ranges), and the dependencies the image does not have
-WHEELS=(megatron-core==0.16.1 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4
-        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 soundfile==0.14.0 cffi==2.1.1
-        pycparser==3.12 av==18.1.0)
+# pyproject's dependencies the image lacks and their own, at the versions installed here (what the suite runs)
+NAMES=(megatron-core webdataset braceexpand hjson pydantic pydantic-core annotated-types typing-inspection
+       soundfile cffi pycparser av deepspeed)
+mapfile -t PINS < <("$PY" -c 'import sys, importlib.metadata as m; [print(f"{n}=={m.version(n)}") for n in sys.argv[1:]]' \
+                    "${NAMES[@]}")
+WHEELS=("${PINS[@]:0:${#PINS[@]}-1}")
+DEEPSPEED=${PINS[-1]}
 PLATFORMS=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   PLATFORMS+=(--platform "${tag}_x86_64")
@@ -24,6 +27,6 @@ done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
   -d "$OUT" "${WHEELS[@]}"
 # DeepSpeed publishes a source distribution only: a wheel of its Python code, its ops left to JIT (not used)
-DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" deepspeed==0.19.8
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" "$DEEPSPEED"
 ls "$OUT"
 du -sh "$OUT"
