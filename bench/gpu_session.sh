@@ -12,9 +12,16 @@ if ! ls .whl/*.whl > /dev/null 2>&1; then
   echo "bench/gpu_session.sh: no wheels in .whl/: run bash bench/gpu_wheels.sh here first and carry .whl" >&2
   exit 2
 fi
+want=$(cat .whl/PYTHON_VERSION 2>/dev/null || echo 3.12)
+have=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$want" != "$have" ]; then
+  echo "bench/gpu_session.sh: the wheels in .whl/ are for Python $want, $PY here is $have:" \
+       "run PYVER=$have bash bench/gpu_wheels.sh and carry .whl again" >&2
+  exit 2
+fi
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 status=0
 PYTHON=$PY bash bench/gpu_check.sh "$@" || status=$?
 if [ -n "${OUT:-}" ] && [ -f bench/out/gpu_check.json ]; then

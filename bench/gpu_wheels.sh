@@ -7,11 +7,13 @@
 # dependencies and their own: DeepSpeed (built here into a wheel without its ops, DS_BUILD_OPS=0: the
 # optimizer falls back when FusedAdam cannot build), megatron-core, webdataset, soundfile, av.
 #
-#   bash bench/gpu_wheels.sh          # about a minute; .whl/ holds about 45 MB
+#   bash bench/gpu_wheels.sh          # about 15 s; .whl/ holds about 45 MB
+#   PYVER=3.13 bash bench/gpu_wheels.sh   # for an image with another Python (gpu_session.sh checks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 OUT=.whl
+PYVER=${PYVER:-3.12}
 rm -rf "$OUT" && mkdir -p "$OUT"
 # pyproject's dependencies the image lacks and their own, at the versions installed here (what the suite runs)
 NAMES=(megatron-core webdataset braceexpand hjson pydantic pydantic-core annotated-types typing-inspection
@@ -24,9 +26,10 @@ PLATFORMS=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   PLATFORMS+=(--platform "${tag}_x86_64")
 done
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp "${PLATFORMS[@]}" \
   -d "$OUT" "${WHEELS[@]}"
 # DeepSpeed publishes a source distribution only: a wheel of its Python code, its ops left to JIT (not used)
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" "$DEEPSPEED"
+echo "$PYVER" > "$OUT/PYTHON_VERSION"  # gpu_session.sh refuses another Python before installing
 ls "$OUT"
 du -sh "$OUT"
