@@ -16,7 +16,9 @@ recorded in the report, and the next part runs):
                Layers are halved until the pair fits in memory (the report says how many ran).
     kernels    the attention-kernel adapter (``xoron_dist.model.common.attention_kernels``, the ring's
                block step) on CUDA against ``F.scaled_dot_product_attention``: max error of out and
-               gradients, and forward + backward time, bf16 (flash kernel) and fp32 (efficient kernel).
+               gradients, and forward + backward time, bf16 (flash kernel) and fp32 (efficient kernel);
+               then bf16 with the efficient kernel (it takes MLA's narrower v as it is; flash pads it) and
+               SDPA held to each of its backends (flash, efficient, cuDNN): which kernel bf16 should take.
     tests      ``pytest tests/model/test_attention_kernels.py -k real_cuda``, the bf16 lane of the
                trainer tests (``tests/train/test_trainer.py -k bf16``) and the pinned-memory batch path
                (``tests/data/test_arrow_blocks.py -k pin``, skipped without an accelerator).
@@ -94,8 +96,8 @@ MOE_TOKENS = 8192
 HEAD_CHUNKS = (0, 256, 1024, 2048, 4096)  # train.loss_chunk_tokens tried by the head part (0: one piece)
 # seconds per part; bench/gpu_check.sh gives the whole check 570 s. The first H200 run took 24, 8, 56 and 105 s
 # for the first four; the smoke run has since drawn samples and saved a checkpoint at its last step, so its
-# box took 35 s from the slack of backbone, kernels and moe
-TIME_BOX = {"backbone": 55, "kernels": 20, "tests": 90, "smoke": 160, "compile": 110, "moe": 40, "syncs": 75,
+# box took 35 s from the slack of backbone, kernels and moe (kernels now compares the CUDA kernels too: 25 s)
+TIME_BOX = {"backbone": 50, "kernels": 25, "tests": 90, "smoke": 160, "compile": 110, "moe": 40, "syncs": 75,
             "head": 20}
 PARTS = tuple(TIME_BOX)
 
@@ -401,38 +403,87 @@ def part_backbone(target: Target) -> dict:
             "hidden": target.llm.hidden_size, "batch": target.batch, "seq": target.seq, **pair}
 
 
-def _kernel_case(dtype: torch.dtype, target: Target) -> dict:
-    """The adapter's causal fused attention (forward + external-LSE backward) against SDPA's on one input."""
-    import torch.nn.functional as F
-
+@contextlib.contextmanager
+def _forced_kernel(kind: str | None) -> Iterator[None]:
+    """The adapter's kernel choice forced to ``kind`` (None: its own rule), to time the kernels it could use."""
     from xoron_dist.model.common import attention_kernels as ak
 
-    device = target.device
+    rule = ak.select_kernel
+    if kind is not None:
+        ak.select_kernel = lambda *args, **kwargs: kind
+    try:
+        yield
+    finally:
+        ak.select_kernel = rule
+
+
+def _kernel_inputs(dtype: torch.dtype, target: Target) -> tuple[torch.Tensor, ...]:
     b, h, s, qk, dv = target.kernel_shape
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k = (torch.randn(b, h, s, qk, device=device, dtype=dtype, generator=gen) for _ in range(2))
-    v, dout = (torch.randn(b, h, s, dv, device=device, dtype=dtype, generator=gen) for _ in range(2))
-    scale = qk**-0.5
+    gen = torch.Generator(device=target.device).manual_seed(0)
+    q, k = (torch.randn(b, h, s, qk, device=target.device, dtype=dtype, generator=gen) for _ in range(2))
+    v, dout = (torch.randn(b, h, s, dv, device=target.device, dtype=dtype, generator=gen) for _ in range(2))
+    return q, k, v, dout
+
+
+def _sdpa_reference(q, k, v, dout, scale: float):
+    import torch.nn.functional as F
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale)
+    o.backward(dout)
+    return o, tuple(t.grad for t in leaves)
+
+
+def _kernel_case(dtype: torch.dtype, target: Target, kernel: str | None = None) -> dict:
+    """The adapter's causal fused attention (forward + external-LSE backward) against SDPA's on one input,
+    with the adapter's own kernel or ``kernel``."""
+    from xoron_dist.model.common import attention_kernels as ak
+
+    q, k, v, dout = _kernel_inputs(dtype, target)
+    scale = q.shape[-1] ** -0.5
 
     def adapter():
-        o, lse = ak.attention_forward(q, k, v, scale=scale, causal=True)
-        return o, ak.attention_backward(dout, q, k, v, o, lse, scale=scale, causal=True)
+        with _forced_kernel(kernel):
+            o, lse = ak.attention_forward(q, k, v, scale=scale, causal=True)
+            return o, ak.attention_backward(dout, q, k, v, o, lse, scale=scale, causal=True)
 
     def reference():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        o = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale)
-        o.backward(dout)
-        return o, tuple(t.grad for t in leaves)
+        return _sdpa_reference(q, k, v, dout, scale)
 
     (o1, g1), (o2, g2) = adapter(), reference()
     errors = [(a.float() - r.float()).abs().max().item() for a, r in zip((o1, *g1), (o2, *g2), strict=True)]
-    return {"kernel": ak.select_kernel(ak.device_kind(q), dtype, qk, dv, masked=False), "max_err_out": errors[0],
-            "max_err_grads": max(errors[1:]), "adapter_s": _time(adapter, device, 2, 10),
-            "sdpa_s": _time(reference, device, 2, 10)}
+    chosen = kernel or ak.select_kernel(ak.device_kind(q), dtype, q.shape[-1], v.shape[-1], masked=False)
+    return {"kernel": chosen, "max_err_out": errors[0], "max_err_grads": max(errors[1:]),
+            "adapter_s": _time(adapter, target.device, 2, 10), "sdpa_s": _time(reference, target.device, 2, 10)}
+
+
+def _sdpa_backends(dtype: torch.dtype, target: Target) -> dict:
+    """SDPA held to each of its fused backends on the kernel input, forward + backward: seconds, or why the
+    backend refused (which one plain SDPA took is the fastest that did not)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, dout = _kernel_inputs(dtype, target)
+    out = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        name = backend.name.lower()
+        try:
+            with sdpa_kernel([backend]):
+                out[name] = {"seconds": _time(lambda: _sdpa_reference(q, k, v, dout, q.shape[-1] ** -0.5),
+                                              target.device, 2, 10)}
+        except RuntimeError as err:  # "No available kernel": this backend does not take the call
+            out[name] = {"refused": str(err).strip().splitlines()[0][:200]}
+    return out
 
 
 def part_kernels(target: Target) -> dict:
+    from xoron_dist.model.common import attention_kernels as ak
+
     out = {str(dtype).removeprefix("torch."): _kernel_case(dtype, target) for dtype in (torch.bfloat16, torch.float32)}
+    if ak.device_kind(torch.empty(0, device=target.device)) == "cuda":
+        # MLA's v is narrower than q/k: the flash kernel (the bf16 choice) pads v to q's width, the efficient
+        # one takes it as it is; the first GPU run found the adapter at 1.8x SDPA's time with flash
+        out["bfloat16_efficient"] = _kernel_case(torch.bfloat16, target, kernel="cuda_efficient")
+    out["sdpa_backends_bfloat16"] = _sdpa_backends(torch.bfloat16, target)
     return {"shape": dict(zip(("batch", "heads", "seq", "qk_dim", "v_dim"), target.kernel_shape, strict=True)), **out}
 
 

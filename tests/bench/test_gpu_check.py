@@ -118,11 +118,17 @@ REHEARSED = ("backbone", "kernels", "compile", "moe", "head")
 
 def _rehearse_parts() -> dict:
     import bench.gpu_check as gc
+    import xoron_dist.model.common.attention_kernels as ak
     import xoron_dist.train.compile as compile_module
+    from tests.model import cuda_sdpa_emulator as emu
 
     compile_module.BACKEND = "aot_eager"
     target = gc.rehearsal_target()
-    return {name: gc.PART_FUNCTIONS[name](target) for name in REHEARSED}
+    got = {name: gc.PART_FUNCTIONS[name](target) for name in REHEARSED}
+    # the kernels part's CUDA branch (both CUDA kernels compared), on the emulated CUDA ops
+    ak._device_type, ak.CUDA_OPS = (lambda t: "cuda"), emu.EMULATED_CUDA_OPS
+    got["kernels_emulated_cuda"] = gc.part_kernels(target)
+    return got
 
 
 def test_gpu_check_parts_rehearse_on_cpu():
@@ -147,6 +153,14 @@ def test_gpu_check_parts_rehearse_on_cpu():
     kernels = got["kernels"]
     assert kernels["bfloat16"]["max_err_out"] < 0.05 and kernels["float32"]["max_err_out"] < 1e-5
     assert kernels["float32"]["max_err_grads"] < 1e-5 and kernels["bfloat16"]["kernel"] == "cpu_flash"
+    assert "bfloat16_efficient" not in kernels  # the CPU has one kernel
+    # SDPA's fused CPU kernel takes one head dim (MLA's v is narrower); the CUDA backends are not on the CPU
+    assert all("refused" in backend for backend in kernels["sdpa_backends_bfloat16"].values())
+    emulated = got["kernels_emulated_cuda"]
+    assert [emulated[case]["kernel"] for case in ("bfloat16", "float32", "bfloat16_efficient")] == \
+        ["cuda_flash", "cuda_efficient", "cuda_efficient"]
+    assert all(emulated[case]["max_err_out"] < 0.05 and emulated[case]["max_err_grads"] < 0.05
+               for case in ("bfloat16", "bfloat16_efficient"))
 
     compiled = got["compile"]
     assert compiled["blocks"] == target.llm.num_layers and compiled["speedup"] > 0
