@@ -189,3 +189,29 @@ def test_gpu_check_syncs_part_cuts_the_run_into_steps():
     [result] = run_ranks(_step_syncs_body, 1, timeout=240)
     assert result["steps"] == [2, 3] and result["cuda"] is None
     assert result["counted"][0] == result["counted"][1] > 0, result
+
+
+def test_gpu_session_refuses_wheels_of_another_python(tmp_path):
+    """bench/gpu_session.sh on a lent machine: without wheels, or with wheels built for another Python than the
+    machine's, it stops before installing anything and says what to run here (device minutes are scarce)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "bench").mkdir()
+    script = shutil.copy(Path(__file__).resolve().parents[2] / "bench" / "gpu_session.sh", tmp_path / "bench")
+
+    def session() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", script], capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+
+    missing = session()
+    assert missing.returncode == 2 and "bash bench/gpu_wheels.sh" in missing.stderr
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "x-1.0-py3-none-any.whl").write_bytes(b"")
+    (tmp_path / ".whl" / "PYTHON_VERSION").write_text("2.7\n")
+    other = session()
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert other.returncode == 2 and f"for Python 2.7, {sys.executable} here is {here}" in other.stderr
+    assert f"PYVER={here} bash bench/gpu_wheels.sh" in other.stderr
