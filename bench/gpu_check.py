@@ -314,31 +314,22 @@ def _fwd_bwd_seconds(model: torch.nn.Module, loss_of, device: torch.device) -> f
     return _time(step, device, warmup=2, iters=5)
 
 
-_UNSET = object()
-
-
 @contextlib.contextmanager
 def megatron_on_cpu() -> Iterator[None]:
     """Megatron-core's GPTModel forward asks CUDA for its buffers' device, its default causal mask and its RNG
     tracker's fork (dropout, off here); answer those on the CPU so the same modules run (restored after)."""
+    from unittest import mock
+
     import megatron.core.fusions.fused_softmax as fused_softmax
     from megatron.core import tensor_parallel
 
-    tracker = tensor_parallel.get_cuda_rng_tracker()
     stand_ins = [(torch.cuda, "current_device", lambda: "cpu"),
                  (fused_softmax, "get_default_causal_mask", lambda sq: torch.ones(sq, sq).triu(1).bool()),
-                 (tracker, "fork", lambda *a, **k: contextlib.nullcontext())]
-    saved = [(owner, name, vars(owner).get(name, _UNSET)) for owner, name, _ in stand_ins]
-    try:
+                 (tensor_parallel.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())]
+    with contextlib.ExitStack() as patches:  # mock restores a method the tracker took from its class by deleting
         for owner, name, replacement in stand_ins:
-            setattr(owner, name, replacement)
+            patches.enter_context(mock.patch.object(owner, name, replacement))
         yield
-    finally:
-        for owner, name, original in saved:
-            if original is _UNSET:  # the tracker's method came from its class
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
 
 
 def _ours(llm, ids: torch.Tensor, target: Target, peak: float | None) -> dict:

@@ -224,8 +224,9 @@ class SpeakerEncoder(nn.Module):
         waveform = waveform * sample_mask
         # Loudness out: each clip scaled to unit RMS over its own samples, so gain is not a speaker cue. In fp32: a
         # clip's sum of squares passes fp16's 65504 within a second of speech (then inf / inf = NaN downstream).
-        rms = (waveform.float().pow(2).sum(-1, keepdim=True) / lengths[:, None]).sqrt()
-        features = self.frontend((waveform.float() / (rms + 1e-8)).to(waveform.dtype))  # (n, filters, T)
+        wave32 = waveform.float()
+        rms = (wave32.pow(2).sum(-1, keepdim=True) / lengths[:, None]).sqrt()
+        features = self.frontend((wave32 / (rms + 1e-8)).to(waveform.dtype))  # (n, filters, T)
         mask = frame_mask(lengths, features.shape[-1], self.cfg.hop)  # (n, T)
         x = self.stem(features * mask[:, None], mask)
         # ECAPA's residual summation: each block reads the sum of the stem's and all earlier blocks' outputs.
