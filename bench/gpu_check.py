@@ -24,7 +24,10 @@ recorded in the report, and the next part runs):
                (``tests/data/test_arrow_blocks.py -k pin``, skipped without an accelerator).
     smoke      the multimodal smoke run on the GPU: ``xoron train --config pipelines/smoke.yaml`` for
                ``SMOKE_STEPS`` steps, with TensorBoard samples and a checkpoint at the last; its last
-               metrics.jsonl line (loss, TFLOP/s, MFU) and the checkpoints it wrote.
+               metrics.jsonl line (loss, TFLOP/s, MFU) and the checkpoints it wrote. One step in the middle
+               is profiled (``train.profile``): the op summary's top rows go into the report, the trace
+               and the summary into bench/out/gpu_check_profile/ (the first GPU run's smoke run logged
+               841 tokens/s at its end, 2 CPU cores 1.5k: this says where the GPU's step time goes).
     compile    ``train.compile`` on the GPU: the full-size backbone eager vs with every decoder block
                compiled (``xoron_dist.train.compile.compile_blocks``, inductor), bf16 fwd + bwd at the
                backbone's shape: the speedup, the first compiled step's seconds and its loss beside eager's (on CPU,
@@ -72,6 +75,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,14 +94,18 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "gpu_check.json"
 # a rehearsal's report is not a measurement: it stays out of bench/out
 REHEARSAL_OUT = Path(tempfile.gettempdir()) / "xoron_gpu_check_rehearsal.json"
+# the smoke part's step profile (train.profile): trace and op summary, beside the report
+PROFILE_DIR = REPO / "bench" / "out" / "gpu_check_profile"
+REHEARSAL_PROFILE_DIR = Path(tempfile.gettempdir()) / "xoron_gpu_check_rehearsal_profile"
 SEQ, BATCH = 4096, 2
 SMOKE_STEPS = 40
 MOE_TOKENS = 8192
 HEAD_CHUNKS = (0, 256, 1024, 2048, 4096)  # train.loss_chunk_tokens tried by the head part (0: one piece)
 # seconds per part; bench/gpu_check.sh gives the whole check 570 s. The first H200 run took 24, 8, 56 and 105 s
 # for the first four; the smoke run has since drawn samples and saved a checkpoint at its last step, so its
-# box took 35 s from the slack of backbone, kernels and moe (kernels now compares the CUDA kernels too: 25 s)
-TIME_BOX = {"backbone": 50, "kernels": 25, "tests": 90, "smoke": 160, "compile": 110, "moe": 40, "syncs": 75,
+# box took 35 s from the slack of backbone, kernels and moe (kernels now compares the CUDA kernels too: 25 s),
+# and 10 s more from backbone for its one profiled step (its trace's export took 16 s on 2 CPU cores)
+TIME_BOX = {"backbone": 40, "kernels": 25, "tests": 90, "smoke": 170, "compile": 110, "moe": 40, "syncs": 75,
             "head": 20}
 PARTS = tuple(TIME_BOX)
 
@@ -121,6 +129,7 @@ class Target:
     smoke_steps: int
     sync_steps: int  # trainer steps per syncs case (the first warms up, the last has no later start)
     head_chunks: tuple[int, ...]  # train.loss_chunk_tokens tried by the head part (0: one piece)
+    profile_dir: Path  # where the smoke part leaves its step profile
 
     @property
     def on_gpu(self) -> bool:
@@ -136,7 +145,7 @@ def gpu_target() -> Target:
     # the full-size model (pipelines/xoron_full.yaml keeps LLMConfig's defaults); the kernels at its MLA head
     # dims (nope 64 + rope 32, v 64)
     return Target(torch.device("cuda", 0), LLMConfig(), BATCH, SEQ, MOE_TOKENS, (2, 16, SEQ, 96, 64), SMOKE_STEPS,
-                  sync_steps=4, head_chunks=HEAD_CHUNKS)
+                  sync_steps=4, head_chunks=HEAD_CHUNKS, profile_dir=PROFILE_DIR)
 
 
 def rehearsal_target() -> Target:
@@ -144,7 +153,7 @@ def rehearsal_target() -> Target:
 
     llm = load_config(None, ["preset=tiny"]).llm
     return Target(torch.device("cpu"), llm, batch=2, seq=32, moe_tokens=64, kernel_shape=(1, 2, 32, 24, 16),
-                  smoke_steps=2, sync_steps=3, head_chunks=(0, 16))
+                  smoke_steps=2, sync_steps=3, head_chunks=(0, 16), profile_dir=REHEARSAL_PROFILE_DIR)
 
 
 # --- the peer and the arithmetic (CPU-testable) ---------------------------------------------------
@@ -503,14 +512,18 @@ def part_tests(target: Target) -> dict:
 
 def part_smoke(target: Target) -> dict:
     steps = target.smoke_steps
+    # one step in the middle traced (train.profile): where the step's time goes on this device
+    profile_start = max(1, steps // 2)
     with tempfile.TemporaryDirectory() as tmp:
         xoron = [sys.executable, "-m", "xoron_dist.cli"]
         # samples and a checkpoint at the last step: the README's run draws and saves at 60 and 120, which a
         # 40-step run would not reach (a bf16 speech sample crashed there until 2026-12-06); once, for the time box
         run = _run([*xoron, "train", "--config", "pipelines/smoke.yaml", f"train.steps={steps}",
                     f"train.output_dir={tmp}", "train.name=gpu_smoke", f"train.save_every={steps}",
-                    f"train.sample_every={steps}", f"train.log_every={min(5, steps)}"],
+                    f"train.sample_every={steps}", f"train.log_every={min(5, steps)}",
+                    f"train.profile.start={profile_start}", "train.profile.steps=1"],
                    TIME_BOX["smoke"] - 15)
+        run["profile"] = _keep_profile(Path(tmp) / "gpu_smoke" / "profile", target.profile_dir)
         metrics = Path(tmp) / "gpu_smoke" / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         checkpoints = Path(tmp) / "gpu_smoke" / "checkpoints"
@@ -519,6 +532,20 @@ def part_smoke(target: Target) -> dict:
         run["last"] = json.loads(lines[-1]) if lines else None
         run["first_loss"] = json.loads(lines[0])["loss"] if lines else None
     return run
+
+
+def _keep_profile(found: Path, keep: Path, rows: int = 24) -> dict:
+    """Copy a run's step profile (``train/profiler.py``: trace and op summary) into ``keep``; the summary's first
+    ``rows`` lines go into the report."""
+    files = sorted(found.glob("rank*_steps*")) if found.is_dir() else []
+    keep.mkdir(parents=True, exist_ok=True)
+    for old in keep.glob("rank*_steps*"):
+        old.unlink()  # one run's profile: an earlier run's would be mistaken for it
+    for file in files:
+        shutil.copy2(file, keep / file.name)
+    summary = next((f for f in files if f.suffix == ".txt"), None)
+    return {"files": [str(keep / f.name) for f in files],
+            "top": summary.read_text().splitlines()[:rows] if summary else None}
 
 
 def part_compile(target: Target) -> dict:

@@ -26,5 +26,8 @@ status=0
 PYTHON=$PY bash bench/gpu_check.sh "$@" || status=$?
 if [ -n "${OUT:-}" ] && [ -f bench/out/gpu_check.json ]; then
   cp bench/out/gpu_check.json "$OUT/"
+  if [ -d bench/out/gpu_check_profile ]; then  # the smoke part's step profile (trace and op summary)
+    cp -r bench/out/gpu_check_profile "$OUT/"
+  fi
 fi
 exit "$status"

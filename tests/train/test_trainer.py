@@ -77,8 +77,11 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
               "train.grad_accum_steps=2")
     run_train(tmp_path, "straight", "train.steps=6", "train.peak_tflops=0.001", *common)
     run_train(tmp_path, "split", "train.steps=3", *common)
-    run_train(tmp_path, "split", "train.steps=6", *common, flags=("--resume",))
+    # the resumed run profiles steps 5..6 (train.profile): tracing changes no loss
+    run_train(tmp_path, "split", "train.steps=6", "train.profile.start=5", *common, flags=("--resume",))
     straight, split = losses(tmp_path, "straight"), losses(tmp_path, "split")
+    assert sorted(p.name for p in (tmp_path / "split" / "profile").iterdir()) == [
+        "rank0_steps5-6.json.gz", "rank0_steps5-6.txt"]
     # The expert biases travel in the checkpoint (module buffers) and have moved from zero.
     states = torch.load(tmp_path / "split" / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)["module"]
@@ -204,8 +207,11 @@ def test_arrow_data_resume_is_exact_with_loader_workers(tmp_path, smoke_data):
               "train.micro_batch_size=2", "train.grad_accum_steps=2")
     run_train(tmp_path, "straight", "train.steps=6", *common)
     run_train(tmp_path, "split", "train.steps=3", *common)
-    run_train(tmp_path, "split", "train.steps=6", *common, flags=("--resume",))
+    # the resumed run profiles steps 5..6 (train.profile): tracing changes no loss
+    run_train(tmp_path, "split", "train.steps=6", "train.profile.start=5", *common, flags=("--resume",))
     straight, split = losses(tmp_path, "straight"), losses(tmp_path, "split")
+    assert sorted(p.name for p in (tmp_path / "split" / "profile").iterdir()) == [
+        "rank0_steps5-6.json.gz", "rank0_steps5-6.txt"]
     for step in range(4, 7):
         assert split[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), (step, split, straight)
 

@@ -60,6 +60,33 @@ class TokenGroupConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """``torch.profiler`` over a window of optimizer steps (``train/profiler.py``): steps ``start`` to
+    ``start + steps - 1`` are traced on each rank of ``ranks``, after ``warmup`` steps in which the profiler
+    runs untraced (its start-up cost stays out of the trace). ``start: 0`` = off. Traced steps run slower
+    (the step log's tokens/s shows it); the trace goes to ``<run>/profile/``."""
+
+    start: int = 0
+    steps: int = 2
+    warmup: int = 1
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that trace; [] = every rank
+    memory: bool = False  # also the allocations (profile_memory) and every op's input shapes
+    stack: bool = False  # also the Python stack of each op (a larger trace)
+
+    def validate(self, where: str) -> None:
+        non_negative(self, where, "start", "warmup")
+        positive(self, where, "steps")
+        for i, rank in enumerate(self.ranks):
+            if rank < 0:
+                raise field_error(f"{where}.ranks[{i}]", rank, "a global rank, >= 0")
+
+    @property
+    def last(self) -> int:
+        """The last traced step (0 when off)."""
+        return self.start + self.steps - 1 if self.start else 0
+
+
+@dataclass
 class TrainConfig:
     name: str = "xoron"
     output_dir: str = "runs"
@@ -145,6 +172,7 @@ class TrainConfig:
     # unset objectives take their default weight (the LM 1.0; the seed's generation losses 0.1)
     objectives: dict[str, float] = field(default_factory=dict)
     token_groups: list[TokenGroupConfig] = field(default_factory=list)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def watchdog_seconds(self) -> float:
@@ -191,6 +219,10 @@ class TrainConfig:
         for name, weight in self.objectives.items():
             if weight < 0:
                 raise field_error(f"{where}.objectives.{name}", weight, "objective weights must be >= 0")
+        if self.profile.start > self.steps:
+            raise field_error(f"{where}.profile.start", self.profile.start,
+                              f"comes after the run's last step (train.steps = {self.steps}): nothing would be "
+                              "traced; pick a step of the run (or 0 for no profile)")
 
 
 ResizePolicy = Literal["crop", "pad", "squash", "max_side", "native"]

@@ -9,7 +9,7 @@
     metrics.py          throughput, progress line, metrics.jsonl  moe_monitor.py expert load, starved experts
     guard.py            non-finite steps, rollback                checkpoint_integrity.py  hashes, safe loading
     run_lock.py         one run per run directory                 watchdog.py    hang reports
-    readout.py          the step's values agreed and read once
+    readout.py          the step's values agreed and read once    profiler.py    step profiles (torch.profiler)
 
 A run is a sequence of stages (one, ``main``, without ``stages:``). Each stage builds its own
 engine (its trainable parameters and optimizer) and batch source (its data mix and sequence
@@ -74,6 +74,7 @@ from xoron_dist.train.guard import Divergence, NumericsGuard, TrainingDiverged, 
 from xoron_dist.train.metrics import MetricsLog, ProgressLog, StepTimer, step_flops_rates
 from xoron_dist.train.moe_monitor import ExpertLoadMonitor
 from xoron_dist.train.objectives import TokenGroups
+from xoron_dist.train.profiler import StepProfiler
 from xoron_dist.train.readout import StepReadout, read_step
 from xoron_dist.train.reshard import (
     SavedLayout,
@@ -124,6 +125,10 @@ class RunPaths:
     @property
     def watchdog(self) -> Path:
         return self.root / "watchdog"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile"
 
 
 @dataclass
@@ -250,6 +255,7 @@ class Run:
     guard: NumericsGuard
     watchdog: HangWatchdog
     plans: list[StagePlan]
+    profiler: StepProfiler
     logs: RunLogs | None = None
     parallel: ParallelConfig | None = None  # the layout whose groups exist now (``_use_layout``)
 
@@ -294,7 +300,8 @@ def _train(cfg: XoronConfig, ctx, plans: list[StagePlan], stop: StopRequest, *, 
                         start.state.step, cfg.train.steps)
             return TrainResult(start.state.step, None, paths.root)
         guard = NumericsGuard(cfg.train, fp16=ctx.device_info.dtype == torch.float16)
-        run = Run(cfg, ctx, paths, tokenizer, stop, guard, watchdog, plans,
+        profiler = StepProfiler(cfg.train.profile, paths.profile, ctx.rank, ctx.world_size, ctx.device.type)
+        run = Run(cfg, ctx, paths, tokenizer, stop, guard, watchdog, plans, profiler,
                   parallel=stage_config(cfg, plans[0]).parallel)  # initialize built the first stage's layout
         return _train_stages(run, plans, start)
     finally:
@@ -428,6 +435,7 @@ def _run_stage(run: Run, plan: StagePlan, start: StartPoint, release: bool = Fal
                     f", {built.frozen:,} parameters frozen" if built.frozen else "", source.describe())
         return _train_steps(run, plan, built, source, state)
     finally:
+        run.profiler.close()  # a window the stage cuts short: what it recorded is written
         close = getattr(source, "close", None)
         if close is not None:
             close()  # a rollback builds the stage again: the old loader workers go now
@@ -446,6 +454,7 @@ def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: Tr
     loss_value, save_due = None, False
     while state.step < plan.last_step:
         run.watchdog.beat(state.step + 1, "step")
+        run.profiler.before_step(state.step + 1)
         wall_start = time.perf_counter()
         skipped_before = built.engine.skipped_steps
         sums = runner.run([to_device(source.next_batch(), ctx.device) for _ in range(tc.grad_accum_steps)])
@@ -466,6 +475,7 @@ def _train_steps(run: Run, plan: StagePlan, built: BuiltStage, source, state: Tr
         logs.timer.step(tokens_per_step)
         state.wall_time_s += time.perf_counter() - wall_start
         _log_step(cfg, ctx, plan, state, step, built, logs, monitor)
+        run.profiler.after_step(state.step)
         if samples.due(state.step):
             run.watchdog.beat(state.step, "samples")
             with logs.timer.excluded():
