@@ -129,8 +129,8 @@ class StepProfiler:
         first, last = self._recorded[0], self._recorded[-1]
         steps = last - first + 1
         stem = self.out_dir / f"rank{self.rank}_steps{first}-{last}"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(f"{stem}.json.gz")
             device = ProfilerActivity.CUDA in prof.activities
             key = "self_device_time_total" if device else "self_cpu_time_total"
