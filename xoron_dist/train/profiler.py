@@ -95,8 +95,9 @@ class StepProfiler:
             activities=activities, schedule=self._action, on_trace_ready=self._write,
             record_shapes=self.cfg.memory, profile_memory=self.cfg.memory, with_stack=self.cfg.stack)
         self._prof.start()
-        logger.info("profiling steps %d..%d on rank %d (from step %d: warm-up) into %s", max(step, self.cfg.start),
-                    self.cfg.last, self.rank, step, self.out_dir)
+        warmup = f" after {self.cfg.start - step} warm-up step(s)" if step < self.cfg.start else ""
+        logger.info("profiling steps %d..%d on rank %d%s into %s", max(step, self.cfg.start), self.cfg.last,
+                    self.rank, warmup, self.out_dir)
 
     def _action(self, k: int) -> ProfilerAction:
         """The profiler's schedule: k counts the profiler's steps, run step ``self._first + k``."""
