@@ -132,12 +132,17 @@ def test_two_rank_data_parallel_matches_single_rank(tmp_path, launcher, referenc
     if launcher == "mpiexec" and shutil.which("mpiexec") is None:
         pytest.skip("no mpiexec (pip install mpich)")
     single = reference(*REFERENCE_MB8)
+    # one launcher's run also profiles step 2 on every rank (train.profile): it changes no step
+    profile = ("train.profile.start=2", "train.profile.steps=1", "train.profile.ranks=[]") if launcher == "srun" else ()
     err = launch_two_ranks(launcher, tmp_path, "dp2", *LAYOUT_COMMON, "train.steps=3", "train.micro_batch_size=4",
-                           "train.save_every=100")
+                           "train.save_every=100", *profile)
     assert "world 2 = dp 2" in err
     dp2 = records(tmp_path, "dp2")
     assert [r["step"] for r in dp2] == [1, 2, 3]
     assert_same_steps(single, dp2)
+    if profile:
+        assert sorted(p.name for p in (tmp_path / "dp2" / "profile").glob("*.txt")) == [
+            "rank0_steps2-2.txt", "rank1_steps2-2.txt"]
     assert single[2]["loss"] < single[0]["loss"]
 
 
