@@ -13,7 +13,9 @@ recorded in the report, and the next part runs):
                RoPE, tied embeddings, no biases; Transformer Engine's layer spec when it is installed,
                else Megatron's local spec. Each model's MFU is its own model FLOPs (ours:
                ``xoron_dist.model.flops``; the peer's: ``gpt_forward_flops``) over the device's bf16 peak.
-               Layers are halved until the pair fits in memory (the report says how many ran).
+               Layers are halved until the pair fits in memory (the report says how many ran). One more
+               step of ours runs under ``torch.profiler``: its 15 kernels with the most GPU time and the
+               GPU's busy time (beside the step's seconds: how much it waits on the host).
     kernels    the attention-kernel adapter (``xoron_dist.model.common.attention_kernels``, the ring's
                block step) on CUDA against ``F.scaled_dot_product_attention``: max error of out and
                gradients, and forward + backward time, bf16 (flash kernel) and fp32 (efficient kernel);
@@ -314,13 +316,37 @@ def _peak(device: torch.device) -> tuple[str, float | None]:
     return name, None if entry is None else entry.bf16
 
 
-def _fwd_bwd_seconds(model: torch.nn.Module, loss_of, device: torch.device) -> float:
-    """Median seconds of forward + backward of ``loss_of(model)`` (gradients dropped after each)."""
+def _fwd_bwd_step(model: torch.nn.Module, loss_of):
+    """Forward + backward of ``loss_of(model)``, gradients dropped after."""
     def step() -> None:
         loss_of(model).backward()
         model.zero_grad(set_to_none=True)
 
-    return _time(step, device, warmup=2, iters=5)
+    return step
+
+
+def _fwd_bwd_seconds(model: torch.nn.Module, loss_of, device: torch.device) -> float:
+    """Median seconds of forward + backward of ``loss_of(model)`` (gradients dropped after each)."""
+    return _time(_fwd_bwd_step(model, loss_of), device, warmup=2, iters=5)
+
+
+def _op_profile(fn, device: torch.device, rows: int = 15) -> dict:
+    """One call of ``fn`` under ``torch.profiler``: the ``rows`` ops with the most self time on the device (CUDA)
+    or else the CPU, in ms and as a share of all of it, and that sum (on CUDA the device's busy time: set beside
+    the step's seconds, what it leaves idle)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        fn()
+        _sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    busy = sum(getattr(e, key) for e in events)
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return {"time": "device" if cuda else "cpu", "busy_s": busy / 1e6,
+            "top": [{"op": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / busy, "calls": e.count}
+                    for e in top]}
 
 
 @contextlib.contextmanager
@@ -348,10 +374,13 @@ def _ours(llm, ids: torch.Tensor, target: Target, peak: float | None) -> dict:
     torch.manual_seed(0)
     model = XoronLLM(llm).to(device=target.device, dtype=torch.bfloat16)
     _reset_peak_memory(target.device)
-    seconds = _fwd_bwd_seconds(model, lambda m: m(ids, labels=ids).loss, target.device)
+    loss_of = lambda m: m(ids, labels=ids).loss  # noqa: E731
+    seconds = _fwd_bwd_seconds(model, loss_of, target.device)
     flops = llm_step_flops(llm, target.batch, target.seq)
     return {"step_s": seconds, "tokens_per_s": target.batch * target.seq / seconds,
-            "peak_memory_gb": _peak_memory_gb(target.device), "flops_per_step": flops, **mfu(flops, seconds, peak)}
+            "peak_memory_gb": _peak_memory_gb(target.device), "flops_per_step": flops, **mfu(flops, seconds, peak),
+            # where one step's time goes: the kernels that take it, and how busy the device is
+            "profile": _op_profile(_fwd_bwd_step(model, loss_of), target.device)}
 
 
 def _peer(peer: PeerConfig, ids: torch.Tensor, target: Target, peak: float | None) -> dict:

@@ -149,6 +149,9 @@ def test_gpu_check_parts_rehearse_on_cpu():
         assert seconds > 0 and backbone[side]["tokens_per_s"] == pytest.approx(tokens / seconds)
         assert backbone[side]["mfu"] is None and backbone[side]["peak_memory_gb"] is None  # no peak, no CUDA memory
     assert backbone["peer"]["config"]["hidden"] == target.llm.hidden_size and backbone["peer"]["spec"] == "local"
+    profile = backbone["ours"]["profile"]  # one profiled step: its costliest ops, on the CPU here
+    assert profile["time"] == "cpu" and profile["busy_s"] > 0 and len(profile["top"]) == 15
+    assert "aten::mm" in {row["op"] for row in profile["top"]} and 0 < sum(r["share"] for r in profile["top"]) <= 1
 
     kernels = got["kernels"]
     assert kernels["bfloat16"]["max_err_out"] < 0.05 and kernels["float32"]["max_err_out"] < 1e-5
