@@ -38,7 +38,7 @@ recorded in the report, and the next part runs):
     moe        one MoE layer of the full model (LLMConfig's: hidden 1024, 8 routed experts + 1 shared of
                width 2048, top-2) fwd + bwd in bf16 on ``MOE_TOKENS`` tokens: ours (grouped GEMMs) vs
                DeepSpeed's dropless ``MoE`` with the same shared expert (``bench/moe_layer.py``'s peer),
-               tokens/s.
+               tokens/s; and ours' call under ``torch.profiler`` (its 10 costliest kernels).
     syncs      device-to-host syncs per optimizer step as CUDA reports them (``set_sync_debug_mode``)
                beside ``HostSyncCounter``'s count of the same steps (``bench.host_syncs.step_syncs``): the
                multimodal smoke run and the LLM recipe; the difference is what the CPU counter cannot see
@@ -622,7 +622,9 @@ def part_moe(target: Target) -> dict:
     return {"tokens": target.moe_tokens, "hidden": hidden, "experts": moe.num_experts, "top_k": moe.top_k,
             "expert_intermediate_size": moe.expert_intermediate_size,
             "tokens_per_s": {name: target.moe_tokens / t for name, t in times.items()},
-            "ratio": times["deepspeed"] / times["ours"]}
+            "ratio": times["deepspeed"] / times["ours"],
+            # ours' call under the profiler: the grouped GEMMs against the routing, sorting and gathers
+            "profile": _op_profile(make_call(ours, x), device, rows=10)}
 
 
 def part_syncs(target: Target) -> dict:

@@ -171,6 +171,7 @@ def test_gpu_check_parts_rehearse_on_cpu():
 
     moe = got["moe"]
     assert moe["tokens"] == target.moe_tokens and moe["ratio"] > 0 and moe["experts"] == target.llm.moe.num_experts
+    assert "aten::_grouped_mm" in {row["op"] for row in moe["profile"]["top"]}  # ours' experts, in the profile
 
     head = got["head"]
     assert list(head["chunks"]) == [str(c) for c in target.head_chunks] and head["tokens"] == tokens
