@@ -336,15 +336,17 @@ def _op_profile(fn, device: torch.device, rows: int = 15) -> dict:
     the step's seconds, what it leaves idle)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from xoron_dist.train.profiler import DEVICE_TIME, costliest_ops, self_time_key
+
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         fn()
         _sync(device)
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    key = self_time_key(prof)
+    events = costliest_ops(prof.key_averages(), key)
     busy = sum(getattr(e, key) for e in events)
-    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
-    return {"time": "device" if cuda else "cpu", "busy_s": busy / 1e6,
+    top = events[:rows]
+    return {"time": "device" if key == DEVICE_TIME else "cpu", "busy_s": busy / 1e6,
             "top": [{"op": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / busy, "calls": e.count}
                     for e in top]}
 

@@ -35,6 +35,21 @@ SUMMARY_ROWS = 40  # rows of the op table in the .txt summary
 LOGGED_ROWS = 5  # of which the log line names the first
 
 
+DEVICE_TIME, CPU_TIME = "self_device_time_total", "self_cpu_time_total"  # an op's own time, in µs
+
+
+def self_time_key(prof: torch.profiler.profile) -> str:
+    """The time a profile's ops are ranked by: on the device when it traced CUDA, else on the CPU."""
+    return DEVICE_TIME if ProfilerActivity.CUDA in prof.activities else CPU_TIME
+
+
+def costliest_ops(averages, key: str) -> list:
+    """``prof.key_averages()``'s ops that took any ``key`` time, the costliest first (the step markers left out:
+    their self time is the gaps between ops)."""
+    ops = (e for e in averages if getattr(e, key) > 0 and not e.key.startswith("ProfilerStep"))
+    return sorted(ops, key=lambda e: getattr(e, key), reverse=True)
+
+
 class StepProfiler:
     """``before_step(n)`` / ``after_step(n)`` around optimizer step n (1-based) of the run; ``close()`` at the
     end of a stage (writes what a window cut short recorded). A no-op on ranks not in ``cfg.ranks`` and
@@ -133,16 +148,14 @@ class StepProfiler:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(f"{stem}.json.gz")
-            device = ProfilerActivity.CUDA in prof.activities
-            key = "self_device_time_total" if device else "self_cpu_time_total"
+            key = self_time_key(prof)
             averages = prof.key_averages()
             table = averages.table(sort_by=key, row_limit=SUMMARY_ROWS)
-            where = "GPU" if device else "CPU"
+            where = "GPU" if key == DEVICE_TIME else "CPU"
             header = (f"rank {self.rank}, run steps {first}..{last} ({steps} step(s); in the trace ProfilerStep#"
                       f"{first - self._first}.. ; times are totals over the steps), sorted by self {where} time\n\n")
             Path(f"{stem}.txt").write_text(header + table + "\n")
-            top = sorted((e for e in averages if getattr(e, key) > 0 and not e.key.startswith("ProfilerStep")),
-                         key=lambda e: getattr(e, key), reverse=True)[:LOGGED_ROWS]
+            top = costliest_ops(averages, key)[:LOGGED_ROWS]
             logger.info("profile of steps %d..%d (rank %d) in %s.{json.gz,txt}; most self %s time per step: %s",
                         first, last, self.rank, stem, where,
                         "; ".join(f"{e.key} {getattr(e, key) / 1e3 / steps:.2f} ms ({e.count / steps:g} calls)"
@@ -151,4 +164,4 @@ class StepProfiler:
             logger.warning("could not write the profile of steps %d..%d to %s: %s", first, last, self.out_dir, err)
 
 
-__all__ = ["StepProfiler"]
+__all__ = ["CPU_TIME", "DEVICE_TIME", "StepProfiler", "costliest_ops", "self_time_key"]
