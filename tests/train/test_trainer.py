@@ -212,11 +212,8 @@ def test_arrow_data_resume_is_exact_with_loader_workers(tmp_path, smoke_data):
               "train.micro_batch_size=2", "train.grad_accum_steps=2")
     run_train(tmp_path, "straight", "train.steps=6", *common)
     run_train(tmp_path, "split", "train.steps=3", *common)
-    # the resumed run profiles steps 5..6 (train.profile): tracing changes no loss
-    run_train(tmp_path, "split", "train.steps=6", "train.profile.start=5", *common, flags=("--resume",))
+    run_train(tmp_path, "split", "train.steps=6", *common, flags=("--resume",))
     straight, split = losses(tmp_path, "straight"), losses(tmp_path, "split")
-    assert sorted(p.name for p in (tmp_path / "split" / "profile").iterdir()) == [
-        "rank0_steps5-6.json.gz", "rank0_steps5-6.txt"]
     for step in range(4, 7):
         assert split[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), (step, split, straight)
 
